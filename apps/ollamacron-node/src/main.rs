@@ -1,0 +1,345 @@
+//! `ollamacron-node`: the daemon and its command-line interface.
+//!
+//! ```text
+//! ollamacron-node run [--config FILE] [overrides]     start a node, run until SIGINT/SIGTERM
+//! ollamacron-node init [--config FILE] [--force]      write a commented default config
+//! ollamacron-node id [--config FILE]                  print this node's peer id
+//! ollamacron-node config check [FILE]                 validate and print the effective config
+//! ```
+
+use std::path::{Path, PathBuf};
+use std::process::ExitCode;
+
+use anyhow::Context;
+use clap::{Args, Parser, Subcommand, ValueEnum};
+use ollamacron_config::{ConfigLoader, LogFormat, NodeConfig};
+use ollamacron_node_core::{Node, NodeState, load_or_create_identity};
+use tracing_subscriber::EnvFilter;
+use tracing_subscriber::fmt::format::FmtSpan;
+
+/// Exit code for a configuration or usage error.
+const EXIT_CONFIG: u8 = 2;
+/// Exit code for a runtime failure.
+const EXIT_FAILURE: u8 = 1;
+/// Default file `init` writes when no `--config` is given.
+const DEFAULT_CONFIG_FILE: &str = "ollamacron.yaml";
+
+#[derive(Debug, Parser)]
+#[command(name = "ollamacron-node", version, about = "A peer-to-peer node that pools machines running Ollama")]
+struct Cli {
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Debug, Subcommand)]
+enum Command {
+    /// Start the node and run until SIGINT or SIGTERM.
+    Run(ConfigArgs),
+    /// Write a commented default configuration file.
+    Init {
+        #[command(flatten)]
+        config: ConfigArgs,
+        /// Overwrite an existing file.
+        #[arg(long)]
+        force: bool,
+    },
+    /// Print this node's peer id (creating its key if there is none yet).
+    Id(ConfigArgs),
+    /// Inspect configuration.
+    #[command(subcommand)]
+    Config(ConfigCommand),
+}
+
+#[derive(Debug, Subcommand)]
+enum ConfigCommand {
+    /// Validate the configuration and print the effective result.
+    Check {
+        /// The file to check (same as --config).
+        file: Option<PathBuf>,
+        #[command(flatten)]
+        config: ConfigArgs,
+    },
+}
+
+/// Where the configuration comes from; shared by every subcommand so that
+/// `id --config f.yaml` names the node `run --config f.yaml` starts.
+#[derive(Debug, Args, Clone, Default)]
+struct ConfigArgs {
+    /// YAML configuration file.
+    #[arg(long, short = 'c', env = "OLLAMACRON_CONFIG", global = true)]
+    config: Option<PathBuf>,
+    /// Listen address (repeatable; replaces the configured list).
+    #[arg(long, value_name = "MULTIADDR", global = true)]
+    listen: Vec<String>,
+    /// Bootstrap peer address ending in /p2p/<peer id> (repeatable).
+    #[arg(long, value_name = "MULTIADDR", global = true)]
+    bootstrap: Vec<String>,
+    /// Directory for the identity key and state.
+    #[arg(long, value_name = "DIR", global = true)]
+    data_dir: Option<PathBuf>,
+    /// Identity key file.
+    #[arg(long, value_name = "FILE", global = true)]
+    private_key_path: Option<PathBuf>,
+    /// Address of the local HTTP API (metrics).
+    #[arg(long, value_name = "ADDR", global = true)]
+    api_listen: Option<String>,
+    /// Turn mDNS discovery off.
+    #[arg(long, global = true)]
+    no_mdns: bool,
+    /// Turn the DHT off.
+    #[arg(long, global = true)]
+    no_dht: bool,
+    /// Log filter in RUST_LOG syntax.
+    #[arg(long, value_name = "FILTER", global = true)]
+    log_level: Option<String>,
+    /// Log format.
+    #[arg(long, value_enum, global = true)]
+    log_format: Option<LogFormatArg>,
+    /// Set any config field: KEY=VALUE (repeatable; lists comma-separated).
+    #[arg(long = "set", value_name = "KEY=VALUE", global = true)]
+    set: Vec<String>,
+}
+
+#[derive(Debug, Clone, Copy, ValueEnum)]
+enum LogFormatArg {
+    Text,
+    Json,
+}
+
+impl ConfigArgs {
+    fn loader(&self) -> anyhow::Result<ConfigLoader> {
+        let mut loader = ConfigLoader::new().process_env();
+        if let Some(path) = &self.config {
+            loader = loader.file(path);
+        }
+        let path_text = |p: &Path| p.to_string_lossy().into_owned();
+        let mut pairs: Vec<(String, String)> = Vec::new();
+        if !self.listen.is_empty() {
+            pairs.push(("listen".into(), self.listen.join(",")));
+        }
+        if !self.bootstrap.is_empty() {
+            pairs.push(("bootstrap".into(), self.bootstrap.join(",")));
+        }
+        if let Some(dir) = &self.data_dir {
+            pairs.push(("data_dir".into(), path_text(dir)));
+        }
+        if let Some(key) = &self.private_key_path {
+            pairs.push(("private_key_path".into(), path_text(key)));
+        }
+        if let Some(addr) = &self.api_listen {
+            pairs.push(("api_listen".into(), addr.clone()));
+        }
+        if self.no_mdns {
+            pairs.push(("enable_mdns".into(), "false".into()));
+        }
+        if self.no_dht {
+            pairs.push(("enable_dht".into(), "false".into()));
+        }
+        if let Some(level) = &self.log_level {
+            pairs.push(("log_level".into(), level.clone()));
+        }
+        if let Some(format) = self.log_format {
+            let name = match format {
+                LogFormatArg::Text => "text",
+                LogFormatArg::Json => "json",
+            };
+            pairs.push(("log_format".into(), name.into()));
+        }
+        for item in &self.set {
+            let (key, value) = item
+                .split_once('=')
+                .with_context(|| format!("--set {item}: expected KEY=VALUE"))?;
+            pairs.push((key.trim().to_owned(), value.to_owned()));
+        }
+        for (key, value) in pairs {
+            loader = loader.set(key, value);
+        }
+        Ok(loader)
+    }
+
+    fn load(&self) -> anyhow::Result<NodeConfig> {
+        Ok(self.loader()?.load()?)
+    }
+}
+
+fn main() -> ExitCode {
+    let cli = Cli::parse();
+    match cli.command {
+        Command::Run(args) => run(&args),
+        Command::Init { config, force } => report(init(&config, force), EXIT_FAILURE),
+        Command::Id(args) => report(print_id(&args), EXIT_FAILURE),
+        Command::Config(ConfigCommand::Check { file, mut config }) => {
+            if file.is_some() {
+                config.config = file;
+            }
+            report(check(&config), EXIT_CONFIG)
+        }
+    }
+}
+
+#[allow(clippy::print_stderr)]
+fn report(result: anyhow::Result<()>, code: u8) -> ExitCode {
+    match result {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("error: {e:#}");
+            ExitCode::from(code)
+        }
+    }
+}
+
+#[allow(clippy::print_stderr)]
+fn run(args: &ConfigArgs) -> ExitCode {
+    let config = match args.load() {
+        Ok(c) => c,
+        Err(e) => {
+            eprintln!("error: {e:#}");
+            return ExitCode::from(EXIT_CONFIG);
+        }
+    };
+    if let Err(e) = init_logging(&config) {
+        eprintln!("error: {e:#}");
+        return ExitCode::from(EXIT_CONFIG);
+    }
+    let mut runtime = tokio::runtime::Builder::new_multi_thread();
+    runtime.enable_all().thread_name("ollamacron");
+    if let Some(cores) = config.max_cpu {
+        runtime.worker_threads(usize::try_from(cores).unwrap_or(1));
+    }
+    let runtime = match runtime.build() {
+        Ok(r) => r,
+        Err(e) => {
+            eprintln!("error: cannot start the async runtime: {e}");
+            return ExitCode::from(EXIT_FAILURE);
+        }
+    };
+    match runtime.block_on(serve(config)) {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            tracing::error!("{e:#}");
+            eprintln!("error: {e:#}");
+            ExitCode::from(EXIT_FAILURE)
+        }
+    }
+}
+
+async fn serve(config: NodeConfig) -> anyhow::Result<()> {
+    if !config.api_listen.ip().is_loopback() && config.enable_metrics {
+        tracing::warn!(api_listen = %config.api_listen, "the HTTP API listens beyond loopback");
+    }
+    let node = Node::new(config).start().await?;
+    tracing::info!(peer_id = %node.peer_id(), "ollamacron-node {} started", env!("CARGO_PKG_VERSION"));
+
+    tokio::select! {
+        signal = shutdown_signal() => {
+            tracing::info!(signal = signal?, "shutting down");
+            node.shutdown().await?;
+        }
+        state = node.stopped() => {
+            anyhow::ensure!(state == NodeState::Stopped, "the node stopped in state {state}");
+        }
+    }
+    Ok(())
+}
+
+#[cfg(unix)]
+async fn shutdown_signal() -> anyhow::Result<&'static str> {
+    use tokio::signal::unix::{SignalKind, signal};
+    let mut term = signal(SignalKind::terminate()).context("cannot listen for SIGTERM")?;
+    let mut int = signal(SignalKind::interrupt()).context("cannot listen for SIGINT")?;
+    Ok(tokio::select! {
+        _ = term.recv() => "SIGTERM",
+        _ = int.recv() => "SIGINT",
+    })
+}
+
+#[cfg(not(unix))]
+async fn shutdown_signal() -> anyhow::Result<&'static str> {
+    tokio::signal::ctrl_c().await.context("cannot listen for Ctrl-C")?;
+    Ok("Ctrl-C")
+}
+
+fn init_logging(config: &NodeConfig) -> anyhow::Result<()> {
+    if !config.enable_logging {
+        return Ok(());
+    }
+    let filter = match std::env::var("RUST_LOG") {
+        Ok(env) if !env.trim().is_empty() => EnvFilter::try_new(&env)
+            .with_context(|| format!("RUST_LOG ({env}) is not a valid log filter"))?,
+        _ => EnvFilter::try_new(&config.log_level).with_context(|| {
+            format!(
+                "log_level ({}) is not a valid log filter; write e.g. `info` or `ollamacron=debug,libp2p=info`",
+                config.log_level
+            )
+        })?,
+    };
+    let spans = if config.enable_tracing {
+        FmtSpan::CLOSE
+    } else {
+        FmtSpan::NONE
+    };
+    let builder = tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_span_events(spans)
+        .with_writer(std::io::stderr);
+    let result = match config.log_format {
+        LogFormat::Text => builder.try_init(),
+        LogFormat::Json => builder.json().try_init(),
+    };
+    result.map_err(|e| anyhow::anyhow!("cannot install the logger: {e}"))
+}
+
+#[allow(clippy::print_stdout)]
+fn init(args: &ConfigArgs, force: bool) -> anyhow::Result<()> {
+    let path = args
+        .config
+        .clone()
+        .unwrap_or_else(|| PathBuf::from(DEFAULT_CONFIG_FILE));
+    if path.exists() && !force {
+        anyhow::bail!(
+            "{} already exists; pass --force to overwrite it",
+            path.display()
+        );
+    }
+    let text = ollamacron_config::default_config_yaml()?;
+    if let Some(parent) = path.parent().filter(|p| !p.as_os_str().is_empty()) {
+        std::fs::create_dir_all(parent)
+            .with_context(|| format!("cannot create {}", parent.display()))?;
+    }
+    std::fs::write(&path, text).with_context(|| format!("cannot write {}", path.display()))?;
+    println!("wrote {}", path.display());
+    println!("start the node with: ollamacron-node run --config {}", path.display());
+    Ok(())
+}
+
+#[allow(clippy::print_stdout)]
+fn print_id(args: &ConfigArgs) -> anyhow::Result<()> {
+    let config = args.load()?;
+    let path = config.private_key_path();
+    let (keypair, _) = load_or_create_identity(&path)?;
+    let peer_id = keypair.public().to_peer_id();
+    if let Some(expected) = config.expected_peer_id() {
+        anyhow::ensure!(
+            expected == peer_id,
+            "the key at {} belongs to peer {peer_id}, but node_id is {expected}",
+            path.display()
+        );
+    }
+    println!("{peer_id}");
+    Ok(())
+}
+
+#[allow(clippy::print_stdout)]
+fn check(args: &ConfigArgs) -> anyhow::Result<()> {
+    let config = args.load()?;
+    // The log filter is only checked here, where tracing-subscriber lives.
+    EnvFilter::try_new(&config.log_level).with_context(|| {
+        format!("log_level ({}) is not a valid log filter", config.log_level)
+    })?;
+    print!("{}", config.to_yaml()?);
+    println!(
+        "# configuration is valid; identity key: {}",
+        config.private_key_path().display()
+    );
+    Ok(())
+}

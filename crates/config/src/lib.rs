@@ -1,0 +1,372 @@
+//! `NodeConfig`: everything an `ollamacron-node` is told, from one place.
+//!
+//! Values come from four layers, later ones winning: built-in defaults, a
+//! YAML file, `OLLAMACRON_*` environment variables and command-line
+//! overrides. [`ConfigLoader`] merges them, names the layer and the field of
+//! anything it cannot read, and [`NodeConfig::validate`] checks the result
+//! before anything starts.
+//!
+//! ```
+//! use ollamacron_config::{ConfigLoader, NodeConfig};
+//!
+//! let yaml = "conn_mgr_low: 10\nconn_mgr_high: 20\nconn_mgr_grace: 45s\n";
+//! let config = ConfigLoader::new()
+//!     .yaml_str("example.yaml", yaml)
+//!     .env([("OLLAMACRON_CONN_MGR_HIGH", "30")])
+//!     .set("enable_mdns", "false")
+//!     .load()?;
+//!
+//! assert_eq!(config.conn_mgr_low, 10);
+//! assert_eq!(config.conn_mgr_high, 30); // the environment beats the file
+//! assert_eq!(config.conn_mgr_grace, std::time::Duration::from_secs(45));
+//! assert!(!config.enable_mdns); // an override beats everything
+//! assert_eq!(NodeConfig::default().conn_mgr_high, 400);
+//! # Ok::<(), ollamacron_config::ConfigError>(())
+//! ```
+
+mod load;
+mod size;
+mod template;
+mod validate;
+
+use std::net::{Ipv4Addr, SocketAddr};
+use std::path::PathBuf;
+use std::time::Duration;
+
+use libp2p::{Multiaddr, PeerId};
+use serde::{Deserialize, Serialize};
+
+pub use load::{ConfigError, ConfigLoader, ENV_PREFIX, Origin, RESERVED_ENV_VARS};
+pub use size::{ByteSize, ByteSizeParseError};
+pub use template::{default_config_yaml, field_docs};
+pub use validate::{
+    MAX_CPU_CORES, MAX_LABEL_BYTES, MAX_SHUTDOWN_TIMEOUT, MAX_TAGS, MIN_MAX_MEMORY, MIN_PROBE_INTERVAL,
+    ValidationError,
+};
+
+/// The TCP and UDP port a node listens on by default.
+pub const DEFAULT_P2P_PORT: u16 = 11436;
+/// The loopback port of the local HTTP API (metrics, status) by default.
+pub const DEFAULT_API_PORT: u16 = 11437;
+/// Name of the identity key file inside the data directory.
+pub const IDENTITY_FILE_NAME: &str = "identity.key";
+
+/// The whole configuration of one node.
+///
+/// Field names are the YAML keys (and, upper-cased behind `OLLAMACRON_`, the
+/// environment variables). See [`default_config_yaml`] for every field with
+/// its documentation and default.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct NodeConfig {
+    /// Expected peer id of this node. When set, the node refuses to start
+    /// with a key whose peer id differs (guards against a wrong key file).
+    #[serde(deserialize_with = "lenient::opt_string")]
+    pub node_id: Option<String>,
+    /// Directory for the identity key and other state. `None` means the
+    /// platform default (see [`NodeConfig::data_dir`]).
+    pub data_dir: Option<PathBuf>,
+    /// Path of the protobuf-encoded libp2p identity key; `None` means
+    /// `<data_dir>/identity.key`.
+    pub private_key_path: Option<PathBuf>,
+    /// Multiaddrs to listen on (TCP, QUIC-v1, and `/ws` when WebSocket is on).
+    #[serde(deserialize_with = "multiaddrs::deserialize")]
+    pub listen: Vec<Multiaddr>,
+    /// Bootstrap peers, each a multiaddr ending in `/p2p/<peer id>`.
+    #[serde(deserialize_with = "multiaddrs::deserialize")]
+    pub bootstrap: Vec<Multiaddr>,
+    /// Relay peers for NAT traversal, each ending in `/p2p/<peer id>`.
+    #[serde(deserialize_with = "multiaddrs::deserialize")]
+    pub relay_nodes: Vec<Multiaddr>,
+    /// Discover peers on the local network with mDNS.
+    pub enable_mdns: bool,
+    /// Take part in the private Kademlia DHT.
+    pub enable_dht: bool,
+    /// Spread service records with gossipsub.
+    pub enable_pubsub: bool,
+    /// Offer AutoNAT and relay service to other peers.
+    pub enable_nat_service: bool,
+    /// Upgrade relayed connections to direct ones (DCUtR).
+    pub enable_hole_punch: bool,
+    /// Reserve a slot on relays when this node is not publicly reachable.
+    pub enable_auto_relay: bool,
+    /// Skip reachability detection and assume this value.
+    pub force_reachability: Option<Reachability>,
+    /// Also offer WebSocket (TCP) transport; `/ws` listen addresses need it.
+    pub enable_websocket: bool,
+    /// Connection trimming keeps at least this many connections.
+    pub conn_mgr_low: u32,
+    /// Hard limit of established connections; trimming starts here.
+    pub conn_mgr_high: u32,
+    /// Connections younger than this are never trimmed.
+    #[serde(with = "duration")]
+    pub conn_mgr_grace: Duration,
+    /// A connection no protocol uses is closed after this long.
+    #[serde(with = "duration")]
+    pub idle_connection_timeout: Duration,
+    /// Offer TLS 1.3 on TCP.
+    pub enable_tls: bool,
+    /// Offer Noise on TCP.
+    pub enable_noise: bool,
+    /// Admit only peers holding the network key or on the allow-list.
+    pub require_auth: bool,
+    /// Refuse new connections while the process uses more memory than this.
+    pub max_memory: Option<ByteSize>,
+    /// Number of CPU cores (runtime worker threads) the node may use.
+    pub max_cpu: Option<u32>,
+    /// Bandwidth this node offers to the pool, per second.
+    pub max_bandwidth: Option<ByteSize>,
+    /// The role of this node.
+    pub node_type: NodeType,
+    /// Free-form region (e.g. `eu-west`), used when selecting services.
+    #[serde(deserialize_with = "lenient::opt_string")]
+    pub region: Option<String>,
+    /// Free-form tags describing this node.
+    pub tags: Vec<String>,
+    /// Serve Prometheus metrics on `api_listen`.
+    pub enable_metrics: bool,
+    /// Address of the local HTTP API (`/metrics`); loopback by default.
+    pub api_listen: SocketAddr,
+    /// Log span timings (span close events) along with events.
+    pub enable_tracing: bool,
+    /// Write logs to standard error.
+    pub enable_logging: bool,
+    /// Log filter in `RUST_LOG` syntax (`RUST_LOG` itself wins when set).
+    #[serde(deserialize_with = "lenient::string")]
+    pub log_level: String,
+    /// Log line format.
+    pub log_format: LogFormat,
+    /// Interval of ping probes on each connection (latency measurement).
+    #[serde(with = "duration")]
+    pub ping_interval: Duration,
+    /// How long a graceful shutdown waits for connections to close.
+    #[serde(with = "duration")]
+    pub shutdown_timeout: Duration,
+}
+
+impl Default for NodeConfig {
+    fn default() -> Self {
+        Self {
+            node_id: None,
+            data_dir: None,
+            private_key_path: None,
+            listen: default_listen(),
+            bootstrap: Vec::new(),
+            relay_nodes: Vec::new(),
+            enable_mdns: true,
+            enable_dht: true,
+            enable_pubsub: false,
+            enable_nat_service: false,
+            enable_hole_punch: true,
+            enable_auto_relay: true,
+            force_reachability: None,
+            enable_websocket: false,
+            conn_mgr_low: 100,
+            conn_mgr_high: 400,
+            conn_mgr_grace: Duration::from_secs(30),
+            idle_connection_timeout: Duration::from_secs(300),
+            enable_tls: true,
+            enable_noise: true,
+            require_auth: false,
+            max_memory: None,
+            max_cpu: None,
+            max_bandwidth: None,
+            node_type: NodeType::Full,
+            region: None,
+            tags: Vec::new(),
+            enable_metrics: true,
+            api_listen: SocketAddr::from((Ipv4Addr::LOCALHOST, DEFAULT_API_PORT)),
+            enable_tracing: false,
+            enable_logging: true,
+            log_level: "info".to_owned(),
+            log_format: LogFormat::Text,
+            ping_interval: Duration::from_secs(15),
+            shutdown_timeout: Duration::from_secs(5),
+        }
+    }
+}
+
+fn default_listen() -> Vec<Multiaddr> {
+    use libp2p::multiaddr::Protocol;
+    let any = Multiaddr::empty().with(Protocol::Ip4(Ipv4Addr::UNSPECIFIED));
+    vec![
+        any.clone().with(Protocol::Tcp(DEFAULT_P2P_PORT)),
+        any.with(Protocol::Udp(DEFAULT_P2P_PORT))
+            .with(Protocol::QuicV1),
+    ]
+}
+
+impl NodeConfig {
+    /// The data directory: `data_dir` when set, else
+    /// `$XDG_DATA_HOME/ollamacron`, else `$HOME/.local/share/ollamacron`,
+    /// else `./.ollamacron`.
+    #[must_use]
+    pub fn data_dir(&self) -> PathBuf {
+        if let Some(dir) = &self.data_dir {
+            return dir.clone();
+        }
+        let non_empty = |name| std::env::var_os(name).filter(|v| !v.is_empty());
+        if let Some(xdg) = non_empty("XDG_DATA_HOME") {
+            return PathBuf::from(xdg).join("ollamacron");
+        }
+        if let Some(home) = non_empty("HOME") {
+            return PathBuf::from(home).join(".local/share/ollamacron");
+        }
+        PathBuf::from(".ollamacron")
+    }
+
+    /// The identity key file: `private_key_path` when set, else
+    /// `<data_dir>/identity.key`.
+    #[must_use]
+    pub fn private_key_path(&self) -> PathBuf {
+        self.private_key_path
+            .clone()
+            .unwrap_or_else(|| self.data_dir().join(IDENTITY_FILE_NAME))
+    }
+
+    /// The expected peer id, parsed (validation guarantees it parses).
+    #[must_use]
+    pub fn expected_peer_id(&self) -> Option<PeerId> {
+        self.node_id.as_deref().and_then(|s| s.parse().ok())
+    }
+
+    /// This configuration as YAML (every field, no comments).
+    ///
+    /// # Errors
+    /// Only if serialisation fails, which no value of this type causes.
+    pub fn to_yaml(&self) -> Result<String, ConfigError> {
+        serde_yaml_ng::to_string(self).map_err(|e| ConfigError::Serialize(e.to_string()))
+    }
+}
+
+/// Reachability forced by configuration instead of detected.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Reachability {
+    /// Publicly reachable: DHT server mode, may serve as relay.
+    Public,
+    /// Behind NAT or a firewall: DHT client mode, uses relays.
+    Private,
+}
+
+/// What part a node plays in the pool.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum NodeType {
+    /// Serves its local models and routes requests (the default).
+    Full,
+    /// Routes requests and takes part in discovery, serves no models.
+    Client,
+    /// A well-known, stable peer others bootstrap from.
+    Bootstrap,
+    /// Relays traffic for peers behind NAT.
+    Relay,
+}
+
+/// Format of log lines.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum LogFormat {
+    /// Human-readable lines.
+    Text,
+    /// One JSON object per line.
+    Json,
+}
+
+/// Durations as human strings (`30s`, `5m`, `1h 30m`).
+mod duration {
+    use std::time::Duration;
+
+    use serde::{Deserializer, Serializer, de};
+
+    pub(crate) fn serialize<S: Serializer>(d: &Duration, s: S) -> Result<S::Ok, S::Error> {
+        s.collect_str(&humantime::format_duration(*d))
+    }
+
+    pub(crate) fn deserialize<'de, D: Deserializer<'de>>(d: D) -> Result<Duration, D::Error> {
+        let raw = super::lenient::string(d)?;
+        humantime::parse_duration(&raw).map_err(|e| {
+            de::Error::custom(format!(
+                "`{raw}` is not a duration: {e} (write e.g. `500ms`, `30s`, `5m`, `1h`)"
+            ))
+        })
+    }
+}
+
+/// Multiaddr lists whose errors name the bad value.
+mod multiaddrs {
+    use libp2p::Multiaddr;
+    use serde::{Deserialize, Deserializer, de};
+
+    pub(crate) fn deserialize<'de, D: Deserializer<'de>>(d: D) -> Result<Vec<Multiaddr>, D::Error> {
+        let raw = Vec::<String>::deserialize(d)?;
+        raw.iter()
+            .map(|s| {
+                s.parse::<Multiaddr>().map_err(|e| {
+                    de::Error::custom(format!(
+                        "`{s}` is not a multiaddr: {e} (write e.g. `/ip4/192.0.2.1/tcp/{}`)",
+                        super::DEFAULT_P2P_PORT
+                    ))
+                })
+            })
+            .collect()
+    }
+}
+
+/// Strings that also accept numbers and booleans (`region: 1234`,
+/// `OLLAMACRON_REGION=1234`), so a value never fails for looking numeric.
+mod lenient {
+    use std::fmt;
+
+    use serde::{Deserializer, de};
+
+    struct Scalar;
+
+    impl de::Visitor<'_> for Scalar {
+        type Value = String;
+        fn expecting(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+            f.write_str("a string")
+        }
+        fn visit_str<E: de::Error>(self, v: &str) -> Result<String, E> {
+            Ok(v.to_owned())
+        }
+        fn visit_u64<E: de::Error>(self, v: u64) -> Result<String, E> {
+            Ok(v.to_string())
+        }
+        fn visit_i64<E: de::Error>(self, v: i64) -> Result<String, E> {
+            Ok(v.to_string())
+        }
+        fn visit_f64<E: de::Error>(self, v: f64) -> Result<String, E> {
+            Ok(v.to_string())
+        }
+        fn visit_bool<E: de::Error>(self, v: bool) -> Result<String, E> {
+            Ok(v.to_string())
+        }
+    }
+
+    struct OptScalar;
+
+    impl<'de> de::Visitor<'de> for OptScalar {
+        type Value = Option<String>;
+        fn expecting(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+            f.write_str("a string or nothing")
+        }
+        fn visit_none<E: de::Error>(self) -> Result<Self::Value, E> {
+            Ok(None)
+        }
+        fn visit_unit<E: de::Error>(self) -> Result<Self::Value, E> {
+            Ok(None)
+        }
+        fn visit_some<D: Deserializer<'de>>(self, d: D) -> Result<Self::Value, D::Error> {
+            string(d).map(Some)
+        }
+    }
+
+    pub(crate) fn string<'de, D: Deserializer<'de>>(d: D) -> Result<String, D::Error> {
+        d.deserialize_any(Scalar)
+    }
+
+    pub(crate) fn opt_string<'de, D: Deserializer<'de>>(d: D) -> Result<Option<String>, D::Error> {
+        d.deserialize_option(OptScalar)
+    }
+}

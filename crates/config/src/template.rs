@@ -1,0 +1,85 @@
+//! The commented default config file that `ollamacron-node init` writes.
+
+use serde_yaml_ng::{Mapping, Value};
+
+use crate::ConfigError;
+use crate::load::default_mapping;
+
+/// Documentation of each field, in file order: key, what it does, and an
+/// example for fields whose default is unset.
+const FIELD_DOCS: &[(&str, &str, Option<&str>)] = &[
+    ("node_id", "Expected peer id of this node; the node refuses to start with a key of another id. Unset: accept whatever key is at private_key_path.", Some("12D3KooW...")),
+    ("data_dir", "Directory for the identity key and other state. Unset: $XDG_DATA_HOME/ollamacron, else ~/.local/share/ollamacron.", Some("/var/lib/ollamacron")),
+    ("private_key_path", "Protobuf-encoded libp2p ed25519 key; created (mode 0600) when missing. Unset: <data_dir>/identity.key.", Some("/var/lib/ollamacron/identity.key")),
+    ("listen", "Addresses to listen on: TCP, QUIC-v1 (UDP), and /ws with enable_websocket. Port 0 lets the OS choose.", None),
+    ("bootstrap", "Peers to connect to on start, each ending in /p2p/<peer id>.", None),
+    ("relay_nodes", "Relays to use when this node is behind NAT, each ending in /p2p/<peer id>.", None),
+    ("enable_mdns", "Find peers on the local network with mDNS.", None),
+    ("enable_dht", "Take part in the private Kademlia DHT (/ollamacron/kad/1.0.0).", None),
+    ("enable_pubsub", "Spread service records with gossipsub (topic /ollamacron/services/1).", None),
+    ("enable_nat_service", "Offer AutoNAT checks and relaying to other peers.", None),
+    ("enable_hole_punch", "Upgrade relayed connections to direct ones (DCUtR).", None),
+    ("enable_auto_relay", "Reserve a slot on a relay when this node is not publicly reachable.", None),
+    ("force_reachability", "Skip reachability detection: public or private. Unset: detect.", Some("private")),
+    ("enable_websocket", "Also offer WebSocket over TCP.", None),
+    ("conn_mgr_low", "Connection trimming keeps at least this many connections.", None),
+    ("conn_mgr_high", "Most established connections; at this count the oldest idle ones beyond conn_mgr_low are trimmed.", None),
+    ("conn_mgr_grace", "Connections younger than this are never trimmed.", None),
+    ("idle_connection_timeout", "A connection no protocol uses is closed after this long.", None),
+    ("enable_tls", "Offer TLS 1.3 on TCP.", None),
+    ("enable_noise", "Offer Noise on TCP (at least one of enable_tls and enable_noise must be on).", None),
+    ("require_auth", "Admit only peers holding the network key or on the allow-list (not supported yet: must be false).", None),
+    ("max_memory", "Refuse new connections while the process uses more than this. Unset: no limit.", Some("512MiB")),
+    ("max_cpu", "CPU cores (runtime worker threads) the node may use. Unset: all cores.", Some("2")),
+    ("max_bandwidth", "Bandwidth per second this node offers to the pool. Unset: no figure.", Some("100MiB")),
+    ("node_type", "Role: full (serves models), client (uses the pool only), bootstrap or relay.", None),
+    ("region", "Free-form region used when selecting services.", Some("eu-west")),
+    ("tags", "Free-form tags describing this node.", None),
+    ("enable_metrics", "Serve Prometheus metrics at http://<api_listen>/metrics.", None),
+    ("api_listen", "Address of the local HTTP API. Keep it on loopback unless you put it behind a proxy.", None),
+    ("enable_tracing", "Also log span timings.", None),
+    ("enable_logging", "Write logs to standard error.", None),
+    ("log_level", "Log filter in RUST_LOG syntax; RUST_LOG wins when set.", None),
+    ("log_format", "text or json.", None),
+    ("ping_interval", "Interval of ping probes on each connection (latency).", None),
+    ("shutdown_timeout", "How long a graceful shutdown waits for connections to close.", None),
+];
+
+/// Every config key with its one-line documentation, in file order.
+pub fn field_docs() -> impl Iterator<Item = (&'static str, &'static str)> {
+    FIELD_DOCS.iter().map(|(key, doc, _)| (*key, *doc))
+}
+
+/// The default configuration as a commented YAML file. Loading it gives
+/// exactly [`NodeConfig::default`](crate::NodeConfig::default).
+///
+/// # Errors
+/// Only if serialisation fails, which the defaults never cause.
+pub fn default_config_yaml() -> Result<String, ConfigError> {
+    let defaults = default_mapping()?;
+    let mut out = String::from(
+        "# Ollamacron node configuration.\n\
+         # Precedence: built-in defaults < this file < OLLAMACRON_<KEY> environment < command-line flags.\n\
+         # Durations are human strings (500ms, 30s, 5m, 1h); sizes are like 512MiB or 2GB.\n",
+    );
+    for (key, doc, example) in FIELD_DOCS {
+        let value = defaults.get(*key).cloned().unwrap_or(Value::Null);
+        out.push('\n');
+        out.push_str("# ");
+        out.push_str(doc);
+        out.push('\n');
+        match (&value, example) {
+            (Value::Null, Some(example)) => {
+                out.push_str(&format!("# {key}: {example}\n"));
+            }
+            _ => {
+                let mut single = Mapping::new();
+                single.insert(Value::String((*key).to_owned()), value);
+                let text = serde_yaml_ng::to_string(&single)
+                    .map_err(|e| ConfigError::Serialize(e.to_string()))?;
+                out.push_str(&text);
+            }
+        }
+    }
+    Ok(out)
+}

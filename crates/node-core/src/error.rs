@@ -1,0 +1,67 @@
+//! Errors of the node core.
+
+use std::net::SocketAddr;
+use std::path::PathBuf;
+
+use libp2p::{Multiaddr, PeerId};
+
+use crate::state::StateError;
+
+/// Everything that can go wrong starting, driving or asking a node.
+#[derive(Debug, thiserror::Error)]
+pub enum NodeError {
+    /// The identity key could not be loaded or created.
+    #[error(transparent)]
+    Identity(#[from] crate::identity::IdentityError),
+    /// The key's peer id is not the one `node_id` asks for.
+    #[error("the key at {} belongs to peer {actual}, but node_id is {expected}; point private_key_path at the right key or fix node_id", path.display())]
+    WrongIdentity {
+        /// The key file.
+        path: PathBuf,
+        /// `node_id` from the configuration.
+        expected: PeerId,
+        /// The key's peer id.
+        actual: PeerId,
+    },
+    /// The transport could not be built.
+    #[error("cannot build the {what} transport: {reason}")]
+    Transport {
+        /// Which transport.
+        what: &'static str,
+        /// Why.
+        reason: String,
+    },
+    /// A listen address could not be bound.
+    #[error("cannot listen on {addr}: {reason}")]
+    Listen {
+        /// The address.
+        addr: Multiaddr,
+        /// Why.
+        reason: String,
+    },
+    /// The HTTP API address could not be bound.
+    #[error("cannot serve the HTTP API on {addr} (api_listen): {source}")]
+    ApiListen {
+        /// The address.
+        addr: SocketAddr,
+        /// Why.
+        source: std::io::Error,
+    },
+    /// A dial failed.
+    #[error("cannot dial {target}: {reason}")]
+    Dial {
+        /// The address or peer dialed.
+        target: String,
+        /// Why.
+        reason: String,
+    },
+    /// The node did not reach `Running` in time.
+    #[error("the node did not start within {0:?}")]
+    StartTimeout(std::time::Duration),
+    /// An illegal lifecycle transition.
+    #[error(transparent)]
+    State(#[from] StateError),
+    /// The node's event loop has ended; it no longer takes commands.
+    #[error("the node is not running (its event loop has stopped)")]
+    NotRunning,
+}

@@ -1,0 +1,164 @@
+//! Prometheus metrics: libp2p's own plus the node's.
+
+use std::sync::atomic::AtomicU64;
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use libp2p::metrics::{Metrics as Libp2pMetrics, Registry};
+use prometheus_client::encoding::EncodeLabelSet;
+use prometheus_client::metrics::counter::Counter;
+use prometheus_client::metrics::family::Family;
+use prometheus_client::metrics::gauge::Gauge;
+use serde::Serialize;
+
+use crate::event::Direction;
+use crate::state::NodeState;
+
+#[derive(Debug, Clone, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct DirectionLabel {
+    direction: &'static str,
+}
+
+#[derive(Debug, Clone, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct StateLabel {
+    state: &'static str,
+}
+
+#[derive(Debug, Clone, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct VersionLabel {
+    version: &'static str,
+}
+
+/// The node's own metrics, registered under the `ollamacron_` prefix.
+pub(crate) struct NodeMetrics {
+    pub(crate) libp2p: Libp2pMetrics,
+    connections: Family<DirectionLabel, Gauge>,
+    peers: Gauge,
+    state: Family<StateLabel, Gauge>,
+    trimmed: Counter,
+    pub(crate) endpoint: MetricsEndpoint,
+}
+
+impl NodeMetrics {
+    /// Register everything in `registry` (which already holds the
+    /// transport's bandwidth counters) and take ownership of it.
+    pub(crate) fn new(mut registry: Registry) -> Self {
+        let libp2p = Libp2pMetrics::new(&mut registry);
+        let ours = registry.sub_registry_with_prefix("ollamacron");
+        let connections = Family::<DirectionLabel, Gauge>::default();
+        ours.register(
+            "connections",
+            "Established connections by direction",
+            connections.clone(),
+        );
+        let peers = Gauge::default();
+        ours.register("peers_connected", "Peers with at least one connection", peers.clone());
+        let state = Family::<StateLabel, Gauge>::default();
+        ours.register("node_state", "1 for the node's current lifecycle state", state.clone());
+        let trimmed = Counter::default();
+        ours.register(
+            "connections_trimmed",
+            "Connections closed by the trimming policy",
+            trimmed.clone(),
+        );
+        let uptime = Gauge::<f64, AtomicU64>::default();
+        ours.register("uptime_seconds", "Seconds since the node started", uptime.clone());
+        let build = Family::<VersionLabel, Gauge>::default();
+        build
+            .get_or_create(&VersionLabel {
+                version: env!("CARGO_PKG_VERSION"),
+            })
+            .set(1);
+        ours.register("build_info", "Version of this node (value is always 1)", build);
+
+        Self {
+            libp2p,
+            connections,
+            peers,
+            state,
+            trimmed,
+            endpoint: MetricsEndpoint {
+                registry: Arc::new(Mutex::new(registry)),
+                uptime,
+                started: Instant::now(),
+            },
+        }
+    }
+
+    pub(crate) fn set_state(&self, to: NodeState) {
+        for s in NodeState::ALL {
+            self.state
+                .get_or_create(&StateLabel { state: s.as_str() })
+                .set(i64::from(s == to));
+        }
+    }
+
+    pub(crate) fn set_connections(&self, direction: Direction, count: usize, peers: usize) {
+        self.connections
+            .get_or_create(&DirectionLabel {
+                direction: direction.as_str(),
+            })
+            .set(i64::try_from(count).unwrap_or(i64::MAX));
+        self.peers.set(i64::try_from(peers).unwrap_or(i64::MAX));
+    }
+
+    pub(crate) fn add_trimmed(&self, count: usize) {
+        self.trimmed.inc_by(u64::try_from(count).unwrap_or(u64::MAX));
+    }
+}
+
+/// Renders the registry as Prometheus text; cheap to clone, shared by the
+/// HTTP server and every `NodeHandle`.
+#[derive(Clone)]
+pub(crate) struct MetricsEndpoint {
+    registry: Arc<Mutex<Registry>>,
+    uptime: Gauge<f64, AtomicU64>,
+    started: Instant,
+}
+
+impl std::fmt::Debug for MetricsEndpoint {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("MetricsEndpoint").finish_non_exhaustive()
+    }
+}
+
+impl MetricsEndpoint {
+    pub(crate) fn uptime(&self) -> Duration {
+        self.started.elapsed()
+    }
+
+    /// OpenMetrics text of every registered metric.
+    pub(crate) fn encode(&self) -> String {
+        self.uptime.set(self.uptime().as_secs_f64());
+        let mut out = String::new();
+        // A poisoned lock only means a panic elsewhere mid-encode; the
+        // registry itself is still consistent, so keep serving it.
+        let registry = self
+            .registry
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner);
+        if let Err(e) = prometheus_client::encoding::text::encode(&mut out, &registry) {
+            tracing::warn!(error = %e, "cannot encode metrics");
+        }
+        out
+    }
+}
+
+/// A point-in-time summary of the node, from `NodeHandle::metrics`.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+pub struct MetricsSnapshot {
+    /// Lifecycle state.
+    pub state: NodeState,
+    /// Time since the node started.
+    pub uptime: Duration,
+    /// Peers with at least one connection.
+    pub peers_connected: usize,
+    /// Established inbound connections.
+    pub connections_inbound: usize,
+    /// Established outbound connections.
+    pub connections_outbound: usize,
+    /// Connections closed by the trimming policy since start.
+    pub connections_trimmed: u64,
+    /// Addresses the node listens on.
+    pub listen_addrs: usize,
+}

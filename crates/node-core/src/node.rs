@@ -1,0 +1,854 @@
+//! Starting a node, the task that owns its `Swarm`, and the `NodeHandle`
+//! everything else uses to talk to it.
+
+use std::collections::HashMap;
+use std::net::SocketAddr;
+use std::time::{Duration, Instant};
+
+use futures::StreamExt;
+use libp2p::core::ConnectedPoint;
+use libp2p::identity::Keypair;
+use libp2p::multiaddr::Protocol;
+use libp2p::swarm::dial_opts::{DialOpts, PeerCondition};
+use libp2p::core::transport::ListenerId;
+use libp2p::swarm::{ConnectionId, DialError, SwarmEvent};
+use libp2p::{Multiaddr, PeerId, Swarm, identify, ping};
+use libp2p::metrics::{Recorder, Registry};
+use ollamacron_config::NodeConfig;
+use serde::Serialize;
+use tokio::sync::{broadcast, mpsc, oneshot, watch};
+
+use crate::behaviour::{NodeBehaviour, NodeBehaviourEvent};
+use crate::error::NodeError;
+use crate::event::{Direction, NodeEvent};
+use crate::identity::load_or_create_identity;
+use crate::metrics::{MetricsEndpoint, MetricsSnapshot, NodeMetrics};
+use crate::state::NodeState;
+use crate::transport::build_transport;
+use crate::trim::{ConnectionAge, TrimPolicy};
+
+/// Commands waiting for the swarm task.
+const COMMAND_QUEUE_LEN: usize = 64;
+/// Events kept for slow subscribers before the oldest are dropped.
+const EVENT_BUS_LEN: usize = 1024;
+/// Longest `Node::start` waits for every listener to come up.
+const START_TIMEOUT: Duration = Duration::from_secs(10);
+/// How often the trimming policy runs besides on each new connection.
+const TRIM_CHECK_INTERVAL: Duration = Duration::from_secs(5);
+
+/// Builds and starts a node.
+///
+/// ```no_run
+/// # async fn run() -> Result<(), ollamacron_node_core::NodeError> {
+/// let config = ollamacron_config::NodeConfig::default();
+/// let node = ollamacron_node_core::Node::new(config).start().await?;
+/// println!("{} is {}", node.peer_id(), node.state());
+/// node.shutdown().await?;
+/// # Ok(()) }
+/// ```
+#[derive(Debug)]
+pub struct Node {
+    config: NodeConfig,
+    keypair: Option<Keypair>,
+}
+
+impl Node {
+    /// A node with this configuration; its key is loaded from (or created
+    /// at) `private_key_path` unless [`Node::with_keypair`] supplies one.
+    #[must_use]
+    pub fn new(config: NodeConfig) -> Self {
+        Self {
+            config,
+            keypair: None,
+        }
+    }
+
+    /// Use this identity instead of the key file.
+    #[must_use]
+    pub fn with_keypair(mut self, keypair: Keypair) -> Self {
+        self.keypair = Some(keypair);
+        self
+    }
+
+    /// Load the identity, build the swarm, open the listeners and the HTTP
+    /// API, and spawn the swarm task on the current tokio runtime. Returns
+    /// once the node is `Running`.
+    ///
+    /// # Errors
+    /// The identity cannot be loaded or does not match `node_id`, a
+    /// transport cannot be built, an address cannot be bound, or the
+    /// listeners do not come up within 10 s.
+    pub async fn start(self) -> Result<NodeHandle, NodeError> {
+        let (state_tx, state_rx) = watch::channel(NodeState::Initializing);
+        let fail = |e: NodeError| {
+            state_tx.send_replace(NodeState::Error);
+            e
+        };
+        let keypair = match self.keypair {
+            Some(k) => k,
+            None => {
+                let path = self.config.private_key_path();
+                let (keypair, _created) = load_or_create_identity(&path).map_err(|e| fail(e.into()))?;
+                if let Some(expected) = self.config.expected_peer_id() {
+                    let actual = keypair.public().to_peer_id();
+                    if actual != expected {
+                        return Err(fail(NodeError::WrongIdentity {
+                            path,
+                            expected,
+                            actual,
+                        }));
+                    }
+                }
+                keypair
+            }
+        };
+        let peer_id = keypair.public().to_peer_id();
+        state_tx.send_replace(NodeState::Starting);
+
+        let mut registry = Registry::default();
+        let transport = build_transport(&keypair, &self.config, &mut registry).map_err(fail)?;
+        let behaviour = NodeBehaviour::new(&keypair, &self.config);
+        let swarm_config = libp2p::swarm::Config::with_tokio_executor()
+            .with_idle_connection_timeout(self.config.idle_connection_timeout);
+        let mut swarm = Swarm::new(transport, behaviour, peer_id, swarm_config);
+        let metrics = NodeMetrics::new(registry);
+        metrics.set_state(NodeState::Starting);
+
+        let mut listeners = HashMap::new();
+        for addr in &self.config.listen {
+            let id = swarm.listen_on(addr.clone()).map_err(|e| {
+                fail(NodeError::Listen {
+                    addr: addr.clone(),
+                    reason: transport_error_reason(&e),
+                })
+            })?;
+            listeners.insert(id, ListenerStatus::new(addr.clone()));
+        }
+
+        let api_addr = if self.config.enable_metrics {
+            let addr = self.config.api_listen;
+            let listener = tokio::net::TcpListener::bind(addr)
+                .await
+                .map_err(|source| fail(NodeError::ApiListen { addr, source }))?;
+            let local = listener
+                .local_addr()
+                .map_err(|source| fail(NodeError::ApiListen { addr, source }))?;
+            crate::http::spawn_api(listener, metrics.endpoint.clone(), state_rx.clone());
+            tracing::info!(addr = %local, "serving metrics at http://{local}/metrics");
+            Some(local)
+        } else {
+            None
+        };
+
+        let (command_tx, command_rx) = mpsc::channel(COMMAND_QUEUE_LEN);
+        let (event_tx, _) = broadcast::channel(EVENT_BUS_LEN);
+        let (started_tx, started_rx) = oneshot::channel();
+        let handle = NodeHandle {
+            peer_id,
+            commands: command_tx,
+            events: event_tx.clone(),
+            state: state_rx,
+            metrics: metrics.endpoint.clone(),
+            api_addr,
+        };
+        let trim = TrimPolicy {
+            low: usize::try_from(self.config.conn_mgr_low).unwrap_or(usize::MAX),
+            high: usize::try_from(self.config.conn_mgr_high).unwrap_or(usize::MAX),
+            grace: self.config.conn_mgr_grace,
+        };
+        let task = SwarmTask {
+            swarm,
+            commands: command_rx,
+            events: event_tx,
+            state: state_tx,
+            metrics,
+            listeners,
+            listen_addrs: Vec::new(),
+            connections: HashMap::new(),
+            peers: HashMap::new(),
+            pending_dials: HashMap::new(),
+            started: Some(started_tx),
+            trim,
+            trimmed_total: 0,
+            shutdown_timeout: self.config.shutdown_timeout,
+            shutdown_waiters: Vec::new(),
+        };
+        tokio::spawn(task.run());
+
+        match tokio::time::timeout(START_TIMEOUT, started_rx).await {
+            Ok(Ok(Ok(()))) => Ok(handle),
+            Ok(Ok(Err(e))) => Err(e),
+            Ok(Err(_)) => Err(NodeError::NotRunning),
+            Err(_) => {
+                let _ = handle.shutdown().await;
+                Err(NodeError::StartTimeout(START_TIMEOUT))
+            }
+        }
+    }
+}
+
+fn transport_error_reason<E: std::error::Error>(e: &libp2p::TransportError<E>) -> String {
+    match e {
+        libp2p::TransportError::MultiaddrNotSupported(addr) => {
+            format!("no transport of this node supports {addr}")
+        }
+        libp2p::TransportError::Other(inner) => error_chain(inner),
+    }
+}
+
+/// An error and its sources, joined: libp2p errors often say little at the top.
+fn error_chain(e: &dyn std::error::Error) -> String {
+    let mut out = e.to_string();
+    let mut source = e.source();
+    while let Some(s) = source {
+        let text = s.to_string();
+        if !out.contains(&text) {
+            out.push_str(": ");
+            out.push_str(&text);
+        }
+        source = s.source();
+    }
+    out
+}
+
+/// One connected peer, as `NodeHandle::connected_peers` reports it.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+pub struct ConnectedPeer {
+    /// The peer.
+    pub peer_id: PeerId,
+    /// Its address on each open connection.
+    pub addresses: Vec<Multiaddr>,
+    /// Who dialed the oldest open connection.
+    pub direction: Direction,
+    /// How long the oldest open connection has been up.
+    pub connected_for: Duration,
+    /// Identify protocol version, once the peer has identified itself.
+    pub protocol_version: Option<String>,
+    /// Identify agent version, once the peer has identified itself.
+    pub agent_version: Option<String>,
+    /// Latest ping round-trip time.
+    pub rtt: Option<Duration>,
+}
+
+enum Command {
+    ListenAddrs {
+        reply: oneshot::Sender<Vec<Multiaddr>>,
+    },
+    Dial {
+        addr: Multiaddr,
+        reply: oneshot::Sender<Result<PeerId, NodeError>>,
+    },
+    ConnectedPeers {
+        reply: oneshot::Sender<Vec<ConnectedPeer>>,
+    },
+    Metrics {
+        reply: oneshot::Sender<MetricsSnapshot>,
+    },
+    Shutdown {
+        reply: oneshot::Sender<()>,
+    },
+}
+
+/// A cheap, cloneable handle to a running node. Every method that needs
+/// the swarm sends a command to the swarm task and awaits its reply.
+#[derive(Debug, Clone)]
+pub struct NodeHandle {
+    peer_id: PeerId,
+    commands: mpsc::Sender<Command>,
+    events: broadcast::Sender<NodeEvent>,
+    state: watch::Receiver<NodeState>,
+    metrics: MetricsEndpoint,
+    api_addr: Option<SocketAddr>,
+}
+
+impl NodeHandle {
+    /// This node's peer id.
+    #[must_use]
+    pub fn peer_id(&self) -> PeerId {
+        self.peer_id
+    }
+
+    /// The current lifecycle state (also readable after the node stopped).
+    #[must_use]
+    pub fn state(&self) -> NodeState {
+        *self.state.borrow()
+    }
+
+    /// Wait until the node reaches `Stopped` or `Error`, and return it.
+    pub async fn stopped(&self) -> NodeState {
+        let mut state = self.state.clone();
+        let reached = state.wait_for(|s| s.is_terminal()).await.map(|s| *s);
+        // On error the task is gone; it always publishes a terminal state first.
+        reached.unwrap_or_else(|_| *state.borrow())
+    }
+
+    /// Subscribe to node events from now on. A subscriber that falls more
+    /// than 1024 events behind loses the oldest ones.
+    #[must_use]
+    pub fn subscribe(&self) -> broadcast::Receiver<NodeEvent> {
+        self.events.subscribe()
+    }
+
+    /// The bound address of the HTTP API, when metrics are enabled.
+    #[must_use]
+    pub fn api_addr(&self) -> Option<SocketAddr> {
+        self.api_addr
+    }
+
+    /// Every registered metric as Prometheus (OpenMetrics) text.
+    #[must_use]
+    pub fn metrics_text(&self) -> String {
+        self.metrics.encode()
+    }
+
+    async fn request<T>(&self, make: impl FnOnce(oneshot::Sender<T>) -> Command) -> Result<T, NodeError> {
+        let (reply, response) = oneshot::channel();
+        self.commands
+            .send(make(reply))
+            .await
+            .map_err(|_| NodeError::NotRunning)?;
+        response.await.map_err(|_| NodeError::NotRunning)
+    }
+
+    /// The addresses the node listens on (without `/p2p/<peer id>`).
+    ///
+    /// # Errors
+    /// [`NodeError::NotRunning`] once the node has stopped.
+    pub async fn listen_addrs(&self) -> Result<Vec<Multiaddr>, NodeError> {
+        self.request(|reply| Command::ListenAddrs { reply }).await
+    }
+
+    /// The listen addresses with `/p2p/<peer id>` appended, ready to give
+    /// to another node as a bootstrap address.
+    ///
+    /// # Errors
+    /// [`NodeError::NotRunning`] once the node has stopped.
+    pub async fn dialable_addrs(&self) -> Result<Vec<Multiaddr>, NodeError> {
+        let peer_id = self.peer_id;
+        Ok(self
+            .listen_addrs()
+            .await?
+            .into_iter()
+            .map(|a| a.with(Protocol::P2p(peer_id)))
+            .collect())
+    }
+
+    /// Dial `addr` and wait until the connection is established. With a
+    /// `/p2p/<peer id>` suffix the peer is authenticated against it, and a
+    /// peer we are already connected to is not dialed again.
+    ///
+    /// # Errors
+    /// [`NodeError::Dial`] with the reason the connection failed.
+    pub async fn dial(&self, addr: Multiaddr) -> Result<PeerId, NodeError> {
+        self.request(|reply| Command::Dial { addr, reply }).await?
+    }
+
+    /// Every peer with at least one open connection.
+    ///
+    /// # Errors
+    /// [`NodeError::NotRunning`] once the node has stopped.
+    pub async fn connected_peers(&self) -> Result<Vec<ConnectedPeer>, NodeError> {
+        self.request(|reply| Command::ConnectedPeers { reply }).await
+    }
+
+    /// A summary of the node's counters.
+    ///
+    /// # Errors
+    /// [`NodeError::NotRunning`] once the node has stopped.
+    pub async fn metrics(&self) -> Result<MetricsSnapshot, NodeError> {
+        self.request(|reply| Command::Metrics { reply }).await
+    }
+
+    /// Stop gracefully: close listeners and connections (waiting up to
+    /// `shutdown_timeout`), then reach `Stopped`. Calling it again, or on a
+    /// stopped node, is fine.
+    ///
+    /// # Errors
+    /// Only if the node ended in `Error` rather than `Stopped`.
+    pub async fn shutdown(&self) -> Result<(), NodeError> {
+        // Either the task stops us, or it is already gone; both end terminal.
+        let _ = self.request(|reply| Command::Shutdown { reply }).await;
+        match self.stopped().await {
+            NodeState::Error => Err(NodeError::NotRunning),
+            _ => Ok(()),
+        }
+    }
+}
+
+struct ListenerStatus {
+    configured: Multiaddr,
+    reported: bool,
+}
+
+impl ListenerStatus {
+    fn new(configured: Multiaddr) -> Self {
+        Self {
+            configured,
+            reported: false,
+        }
+    }
+}
+
+struct ConnectionEntry {
+    peer: PeerId,
+    remote: Multiaddr,
+    direction: Direction,
+    established: Instant,
+}
+
+#[derive(Default)]
+struct PeerEntry {
+    protocol_version: Option<String>,
+    agent_version: Option<String>,
+    rtt: Option<Duration>,
+}
+
+/// Owns the swarm; the only code that touches it.
+struct SwarmTask {
+    swarm: Swarm<NodeBehaviour>,
+    commands: mpsc::Receiver<Command>,
+    events: broadcast::Sender<NodeEvent>,
+    state: watch::Sender<NodeState>,
+    metrics: NodeMetrics,
+    listeners: HashMap<ListenerId, ListenerStatus>,
+    listen_addrs: Vec<Multiaddr>,
+    connections: HashMap<ConnectionId, ConnectionEntry>,
+    peers: HashMap<PeerId, PeerEntry>,
+    pending_dials: HashMap<ConnectionId, (String, oneshot::Sender<Result<PeerId, NodeError>>)>,
+    started: Option<oneshot::Sender<Result<(), NodeError>>>,
+    trim: TrimPolicy,
+    trimmed_total: u64,
+    shutdown_timeout: Duration,
+    shutdown_waiters: Vec<oneshot::Sender<()>>,
+}
+
+impl SwarmTask {
+    async fn run(mut self) {
+        if self.listeners.is_empty() {
+            self.mark_running();
+        }
+        let mut trim_tick = tokio::time::interval(TRIM_CHECK_INTERVAL);
+        trim_tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        loop {
+            tokio::select! {
+                event = self.swarm.select_next_some() => self.on_swarm_event(event),
+                command = self.commands.recv() => match command {
+                    Some(Command::Shutdown { reply }) => {
+                        self.shutdown_waiters.push(reply);
+                        break;
+                    }
+                    Some(command) => self.on_command(command),
+                    // Every handle is gone: nobody can stop us later, so stop now.
+                    None => break,
+                },
+                _ = trim_tick.tick() => self.trim_connections(),
+            }
+            if self.state.borrow().is_terminal() {
+                break;
+            }
+        }
+        self.stop().await;
+    }
+
+    fn set_state(&mut self, to: NodeState) {
+        let from = *self.state.borrow();
+        match from.transition(to) {
+            Ok(to) => {
+                self.state.send_replace(to);
+                self.metrics.set_state(to);
+                tracing::debug!(%from, %to, "node state changed");
+                self.emit(NodeEvent::StateChanged { from, to });
+            }
+            Err(e) => tracing::error!(error = %e, "refused state change"),
+        }
+    }
+
+    fn emit(&self, event: NodeEvent) {
+        // No subscribers is fine; lagging ones lose old events.
+        let _ = self.events.send(event);
+    }
+
+    fn mark_running(&mut self) {
+        if *self.state.borrow() != NodeState::Starting {
+            return;
+        }
+        self.set_state(NodeState::Running);
+        let peer_id = *self.swarm.local_peer_id();
+        tracing::info!(%peer_id, "node running");
+        self.emit(NodeEvent::Started {
+            peer_id,
+            listen_addrs: self.listen_addrs.clone(),
+        });
+        if let Some(started) = self.started.take() {
+            let _ = started.send(Ok(()));
+        }
+    }
+
+    fn fail_start(&mut self, error: NodeError) {
+        tracing::error!(%error, "node failed to start");
+        self.set_state(NodeState::Error);
+        if let Some(started) = self.started.take() {
+            let _ = started.send(Err(error));
+        }
+    }
+
+    fn on_command(&mut self, command: Command) {
+        match command {
+            Command::ListenAddrs { reply } => {
+                let _ = reply.send(self.listen_addrs.clone());
+            }
+            Command::Dial { addr, reply } => self.dial(addr, reply),
+            Command::ConnectedPeers { reply } => {
+                let _ = reply.send(self.connected_peers());
+            }
+            Command::Metrics { reply } => {
+                let _ = reply.send(self.snapshot());
+            }
+            Command::Shutdown { reply } => self.shutdown_waiters.push(reply),
+        }
+    }
+
+    fn dial(&mut self, addr: Multiaddr, reply: oneshot::Sender<Result<PeerId, NodeError>>) {
+        let target = addr.to_string();
+        let opts = match addr.iter().last() {
+            Some(Protocol::P2p(peer)) => {
+                if self.swarm.is_connected(&peer) {
+                    let _ = reply.send(Ok(peer));
+                    return;
+                }
+                DialOpts::peer_id(peer)
+                    .addresses(vec![addr])
+                    .condition(PeerCondition::DisconnectedAndNotDialing)
+                    .build()
+            }
+            _ => DialOpts::unknown_peer_id().address(addr).build(),
+        };
+        let connection_id = opts.connection_id();
+        match self.swarm.dial(opts) {
+            Ok(()) => {
+                self.pending_dials.insert(connection_id, (target, reply));
+            }
+            Err(e) => {
+                let _ = reply.send(Err(NodeError::Dial {
+                    target,
+                    reason: error_chain(&e),
+                }));
+            }
+        }
+    }
+
+    fn connected_peers(&self) -> Vec<ConnectedPeer> {
+        let mut by_peer: HashMap<PeerId, Vec<&ConnectionEntry>> = HashMap::new();
+        for c in self.connections.values() {
+            by_peer.entry(c.peer).or_default().push(c);
+        }
+        let mut peers: Vec<ConnectedPeer> = by_peer
+            .into_iter()
+            .filter_map(|(peer_id, mut conns)| {
+                conns.sort_by_key(|c| c.established);
+                let oldest = conns.first()?;
+                let info = self.peers.get(&peer_id);
+                Some(ConnectedPeer {
+                    peer_id,
+                    addresses: conns.iter().map(|c| c.remote.clone()).collect(),
+                    direction: oldest.direction,
+                    connected_for: oldest.established.elapsed(),
+                    protocol_version: info.and_then(|i| i.protocol_version.clone()),
+                    agent_version: info.and_then(|i| i.agent_version.clone()),
+                    rtt: info.and_then(|i| i.rtt),
+                })
+            })
+            .collect();
+        peers.sort_by_key(|p| p.peer_id);
+        peers
+    }
+
+    fn count_direction(&self, direction: Direction) -> usize {
+        self.connections
+            .values()
+            .filter(|c| c.direction == direction)
+            .count()
+    }
+
+    fn snapshot(&self) -> MetricsSnapshot {
+        MetricsSnapshot {
+            state: *self.state.borrow(),
+            uptime: self.metrics.endpoint.uptime(),
+            peers_connected: self.peers.len(),
+            connections_inbound: self.count_direction(Direction::Inbound),
+            connections_outbound: self.count_direction(Direction::Outbound),
+            connections_trimmed: self.trimmed_total,
+            listen_addrs: self.listen_addrs.len(),
+        }
+    }
+
+    fn update_connection_gauges(&self) {
+        for direction in [Direction::Inbound, Direction::Outbound] {
+            self.metrics
+                .set_connections(direction, self.count_direction(direction), self.peers.len());
+        }
+    }
+
+    fn trim_connections(&mut self) {
+        let ages: Vec<ConnectionAge> = self
+            .connections
+            .iter()
+            .map(|(id, c)| ConnectionAge {
+                id: *id,
+                peer: c.peer,
+                established: c.established,
+                protected: false,
+            })
+            .collect();
+        let chosen = self.trim.select(&ages, Instant::now());
+        if chosen.is_empty() {
+            return;
+        }
+        let closed = chosen
+            .into_iter()
+            .filter(|id| self.swarm.close_connection(*id))
+            .count();
+        if closed > 0 {
+            tracing::info!(
+                closed,
+                connections = self.connections.len(),
+                low = self.trim.low,
+                high = self.trim.high,
+                "trimmed connections"
+            );
+            self.trimmed_total += closed as u64;
+            self.metrics.add_trimmed(closed);
+            self.emit(NodeEvent::ConnectionsTrimmed { count: closed });
+        }
+    }
+
+    fn on_swarm_event(&mut self, event: SwarmEvent<NodeBehaviourEvent>) {
+        self.metrics.libp2p.record(&event);
+        match event {
+            SwarmEvent::Behaviour(NodeBehaviourEvent::Identify(event)) => {
+                self.metrics.libp2p.record(&event);
+                self.on_identify(event);
+            }
+            SwarmEvent::Behaviour(NodeBehaviourEvent::Ping(event)) => {
+                self.metrics.libp2p.record(&event);
+                self.on_ping(event);
+            }
+            SwarmEvent::Behaviour(
+                NodeBehaviourEvent::ConnectionLimits(never)
+                | NodeBehaviourEvent::MemoryLimits(never),
+            ) => match never {},
+            SwarmEvent::NewListenAddr {
+                listener_id,
+                address,
+            } => {
+                let peer_id = *self.swarm.local_peer_id();
+                tracing::info!(address = %address.clone().with(Protocol::P2p(peer_id)), "listening");
+                if !self.listen_addrs.contains(&address) {
+                    self.listen_addrs.push(address.clone());
+                }
+                if let Some(l) = self.listeners.get_mut(&listener_id) {
+                    l.reported = true;
+                }
+                self.emit(NodeEvent::ListenAddrAdded { addr: address });
+                if self.listeners.values().all(|l| l.reported) {
+                    self.mark_running();
+                }
+            }
+            SwarmEvent::ExpiredListenAddr { address, .. } => {
+                self.listen_addrs.retain(|a| a != &address);
+                self.emit(NodeEvent::ListenAddrRemoved { addr: address });
+            }
+            SwarmEvent::ListenerError { listener_id, error } => {
+                let addr = self.listeners.get(&listener_id).map(|l| l.configured.clone());
+                tracing::warn!(listener = ?addr, error = %error_chain(&error), "listener error");
+            }
+            SwarmEvent::ListenerClosed {
+                listener_id,
+                reason,
+                addresses,
+            } => {
+                for a in &addresses {
+                    self.listen_addrs.retain(|x| x != a);
+                }
+                if let Some(l) = self.listeners.remove(&listener_id) {
+                    let reason = match &reason {
+                        Ok(()) => "closed".to_owned(),
+                        Err(e) => error_chain(e),
+                    };
+                    if self.started.is_some() && !l.reported {
+                        self.fail_start(NodeError::Listen {
+                            addr: l.configured,
+                            reason,
+                        });
+                    } else if *self.state.borrow() == NodeState::Running {
+                        tracing::warn!(addr = %l.configured, %reason, "listener closed");
+                    }
+                }
+            }
+            SwarmEvent::ConnectionEstablished {
+                peer_id,
+                connection_id,
+                endpoint,
+                num_established,
+                ..
+            } => {
+                let (remote, direction) = match &endpoint {
+                    ConnectedPoint::Dialer { address, .. } => (address.clone(), Direction::Outbound),
+                    ConnectedPoint::Listener { send_back_addr, .. } => {
+                        (send_back_addr.clone(), Direction::Inbound)
+                    }
+                };
+                tracing::debug!(%peer_id, %remote, ?direction, "connection established");
+                self.connections.insert(
+                    connection_id,
+                    ConnectionEntry {
+                        peer: peer_id,
+                        remote: remote.clone(),
+                        direction,
+                        established: Instant::now(),
+                    },
+                );
+                self.peers.entry(peer_id).or_default();
+                if num_established.get() == 1 {
+                    self.emit(NodeEvent::PeerConnected {
+                        peer_id,
+                        addr: remote,
+                        direction,
+                    });
+                }
+                if let Some((_, reply)) = self.pending_dials.remove(&connection_id) {
+                    let _ = reply.send(Ok(peer_id));
+                }
+                self.update_connection_gauges();
+                self.trim_connections();
+            }
+            SwarmEvent::ConnectionClosed {
+                peer_id,
+                connection_id,
+                num_established,
+                cause,
+                ..
+            } => {
+                self.connections.remove(&connection_id);
+                tracing::debug!(%peer_id, cause = ?cause.as_ref().map(ToString::to_string), "connection closed");
+                if num_established == 0 {
+                    self.peers.remove(&peer_id);
+                    self.emit(NodeEvent::PeerDisconnected { peer_id });
+                }
+                self.update_connection_gauges();
+            }
+            SwarmEvent::OutgoingConnectionError {
+                connection_id,
+                peer_id,
+                error,
+            } => {
+                let reason = match &error {
+                    DialError::Transport(attempts) => attempts
+                        .iter()
+                        .map(|(addr, e)| format!("{addr}: {}", error_chain(e)))
+                        .collect::<Vec<_>>()
+                        .join("; "),
+                    other => error_chain(other),
+                };
+                tracing::debug!(peer = ?peer_id, %reason, "outgoing connection failed");
+                if let Some((target, reply)) = self.pending_dials.remove(&connection_id) {
+                    let _ = reply.send(Err(NodeError::Dial { target, reason }));
+                }
+            }
+            SwarmEvent::IncomingConnectionError {
+                send_back_addr,
+                error,
+                ..
+            } => {
+                tracing::debug!(remote = %send_back_addr, error = %error_chain(&error), "incoming connection failed");
+            }
+            SwarmEvent::ExternalAddrConfirmed { address } => {
+                tracing::info!(%address, "external address confirmed");
+            }
+            _ => {}
+        }
+    }
+
+    fn on_identify(&mut self, event: identify::Event) {
+        match event {
+            identify::Event::Received { peer_id, info, .. } => {
+                tracing::debug!(
+                    %peer_id,
+                    protocol_version = %info.protocol_version,
+                    agent_version = %info.agent_version,
+                    "peer identified"
+                );
+                let entry = self.peers.entry(peer_id).or_default();
+                let changed = entry.protocol_version.as_deref() != Some(&info.protocol_version)
+                    || entry.agent_version.as_deref() != Some(&info.agent_version);
+                entry.protocol_version = Some(info.protocol_version.clone());
+                entry.agent_version = Some(info.agent_version.clone());
+                if changed {
+                    self.emit(NodeEvent::PeerIdentified {
+                        peer_id,
+                        protocol_version: info.protocol_version,
+                        agent_version: info.agent_version,
+                    });
+                }
+            }
+            identify::Event::Error { peer_id, error, .. } => {
+                tracing::debug!(%peer_id, error = %error_chain(&error), "identify failed");
+            }
+            identify::Event::Sent { .. } | identify::Event::Pushed { .. } => {}
+        }
+    }
+
+    fn on_ping(&mut self, event: ping::Event) {
+        match event.result {
+            Ok(rtt) => {
+                if let Some(entry) = self.peers.get_mut(&event.peer) {
+                    entry.rtt = Some(rtt);
+                }
+            }
+            Err(e) => tracing::debug!(peer = %event.peer, error = %e, "ping failed"),
+        }
+    }
+
+    /// Close listeners and connections, wait for them (bounded), reach
+    /// `Stopped`, and answer everyone waiting for the shutdown.
+    async fn stop(mut self) {
+        let state = *self.state.borrow();
+        if !state.is_terminal() {
+            self.set_state(NodeState::Stopping);
+            if let Some(started) = self.started.take() {
+                let _ = started.send(Err(NodeError::NotRunning));
+            }
+            let listener_ids: Vec<ListenerId> = self.listeners.keys().copied().collect();
+            for id in listener_ids {
+                self.swarm.remove_listener(id);
+            }
+            let peers: Vec<PeerId> = self.swarm.connected_peers().copied().collect();
+            for peer in peers {
+                let _ = self.swarm.disconnect_peer_id(peer);
+            }
+            let deadline = tokio::time::sleep(self.shutdown_timeout);
+            tokio::pin!(deadline);
+            while !self.connections.is_empty() {
+                tokio::select! {
+                    event = self.swarm.select_next_some() => self.on_swarm_event(event),
+                    () = &mut deadline => {
+                        tracing::warn!(open = self.connections.len(), "shutdown timeout: dropping remaining connections");
+                        break;
+                    }
+                }
+            }
+            for (_, (target, reply)) in self.pending_dials.drain() {
+                let _ = reply.send(Err(NodeError::Dial {
+                    target,
+                    reason: "the node is shutting down".to_owned(),
+                }));
+            }
+            self.set_state(NodeState::Stopped);
+            self.emit(NodeEvent::Stopped);
+            tracing::info!("node stopped");
+        }
+        for waiter in self.shutdown_waiters.drain(..) {
+            let _ = waiter.send(());
+        }
+    }
+}

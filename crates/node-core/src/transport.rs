@@ -1,0 +1,201 @@
+//! The transport stack: TCP (+ WebSocket) with Noise and/or TLS and Yamux,
+//! QUIC-v1, DNS resolution over all of them, and bandwidth metrics.
+
+use std::iter::{Chain, Map};
+use std::time::Duration;
+
+use either::Either;
+use futures::future::{self, MapOk};
+use futures::{AsyncRead, AsyncWrite, TryFutureExt};
+use libp2p::core::either::EitherFuture;
+use libp2p::core::muxing::StreamMuxerBox;
+use libp2p::core::transport::Boxed;
+use libp2p::core::upgrade::{
+    InboundConnectionUpgrade, OutboundConnectionUpgrade, UpgradeInfo, Version,
+};
+use libp2p::identity::Keypair;
+use libp2p::metrics::{BandwidthTransport, Registry};
+use libp2p::{PeerId, Transport, dns, noise, quic, tcp, tls, websocket, yamux};
+use ollamacron_config::NodeConfig;
+
+use crate::error::NodeError;
+
+/// Longest a TCP connection may take to negotiate security and muxing.
+const UPGRADE_TIMEOUT: Duration = Duration::from_secs(20);
+
+/// The node's authenticated, multiplexed transport.
+pub(crate) type NodeTransport = Boxed<(PeerId, StreamMuxerBox)>;
+
+/// Build the transport the configuration asks for, registering its
+/// bandwidth counters in `registry`.
+pub(crate) fn build_transport(
+    key: &Keypair,
+    config: &NodeConfig,
+    registry: &mut Registry,
+) -> Result<NodeTransport, NodeError> {
+    let tcp_config = tcp::Config::default().nodelay(true);
+    let tcp = secure_and_multiplex(
+        tcp::tokio::Transport::new(tcp_config.clone()),
+        key,
+        config,
+    )?;
+    let tcp = if config.enable_websocket {
+        let ws = websocket::Config::new(tcp::tokio::Transport::new(tcp_config));
+        let ws = secure_and_multiplex(ws, key, config)?;
+        ws.or_transport(tcp)
+            .map(|either, _| either.into_inner())
+            .boxed()
+    } else {
+        tcp
+    };
+
+    let quic = quic::tokio::Transport::new(quic::Config::new(key))
+        .map(|(peer, conn), _| (peer, StreamMuxerBox::new(conn)));
+    let combined = quic
+        .or_transport(tcp)
+        .map(|either, _| either.into_inner())
+        .boxed();
+
+    let resolved = match dns::tokio::Transport::system(combined) {
+        Ok(dns) => dns.boxed(),
+        Err(e) => {
+            return Err(NodeError::Transport {
+                what: "DNS",
+                reason: format!("cannot read the system resolver configuration: {e}"),
+            });
+        }
+    };
+
+    Ok(BandwidthTransport::new(resolved, registry)
+        .map(|(peer, conn), _| (peer, StreamMuxerBox::new(conn)))
+        .boxed())
+}
+
+/// Add Noise and/or TLS (Noise preferred) and Yamux to a stream transport.
+fn secure_and_multiplex<T>(
+    transport: T,
+    key: &Keypair,
+    config: &NodeConfig,
+) -> Result<NodeTransport, NodeError>
+where
+    T: Transport + Send + Unpin + 'static,
+    T::Output: AsyncRead + AsyncWrite + Unpin + Send + 'static,
+    T::Error: Send + Sync + 'static,
+    T::Dial: Send + 'static,
+    T::ListenerUpgrade: Send + 'static,
+{
+    let noise = || {
+        noise::Config::new(key).map_err(|e| NodeError::Transport {
+            what: "Noise",
+            reason: e.to_string(),
+        })
+    };
+    let tls = || {
+        tls::Config::new(key).map_err(|e| NodeError::Transport {
+            what: "TLS",
+            reason: e.to_string(),
+        })
+    };
+    let builder = transport.upgrade(Version::V1Lazy);
+    let upgraded = match (config.enable_noise, config.enable_tls) {
+        (true, true) => builder
+            .authenticate(SecuritySelect(noise()?, tls()?))
+            .multiplex(yamux::Config::default())
+            .timeout(UPGRADE_TIMEOUT)
+            .map(|(peer, muxer), _| (peer, StreamMuxerBox::new(muxer)))
+            .boxed(),
+        (true, false) => builder
+            .authenticate(noise()?)
+            .multiplex(yamux::Config::default())
+            .timeout(UPGRADE_TIMEOUT)
+            .map(|(peer, muxer), _| (peer, StreamMuxerBox::new(muxer)))
+            .boxed(),
+        (false, true) => builder
+            .authenticate(tls()?)
+            .multiplex(yamux::Config::default())
+            .timeout(UPGRADE_TIMEOUT)
+            .map(|(peer, muxer), _| (peer, StreamMuxerBox::new(muxer)))
+            .boxed(),
+        (false, false) => {
+            return Err(NodeError::Transport {
+                what: "TCP",
+                reason: "neither enable_noise nor enable_tls is on".to_owned(),
+            });
+        }
+    };
+    Ok(upgraded)
+}
+
+/// Offers two security protocols; the first is preferred. Both produce a
+/// `(PeerId, stream)`, so the result can be multiplexed like either alone.
+#[derive(Debug, Clone)]
+struct SecuritySelect<A, B>(A, B);
+
+impl<A, B> UpgradeInfo for SecuritySelect<A, B>
+where
+    A: UpgradeInfo,
+    B: UpgradeInfo,
+{
+    type Info = Either<A::Info, B::Info>;
+    type InfoIter = Chain<
+        Map<<A::InfoIter as IntoIterator>::IntoIter, fn(A::Info) -> Self::Info>,
+        Map<<B::InfoIter as IntoIterator>::IntoIter, fn(B::Info) -> Self::Info>,
+    >;
+
+    fn protocol_info(&self) -> Self::InfoIter {
+        let first: fn(A::Info) -> Self::Info = Either::Left;
+        let second: fn(B::Info) -> Self::Info = Either::Right;
+        self.0
+            .protocol_info()
+            .into_iter()
+            .map(first)
+            .chain(self.1.protocol_info().into_iter().map(second))
+    }
+}
+
+type Factored<TA, TB> =
+    fn(future::Either<(PeerId, TA), (PeerId, TB)>) -> (PeerId, future::Either<TA, TB>);
+
+impl<C, A, B, TA, TB> InboundConnectionUpgrade<C> for SecuritySelect<A, B>
+where
+    A: InboundConnectionUpgrade<C, Output = (PeerId, TA)>,
+    B: InboundConnectionUpgrade<C, Output = (PeerId, TB)>,
+{
+    type Output = (PeerId, future::Either<TA, TB>);
+    type Error = Either<A::Error, B::Error>;
+    type Future = MapOk<EitherFuture<A::Future, B::Future>, Factored<TA, TB>>;
+
+    fn upgrade_inbound(self, socket: C, info: Self::Info) -> Self::Future {
+        let factor: Factored<TA, TB> = future::Either::factor_first;
+        match info {
+            Either::Left(info) => EitherFuture::First(self.0.upgrade_inbound(socket, info)),
+            Either::Right(info) => {
+                EitherFuture::Second(self.1.upgrade_inbound(socket, info))
+            }
+        }
+        .map_ok(factor)
+    }
+}
+
+impl<C, A, B, TA, TB> OutboundConnectionUpgrade<C> for SecuritySelect<A, B>
+where
+    A: OutboundConnectionUpgrade<C, Output = (PeerId, TA)>,
+    B: OutboundConnectionUpgrade<C, Output = (PeerId, TB)>,
+{
+    type Output = (PeerId, future::Either<TA, TB>);
+    type Error = Either<A::Error, B::Error>;
+    type Future = MapOk<EitherFuture<A::Future, B::Future>, Factored<TA, TB>>;
+
+    fn upgrade_outbound(self, socket: C, info: Self::Info) -> Self::Future {
+        let factor: Factored<TA, TB> = future::Either::factor_first;
+        match info {
+            Either::Left(info) => {
+                EitherFuture::First(self.0.upgrade_outbound(socket, info))
+            }
+            Either::Right(info) => {
+                EitherFuture::Second(self.1.upgrade_outbound(socket, info))
+            }
+        }
+        .map_ok(factor)
+    }
+}
