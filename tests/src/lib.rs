@@ -1,1 +1,102 @@
-//! x
+//! Helpers for the workspace's multi-node integration tests: loopback node
+//! configurations, starting nodes, and waiting for events with a deadline.
+
+pub mod probe;
+
+use std::time::Duration;
+
+use ollamacron_config::{ConfigLoader, NodeConfig};
+use ollamacron_node_core::libp2p::identity::Keypair;
+use ollamacron_node_core::{Node, NodeError, NodeEvent, NodeHandle};
+use tokio::sync::broadcast;
+
+/// How long a test waits for something that should happen at once on loopback.
+pub const EVENT_TIMEOUT: Duration = Duration::from_secs(20);
+
+/// Listen on TCP only, on an OS-chosen loopback port.
+pub const TCP_ONLY: &str = "/ip4/127.0.0.1/tcp/0";
+/// Listen on QUIC only, on an OS-chosen loopback port.
+pub const QUIC_ONLY: &str = "/ip4/127.0.0.1/udp/0/quic-v1";
+
+/// A configuration for a test node: loopback only, mDNS off, no HTTP API,
+/// plus any `key=value` overrides.
+///
+/// # Panics
+/// If the overrides do not make a valid configuration.
+#[must_use]
+pub fn loopback_config(listen: &str, overrides: &[(&str, &str)]) -> NodeConfig {
+    let mut loader = ConfigLoader::new()
+        .set("listen", listen)
+        .set("enable_mdns", "false")
+        .set("enable_metrics", "false")
+        .set("shutdown_timeout", "5s");
+    for (key, value) in overrides {
+        loader = loader.set(*key, *value);
+    }
+    match loader.load() {
+        Ok(config) => config,
+        Err(e) => panic!("test configuration is invalid: {e}"),
+    }
+}
+
+/// Start a node with a fresh in-memory identity.
+///
+/// # Errors
+/// Whatever `Node::start` returns.
+pub async fn start(config: NodeConfig) -> Result<NodeHandle, NodeError> {
+    Node::new(config)
+        .with_keypair(Keypair::generate_ed25519())
+        .start()
+        .await
+}
+
+/// Wait for the first event matching `pred`, for at most [`EVENT_TIMEOUT`].
+///
+/// # Errors
+/// A description of what was awaited when the deadline passes or the bus closes.
+pub async fn wait_for_event<T>(
+    events: &mut broadcast::Receiver<NodeEvent>,
+    what: &str,
+    mut pred: impl FnMut(&NodeEvent) -> Option<T>,
+) -> Result<T, String> {
+    let wait = async {
+        loop {
+            match events.recv().await {
+                Ok(event) => {
+                    if let Some(found) = pred(&event) {
+                        return Ok(found);
+                    }
+                }
+                Err(broadcast::error::RecvError::Lagged(_)) => {}
+                Err(broadcast::error::RecvError::Closed) => {
+                    return Err(format!("event bus closed while waiting for {what}"));
+                }
+            }
+        }
+    };
+    tokio::time::timeout(EVENT_TIMEOUT, wait)
+        .await
+        .map_err(|_| format!("timed out after {EVENT_TIMEOUT:?} waiting for {what}"))?
+}
+
+/// Poll `check` every 50 ms until it returns `Some`, for at most [`EVENT_TIMEOUT`].
+///
+/// # Errors
+/// A description of what was awaited when the deadline passes.
+pub async fn eventually<T, F, Fut>(what: &str, mut check: F) -> Result<T, String>
+where
+    F: FnMut() -> Fut,
+    Fut: std::future::Future<Output = Option<T>>,
+{
+    let poll = async {
+        loop {
+            if let Some(v) = check().await {
+                return v;
+            }
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+    };
+    tokio::time::timeout(EVENT_TIMEOUT, poll)
+        .await
+        .map_err(|_| format!("timed out after {EVENT_TIMEOUT:?} waiting for {what}"))
+}

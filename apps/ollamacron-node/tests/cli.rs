@@ -1,0 +1,199 @@
+//! The `ollamacron-node` binary as a user runs it.
+
+use std::io::{BufRead, BufReader};
+use std::path::Path;
+use std::process::{Child, Command, Output, Stdio};
+use std::sync::mpsc;
+use std::time::Duration;
+
+const BIN: &str = env!("CARGO_BIN_EXE_ollamacron-node");
+const LINE_TIMEOUT: Duration = Duration::from_secs(30);
+
+fn node(args: &[&str], data_dir: &Path) -> Output {
+    Command::new(BIN)
+        .args(args)
+        .env_remove("OLLAMACRON_CONFIG")
+        .env("XDG_DATA_HOME", data_dir)
+        .output()
+        .unwrap()
+}
+
+fn text(bytes: &[u8]) -> String {
+    String::from_utf8_lossy(bytes).into_owned()
+}
+
+#[test]
+fn id_is_stable_and_follows_the_config_file() {
+    let dir = tempfile::tempdir().unwrap();
+    let config = dir.path().join("node.yaml");
+    let data = dir.path().join("data");
+    std::fs::write(&config, format!("data_dir: {}\n", data.display())).unwrap();
+    let cfg = config.to_str().unwrap();
+
+    let first = node(&["id", "--config", cfg], dir.path());
+    assert!(first.status.success(), "{}", text(&first.stderr));
+    let id = text(&first.stdout).trim().to_owned();
+    assert!(id.starts_with("12D3KooW"), "{id}");
+    assert!(data.join("identity.key").exists());
+
+    let second = node(&["id", "--config", cfg], dir.path());
+    assert_eq!(text(&second.stdout).trim(), id);
+
+    // The same node through the environment variable and through a flag.
+    let via_env = Command::new(BIN)
+        .args(["id"])
+        .env("OLLAMACRON_CONFIG", cfg)
+        .output()
+        .unwrap();
+    assert_eq!(text(&via_env.stdout).trim(), id);
+    let via_flag = node(&["id", "--data-dir", data.to_str().unwrap()], dir.path());
+    assert_eq!(text(&via_flag.stdout).trim(), id);
+}
+
+#[test]
+fn init_writes_a_valid_file_and_refuses_to_overwrite() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("ollamacron.yaml");
+    let p = path.to_str().unwrap();
+
+    let out = node(&["init", "--config", p], dir.path());
+    assert!(out.status.success(), "{}", text(&out.stderr));
+    let written = std::fs::read_to_string(&path).unwrap();
+    assert!(written.contains("# Find peers on the local network with mDNS."));
+
+    let again = node(&["init", "--config", p], dir.path());
+    assert!(!again.status.success());
+    assert!(text(&again.stderr).contains("already exists; pass --force"), "{}", text(&again.stderr));
+    assert_eq!(std::fs::read_to_string(&path).unwrap(), written);
+
+    assert!(node(&["init", "--config", p, "--force"], dir.path()).status.success());
+
+    let check = node(&["config", "check", p], dir.path());
+    assert!(check.status.success(), "{}", text(&check.stderr));
+    assert!(text(&check.stdout).contains("conn_mgr_high: 400"));
+    assert!(text(&check.stdout).contains("configuration is valid"));
+}
+
+#[test]
+fn config_check_names_what_is_wrong_and_exits_2() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("bad.yaml");
+    std::fs::write(&path, "conn_mgr_low: 900\nconn_mgr_high: 400\n").unwrap();
+    let out = node(&["config", "check", path.to_str().unwrap()], dir.path());
+    assert_eq!(out.status.code(), Some(2));
+    assert!(
+        text(&out.stderr).contains("conn_mgr_low (900) must be <= conn_mgr_high (400)"),
+        "{}",
+        text(&out.stderr)
+    );
+
+    std::fs::write(&path, "enable_mnds: true\n").unwrap();
+    let out = node(&["config", "check", path.to_str().unwrap()], dir.path());
+    assert_eq!(out.status.code(), Some(2));
+    assert!(text(&out.stderr).contains("did you mean `enable_mdns`"), "{}", text(&out.stderr));
+
+    let out = node(&["config", "check", "--set", "max_cpu=lots"], dir.path());
+    assert_eq!(out.status.code(), Some(2));
+    assert!(text(&out.stderr).contains("max_cpu"), "{}", text(&out.stderr));
+
+    let out = node(&["config", "check", "--set", "log_level=[["], dir.path());
+    assert_eq!(out.status.code(), Some(2));
+    assert!(text(&out.stderr).contains("log_level"), "{}", text(&out.stderr));
+
+    let out = node(&["run", "--set", "conn_mgr_high=0"], dir.path());
+    assert_eq!(out.status.code(), Some(2), "run refuses a bad config before starting");
+}
+
+struct Running {
+    child: Child,
+    lines: mpsc::Receiver<String>,
+}
+
+impl Running {
+    fn wait_for_line(&self, needle: &str) -> String {
+        let deadline = std::time::Instant::now() + LINE_TIMEOUT;
+        loop {
+            let left = deadline.saturating_duration_since(std::time::Instant::now());
+            match self.lines.recv_timeout(left) {
+                Ok(line) if line.contains(needle) => return line,
+                Ok(_) => {}
+                Err(e) => panic!("no log line containing {needle:?}: {e}"),
+            }
+        }
+    }
+}
+
+impl Drop for Running {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+fn spawn_run(data_dir: &Path) -> Running {
+    let mut child = Command::new(BIN)
+        .args([
+            "run",
+            "--listen",
+            "/ip4/127.0.0.1/tcp/0",
+            "--no-mdns",
+            "--api-listen",
+            "127.0.0.1:0",
+            "--data-dir",
+            data_dir.to_str().unwrap(),
+        ])
+        .env_remove("OLLAMACRON_CONFIG")
+        .env_remove("RUST_LOG")
+        .stderr(Stdio::piped())
+        .stdout(Stdio::null())
+        .spawn()
+        .unwrap();
+    let stderr = child.stderr.take().unwrap();
+    let (tx, lines) = mpsc::channel();
+    std::thread::spawn(move || {
+        for line in BufReader::new(stderr).lines().map_while(Result::ok) {
+            if tx.send(line).is_err() {
+                break;
+            }
+        }
+    });
+    Running { child, lines }
+}
+
+fn wait_exit(child: &mut Child) -> std::process::ExitStatus {
+    let deadline = std::time::Instant::now() + LINE_TIMEOUT;
+    loop {
+        if let Some(status) = child.try_wait().unwrap() {
+            return status;
+        }
+        assert!(std::time::Instant::now() < deadline, "node did not exit");
+        std::thread::sleep(Duration::from_millis(20));
+    }
+}
+
+#[cfg(unix)]
+#[test]
+fn run_logs_its_addresses_and_exits_0_on_sigterm() {
+    let dir = tempfile::tempdir().unwrap();
+    let id = text(&node(&["id", "--data-dir", dir.path().to_str().unwrap()], dir.path()).stdout)
+        .trim()
+        .to_owned();
+
+    let mut running = spawn_run(dir.path());
+    let listening = running.wait_for_line("listening");
+    assert!(
+        listening.contains("/ip4/127.0.0.1/tcp/") && listening.contains(&format!("/p2p/{id}")),
+        "{listening}"
+    );
+    assert!(!listening.contains('\u{1b}'), "no colour codes when not on a terminal");
+    running.wait_for_line("node running");
+
+    let kill = Command::new("kill")
+        .args(["-TERM", &running.child.id().to_string()])
+        .status()
+        .unwrap();
+    assert!(kill.success());
+    running.wait_for_line("node stopped");
+    let status = wait_exit(&mut running.child);
+    assert_eq!(status.code(), Some(0));
+}
