@@ -1,6 +1,9 @@
 //! Helpers for the workspace's multi-node integration tests: loopback node
 //! configurations, starting nodes, and waiting for events with a deadline.
 
+// A test-support crate: panicking on a broken test setup is the right failure.
+#![allow(clippy::panic)]
+
 pub mod probe;
 
 use std::time::Duration;

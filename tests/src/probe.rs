@@ -5,9 +5,7 @@ use std::time::Duration;
 
 use futures::StreamExt;
 use libp2p::swarm::{NetworkBehaviour, SwarmEvent};
-use libp2p::{
-    Multiaddr, PeerId, StreamProtocol, SwarmBuilder, identify, noise, ping, tcp, yamux,
-};
+use libp2p::{Multiaddr, PeerId, StreamProtocol, SwarmBuilder, identify, noise, ping, tcp, yamux};
 
 /// What the probe learned of the remote node.
 #[derive(Debug, Clone)]
@@ -37,14 +35,20 @@ struct ProbeBehaviour {
 pub async fn probe(addr: Multiaddr, timeout: Duration) -> Result<ProbeReport, String> {
     let mut swarm = SwarmBuilder::with_new_identity()
         .with_tokio()
-        .with_tcp(tcp::Config::default(), noise::Config::new, yamux::Config::default)
+        .with_tcp(
+            tcp::Config::default(),
+            noise::Config::new,
+            yamux::Config::default,
+        )
         .map_err(|e| format!("cannot build the probe transport: {e}"))?
         .with_behaviour(|key| ProbeBehaviour {
             identify: identify::Behaviour::new(identify::Config::new(
                 "/probe/1.0.0".to_owned(),
                 key.public(),
             )),
-            ping: ping::Behaviour::new(ping::Config::new().with_interval(Duration::from_millis(200))),
+            ping: ping::Behaviour::new(
+                ping::Config::new().with_interval(Duration::from_millis(200)),
+            ),
         })
         .map_err(|e| format!("cannot build the probe behaviour: {e}"))?
         .build();
@@ -57,11 +61,9 @@ pub async fn probe(addr: Multiaddr, timeout: Duration) -> Result<ProbeReport, St
         let mut rtt: Option<Duration> = None;
         loop {
             match swarm.select_next_some().await {
-                SwarmEvent::Behaviour(ProbeBehaviourEvent::Identify(identify::Event::Received {
-                    peer_id,
-                    info,
-                    ..
-                })) => identified = Some((peer_id, info)),
+                SwarmEvent::Behaviour(ProbeBehaviourEvent::Identify(
+                    identify::Event::Received { peer_id, info, .. },
+                )) => identified = Some((peer_id, info)),
                 SwarmEvent::Behaviour(ProbeBehaviourEvent::Ping(ping::Event {
                     result: Ok(d),
                     ..

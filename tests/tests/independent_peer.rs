@@ -1,6 +1,8 @@
 //! A plain rust-libp2p peer (TCP + Noise + Yamux, nothing of ours) can dial
 //! a node, identify it and ping it.
 
+#![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)] // test code: failing loudly is the point
+
 use std::time::Duration;
 
 use ollamacron_node_core::{PROTOCOL_VERSION, agent_version};
@@ -16,7 +18,21 @@ async fn plain_libp2p_peer_identifies_and_pings_a_node() {
     assert_eq!(report.peer_id, node.peer_id());
     assert_eq!(report.protocol_version, PROTOCOL_VERSION);
     assert_eq!(report.agent_version, agent_version());
-    assert!(report.protocols.iter().any(|p| p.as_ref() == "/ipfs/ping/1.0.0"), "{:?}", report.protocols);
-    assert!(report.protocols.iter().any(|p| p.as_ref() == "/ipfs/id/1.0.0"), "{:?}", report.protocols);
+    assert!(
+        report
+            .protocols
+            .iter()
+            .any(|p| p.as_ref() == "/ipfs/ping/1.0.0"),
+        "{:?}",
+        report.protocols
+    );
+    assert!(
+        report
+            .protocols
+            .iter()
+            .any(|p| p.as_ref() == "/ipfs/id/1.0.0"),
+        "{:?}",
+        report.protocols
+    );
     node.shutdown().await.unwrap();
 }

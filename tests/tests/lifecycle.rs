@@ -1,5 +1,7 @@
 //! Identity persistence, start failures, metrics over HTTP, trimming.
 
+#![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)] // test code: failing loudly is the point
+
 use std::time::Duration;
 
 use ollamacron_config::ConfigLoader;
@@ -26,7 +28,10 @@ async fn restart_with_the_same_data_dir_keeps_the_peer_id() {
     second.shutdown().await.unwrap();
 
     let other_dir = tempfile::tempdir().unwrap();
-    let third = Node::new(config_in(other_dir.path(), &[])).start().await.unwrap();
+    let third = Node::new(config_in(other_dir.path(), &[]))
+        .start()
+        .await
+        .unwrap();
     assert_ne!(third.peer_id(), id, "a new data dir is a new identity");
     third.shutdown().await.unwrap();
 }
@@ -36,11 +41,21 @@ async fn corrupt_key_file_fails_clearly_and_is_kept() {
     let dir = tempfile::tempdir().unwrap();
     let key = dir.path().join("identity.key");
     std::fs::write(&key, b"\x08\x01\x12garbage").unwrap();
-    let err = Node::new(config_in(dir.path(), &[])).start().await.unwrap_err();
+    let err = Node::new(config_in(dir.path(), &[]))
+        .start()
+        .await
+        .unwrap_err();
     assert!(matches!(err, NodeError::Identity(_)), "{err:?}");
     let msg = err.to_string();
-    assert!(msg.contains(&key.display().to_string()) && msg.contains("corrupt"), "{msg}");
-    assert_eq!(std::fs::read(&key).unwrap(), b"\x08\x01\x12garbage", "never silently replaced");
+    assert!(
+        msg.contains(&key.display().to_string()) && msg.contains("corrupt"),
+        "{msg}"
+    );
+    assert_eq!(
+        std::fs::read(&key).unwrap(),
+        b"\x08\x01\x12garbage",
+        "never silently replaced"
+    );
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -50,7 +65,10 @@ async fn node_id_must_match_the_key() {
     let id = node.peer_id().to_string();
     node.shutdown().await.unwrap();
 
-    let ok = Node::new(config_in(dir.path(), &[("node_id", id.as_str())])).start().await.unwrap();
+    let ok = Node::new(config_in(dir.path(), &[("node_id", id.as_str())]))
+        .start()
+        .await
+        .unwrap();
     ok.shutdown().await.unwrap();
 
     let stranger = ollamacron_node_core::libp2p::PeerId::random().to_string();
@@ -95,10 +113,13 @@ async fn http_get(addr: std::net::SocketAddr, path: &str) -> (u16, String) {
     let request = format!("GET {path} HTTP/1.1\r\nHost: {addr}\r\nConnection: close\r\n\r\n");
     stream.write_all(request.as_bytes()).await.unwrap();
     let mut response = String::new();
-    tokio::time::timeout(Duration::from_secs(10), stream.read_to_string(&mut response))
-        .await
-        .unwrap()
-        .unwrap();
+    tokio::time::timeout(
+        Duration::from_secs(10),
+        stream.read_to_string(&mut response),
+    )
+    .await
+    .unwrap()
+    .unwrap();
     let status = response
         .split_whitespace()
         .nth(1)
@@ -116,7 +137,9 @@ async fn metrics_are_served_over_http_on_api_listen() {
     .await
     .unwrap();
     let peer = start(loopback_config(TCP_ONLY, &[])).await.unwrap();
-    peer.dial(node.dialable_addrs().await.unwrap().remove(0)).await.unwrap();
+    peer.dial(node.dialable_addrs().await.unwrap().remove(0))
+        .await
+        .unwrap();
     let api = node.api_addr().unwrap();
     assert!(api.ip().is_loopback());
 
@@ -147,7 +170,10 @@ async fn metrics_are_served_over_http_on_api_listen() {
     node.shutdown().await.unwrap();
     // The API closes with the node.
     eventually("the API to close", || async {
-        tokio::net::TcpStream::connect(api).await.is_err().then_some(())
+        tokio::net::TcpStream::connect(api)
+            .await
+            .is_err()
+            .then_some(())
     })
     .await
     .unwrap();
@@ -163,14 +189,21 @@ async fn api_port_in_use_is_an_error_naming_api_listen() {
     ))
     .await
     .unwrap_err();
-    assert!(err.to_string().contains("api_listen") && err.to_string().contains(&addr), "{err}");
+    assert!(
+        err.to_string().contains("api_listen") && err.to_string().contains(&addr),
+        "{err}"
+    );
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn connections_beyond_high_are_trimmed_to_low() {
     let hub = start(loopback_config(
         TCP_ONLY,
-        &[("conn_mgr_low", "1"), ("conn_mgr_high", "3"), ("conn_mgr_grace", "0s")],
+        &[
+            ("conn_mgr_low", "1"),
+            ("conn_mgr_high", "3"),
+            ("conn_mgr_grace", "0s"),
+        ],
     ))
     .await
     .unwrap();
@@ -205,7 +238,11 @@ async fn connections_beyond_high_are_trimmed_to_low() {
 async fn grace_period_protects_young_connections() {
     let hub = start(loopback_config(
         TCP_ONLY,
-        &[("conn_mgr_low", "1"), ("conn_mgr_high", "2"), ("conn_mgr_grace", "1h")],
+        &[
+            ("conn_mgr_low", "1"),
+            ("conn_mgr_high", "2"),
+            ("conn_mgr_grace", "1h"),
+        ],
     ))
     .await
     .unwrap();

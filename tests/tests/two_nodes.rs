@@ -1,6 +1,8 @@
 //! Two real nodes on 127.0.0.1: connect over TCP and over QUIC, identify
 //! each other, and shut down to `Stopped`.
 
+#![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)] // test code: failing loudly is the point
+
 use ollamacron_node_core::{NodeEvent, NodeHandle, NodeState, PROTOCOL_VERSION, agent_version};
 use ollamacron_tests::{QUIC_ONLY, TCP_ONLY, loopback_config, start, wait_for_event};
 
@@ -37,13 +39,17 @@ async fn connect_and_identify(listen: &str) {
         assert_eq!(peers[0].protocol_version.as_deref(), Some(PROTOCOL_VERSION));
         let metrics = node.metrics().await.unwrap();
         assert_eq!(metrics.peers_connected, 1);
-        assert_eq!(metrics.connections_inbound + metrics.connections_outbound, 1);
+        assert_eq!(
+            metrics.connections_inbound + metrics.connections_outbound,
+            1
+        );
     }
 
     shut_down(&b).await;
     // a sees b go away.
     wait_for_event(&mut a_events, "b disconnecting", |e| {
-        matches!(e, NodeEvent::PeerDisconnected { peer_id } if *peer_id == b.peer_id()).then_some(())
+        matches!(e, NodeEvent::PeerDisconnected { peer_id } if *peer_id == b.peer_id())
+            .then_some(())
     })
     .await
     .unwrap();
@@ -54,9 +60,11 @@ async fn shut_down(node: &NodeHandle) {
     let mut events = node.subscribe();
     node.shutdown().await.unwrap();
     assert_eq!(node.state(), NodeState::Stopped);
-    wait_for_event(&mut events, "Stopped", |e| matches!(e, NodeEvent::Stopped).then_some(()))
-        .await
-        .unwrap();
+    wait_for_event(&mut events, "Stopped", |e| {
+        matches!(e, NodeEvent::Stopped).then_some(())
+    })
+    .await
+    .unwrap();
     // A stopped node refuses commands clearly, and shutting down again is fine.
     assert!(node.connected_peers().await.is_err());
     node.shutdown().await.unwrap();
@@ -74,9 +82,13 @@ async fn two_nodes_connect_over_quic() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn tls_only_node_talks_to_noise_and_tls_node() {
-    let tls_only = start(loopback_config(TCP_ONLY, &[("enable_noise", "false")])).await.unwrap();
+    let tls_only = start(loopback_config(TCP_ONLY, &[("enable_noise", "false")]))
+        .await
+        .unwrap();
     let both = start(loopback_config(TCP_ONLY, &[])).await.unwrap();
-    let noise_only = start(loopback_config(TCP_ONLY, &[("enable_tls", "false")])).await.unwrap();
+    let noise_only = start(loopback_config(TCP_ONLY, &[("enable_tls", "false")]))
+        .await
+        .unwrap();
 
     let addr = both.dialable_addrs().await.unwrap().remove(0);
     assert_eq!(tls_only.dial(addr.clone()).await.unwrap(), both.peer_id());

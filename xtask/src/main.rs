@@ -1,1 +1,187 @@
-fn main() {}
+//! Project automation. `cargo xtask ci` runs everything CI checks.
+
+#![allow(clippy::print_stdout, clippy::print_stderr)]
+
+use std::process::{Command, ExitCode};
+use std::time::Instant;
+
+use anyhow::{Context, bail};
+use clap::{Parser, Subcommand};
+
+#[derive(Parser)]
+#[command(name = "cargo xtask", about = "Ollamacron project automation")]
+struct Cli {
+    #[command(subcommand)]
+    command: Task,
+}
+
+#[derive(Subcommand)]
+enum Task {
+    /// Everything CI checks: fmt, clippy, tests, doc tests, cargo-deny.
+    Ci {
+        /// Stop at the first failing step instead of running them all.
+        #[arg(long)]
+        fail_fast: bool,
+    },
+}
+
+fn main() -> ExitCode {
+    let cli = Cli::parse();
+    let result = match cli.command {
+        Task::Ci { fail_fast } => ci(fail_fast),
+    };
+    match result {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("xtask: {e:#}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+fn cargo() -> Command {
+    Command::new(std::env::var_os("CARGO").unwrap_or_else(|| "cargo".into()))
+}
+
+/// One CI step: a name and the command that performs it.
+struct Step {
+    name: &'static str,
+    command: Command,
+}
+
+fn step(name: &'static str, args: &[&str]) -> Step {
+    let mut command = cargo();
+    command.args(args);
+    Step { name, command }
+}
+
+fn has_cargo_subcommand(name: &str) -> bool {
+    cargo()
+        .args([name, "--version"])
+        .output()
+        .is_ok_and(|o| o.status.success())
+}
+
+fn ensure_cargo_deny() -> anyhow::Result<()> {
+    if has_cargo_subcommand("deny") {
+        return Ok(());
+    }
+    println!("==> cargo-deny is missing: installing it with `cargo install --locked cargo-deny`");
+    let status = cargo()
+        .args(["install", "--locked", "cargo-deny"])
+        .status()
+        .context("cannot run cargo install")?;
+    if !status.success() {
+        bail!("`cargo install --locked cargo-deny` failed ({status})");
+    }
+    Ok(())
+}
+
+fn ci(fail_fast: bool) -> anyhow::Result<()> {
+    let mut steps = vec![
+        step("fmt", &["fmt", "--all", "--", "--check"]),
+        step(
+            "clippy",
+            &[
+                "clippy",
+                "--workspace",
+                "--all-targets",
+                "--locked",
+                "--",
+                "-D",
+                "warnings",
+            ],
+        ),
+    ];
+    if has_cargo_subcommand("nextest") {
+        steps.push(step(
+            "tests",
+            &[
+                "nextest",
+                "run",
+                "--workspace",
+                "--locked",
+                "--profile",
+                "ci",
+            ],
+        ));
+    } else {
+        println!("==> cargo-nextest not found: running the tests with `cargo test`");
+        steps.push(step(
+            "tests",
+            &["test", "--workspace", "--all-targets", "--locked"],
+        ));
+    }
+    steps.push(step(
+        "doc tests",
+        &["test", "--workspace", "--doc", "--locked"],
+    ));
+
+    let mut failed: Vec<&str> = Vec::new();
+    let started = Instant::now();
+    for Step { name, mut command } in steps {
+        if run_step(name, &mut command) {
+            continue;
+        }
+        failed.push(name);
+        if fail_fast {
+            break;
+        }
+    }
+
+    if !fail_fast || failed.is_empty() {
+        match ensure_cargo_deny() {
+            Ok(()) => {
+                println!(
+                    "==> note: `cargo deny check advisories` is skipped: this machine cannot fetch the advisory database"
+                );
+                let mut deny = cargo();
+                deny.args(["deny", "check", "bans", "licenses", "sources"]);
+                if !run_step("cargo-deny", &mut deny) {
+                    failed.push("cargo-deny");
+                }
+            }
+            Err(e) => {
+                eprintln!("==> cargo-deny: {e:#}");
+                failed.push("cargo-deny");
+            }
+        }
+    }
+
+    let elapsed = started.elapsed().as_secs();
+    if failed.is_empty() {
+        println!("==> ci passed in {elapsed}s");
+        Ok(())
+    } else {
+        bail!(
+            "ci failed in {elapsed}s; failing steps: {}",
+            failed.join(", ")
+        )
+    }
+}
+
+fn run_step(name: &str, command: &mut Command) -> bool {
+    println!("==> {name}: {}", describe(command));
+    let started = Instant::now();
+    let ok = match command.status() {
+        Ok(status) => status.success(),
+        Err(e) => {
+            eprintln!("==> {name}: cannot run: {e}");
+            false
+        }
+    };
+    let verdict = if ok { "ok" } else { "FAILED" };
+    println!(
+        "==> {name}: {verdict} ({:.1}s)",
+        started.elapsed().as_secs_f64()
+    );
+    ok
+}
+
+fn describe(command: &Command) -> String {
+    let args: Vec<String> = command
+        .get_args()
+        .map(|a| a.to_string_lossy().into_owned())
+        .collect();
+    format!("cargo {}", args.join(" "))
+}

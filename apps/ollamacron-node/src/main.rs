@@ -26,7 +26,11 @@ const EXIT_FAILURE: u8 = 1;
 const DEFAULT_CONFIG_FILE: &str = "ollamacron.yaml";
 
 #[derive(Debug, Parser)]
-#[command(name = "ollamacron-node", version, about = "A peer-to-peer node that pools machines running Ollama")]
+#[command(
+    name = "ollamacron-node",
+    version,
+    about = "A peer-to-peer node that pools machines running Ollama"
+)]
 struct Cli {
     #[command(subcommand)]
     command: Command,
@@ -256,7 +260,9 @@ async fn shutdown_signal() -> anyhow::Result<&'static str> {
 
 #[cfg(not(unix))]
 async fn shutdown_signal() -> anyhow::Result<&'static str> {
-    tokio::signal::ctrl_c().await.context("cannot listen for Ctrl-C")?;
+    tokio::signal::ctrl_c()
+        .await
+        .context("cannot listen for Ctrl-C")?;
     Ok("Ctrl-C")
 }
 
@@ -310,7 +316,10 @@ fn init(args: &ConfigArgs, force: bool) -> anyhow::Result<()> {
     }
     std::fs::write(&path, text).with_context(|| format!("cannot write {}", path.display()))?;
     println!("wrote {}", path.display());
-    println!("start the node with: ollamacron-node run --config {}", path.display());
+    println!(
+        "start the node with: ollamacron-node run --config {}",
+        path.display()
+    );
     Ok(())
 }
 
@@ -335,9 +344,8 @@ fn print_id(args: &ConfigArgs) -> anyhow::Result<()> {
 fn check(args: &ConfigArgs) -> anyhow::Result<()> {
     let config = args.load()?;
     // The log filter is only checked here, where tracing-subscriber lives.
-    EnvFilter::try_new(&config.log_level).with_context(|| {
-        format!("log_level ({}) is not a valid log filter", config.log_level)
-    })?;
+    EnvFilter::try_new(&config.log_level)
+        .with_context(|| format!("log_level ({}) is not a valid log filter", config.log_level))?;
     print!("{}", config.to_yaml()?);
     println!(
         "# configuration is valid; identity key: {}",

@@ -1,5 +1,7 @@
 //! The `ollamacron-node` binary as a user runs it.
 
+#![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)] // test code: failing loudly is the point
+
 use std::io::{BufRead, BufReader};
 use std::path::Path;
 use std::process::{Child, Command, Output, Stdio};
@@ -63,10 +65,18 @@ fn init_writes_a_valid_file_and_refuses_to_overwrite() {
 
     let again = node(&["init", "--config", p], dir.path());
     assert!(!again.status.success());
-    assert!(text(&again.stderr).contains("already exists; pass --force"), "{}", text(&again.stderr));
+    assert!(
+        text(&again.stderr).contains("already exists; pass --force"),
+        "{}",
+        text(&again.stderr)
+    );
     assert_eq!(std::fs::read_to_string(&path).unwrap(), written);
 
-    assert!(node(&["init", "--config", p, "--force"], dir.path()).status.success());
+    assert!(
+        node(&["init", "--config", p, "--force"], dir.path())
+            .status
+            .success()
+    );
 
     let check = node(&["config", "check", p], dir.path());
     assert!(check.status.success(), "{}", text(&check.stderr));
@@ -90,18 +100,34 @@ fn config_check_names_what_is_wrong_and_exits_2() {
     std::fs::write(&path, "enable_mnds: true\n").unwrap();
     let out = node(&["config", "check", path.to_str().unwrap()], dir.path());
     assert_eq!(out.status.code(), Some(2));
-    assert!(text(&out.stderr).contains("did you mean `enable_mdns`"), "{}", text(&out.stderr));
+    assert!(
+        text(&out.stderr).contains("did you mean `enable_mdns`"),
+        "{}",
+        text(&out.stderr)
+    );
 
     let out = node(&["config", "check", "--set", "max_cpu=lots"], dir.path());
     assert_eq!(out.status.code(), Some(2));
-    assert!(text(&out.stderr).contains("max_cpu"), "{}", text(&out.stderr));
+    assert!(
+        text(&out.stderr).contains("max_cpu"),
+        "{}",
+        text(&out.stderr)
+    );
 
     let out = node(&["config", "check", "--set", "log_level=[["], dir.path());
     assert_eq!(out.status.code(), Some(2));
-    assert!(text(&out.stderr).contains("log_level"), "{}", text(&out.stderr));
+    assert!(
+        text(&out.stderr).contains("log_level"),
+        "{}",
+        text(&out.stderr)
+    );
 
     let out = node(&["run", "--set", "conn_mgr_high=0"], dir.path());
-    assert_eq!(out.status.code(), Some(2), "run refuses a bad config before starting");
+    assert_eq!(
+        out.status.code(),
+        Some(2),
+        "run refuses a bad config before starting"
+    );
 }
 
 struct Running {
@@ -175,9 +201,15 @@ fn wait_exit(child: &mut Child) -> std::process::ExitStatus {
 #[test]
 fn run_logs_its_addresses_and_exits_0_on_sigterm() {
     let dir = tempfile::tempdir().unwrap();
-    let id = text(&node(&["id", "--data-dir", dir.path().to_str().unwrap()], dir.path()).stdout)
-        .trim()
-        .to_owned();
+    let id = text(
+        &node(
+            &["id", "--data-dir", dir.path().to_str().unwrap()],
+            dir.path(),
+        )
+        .stdout,
+    )
+    .trim()
+    .to_owned();
 
     let mut running = spawn_run(dir.path());
     let listening = running.wait_for_line("listening");
@@ -185,7 +217,10 @@ fn run_logs_its_addresses_and_exits_0_on_sigterm() {
         listening.contains("/ip4/127.0.0.1/tcp/") && listening.contains(&format!("/p2p/{id}")),
         "{listening}"
     );
-    assert!(!listening.contains('\u{1b}'), "no colour codes when not on a terminal");
+    assert!(
+        !listening.contains('\u{1b}'),
+        "no colour codes when not on a terminal"
+    );
     running.wait_for_line("node running");
 
     let kill = Command::new("kill")

@@ -1,28 +1,4 @@
-//! `NodeConfig`: everything an `ollamacron-node` is told, from one place.
-//!
-//! Values come from four layers, later ones winning: built-in defaults, a
-//! YAML file, `OLLAMACRON_*` environment variables and command-line
-//! overrides. [`ConfigLoader`] merges them, names the layer and the field of
-//! anything it cannot read, and [`NodeConfig::validate`] checks the result
-//! before anything starts.
-//!
-//! ```
-//! use ollamacron_config::{ConfigLoader, NodeConfig};
-//!
-//! let yaml = "conn_mgr_low: 10\nconn_mgr_high: 20\nconn_mgr_grace: 45s\n";
-//! let config = ConfigLoader::new()
-//!     .yaml_str("example.yaml", yaml)
-//!     .env([("OLLAMACRON_CONN_MGR_HIGH", "30")])
-//!     .set("enable_mdns", "false")
-//!     .load()?;
-//!
-//! assert_eq!(config.conn_mgr_low, 10);
-//! assert_eq!(config.conn_mgr_high, 30); // the environment beats the file
-//! assert_eq!(config.conn_mgr_grace, std::time::Duration::from_secs(45));
-//! assert!(!config.enable_mdns); // an override beats everything
-//! assert_eq!(NodeConfig::default().conn_mgr_high, 400);
-//! # Ok::<(), ollamacron_config::ConfigError>(())
-//! ```
+#![doc = include_str!("../README.md")]
 
 mod load;
 mod size;
@@ -40,8 +16,8 @@ pub use load::{ConfigError, ConfigLoader, ENV_PREFIX, Origin, RESERVED_ENV_VARS}
 pub use size::{ByteSize, ByteSizeParseError};
 pub use template::{default_config_yaml, field_docs};
 pub use validate::{
-    MAX_CPU_CORES, MAX_LABEL_BYTES, MAX_SHUTDOWN_TIMEOUT, MAX_TAGS, MIN_MAX_MEMORY, MIN_PROBE_INTERVAL,
-    ValidationError,
+    MAX_CPU_CORES, MAX_LABEL_BYTES, MAX_SHUTDOWN_TIMEOUT, MAX_TAGS, MIN_MAX_MEMORY,
+    MIN_PROBE_INTERVAL, ValidationError,
 };
 
 /// The TCP and UDP port a node listens on by default.

@@ -136,7 +136,7 @@ impl FromStr for ByteSize {
 impl fmt::Display for ByteSize {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         for (name, unit) in DISPLAY_UNITS {
-            if self.0 != 0 && self.0 % unit == 0 {
+            if self.0 != 0 && self.0.is_multiple_of(*unit) {
                 return write!(f, "{}{name}", self.0 / unit);
             }
         }
@@ -192,10 +192,16 @@ mod tests {
     #[test]
     fn rejects_garbage_with_reason() {
         let e = "12 parsecs".parse::<ByteSize>().unwrap_err().to_string();
-        assert!(e.contains("12 parsecs") && e.contains("unknown unit"), "{e}");
+        assert!(
+            e.contains("12 parsecs") && e.contains("unknown unit"),
+            "{e}"
+        );
         let e = "MiB".parse::<ByteSize>().unwrap_err().to_string();
         assert!(e.contains("does not start with a number"), "{e}");
-        let e = "99999999999TiB".parse::<ByteSize>().unwrap_err().to_string();
+        let e = "99999999999TiB"
+            .parse::<ByteSize>()
+            .unwrap_err()
+            .to_string();
         assert!(e.contains("too large"), "{e}");
         assert!("1.2.3MiB".parse::<ByteSize>().is_err());
         assert!(".".parse::<ByteSize>().is_err());

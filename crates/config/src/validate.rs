@@ -61,7 +61,9 @@ impl NodeConfig {
             fail(
                 "node_id",
                 id,
-                format!("is not a peer id ({e}); use the base58 id `ollamacron-node id` prints, or leave it unset"),
+                format!(
+                    "is not a peer id ({e}); use the base58 id `ollamacron-node id` prints, or leave it unset"
+                ),
             );
         }
 
@@ -70,7 +72,10 @@ impl NodeConfig {
                 fail(&format!("listen[{i}]"), addr, rule);
             }
         }
-        for (name, list) in [("bootstrap", &self.bootstrap), ("relay_nodes", &self.relay_nodes)] {
+        for (name, list) in [
+            ("bootstrap", &self.bootstrap),
+            ("relay_nodes", &self.relay_nodes),
+        ] {
             for (i, addr) in list.iter().enumerate() {
                 if let Err(rule) = check_peer_addr(addr) {
                     fail(&format!("{name}[{i}]"), addr, rule);
@@ -217,13 +222,15 @@ fn check_listen_addr(addr: &Multiaddr, websocket: bool) -> Result<(), String> {
         _ => return Err(format!("must start with /ip4 or /ip6; {ALLOWED}")),
     }
     match (it.next(), it.next(), it.next()) {
-        (Some(Protocol::Tcp(_)), None, None) => Ok(()),
-        (Some(Protocol::Udp(_)), Some(Protocol::QuicV1), None) => Ok(()),
+        (Some(Protocol::Tcp(_)), None, None)
+        | (Some(Protocol::Udp(_)), Some(Protocol::QuicV1), None) => Ok(()),
         (Some(Protocol::Tcp(_)), Some(Protocol::Ws(_)), None) if websocket => Ok(()),
         (Some(Protocol::Tcp(_)), Some(Protocol::Ws(_)), None) => {
             Err("is a WebSocket address but enable_websocket is false".to_owned())
         }
-        _ => Err(format!("is not a transport this node listens on; {ALLOWED}")),
+        _ => Err(format!(
+            "is not a transport this node listens on; {ALLOWED}"
+        )),
     }
 }
 

@@ -1,5 +1,7 @@
 //! Layering, error messages and validation rules of `NodeConfig`.
 
+#![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)] // test code: failing loudly is the point
+
 use std::time::Duration;
 
 use ollamacron_config::{
@@ -55,8 +57,16 @@ fn precedence_is_defaults_file_env_override() {
         .unwrap();
     assert_eq!(config.conn_mgr_low, 10, "file beats default");
     assert_eq!(config.conn_mgr_high, 30, "env beats file");
-    assert_eq!(config.region.as_deref(), Some("from-cli"), "override beats env");
-    assert_eq!(config.tags, ["x", "y", "z"], "env lists are comma-separated");
+    assert_eq!(
+        config.region.as_deref(),
+        Some("from-cli"),
+        "override beats env"
+    );
+    assert_eq!(
+        config.tags,
+        ["x", "y", "z"],
+        "env lists are comma-separated"
+    );
     assert_eq!(config.conn_mgr_grace, NodeConfig::default().conn_mgr_grace);
 }
 
@@ -101,7 +111,10 @@ fn unknown_file_key_names_it_and_the_closest_known_one() {
     let err = load_yaml("completely_unrelated_thing: 1\n")
         .unwrap_err()
         .to_string();
-    assert!(err.contains("completely_unrelated_thing") && !err.contains("did you mean"), "{err}");
+    assert!(
+        err.contains("completely_unrelated_thing") && !err.contains("did you mean"),
+        "{err}"
+    );
 }
 
 #[test]
@@ -112,7 +125,10 @@ fn unknown_env_and_override_keys_are_errors_too() {
         .unwrap_err()
         .to_string();
     assert!(err.contains("OLLAMACRON_CONN_MGR_HIHG"), "{err}");
-    assert!(err.contains("did you mean `OLLAMACRON_CONN_MGR_HIGH`"), "{err}");
+    assert!(
+        err.contains("did you mean `OLLAMACRON_CONN_MGR_HIGH`"),
+        "{err}"
+    );
 
     let err = ConfigLoader::new()
         .set("listn", "/ip4/127.0.0.1/tcp/0")
@@ -130,23 +146,35 @@ fn bad_values_name_field_value_and_origin() {
     assert!(err.contains("config file test.yaml"), "{err}");
 
     let err = value_error("conn_mgr_grace: soon\n");
-    assert!(err.contains("conn_mgr_grace") && err.contains("`soon` is not a duration"), "{err}");
+    assert!(
+        err.contains("conn_mgr_grace") && err.contains("`soon` is not a duration"),
+        "{err}"
+    );
 
     let err = value_error("max_memory: 12 parsecs\n");
-    assert!(err.contains("max_memory") && err.contains("unknown unit"), "{err}");
+    assert!(
+        err.contains("max_memory") && err.contains("unknown unit"),
+        "{err}"
+    );
 
     let err = value_error("conn_mgr_low: -3\n");
     assert!(err.contains("conn_mgr_low"), "{err}");
 
     let err = value_error("force_reachability: sometimes\n");
-    assert!(err.contains("force_reachability") && err.contains("public"), "{err}");
+    assert!(
+        err.contains("force_reachability") && err.contains("public"),
+        "{err}"
+    );
 
     let err = ConfigLoader::new()
         .env([("OLLAMACRON_ENABLE_DHT", "maybe")])
         .load()
         .unwrap_err()
         .to_string();
-    assert!(err.contains("enable_dht") && err.contains("OLLAMACRON_ENABLE_DHT"), "{err}");
+    assert!(
+        err.contains("enable_dht") && err.contains("OLLAMACRON_ENABLE_DHT"),
+        "{err}"
+    );
 }
 
 #[test]
@@ -154,8 +182,15 @@ fn malformed_yaml_and_non_mappings_are_named() {
     let err = load_yaml("listen: [unclosed\n").unwrap_err().to_string();
     assert!(err.contains("test.yaml is not valid YAML"), "{err}");
     let err = load_yaml("- just\n- a list\n").unwrap_err().to_string();
-    assert!(err.contains("must be a mapping") && err.contains("a list"), "{err}");
-    assert_eq!(load_yaml("").unwrap(), NodeConfig::default(), "empty file is fine");
+    assert!(
+        err.contains("must be a mapping") && err.contains("a list"),
+        "{err}"
+    );
+    assert_eq!(
+        load_yaml("").unwrap(),
+        NodeConfig::default(),
+        "empty file is fine"
+    );
 }
 
 #[test]
@@ -165,7 +200,10 @@ fn missing_file_is_a_read_error_with_the_path() {
         .load()
         .unwrap_err()
         .to_string();
-    assert!(err.contains("cannot read config file /nonexistent/ollamacron.yaml"), "{err}");
+    assert!(
+        err.contains("cannot read config file /nonexistent/ollamacron.yaml"),
+        "{err}"
+    );
 }
 
 #[test]
@@ -180,7 +218,10 @@ fn oversized_file_is_refused() {
 #[test]
 fn rule_conn_mgr_low_not_above_high() {
     let errors = rule_errors("conn_mgr_low: 900\nconn_mgr_high: 400\n");
-    assert_eq!(errors, ["conn_mgr_low (900) must be <= conn_mgr_high (400)"]);
+    assert_eq!(
+        errors,
+        ["conn_mgr_low (900) must be <= conn_mgr_high (400)"]
+    );
     let errors = rule_errors("conn_mgr_low: 0\nconn_mgr_high: 0\n");
     assert_eq!(errors, ["conn_mgr_high (0) must be at least 1"]);
 }
@@ -189,7 +230,10 @@ fn rule_conn_mgr_low_not_above_high() {
 fn rule_some_tcp_security() {
     let errors = rule_errors("enable_tls: false\nenable_noise: false\n");
     assert_eq!(errors.len(), 1);
-    assert!(errors[0].contains("enable_noise") && errors[0].contains("enable_tls"), "{errors:?}");
+    assert!(
+        errors[0].contains("enable_noise") && errors[0].contains("enable_tls"),
+        "{errors:?}"
+    );
     load_yaml("enable_tls: false\n").unwrap();
     load_yaml("enable_noise: false\n").unwrap();
 }
@@ -201,8 +245,15 @@ fn rule_bootstrap_and_relays_need_peer_ids() {
     );
     let errors = rule_errors(&yaml);
     assert_eq!(errors.len(), 3, "{errors:?}");
-    assert!(errors[0].starts_with("bootstrap[0] (/ip4/192.0.2.1/tcp/11436) must end with /p2p/<peer id>"), "{errors:?}");
-    assert!(errors[1].starts_with("bootstrap[2]") && errors[1].contains("must start with"), "{errors:?}");
+    assert!(
+        errors[0]
+            .starts_with("bootstrap[0] (/ip4/192.0.2.1/tcp/11436) must end with /p2p/<peer id>"),
+        "{errors:?}"
+    );
+    assert!(
+        errors[1].starts_with("bootstrap[2]") && errors[1].contains("must start with"),
+        "{errors:?}"
+    );
     assert!(errors[2].starts_with("relay_nodes[0]"), "{errors:?}");
 }
 
@@ -212,9 +263,18 @@ fn rule_listen_addresses_are_transports_we_serve() {
         "listen: [/ip4/0.0.0.0/udp/1, /dns4/example.com/tcp/1, /ip4/0.0.0.0/tcp/1/ws, /ip4/0.0.0.0/tcp/1/p2p/12D3KooWD3eckifWpRn9wQpMG9R9hX3sD158z7EqHWmweQAJU5SA]\n",
     );
     assert_eq!(errors.len(), 4, "{errors:?}");
-    assert!(errors[0].starts_with("listen[0] (/ip4/0.0.0.0/udp/1) is not a transport"), "{errors:?}");
-    assert!(errors[1].starts_with("listen[1]") && errors[1].contains("/ip4 or /ip6"), "{errors:?}");
-    assert!(errors[2].contains("enable_websocket is false"), "{errors:?}");
+    assert!(
+        errors[0].starts_with("listen[0] (/ip4/0.0.0.0/udp/1) is not a transport"),
+        "{errors:?}"
+    );
+    assert!(
+        errors[1].starts_with("listen[1]") && errors[1].contains("/ip4 or /ip6"),
+        "{errors:?}"
+    );
+    assert!(
+        errors[2].contains("enable_websocket is false"),
+        "{errors:?}"
+    );
     assert!(errors[3].starts_with("listen[3]"), "{errors:?}");
     load_yaml("enable_websocket: true\nlisten: [/ip4/0.0.0.0/tcp/1/ws, /ip6/::1/udp/0/quic-v1]\n")
         .unwrap();
@@ -223,7 +283,10 @@ fn rule_listen_addresses_are_transports_we_serve() {
 #[test]
 fn rule_node_id_is_a_peer_id() {
     let errors = rule_errors("node_id: bob\n");
-    assert!(errors[0].starts_with("node_id (bob) is not a peer id"), "{errors:?}");
+    assert!(
+        errors[0].starts_with("node_id (bob) is not a peer id"),
+        "{errors:?}"
+    );
     let config = load_yaml(&format!("node_id: {PEER}\n")).unwrap();
     assert_eq!(config.expected_peer_id().unwrap().to_string(), PEER);
 }
@@ -253,11 +316,20 @@ fn rule_labels() {
     let many: Vec<String> = (0..33).map(|i| format!("t{i}")).collect();
     let yaml = format!("region: {long}\ntags: [{}]\n", many.join(", "));
     let errors = rule_errors(&yaml);
-    assert!(errors[0].starts_with("region (xxx") && errors[0].contains("1 to 64 bytes"), "{errors:?}");
-    assert!(errors[1].starts_with("tags (33 tags) must hold at most 32"), "{errors:?}");
+    assert!(
+        errors[0].starts_with("region (xxx") && errors[0].contains("1 to 64 bytes"),
+        "{errors:?}"
+    );
+    assert!(
+        errors[1].starts_with("tags (33 tags) must hold at most 32"),
+        "{errors:?}"
+    );
     let errors = rule_errors("tags: [ok, \"\", \"bad\\u0007\"]\n");
     assert_eq!(errors.len(), 2, "{errors:?}");
-    assert!(errors[0].starts_with("tags[1]") && errors[1].starts_with("tags[2]"), "{errors:?}");
+    assert!(
+        errors[0].starts_with("tags[1]") && errors[1].starts_with("tags[2]"),
+        "{errors:?}"
+    );
 }
 
 #[test]
@@ -266,9 +338,18 @@ fn rule_durations() {
         "ping_interval: 10ms\nidle_connection_timeout: 0s\nshutdown_timeout: 1h\nlog_level: \" \"\n",
     );
     assert_eq!(errors.len(), 4, "{errors:?}");
-    assert!(errors[0].starts_with("ping_interval (10ms) must be at least 1s"), "{errors:?}");
-    assert!(errors[1].starts_with("idle_connection_timeout"), "{errors:?}");
-    assert!(errors[2].starts_with("shutdown_timeout (1h) must be at most 10m"), "{errors:?}");
+    assert!(
+        errors[0].starts_with("ping_interval (10ms) must be at least 1s"),
+        "{errors:?}"
+    );
+    assert!(
+        errors[1].starts_with("idle_connection_timeout"),
+        "{errors:?}"
+    );
+    assert!(
+        errors[2].starts_with("shutdown_timeout (1h) must be at most 10m"),
+        "{errors:?}"
+    );
     assert!(errors[3].starts_with("log_level"), "{errors:?}");
 }
 
@@ -285,23 +366,31 @@ fn generated_default_file_round_trips_and_documents_every_field() {
 
     let defaults = serde_yaml_ng_keys(&NodeConfig::default());
     let documented: Vec<String> = field_docs().map(|(k, _)| k.to_owned()).collect();
-    assert_eq!(documented, defaults, "every field documented, in declaration order");
+    assert_eq!(
+        documented, defaults,
+        "every field documented, in declaration order"
+    );
     for key in &defaults {
-        assert!(text.contains(&format!("{key}:")), "{key} missing from the file");
+        assert!(
+            text.contains(&format!("{key}:")),
+            "{key} missing from the file"
+        );
     }
 }
 
 #[test]
 fn a_full_config_serialises_and_reloads_unchanged() {
-    let mut config = NodeConfig::default();
-    config.node_id = Some(PEER.to_owned());
-    config.region = Some("eu-west".to_owned());
-    config.tags = vec!["gpu".to_owned()];
-    config.max_memory = Some(ByteSize::from_mib(256));
-    config.max_cpu = Some(2);
-    config.force_reachability = Some(Reachability::Public);
-    config.conn_mgr_grace = Duration::from_millis(1500);
-    config.bootstrap = vec![format!("/ip4/192.0.2.1/tcp/1/p2p/{PEER}").parse().unwrap()];
+    let config = NodeConfig {
+        node_id: Some(PEER.to_owned()),
+        region: Some("eu-west".to_owned()),
+        tags: vec!["gpu".to_owned()],
+        max_memory: Some(ByteSize::from_mib(256)),
+        max_cpu: Some(2),
+        force_reachability: Some(Reachability::Public),
+        conn_mgr_grace: Duration::from_millis(1500),
+        bootstrap: vec![format!("/ip4/192.0.2.1/tcp/1/p2p/{PEER}").parse().unwrap()],
+        ..NodeConfig::default()
+    };
     let yaml = config.to_yaml().unwrap();
     assert_eq!(load_yaml(&yaml).unwrap(), config);
 }
@@ -320,14 +409,20 @@ fn committed_example_matches_the_generator() {
 #[test]
 fn paths_derive_from_data_dir() {
     let config = load_yaml("data_dir: /srv/oc\n").unwrap();
-    assert_eq!(config.private_key_path(), std::path::Path::new("/srv/oc/identity.key"));
+    assert_eq!(
+        config.private_key_path(),
+        std::path::Path::new("/srv/oc/identity.key")
+    );
     let config = load_yaml("data_dir: /srv/oc\nprivate_key_path: /k\n").unwrap();
     assert_eq!(config.private_key_path(), std::path::Path::new("/k"));
 }
 
 #[test]
 fn origin_is_reported_for_overrides() {
-    let err = ConfigLoader::new().set("conn_mgr_low", "many").load().unwrap_err();
+    let err = ConfigLoader::new()
+        .set("conn_mgr_low", "many")
+        .load()
+        .unwrap_err();
     match err {
         ConfigError::InvalidValue { field, origin, .. } => {
             assert_eq!(field, "conn_mgr_low");

@@ -3,7 +3,7 @@
 use std::net::SocketAddr;
 use std::path::PathBuf;
 
-use libp2p::{Multiaddr, PeerId};
+use libp2p::Multiaddr;
 
 use crate::state::StateError;
 
@@ -19,9 +19,9 @@ pub enum NodeError {
         /// The key file.
         path: PathBuf,
         /// `node_id` from the configuration.
-        expected: PeerId,
+        expected: String,
         /// The key's peer id.
-        actual: PeerId,
+        actual: String,
     },
     /// The transport could not be built.
     #[error("cannot build the {what} transport: {reason}")]

@@ -191,7 +191,10 @@ mod tests {
         let err = load_or_create_identity(&path).unwrap_err();
         assert!(matches!(err, IdentityError::Corrupt { .. }), "{err}");
         let msg = err.to_string();
-        assert!(msg.contains("identity.key") && msg.contains("corrupt"), "{msg}");
+        assert!(
+            msg.contains("identity.key") && msg.contains("corrupt"),
+            "{msg}"
+        );
         assert_eq!(std::fs::read(&path).unwrap(), b"definitely not a key");
 
         std::fs::write(&path, vec![0u8; 64 * 1024]).unwrap();
@@ -207,6 +210,12 @@ mod tests {
         let blocker = dir.path().join("file");
         std::fs::write(&blocker, b"x").unwrap();
         let err = load_or_create_identity(&blocker.join("identity.key")).unwrap_err();
-        assert!(matches!(err, IdentityError::Read { .. } | IdentityError::Write { .. }), "{err}");
+        assert!(
+            matches!(
+                err,
+                IdentityError::Read { .. } | IdentityError::Write { .. }
+            ),
+            "{err}"
+        );
     }
 }

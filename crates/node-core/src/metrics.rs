@@ -52,9 +52,17 @@ impl NodeMetrics {
             connections.clone(),
         );
         let peers = Gauge::default();
-        ours.register("peers_connected", "Peers with at least one connection", peers.clone());
+        ours.register(
+            "peers_connected",
+            "Peers with at least one connection",
+            peers.clone(),
+        );
         let state = Family::<StateLabel, Gauge>::default();
-        ours.register("node_state", "1 for the node's current lifecycle state", state.clone());
+        ours.register(
+            "node_state",
+            "1 for the node's current lifecycle state",
+            state.clone(),
+        );
         let trimmed = Counter::default();
         ours.register(
             "connections_trimmed",
@@ -62,14 +70,22 @@ impl NodeMetrics {
             trimmed.clone(),
         );
         let uptime = Gauge::<f64, AtomicU64>::default();
-        ours.register("uptime_seconds", "Seconds since the node started", uptime.clone());
+        ours.register(
+            "uptime_seconds",
+            "Seconds since the node started",
+            uptime.clone(),
+        );
         let build = Family::<VersionLabel, Gauge>::default();
         build
             .get_or_create(&VersionLabel {
                 version: env!("CARGO_PKG_VERSION"),
             })
             .set(1);
-        ours.register("build_info", "Version of this node (value is always 1)", build);
+        ours.register(
+            "build_info",
+            "Version of this node (value is always 1)",
+            build,
+        );
 
         Self {
             libp2p,
@@ -103,7 +119,8 @@ impl NodeMetrics {
     }
 
     pub(crate) fn add_trimmed(&self, count: usize) {
-        self.trimmed.inc_by(u64::try_from(count).unwrap_or(u64::MAX));
+        self.trimmed
+            .inc_by(u64::try_from(count).unwrap_or(u64::MAX));
     }
 }
 

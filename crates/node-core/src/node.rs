@@ -7,13 +7,13 @@ use std::time::{Duration, Instant};
 
 use futures::StreamExt;
 use libp2p::core::ConnectedPoint;
+use libp2p::core::transport::ListenerId;
 use libp2p::identity::Keypair;
+use libp2p::metrics::{Recorder, Registry};
 use libp2p::multiaddr::Protocol;
 use libp2p::swarm::dial_opts::{DialOpts, PeerCondition};
-use libp2p::core::transport::ListenerId;
 use libp2p::swarm::{ConnectionId, DialError, SwarmEvent};
 use libp2p::{Multiaddr, PeerId, Swarm, identify, ping};
-use libp2p::metrics::{Recorder, Registry};
 use ollamacron_config::NodeConfig;
 use serde::Serialize;
 use tokio::sync::{broadcast, mpsc, oneshot, watch};
@@ -88,14 +88,15 @@ impl Node {
             Some(k) => k,
             None => {
                 let path = self.config.private_key_path();
-                let (keypair, _created) = load_or_create_identity(&path).map_err(|e| fail(e.into()))?;
+                let (keypair, _created) =
+                    load_or_create_identity(&path).map_err(|e| fail(e.into()))?;
                 if let Some(expected) = self.config.expected_peer_id() {
                     let actual = keypair.public().to_peer_id();
                     if actual != expected {
                         return Err(fail(NodeError::WrongIdentity {
                             path,
-                            expected,
-                            actual,
+                            expected: expected.to_string(),
+                            actual: actual.to_string(),
                         }));
                     }
                 }
@@ -301,7 +302,10 @@ impl NodeHandle {
         self.metrics.encode()
     }
 
-    async fn request<T>(&self, make: impl FnOnce(oneshot::Sender<T>) -> Command) -> Result<T, NodeError> {
+    async fn request<T>(
+        &self,
+        make: impl FnOnce(oneshot::Sender<T>) -> Command,
+    ) -> Result<T, NodeError> {
         let (reply, response) = oneshot::channel();
         self.commands
             .send(make(reply))
@@ -348,7 +352,8 @@ impl NodeHandle {
     /// # Errors
     /// [`NodeError::NotRunning`] once the node has stopped.
     pub async fn connected_peers(&self) -> Result<Vec<ConnectedPeer>, NodeError> {
-        self.request(|reply| Command::ConnectedPeers { reply }).await
+        self.request(|reply| Command::ConnectedPeers { reply })
+            .await
     }
 
     /// A summary of the node's counters.
@@ -584,8 +589,11 @@ impl SwarmTask {
 
     fn update_connection_gauges(&self) {
         for direction in [Direction::Inbound, Direction::Outbound] {
-            self.metrics
-                .set_connections(direction, self.count_direction(direction), self.peers.len());
+            self.metrics.set_connections(
+                direction,
+                self.count_direction(direction),
+                self.peers.len(),
+            );
         }
     }
 
@@ -659,7 +667,10 @@ impl SwarmTask {
                 self.emit(NodeEvent::ListenAddrRemoved { addr: address });
             }
             SwarmEvent::ListenerError { listener_id, error } => {
-                let addr = self.listeners.get(&listener_id).map(|l| l.configured.clone());
+                let addr = self
+                    .listeners
+                    .get(&listener_id)
+                    .map(|l| l.configured.clone());
                 tracing::warn!(listener = ?addr, error = %error_chain(&error), "listener error");
             }
             SwarmEvent::ListenerClosed {
@@ -693,7 +704,9 @@ impl SwarmTask {
                 ..
             } => {
                 let (remote, direction) = match &endpoint {
-                    ConnectedPoint::Dialer { address, .. } => (address.clone(), Direction::Outbound),
+                    ConnectedPoint::Dialer { address, .. } => {
+                        (address.clone(), Direction::Outbound)
+                    }
                     ConnectedPoint::Listener { send_back_addr, .. } => {
                         (send_back_addr.clone(), Direction::Inbound)
                     }

@@ -130,6 +130,9 @@ mod tests {
             }
         }
         let err = Stopped.transition(Running).unwrap_err();
-        assert_eq!(err.to_string(), "illegal node state transition stopped -> running");
+        assert_eq!(
+            err.to_string(),
+            "illegal node state transition stopped -> running"
+        );
     }
 }

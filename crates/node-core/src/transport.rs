@@ -34,11 +34,7 @@ pub(crate) fn build_transport(
     registry: &mut Registry,
 ) -> Result<NodeTransport, NodeError> {
     let tcp_config = tcp::Config::default().nodelay(true);
-    let tcp = secure_and_multiplex(
-        tcp::tokio::Transport::new(tcp_config.clone()),
-        key,
-        config,
-    )?;
+    let tcp = secure_and_multiplex(tcp::tokio::Transport::new(tcp_config.clone()), key, config)?;
     let tcp = if config.enable_websocket {
         let ws = websocket::Config::new(tcp::tokio::Transport::new(tcp_config));
         let ws = secure_and_multiplex(ws, key, config)?;
@@ -169,9 +165,7 @@ where
         let factor: Factored<TA, TB> = future::Either::factor_first;
         match info {
             Either::Left(info) => EitherFuture::First(self.0.upgrade_inbound(socket, info)),
-            Either::Right(info) => {
-                EitherFuture::Second(self.1.upgrade_inbound(socket, info))
-            }
+            Either::Right(info) => EitherFuture::Second(self.1.upgrade_inbound(socket, info)),
         }
         .map_ok(factor)
     }
@@ -189,12 +183,8 @@ where
     fn upgrade_outbound(self, socket: C, info: Self::Info) -> Self::Future {
         let factor: Factored<TA, TB> = future::Either::factor_first;
         match info {
-            Either::Left(info) => {
-                EitherFuture::First(self.0.upgrade_outbound(socket, info))
-            }
-            Either::Right(info) => {
-                EitherFuture::Second(self.1.upgrade_outbound(socket, info))
-            }
+            Either::Left(info) => EitherFuture::First(self.0.upgrade_outbound(socket, info)),
+            Either::Right(info) => EitherFuture::Second(self.1.upgrade_outbound(socket, info)),
         }
         .map_ok(factor)
     }

@@ -87,7 +87,9 @@ mod tests {
     #[test]
     fn below_high_nothing_is_trimmed() {
         let now = Instant::now() + Duration::from_secs(1000);
-        let conns: Vec<_> = (0..4).map(|i| conn(i, PeerId::random(), 100, now, false)).collect();
+        let conns: Vec<_> = (0..4)
+            .map(|i| conn(i, PeerId::random(), 100, now, false))
+            .collect();
         assert!(policy(1, 5, 0).select(&conns, now).is_empty());
     }
 
@@ -98,8 +100,8 @@ mod tests {
             conn(0, PeerId::random(), 500, now, false), // oldest: kept
             conn(1, PeerId::random(), 300, now, false),
             conn(2, PeerId::random(), 200, now, false),
-            conn(3, PeerId::random(), 5, now, false),   // in grace
-            conn(4, PeerId::random(), 100, now, true),  // protected
+            conn(3, PeerId::random(), 5, now, false), // in grace
+            conn(4, PeerId::random(), 100, now, true), // protected
         ];
         let chosen = policy(2, 5, 30).select(&conns, now);
         let ids: Vec<_> = conns.iter().map(|c| c.id).collect();
@@ -109,7 +111,9 @@ mod tests {
     #[test]
     fn grace_can_leave_more_than_low() {
         let now = Instant::now() + Duration::from_secs(1000);
-        let conns: Vec<_> = (0..5).map(|i| conn(i, PeerId::random(), 1, now, false)).collect();
+        let conns: Vec<_> = (0..5)
+            .map(|i| conn(i, PeerId::random(), 1, now, false))
+            .collect();
         assert!(policy(1, 5, 60).select(&conns, now).is_empty());
     }
 
