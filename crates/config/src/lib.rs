@@ -16,8 +16,8 @@ pub use load::{ConfigError, ConfigLoader, ENV_PREFIX, Origin, RESERVED_ENV_VARS}
 pub use size::{ByteSize, ByteSizeParseError};
 pub use template::{default_config_yaml, field_docs};
 pub use validate::{
-    MAX_CPU_CORES, MAX_LABEL_BYTES, MAX_SHUTDOWN_TIMEOUT, MAX_TAGS, MIN_MAX_MEMORY,
-    MIN_PROBE_INTERVAL, ValidationError,
+    MAX_CPU_CORES, MAX_DHT_VALUE_SIZE, MAX_LABEL_BYTES, MAX_SHUTDOWN_TIMEOUT, MAX_TAGS,
+    MIN_DHT_VALUE_SIZE, MIN_MAX_MEMORY, MIN_PROBE_INTERVAL, MIN_TIMER_INTERVAL, ValidationError,
 };
 
 /// The TCP and UDP port a node listens on by default.
@@ -51,13 +51,49 @@ pub struct NodeConfig {
     /// Bootstrap peers, each a multiaddr ending in `/p2p/<peer id>`.
     #[serde(deserialize_with = "multiaddrs::deserialize")]
     pub bootstrap: Vec<Multiaddr>,
+    /// Keep at least this many bootstrap peers connected.
+    pub bootstrap_min_connections: u32,
+    /// Dial no more bootstrap peers once this many are connected.
+    pub bootstrap_max_connections: u32,
+    /// How often the bootstrap connections are checked.
+    #[serde(with = "duration")]
+    pub bootstrap_check_interval: Duration,
+    /// First retry delay after a failed bootstrap dial (doubles per failure, with jitter).
+    #[serde(with = "duration")]
+    pub bootstrap_backoff_initial: Duration,
+    /// Longest retry delay for an unreachable bootstrap peer.
+    #[serde(with = "duration")]
+    pub bootstrap_backoff_max: Duration,
     /// Relay peers for NAT traversal, each ending in `/p2p/<peer id>`.
     #[serde(deserialize_with = "multiaddrs::deserialize")]
     pub relay_nodes: Vec<Multiaddr>,
     /// Discover peers on the local network with mDNS.
     pub enable_mdns: bool,
+    /// Interval of mDNS queries.
+    #[serde(with = "duration")]
+    pub mdns_query_interval: Duration,
     /// Take part in the private Kademlia DHT.
     pub enable_dht: bool,
+    /// Kademlia mode: `auto` (server unless forced private), `server` or `client`.
+    pub dht_mode: DhtMode,
+    /// Interval of Kademlia bootstrap (routing table refresh).
+    #[serde(with = "duration")]
+    pub dht_bootstrap_interval: Duration,
+    /// Interval of re-announcing this node as a provider of the namespace.
+    #[serde(with = "duration")]
+    pub dht_provide_interval: Duration,
+    /// Interval of looking up the namespace's providers (peer discovery).
+    #[serde(with = "duration")]
+    pub dht_discovery_interval: Duration,
+    /// Longest a DHT query may run.
+    #[serde(with = "duration")]
+    pub dht_query_timeout: Duration,
+    /// Most records the local DHT store holds.
+    pub dht_max_records: u32,
+    /// Most providers the local DHT store keeps per key.
+    pub dht_max_providers_per_key: u32,
+    /// Largest DHT record value accepted.
+    pub dht_max_value_size: ByteSize,
     /// Spread service records with gossipsub.
     pub enable_pubsub: bool,
     /// Offer AutoNAT and relay service to other peers.
@@ -80,6 +116,9 @@ pub struct NodeConfig {
     /// A connection no protocol uses is closed after this long.
     #[serde(with = "duration")]
     pub idle_connection_timeout: Duration,
+    /// Longest an outgoing dial (connect and handshake) may take.
+    #[serde(with = "duration")]
+    pub dial_timeout: Duration,
     /// Offer TLS 1.3 on TCP.
     pub enable_tls: bool,
     /// Offer Noise on TCP.
@@ -128,9 +167,23 @@ impl Default for NodeConfig {
             private_key_path: None,
             listen: default_listen(),
             bootstrap: Vec::new(),
+            bootstrap_min_connections: 2,
+            bootstrap_max_connections: 5,
+            bootstrap_check_interval: Duration::from_secs(30),
+            bootstrap_backoff_initial: Duration::from_secs(1),
+            bootstrap_backoff_max: Duration::from_secs(300),
             relay_nodes: Vec::new(),
             enable_mdns: true,
+            mdns_query_interval: Duration::from_secs(10),
             enable_dht: true,
+            dht_mode: DhtMode::Auto,
+            dht_bootstrap_interval: Duration::from_secs(300),
+            dht_provide_interval: Duration::from_secs(300),
+            dht_discovery_interval: Duration::from_secs(30),
+            dht_query_timeout: Duration::from_secs(30),
+            dht_max_records: 1024,
+            dht_max_providers_per_key: 256,
+            dht_max_value_size: ByteSize::from_bytes(64 * 1024),
             enable_pubsub: false,
             enable_nat_service: false,
             enable_hole_punch: true,
@@ -141,6 +194,7 @@ impl Default for NodeConfig {
             conn_mgr_high: 400,
             conn_mgr_grace: Duration::from_secs(30),
             idle_connection_timeout: Duration::from_secs(300),
+            dial_timeout: Duration::from_secs(30),
             enable_tls: true,
             enable_noise: true,
             require_auth: false,
@@ -223,6 +277,18 @@ pub enum Reachability {
     Public,
     /// Behind NAT or a firewall: DHT client mode, uses relays.
     Private,
+}
+
+/// Kademlia mode.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum DhtMode {
+    /// Server unless the node is (forced or detected) private.
+    Auto,
+    /// Always answer DHT queries.
+    Server,
+    /// Only ask; never answer.
+    Client,
 }
 
 /// What part a node plays in the pool.

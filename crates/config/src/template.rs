@@ -34,6 +34,31 @@ const FIELD_DOCS: &[(&str, &str, Option<&str>)] = &[
         None,
     ),
     (
+        "bootstrap_min_connections",
+        "Keep at least this many bootstrap peers connected.",
+        None,
+    ),
+    (
+        "bootstrap_max_connections",
+        "Dial no more bootstrap peers once this many are connected.",
+        None,
+    ),
+    (
+        "bootstrap_check_interval",
+        "How often the bootstrap connections are checked.",
+        None,
+    ),
+    (
+        "bootstrap_backoff_initial",
+        "First retry delay after a failed bootstrap dial; doubles per failure, with jitter.",
+        None,
+    ),
+    (
+        "bootstrap_backoff_max",
+        "Longest retry delay for an unreachable bootstrap peer.",
+        None,
+    ),
+    (
         "relay_nodes",
         "Relays to use when this node is behind NAT, each ending in /p2p/<peer id>.",
         None,
@@ -43,9 +68,46 @@ const FIELD_DOCS: &[(&str, &str, Option<&str>)] = &[
         "Find peers on the local network with mDNS.",
         None,
     ),
+    ("mdns_query_interval", "Interval of mDNS queries.", None),
     (
         "enable_dht",
         "Take part in the private Kademlia DHT (/ollamacron/kad/1.0.0).",
+        None,
+    ),
+    (
+        "dht_mode",
+        "Kademlia mode: auto (server unless force_reachability is private), server or client.",
+        None,
+    ),
+    (
+        "dht_bootstrap_interval",
+        "Interval of Kademlia bootstrap (routing table refresh).",
+        None,
+    ),
+    (
+        "dht_provide_interval",
+        "Interval of re-announcing this node as a provider of the /ollamacron namespace.",
+        None,
+    ),
+    (
+        "dht_discovery_interval",
+        "Interval of looking up the namespace's providers (also done at once when the routing table grows).",
+        None,
+    ),
+    ("dht_query_timeout", "Longest a DHT query may run.", None),
+    (
+        "dht_max_records",
+        "Most records the local DHT store holds.",
+        None,
+    ),
+    (
+        "dht_max_providers_per_key",
+        "Most providers the local DHT store keeps per key.",
+        None,
+    ),
+    (
+        "dht_max_value_size",
+        "Largest DHT record value accepted.",
         None,
     ),
     (
@@ -92,6 +154,11 @@ const FIELD_DOCS: &[(&str, &str, Option<&str>)] = &[
     (
         "idle_connection_timeout",
         "A connection no protocol uses is closed after this long.",
+        None,
+    ),
+    (
+        "dial_timeout",
+        "Longest an outgoing dial (connect and handshake) may take.",
         None,
     ),
     ("enable_tls", "Offer TLS 1.3 on TCP.", None),

@@ -18,6 +18,12 @@ pub const MIN_MAX_MEMORY: ByteSize = ByteSize::from_mib(32);
 pub const MAX_CPU_CORES: u32 = 1024;
 /// Shortest accepted `ping_interval` and `idle_connection_timeout`.
 pub const MIN_PROBE_INTERVAL: Duration = Duration::from_secs(1);
+/// Shortest accepted period of the discovery timers and dial timeout.
+pub const MIN_TIMER_INTERVAL: Duration = Duration::from_millis(100);
+/// Smallest accepted `dht_max_value_size`.
+pub const MIN_DHT_VALUE_SIZE: ByteSize = ByteSize::from_bytes(1024);
+/// Largest accepted `dht_max_value_size`.
+pub const MAX_DHT_VALUE_SIZE: ByteSize = ByteSize::from_mib(1);
 /// Longest accepted `shutdown_timeout`.
 pub const MAX_SHUTDOWN_TIMEOUT: Duration = Duration::from_secs(600);
 
@@ -95,6 +101,69 @@ impl NodeConfig {
                 "conn_mgr_low",
                 &self.conn_mgr_low,
                 format!("must be <= conn_mgr_high ({})", self.conn_mgr_high),
+            );
+        }
+        if self.bootstrap_max_connections == 0 {
+            fail(
+                "bootstrap_max_connections",
+                &0,
+                "must be at least 1".to_owned(),
+            );
+        }
+        if self.bootstrap_min_connections > self.bootstrap_max_connections {
+            fail(
+                "bootstrap_min_connections",
+                &self.bootstrap_min_connections,
+                format!(
+                    "must be <= bootstrap_max_connections ({})",
+                    self.bootstrap_max_connections
+                ),
+            );
+        }
+        if self.bootstrap_backoff_max < self.bootstrap_backoff_initial {
+            fail(
+                "bootstrap_backoff_max",
+                &humantime::format_duration(self.bootstrap_backoff_max),
+                format!(
+                    "must be >= bootstrap_backoff_initial ({})",
+                    humantime::format_duration(self.bootstrap_backoff_initial)
+                ),
+            );
+        }
+        for (name, value) in [
+            ("bootstrap_check_interval", self.bootstrap_check_interval),
+            ("bootstrap_backoff_initial", self.bootstrap_backoff_initial),
+            ("mdns_query_interval", self.mdns_query_interval),
+            ("dht_bootstrap_interval", self.dht_bootstrap_interval),
+            ("dht_provide_interval", self.dht_provide_interval),
+            ("dht_discovery_interval", self.dht_discovery_interval),
+            ("dht_query_timeout", self.dht_query_timeout),
+            ("dial_timeout", self.dial_timeout),
+        ] {
+            if value < MIN_TIMER_INTERVAL {
+                fail(
+                    name,
+                    &humantime::format_duration(value),
+                    format!(
+                        "must be at least {}",
+                        humantime::format_duration(MIN_TIMER_INTERVAL)
+                    ),
+                );
+            }
+        }
+        for (name, value) in [
+            ("dht_max_records", self.dht_max_records),
+            ("dht_max_providers_per_key", self.dht_max_providers_per_key),
+        ] {
+            if value == 0 {
+                fail(name, &0, "must be at least 1".to_owned());
+            }
+        }
+        if !(MIN_DHT_VALUE_SIZE..=MAX_DHT_VALUE_SIZE).contains(&self.dht_max_value_size) {
+            fail(
+                "dht_max_value_size",
+                &self.dht_max_value_size,
+                format!("must be between {MIN_DHT_VALUE_SIZE} and {MAX_DHT_VALUE_SIZE}"),
             );
         }
         if !self.enable_tls && !self.enable_noise {

@@ -461,3 +461,24 @@ proptest! {
         let _ = ConfigLoader::new().env([(format!("OLLAMACRON_{}", key.to_uppercase()), value)]).load();
     }
 }
+
+#[test]
+fn rule_discovery_settings() {
+    let errors = rule_errors(
+        "bootstrap_min_connections: 6\nbootstrap_max_connections: 5\nbootstrap_backoff_initial: 2m\nbootstrap_backoff_max: 1m\ndht_discovery_interval: 1ms\ndht_max_records: 0\ndht_max_value_size: 10MiB\n",
+    );
+    assert_eq!(
+        errors,
+        [
+            "bootstrap_min_connections (6) must be <= bootstrap_max_connections (5)",
+            "bootstrap_backoff_max (1m) must be >= bootstrap_backoff_initial (2m)",
+            "dht_discovery_interval (1ms) must be at least 100ms",
+            "dht_max_records (0) must be at least 1",
+            "dht_max_value_size (10MiB) must be between 1KiB and 1MiB",
+        ]
+    );
+    let errors = rule_errors("bootstrap_min_connections: 0\nbootstrap_max_connections: 0\n");
+    assert_eq!(errors, ["bootstrap_max_connections (0) must be at least 1"]);
+    let config = load_yaml("dht_mode: client\n").unwrap();
+    assert_eq!(config.dht_mode, ollamacron_config::DhtMode::Client);
+}

@@ -1,0 +1,93 @@
+//! The DHT keys of the wire contract.
+
+use libp2p::PeerId;
+use libp2p::kad::RecordKey;
+use sha2::{Digest, Sha256};
+
+/// The namespace every Ollamacron node provides.
+pub const NAMESPACE: &str = "/ollamacron";
+
+/// multihash code of sha2-256.
+const SHA2_256_CODE: u8 = 0x12;
+/// Length of a sha2-256 digest, as the multihash length byte.
+const SHA2_256_LEN: u8 = 32;
+
+/// The provider key of `name`: the sha2-256 multihash (`0x12 0x20` +
+/// digest) of its UTF-8 bytes, so any libp2p implementation can look it up
+/// as the raw-codec CIDv1 of that multihash.
+#[must_use]
+pub fn provider_key(name: &str) -> RecordKey {
+    let digest = Sha256::digest(name.as_bytes());
+    let mut bytes = Vec::with_capacity(2 + digest.len());
+    bytes.push(SHA2_256_CODE);
+    bytes.push(SHA2_256_LEN);
+    bytes.extend_from_slice(&digest);
+    RecordKey::new(&bytes)
+}
+
+/// The provider key of the namespace, [`NAMESPACE`].
+#[must_use]
+pub fn namespace_key() -> RecordKey {
+    provider_key(NAMESPACE)
+}
+
+/// The provider key of a service type: `/ollamacron/services/<type>`.
+#[must_use]
+pub fn service_type_key(service_type: &str) -> RecordKey {
+    provider_key(&format!("{NAMESPACE}/services/{service_type}"))
+}
+
+/// The provider key of a capability: `/ollamacron/capabilities/<capability>`.
+#[must_use]
+pub fn capability_key(capability: &str) -> RecordKey {
+    provider_key(&format!("{NAMESPACE}/capabilities/{capability}"))
+}
+
+/// The key of a node's record: the UTF-8 bytes of `/ollamacron/node/<base58 peer id>`.
+#[must_use]
+pub fn node_record_key(peer: &PeerId) -> RecordKey {
+    RecordKey::new(&format!("{NAMESPACE}/node/{peer}"))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn hex(bytes: &[u8]) -> String {
+        bytes.iter().map(|b| format!("{b:02x}")).collect()
+    }
+
+    #[test]
+    fn namespace_key_is_the_sha256_multihash_of_the_string() {
+        // sha256("/ollamacron"), computed independently with `printf %s /ollamacron | sha256sum`.
+        let key = namespace_key();
+        assert_eq!(key.as_ref().len(), 34);
+        assert_eq!(&key.as_ref()[..2], &[0x12, 0x20]);
+        assert_eq!(hex(&key.as_ref()[2..]), NAMESPACE_SHA256_HEX);
+        // It parses as a multihash, as a CID's would.
+        let mh = libp2p::multihash::Multihash::<64>::from_bytes(key.as_ref()).unwrap();
+        assert_eq!(mh.code(), 0x12);
+    }
+
+    /// Filled in from `sha256sum`, see the test above.
+    const NAMESPACE_SHA256_HEX: &str =
+        "8d36a9d81f16978a23c3e43e62d2a15f35d148a29b100fc7c67108479925d9be";
+
+    #[test]
+    fn other_keys_follow_the_contract() {
+        assert_eq!(
+            service_type_key("llm"),
+            provider_key("/ollamacron/services/llm")
+        );
+        assert_eq!(
+            capability_key("vision"),
+            provider_key("/ollamacron/capabilities/vision")
+        );
+        assert_ne!(service_type_key("llm"), service_type_key("embedding"));
+        let peer = PeerId::random();
+        assert_eq!(
+            node_record_key(&peer).as_ref(),
+            format!("/ollamacron/node/{peer}").as_bytes()
+        );
+    }
+}

@@ -1,0 +1,530 @@
+#![doc = include_str!("../README.md")]
+
+mod keys;
+
+use std::collections::{HashMap, HashSet, VecDeque};
+use std::future::Future;
+use std::pin::Pin;
+use std::task::{Context, Poll};
+use std::time::Duration;
+
+use libp2p::core::transport::PortUse;
+use libp2p::core::{Endpoint, Multiaddr};
+use libp2p::kad::store::{MemoryStore, MemoryStoreConfig};
+use libp2p::kad::{self, GetClosestPeersOk, GetProvidersOk, QueryId, QueryResult, RecordKey};
+use libp2p::swarm::{
+    ConnectionDenied, ConnectionId, FromSwarm, NetworkBehaviour, THandler, THandlerInEvent,
+    THandlerOutEvent, ToSwarm,
+};
+use libp2p::{PeerId, StreamProtocol};
+use tokio::time::{Instant, Interval, MissedTickBehavior, Sleep};
+
+pub use keys::{
+    NAMESPACE, capability_key, namespace_key, node_record_key, provider_key, service_type_key,
+};
+
+/// The Kademlia protocol of the private Ollamacron DHT (never the IPFS one).
+pub const KAD_PROTOCOL: StreamProtocol = StreamProtocol::new("/ollamacron/kad/1.0.0");
+
+/// After the routing table grows, wait this long for more peers before
+/// re-advertising, so a burst of new peers costs one announcement.
+const READVERTISE_DEBOUNCE: Duration = Duration::from_millis(150);
+/// Room for framing around the largest record value in one Kademlia message.
+const PACKET_OVERHEAD_BYTES: usize = 16 * 1024;
+/// Most namespace providers remembered for de-duplicating `ProviderFound`.
+const MAX_TRACKED_PROVIDERS: usize = 100_000;
+
+/// Whether this node answers DHT queries.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum DhtMode {
+    /// Answer queries and store records (publicly reachable or on a LAN).
+    Server,
+    /// Only ask (behind NAT).
+    Client,
+}
+
+/// How the DHT is run.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct DhtConfig {
+    /// Server or client mode.
+    pub mode: DhtMode,
+    /// Interval of Kademlia bootstrap (routing table refresh).
+    pub bootstrap_interval: Duration,
+    /// Interval of re-announcing the namespace provider record.
+    pub provide_interval: Duration,
+    /// Interval of looking up the namespace's providers.
+    pub discovery_interval: Duration,
+    /// Longest a query may run.
+    pub query_timeout: Duration,
+    /// Most records the local store holds.
+    pub max_records: usize,
+    /// Most providers the local store keeps per key.
+    pub max_providers_per_key: usize,
+    /// Largest record value accepted.
+    pub max_value_bytes: usize,
+    /// Announce this node as a provider of the namespace.
+    pub advertise_namespace: bool,
+}
+
+impl Default for DhtConfig {
+    fn default() -> Self {
+        Self {
+            mode: DhtMode::Server,
+            bootstrap_interval: Duration::from_secs(300),
+            provide_interval: Duration::from_secs(300),
+            discovery_interval: Duration::from_secs(30),
+            query_timeout: Duration::from_secs(30),
+            max_records: 1024,
+            max_providers_per_key: 256,
+            max_value_bytes: 64 * 1024,
+            advertise_namespace: true,
+        }
+    }
+}
+
+/// What the DHT learned.
+#[derive(Debug)]
+pub enum DhtEvent {
+    /// A provider of the namespace, reported once per peer.
+    ProviderFound {
+        /// The provider.
+        peer: PeerId,
+        /// Its addresses, when the routing table has them.
+        addresses: Vec<Multiaddr>,
+    },
+    /// Addresses of a provider learned by a lookup of the peer.
+    PeerAddresses {
+        /// The peer.
+        peer: PeerId,
+        /// Its addresses.
+        addresses: Vec<Multiaddr>,
+    },
+    /// A peer entered (or changed in) the routing table.
+    RoutingUpdated {
+        /// The peer.
+        peer: PeerId,
+        /// Its addresses in the table.
+        addresses: Vec<Multiaddr>,
+        /// Whether it is new to the table.
+        is_new_peer: bool,
+    },
+    /// A bootstrap finished.
+    BootstrapFinished {
+        /// Whether it reached any peer.
+        ok: bool,
+        /// Peers in the routing table afterwards.
+        routing_table_size: usize,
+    },
+    /// The namespace provider announcement finished.
+    Advertised {
+        /// Whether it was stored on at least one peer.
+        ok: bool,
+    },
+    /// The Kademlia mode changed.
+    ModeChanged {
+        /// The new mode.
+        mode: kad::Mode,
+    },
+    /// Any other Kademlia event (results of queries started through
+    /// [`Behaviour::kad_mut`], inbound requests, …).
+    Kad(Box<kad::Event>),
+}
+
+/// Kademlia on [`KAD_PROTOCOL`] with a bounded memory store, plus the
+/// timers that advertise the node under the namespace key and look up the
+/// other providers. Add it to your own `#[derive(NetworkBehaviour)]`.
+pub struct Behaviour {
+    kad: kad::Behaviour<MemoryStore>,
+    config: DhtConfig,
+    local_peer: PeerId,
+    namespace: RecordKey,
+    provide_tick: Interval,
+    discovery_tick: Interval,
+    readvertise: Pin<Box<Sleep>>,
+    readvertise_pending: bool,
+    provide_queries: HashSet<QueryId>,
+    discovery_queries: HashSet<QueryId>,
+    address_queries: HashMap<QueryId, PeerId>,
+    bootstrap_reported: bool,
+    routing: HashMap<PeerId, Vec<Multiaddr>>,
+    providers: HashSet<PeerId>,
+    events: VecDeque<DhtEvent>,
+}
+
+impl std::fmt::Debug for Behaviour {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Behaviour")
+            .field("config", &self.config)
+            .field("routing_table_size", &self.routing.len())
+            .field("providers", &self.providers.len())
+            .finish_non_exhaustive()
+    }
+}
+
+impl Behaviour {
+    /// The DHT of `local_peer`. Must be created inside a tokio runtime.
+    #[must_use]
+    pub fn new(local_peer: PeerId, config: DhtConfig) -> Self {
+        let mut kad_config = kad::Config::new(KAD_PROTOCOL);
+        kad_config
+            .set_query_timeout(config.query_timeout)
+            .set_max_packet_size(config.max_value_bytes + PACKET_OVERHEAD_BYTES)
+            .set_periodic_bootstrap_interval(Some(config.bootstrap_interval))
+            .set_provider_publication_interval(Some(config.provide_interval));
+        let store = MemoryStore::with_config(
+            local_peer,
+            MemoryStoreConfig {
+                max_records: config.max_records,
+                max_value_bytes: config.max_value_bytes,
+                max_providers_per_key: config.max_providers_per_key,
+                ..MemoryStoreConfig::default()
+            },
+        );
+        let mut kad = kad::Behaviour::with_config(local_peer, store, kad_config);
+        kad.set_mode(Some(match config.mode {
+            DhtMode::Server => kad::Mode::Server,
+            DhtMode::Client => kad::Mode::Client,
+        }));
+        let now = Instant::now();
+        let mut provide_tick =
+            tokio::time::interval_at(now + config.provide_interval, config.provide_interval);
+        provide_tick.set_missed_tick_behavior(MissedTickBehavior::Delay);
+        let mut discovery_tick =
+            tokio::time::interval_at(now + config.discovery_interval, config.discovery_interval);
+        discovery_tick.set_missed_tick_behavior(MissedTickBehavior::Delay);
+        Self {
+            kad,
+            config,
+            local_peer,
+            namespace: namespace_key(),
+            provide_tick,
+            discovery_tick,
+            readvertise: Box::pin(tokio::time::sleep_until(now)),
+            readvertise_pending: false,
+            provide_queries: HashSet::new(),
+            discovery_queries: HashSet::new(),
+            address_queries: HashMap::new(),
+            bootstrap_reported: false,
+            routing: HashMap::new(),
+            providers: HashSet::new(),
+            events: VecDeque::new(),
+        }
+    }
+
+    /// The Kademlia behaviour, for queries of your own (records, other keys).
+    pub fn kad_mut(&mut self) -> &mut kad::Behaviour<MemoryStore> {
+        &mut self.kad
+    }
+
+    /// Switch between server and client mode.
+    pub fn set_mode(&mut self, mode: DhtMode) {
+        self.config.mode = mode;
+        self.kad.set_mode(Some(match mode {
+            DhtMode::Server => kad::Mode::Server,
+            DhtMode::Client => kad::Mode::Client,
+        }));
+    }
+
+    /// Peers in the routing table.
+    #[must_use]
+    pub fn routing_table_size(&self) -> usize {
+        self.routing.len()
+    }
+
+    /// Providers of the namespace found so far.
+    #[must_use]
+    pub fn providers(&self) -> &HashSet<PeerId> {
+        &self.providers
+    }
+
+    /// Tell the DHT where a peer that speaks [`KAD_PROTOCOL`] listens (from
+    /// identify, mDNS or a bootstrap address). Addresses of peers that do
+    /// not speak it are ignored by the caller, not here.
+    pub fn add_address(&mut self, peer: &PeerId, address: Multiaddr) {
+        self.kad.add_address(peer, address);
+    }
+
+    /// Announce the namespace and look up its providers now, and start a
+    /// bootstrap if the routing table has peers. Called on start and by the
+    /// debounce after the routing table grows.
+    pub fn refresh_now(&mut self) {
+        if self.routing.is_empty() {
+            return;
+        }
+        self.advertise();
+        self.discover();
+    }
+
+    fn advertise(&mut self) {
+        if !self.config.advertise_namespace {
+            return;
+        }
+        match self.kad.start_providing(self.namespace.clone()) {
+            Ok(id) => {
+                self.provide_queries.insert(id);
+            }
+            Err(e) => tracing::warn!(error = %e, "cannot store the namespace provider record"),
+        }
+    }
+
+    fn discover(&mut self) {
+        let id = self.kad.get_providers(self.namespace.clone());
+        self.discovery_queries.insert(id);
+    }
+
+    fn addresses_of(&self, peer: &PeerId) -> Vec<Multiaddr> {
+        self.routing.get(peer).cloned().unwrap_or_default()
+    }
+
+    fn on_providers(&mut self, providers: HashSet<PeerId>) {
+        for peer in providers {
+            if peer == self.local_peer || self.providers.contains(&peer) {
+                continue;
+            }
+            if self.providers.len() < MAX_TRACKED_PROVIDERS {
+                self.providers.insert(peer);
+            }
+            let addresses = self.addresses_of(&peer);
+            if addresses.is_empty() {
+                let id = self.kad.get_closest_peers(peer);
+                self.address_queries.insert(id, peer);
+            }
+            self.events
+                .push_back(DhtEvent::ProviderFound { peer, addresses });
+        }
+    }
+
+    /// Handle a Kademlia event; `Some` if it should go to the user as is.
+    fn on_kad_event(&mut self, event: kad::Event) -> Option<DhtEvent> {
+        match event {
+            kad::Event::RoutingUpdated {
+                peer,
+                is_new_peer,
+                addresses,
+                old_peer,
+                ..
+            } => {
+                let addresses: Vec<Multiaddr> = addresses.into_vec();
+                if let Some(old) = old_peer {
+                    self.routing.remove(&old);
+                }
+                self.routing.insert(peer, addresses.clone());
+                if is_new_peer {
+                    self.schedule_readvertise();
+                }
+                Some(DhtEvent::RoutingUpdated {
+                    peer,
+                    addresses,
+                    is_new_peer,
+                })
+            }
+            kad::Event::OutboundQueryProgressed {
+                id,
+                result,
+                step,
+                stats,
+            } => self.on_query_progressed(id, result, step, stats),
+            kad::Event::ModeChanged { new_mode } => Some(DhtEvent::ModeChanged { mode: new_mode }),
+            other => Some(DhtEvent::Kad(Box::new(other))),
+        }
+    }
+
+    fn on_query_progressed(
+        &mut self,
+        id: QueryId,
+        result: QueryResult,
+        step: kad::ProgressStep,
+        stats: kad::QueryStats,
+    ) -> Option<DhtEvent> {
+        if self.discovery_queries.contains(&id) {
+            if step.last {
+                self.discovery_queries.remove(&id);
+            }
+            if let QueryResult::GetProviders(Ok(GetProvidersOk::FoundProviders {
+                providers, ..
+            })) = result
+            {
+                self.on_providers(providers);
+            }
+            return None;
+        }
+        if self.provide_queries.contains(&id) {
+            if !step.last {
+                return None;
+            }
+            self.provide_queries.remove(&id);
+            let ok = matches!(result, QueryResult::StartProviding(Ok(_)));
+            if !ok {
+                tracing::debug!(?result, "namespace announcement did not complete");
+            }
+            return Some(DhtEvent::Advertised { ok });
+        }
+        if let Some(wanted) = self.address_queries.get(&id).copied() {
+            if step.last {
+                self.address_queries.remove(&id);
+            }
+            let peers = match result {
+                QueryResult::GetClosestPeers(Ok(GetClosestPeersOk { peers, .. }))
+                | QueryResult::GetClosestPeers(Err(kad::GetClosestPeersError::Timeout {
+                    peers,
+                    ..
+                })) => peers,
+                _ => return None,
+            };
+            return peers
+                .into_iter()
+                .find(|p| p.peer_id == wanted && !p.addrs.is_empty())
+                .map(|p| DhtEvent::PeerAddresses {
+                    peer: p.peer_id,
+                    addresses: p.addrs,
+                });
+        }
+        if let QueryResult::Bootstrap(bootstrap) = &result {
+            let done = step.last
+                || bootstrap.is_err()
+                || matches!(bootstrap, Ok(ok) if ok.num_remaining == 0);
+            if !done {
+                return None;
+            }
+            let ok = bootstrap.is_ok();
+            if ok && !self.bootstrap_reported {
+                // The first successful bootstrap: advertise and look up at
+                // once rather than at the next tick.
+                self.bootstrap_reported = true;
+                self.refresh_now();
+            }
+            return Some(DhtEvent::BootstrapFinished {
+                ok,
+                routing_table_size: self.routing.len(),
+            });
+        }
+        Some(DhtEvent::Kad(Box::new(
+            kad::Event::OutboundQueryProgressed {
+                id,
+                result,
+                stats,
+                step,
+            },
+        )))
+    }
+
+    fn schedule_readvertise(&mut self) {
+        if !self.readvertise_pending {
+            self.readvertise_pending = true;
+            self.readvertise
+                .as_mut()
+                .reset(Instant::now() + READVERTISE_DEBOUNCE);
+        }
+    }
+}
+
+impl NetworkBehaviour for Behaviour {
+    type ConnectionHandler = <kad::Behaviour<MemoryStore> as NetworkBehaviour>::ConnectionHandler;
+    type ToSwarm = DhtEvent;
+
+    fn handle_pending_inbound_connection(
+        &mut self,
+        connection_id: ConnectionId,
+        local_addr: &Multiaddr,
+        remote_addr: &Multiaddr,
+    ) -> Result<(), ConnectionDenied> {
+        self.kad
+            .handle_pending_inbound_connection(connection_id, local_addr, remote_addr)
+    }
+
+    fn handle_established_inbound_connection(
+        &mut self,
+        connection_id: ConnectionId,
+        peer: PeerId,
+        local_addr: &Multiaddr,
+        remote_addr: &Multiaddr,
+    ) -> Result<THandler<Self>, ConnectionDenied> {
+        self.kad
+            .handle_established_inbound_connection(connection_id, peer, local_addr, remote_addr)
+    }
+
+    fn handle_pending_outbound_connection(
+        &mut self,
+        connection_id: ConnectionId,
+        maybe_peer: Option<PeerId>,
+        addresses: &[Multiaddr],
+        effective_role: Endpoint,
+    ) -> Result<Vec<Multiaddr>, ConnectionDenied> {
+        self.kad.handle_pending_outbound_connection(
+            connection_id,
+            maybe_peer,
+            addresses,
+            effective_role,
+        )
+    }
+
+    fn handle_established_outbound_connection(
+        &mut self,
+        connection_id: ConnectionId,
+        peer: PeerId,
+        addr: &Multiaddr,
+        role_override: Endpoint,
+        port_use: PortUse,
+    ) -> Result<THandler<Self>, ConnectionDenied> {
+        self.kad.handle_established_outbound_connection(
+            connection_id,
+            peer,
+            addr,
+            role_override,
+            port_use,
+        )
+    }
+
+    fn on_swarm_event(&mut self, event: FromSwarm<'_>) {
+        self.kad.on_swarm_event(event);
+    }
+
+    fn on_connection_handler_event(
+        &mut self,
+        peer: PeerId,
+        connection_id: ConnectionId,
+        event: THandlerOutEvent<Self>,
+    ) {
+        self.kad
+            .on_connection_handler_event(peer, connection_id, event);
+    }
+
+    fn poll(
+        &mut self,
+        cx: &mut Context<'_>,
+    ) -> Poll<ToSwarm<Self::ToSwarm, THandlerInEvent<Self>>> {
+        loop {
+            if let Some(event) = self.events.pop_front() {
+                return Poll::Ready(ToSwarm::GenerateEvent(event));
+            }
+            if self.provide_tick.poll_tick(cx).is_ready() && !self.routing.is_empty() {
+                self.advertise();
+            }
+            if self.discovery_tick.poll_tick(cx).is_ready() && !self.routing.is_empty() {
+                self.discover();
+            }
+            if self.readvertise_pending && self.readvertise.as_mut().poll(cx).is_ready() {
+                self.readvertise_pending = false;
+                self.refresh_now();
+            }
+            match self.kad.poll(cx) {
+                Poll::Ready(ToSwarm::GenerateEvent(event)) => {
+                    if let Some(out) = self.on_kad_event(event) {
+                        self.events.push_back(out);
+                    }
+                }
+                Poll::Ready(other) => {
+                    // Proven invariant: generated events are matched above.
+                    return Poll::Ready(
+                        other.map_out(|_| unreachable!("Kademlia events are handled above")),
+                    );
+                }
+                Poll::Pending => {
+                    if self.events.is_empty() {
+                        return Poll::Pending;
+                    }
+                }
+            }
+        }
+    }
+}
