@@ -266,3 +266,61 @@ async fn grace_period_protects_young_connections() {
         node.shutdown().await.unwrap();
     }
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn subscribers_before_start_see_the_whole_start() {
+    let node = Node::new(loopback_config(TCP_ONLY, &[]))
+        .with_keypair(ollamacron_node_core::libp2p::identity::Keypair::generate_ed25519());
+    let mut events = node.subscribe();
+    let handle = node.start().await.unwrap();
+    wait_for_event(&mut events, "Starting -> Running", |e| {
+        matches!(
+            e,
+            NodeEvent::StateChanged {
+                from: NodeState::Starting,
+                to: NodeState::Running
+            }
+        )
+        .then_some(())
+    })
+    .await
+    .unwrap();
+    let (peer_id, addrs) = wait_for_event(&mut events, "Started", |e| match e {
+        NodeEvent::Started {
+            peer_id,
+            listen_addrs,
+        } => Some((*peer_id, listen_addrs.clone())),
+        _ => None,
+    })
+    .await
+    .unwrap();
+    assert_eq!(peer_id, handle.peer_id());
+    assert_eq!(addrs, handle.listen_addrs().await.unwrap());
+    handle.shutdown().await.unwrap();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn start_validates_a_hand_built_config() {
+    let mut config = loopback_config(TCP_ONLY, &[]);
+    config.conn_mgr_low = 900;
+    let err = start(config).await.unwrap_err();
+    assert!(matches!(err, NodeError::Config(_)), "{err:?}");
+    assert!(
+        err.to_string()
+            .contains("conn_mgr_low (900) must be <= conn_mgr_high (400)"),
+        "{err}"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn concurrent_dials_of_one_peer_share_the_connection() {
+    let a = start(loopback_config(TCP_ONLY, &[])).await.unwrap();
+    let b = start(loopback_config(TCP_ONLY, &[])).await.unwrap();
+    let addr = a.dialable_addrs().await.unwrap().remove(0);
+    let (first, second) = tokio::join!(b.dial(addr.clone()), b.dial(addr));
+    assert_eq!(first.unwrap(), a.peer_id());
+    assert_eq!(second.unwrap(), a.peer_id());
+    assert_eq!(b.metrics().await.unwrap().connections_outbound, 1);
+    a.shutdown().await.unwrap();
+    b.shutdown().await.unwrap();
+}

@@ -13,7 +13,7 @@ use std::process::ExitCode;
 
 use anyhow::Context;
 use clap::{Args, Parser, Subcommand, ValueEnum};
-use ollamacron_config::{ConfigLoader, LogFormat, NodeConfig};
+use ollamacron_config::{ConfigError, ConfigLoader, LogFormat, NodeConfig};
 use ollamacron_node_core::{Node, NodeState, load_or_create_identity};
 use tracing_subscriber::EnvFilter;
 use tracing_subscriber::fmt::format::FmtSpan;
@@ -182,13 +182,19 @@ fn main() -> ExitCode {
     }
 }
 
+/// Print an error and pick the exit code: 2 when the configuration is at
+/// fault, `code` otherwise.
 #[allow(clippy::print_stderr)]
 fn report(result: anyhow::Result<()>, code: u8) -> ExitCode {
     match result {
         Ok(()) => ExitCode::SUCCESS,
         Err(e) => {
             eprintln!("error: {e:#}");
-            ExitCode::from(code)
+            if e.downcast_ref::<ConfigError>().is_some() {
+                ExitCode::from(EXIT_CONFIG)
+            } else {
+                ExitCode::from(code)
+            }
         }
     }
 }
@@ -202,7 +208,7 @@ fn run(args: &ConfigArgs) -> ExitCode {
             return ExitCode::from(EXIT_CONFIG);
         }
     };
-    if let Err(e) = init_logging(&config) {
+    if let Err(e) = init_logging(&config, args.log_level.is_some()) {
         eprintln!("error: {e:#}");
         return ExitCode::from(EXIT_CONFIG);
     }
@@ -221,7 +227,6 @@ fn run(args: &ConfigArgs) -> ExitCode {
     match runtime.block_on(serve(config)) {
         Ok(()) => ExitCode::SUCCESS,
         Err(e) => {
-            tracing::error!("{e:#}");
             eprintln!("error: {e:#}");
             ExitCode::from(EXIT_FAILURE)
         }
@@ -229,15 +234,25 @@ fn run(args: &ConfigArgs) -> ExitCode {
 }
 
 async fn serve(config: NodeConfig) -> anyhow::Result<()> {
+    // Listen for signals before anything starts, so one that arrives during
+    // start-up still stops the node gracefully.
+    let signal = shutdown_signal()?;
+    tokio::pin!(signal);
     if !config.api_listen.ip().is_loopback() && config.enable_metrics {
         tracing::warn!(api_listen = %config.api_listen, "the HTTP API listens beyond loopback");
     }
-    let node = Node::new(config).start().await?;
+    let node = tokio::select! {
+        node = Node::new(config).start() => node?,
+        signal = &mut signal => {
+            tracing::info!(signal, "signal during start-up: not starting");
+            return Ok(());
+        }
+    };
     tracing::info!(peer_id = %node.peer_id(), "ollamacron-node {} started", env!("CARGO_PKG_VERSION"));
 
     tokio::select! {
-        signal = shutdown_signal() => {
-            tracing::info!(signal = signal?, "shutting down");
+        signal = &mut signal => {
+            tracing::info!(signal, "shutting down");
             node.shutdown().await?;
         }
         state = node.stopped() => {
@@ -247,31 +262,38 @@ async fn serve(config: NodeConfig) -> anyhow::Result<()> {
     Ok(())
 }
 
+/// Registers the signal handlers now; the future resolves with the name of
+/// the first signal.
 #[cfg(unix)]
-async fn shutdown_signal() -> anyhow::Result<&'static str> {
+fn shutdown_signal() -> anyhow::Result<impl std::future::Future<Output = &'static str>> {
     use tokio::signal::unix::{SignalKind, signal};
     let mut term = signal(SignalKind::terminate()).context("cannot listen for SIGTERM")?;
     let mut int = signal(SignalKind::interrupt()).context("cannot listen for SIGINT")?;
-    Ok(tokio::select! {
-        _ = term.recv() => "SIGTERM",
-        _ = int.recv() => "SIGINT",
+    Ok(async move {
+        tokio::select! {
+            _ = term.recv() => "SIGTERM",
+            _ = int.recv() => "SIGINT",
+        }
     })
 }
 
 #[cfg(not(unix))]
-async fn shutdown_signal() -> anyhow::Result<&'static str> {
-    tokio::signal::ctrl_c()
-        .await
-        .context("cannot listen for Ctrl-C")?;
-    Ok("Ctrl-C")
+fn shutdown_signal() -> anyhow::Result<impl std::future::Future<Output = &'static str>> {
+    Ok(async {
+        let _ = tokio::signal::ctrl_c().await;
+        "Ctrl-C"
+    })
 }
 
-fn init_logging(config: &NodeConfig) -> anyhow::Result<()> {
+/// Install the logger. The filter is `--log-level` when given on the command
+/// line, else `RUST_LOG` when set, else `log_level` from the configuration.
+fn init_logging(config: &NodeConfig, level_from_cli: bool) -> anyhow::Result<()> {
     if !config.enable_logging {
         return Ok(());
     }
-    let filter = match std::env::var("RUST_LOG") {
-        Ok(env) if !env.trim().is_empty() => EnvFilter::try_new(&env)
+    let rust_log = std::env::var("RUST_LOG").ok().filter(|_| !level_from_cli);
+    let filter = match rust_log {
+        Some(env) if !env.trim().is_empty() => EnvFilter::try_new(&env)
             .with_context(|| format!("RUST_LOG ({env}) is not a valid log filter"))?,
         _ => EnvFilter::try_new(&config.log_level).with_context(|| {
             format!(
@@ -303,18 +325,27 @@ fn init(args: &ConfigArgs, force: bool) -> anyhow::Result<()> {
         .config
         .clone()
         .unwrap_or_else(|| PathBuf::from(DEFAULT_CONFIG_FILE));
-    if path.exists() && !force {
-        anyhow::bail!(
-            "{} already exists; pass --force to overwrite it",
-            path.display()
-        );
-    }
     let text = ollamacron_config::default_config_yaml()?;
     if let Some(parent) = path.parent().filter(|p| !p.as_os_str().is_empty()) {
         std::fs::create_dir_all(parent)
             .with_context(|| format!("cannot create {}", parent.display()))?;
     }
-    std::fs::write(&path, text).with_context(|| format!("cannot write {}", path.display()))?;
+    let mut options = std::fs::OpenOptions::new();
+    options.write(true);
+    if force {
+        options.create(true).truncate(true);
+    } else {
+        options.create_new(true);
+    }
+    let mut file = match options.open(&path) {
+        Err(e) if e.kind() == std::io::ErrorKind::AlreadyExists => anyhow::bail!(
+            "{} already exists; pass --force to overwrite it",
+            path.display()
+        ),
+        other => other.with_context(|| format!("cannot write {}", path.display()))?,
+    };
+    std::io::Write::write_all(&mut file, text.as_bytes())
+        .with_context(|| format!("cannot write {}", path.display()))?;
     println!("wrote {}", path.display());
     println!(
         "start the node with: ollamacron-node run --config {}",

@@ -16,8 +16,9 @@ pub use load::{ConfigError, ConfigLoader, ENV_PREFIX, Origin, RESERVED_ENV_VARS}
 pub use size::{ByteSize, ByteSizeParseError};
 pub use template::{default_config_yaml, field_docs};
 pub use validate::{
-    MAX_CPU_CORES, MAX_DHT_VALUE_SIZE, MAX_LABEL_BYTES, MAX_SHUTDOWN_TIMEOUT, MAX_TAGS,
-    MIN_DHT_VALUE_SIZE, MIN_MAX_MEMORY, MIN_PROBE_INTERVAL, MIN_TIMER_INTERVAL, ValidationError,
+    MAX_CPU_CORES, MAX_DHT_VALUE_SIZE, MAX_DURATION, MAX_LABEL_BYTES, MAX_SHUTDOWN_TIMEOUT,
+    MAX_TAGS, MIN_DHT_VALUE_SIZE, MIN_MAX_MEMORY, MIN_PROBE_INTERVAL, MIN_TIMER_INTERVAL,
+    ValidationError,
 };
 
 /// The TCP and UDP port a node listens on by default.

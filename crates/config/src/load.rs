@@ -370,7 +370,8 @@ fn closest_key(defaults: &Mapping, key: &str) -> Option<String> {
 }
 
 /// Turn text from the environment or the command line into a YAML value:
-/// list fields are comma-separated, everything else is a YAML scalar.
+/// list fields are comma-separated, empty text unsets, canonical booleans
+/// and numbers are typed, and everything else is a string.
 fn raw_value(defaults: &Mapping, key: &str, raw: &str) -> Value {
     if matches!(defaults.get(key), Some(Value::Sequence(_))) {
         return Value::Sequence(
@@ -381,8 +382,15 @@ fn raw_value(defaults: &Mapping, key: &str, raw: &str) -> Value {
                 .collect(),
         );
     }
-    match serde_yaml_ng::from_str::<Value>(raw) {
-        Ok(v @ (Value::Null | Value::Bool(_) | Value::Number(_) | Value::String(_))) => v,
-        _ => Value::String(raw.to_owned()),
+    let trimmed = raw.trim();
+    if trimmed.is_empty() {
+        return Value::Null;
+    }
+    // Keep a boolean or number only when the text is exactly its canonical
+    // spelling: `007`, `~`, `#x` or `null` stay the strings they were written as.
+    match serde_yaml_ng::from_str::<Value>(trimmed) {
+        Ok(Value::Bool(b)) if b.to_string() == trimmed => Value::Bool(b),
+        Ok(Value::Number(n)) if n.to_string() == trimmed => Value::Number(n),
+        _ => Value::String(trimmed.to_owned()),
     }
 }

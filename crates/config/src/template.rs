@@ -143,7 +143,7 @@ const FIELD_DOCS: &[(&str, &str, Option<&str>)] = &[
     ),
     (
         "conn_mgr_high",
-        "Most established connections; at this count the oldest idle ones beyond conn_mgr_low are trimmed.",
+        "Hard limit of established connections; when reached, connections are closed until conn_mgr_low remain (redundant ones first, then the youngest past conn_mgr_grace).",
         None,
     ),
     (

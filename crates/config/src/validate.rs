@@ -24,11 +24,15 @@ pub const MIN_TIMER_INTERVAL: Duration = Duration::from_millis(100);
 pub const MIN_DHT_VALUE_SIZE: ByteSize = ByteSize::from_bytes(1024);
 /// Largest accepted `dht_max_value_size`.
 pub const MAX_DHT_VALUE_SIZE: ByteSize = ByteSize::from_mib(1);
+/// Longest accepted period or timeout of any duration field: longer ones
+/// overflow timers, and nobody means them.
+pub const MAX_DURATION: Duration = Duration::from_secs(30 * 24 * 3600);
 /// Longest accepted `shutdown_timeout`.
 pub const MAX_SHUTDOWN_TIMEOUT: Duration = Duration::from_secs(600);
 
 /// One broken rule: the field, its value, and what is allowed.
-#[derive(Debug, Clone, PartialEq, Eq)]
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[error("{field} ({value}) {rule}")]
 pub struct ValidationError {
     /// The field, e.g. `bootstrap[2]`.
     pub field: String,
@@ -37,14 +41,6 @@ pub struct ValidationError {
     /// What is wrong and what would be allowed.
     pub rule: String,
 }
-
-impl fmt::Display for ValidationError {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        write!(f, "{} ({}) {}", self.field, self.value, self.rule)
-    }
-}
-
-impl std::error::Error for ValidationError {}
 
 impl NodeConfig {
     /// Check every rule; return all that are broken.
@@ -245,6 +241,31 @@ impl NodeConfig {
                 );
             }
         }
+        for (name, value) in [
+            ("bootstrap_check_interval", self.bootstrap_check_interval),
+            ("bootstrap_backoff_initial", self.bootstrap_backoff_initial),
+            ("bootstrap_backoff_max", self.bootstrap_backoff_max),
+            ("mdns_query_interval", self.mdns_query_interval),
+            ("dht_bootstrap_interval", self.dht_bootstrap_interval),
+            ("dht_provide_interval", self.dht_provide_interval),
+            ("dht_discovery_interval", self.dht_discovery_interval),
+            ("dht_query_timeout", self.dht_query_timeout),
+            ("conn_mgr_grace", self.conn_mgr_grace),
+            ("idle_connection_timeout", self.idle_connection_timeout),
+            ("dial_timeout", self.dial_timeout),
+            ("ping_interval", self.ping_interval),
+        ] {
+            if value > MAX_DURATION {
+                fail(
+                    name,
+                    &humantime::format_duration(value),
+                    format!(
+                        "must be at most {}",
+                        humantime::format_duration(MAX_DURATION)
+                    ),
+                );
+            }
+        }
         if self.shutdown_timeout > MAX_SHUTDOWN_TIMEOUT {
             fail(
                 "shutdown_timeout",
@@ -281,7 +302,7 @@ fn check_label(label: &str) -> Result<(), String> {
     Ok(())
 }
 
-/// A listen address: an IP or DNS host, then `tcp[/ws]` or `udp/quic-v1`.
+/// A listen address: an IP address, then `tcp[/ws]` or `udp/quic-v1`.
 fn check_listen_addr(addr: &Multiaddr, websocket: bool) -> Result<(), String> {
     const ALLOWED: &str = "use /ip4|ip6/<addr>/tcp/<port>, /ip4|ip6/<addr>/udp/<port>/quic-v1, \
                            or /ip4|ip6/<addr>/tcp/<port>/ws with enable_websocket";
@@ -311,15 +332,29 @@ fn check_peer_addr(addr: &Multiaddr) -> Result<(), String> {
             return Err("must end with /p2p/<peer id> so the peer can be authenticated".to_owned());
         }
     }
+    let has_transport = addr
+        .iter()
+        .any(|p| matches!(p, Protocol::Tcp(_) | Protocol::QuicV1));
     match addr.iter().next() {
+        // A /dnsaddr name resolves to complete addresses.
+        Some(Protocol::Dnsaddr(_)) => Ok(()),
         Some(
             Protocol::Ip4(_)
             | Protocol::Ip6(_)
             | Protocol::Dns(_)
             | Protocol::Dns4(_)
-            | Protocol::Dns6(_)
-            | Protocol::Dnsaddr(_),
-        ) => Ok(()),
+            | Protocol::Dns6(_),
+        ) if has_transport => Ok(()),
+        Some(
+            Protocol::Ip4(_)
+            | Protocol::Ip6(_)
+            | Protocol::Dns(_)
+            | Protocol::Dns4(_)
+            | Protocol::Dns6(_),
+        ) => Err(
+            "names no transport: add /tcp/<port> or /udp/<port>/quic-v1 before /p2p/<peer id>"
+                .to_owned(),
+        ),
         _ => Err(
             "must start with /ip4, /ip6, /dns, /dns4, /dns6 or /dnsaddr before /p2p/<peer id>"
                 .to_owned(),

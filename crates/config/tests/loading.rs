@@ -482,3 +482,40 @@ fn rule_discovery_settings() {
     let config = load_yaml("dht_mode: client\n").unwrap();
     assert_eq!(config.dht_mode, ollamacron_config::DhtMode::Client);
 }
+
+#[test]
+fn env_text_keeps_its_spelling_unless_canonical() {
+    let config = ConfigLoader::new()
+        .env([
+            ("OLLAMACRON_REGION", "007"),
+            ("OLLAMACRON_DATA_DIR", "~"),
+            ("OLLAMACRON_NODE_TYPE", "client"),
+            ("OLLAMACRON_CONN_MGR_LOW", "7"),
+        ])
+        .load()
+        .unwrap();
+    assert_eq!(config.region.as_deref(), Some("007"));
+    assert_eq!(config.data_dir.as_deref(), Some(std::path::Path::new("~")));
+    assert_eq!(config.conn_mgr_low, 7);
+    let err = ConfigLoader::new()
+        .set("conn_mgr_low", "010")
+        .load()
+        .unwrap_err();
+    assert!(err.to_string().contains("conn_mgr_low"), "{err}");
+}
+
+#[test]
+fn durations_have_an_upper_bound() {
+    let errors = rule_errors("ping_interval: 300000000000y\n");
+    assert!(
+        errors[0].starts_with("ping_interval") && errors[0].contains("at most 30days"),
+        "{errors:?}"
+    );
+}
+
+#[test]
+fn peer_addresses_need_a_transport() {
+    let errors = rule_errors(&format!("bootstrap: [/ip4/192.0.2.1/p2p/{PEER}]\n"));
+    assert!(errors[0].contains("names no transport"), "{errors:?}");
+    load_yaml(&format!("bootstrap: [/dnsaddr/bootstrap.example/p2p/{PEER}, /dns4/a.example/udp/1/quic-v1/p2p/{PEER}]\n")).unwrap();
+}

@@ -363,13 +363,13 @@ impl Behaviour {
             if step.last {
                 self.address_queries.remove(&id);
             }
-            let peers = match result {
-                QueryResult::GetClosestPeers(Ok(GetClosestPeersOk { peers, .. }))
-                | QueryResult::GetClosestPeers(Err(kad::GetClosestPeersError::Timeout {
-                    peers,
-                    ..
-                })) => peers,
-                _ => return None,
+            let (QueryResult::GetClosestPeers(Ok(GetClosestPeersOk { peers, .. }))
+            | QueryResult::GetClosestPeers(Err(kad::GetClosestPeersError::Timeout {
+                peers,
+                ..
+            }))) = result
+            else {
+                return None;
             };
             return peers
                 .into_iter()

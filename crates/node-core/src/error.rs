@@ -61,6 +61,12 @@ pub enum NodeError {
     /// An illegal lifecycle transition.
     #[error(transparent)]
     State(#[from] StateError),
+    /// The configuration breaks validation rules.
+    #[error("invalid configuration: {}", .0.iter().map(ToString::to_string).collect::<Vec<_>>().join("; "))]
+    Config(Vec<ollamacron_config::ValidationError>),
+    /// The node ended in the `Error` state.
+    #[error("the node failed; its log says why")]
+    Failed,
     /// The node's event loop has ended; it no longer takes commands.
     #[error("the node is not running (its event loop has stopped)")]
     NotRunning,

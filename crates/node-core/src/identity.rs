@@ -75,7 +75,10 @@ pub fn load_or_create_identity(path: &Path) -> Result<(Keypair, bool), IdentityE
         }
         Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
             let keypair = Keypair::generate_ed25519();
-            save_new_key(path, &keypair)?;
+            if !save_new_key(path, &keypair)? {
+                // Another process created the key first: use that one.
+                return load_or_create_identity(path);
+            }
             tracing::info!(path = %path.display(), peer_id = %keypair.public().to_peer_id(), "generated a new identity key");
             Ok((keypair, true))
         }
@@ -86,7 +89,9 @@ pub fn load_or_create_identity(path: &Path) -> Result<(Keypair, bool), IdentityE
     }
 }
 
-fn save_new_key(path: &Path, keypair: &Keypair) -> Result<(), IdentityError> {
+/// Write a new key file; `false` when a file appeared at `path` meanwhile
+/// (it is never overwritten).
+fn save_new_key(path: &Path, keypair: &Keypair) -> Result<bool, IdentityError> {
     let write_err = |source| IdentityError::Write {
         path: path.to_owned(),
         source,
@@ -97,20 +102,21 @@ fn save_new_key(path: &Path, keypair: &Keypair) -> Result<(), IdentityError> {
     if let Some(parent) = path.parent().filter(|p| !p.as_os_str().is_empty()) {
         create_private_dir(parent).map_err(write_err)?;
     }
-    // Write a temporary file next to the target and rename it, so a crash
-    // never leaves a half-written key behind; `create_new` on the final
-    // rename target is not needed because we only get here when it is absent.
+    // Write a temporary file next to the target, then hard-link it into
+    // place: a crash never leaves a half-written key, and a key another
+    // process created meanwhile is never overwritten (link fails instead).
     let tmp = path.with_extension(format!("tmp.{}", std::process::id()));
     let mut file = open_private(&tmp).map_err(write_err)?;
     let written = file
         .write_all(&bytes)
         .and_then(|()| file.sync_all())
-        .and_then(|()| std::fs::rename(&tmp, path));
-    if let Err(e) = written {
-        let _ = std::fs::remove_file(&tmp);
-        return Err(write_err(e));
+        .and_then(|()| std::fs::hard_link(&tmp, path));
+    let _ = std::fs::remove_file(&tmp);
+    match written {
+        Ok(()) => Ok(true),
+        Err(e) if e.kind() == std::io::ErrorKind::AlreadyExists => Ok(false),
+        Err(e) => Err(write_err(e)),
     }
-    Ok(())
 }
 
 #[cfg(unix)]

@@ -1,7 +1,7 @@
 //! Starting a node, the task that owns its `Swarm`, and the `NodeHandle`
 //! everything else uses to talk to it.
 
-use std::collections::HashMap;
+use std::collections::{HashMap, HashSet};
 use std::net::SocketAddr;
 use std::time::{Duration, Instant};
 
@@ -25,7 +25,7 @@ use crate::identity::load_or_create_identity;
 use crate::metrics::{MetricsEndpoint, MetricsSnapshot, NodeMetrics};
 use crate::state::NodeState;
 use crate::transport::build_transport;
-use crate::trim::{ConnectionAge, TrimPolicy};
+use crate::trim::{TrimCandidate, TrimPolicy};
 
 /// Commands waiting for the swarm task.
 const COMMAND_QUEUE_LEN: usize = 64;
@@ -50,6 +50,7 @@ const TRIM_CHECK_INTERVAL: Duration = Duration::from_secs(5);
 pub struct Node {
     config: NodeConfig,
     keypair: Option<Keypair>,
+    events: broadcast::Sender<NodeEvent>,
 }
 
 impl Node {
@@ -57,10 +58,19 @@ impl Node {
     /// at) `private_key_path` unless [`Node::with_keypair`] supplies one.
     #[must_use]
     pub fn new(config: NodeConfig) -> Self {
+        let (events, _) = broadcast::channel(EVENT_BUS_LEN);
         Self {
             config,
             keypair: None,
+            events,
         }
+    }
+
+    /// Subscribe to the node's events before it starts, to see `Started`
+    /// and everything on the way there.
+    #[must_use]
+    pub fn subscribe(&self) -> broadcast::Receiver<NodeEvent> {
+        self.events.subscribe()
     }
 
     /// Use this identity instead of the key file.
@@ -75,15 +85,19 @@ impl Node {
     /// once the node is `Running`.
     ///
     /// # Errors
-    /// The identity cannot be loaded or does not match `node_id`, a
-    /// transport cannot be built, an address cannot be bound, or the
-    /// listeners do not come up within 10 s.
+    /// The configuration breaks a rule, the identity cannot be loaded or
+    /// does not match `node_id`, a transport cannot be built, an address
+    /// cannot be bound, or the listeners do not come up within
+    /// `START_TIMEOUT`.
     pub async fn start(self) -> Result<NodeHandle, NodeError> {
         let (state_tx, state_rx) = watch::channel(NodeState::Initializing);
         let fail = |e: NodeError| {
             state_tx.send_replace(NodeState::Error);
             e
         };
+        self.config
+            .validate()
+            .map_err(|errors| fail(NodeError::Config(errors)))?;
         let keypair = match self.keypair {
             Some(k) => k,
             None => {
@@ -142,7 +156,7 @@ impl Node {
         };
 
         let (command_tx, command_rx) = mpsc::channel(COMMAND_QUEUE_LEN);
-        let (event_tx, _) = broadcast::channel(EVENT_BUS_LEN);
+        let event_tx = self.events;
         let (started_tx, started_rx) = oneshot::channel();
         let handle = NodeHandle {
             peer_id,
@@ -168,6 +182,7 @@ impl Node {
             connections: HashMap::new(),
             peers: HashMap::new(),
             pending_dials: HashMap::new(),
+            closing: HashSet::new(),
             started: Some(started_tx),
             trim,
             trimmed_total: 0,
@@ -179,7 +194,7 @@ impl Node {
         match tokio::time::timeout(START_TIMEOUT, started_rx).await {
             Ok(Ok(Ok(()))) => Ok(handle),
             Ok(Ok(Err(e))) => Err(e),
-            Ok(Err(_)) => Err(NodeError::NotRunning),
+            Ok(Err(_)) => Err(NodeError::Failed),
             Err(_) => {
                 let _ = handle.shutdown().await;
                 Err(NodeError::StartTimeout(START_TIMEOUT))
@@ -374,7 +389,7 @@ impl NodeHandle {
         // Either the task stops us, or it is already gone; both end terminal.
         let _ = self.request(|reply| Command::Shutdown { reply }).await;
         match self.stopped().await {
-            NodeState::Error => Err(NodeError::NotRunning),
+            NodeState::Error => Err(NodeError::Failed),
             _ => Ok(()),
         }
     }
@@ -408,6 +423,30 @@ struct PeerEntry {
     rtt: Option<Duration>,
 }
 
+/// A dial someone awaits; later dials of the same peer join it.
+struct PendingDial {
+    target: String,
+    peer: Option<PeerId>,
+    replies: Vec<oneshot::Sender<Result<PeerId, NodeError>>>,
+}
+
+impl PendingDial {
+    fn finish(self, result: &Result<PeerId, NodeError>) {
+        for reply in self.replies {
+            let _ = reply.send(match result {
+                Ok(peer) => Ok(*peer),
+                Err(e) => Err(NodeError::Dial {
+                    target: self.target.clone(),
+                    reason: match e {
+                        NodeError::Dial { reason, .. } => reason.clone(),
+                        other => other.to_string(),
+                    },
+                }),
+            });
+        }
+    }
+}
+
 /// Owns the swarm; the only code that touches it.
 struct SwarmTask {
     swarm: Swarm<NodeBehaviour>,
@@ -419,7 +458,9 @@ struct SwarmTask {
     listen_addrs: Vec<Multiaddr>,
     connections: HashMap<ConnectionId, ConnectionEntry>,
     peers: HashMap<PeerId, PeerEntry>,
-    pending_dials: HashMap<ConnectionId, (String, oneshot::Sender<Result<PeerId, NodeError>>)>,
+    pending_dials: HashMap<ConnectionId, PendingDial>,
+    /// Connections the trimming policy closed that have not reported closed yet.
+    closing: HashSet<ConnectionId>,
     started: Option<oneshot::Sender<Result<(), NodeError>>>,
     trim: TrimPolicy,
     trimmed_total: u64,
@@ -514,24 +555,47 @@ impl SwarmTask {
     }
 
     fn dial(&mut self, addr: Multiaddr, reply: oneshot::Sender<Result<PeerId, NodeError>>) {
+        if *self.state.borrow() != NodeState::Running {
+            let _ = reply.send(Err(NodeError::NotRunning));
+            return;
+        }
         let target = addr.to_string();
-        let opts = match addr.iter().last() {
-            Some(Protocol::P2p(peer)) => {
-                if self.swarm.is_connected(&peer) {
-                    let _ = reply.send(Ok(peer));
-                    return;
-                }
-                DialOpts::peer_id(peer)
-                    .addresses(vec![addr])
-                    .condition(PeerCondition::DisconnectedAndNotDialing)
-                    .build()
+        let peer = match addr.iter().last() {
+            Some(Protocol::P2p(peer)) => Some(peer),
+            _ => None,
+        };
+        if let Some(peer) = peer {
+            if self.swarm.is_connected(&peer) {
+                let _ = reply.send(Ok(peer));
+                return;
             }
-            _ => DialOpts::unknown_peer_id().address(addr).build(),
+            if let Some(pending) = self
+                .pending_dials
+                .values_mut()
+                .find(|d| d.peer == Some(peer))
+            {
+                pending.replies.push(reply);
+                return;
+            }
+        }
+        let opts = match peer {
+            Some(peer) => DialOpts::peer_id(peer)
+                .addresses(vec![addr])
+                .condition(PeerCondition::DisconnectedAndNotDialing)
+                .build(),
+            None => DialOpts::unknown_peer_id().address(addr).build(),
         };
         let connection_id = opts.connection_id();
         match self.swarm.dial(opts) {
             Ok(()) => {
-                self.pending_dials.insert(connection_id, (target, reply));
+                self.pending_dials.insert(
+                    connection_id,
+                    PendingDial {
+                        target,
+                        peer,
+                        replies: vec![reply],
+                    },
+                );
             }
             Err(e) => {
                 let _ = reply.send(Err(NodeError::Dial {
@@ -598,24 +662,27 @@ impl SwarmTask {
     }
 
     fn trim_connections(&mut self) {
-        let ages: Vec<ConnectionAge> = self
+        let ages: Vec<TrimCandidate> = self
             .connections
             .iter()
-            .map(|(id, c)| ConnectionAge {
+            .map(|(id, c)| TrimCandidate {
                 id: *id,
                 peer: c.peer,
                 established: c.established,
                 protected: false,
             })
             .collect();
-        let chosen = self.trim.select(&ages, Instant::now());
+        let chosen = self.trim.connections_to_close(&ages, Instant::now());
         if chosen.is_empty() {
             return;
         }
-        let closed = chosen
-            .into_iter()
-            .filter(|id| self.swarm.close_connection(*id))
-            .count();
+        let mut closed = 0;
+        for id in chosen {
+            if self.swarm.close_connection(id) {
+                self.closing.insert(id);
+                closed += 1;
+            }
+        }
         if closed > 0 {
             tracing::info!(
                 closed,
@@ -729,11 +796,15 @@ impl SwarmTask {
                         direction,
                     });
                 }
-                if let Some((_, reply)) = self.pending_dials.remove(&connection_id) {
-                    let _ = reply.send(Ok(peer_id));
+                if let Some(pending) = self.pending_dials.remove(&connection_id) {
+                    pending.finish(&Ok(peer_id));
                 }
                 self.update_connection_gauges();
-                self.trim_connections();
+                if *self.state.borrow() == NodeState::Stopping {
+                    self.swarm.close_connection(connection_id);
+                } else {
+                    self.trim_connections();
+                }
             }
             SwarmEvent::ConnectionClosed {
                 peer_id,
@@ -743,6 +814,7 @@ impl SwarmTask {
                 ..
             } => {
                 self.connections.remove(&connection_id);
+                self.closing.remove(&connection_id);
                 tracing::debug!(%peer_id, cause = ?cause.as_ref().map(ToString::to_string), "connection closed");
                 if num_established == 0 {
                     self.peers.remove(&peer_id);
@@ -764,8 +836,9 @@ impl SwarmTask {
                     other => error_chain(other),
                 };
                 tracing::debug!(peer = ?peer_id, %reason, "outgoing connection failed");
-                if let Some((target, reply)) = self.pending_dials.remove(&connection_id) {
-                    let _ = reply.send(Err(NodeError::Dial { target, reason }));
+                if let Some(pending) = self.pending_dials.remove(&connection_id) {
+                    let target = pending.target.clone();
+                    pending.finish(&Err(NodeError::Dial { target, reason }));
                 }
             }
             SwarmEvent::IncomingConnectionError {
@@ -831,6 +904,13 @@ impl SwarmTask {
             if let Some(started) = self.started.take() {
                 let _ = started.send(Err(NodeError::NotRunning));
             }
+            for (_, pending) in self.pending_dials.drain() {
+                let target = pending.target.clone();
+                pending.finish(&Err(NodeError::Dial {
+                    target,
+                    reason: "the node is shutting down".to_owned(),
+                }));
+            }
             let listener_ids: Vec<ListenerId> = self.listeners.keys().copied().collect();
             for id in listener_ids {
                 self.swarm.remove_listener(id);
@@ -849,12 +929,6 @@ impl SwarmTask {
                         break;
                     }
                 }
-            }
-            for (_, (target, reply)) in self.pending_dials.drain() {
-                let _ = reply.send(Err(NodeError::Dial {
-                    target,
-                    reason: "the node is shutting down".to_owned(),
-                }));
             }
             self.set_state(NodeState::Stopped);
             self.emit(NodeEvent::Stopped);

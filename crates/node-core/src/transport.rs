@@ -10,6 +10,7 @@ use futures::{AsyncRead, AsyncWrite, TryFutureExt};
 use libp2p::core::either::EitherFuture;
 use libp2p::core::muxing::StreamMuxerBox;
 use libp2p::core::transport::Boxed;
+use libp2p::core::transport::timeout::TransportTimeout;
 use libp2p::core::upgrade::{
     InboundConnectionUpgrade, OutboundConnectionUpgrade, UpgradeInfo, Version,
 };
@@ -35,15 +36,22 @@ pub(crate) fn build_transport(
 ) -> Result<NodeTransport, NodeError> {
     let tcp_config = tcp::Config::default().nodelay(true);
     let tcp = secure_and_multiplex(tcp::tokio::Transport::new(tcp_config.clone()), key, config)?;
-    let tcp = if config.enable_websocket {
-        let ws = websocket::Config::new(tcp::tokio::Transport::new(tcp_config));
-        let ws = secure_and_multiplex(ws, key, config)?;
-        ws.or_transport(tcp)
-            .map(|either, _| either.into_inner())
-            .boxed()
-    } else {
-        tcp
-    };
+    let tcp =
+        if config.enable_websocket {
+            // DNS goes inside WebSocket so `/dns4/<host>/.../wss` keeps the host
+            // name for TLS.
+            let inner = dns::tokio::Transport::system(tcp::tokio::Transport::new(tcp_config))
+                .map_err(|e| NodeError::Transport {
+                    what: "DNS",
+                    reason: format!("cannot read the system resolver configuration: {e}"),
+                })?;
+            let ws = secure_and_multiplex(websocket::Config::new(inner), key, config)?;
+            ws.or_transport(tcp)
+                .map(|either, _| either.into_inner())
+                .boxed()
+        } else {
+            tcp
+        };
 
     let quic = quic::tokio::Transport::new(quic::Config::new(key))
         .map(|(peer, conn), _| (peer, StreamMuxerBox::new(conn)));
@@ -62,7 +70,10 @@ pub(crate) fn build_transport(
         }
     };
 
-    Ok(BandwidthTransport::new(resolved, registry)
+    // The whole outgoing dial (DNS, connect, security, muxer) is bounded by
+    // `dial_timeout`.
+    let bounded = TransportTimeout::with_outgoing_timeout(resolved, config.dial_timeout).boxed();
+    Ok(BandwidthTransport::new(bounded, registry)
         .map(|(peer, conn), _| (peer, StreamMuxerBox::new(conn)))
         .boxed())
 }

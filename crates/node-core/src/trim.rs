@@ -24,9 +24,9 @@ pub struct TrimPolicy {
     pub grace: Duration,
 }
 
-/// What the policy needs to know of one connection.
+/// What the policy needs to know of one open connection.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub struct ConnectionAge {
+pub struct TrimCandidate {
     /// The connection.
     pub id: ConnectionId,
     /// The peer at the other end.
@@ -40,23 +40,32 @@ pub struct ConnectionAge {
 impl TrimPolicy {
     /// The connections to close now, in the order to close them.
     #[must_use]
-    pub fn select(&self, connections: &[ConnectionAge], now: Instant) -> Vec<ConnectionId> {
+    pub fn connections_to_close(
+        &self,
+        connections: &[TrimCandidate],
+        now: Instant,
+    ) -> Vec<ConnectionId> {
         if connections.len() < self.high {
             return Vec::new();
         }
         let excess = connections.len().saturating_sub(self.low);
-        let mut per_peer: HashMap<PeerId, usize> = HashMap::new();
+        // A connection is redundant when its peer has an older one: closing
+        // it costs nothing, while closing the oldest would drop the peer.
+        let mut oldest: HashMap<PeerId, (Instant, ConnectionId)> = HashMap::new();
         for c in connections {
-            *per_peer.entry(c.peer).or_default() += 1;
+            let entry = oldest.entry(c.peer).or_insert((c.established, c.id));
+            if (c.established, c.id) < *entry {
+                *entry = (c.established, c.id);
+            }
         }
-        let mut candidates: Vec<&ConnectionAge> = connections
+        let mut candidates: Vec<&TrimCandidate> = connections
             .iter()
             .filter(|c| !c.protected && now.saturating_duration_since(c.established) >= self.grace)
             .collect();
         // Redundant connections first, then youngest first; the id breaks ties
         // so the choice is deterministic.
         candidates.sort_by_key(|c| {
-            let redundant = per_peer.get(&c.peer).copied().unwrap_or(0) > 1;
+            let redundant = oldest.get(&c.peer).is_some_and(|(_, id)| *id != c.id);
             (!redundant, std::cmp::Reverse(c.established), c.id)
         });
         candidates.into_iter().take(excess).map(|c| c.id).collect()
@@ -67,8 +76,8 @@ impl TrimPolicy {
 mod tests {
     use super::*;
 
-    fn conn(id: usize, peer: PeerId, age_s: u64, now: Instant, protected: bool) -> ConnectionAge {
-        ConnectionAge {
+    fn conn(id: usize, peer: PeerId, age_s: u64, now: Instant, protected: bool) -> TrimCandidate {
+        TrimCandidate {
             id: ConnectionId::new_unchecked(id),
             peer,
             established: now - Duration::from_secs(age_s),
@@ -90,7 +99,7 @@ mod tests {
         let conns: Vec<_> = (0..4)
             .map(|i| conn(i, PeerId::random(), 100, now, false))
             .collect();
-        assert!(policy(1, 5, 0).select(&conns, now).is_empty());
+        assert!(policy(1, 5, 0).connections_to_close(&conns, now).is_empty());
     }
 
     #[test]
@@ -103,7 +112,7 @@ mod tests {
             conn(3, PeerId::random(), 5, now, false), // in grace
             conn(4, PeerId::random(), 100, now, true), // protected
         ];
-        let chosen = policy(2, 5, 30).select(&conns, now);
+        let chosen = policy(2, 5, 30).connections_to_close(&conns, now);
         let ids: Vec<_> = conns.iter().map(|c| c.id).collect();
         assert_eq!(chosen, vec![ids[2], ids[1], ids[0]]);
     }
@@ -114,7 +123,11 @@ mod tests {
         let conns: Vec<_> = (0..5)
             .map(|i| conn(i, PeerId::random(), 1, now, false))
             .collect();
-        assert!(policy(1, 5, 60).select(&conns, now).is_empty());
+        assert!(
+            policy(1, 5, 60)
+                .connections_to_close(&conns, now)
+                .is_empty()
+        );
     }
 
     #[test]
@@ -127,7 +140,28 @@ mod tests {
             conn(2, twice, 300, now, false),
             conn(3, PeerId::random(), 20, now, false),
         ];
-        let chosen = policy(3, 4, 0).select(&conns, now);
+        let chosen = policy(3, 4, 0).connections_to_close(&conns, now);
         assert_eq!(chosen, vec![ConnectionId::new_unchecked(2)]);
+    }
+
+    #[test]
+    fn a_peer_keeps_its_oldest_connection() {
+        let now = Instant::now() + Duration::from_secs(1000);
+        let x = PeerId::random();
+        let conns = vec![
+            conn(0, x, 500, now, false),
+            conn(1, x, 400, now, false),
+            conn(2, PeerId::random(), 300, now, false),
+            conn(3, PeerId::random(), 200, now, false),
+        ];
+        // Two must go: x's younger connection, then the youngest other peer.
+        let chosen = policy(2, 4, 0).connections_to_close(&conns, now);
+        assert_eq!(
+            chosen,
+            vec![
+                ConnectionId::new_unchecked(1),
+                ConnectionId::new_unchecked(3)
+            ]
+        );
     }
 }
