@@ -82,11 +82,31 @@ pub async fn wait_for_event<T>(
         .map_err(|_| format!("timed out after {EVENT_TIMEOUT:?} waiting for {what}"))?
 }
 
-/// Poll `check` every 50 ms until it returns `Some`, for at most [`EVENT_TIMEOUT`].
+/// How often `eventually` re-checks its condition.
+pub const POLL_INTERVAL: Duration = Duration::from_millis(50);
+
+/// Re-check `check` every [`POLL_INTERVAL`] until it returns `Some`, for at
+/// most [`EVENT_TIMEOUT`].
 ///
 /// # Errors
 /// A description of what was awaited when the deadline passes.
-pub async fn eventually<T, F, Fut>(what: &str, mut check: F) -> Result<T, String>
+pub async fn eventually<T, F, Fut>(what: &str, check: F) -> Result<T, String>
+where
+    F: FnMut() -> Fut,
+    Fut: std::future::Future<Output = Option<T>>,
+{
+    eventually_within(EVENT_TIMEOUT, what, check).await
+}
+
+/// [`eventually`] with another deadline.
+///
+/// # Errors
+/// A description of what was awaited when the deadline passes.
+pub async fn eventually_within<T, F, Fut>(
+    timeout: Duration,
+    what: &str,
+    mut check: F,
+) -> Result<T, String>
 where
     F: FnMut() -> Fut,
     Fut: std::future::Future<Output = Option<T>>,
@@ -96,10 +116,10 @@ where
             if let Some(v) = check().await {
                 return v;
             }
-            tokio::time::sleep(Duration::from_millis(50)).await;
+            tokio::time::sleep(POLL_INTERVAL).await;
         }
     };
-    tokio::time::timeout(EVENT_TIMEOUT, poll)
+    tokio::time::timeout(timeout, poll)
         .await
-        .map_err(|_| format!("timed out after {EVENT_TIMEOUT:?} waiting for {what}"))
+        .map_err(|_| format!("timed out after {timeout:?} waiting for {what}"))
 }

@@ -10,6 +10,7 @@ use std::time::Duration;
 
 use libp2p::core::transport::PortUse;
 use libp2p::core::{Endpoint, Multiaddr};
+use libp2p::kad::store::RecordStore;
 use libp2p::kad::store::{MemoryStore, MemoryStoreConfig};
 use libp2p::kad::{self, GetClosestPeersOk, GetProvidersOk, QueryId, QueryResult, RecordKey};
 use libp2p::swarm::{
@@ -29,6 +30,8 @@ pub const KAD_PROTOCOL: StreamProtocol = StreamProtocol::new("/ollamacron/kad/1.
 /// After the routing table grows, wait this long for more peers before
 /// re-advertising, so a burst of new peers costs one announcement.
 const READVERTISE_DEBOUNCE: Duration = Duration::from_millis(150);
+/// Delay of the first lookup after a refresh; later ones double.
+const FIRST_FOLLOW_UP_LOOKUP: Duration = Duration::from_millis(250);
 /// Room for framing around the largest record value in one Kademlia message.
 const PACKET_OVERHEAD_BYTES: usize = 16 * 1024;
 /// Most namespace providers remembered for de-duplicating `ProviderFound`.
@@ -139,7 +142,10 @@ pub struct Behaviour {
     local_peer: PeerId,
     namespace: RecordKey,
     provide_tick: Interval,
-    discovery_tick: Interval,
+    /// Next namespace lookup; lookups run at growing intervals (`ramp`)
+    /// after the routing table changes, up to `discovery_interval`.
+    discovery_timer: Pin<Box<Sleep>>,
+    ramp: Duration,
     readvertise: Pin<Box<Sleep>>,
     readvertise_pending: bool,
     provide_queries: HashSet<QueryId>,
@@ -170,6 +176,9 @@ impl Behaviour {
             .set_query_timeout(config.query_timeout)
             .set_max_packet_size(config.max_value_bytes + PACKET_OVERHEAD_BYTES)
             .set_periodic_bootstrap_interval(Some(config.bootstrap_interval))
+            // Inbound records and provider announcements come to us first:
+            // we see who announces the namespace the moment they do.
+            .set_record_filtering(kad::StoreInserts::FilterBoth)
             .set_provider_publication_interval(Some(config.provide_interval));
         let store = MemoryStore::with_config(
             local_peer,
@@ -185,23 +194,33 @@ impl Behaviour {
             DhtMode::Server => kad::Mode::Server,
             DhtMode::Client => kad::Mode::Client,
         }));
+        // Store our own provider record at once, so a peer that asks us
+        // directly finds us even before the routing table fills.
+        let mut provide_queries = HashSet::new();
+        if config.advertise_namespace {
+            match kad.start_providing(namespace_key()) {
+                Ok(id) => {
+                    provide_queries.insert(id);
+                }
+                Err(e) => tracing::warn!(error = %e, "cannot store the namespace provider record"),
+            }
+        }
         let now = Instant::now();
+        let discovery_interval = config.discovery_interval;
         let mut provide_tick =
             tokio::time::interval_at(now + config.provide_interval, config.provide_interval);
         provide_tick.set_missed_tick_behavior(MissedTickBehavior::Delay);
-        let mut discovery_tick =
-            tokio::time::interval_at(now + config.discovery_interval, config.discovery_interval);
-        discovery_tick.set_missed_tick_behavior(MissedTickBehavior::Delay);
         Self {
             kad,
             config,
             local_peer,
             namespace: namespace_key(),
             provide_tick,
-            discovery_tick,
+            discovery_timer: Box::pin(tokio::time::sleep_until(now + discovery_interval)),
+            ramp: discovery_interval,
             readvertise: Box::pin(tokio::time::sleep_until(now)),
             readvertise_pending: false,
-            provide_queries: HashSet::new(),
+            provide_queries,
             discovery_queries: HashSet::new(),
             address_queries: HashMap::new(),
             bootstrap_reported: false,
@@ -253,6 +272,13 @@ impl Behaviour {
         }
         self.advertise();
         self.discover();
+        // Look again soon, then less and less often: peers that joined just
+        // after us are found within a second, and a quiet network costs one
+        // lookup per `discovery_interval`.
+        self.ramp = FIRST_FOLLOW_UP_LOOKUP.min(self.config.discovery_interval);
+        self.discovery_timer
+            .as_mut()
+            .reset(Instant::now() + self.ramp);
     }
 
     fn advertise(&mut self) {
@@ -324,6 +350,38 @@ impl Behaviour {
                 step,
                 stats,
             } => self.on_query_progressed(id, result, step, stats),
+            kad::Event::InboundRequest {
+                request:
+                    kad::InboundRequest::AddProvider {
+                        record: Some(record),
+                    },
+            } => {
+                let provider = record.provider;
+                let namespace = record.key == self.namespace;
+                if let Err(e) = self.kad.store_mut().add_provider(record) {
+                    tracing::debug!(%provider, error = %e, "provider record not stored");
+                    return None;
+                }
+                if namespace {
+                    self.on_providers(HashSet::from([provider]));
+                }
+                None
+            }
+            kad::Event::InboundRequest {
+                request:
+                    kad::InboundRequest::PutRecord {
+                        source,
+                        record: Some(record),
+                        ..
+                    },
+            } => {
+                // Records are stored as Kademlia would by default; the
+                // service registry validates node records before use.
+                if let Err(e) = self.kad.store_mut().put(record) {
+                    tracing::debug!(%source, error = %e, "record not stored");
+                }
+                None
+            }
             kad::Event::ModeChanged { new_mode } => Some(DhtEvent::ModeChanged { mode: new_mode }),
             other => Some(DhtEvent::Kad(Box::new(other))),
         }
@@ -500,8 +558,17 @@ impl NetworkBehaviour for Behaviour {
             if self.provide_tick.poll_tick(cx).is_ready() && !self.routing.is_empty() {
                 self.advertise();
             }
-            if self.discovery_tick.poll_tick(cx).is_ready() && !self.routing.is_empty() {
-                self.discover();
+            if self.discovery_timer.as_mut().poll(cx).is_ready() {
+                if !self.routing.is_empty() {
+                    self.discover();
+                }
+                self.ramp = self
+                    .ramp
+                    .saturating_mul(2)
+                    .min(self.config.discovery_interval);
+                self.discovery_timer
+                    .as_mut()
+                    .reset(Instant::now() + self.ramp);
             }
             if self.readvertise_pending && self.readvertise.as_mut().poll(cx).is_ready() {
                 self.readvertise_pending = false;

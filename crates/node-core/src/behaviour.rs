@@ -4,7 +4,10 @@ use libp2p::identity::Keypair;
 use libp2p::swarm::NetworkBehaviour;
 use libp2p::swarm::behaviour::toggle::Toggle;
 use libp2p::{connection_limits, identify, memory_connection_limits, ping};
-use ollamacron_config::NodeConfig;
+use ollamacron_config::{DhtMode as ConfigDhtMode, NodeConfig, Reachability};
+use ollamacron_discovery_bootstrap::{self as bootstrap, BootstrapConfig};
+use ollamacron_discovery_dht::{self as dht, DhtConfig, DhtMode};
+use ollamacron_discovery_mdns::{self as mdns, MdnsConfig};
 
 /// Identify protocol version every Ollamacron node announces.
 pub const PROTOCOL_VERSION: &str = "/ollamacron/1.0.0";
@@ -29,10 +32,30 @@ pub(crate) struct NodeBehaviour {
     pub(crate) memory_limits: Toggle<memory_connection_limits::Behaviour>,
     pub(crate) identify: identify::Behaviour,
     pub(crate) ping: ping::Behaviour,
+    pub(crate) bootstrap: bootstrap::Behaviour,
+    pub(crate) mdns: Toggle<mdns::Behaviour>,
+    pub(crate) dht: Toggle<dht::Behaviour>,
+}
+
+/// The Kademlia mode the configuration asks for: `auto` is server unless
+/// the node is forced private (reachability detection arrives with NAT
+/// support).
+pub(crate) fn dht_mode(config: &NodeConfig) -> DhtMode {
+    match config.dht_mode {
+        ConfigDhtMode::Server => DhtMode::Server,
+        ConfigDhtMode::Client => DhtMode::Client,
+        ConfigDhtMode::Auto => match config.force_reachability {
+            Some(Reachability::Private) => DhtMode::Client,
+            Some(Reachability::Public) | None => DhtMode::Server,
+        },
+    }
 }
 
 impl NodeBehaviour {
-    pub(crate) fn new(key: &Keypair, config: &NodeConfig) -> Self {
+    /// The behaviour, and why mDNS is off when it was asked for but could
+    /// not start.
+    pub(crate) fn new(key: &Keypair, config: &NodeConfig) -> (Self, Option<String>) {
+        let local = key.public().to_peer_id();
         let limits = connection_limits::ConnectionLimits::default()
             .with_max_established(Some(config.conn_mgr_high))
             .with_max_established_per_peer(Some(MAX_CONNECTIONS_PER_PEER))
@@ -48,11 +71,58 @@ impl NodeBehaviour {
                 .with_push_listen_addr_updates(true),
         );
         let ping = ping::Behaviour::new(ping::Config::new().with_interval(config.ping_interval));
-        Self {
+        let bootstrap = bootstrap::Behaviour::new(
+            local,
+            BootstrapConfig {
+                peers: config.bootstrap.clone(),
+                min_connections: usize::try_from(config.bootstrap_min_connections)
+                    .unwrap_or(usize::MAX),
+                max_connections: usize::try_from(config.bootstrap_max_connections)
+                    .unwrap_or(usize::MAX),
+                check_interval: config.bootstrap_check_interval,
+                backoff_initial: config.bootstrap_backoff_initial,
+                backoff_max: config.bootstrap_backoff_max,
+            },
+        );
+        let (mdns, mdns_error) = if config.enable_mdns {
+            let mdns_config = MdnsConfig {
+                query_interval: config.mdns_query_interval,
+                ..MdnsConfig::default()
+            };
+            match mdns::Behaviour::new(mdns_config, local) {
+                Ok(b) => (Some(b), None),
+                Err(e) => (None, Some(e.to_string())),
+            }
+        } else {
+            (None, None)
+        };
+        let dht = config.enable_dht.then(|| {
+            dht::Behaviour::new(
+                local,
+                DhtConfig {
+                    mode: dht_mode(config),
+                    bootstrap_interval: config.dht_bootstrap_interval,
+                    provide_interval: config.dht_provide_interval,
+                    discovery_interval: config.dht_discovery_interval,
+                    query_timeout: config.dht_query_timeout,
+                    max_records: usize::try_from(config.dht_max_records).unwrap_or(usize::MAX),
+                    max_providers_per_key: usize::try_from(config.dht_max_providers_per_key)
+                        .unwrap_or(usize::MAX),
+                    max_value_bytes: usize::try_from(config.dht_max_value_size.bytes())
+                        .unwrap_or(usize::MAX),
+                    advertise_namespace: true,
+                },
+            )
+        });
+        let behaviour = Self {
             connection_limits: connection_limits::Behaviour::new(limits),
             memory_limits: memory_limits.into(),
             identify,
             ping,
-        }
+            bootstrap,
+            mdns: mdns.into(),
+            dht: dht.into(),
+        };
+        (behaviour, mdns_error)
     }
 }

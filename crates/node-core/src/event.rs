@@ -3,6 +3,7 @@
 use libp2p::{Multiaddr, PeerId};
 use serde::Serialize;
 
+use crate::discovery::DiscoverySource;
 use crate::state::NodeState;
 
 /// Which side opened a connection.
@@ -81,9 +82,47 @@ pub enum NodeEvent {
         /// Its agent, e.g. `ollamacron-node/0.1.0`.
         agent_version: String,
     },
+    /// A discovery source reported a peer for the first time.
+    PeerDiscovered {
+        /// The peer.
+        peer_id: PeerId,
+        /// The source.
+        source: DiscoverySource,
+    },
+    /// A peer was forgotten: its last source lost it, or it stayed unreachable.
+    PeerLost {
+        /// The peer.
+        peer_id: PeerId,
+        /// The source that lost it.
+        source: DiscoverySource,
+    },
+    /// A dial made by discovery (bootstrap, mDNS, DHT) failed.
+    DialFailed {
+        /// The peer.
+        peer_id: PeerId,
+        /// Which source's peer it was.
+        source: DiscoverySource,
+        /// Consecutive failures.
+        failures: u32,
+        /// Delay before it is tried again.
+        #[serde(with = "duration_ms")]
+        retry_in: std::time::Duration,
+    },
     /// Connections were closed by the trimming policy.
     ConnectionsTrimmed {
         /// How many.
         count: usize,
     },
+}
+
+/// Durations as whole milliseconds in JSON.
+mod duration_ms {
+    use serde::Serializer;
+
+    pub(crate) fn serialize<S: Serializer>(
+        d: &std::time::Duration,
+        s: S,
+    ) -> Result<S::Ok, S::Error> {
+        s.serialize_u128(d.as_millis())
+    }
 }

@@ -1,6 +1,7 @@
 #![doc = include_str!("../README.md")]
 
 mod behaviour;
+mod discovery;
 mod error;
 mod event;
 mod http;
@@ -12,6 +13,7 @@ mod transport;
 pub mod trim;
 
 pub use behaviour::{PROTOCOL_VERSION, agent_version};
+pub use discovery::{DiscoverySource, DiscoveryStatus, KnownPeer, SourceStats, SourceStatus};
 pub use error::NodeError;
 pub use event::{Direction, NodeEvent};
 pub use identity::{IdentityError, load_or_create_identity};

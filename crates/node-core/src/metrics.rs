@@ -11,6 +11,7 @@ use prometheus_client::metrics::family::Family;
 use prometheus_client::metrics::gauge::Gauge;
 use serde::Serialize;
 
+use crate::discovery::{DiscoverySource, SourceStats};
 use crate::event::Direction;
 use crate::state::NodeState;
 
@@ -25,6 +26,11 @@ struct StateLabel {
 }
 
 #[derive(Debug, Clone, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct SourceLabel {
+    source: &'static str,
+}
+
+#[derive(Debug, Clone, Hash, PartialEq, Eq, EncodeLabelSet)]
 struct VersionLabel {
     version: &'static str,
 }
@@ -36,7 +42,22 @@ pub(crate) struct NodeMetrics {
     peers: Gauge,
     state: Family<StateLabel, Gauge>,
     trimmed: Counter,
+    discovered: Family<SourceLabel, Counter>,
+    dial_failures: Family<SourceLabel, Counter>,
+    dial_successes: Family<SourceLabel, Counter>,
+    lost: Family<SourceLabel, Counter>,
+    known_peers: Gauge,
+    routing_table: Gauge,
     pub(crate) endpoint: MetricsEndpoint,
+}
+
+/// What a discovery counter counts.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum DiscoveryCounter {
+    Discovered,
+    DialFailure,
+    DialSuccess,
+    Lost,
 }
 
 impl NodeMetrics {
@@ -75,6 +96,43 @@ impl NodeMetrics {
             "Seconds since the node started",
             uptime.clone(),
         );
+        let counter_family = |ours: &mut Registry, name: &str, help: &str| {
+            let family = Family::<SourceLabel, Counter>::default();
+            ours.register(name, help, family.clone());
+            family
+        };
+        let discovered = counter_family(
+            ours,
+            "discovery_peers_discovered",
+            "Peers reported for the first time, by discovery source",
+        );
+        let dial_failures = counter_family(
+            ours,
+            "discovery_connection_failures",
+            "Failed dials of discovered peers, by discovery source",
+        );
+        let dial_successes = counter_family(
+            ours,
+            "discovery_successful_connections",
+            "Successful dials of discovered peers, by discovery source",
+        );
+        let lost = counter_family(
+            ours,
+            "discovery_peers_lost",
+            "Peers forgotten, by the discovery source that lost them",
+        );
+        let known_peers = Gauge::default();
+        ours.register(
+            "known_peers",
+            "Peers in the known-peer table",
+            known_peers.clone(),
+        );
+        let routing_table = Gauge::default();
+        ours.register(
+            "dht_routing_table_size",
+            "Peers in the Kademlia routing table",
+            routing_table.clone(),
+        );
         let build = Family::<VersionLabel, Gauge>::default();
         build
             .get_or_create(&VersionLabel {
@@ -93,6 +151,12 @@ impl NodeMetrics {
             peers,
             state,
             trimmed,
+            discovered,
+            dial_failures,
+            dial_successes,
+            lost,
+            known_peers,
+            routing_table,
             endpoint: MetricsEndpoint {
                 registry: Arc::new(Mutex::new(registry)),
                 uptime,
@@ -116,6 +180,46 @@ impl NodeMetrics {
             })
             .set(i64::try_from(count).unwrap_or(i64::MAX));
         self.peers.set(i64::try_from(peers).unwrap_or(i64::MAX));
+    }
+
+    fn discovery_family(&self, counter: DiscoveryCounter) -> &Family<SourceLabel, Counter> {
+        match counter {
+            DiscoveryCounter::Discovered => &self.discovered,
+            DiscoveryCounter::DialFailure => &self.dial_failures,
+            DiscoveryCounter::DialSuccess => &self.dial_successes,
+            DiscoveryCounter::Lost => &self.lost,
+        }
+    }
+
+    pub(crate) fn count(&self, counter: DiscoveryCounter, source: DiscoverySource) {
+        self.discovery_family(counter)
+            .get_or_create(&SourceLabel {
+                source: source.as_str(),
+            })
+            .inc();
+    }
+
+    pub(crate) fn source_stats(&self, source: DiscoverySource) -> SourceStats {
+        let get = |counter| {
+            self.discovery_family(counter)
+                .get_or_create(&SourceLabel {
+                    source: source.as_str(),
+                })
+                .get()
+        };
+        SourceStats {
+            peers_discovered: get(DiscoveryCounter::Discovered),
+            connection_failures: get(DiscoveryCounter::DialFailure),
+            successful_connections: get(DiscoveryCounter::DialSuccess),
+            peers_lost: get(DiscoveryCounter::Lost),
+        }
+    }
+
+    pub(crate) fn set_table_sizes(&self, known_peers: usize, routing_table: usize) {
+        self.known_peers
+            .set(i64::try_from(known_peers).unwrap_or(i64::MAX));
+        self.routing_table
+            .set(i64::try_from(routing_table).unwrap_or(i64::MAX));
     }
 
     pub(crate) fn add_trimmed(&self, count: usize) {

@@ -18,14 +18,19 @@ use ollamacron_config::NodeConfig;
 use serde::Serialize;
 use tokio::sync::{broadcast, mpsc, oneshot, watch};
 
-use crate::behaviour::{NodeBehaviour, NodeBehaviourEvent};
+use crate::behaviour::{NodeBehaviour, NodeBehaviourEvent, PROTOCOL_VERSION, dht_mode};
+use crate::discovery::{DiscoverySource, DiscoveryStatus, KnownPeer, PeerTable, SourceStatus};
 use crate::error::NodeError;
 use crate::event::{Direction, NodeEvent};
 use crate::identity::load_or_create_identity;
+use crate::metrics::DiscoveryCounter;
 use crate::metrics::{MetricsEndpoint, MetricsSnapshot, NodeMetrics};
 use crate::state::NodeState;
 use crate::transport::build_transport;
 use crate::trim::{TrimCandidate, TrimPolicy};
+use ollamacron_discovery_bootstrap::BootstrapEvent;
+use ollamacron_discovery_dht::{DhtEvent, DhtMode, KAD_PROTOCOL};
+use ollamacron_discovery_mdns::MdnsEvent;
 
 /// Commands waiting for the swarm task.
 const COMMAND_QUEUE_LEN: usize = 64;
@@ -33,6 +38,9 @@ const COMMAND_QUEUE_LEN: usize = 64;
 const EVENT_BUS_LEN: usize = 1024;
 /// Longest `Node::start` waits for every listener to come up.
 const START_TIMEOUT: Duration = Duration::from_secs(10);
+/// mDNS queries without an answer before the node warns that multicast
+/// may be blocked.
+const MDNS_SILENT_QUERIES: u32 = 6;
 /// How often the trimming policy runs besides on each new connection.
 const TRIM_CHECK_INTERVAL: Duration = Duration::from_secs(5);
 
@@ -122,7 +130,10 @@ impl Node {
 
         let mut registry = Registry::default();
         let transport = build_transport(&keypair, &self.config, &mut registry).map_err(fail)?;
-        let behaviour = NodeBehaviour::new(&keypair, &self.config);
+        let (behaviour, mdns_error) = NodeBehaviour::new(&keypair, &self.config);
+        if let Some(reason) = &mdns_error {
+            tracing::warn!(%reason, "mDNS is unavailable: LAN discovery is off, relying on bootstrap peers and the DHT");
+        }
         let swarm_config = libp2p::swarm::Config::with_tokio_executor()
             .with_idle_connection_timeout(self.config.idle_connection_timeout);
         let mut swarm = Swarm::new(transport, behaviour, peer_id, swarm_config);
@@ -171,6 +182,7 @@ impl Node {
             high: usize::try_from(self.config.conn_mgr_high).unwrap_or(usize::MAX),
             grace: self.config.conn_mgr_grace,
         };
+        let shutdown_timeout = self.config.shutdown_timeout;
         let task = SwarmTask {
             swarm,
             commands: command_rx,
@@ -186,7 +198,14 @@ impl Node {
             started: Some(started_tx),
             trim,
             trimmed_total: 0,
-            shutdown_timeout: self.config.shutdown_timeout,
+            shutdown_timeout,
+            table: PeerTable::new(peer_id),
+            auto_dials: HashMap::new(),
+            auto_dialed: HashSet::new(),
+            mdns_error,
+            mdns_found_any: false,
+            mdns_silence_reported: false,
+            config: self.config,
             shutdown_waiters: Vec::new(),
         };
         tokio::spawn(task.run());
@@ -247,6 +266,12 @@ pub struct ConnectedPeer {
 }
 
 enum Command {
+    KnownPeers {
+        reply: oneshot::Sender<Vec<KnownPeer>>,
+    },
+    Discovery {
+        reply: oneshot::Sender<DiscoveryStatus>,
+    },
     ListenAddrs {
         reply: oneshot::Sender<Vec<Multiaddr>>,
     },
@@ -371,6 +396,22 @@ impl NodeHandle {
             .await
     }
 
+    /// Every peer the node knows of, connected or not, with its sources.
+    ///
+    /// # Errors
+    /// [`NodeError::NotRunning`] once the node has stopped.
+    pub async fn known_peers(&self) -> Result<Vec<KnownPeer>, NodeError> {
+        self.request(|reply| Command::KnownPeers { reply }).await
+    }
+
+    /// Which discovery sources are on and working, and their counters.
+    ///
+    /// # Errors
+    /// [`NodeError::NotRunning`] once the node has stopped.
+    pub async fn discovery(&self) -> Result<DiscoveryStatus, NodeError> {
+        self.request(|reply| Command::Discovery { reply }).await
+    }
+
     /// A summary of the node's counters.
     ///
     /// # Errors
@@ -449,6 +490,15 @@ impl PendingDial {
 
 /// Owns the swarm; the only code that touches it.
 struct SwarmTask {
+    config: NodeConfig,
+    table: PeerTable,
+    /// Dials made by discovery, by the source whose peer was dialed.
+    auto_dials: HashMap<ConnectionId, DiscoverySource>,
+    /// Peers we connected to because discovery dialed them.
+    auto_dialed: HashSet<PeerId>,
+    mdns_error: Option<String>,
+    mdns_found_any: bool,
+    mdns_silence_reported: bool,
     swarm: Swarm<NodeBehaviour>,
     commands: mpsc::Receiver<Command>,
     events: broadcast::Sender<NodeEvent>,
@@ -470,6 +520,10 @@ struct SwarmTask {
 
 impl SwarmTask {
     async fn run(mut self) {
+        // Configured bootstrap peers are known from the start, reachable or not.
+        for peer in self.swarm.behaviour().bootstrap.peers() {
+            self.discovered(peer.peer, &peer.addresses, DiscoverySource::Bootstrap);
+        }
         if self.listeners.is_empty() {
             self.mark_running();
         }
@@ -487,7 +541,10 @@ impl SwarmTask {
                     // Every handle is gone: nobody can stop us later, so stop now.
                     None => break,
                 },
-                _ = trim_tick.tick() => self.trim_connections(),
+                _ = trim_tick.tick() => {
+                    self.trim_connections();
+                    self.report_mdns_silence();
+                }
             }
             if self.state.borrow().is_terminal() {
                 break;
@@ -546,6 +603,12 @@ impl SwarmTask {
             Command::Dial { addr, reply } => self.dial(addr, reply),
             Command::ConnectedPeers { reply } => {
                 let _ = reply.send(self.connected_peers());
+            }
+            Command::KnownPeers { reply } => {
+                let _ = reply.send(self.table.snapshot());
+            }
+            Command::Discovery { reply } => {
+                let _ = reply.send(self.discovery_status());
             }
             Command::Metrics { reply } => {
                 let _ = reply.send(self.snapshot());
@@ -669,7 +732,7 @@ impl SwarmTask {
                 id: *id,
                 peer: c.peer,
                 established: c.established,
-                protected: false,
+                protected: self.swarm.behaviour().bootstrap.is_bootstrap_peer(&c.peer),
             })
             .collect();
         let chosen = self.trim.connections_to_close(&ages, Instant::now());
@@ -703,6 +766,12 @@ impl SwarmTask {
             SwarmEvent::Behaviour(NodeBehaviourEvent::Identify(event)) => {
                 self.metrics.libp2p.record(&event);
                 self.on_identify(event);
+            }
+            SwarmEvent::Behaviour(NodeBehaviourEvent::Bootstrap(event)) => self.on_bootstrap(event),
+            SwarmEvent::Behaviour(NodeBehaviourEvent::Mdns(event)) => self.on_mdns(event),
+            SwarmEvent::Behaviour(NodeBehaviourEvent::Dht(event)) => self.on_dht(event),
+            SwarmEvent::NewExternalAddrOfPeer { peer_id, address } => {
+                self.table.add_address(&peer_id, &address);
             }
             SwarmEvent::Behaviour(NodeBehaviourEvent::Ping(event)) => {
                 self.metrics.libp2p.record(&event);
@@ -789,6 +858,11 @@ impl SwarmTask {
                     },
                 );
                 self.peers.entry(peer_id).or_default();
+                self.table.set_connected(&peer_id, true);
+                if let Some(source) = self.auto_dials.remove(&connection_id) {
+                    self.metrics.count(DiscoveryCounter::DialSuccess, source);
+                    self.auto_dialed.insert(peer_id);
+                }
                 if num_established.get() == 1 {
                     self.emit(NodeEvent::PeerConnected {
                         peer_id,
@@ -818,6 +892,8 @@ impl SwarmTask {
                 tracing::debug!(%peer_id, cause = ?cause.as_ref().map(ToString::to_string), "connection closed");
                 if num_established == 0 {
                     self.peers.remove(&peer_id);
+                    self.auto_dialed.remove(&peer_id);
+                    self.table.set_connected(&peer_id, false);
                     self.emit(NodeEvent::PeerDisconnected { peer_id });
                 }
                 self.update_connection_gauges();
@@ -836,6 +912,11 @@ impl SwarmTask {
                     other => error_chain(other),
                 };
                 tracing::debug!(peer = ?peer_id, %reason, "outgoing connection failed");
+                if let (Some(source), Some(peer)) =
+                    (self.auto_dials.remove(&connection_id), peer_id)
+                {
+                    self.on_auto_dial_failed(peer, source, &error);
+                }
                 if let Some(pending) = self.pending_dials.remove(&connection_id) {
                     let target = pending.target.clone();
                     pending.finish(&Err(NodeError::Dial { target, reason }));
@@ -869,6 +950,7 @@ impl SwarmTask {
                     || entry.agent_version.as_deref() != Some(&info.agent_version);
                 entry.protocol_version = Some(info.protocol_version.clone());
                 entry.agent_version = Some(info.agent_version.clone());
+                self.on_identified(peer_id, &info);
                 if changed {
                     self.emit(NodeEvent::PeerIdentified {
                         peer_id,
@@ -881,6 +963,302 @@ impl SwarmTask {
                 tracing::debug!(%peer_id, error = %error_chain(&error), "identify failed");
             }
             identify::Event::Sent { .. } | identify::Event::Pushed { .. } => {}
+        }
+    }
+
+    /// A source reported `peer`: record it, announce it the first time.
+    fn discovered(&mut self, peer: PeerId, addresses: &[Multiaddr], source: DiscoverySource) {
+        let Some(reported) = self.table.report(peer, addresses, source) else {
+            return;
+        };
+        if reported.new_for_source {
+            tracing::debug!(%peer, %source, "peer discovered");
+            self.metrics.count(DiscoveryCounter::Discovered, source);
+            self.emit(NodeEvent::PeerDiscovered {
+                peer_id: peer,
+                source,
+            });
+        }
+        self.update_table_gauges();
+    }
+
+    fn lost(&mut self, peer: PeerId, source: DiscoverySource) {
+        tracing::debug!(%peer, %source, "peer lost");
+        self.metrics.count(DiscoveryCounter::Lost, source);
+        self.emit(NodeEvent::PeerLost {
+            peer_id: peer,
+            source,
+        });
+        self.update_table_gauges();
+    }
+
+    fn update_table_gauges(&self) {
+        let routing = self
+            .swarm
+            .behaviour()
+            .dht
+            .as_ref()
+            .map_or(0, ollamacron_discovery_dht::Behaviour::routing_table_size);
+        self.metrics.set_table_sizes(self.table.len(), routing);
+    }
+
+    /// Dial a discovered peer if the policy allows: not connected, not being
+    /// dialed, not foreign, not in backoff, with an address, and while we
+    /// hold fewer than `conn_mgr_low` peers (beyond that, knowing is enough).
+    fn auto_dial(&mut self, peer: PeerId, source: DiscoverySource) {
+        if *self.state.borrow() != NodeState::Running || self.swarm.is_connected(&peer) {
+            return;
+        }
+        let low = usize::try_from(self.config.conn_mgr_low).unwrap_or(usize::MAX);
+        if self.peers.len() >= low {
+            return;
+        }
+        let Some(addresses) = self.table.dial_candidate(&peer, Instant::now()) else {
+            return;
+        };
+        let opts = DialOpts::peer_id(peer)
+            .addresses(addresses)
+            .condition(PeerCondition::DisconnectedAndNotDialing)
+            .build();
+        let connection_id = opts.connection_id();
+        match self.swarm.dial(opts) {
+            Ok(()) => {
+                self.auto_dials.insert(connection_id, source);
+            }
+            Err(e) => {
+                self.table
+                    .set_connected(&peer, self.swarm.is_connected(&peer));
+                tracing::debug!(%peer, error = %error_chain(&e), "cannot dial discovered peer");
+            }
+        }
+    }
+
+    fn on_auto_dial_failed(&mut self, peer: PeerId, source: DiscoverySource, error: &DialError) {
+        if matches!(error, DialError::DialPeerConditionFalse(_)) {
+            // Someone else is dialing or connected: not a failure.
+            self.table
+                .set_connected(&peer, self.swarm.is_connected(&peer));
+            return;
+        }
+        self.metrics.count(DiscoveryCounter::DialFailure, source);
+        let bootstrap = &self.swarm.behaviour().bootstrap;
+        match self.table.dial_failed(&peer, |n| bootstrap.backoff(n)) {
+            Some((failures, retry_in)) => self.emit(NodeEvent::DialFailed {
+                peer_id: peer,
+                source,
+                failures,
+                retry_in,
+            }),
+            None => self.lost(peer, source),
+        }
+    }
+
+    fn on_bootstrap(&mut self, event: BootstrapEvent) {
+        match event {
+            BootstrapEvent::Dialing { peer, failures } => {
+                tracing::debug!(%peer, failures, "dialing bootstrap peer");
+            }
+            BootstrapEvent::Connected { peer } => {
+                tracing::info!(%peer, "connected to bootstrap peer");
+                self.discovered(peer, &[], DiscoverySource::Bootstrap);
+                self.table.set_connected(&peer, true);
+                self.metrics
+                    .count(DiscoveryCounter::DialSuccess, DiscoverySource::Bootstrap);
+            }
+            BootstrapEvent::Disconnected { peer } => {
+                tracing::debug!(%peer, "bootstrap peer disconnected");
+            }
+            BootstrapEvent::DialFailed {
+                peer,
+                error,
+                failures,
+                retry_in,
+            } => {
+                let retry = humantime::format_duration(Duration::from_millis(
+                    u64::try_from(retry_in.as_millis()).unwrap_or(u64::MAX),
+                ));
+                if failures == 1 {
+                    tracing::warn!(%peer, %error, retry_in = %retry, "cannot reach bootstrap peer");
+                } else {
+                    tracing::debug!(%peer, %error, failures, retry_in = %retry, "bootstrap peer still unreachable");
+                }
+                self.metrics
+                    .count(DiscoveryCounter::DialFailure, DiscoverySource::Bootstrap);
+                self.table.dial_failed(&peer, |_| retry_in);
+                self.emit(NodeEvent::DialFailed {
+                    peer_id: peer,
+                    source: DiscoverySource::Bootstrap,
+                    failures,
+                    retry_in,
+                });
+            }
+        }
+    }
+
+    fn on_mdns(&mut self, event: MdnsEvent) {
+        match event {
+            MdnsEvent::Discovered { peer, addresses } => {
+                self.mdns_found_any = true;
+                self.discovered(peer, &addresses, DiscoverySource::Mdns);
+                self.auto_dial(peer, DiscoverySource::Mdns);
+            }
+            MdnsEvent::Expired { peer, .. } => {
+                if self.table.lose(&peer, DiscoverySource::Mdns) {
+                    self.lost(peer, DiscoverySource::Mdns);
+                }
+            }
+        }
+    }
+
+    fn on_dht(&mut self, event: DhtEvent) {
+        match event {
+            DhtEvent::ProviderFound { peer, addresses } => {
+                self.discovered(peer, &addresses, DiscoverySource::Dht);
+                self.auto_dial(peer, DiscoverySource::Dht);
+            }
+            DhtEvent::PeerAddresses { peer, addresses } => {
+                for addr in &addresses {
+                    self.table.add_address(&peer, addr);
+                }
+                self.auto_dial(peer, DiscoverySource::Dht);
+            }
+            DhtEvent::RoutingUpdated {
+                peer, addresses, ..
+            } => self.discovered(peer, &addresses, DiscoverySource::Dht),
+            DhtEvent::BootstrapFinished {
+                ok,
+                routing_table_size,
+            } => {
+                tracing::debug!(ok, routing_table_size, "DHT bootstrap finished");
+                self.update_table_gauges();
+            }
+            DhtEvent::Advertised { ok } => {
+                tracing::debug!(ok, "announced the namespace in the DHT");
+            }
+            DhtEvent::ModeChanged { mode } => {
+                tracing::info!(%mode, "DHT mode changed");
+            }
+            DhtEvent::Kad(event) => {
+                self.metrics.libp2p.record(event.as_ref());
+            }
+        }
+    }
+
+    /// What identify tells discovery: the peer's addresses, whether it
+    /// speaks our DHT, and whether it is an Ollamacron node at all.
+    fn on_identified(&mut self, peer: PeerId, info: &identify::Info) {
+        self.discovered(peer, &info.listen_addrs, DiscoverySource::Identify);
+        if info.protocol_version != PROTOCOL_VERSION {
+            self.table.set_foreign(&peer);
+            if self.auto_dialed.contains(&peer) {
+                tracing::debug!(%peer, protocol_version = %info.protocol_version, "discovered peer is not an Ollamacron node; disconnecting");
+                let _ = self.swarm.disconnect_peer_id(peer);
+            }
+            return;
+        }
+        let speaks_dht = info.protocols.contains(&KAD_PROTOCOL);
+        if let (true, Some(dht)) = (speaks_dht, self.swarm.behaviour_mut().dht.as_mut()) {
+            for addr in &info.listen_addrs {
+                dht.add_address(&peer, addr.clone());
+            }
+        }
+    }
+
+    /// Warn once when mDNS runs but has heard nobody for a while: on Wi-Fi
+    /// with client isolation, in containers or WSL2, multicast is often
+    /// silently dropped.
+    fn report_mdns_silence(&mut self) {
+        if self.mdns_found_any
+            || self.mdns_silence_reported
+            || !self.swarm.behaviour().mdns.is_enabled()
+        {
+            return;
+        }
+        let quiet_for = self
+            .config
+            .mdns_query_interval
+            .saturating_mul(MDNS_SILENT_QUERIES);
+        if self.metrics.endpoint.uptime() < quiet_for {
+            return;
+        }
+        self.mdns_silence_reported = true;
+        tracing::warn!(
+            quiet_for = %humantime::format_duration(quiet_for),
+            "mDNS has found no peer; if other nodes run on this network, multicast may be blocked \
+             (Wi-Fi client isolation, containers, WSL2): configure bootstrap peers"
+        );
+    }
+
+    fn discovery_status(&self) -> DiscoveryStatus {
+        let behaviour = self.swarm.behaviour();
+        let mdns_detail = match (&self.mdns_error, behaviour.mdns.as_ref()) {
+            (Some(reason), _) => format!("unavailable: {reason}"),
+            (None, Some(mdns)) => format!(
+                "{} peers on the local network",
+                mdns.discovered_peers().count()
+            ),
+            (None, None) => "off (enable_mdns: false)".to_owned(),
+        };
+        let (dht_detail, routing, providers) = match behaviour.dht.as_ref() {
+            Some(dht) => (
+                format!(
+                    "{} mode, {} peers in the routing table, {} namespace providers",
+                    match dht_mode(&self.config) {
+                        DhtMode::Server => "server",
+                        DhtMode::Client => "client",
+                    },
+                    dht.routing_table_size(),
+                    dht.providers().len()
+                ),
+                dht.routing_table_size(),
+                dht.providers().len(),
+            ),
+            None => ("off (enable_dht: false)".to_owned(), 0, 0),
+        };
+        let bootstrap = behaviour.bootstrap.peers();
+        let connected = bootstrap.iter().filter(|p| p.connections > 0).count();
+        let sources = vec![
+            SourceStatus {
+                source: DiscoverySource::Mdns,
+                enabled: self.config.enable_mdns,
+                active: behaviour.mdns.is_enabled(),
+                detail: mdns_detail,
+            },
+            SourceStatus {
+                source: DiscoverySource::Dht,
+                enabled: self.config.enable_dht,
+                active: behaviour.dht.is_enabled(),
+                detail: dht_detail,
+            },
+            SourceStatus {
+                source: DiscoverySource::Bootstrap,
+                enabled: !bootstrap.is_empty(),
+                active: connected > 0,
+                detail: if bootstrap.is_empty() {
+                    "no bootstrap peers configured".to_owned()
+                } else {
+                    format!(
+                        "{connected} of {} bootstrap peers connected",
+                        bootstrap.len()
+                    )
+                },
+            },
+            SourceStatus {
+                source: DiscoverySource::Identify,
+                enabled: true,
+                active: true,
+                detail: "addresses from every connected peer".to_owned(),
+            },
+        ];
+        DiscoveryStatus {
+            sources,
+            stats: DiscoverySource::ALL
+                .iter()
+                .map(|s| (*s, self.metrics.source_stats(*s)))
+                .collect(),
+            known_peers: self.table.len(),
+            dht_routing_table_size: routing,
+            dht_providers: providers,
         }
     }
 

@@ -1,0 +1,441 @@
+//! The discovery engine's table of known peers: who we know, from which
+//! sources, at which addresses, whether we are connected, and whether
+//! (and when) to dial them.
+
+use std::collections::HashMap;
+use std::fmt;
+use std::time::{Duration, Instant, SystemTime};
+
+use libp2p::{Multiaddr, PeerId};
+use serde::Serialize;
+
+/// Most peers the table remembers; beyond it the longest-unseen
+/// disconnected peer is forgotten.
+pub(crate) const MAX_KNOWN_PEERS: usize = 10_000;
+/// Most addresses remembered per peer (newest kept).
+pub(crate) const MAX_ADDRESSES_PER_PEER: usize = 16;
+/// A discovered (non-bootstrap) peer that failed this many dials in a row
+/// is forgotten and reported lost.
+pub(crate) const MAX_DIAL_FAILURES: u32 = 8;
+
+/// How a peer was learned.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize)]
+#[serde(rename_all = "lowercase")]
+pub enum DiscoverySource {
+    /// Local-network multicast.
+    Mdns,
+    /// The Kademlia DHT (namespace providers, routing table).
+    Dht,
+    /// A configured bootstrap peer.
+    Bootstrap,
+    /// A peer's identify information (it connected to us, or told us its addresses).
+    Identify,
+}
+
+impl DiscoverySource {
+    /// Every source, in a fixed order.
+    pub const ALL: [Self; 4] = [Self::Mdns, Self::Dht, Self::Bootstrap, Self::Identify];
+
+    /// Lower-case name, as in metrics and the API.
+    #[must_use]
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Self::Mdns => "mdns",
+            Self::Dht => "dht",
+            Self::Bootstrap => "bootstrap",
+            Self::Identify => "identify",
+        }
+    }
+}
+
+impl fmt::Display for DiscoverySource {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(self.as_str())
+    }
+}
+
+/// One known peer, as `NodeHandle::known_peers` reports it.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+pub struct KnownPeer {
+    /// The peer.
+    pub peer_id: PeerId,
+    /// Addresses we know for it, newest last.
+    pub addresses: Vec<Multiaddr>,
+    /// Every source that reported it.
+    pub sources: Vec<DiscoverySource>,
+    /// When it was first reported.
+    pub first_seen: SystemTime,
+    /// When it was last reported or connected.
+    pub last_seen: SystemTime,
+    /// Whether a connection is open.
+    pub connected: bool,
+    /// Consecutive failed dials.
+    pub failures: u32,
+    /// Whether identify showed it is not an Ollamacron node.
+    pub foreign: bool,
+}
+
+#[derive(Debug)]
+struct PeerEntry {
+    addresses: Vec<Multiaddr>,
+    sources: Vec<DiscoverySource>,
+    first_seen: SystemTime,
+    last_seen: SystemTime,
+    last_seen_at: Instant,
+    connected: bool,
+    dialing: bool,
+    failures: u32,
+    retry_at: Option<Instant>,
+    foreign: bool,
+}
+
+/// What `PeerTable::report` changed.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) struct Reported {
+    /// The source reported this peer for the first time.
+    pub(crate) new_for_source: bool,
+}
+
+/// The known-peer table.
+#[derive(Debug)]
+pub(crate) struct PeerTable {
+    local: PeerId,
+    peers: HashMap<PeerId, PeerEntry>,
+}
+
+impl PeerTable {
+    pub(crate) fn new(local: PeerId) -> Self {
+        Self {
+            local,
+            peers: HashMap::new(),
+        }
+    }
+
+    pub(crate) fn len(&self) -> usize {
+        self.peers.len()
+    }
+
+    /// A source reports `peer` at `addresses`. `None` for our own id.
+    pub(crate) fn report(
+        &mut self,
+        peer: PeerId,
+        addresses: &[Multiaddr],
+        source: DiscoverySource,
+    ) -> Option<Reported> {
+        if peer == self.local {
+            return None;
+        }
+        if !self.peers.contains_key(&peer) && self.peers.len() >= MAX_KNOWN_PEERS {
+            self.evict_one();
+        }
+        let now = SystemTime::now();
+        let entry = self.peers.entry(peer).or_insert_with(|| PeerEntry {
+            addresses: Vec::new(),
+            sources: Vec::new(),
+            first_seen: now,
+            last_seen: now,
+            last_seen_at: Instant::now(),
+            connected: false,
+            dialing: false,
+            failures: 0,
+            retry_at: None,
+            foreign: false,
+        });
+        entry.last_seen = now;
+        entry.last_seen_at = Instant::now();
+        for addr in addresses {
+            add_address(&mut entry.addresses, addr);
+        }
+        let new_for_source = !entry.sources.contains(&source);
+        if new_for_source {
+            entry.sources.push(source);
+            entry.sources.sort_unstable();
+        }
+        Some(Reported { new_for_source })
+    }
+
+    /// Forget the disconnected peer seen longest ago.
+    fn evict_one(&mut self) {
+        let victim = self
+            .peers
+            .iter()
+            .filter(|(_, e)| !e.connected && !e.sources.contains(&DiscoverySource::Bootstrap))
+            .min_by_key(|(_, e)| e.last_seen_at)
+            .map(|(id, _)| *id);
+        if let Some(id) = victim {
+            self.peers.remove(&id);
+        }
+    }
+
+    /// Learn an address of a peer we already know (from the DHT or the swarm).
+    pub(crate) fn add_address(&mut self, peer: &PeerId, addr: &Multiaddr) {
+        if let Some(entry) = self.peers.get_mut(peer) {
+            add_address(&mut entry.addresses, addr);
+        }
+    }
+
+    pub(crate) fn set_connected(&mut self, peer: &PeerId, connected: bool) {
+        if let Some(entry) = self.peers.get_mut(peer) {
+            entry.connected = connected;
+            entry.dialing = false;
+            if connected {
+                entry.failures = 0;
+                entry.retry_at = None;
+                entry.last_seen = SystemTime::now();
+                entry.last_seen_at = Instant::now();
+            }
+        }
+    }
+
+    pub(crate) fn set_foreign(&mut self, peer: &PeerId) {
+        if let Some(entry) = self.peers.get_mut(peer) {
+            entry.foreign = true;
+        }
+    }
+
+    /// The addresses to dial `peer` at, if the policy allows a dial now.
+    pub(crate) fn dial_candidate(&mut self, peer: &PeerId, now: Instant) -> Option<Vec<Multiaddr>> {
+        let entry = self.peers.get_mut(peer)?;
+        let in_backoff = entry.retry_at.is_some_and(|at| at > now);
+        if entry.connected
+            || entry.dialing
+            || entry.foreign
+            || in_backoff
+            || entry.addresses.is_empty()
+        {
+            return None;
+        }
+        entry.dialing = true;
+        Some(entry.addresses.clone())
+    }
+
+    /// Record a failed dial; returns the failure count and the backoff
+    /// chosen by `backoff`, or `None` when the peer is now forgotten.
+    pub(crate) fn dial_failed(
+        &mut self,
+        peer: &PeerId,
+        backoff: impl FnOnce(u32) -> Duration,
+    ) -> Option<(u32, Duration)> {
+        let entry = self.peers.get_mut(peer)?;
+        entry.dialing = false;
+        entry.failures = entry.failures.saturating_add(1);
+        let bootstrap = entry.sources.contains(&DiscoverySource::Bootstrap);
+        if !bootstrap && !entry.connected && entry.failures >= MAX_DIAL_FAILURES {
+            self.peers.remove(peer);
+            return None;
+        }
+        let delay = backoff(entry.failures);
+        entry.retry_at = Some(Instant::now() + delay);
+        Some((entry.failures, delay))
+    }
+
+    /// Forget `peer` (its only source lost it); `true` if it was known and
+    /// not connected.
+    pub(crate) fn lose(&mut self, peer: &PeerId, source: DiscoverySource) -> bool {
+        let Some(entry) = self.peers.get_mut(peer) else {
+            return false;
+        };
+        entry.sources.retain(|s| *s != source);
+        if entry.connected || !entry.sources.is_empty() {
+            return false;
+        }
+        self.peers.remove(peer);
+        true
+    }
+
+    pub(crate) fn snapshot(&self) -> Vec<KnownPeer> {
+        let mut peers: Vec<KnownPeer> = self
+            .peers
+            .iter()
+            .map(|(id, e)| KnownPeer {
+                peer_id: *id,
+                addresses: e.addresses.clone(),
+                sources: e.sources.clone(),
+                first_seen: e.first_seen,
+                last_seen: e.last_seen,
+                connected: e.connected,
+                failures: e.failures,
+                foreign: e.foreign,
+            })
+            .collect();
+        peers.sort_by_key(|p| p.peer_id);
+        peers
+    }
+}
+
+fn add_address(list: &mut Vec<Multiaddr>, addr: &Multiaddr) {
+    if let Some(pos) = list.iter().position(|a| a == addr) {
+        let existing = list.remove(pos);
+        list.push(existing);
+        return;
+    }
+    if list.len() >= MAX_ADDRESSES_PER_PEER {
+        list.remove(0);
+    }
+    list.push(addr.clone());
+}
+
+/// Whether a discovery source is on and working, for `status`.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+pub struct SourceStatus {
+    /// The source.
+    pub source: DiscoverySource,
+    /// Turned on by configuration.
+    pub enabled: bool,
+    /// Running (enabled and able to work).
+    pub active: bool,
+    /// What it is doing or why it is not.
+    pub detail: String,
+}
+
+/// Counters of one discovery source.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize)]
+pub struct SourceStats {
+    /// Peers this source reported for the first time.
+    pub peers_discovered: u64,
+    /// Dials of peers from this source that failed.
+    pub connection_failures: u64,
+    /// Dials of peers from this source that succeeded.
+    pub successful_connections: u64,
+    /// Peers this source reported gone.
+    pub peers_lost: u64,
+}
+
+/// Discovery as a whole, from `NodeHandle::discovery`.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+pub struct DiscoveryStatus {
+    /// Each source's state.
+    pub sources: Vec<SourceStatus>,
+    /// Each source's counters.
+    pub stats: Vec<(DiscoverySource, SourceStats)>,
+    /// Peers in the known-peer table.
+    pub known_peers: usize,
+    /// Peers in the Kademlia routing table.
+    pub dht_routing_table_size: usize,
+    /// Namespace providers found through the DHT.
+    pub dht_providers: usize,
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn addr(port: u16) -> Multiaddr {
+        format!("/ip4/127.0.0.1/tcp/{port}").parse().unwrap()
+    }
+
+    #[test]
+    fn reports_merge_sources_and_addresses() {
+        let mut table = PeerTable::new(PeerId::random());
+        let p = PeerId::random();
+        assert!(
+            table
+                .report(p, &[addr(1)], DiscoverySource::Mdns)
+                .unwrap()
+                .new_for_source
+        );
+        assert!(
+            !table
+                .report(p, &[addr(1)], DiscoverySource::Mdns)
+                .unwrap()
+                .new_for_source
+        );
+        assert!(
+            table
+                .report(p, &[addr(2)], DiscoverySource::Dht)
+                .unwrap()
+                .new_for_source
+        );
+        let snap = table.snapshot();
+        assert_eq!(
+            snap[0].sources,
+            [DiscoverySource::Mdns, DiscoverySource::Dht]
+        );
+        assert_eq!(snap[0].addresses, [addr(1), addr(2)]);
+    }
+
+    #[test]
+    fn own_id_is_never_recorded() {
+        let me = PeerId::random();
+        let mut table = PeerTable::new(me);
+        assert!(table.report(me, &[addr(1)], DiscoverySource::Dht).is_none());
+        assert_eq!(table.len(), 0);
+    }
+
+    #[test]
+    fn addresses_are_bounded_newest_kept() {
+        let mut table = PeerTable::new(PeerId::random());
+        let p = PeerId::random();
+        let many: Vec<Multiaddr> = (0..40).map(addr).collect();
+        table.report(p, &many, DiscoverySource::Identify);
+        let snap = table.snapshot();
+        assert_eq!(snap[0].addresses.len(), MAX_ADDRESSES_PER_PEER);
+        assert_eq!(snap[0].addresses.last(), Some(&addr(39)));
+    }
+
+    #[test]
+    fn dial_policy_skips_connected_dialing_foreign_and_backoff() {
+        let mut table = PeerTable::new(PeerId::random());
+        let p = PeerId::random();
+        let now = Instant::now();
+        assert!(table.dial_candidate(&p, now).is_none(), "unknown");
+        table.report(p, &[], DiscoverySource::Dht);
+        assert!(table.dial_candidate(&p, now).is_none(), "no address");
+        table.report(p, &[addr(1)], DiscoverySource::Dht);
+        assert_eq!(table.dial_candidate(&p, now), Some(vec![addr(1)]));
+        assert!(table.dial_candidate(&p, now).is_none(), "already dialing");
+        let (failures, delay) = table.dial_failed(&p, |_| Duration::from_secs(10)).unwrap();
+        assert_eq!((failures, delay), (1, Duration::from_secs(10)));
+        assert!(
+            table.dial_candidate(&p, Instant::now()).is_none(),
+            "in backoff"
+        );
+        assert!(
+            table
+                .dial_candidate(&p, Instant::now() + Duration::from_secs(11))
+                .is_some()
+        );
+        table.set_connected(&p, true);
+        assert!(
+            table.dial_candidate(&p, Instant::now()).is_none(),
+            "connected"
+        );
+        table.set_connected(&p, false);
+        table.set_foreign(&p);
+        assert!(
+            table.dial_candidate(&p, Instant::now()).is_none(),
+            "foreign"
+        );
+    }
+
+    #[test]
+    fn unreachable_discovered_peers_are_forgotten_bootstrap_ones_kept() {
+        let mut table = PeerTable::new(PeerId::random());
+        let p = PeerId::random();
+        let b = PeerId::random();
+        table.report(p, &[addr(1)], DiscoverySource::Mdns);
+        table.report(b, &[addr(2)], DiscoverySource::Bootstrap);
+        for _ in 1..MAX_DIAL_FAILURES {
+            assert!(table.dial_failed(&p, |_| Duration::ZERO).is_some());
+        }
+        assert!(table.dial_failed(&p, |_| Duration::ZERO).is_none());
+        for _ in 0..MAX_DIAL_FAILURES * 2 {
+            assert!(table.dial_failed(&b, |_| Duration::ZERO).is_some());
+        }
+        assert_eq!(table.len(), 1);
+    }
+
+    #[test]
+    fn losing_the_last_source_forgets_a_disconnected_peer() {
+        let mut table = PeerTable::new(PeerId::random());
+        let p = PeerId::random();
+        table.report(p, &[addr(1)], DiscoverySource::Mdns);
+        table.report(p, &[addr(1)], DiscoverySource::Dht);
+        assert!(
+            !table.lose(&p, DiscoverySource::Mdns),
+            "still known via the DHT"
+        );
+        assert!(table.lose(&p, DiscoverySource::Dht));
+        assert_eq!(table.len(), 0);
+    }
+}
