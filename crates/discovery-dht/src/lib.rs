@@ -1,6 +1,7 @@
 #![doc = include_str!("../README.md")]
 
 mod keys;
+mod store;
 
 use std::collections::{HashMap, HashSet, VecDeque};
 use std::future::Future;
@@ -10,8 +11,8 @@ use std::time::Duration;
 
 use libp2p::core::transport::PortUse;
 use libp2p::core::{Endpoint, Multiaddr};
+use libp2p::kad::store::MemoryStoreConfig;
 use libp2p::kad::store::RecordStore;
-use libp2p::kad::store::{MemoryStore, MemoryStoreConfig};
 use libp2p::kad::{self, GetClosestPeersOk, GetProvidersOk, QueryId, QueryResult, RecordKey};
 use libp2p::swarm::{
     ConnectionDenied, ConnectionId, FromSwarm, NetworkBehaviour, THandler, THandlerInEvent,
@@ -23,6 +24,7 @@ use tokio::time::{Instant, Interval, MissedTickBehavior, Sleep};
 pub use keys::{
     NAMESPACE, capability_key, namespace_key, node_record_key, provider_key, service_type_key,
 };
+pub use store::DhtStore;
 
 /// The Kademlia protocol of the private Ollamacron DHT (never the IPFS one).
 pub const KAD_PROTOCOL: StreamProtocol = StreamProtocol::new("/ollamacron/kad/1.0.0");
@@ -137,7 +139,7 @@ pub enum DhtEvent {
 /// timers that advertise the node under the namespace key and look up the
 /// other providers. Add it to your own `#[derive(NetworkBehaviour)]`.
 pub struct Behaviour {
-    kad: kad::Behaviour<MemoryStore>,
+    kad: kad::Behaviour<DhtStore>,
     config: DhtConfig,
     local_peer: PeerId,
     namespace: RecordKey,
@@ -180,7 +182,7 @@ impl Behaviour {
             // we see who announces the namespace the moment they do.
             .set_record_filtering(kad::StoreInserts::FilterBoth)
             .set_provider_publication_interval(Some(config.provide_interval));
-        let store = MemoryStore::with_config(
+        let store = DhtStore::new(
             local_peer,
             MemoryStoreConfig {
                 max_records: config.max_records,
@@ -231,7 +233,7 @@ impl Behaviour {
     }
 
     /// The Kademlia behaviour, for queries of your own (records, other keys).
-    pub fn kad_mut(&mut self) -> &mut kad::Behaviour<MemoryStore> {
+    pub fn kad_mut(&mut self) -> &mut kad::Behaviour<DhtStore> {
         &mut self.kad
     }
 
@@ -275,10 +277,7 @@ impl Behaviour {
         // Look again soon, then less and less often: peers that joined just
         // after us are found within a second, and a quiet network costs one
         // lookup per `discovery_interval`.
-        self.ramp = FIRST_FOLLOW_UP_LOOKUP.min(self.config.discovery_interval);
-        self.discovery_timer
-            .as_mut()
-            .reset(Instant::now() + self.ramp);
+        self.look_again_soon();
     }
 
     fn advertise(&mut self) {
@@ -466,6 +465,17 @@ impl Behaviour {
         )))
     }
 
+    /// Restart the lookup ramp: the next lookup in `FIRST_FOLLOW_UP_LOOKUP`
+    /// (unless one is due sooner), then at doubling intervals.
+    fn look_again_soon(&mut self) {
+        let first = FIRST_FOLLOW_UP_LOOKUP.min(self.config.discovery_interval);
+        let at = Instant::now() + first;
+        self.ramp = first;
+        if self.discovery_timer.deadline() > at {
+            self.discovery_timer.as_mut().reset(at);
+        }
+    }
+
     fn schedule_readvertise(&mut self) {
         if !self.readvertise_pending {
             self.readvertise_pending = true;
@@ -477,7 +487,7 @@ impl Behaviour {
 }
 
 impl NetworkBehaviour for Behaviour {
-    type ConnectionHandler = <kad::Behaviour<MemoryStore> as NetworkBehaviour>::ConnectionHandler;
+    type ConnectionHandler = <kad::Behaviour<DhtStore> as NetworkBehaviour>::ConnectionHandler;
     type ToSwarm = DhtEvent;
 
     fn handle_pending_inbound_connection(
@@ -534,6 +544,15 @@ impl NetworkBehaviour for Behaviour {
     }
 
     fn on_swarm_event(&mut self, event: FromSwarm<'_>) {
+        if let FromSwarm::ConnectionEstablished(e) = &event
+            && e.other_established == 0
+            && e.peer_id != self.local_peer
+            && !self.providers.contains(&e.peer_id)
+        {
+            // A peer we do not know as a provider connected: likely a node
+            // that just joined and found us. Look for its announcement soon.
+            self.look_again_soon();
+        }
         self.kad.on_swarm_event(event);
     }
 

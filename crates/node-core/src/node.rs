@@ -790,6 +790,9 @@ impl SwarmTask {
                 if !self.listen_addrs.contains(&address) {
                     self.listen_addrs.push(address.clone());
                 }
+                // Until reachability detection lands, what we listen on is
+                // what we announce (identify, DHT provider records).
+                self.swarm.add_external_address(address.clone());
                 if let Some(l) = self.listeners.get_mut(&listener_id) {
                     l.reported = true;
                 }
@@ -800,6 +803,7 @@ impl SwarmTask {
             }
             SwarmEvent::ExpiredListenAddr { address, .. } => {
                 self.listen_addrs.retain(|a| a != &address);
+                self.swarm.remove_external_address(&address);
                 self.emit(NodeEvent::ListenAddrRemoved { addr: address });
             }
             SwarmEvent::ListenerError { listener_id, error } => {

@@ -9,14 +9,20 @@ use futures::future::{self, MapOk};
 use futures::{AsyncRead, AsyncWrite, TryFutureExt};
 use libp2p::core::either::EitherFuture;
 use libp2p::core::muxing::StreamMuxerBox;
-use libp2p::core::transport::Boxed;
+use std::pin::Pin;
+use std::task::{Context, Poll};
+
+use libp2p::core::Endpoint;
 use libp2p::core::transport::timeout::TransportTimeout;
+use libp2p::core::transport::{
+    Boxed, DialOpts as TransportDialOpts, ListenerId, PortUse, TransportError, TransportEvent,
+};
 use libp2p::core::upgrade::{
     InboundConnectionUpgrade, OutboundConnectionUpgrade, UpgradeInfo, Version,
 };
 use libp2p::identity::Keypair;
 use libp2p::metrics::{BandwidthTransport, Registry};
-use libp2p::{PeerId, Transport, dns, noise, quic, tcp, tls, websocket, yamux};
+use libp2p::{Multiaddr, PeerId, Transport, dns, noise, quic, tcp, tls, websocket, yamux};
 use ollamacron_config::NodeConfig;
 
 use crate::error::NodeError;
@@ -35,23 +41,27 @@ pub(crate) fn build_transport(
     registry: &mut Registry,
 ) -> Result<NodeTransport, NodeError> {
     let tcp_config = tcp::Config::default().nodelay(true);
-    let tcp = secure_and_multiplex(tcp::tokio::Transport::new(tcp_config.clone()), key, config)?;
-    let tcp =
-        if config.enable_websocket {
-            // DNS goes inside WebSocket so `/dns4/<host>/.../wss` keeps the host
-            // name for TLS.
-            let inner = dns::tokio::Transport::system(tcp::tokio::Transport::new(tcp_config))
+    let tcp = secure_and_multiplex(
+        FreshSourcePort(tcp::tokio::Transport::new(tcp_config.clone())),
+        key,
+        config,
+    )?;
+    let tcp = if config.enable_websocket {
+        // DNS goes inside WebSocket so `/dns4/<host>/.../wss` keeps the host
+        // name for TLS.
+        let inner =
+            dns::tokio::Transport::system(FreshSourcePort(tcp::tokio::Transport::new(tcp_config)))
                 .map_err(|e| NodeError::Transport {
                     what: "DNS",
                     reason: format!("cannot read the system resolver configuration: {e}"),
                 })?;
-            let ws = secure_and_multiplex(websocket::Config::new(inner), key, config)?;
-            ws.or_transport(tcp)
-                .map(|either, _| either.into_inner())
-                .boxed()
-        } else {
-            tcp
-        };
+        let ws = secure_and_multiplex(websocket::Config::new(inner), key, config)?;
+        ws.or_transport(tcp)
+            .map(|either, _| either.into_inner())
+            .boxed()
+    } else {
+        tcp
+    };
 
     let quic = quic::tokio::Transport::new(quic::Config::new(key))
         .map(|(peer, conn), _| (peer, StreamMuxerBox::new(conn)));
@@ -76,6 +86,55 @@ pub(crate) fn build_transport(
     Ok(BandwidthTransport::new(bounded, registry)
         .map(|(peer, conn), _| (peer, StreamMuxerBox::new(conn)))
         .boxed())
+}
+
+/// TCP that dials from a fresh source port unless hole punching.
+///
+/// libp2p dials from the listening port by default. When two nodes that
+/// listen on TCP dial each other at the same moment (both discover the
+/// other through mDNS or the DHT), the two dials share one address pair and
+/// the kernel merges them into a single simultaneous-open connection on
+/// which both sides act as the dialer: the security handshake fails and
+/// neither dial succeeds. A fresh port per dial avoids that. Only a
+/// hole-punch (role `Listener`) needs the listening port, and keeps it.
+#[derive(Debug)]
+struct FreshSourcePort<T>(T);
+
+impl<T: Transport + Unpin> Transport for FreshSourcePort<T> {
+    type Output = T::Output;
+    type Error = T::Error;
+    type ListenerUpgrade = T::ListenerUpgrade;
+    type Dial = T::Dial;
+
+    fn listen_on(
+        &mut self,
+        id: ListenerId,
+        addr: Multiaddr,
+    ) -> Result<(), TransportError<Self::Error>> {
+        self.0.listen_on(id, addr)
+    }
+
+    fn remove_listener(&mut self, id: ListenerId) -> bool {
+        self.0.remove_listener(id)
+    }
+
+    fn dial(
+        &mut self,
+        addr: Multiaddr,
+        mut opts: TransportDialOpts,
+    ) -> Result<Self::Dial, TransportError<Self::Error>> {
+        if opts.role == Endpoint::Dialer {
+            opts.port_use = PortUse::New;
+        }
+        self.0.dial(addr, opts)
+    }
+
+    fn poll(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+    ) -> Poll<TransportEvent<Self::ListenerUpgrade, Self::Error>> {
+        Pin::new(&mut self.0).poll(cx)
+    }
 }
 
 /// Add Noise and/or TLS (Noise preferred) and Yamux to a stream transport.
