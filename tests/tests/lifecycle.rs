@@ -324,3 +324,18 @@ async fn concurrent_dials_of_one_peer_share_the_connection() {
     a.shutdown().await.unwrap();
     b.shutdown().await.unwrap();
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_second_node_on_the_same_tcp_port_is_refused() {
+    let port = std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port();
+    let listen = format!("/ip4/127.0.0.1/tcp/{port}");
+    let first = start(loopback_config(&listen, &[])).await.unwrap();
+    let err = start(loopback_config(&listen, &[])).await.unwrap_err();
+    assert!(matches!(err, NodeError::Listen { .. }), "{err:?}");
+    assert!(err.to_string().contains(&listen), "{err}");
+    first.shutdown().await.unwrap();
+}

@@ -14,7 +14,7 @@ use std::process::ExitCode;
 use anyhow::Context;
 use clap::{Args, Parser, Subcommand, ValueEnum};
 use ollamacron_config::{ConfigError, ConfigLoader, LogFormat, NodeConfig};
-use ollamacron_node_core::{Node, NodeState, load_or_create_identity};
+use ollamacron_node_core::{Node, NodeError, NodeState, load_or_create_identity};
 use tracing_subscriber::EnvFilter;
 use tracing_subscriber::fmt::format::FmtSpan;
 
@@ -182,6 +182,28 @@ fn main() -> ExitCode {
     }
 }
 
+/// An error and its causes on one line, skipping causes whose text the
+/// message already contains (our errors name their source in the message).
+fn describe(e: &anyhow::Error) -> String {
+    let mut out = String::new();
+    for cause in e.chain() {
+        let text = cause.to_string();
+        if out.contains(&text) {
+            continue;
+        }
+        if !out.is_empty() {
+            out.push_str(": ");
+        }
+        out.push_str(&text);
+    }
+    out
+}
+
+/// A mistake in how the command was used (exit code 2).
+#[derive(Debug, thiserror::Error)]
+#[error("{0}")]
+struct UsageError(String);
+
 /// Print an error and pick the exit code: 2 when the configuration is at
 /// fault, `code` otherwise.
 #[allow(clippy::print_stderr)]
@@ -189,8 +211,9 @@ fn report(result: anyhow::Result<()>, code: u8) -> ExitCode {
     match result {
         Ok(()) => ExitCode::SUCCESS,
         Err(e) => {
-            eprintln!("error: {e:#}");
-            if e.downcast_ref::<ConfigError>().is_some() {
+            eprintln!("error: {}", describe(&e));
+            if e.downcast_ref::<ConfigError>().is_some() || e.downcast_ref::<UsageError>().is_some()
+            {
                 ExitCode::from(EXIT_CONFIG)
             } else {
                 ExitCode::from(code)
@@ -204,12 +227,12 @@ fn run(args: &ConfigArgs) -> ExitCode {
     let config = match args.load() {
         Ok(c) => c,
         Err(e) => {
-            eprintln!("error: {e:#}");
+            eprintln!("error: {}", describe(&e));
             return ExitCode::from(EXIT_CONFIG);
         }
     };
     if let Err(e) = init_logging(&config, args.log_level.is_some()) {
-        eprintln!("error: {e:#}");
+        eprintln!("error: {}", describe(&e));
         return ExitCode::from(EXIT_CONFIG);
     }
     let mut runtime = tokio::runtime::Builder::new_multi_thread();
@@ -227,8 +250,16 @@ fn run(args: &ConfigArgs) -> ExitCode {
     match runtime.block_on(serve(config)) {
         Ok(()) => ExitCode::SUCCESS,
         Err(e) => {
-            eprintln!("error: {e:#}");
-            ExitCode::from(EXIT_FAILURE)
+            eprintln!("error: {}", describe(&e));
+            let config_fault = matches!(
+                e.downcast_ref::<NodeError>(),
+                Some(NodeError::Config(_) | NodeError::WrongIdentity { .. })
+            );
+            ExitCode::from(if config_fault {
+                EXIT_CONFIG
+            } else {
+                EXIT_FAILURE
+            })
         }
     }
 }
@@ -338,10 +369,13 @@ fn init(args: &ConfigArgs, force: bool) -> anyhow::Result<()> {
         options.create_new(true);
     }
     let mut file = match options.open(&path) {
-        Err(e) if e.kind() == std::io::ErrorKind::AlreadyExists => anyhow::bail!(
-            "{} already exists; pass --force to overwrite it",
-            path.display()
-        ),
+        Err(e) if e.kind() == std::io::ErrorKind::AlreadyExists => {
+            return Err(UsageError(format!(
+                "{} already exists; pass --force to overwrite it",
+                path.display()
+            ))
+            .into());
+        }
         other => other.with_context(|| format!("cannot write {}", path.display()))?,
     };
     std::io::Write::write_all(&mut file, text.as_bytes())
@@ -360,13 +394,7 @@ fn print_id(args: &ConfigArgs) -> anyhow::Result<()> {
     let path = config.private_key_path();
     let (keypair, _) = load_or_create_identity(&path)?;
     let peer_id = keypair.public().to_peer_id();
-    if let Some(expected) = config.expected_peer_id() {
-        anyhow::ensure!(
-            expected == peer_id,
-            "the key at {} belongs to peer {peer_id}, but node_id is {expected}",
-            path.display()
-        );
-    }
+    check_node_id(&config, &path, peer_id)?;
     println!("{peer_id}");
     Ok(())
 }
@@ -377,10 +405,31 @@ fn check(args: &ConfigArgs) -> anyhow::Result<()> {
     // The log filter is only checked here, where tracing-subscriber lives.
     EnvFilter::try_new(&config.log_level)
         .with_context(|| format!("log_level ({}) is not a valid log filter", config.log_level))?;
+    // Compare node_id with an existing key, without creating one.
+    let key = config.private_key_path();
+    if key.exists() {
+        let (keypair, _) = load_or_create_identity(&key)?;
+        check_node_id(&config, &key, keypair.public().to_peer_id())?;
+    }
     print!("{}", config.to_yaml()?);
-    println!(
-        "# configuration is valid; identity key: {}",
-        config.private_key_path().display()
-    );
+    println!("# data directory: {}", config.data_dir().display());
+    println!("# identity key: {}", key.display());
+    println!("# configuration is valid");
     Ok(())
+}
+
+/// `node_id`, when set, must be the peer id of the key.
+fn check_node_id(
+    config: &NodeConfig,
+    key: &Path,
+    peer_id: ollamacron_node_core::libp2p::PeerId,
+) -> anyhow::Result<()> {
+    match config.expected_peer_id() {
+        Some(expected) if expected != peer_id => Err(UsageError(format!(
+            "node_id is {expected}, but the key at {} belongs to peer {peer_id}",
+            key.display()
+        ))
+        .into()),
+        _ => Ok(()),
+    }
 }

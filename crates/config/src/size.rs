@@ -43,12 +43,18 @@ const UNITS: &[(&str, u64)] = &[
     ("tib", 1 << 40),
 ];
 
-/// Binary units tried, largest first, when printing a size.
+/// Units tried when printing a size; the one giving the smallest exact
+/// number wins (binary first on a tie), so `512MiB` and `512MB` both print
+/// as written.
 const DISPLAY_UNITS: &[(&str, u64)] = &[
     ("TiB", 1 << 40),
+    ("TB", 1_000_000_000_000),
     ("GiB", 1 << 30),
+    ("GB", 1_000_000_000),
     ("MiB", 1 << 20),
+    ("MB", 1_000_000),
     ("KiB", 1 << 10),
+    ("kB", 1_000),
 ];
 
 impl ByteSize {
@@ -135,12 +141,14 @@ impl FromStr for ByteSize {
 
 impl fmt::Display for ByteSize {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        for (name, unit) in DISPLAY_UNITS {
-            if self.0 != 0 && self.0.is_multiple_of(*unit) {
-                return write!(f, "{}{name}", self.0 / unit);
-            }
+        let best = DISPLAY_UNITS
+            .iter()
+            .filter(|(_, unit)| self.0 != 0 && self.0.is_multiple_of(*unit))
+            .min_by_key(|(_, unit)| self.0 / unit);
+        match best {
+            Some((name, unit)) => write!(f, "{}{name}", self.0 / unit),
+            None => write!(f, "{}B", self.0),
         }
-        write!(f, "{}B", self.0)
     }
 }
 
@@ -211,7 +219,9 @@ mod tests {
     fn displays_largest_exact_binary_unit() {
         assert_eq!(ByteSize::from_mib(512).to_string(), "512MiB");
         assert_eq!(ByteSize::from_bytes(1 << 30).to_string(), "1GiB");
-        assert_eq!(ByteSize::from_bytes(1000).to_string(), "1000B");
+        assert_eq!(ByteSize::from_bytes(1000).to_string(), "1kB");
+        assert_eq!(ByteSize::from_bytes(512_000_000).to_string(), "512MB");
+        assert_eq!(ByteSize::from_bytes(1001).to_string(), "1001B");
         assert_eq!(ByteSize::from_bytes(0).to_string(), "0B");
     }
 

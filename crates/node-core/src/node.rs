@@ -130,6 +130,7 @@ impl Node {
 
         let mut registry = Registry::default();
         let transport = build_transport(&keypair, &self.config, &mut registry).map_err(fail)?;
+        log_inactive_settings(&self.config);
         let (behaviour, mdns_error) = NodeBehaviour::new(&keypair, &self.config);
         if let Some(reason) = &mdns_error {
             tracing::warn!(%reason, "mDNS is unavailable: LAN discovery is off, relying on bootstrap peers and the DHT");
@@ -142,6 +143,7 @@ impl Node {
 
         let mut listeners = HashMap::new();
         for addr in &self.config.listen {
+            ensure_tcp_port_free(addr).map_err(&fail)?;
             let id = swarm.listen_on(addr.clone()).map_err(|e| {
                 fail(NodeError::Listen {
                     addr: addr.clone(),
@@ -220,6 +222,65 @@ impl Node {
             }
         }
     }
+}
+
+/// Say which configured features this version does not run yet, so that
+/// nobody believes a setting is in force when it is not.
+fn log_inactive_settings(config: &NodeConfig) {
+    let mut inactive = Vec::new();
+    if config.enable_pubsub {
+        inactive.push("enable_pubsub");
+    }
+    if config.enable_nat_service {
+        inactive.push("enable_nat_service");
+    }
+    if config.enable_hole_punch {
+        inactive.push("enable_hole_punch");
+    }
+    if config.enable_auto_relay {
+        inactive.push("enable_auto_relay");
+    }
+    if !config.relay_nodes.is_empty() {
+        inactive.push("relay_nodes");
+    }
+    if config.max_bandwidth.is_some() {
+        inactive.push("max_bandwidth");
+    }
+    if !inactive.is_empty() {
+        tracing::info!(
+            settings = %inactive.join(", "),
+            "set but not active in this version (NAT traversal, pubsub and bandwidth limits come later)"
+        );
+    }
+}
+
+/// libp2p's TCP listeners set `SO_REUSEPORT` (for hole punching), so a
+/// second node on the same fixed port would bind too and the kernel would
+/// split inbound connections between the two. Binding the port once
+/// without that option first turns the clash into a clear error.
+fn ensure_tcp_port_free(addr: &Multiaddr) -> Result<(), NodeError> {
+    let mut ip = None;
+    let mut port = None;
+    for protocol in addr.iter() {
+        match protocol {
+            Protocol::Ip4(a) => ip = Some(std::net::IpAddr::V4(a)),
+            Protocol::Ip6(a) => ip = Some(std::net::IpAddr::V6(a)),
+            Protocol::Tcp(p) => port = Some(p),
+            _ => {}
+        }
+    }
+    let (Some(ip), Some(port)) = (ip, port) else {
+        return Ok(());
+    };
+    if port == 0 {
+        return Ok(());
+    }
+    std::net::TcpListener::bind(SocketAddr::new(ip, port))
+        .map(drop)
+        .map_err(|e| NodeError::Listen {
+            addr: addr.clone(),
+            reason: format!("{e} (is another node already listening on it?)"),
+        })
 }
 
 fn transport_error_reason<E: std::error::Error>(e: &libp2p::TransportError<E>) -> String {
