@@ -19,6 +19,11 @@ use libp2p::swarm::{
 use rand::Rng;
 use tokio::time::{Instant, Sleep};
 
+/// A connection that lasted this long proves the peer healthy and clears
+/// its failure count; one that drops sooner counts as a failure, so a peer
+/// that accepts and then drops us is not redialed in a tight loop.
+pub const STABLE_CONNECTION: Duration = Duration::from_secs(30);
+
 /// How [`Behaviour`] keeps bootstrap connections.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct BootstrapConfig {
@@ -104,6 +109,8 @@ pub struct BootstrapPeerStatus {
 struct BootstrapPeer {
     addresses: Vec<Multiaddr>,
     connections: usize,
+    /// When the current connection streak began.
+    connected_at: Option<Instant>,
     dialing: Option<ConnectionId>,
     failures: u32,
     retry_at: Option<Instant>,
@@ -155,6 +162,7 @@ impl Behaviour {
                 BootstrapPeer {
                     addresses: Vec::new(),
                     connections: 0,
+                    connected_at: None,
                     dialing: None,
                     failures: 0,
                     retry_at: None,
@@ -226,6 +234,14 @@ impl Behaviour {
 
     /// Start dials where the policy asks for them.
     fn plan_dials(&mut self, now: Instant) {
+        for peer in self.peers.values_mut() {
+            if peer
+                .connected_at
+                .is_some_and(|at| now.saturating_duration_since(at) >= STABLE_CONNECTION)
+            {
+                peer.failures = 0;
+            }
+        }
         let connected = self.connected_count();
         let dialing = self.peers.values().filter(|p| p.dialing.is_some()).count();
         let initial = !self.started;
@@ -270,7 +286,11 @@ impl Behaviour {
     /// When the timer should fire next: the periodic check, or earlier when
     /// a peer in backoff becomes eligible while we are below the minimum.
     fn next_wakeup(&self) -> Instant {
-        let below_min = self.connected_count() < self.config.min_connections;
+        let connected = self.connected_count();
+        let dialing = self.peers.values().filter(|p| p.dialing.is_some()).count();
+        // Wake early for a retry only when the policy could start a dial.
+        let below_min = connected < self.config.min_connections
+            && connected + dialing < self.config.max_connections;
         let earliest_retry = self
             .peers
             .values()
@@ -333,9 +353,9 @@ impl NetworkBehaviour for Behaviour {
                 if peer.dialing == Some(e.connection_id) || peer.connections == 1 {
                     peer.dialing = None;
                 }
-                peer.failures = 0;
                 peer.retry_at = None;
                 if peer.connections == 1 {
+                    peer.connected_at = Some(Instant::now());
                     self.events
                         .push_back(ToSwarm::GenerateEvent(BootstrapEvent::Connected {
                             peer: e.peer_id,
@@ -348,6 +368,18 @@ impl NetworkBehaviour for Behaviour {
                 };
                 peer.connections = e.remaining_established;
                 if e.remaining_established == 0 {
+                    let lasted = peer.connected_at.take().map(|at| at.elapsed());
+                    if lasted.is_some_and(|d| d >= STABLE_CONNECTION) {
+                        peer.failures = 0;
+                    } else {
+                        // Dropped soon after connecting: back off like a failed dial.
+                        peer.failures = peer.failures.saturating_add(1);
+                        let failures = peer.failures;
+                        let delay = self.backoff(failures);
+                        if let Some(peer) = self.peers.get_mut(&e.peer_id) {
+                            peer.retry_at = Some(Instant::now() + delay);
+                        }
+                    }
                     self.events
                         .push_back(ToSwarm::GenerateEvent(BootstrapEvent::Disconnected {
                             peer: e.peer_id,

@@ -36,6 +36,8 @@ const READVERTISE_DEBOUNCE: Duration = Duration::from_millis(150);
 const FIRST_FOLLOW_UP_LOOKUP: Duration = Duration::from_millis(250);
 /// Room for framing around the largest record value in one Kademlia message.
 const PACKET_OVERHEAD_BYTES: usize = 16 * 1024;
+/// Most addresses kept for one peer (provider records, the routing copy).
+pub const MAX_ADDRESSES_PER_PEER: usize = 8;
 /// Most namespace providers remembered for de-duplicating `ProviderFound`.
 const MAX_TRACKED_PROVIDERS: usize = 100_000;
 
@@ -179,16 +181,19 @@ impl Behaviour {
             .set_max_packet_size(config.max_value_bytes + PACKET_OVERHEAD_BYTES)
             .set_periodic_bootstrap_interval(Some(config.bootstrap_interval))
             // Inbound records and provider announcements come to us first:
-            // we see who announces the namespace the moment they do.
+            // we see who announces the namespace the moment they do, and an
+            // inbound record is stored only by whoever verifies it (it
+            // reaches the user as `DhtEvent::Kad`, never the store).
+            // Re-announcing is ours (`provide_interval`), not Kademlia's.
             .set_record_filtering(kad::StoreInserts::FilterBoth)
-            .set_provider_publication_interval(Some(config.provide_interval));
+            .set_provider_publication_interval(None);
         let store = DhtStore::new(
             local_peer,
             MemoryStoreConfig {
                 max_records: config.max_records,
                 max_value_bytes: config.max_value_bytes,
                 max_providers_per_key: config.max_providers_per_key,
-                ..MemoryStoreConfig::default()
+                max_provided_keys: config.max_records,
             },
         );
         let mut kad = kad::Behaviour::with_config(local_peer, store, kad_config);
@@ -281,7 +286,8 @@ impl Behaviour {
     }
 
     fn advertise(&mut self) {
-        if !self.config.advertise_namespace {
+        // One announcement at a time: a burst of triggers costs one walk.
+        if !self.config.advertise_namespace || !self.provide_queries.is_empty() {
             return;
         }
         match self.kad.start_providing(self.namespace.clone()) {
@@ -293,6 +299,10 @@ impl Behaviour {
     }
 
     fn discover(&mut self) {
+        // One lookup at a time: triggers during a lookup are served by it.
+        if !self.discovery_queries.is_empty() {
+            return;
+        }
         let id = self.kad.get_providers(self.namespace.clone());
         self.discovery_queries.insert(id);
     }
@@ -329,7 +339,8 @@ impl Behaviour {
                 old_peer,
                 ..
             } => {
-                let addresses: Vec<Multiaddr> = addresses.into_vec();
+                let mut addresses: Vec<Multiaddr> = addresses.into_vec();
+                addresses.truncate(MAX_ADDRESSES_PER_PEER);
                 if let Some(old) = old_peer {
                     self.routing.remove(&old);
                 }
@@ -363,21 +374,6 @@ impl Behaviour {
                 }
                 if namespace {
                     self.on_providers(HashSet::from([provider]));
-                }
-                None
-            }
-            kad::Event::InboundRequest {
-                request:
-                    kad::InboundRequest::PutRecord {
-                        source,
-                        record: Some(record),
-                        ..
-                    },
-            } => {
-                // Records are stored as Kademlia would by default; the
-                // service registry validates node records before use.
-                if let Err(e) = self.kad.store_mut().put(record) {
-                    tracing::debug!(%source, error = %e, "record not stored");
                 }
                 None
             }
@@ -588,6 +584,8 @@ impl NetworkBehaviour for Behaviour {
                 self.discovery_timer
                     .as_mut()
                     .reset(Instant::now() + self.ramp);
+                // Register the waker for the new deadline.
+                let _ = self.discovery_timer.as_mut().poll(cx);
             }
             if self.readvertise_pending && self.readvertise.as_mut().poll(cx).is_ready() {
                 self.readvertise_pending = false;

@@ -89,6 +89,22 @@ struct PeerEntry {
     foreign: bool,
 }
 
+/// What a failed dial did to a peer's entry.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum DialOutcome {
+    /// It stays, to be retried after `retry_in`.
+    Retry {
+        /// Consecutive failures.
+        failures: u32,
+        /// Backoff before the next dial.
+        retry_in: Duration,
+    },
+    /// It failed too often and was forgotten.
+    Forgotten,
+    /// It was not in the table (already forgotten).
+    Unknown,
+}
+
 /// What `PeerTable::report` changed.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub(crate) struct Reported {
@@ -125,8 +141,12 @@ impl PeerTable {
         if peer == self.local {
             return None;
         }
-        if !self.peers.contains_key(&peer) && self.peers.len() >= MAX_KNOWN_PEERS {
-            self.evict_one();
+        if !self.peers.contains_key(&peer)
+            && self.peers.len() >= MAX_KNOWN_PEERS
+            && !self.evict_one()
+        {
+            // Full of connected and bootstrap peers: remember no more.
+            return None;
         }
         let now = SystemTime::now();
         let entry = self.peers.entry(peer).or_insert_with(|| PeerEntry {
@@ -154,17 +174,15 @@ impl PeerTable {
         Some(Reported { new_for_source })
     }
 
-    /// Forget the disconnected peer seen longest ago.
-    fn evict_one(&mut self) {
+    /// Forget the disconnected peer seen longest ago; `false` if none can go.
+    fn evict_one(&mut self) -> bool {
         let victim = self
             .peers
             .iter()
             .filter(|(_, e)| !e.connected && !e.sources.contains(&DiscoverySource::Bootstrap))
             .min_by_key(|(_, e)| e.last_seen_at)
             .map(|(id, _)| *id);
-        if let Some(id) = victim {
-            self.peers.remove(&id);
-        }
+        victim.is_some_and(|id| self.peers.remove(&id).is_some())
     }
 
     /// Learn an address of a peer we already know (from the DHT or the swarm).
@@ -209,24 +227,57 @@ impl PeerTable {
         Some(entry.addresses.clone())
     }
 
-    /// Record a failed dial; returns the failure count and the backoff
-    /// chosen by `backoff`, or `None` when the peer is now forgotten.
+    /// Record a failed dial.
     pub(crate) fn dial_failed(
         &mut self,
         peer: &PeerId,
         backoff: impl FnOnce(u32) -> Duration,
-    ) -> Option<(u32, Duration)> {
-        let entry = self.peers.get_mut(peer)?;
+    ) -> DialOutcome {
+        let Some(entry) = self.peers.get_mut(peer) else {
+            return DialOutcome::Unknown;
+        };
         entry.dialing = false;
         entry.failures = entry.failures.saturating_add(1);
         let bootstrap = entry.sources.contains(&DiscoverySource::Bootstrap);
         if !bootstrap && !entry.connected && entry.failures >= MAX_DIAL_FAILURES {
             self.peers.remove(peer);
-            return None;
+            return DialOutcome::Forgotten;
         }
         let delay = backoff(entry.failures);
         entry.retry_at = Some(Instant::now() + delay);
-        Some((entry.failures, delay))
+        DialOutcome::Retry {
+            failures: entry.failures,
+            retry_in: delay,
+        }
+    }
+
+    /// Disconnected, non-foreign, non-bootstrap peers whose backoff is over,
+    /// with the source to credit a dial to; at most `limit`.
+    pub(crate) fn redial_candidates(
+        &self,
+        now: Instant,
+        limit: usize,
+    ) -> Vec<(PeerId, DiscoverySource)> {
+        self.peers
+            .iter()
+            .filter(|(_, e)| {
+                !e.connected
+                    && !e.dialing
+                    && !e.foreign
+                    && !e.addresses.is_empty()
+                    && e.retry_at.is_none_or(|at| at <= now)
+                    && !e.sources.contains(&DiscoverySource::Bootstrap)
+            })
+            .filter_map(|(id, e)| {
+                let source = e
+                    .sources
+                    .iter()
+                    .copied()
+                    .find(|s| matches!(s, DiscoverySource::Mdns | DiscoverySource::Dht))?;
+                Some((*id, source))
+            })
+            .take(limit)
+            .collect()
     }
 
     /// Forget `peer` (its only source lost it); `true` if it was known and
@@ -236,7 +287,13 @@ impl PeerTable {
             return false;
         };
         entry.sources.retain(|s| *s != source);
-        if entry.connected || !entry.sources.is_empty() {
+        // Identify only tells addresses of peers we were connected to; it
+        // does not keep a disconnected peer known.
+        let still_known = entry
+            .sources
+            .iter()
+            .any(|s| *s != DiscoverySource::Identify);
+        if entry.connected || still_known {
             return false;
         }
         self.peers.remove(peer);
@@ -384,8 +441,13 @@ mod tests {
         table.report(p, &[addr(1)], DiscoverySource::Dht);
         assert_eq!(table.dial_candidate(&p, now), Some(vec![addr(1)]));
         assert!(table.dial_candidate(&p, now).is_none(), "already dialing");
-        let (failures, delay) = table.dial_failed(&p, |_| Duration::from_secs(10)).unwrap();
-        assert_eq!((failures, delay), (1, Duration::from_secs(10)));
+        assert_eq!(
+            table.dial_failed(&p, |_| Duration::from_secs(10)),
+            DialOutcome::Retry {
+                failures: 1,
+                retry_in: Duration::from_secs(10)
+            }
+        );
         assert!(
             table.dial_candidate(&p, Instant::now()).is_none(),
             "in backoff"
@@ -416,11 +478,24 @@ mod tests {
         table.report(p, &[addr(1)], DiscoverySource::Mdns);
         table.report(b, &[addr(2)], DiscoverySource::Bootstrap);
         for _ in 1..MAX_DIAL_FAILURES {
-            assert!(table.dial_failed(&p, |_| Duration::ZERO).is_some());
+            assert!(matches!(
+                table.dial_failed(&p, |_| Duration::ZERO),
+                DialOutcome::Retry { .. }
+            ));
         }
-        assert!(table.dial_failed(&p, |_| Duration::ZERO).is_none());
+        assert_eq!(
+            table.dial_failed(&p, |_| Duration::ZERO),
+            DialOutcome::Forgotten
+        );
+        assert_eq!(
+            table.dial_failed(&p, |_| Duration::ZERO),
+            DialOutcome::Unknown
+        );
         for _ in 0..MAX_DIAL_FAILURES * 2 {
-            assert!(table.dial_failed(&b, |_| Duration::ZERO).is_some());
+            assert!(matches!(
+                table.dial_failed(&b, |_| Duration::ZERO),
+                DialOutcome::Retry { .. }
+            ));
         }
         assert_eq!(table.len(), 1);
     }
@@ -437,5 +512,36 @@ mod tests {
         );
         assert!(table.lose(&p, DiscoverySource::Dht));
         assert_eq!(table.len(), 0);
+    }
+
+    #[test]
+    fn identify_alone_does_not_keep_a_lost_peer() {
+        let mut table = PeerTable::new(PeerId::random());
+        let p = PeerId::random();
+        table.report(p, &[addr(1)], DiscoverySource::Mdns);
+        table.report(p, &[addr(1)], DiscoverySource::Identify);
+        assert!(table.lose(&p, DiscoverySource::Mdns));
+    }
+
+    #[test]
+    fn redial_candidates_are_disconnected_discovered_peers_out_of_backoff() {
+        let mut table = PeerTable::new(PeerId::random());
+        let (dht, boot, ident) = (PeerId::random(), PeerId::random(), PeerId::random());
+        table.report(dht, &[addr(1)], DiscoverySource::Dht);
+        table.report(boot, &[addr(2)], DiscoverySource::Bootstrap);
+        table.report(ident, &[addr(3)], DiscoverySource::Identify);
+        let now = Instant::now();
+        assert_eq!(
+            table.redial_candidates(now, 10),
+            vec![(dht, DiscoverySource::Dht)]
+        );
+        table.dial_failed(&dht, |_| Duration::from_secs(60));
+        assert!(table.redial_candidates(Instant::now(), 10).is_empty());
+        assert_eq!(
+            table
+                .redial_candidates(Instant::now() + Duration::from_secs(61), 10)
+                .len(),
+            1
+        );
     }
 }

@@ -19,7 +19,9 @@ use serde::Serialize;
 use tokio::sync::{broadcast, mpsc, oneshot, watch};
 
 use crate::behaviour::{NodeBehaviour, NodeBehaviourEvent, PROTOCOL_VERSION, dht_mode};
-use crate::discovery::{DiscoverySource, DiscoveryStatus, KnownPeer, PeerTable, SourceStatus};
+use crate::discovery::{
+    DialOutcome, DiscoverySource, DiscoveryStatus, KnownPeer, PeerTable, SourceStatus,
+};
 use crate::error::NodeError;
 use crate::event::{Direction, NodeEvent};
 use crate::identity::load_or_create_identity;
@@ -41,6 +43,10 @@ const START_TIMEOUT: Duration = Duration::from_secs(10);
 /// mDNS queries without an answer before the node warns that multicast
 /// may be blocked.
 const MDNS_SILENT_QUERIES: u32 = 6;
+/// Most of a peer's identify listen addresses passed to Kademlia.
+const MAX_IDENTIFY_ADDRESSES: usize = 8;
+/// Most known peers redialed per maintenance pass.
+const REDIALS_PER_PASS: usize = 16;
 /// How often the trimming policy runs besides on each new connection.
 const TRIM_CHECK_INTERVAL: Duration = Duration::from_secs(5);
 
@@ -604,6 +610,7 @@ impl SwarmTask {
                 },
                 _ = trim_tick.tick() => {
                     self.trim_connections();
+                    self.redial_known_peers();
                     self.report_mdns_silence();
                 }
             }
@@ -1036,6 +1043,9 @@ impl SwarmTask {
         let Some(reported) = self.table.report(peer, addresses, source) else {
             return;
         };
+        if self.swarm.is_connected(&peer) {
+            self.table.set_connected(&peer, true);
+        }
         if reported.new_for_source {
             tracing::debug!(%peer, %source, "peer discovered");
             self.metrics.count(DiscoveryCounter::Discovered, source);
@@ -1098,6 +1108,17 @@ impl SwarmTask {
         }
     }
 
+    /// Dial known peers whose backoff is over, while below `conn_mgr_low`:
+    /// a discovery event arrives once, a failed first dial must not be the end.
+    fn redial_known_peers(&mut self) {
+        let candidates = self
+            .table
+            .redial_candidates(Instant::now(), REDIALS_PER_PASS);
+        for (peer, source) in candidates {
+            self.auto_dial(peer, source);
+        }
+    }
+
     fn on_auto_dial_failed(&mut self, peer: PeerId, source: DiscoverySource, error: &DialError) {
         if matches!(error, DialError::DialPeerConditionFalse(_)) {
             // Someone else is dialing or connected: not a failure.
@@ -1108,13 +1129,14 @@ impl SwarmTask {
         self.metrics.count(DiscoveryCounter::DialFailure, source);
         let bootstrap = &self.swarm.behaviour().bootstrap;
         match self.table.dial_failed(&peer, |n| bootstrap.backoff(n)) {
-            Some((failures, retry_in)) => self.emit(NodeEvent::DialFailed {
+            DialOutcome::Retry { failures, retry_in } => self.emit(NodeEvent::DialFailed {
                 peer_id: peer,
                 source,
                 failures,
                 retry_in,
             }),
-            None => self.lost(peer, source),
+            DialOutcome::Forgotten => self.lost(peer, source),
+            DialOutcome::Unknown => {}
         }
     }
 
@@ -1168,7 +1190,14 @@ impl SwarmTask {
                 self.auto_dial(peer, DiscoverySource::Mdns);
             }
             MdnsEvent::Expired { peer, .. } => {
-                if self.table.lose(&peer, DiscoverySource::Mdns) {
+                // Only some of its addresses may have expired.
+                let still_seen = self
+                    .swarm
+                    .behaviour()
+                    .mdns
+                    .as_ref()
+                    .is_some_and(|m| m.discovered_peers().any(|p| *p == peer));
+                if !still_seen && self.table.lose(&peer, DiscoverySource::Mdns) {
                     self.lost(peer, DiscoverySource::Mdns);
                 }
             }
@@ -1223,7 +1252,7 @@ impl SwarmTask {
         }
         let speaks_dht = info.protocols.contains(&KAD_PROTOCOL);
         if let (true, Some(dht)) = (speaks_dht, self.swarm.behaviour_mut().dht.as_mut()) {
-            for addr in &info.listen_addrs {
+            for addr in info.listen_addrs.iter().take(MAX_IDENTIFY_ADDRESSES) {
                 dht.add_address(&peer, addr.clone());
             }
         }
