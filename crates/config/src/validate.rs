@@ -126,25 +126,73 @@ impl NodeConfig {
                 ),
             );
         }
-        for (name, value) in [
-            ("bootstrap_check_interval", self.bootstrap_check_interval),
-            ("bootstrap_backoff_initial", self.bootstrap_backoff_initial),
-            ("mdns_query_interval", self.mdns_query_interval),
-            ("dht_bootstrap_interval", self.dht_bootstrap_interval),
-            ("dht_provide_interval", self.dht_provide_interval),
-            ("dht_discovery_interval", self.dht_discovery_interval),
-            ("dht_query_timeout", self.dht_query_timeout),
-            ("dial_timeout", self.dial_timeout),
+        // Every duration: a floor where too short means busy-looping or
+        // flapping, and a ceiling past which timers overflow.
+        for (name, value, min) in [
+            (
+                "bootstrap_check_interval",
+                self.bootstrap_check_interval,
+                MIN_TIMER_INTERVAL,
+            ),
+            (
+                "bootstrap_backoff_initial",
+                self.bootstrap_backoff_initial,
+                MIN_TIMER_INTERVAL,
+            ),
+            (
+                "bootstrap_backoff_max",
+                self.bootstrap_backoff_max,
+                Duration::ZERO,
+            ),
+            (
+                "mdns_query_interval",
+                self.mdns_query_interval,
+                MIN_TIMER_INTERVAL,
+            ),
+            (
+                "dht_bootstrap_interval",
+                self.dht_bootstrap_interval,
+                MIN_TIMER_INTERVAL,
+            ),
+            (
+                "dht_provide_interval",
+                self.dht_provide_interval,
+                MIN_TIMER_INTERVAL,
+            ),
+            (
+                "dht_discovery_interval",
+                self.dht_discovery_interval,
+                MIN_TIMER_INTERVAL,
+            ),
+            (
+                "dht_query_timeout",
+                self.dht_query_timeout,
+                MIN_TIMER_INTERVAL,
+            ),
+            ("dial_timeout", self.dial_timeout, MIN_TIMER_INTERVAL),
+            ("conn_mgr_grace", self.conn_mgr_grace, Duration::ZERO),
+            ("ping_interval", self.ping_interval, MIN_PROBE_INTERVAL),
+            (
+                "idle_connection_timeout",
+                self.idle_connection_timeout,
+                MIN_PROBE_INTERVAL,
+            ),
         ] {
-            if value < MIN_TIMER_INTERVAL {
-                fail(
-                    name,
-                    &humantime::format_duration(value),
-                    format!(
-                        "must be at least {}",
-                        humantime::format_duration(MIN_TIMER_INTERVAL)
-                    ),
-                );
+            let bound = if value < min {
+                Some(format!(
+                    "must be at least {}",
+                    humantime::format_duration(min)
+                ))
+            } else if value > MAX_DURATION {
+                Some(format!(
+                    "must be at most {}",
+                    humantime::format_duration(MAX_DURATION)
+                ))
+            } else {
+                None
+            };
+            if let Some(rule) = bound {
+                fail(name, &humantime::format_duration(value), rule);
             }
         }
         for (name, value) in [
@@ -226,46 +274,6 @@ impl NodeConfig {
             }
         }
 
-        for (name, value) in [
-            ("ping_interval", self.ping_interval),
-            ("idle_connection_timeout", self.idle_connection_timeout),
-        ] {
-            if value < MIN_PROBE_INTERVAL {
-                fail(
-                    name,
-                    &humantime::format_duration(value),
-                    format!(
-                        "must be at least {}",
-                        humantime::format_duration(MIN_PROBE_INTERVAL)
-                    ),
-                );
-            }
-        }
-        for (name, value) in [
-            ("bootstrap_check_interval", self.bootstrap_check_interval),
-            ("bootstrap_backoff_initial", self.bootstrap_backoff_initial),
-            ("bootstrap_backoff_max", self.bootstrap_backoff_max),
-            ("mdns_query_interval", self.mdns_query_interval),
-            ("dht_bootstrap_interval", self.dht_bootstrap_interval),
-            ("dht_provide_interval", self.dht_provide_interval),
-            ("dht_discovery_interval", self.dht_discovery_interval),
-            ("dht_query_timeout", self.dht_query_timeout),
-            ("conn_mgr_grace", self.conn_mgr_grace),
-            ("idle_connection_timeout", self.idle_connection_timeout),
-            ("dial_timeout", self.dial_timeout),
-            ("ping_interval", self.ping_interval),
-        ] {
-            if value > MAX_DURATION {
-                fail(
-                    name,
-                    &humantime::format_duration(value),
-                    format!(
-                        "must be at most {}",
-                        humantime::format_duration(MAX_DURATION)
-                    ),
-                );
-            }
-        }
         if self.shutdown_timeout > MAX_SHUTDOWN_TIMEOUT {
             fail(
                 "shutdown_timeout",
