@@ -23,12 +23,20 @@ enum Task {
         #[arg(long)]
         fail_fast: bool,
     },
+    /// Time how long N loopback nodes in a line take to find every other
+    /// node through the DHT (release build, mDNS off).
+    Convergence {
+        /// Node counts to measure.
+        #[arg(default_values_t = [8usize, 16, 32])]
+        nodes: Vec<usize>,
+    },
 }
 
 fn main() -> ExitCode {
     let cli = Cli::parse();
     let result = match cli.command {
         Task::Ci { fail_fast } => ci(fail_fast),
+        Task::Convergence { nodes } => convergence(&nodes),
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,
@@ -157,6 +165,26 @@ fn ci(fail_fast: bool) -> anyhow::Result<()> {
             "ci failed in {elapsed}s; failing steps: {}",
             failed.join(", ")
         )
+    }
+}
+
+fn convergence(nodes: &[usize]) -> anyhow::Result<()> {
+    let mut command = cargo();
+    command.args([
+        "run",
+        "--release",
+        "--locked",
+        "--package",
+        "ollamacron-tests",
+        "--example",
+        "discovery_convergence",
+        "--",
+    ]);
+    command.args(nodes.iter().map(ToString::to_string));
+    if run_step("convergence", &mut command) {
+        Ok(())
+    } else {
+        bail!("the convergence measurement failed")
     }
 }
 
