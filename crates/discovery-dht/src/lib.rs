@@ -146,6 +146,9 @@ pub struct Behaviour {
     local_peer: PeerId,
     namespace: RecordKey,
     provide_tick: Interval,
+    /// Our own periodic bootstrap: Kademlia's warns every time it fires on
+    /// an empty routing table, which a lone node's log does not need.
+    bootstrap_tick: Interval,
     /// Next namespace lookup; lookups run at growing intervals (`ramp`)
     /// after the routing table changes, up to `discovery_interval`.
     discovery_timer: Pin<Box<Sleep>>,
@@ -179,7 +182,7 @@ impl Behaviour {
         kad_config
             .set_query_timeout(config.query_timeout)
             .set_max_packet_size(config.max_value_bytes + PACKET_OVERHEAD_BYTES)
-            .set_periodic_bootstrap_interval(Some(config.bootstrap_interval))
+            .set_periodic_bootstrap_interval(None)
             // Inbound records and provider announcements come to us first:
             // we see who announces the namespace the moment they do, and an
             // inbound record is stored only by whoever verifies it (it
@@ -217,12 +220,16 @@ impl Behaviour {
         let mut provide_tick =
             tokio::time::interval_at(now + config.provide_interval, config.provide_interval);
         provide_tick.set_missed_tick_behavior(MissedTickBehavior::Delay);
+        let mut bootstrap_tick =
+            tokio::time::interval_at(now + config.bootstrap_interval, config.bootstrap_interval);
+        bootstrap_tick.set_missed_tick_behavior(MissedTickBehavior::Delay);
         Self {
             kad,
             config,
             local_peer,
             namespace: namespace_key(),
             provide_tick,
+            bootstrap_tick,
             discovery_timer: Box::pin(tokio::time::sleep_until(now + discovery_interval)),
             ramp: discovery_interval,
             readvertise: Box::pin(tokio::time::sleep_until(now)),
@@ -346,6 +353,12 @@ impl Behaviour {
                 }
                 self.routing.insert(peer, addresses.clone());
                 if is_new_peer {
+                    if self.routing.len() == 1 {
+                        // The first peer: walk towards ourselves to fill the table.
+                        if let Err(e) = self.kad.bootstrap() {
+                            tracing::debug!(error = %e, "cannot bootstrap the DHT");
+                        }
+                    }
                     self.schedule_readvertise();
                 }
                 Some(DhtEvent::RoutingUpdated {
@@ -569,6 +582,12 @@ impl NetworkBehaviour for Behaviour {
         loop {
             if let Some(event) = self.events.pop_front() {
                 return Poll::Ready(ToSwarm::GenerateEvent(event));
+            }
+            if self.bootstrap_tick.poll_tick(cx).is_ready()
+                && !self.routing.is_empty()
+                && let Err(e) = self.kad.bootstrap()
+            {
+                tracing::debug!(error = %e, "cannot bootstrap the DHT");
             }
             if self.provide_tick.poll_tick(cx).is_ready() && !self.routing.is_empty() {
                 self.advertise();
