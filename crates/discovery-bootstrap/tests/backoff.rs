@@ -84,8 +84,9 @@ async fn a_peer_that_drops_us_at_once_is_retried_with_backoff() {
                         }
                         dials.push((Instant::now(), failures));
                     }
-                    BootstrapEvent::Disconnected { .. } => last_drop = Some(Instant::now()),
-                    BootstrapEvent::DialFailed { .. } => last_drop = Some(Instant::now()),
+                    BootstrapEvent::Disconnected { .. } | BootstrapEvent::DialFailed { .. } => {
+                        last_drop = Some(Instant::now());
+                    }
                     BootstrapEvent::Connected { .. } => {}
                 }
             }
