@@ -203,6 +203,8 @@ async fn connections_beyond_high_are_trimmed_to_low() {
             ("conn_mgr_low", "1"),
             ("conn_mgr_high", "3"),
             ("conn_mgr_grace", "0s"),
+            // Only the test's own dials: no discovery redialing the hub.
+            ("enable_dht", "false"),
         ],
     ))
     .await
@@ -211,7 +213,9 @@ async fn connections_beyond_high_are_trimmed_to_low() {
     let addr = hub.dialable_addrs().await.unwrap().remove(0);
     let mut spokes = Vec::new();
     for _ in 0..3 {
-        let spoke = start(loopback_config(TCP_ONLY, &[])).await.unwrap();
+        let spoke = start(loopback_config(TCP_ONLY, &[("enable_dht", "false")]))
+            .await
+            .unwrap();
         // The third dial may be trimmed as soon as it lands; either outcome is fine here.
         let _ = spoke.dial(addr.clone()).await;
         spokes.push(spoke);
@@ -242,18 +246,20 @@ async fn grace_period_protects_young_connections() {
             ("conn_mgr_low", "1"),
             ("conn_mgr_high", "2"),
             ("conn_mgr_grace", "1h"),
+            ("enable_dht", "false"),
         ],
     ))
     .await
     .unwrap();
     let addr = hub.dialable_addrs().await.unwrap().remove(0);
-    let a = start(loopback_config(TCP_ONLY, &[])).await.unwrap();
-    let b = start(loopback_config(TCP_ONLY, &[])).await.unwrap();
+    let no_dht = [("enable_dht", "false")];
+    let a = start(loopback_config(TCP_ONLY, &no_dht)).await.unwrap();
+    let b = start(loopback_config(TCP_ONLY, &no_dht)).await.unwrap();
     a.dial(addr.clone()).await.unwrap();
     b.dial(addr.clone()).await.unwrap();
     // At the hard limit of 2 the hub refuses a third connection (the dialer
     // may see it open before the hub closes it), and none is trimmed.
-    let c = start(loopback_config(TCP_ONLY, &[])).await.unwrap();
+    let c = start(loopback_config(TCP_ONLY, &no_dht)).await.unwrap();
     let _ = c.dial(addr).await;
     eventually("the refused connection to close on the dialer", || async {
         c.connected_peers().await.ok()?.is_empty().then_some(())
