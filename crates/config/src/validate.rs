@@ -352,17 +352,14 @@ fn check_peer_addr(addr: &Multiaddr) -> Result<(), String> {
             | Protocol::Dns(_)
             | Protocol::Dns4(_)
             | Protocol::Dns6(_),
-        ) if has_transport => Ok(()),
-        Some(
-            Protocol::Ip4(_)
-            | Protocol::Ip6(_)
-            | Protocol::Dns(_)
-            | Protocol::Dns4(_)
-            | Protocol::Dns6(_),
-        ) => Err(
-            "names no transport: add /tcp/<port> or /udp/<port>/quic-v1 before /p2p/<peer id>"
-                .to_owned(),
-        ),
+        ) => {
+            if has_transport {
+                Ok(())
+            } else {
+                Err("names no transport: add /tcp/<port> or /udp/<port>/quic-v1 before /p2p/<peer id>"
+                    .to_owned())
+            }
+        }
         _ => Err(
             "must start with /ip4, /ip6, /dns, /dns4, /dns6 or /dnsaddr before /p2p/<peer id>"
                 .to_owned(),
