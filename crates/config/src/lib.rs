@@ -1,6 +1,7 @@
 #![doc = include_str!("../README.md")]
 
 mod load;
+mod service;
 mod size;
 mod template;
 mod validate;
@@ -13,12 +14,13 @@ use libp2p::{Multiaddr, PeerId};
 use serde::{Deserialize, Serialize};
 
 pub use load::{ConfigError, ConfigLoader, ENV_PREFIX, Origin, RESERVED_ENV_VARS};
+pub use service::{ScoreWeightsConfig, ServiceConfig};
 pub use size::{ByteSize, ByteSizeParseError};
 pub use template::{default_config_yaml, field_docs};
 pub use validate::{
-    MAX_CPU_CORES, MAX_DHT_VALUE_SIZE, MAX_DURATION, MAX_LABEL_BYTES, MAX_SHUTDOWN_TIMEOUT,
-    MAX_TAGS, MIN_DHT_VALUE_SIZE, MIN_MAX_MEMORY, MIN_PROBE_INTERVAL, MIN_TIMER_INTERVAL,
-    ValidationError,
+    MAX_CPU_CORES, MAX_DHT_VALUE_SIZE, MAX_DURATION, MAX_LABEL_BYTES, MAX_RECORD_COUNT_LIMIT,
+    MAX_RECORD_TTL, MAX_SHUTDOWN_TIMEOUT, MAX_TAGS, MIN_DHT_VALUE_SIZE, MIN_MAX_MEMORY,
+    MIN_PROBE_INTERVAL, MIN_RECORD_SIZE, MIN_RECORD_TTL, MIN_TIMER_INTERVAL, ValidationError,
 };
 
 /// The TCP and UDP port a node listens on by default.
@@ -139,6 +141,35 @@ pub struct NodeConfig {
     pub region: Option<String>,
     /// Free-form tags describing this node.
     pub tags: Vec<String>,
+    /// Services this node advertises without any code.
+    pub services: Vec<ServiceConfig>,
+    /// Lifetime of this node's signed record: peers drop its services this
+    /// long after the last refresh.
+    #[serde(with = "duration")]
+    pub record_ttl: Duration,
+    /// How often the record is re-signed and re-published (besides on change).
+    #[serde(with = "duration")]
+    pub record_refresh_interval: Duration,
+    /// How often the services of other nodes are health-checked.
+    #[serde(with = "duration")]
+    pub health_check_interval: Duration,
+    /// Longest a service lookup walks the DHT before answering with what it has.
+    #[serde(with = "duration")]
+    pub lookup_timeout: Duration,
+    /// A lookup answers from the verified cache without waiting for the DHT
+    /// when a walk for the same key finished this recently.
+    #[serde(with = "duration")]
+    pub lookup_cache_fresh: Duration,
+    /// Largest signed record accepted from a peer (and published).
+    pub max_record_size: ByteSize,
+    /// Most services in one node record.
+    pub max_services_per_record: u32,
+    /// Longest string in a record, in bytes.
+    pub max_string_length: u32,
+    /// Most tags, capabilities, protocols, addresses or metadata entries per service.
+    pub max_list_items: u32,
+    /// Weights of the quality score.
+    pub score_weights: ScoreWeightsConfig,
     /// Serve Prometheus metrics on `api_listen`.
     pub enable_metrics: bool,
     /// Address of the local HTTP API (`/metrics`); loopback by default.
@@ -205,6 +236,17 @@ impl Default for NodeConfig {
             node_type: NodeType::Full,
             region: None,
             tags: Vec::new(),
+            services: Vec::new(),
+            record_ttl: Duration::from_secs(300),
+            record_refresh_interval: Duration::from_secs(120),
+            health_check_interval: Duration::from_secs(60),
+            lookup_timeout: Duration::from_secs(5),
+            lookup_cache_fresh: Duration::from_secs(10),
+            max_record_size: ByteSize::from_bytes(64 * 1024),
+            max_services_per_record: 64,
+            max_string_length: 256,
+            max_list_items: 32,
+            score_weights: ScoreWeightsConfig::default(),
             enable_metrics: true,
             api_listen: SocketAddr::from((Ipv4Addr::LOCALHOST, DEFAULT_API_PORT)),
             enable_tracing: false,

@@ -199,6 +199,70 @@ const FIELD_DOCS: &[(&str, &str, Option<&str>)] = &[
     ),
     ("tags", "Free-form tags describing this node.", None),
     (
+        "services",
+        concat!(
+            "Services this node advertises, with no code. Each needs a name and a type; id defaults to the name.\n",
+            "Other keys: version, description, port, metadata, tags, capabilities, protocols,\n",
+            "health_check_url (http://, 2xx = healthy), latency_ms, throughput, reliability. For example:\n",
+            "services:\n",
+            "  - name: llama3:8b\n",
+            "    type: llm\n",
+            "    tags: [gpu]\n",
+            "    capabilities: [completion, tools]",
+        ),
+        None,
+    ),
+    (
+        "record_ttl",
+        "Lifetime of this node's signed service record; peers drop its services this long after the last refresh (10s to 1h).",
+        None,
+    ),
+    (
+        "record_refresh_interval",
+        "How often the record is re-signed and re-published besides on every change; shorter than record_ttl.",
+        None,
+    ),
+    (
+        "health_check_interval",
+        "How often services of other nodes are checked (connection, ping, their health_check_url).",
+        None,
+    ),
+    (
+        "lookup_timeout",
+        "Longest a service lookup walks the DHT before answering with what it has.",
+        None,
+    ),
+    (
+        "lookup_cache_fresh",
+        "A lookup answers from the verified cache at once when a DHT walk for the same key finished this recently.",
+        None,
+    ),
+    (
+        "max_record_size",
+        "Largest signed service record accepted from a peer or published; at most dht_max_value_size.",
+        None,
+    ),
+    (
+        "max_services_per_record",
+        "Most services in one node record.",
+        None,
+    ),
+    (
+        "max_string_length",
+        "Longest string in a record, in bytes.",
+        None,
+    ),
+    (
+        "max_list_items",
+        "Most tags, capabilities, protocols, addresses or metadata entries per service.",
+        None,
+    ),
+    (
+        "score_weights",
+        "Weights of the service quality score (each >= 0, not all 0; only ratios matter).",
+        None,
+    ),
+    (
         "enable_metrics",
         "Serve Prometheus metrics at http://<api_listen>/metrics.",
         None,
@@ -248,9 +312,11 @@ pub fn default_config_yaml() -> Result<String, ConfigError> {
     for (key, doc, example) in FIELD_DOCS {
         let value = defaults.get(*key).cloned().unwrap_or(Value::Null);
         out.push('\n');
-        out.push_str("# ");
-        out.push_str(doc);
-        out.push('\n');
+        for line in doc.lines() {
+            out.push_str("# ");
+            out.push_str(line);
+            out.push('\n');
+        }
         match (&value, example) {
             (Value::Null, Some(example)) => {
                 out.push_str(&format!("# {key}: {example}\n"));

@@ -27,6 +27,14 @@ pub const MAX_DHT_VALUE_SIZE: ByteSize = ByteSize::from_mib(1);
 /// Longest accepted period or timeout of any duration field: longer ones
 /// overflow timers, and nobody means them.
 pub const MAX_DURATION: Duration = Duration::from_secs(30 * 24 * 3600);
+/// Shortest `record_ttl` (and the shortest lifetime accepted from a peer).
+pub const MIN_RECORD_TTL: Duration = Duration::from_secs(10);
+/// Longest `record_ttl` (and the longest lifetime accepted from a peer).
+pub const MAX_RECORD_TTL: Duration = Duration::from_secs(3600);
+/// Smallest `max_record_size`.
+pub const MIN_RECORD_SIZE: ByteSize = ByteSize::from_bytes(1024);
+/// Largest `max_services_per_record`, `max_string_length` and `max_list_items`.
+pub const MAX_RECORD_COUNT_LIMIT: u32 = 4096;
 /// Longest accepted `shutdown_timeout`.
 pub const MAX_SHUTDOWN_TIMEOUT: Duration = Duration::from_secs(600);
 
@@ -173,6 +181,22 @@ impl NodeConfig {
             ("conn_mgr_grace", self.conn_mgr_grace, Duration::ZERO),
             ("ping_interval", self.ping_interval, MIN_PROBE_INTERVAL),
             (
+                "record_refresh_interval",
+                self.record_refresh_interval,
+                MIN_PROBE_INTERVAL,
+            ),
+            (
+                "health_check_interval",
+                self.health_check_interval,
+                MIN_PROBE_INTERVAL,
+            ),
+            ("lookup_timeout", self.lookup_timeout, MIN_TIMER_INTERVAL),
+            (
+                "lookup_cache_fresh",
+                self.lookup_cache_fresh,
+                Duration::ZERO,
+            ),
+            (
                 "idle_connection_timeout",
                 self.idle_connection_timeout,
                 MIN_PROBE_INTERVAL,
@@ -274,6 +298,8 @@ impl NodeConfig {
             }
         }
 
+        self.validate_registry(&mut fail);
+
         if self.shutdown_timeout > MAX_SHUTDOWN_TIMEOUT {
             fail(
                 "shutdown_timeout",
@@ -296,6 +322,200 @@ impl NodeConfig {
             Ok(())
         } else {
             Err(errors)
+        }
+    }
+}
+
+impl NodeConfig {
+    /// Record lifetimes, record limits, declared services and score weights.
+    fn validate_registry(&self, fail: &mut impl FnMut(&str, &dyn fmt::Display, String)) {
+        let human = |d: Duration| humantime::format_duration(d).to_string();
+        if !(MIN_RECORD_TTL..=MAX_RECORD_TTL).contains(&self.record_ttl) {
+            fail(
+                "record_ttl",
+                &human(self.record_ttl),
+                format!(
+                    "must be between {} and {}",
+                    human(MIN_RECORD_TTL),
+                    human(MAX_RECORD_TTL)
+                ),
+            );
+        }
+        if self.record_refresh_interval >= self.record_ttl {
+            fail(
+                "record_refresh_interval",
+                &human(self.record_refresh_interval),
+                format!(
+                    "must be shorter than record_ttl ({}), or records lapse between refreshes",
+                    human(self.record_ttl)
+                ),
+            );
+        }
+        if self.max_record_size < MIN_RECORD_SIZE || self.max_record_size > self.dht_max_value_size
+        {
+            fail(
+                "max_record_size",
+                &self.max_record_size,
+                format!(
+                    "must be between {MIN_RECORD_SIZE} and dht_max_value_size ({})",
+                    self.dht_max_value_size
+                ),
+            );
+        }
+        for (name, value) in [
+            ("max_services_per_record", self.max_services_per_record),
+            ("max_string_length", self.max_string_length),
+            ("max_list_items", self.max_list_items),
+        ] {
+            if !(1..=MAX_RECORD_COUNT_LIMIT).contains(&value) {
+                fail(
+                    name,
+                    &value,
+                    format!("must be between 1 and {MAX_RECORD_COUNT_LIMIT}"),
+                );
+            }
+        }
+
+        let max_services = usize::try_from(self.max_services_per_record).unwrap_or(usize::MAX);
+        if self.services.len() > max_services {
+            fail(
+                "services",
+                &format!("{} services", self.services.len()),
+                format!("must hold at most max_services_per_record ({max_services})"),
+            );
+        }
+        let max_string = usize::try_from(self.max_string_length).unwrap_or(usize::MAX);
+        let max_items = usize::try_from(self.max_list_items).unwrap_or(usize::MAX);
+        let mut ids = std::collections::HashSet::new();
+        for (i, service) in self.services.iter().enumerate() {
+            let at = |field: &str| format!("services[{i}].{field}");
+            let id = service.effective_id();
+            if service.name.trim().is_empty() {
+                fail(&at("name"), &"\"\"", "must not be empty".to_owned());
+            }
+            if service.service_type.trim().is_empty() {
+                fail(
+                    &at("type"),
+                    &"\"\"",
+                    "must not be empty (llm, embedding, classification, translation, …)".to_owned(),
+                );
+            }
+            if service.id.as_deref().is_some_and(|id| id.trim().is_empty()) {
+                fail(
+                    &at("id"),
+                    &"\"\"",
+                    "must not be empty; leave it out to use the name".to_owned(),
+                );
+            }
+            if !id.is_empty() && !ids.insert(id.to_owned()) {
+                fail(
+                    &at("id"),
+                    &id,
+                    "is used by another service; ids must be unique (id defaults to name)"
+                        .to_owned(),
+                );
+            }
+            let mut strings: Vec<(String, &str)> = vec![
+                (at("id"), id),
+                (at("name"), &service.name),
+                (at("type"), &service.service_type),
+                (at("version"), &service.version),
+                (at("description"), &service.description),
+            ];
+            if let Some(url) = &service.health_check_url {
+                strings.push((at("health_check_url"), url));
+            }
+            for (field, list) in [
+                ("tags", &service.tags),
+                ("capabilities", &service.capabilities),
+                ("protocols", &service.protocols),
+            ] {
+                if list.len() > max_items {
+                    fail(
+                        &at(field),
+                        &format!("{} items", list.len()),
+                        format!("must hold at most max_list_items ({max_items})"),
+                    );
+                }
+                for (j, item) in list.iter().enumerate() {
+                    if item.is_empty() {
+                        fail(
+                            &format!("{}[{j}]", at(field)),
+                            &"\"\"",
+                            "must not be empty".to_owned(),
+                        );
+                    }
+                    strings.push((format!("{}[{j}]", at(field)), item));
+                }
+            }
+            if service.metadata.len() > max_items {
+                fail(
+                    &at("metadata"),
+                    &format!("{} entries", service.metadata.len()),
+                    format!("must hold at most max_list_items ({max_items})"),
+                );
+            }
+            for (k, v) in &service.metadata {
+                strings.push((format!("{}.{k}", at("metadata")), k));
+                strings.push((format!("{}.{k}", at("metadata")), v));
+            }
+            for (field, value) in strings {
+                if value.len() > max_string {
+                    fail(
+                        &field,
+                        &format!("{} bytes", value.len()),
+                        format!("must be at most max_string_length ({max_string}) bytes"),
+                    );
+                }
+            }
+            if let Some(url) = &service.health_check_url
+                && !url.starts_with("http://")
+            {
+                fail(
+                    &at("health_check_url"),
+                    url,
+                    "must be an http:// URL (probed with GET; 2xx is healthy)".to_owned(),
+                );
+            }
+            if let Some(r) = service.reliability
+                && !(0.0..=1.0).contains(&r)
+            {
+                fail(&at("reliability"), &r, "must be between 0 and 1".to_owned());
+            }
+            for (field, value) in [
+                ("latency_ms", service.latency_ms),
+                ("throughput", service.throughput),
+            ] {
+                if let Some(v) = value
+                    && !(v.is_finite() && v >= 0.0)
+                {
+                    fail(&at(field), &v, "must be a finite number >= 0".to_owned());
+                }
+            }
+        }
+
+        let w = &self.score_weights;
+        let weights = [
+            ("reliability", w.reliability),
+            ("latency", w.latency),
+            ("throughput", w.throughput),
+            ("availability", w.availability),
+        ];
+        for (name, value) in weights {
+            if !(value.is_finite() && value >= 0.0) {
+                fail(
+                    &format!("score_weights.{name}"),
+                    &value,
+                    "must be a finite number >= 0".to_owned(),
+                );
+            }
+        }
+        if weights.iter().map(|(_, v)| v).sum::<f64>() <= 0.0 {
+            fail(
+                "score_weights",
+                &"all 0",
+                "at least one weight must be above 0".to_owned(),
+            );
         }
     }
 }

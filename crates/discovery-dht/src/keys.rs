@@ -49,6 +49,18 @@ pub fn node_record_key(peer: &PeerId) -> RecordKey {
     RecordKey::new(&format!("{NAMESPACE}/node/{peer}"))
 }
 
+/// The peer whose record `key` names, if `key` is a node record key
+/// (`/ollamacron/node/<base58 peer id>`, exactly).
+#[must_use]
+pub fn node_record_peer(key: &RecordKey) -> Option<PeerId> {
+    let text = std::str::from_utf8(key.as_ref()).ok()?;
+    let peer: PeerId = text.strip_prefix(NODE_RECORD_PREFIX)?.parse().ok()?;
+    // Exactly the canonical form, so one peer has one key.
+    (node_record_key(&peer) == *key).then_some(peer)
+}
+
+const NODE_RECORD_PREFIX: &str = "/ollamacron/node/";
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -89,5 +101,15 @@ mod tests {
             node_record_key(&peer).as_ref(),
             format!("/ollamacron/node/{peer}").as_bytes()
         );
+        assert_eq!(node_record_peer(&node_record_key(&peer)), Some(peer));
+        for bad in [
+            "/ollamacron/node/".to_owned(),
+            format!("/ollamacron/node/{peer}/x"),
+            format!("/ollamacron/nodes/{peer}"),
+            "/ollamacron/node/not-a-peer".to_owned(),
+        ] {
+            assert_eq!(node_record_peer(&RecordKey::new(&bad)), None, "{bad}");
+        }
+        assert_eq!(node_record_peer(&RecordKey::new(&[0xff, 0xfe])), None);
     }
 }

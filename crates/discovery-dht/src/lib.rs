@@ -22,7 +22,8 @@ use libp2p::{PeerId, StreamProtocol};
 use tokio::time::{Instant, Interval, MissedTickBehavior, Sleep};
 
 pub use keys::{
-    NAMESPACE, capability_key, namespace_key, node_record_key, provider_key, service_type_key,
+    NAMESPACE, capability_key, namespace_key, node_record_key, node_record_peer, provider_key,
+    service_type_key,
 };
 pub use store::DhtStore;
 
@@ -40,6 +41,9 @@ const PACKET_OVERHEAD_BYTES: usize = 16 * 1024;
 pub const MAX_ADDRESSES_PER_PEER: usize = 8;
 /// Most namespace providers remembered for de-duplicating `ProviderFound`.
 const MAX_TRACKED_PROVIDERS: usize = 100_000;
+/// Provider records we store for others live this many provide intervals:
+/// a provider that stops re-announcing is forgotten after missing two.
+const PROVIDER_TTL_INTERVALS: u32 = 3;
 
 /// Whether this node answers DHT queries.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -127,6 +131,13 @@ pub enum DhtEvent {
         /// Whether it was stored on at least one peer.
         ok: bool,
     },
+    /// A [`Behaviour::publish_record`] put finished.
+    RecordPublished {
+        /// The record's key.
+        key: RecordKey,
+        /// Whether at least one peer stored it.
+        ok: bool,
+    },
     /// The Kademlia mode changed.
     ModeChanged {
         /// The new mode.
@@ -155,7 +166,15 @@ pub struct Behaviour {
     ramp: Duration,
     readvertise: Pin<Box<Sleep>>,
     readvertise_pending: bool,
-    provide_queries: HashSet<QueryId>,
+    /// In-flight announcements, by key: one per key at a time.
+    provide_queries: HashMap<QueryId, RecordKey>,
+    /// Keys announced besides the namespace (service types, capabilities).
+    provided_keys: HashSet<RecordKey>,
+    /// The record re-put on every refresh, and its in-flight put.
+    own_record: Option<kad::Record>,
+    record_query: Option<QueryId>,
+    /// The own record changed while its put was running.
+    record_outdated: bool,
     discovery_queries: HashSet<QueryId>,
     address_queries: HashMap<QueryId, PeerId>,
     bootstrap_reported: bool,
@@ -189,7 +208,14 @@ impl Behaviour {
             // reaches the user as `DhtEvent::Kad`, never the store).
             // Re-announcing is ours (`provide_interval`), not Kademlia's.
             .set_record_filtering(kad::StoreInserts::FilterBoth)
-            .set_provider_publication_interval(None);
+            .set_provider_publication_interval(None)
+            .set_provider_record_ttl(Some(
+                config
+                    .provide_interval
+                    .saturating_mul(PROVIDER_TTL_INTERVALS),
+            ))
+            // Our own record is re-put by `publish_record` and every refresh.
+            .set_publication_interval(None);
         let store = DhtStore::new(
             local_peer,
             MemoryStoreConfig {
@@ -206,11 +232,11 @@ impl Behaviour {
         }));
         // Store our own provider record at once, so a peer that asks us
         // directly finds us even before the routing table fills.
-        let mut provide_queries = HashSet::new();
+        let mut provide_queries = HashMap::new();
         if config.advertise_namespace {
             match kad.start_providing(namespace_key()) {
                 Ok(id) => {
-                    provide_queries.insert(id);
+                    provide_queries.insert(id, namespace_key());
                 }
                 Err(e) => tracing::warn!(error = %e, "cannot store the namespace provider record"),
             }
@@ -235,6 +261,10 @@ impl Behaviour {
             readvertise: Box::pin(tokio::time::sleep_until(now)),
             readvertise_pending: false,
             provide_queries,
+            provided_keys: HashSet::new(),
+            own_record: None,
+            record_query: None,
+            record_outdated: false,
             discovery_queries: HashSet::new(),
             address_queries: HashMap::new(),
             bootstrap_reported: false,
@@ -292,17 +322,75 @@ impl Behaviour {
         self.look_again_soon();
     }
 
+    /// Announce the namespace (when configured) and every provided key,
+    /// and re-put the own record. One query per key at a time: a burst of
+    /// triggers costs one walk each.
     fn advertise(&mut self) {
-        // One announcement at a time: a burst of triggers costs one walk.
-        if !self.config.advertise_namespace || !self.provide_queries.is_empty() {
+        let mut keys: Vec<RecordKey> = self.provided_keys.iter().cloned().collect();
+        if self.config.advertise_namespace {
+            keys.push(self.namespace.clone());
+        }
+        for key in keys {
+            self.provide(key);
+        }
+        self.put_own_record();
+    }
+
+    fn provide(&mut self, key: RecordKey) {
+        if self.provide_queries.values().any(|k| *k == key) {
             return;
         }
-        match self.kad.start_providing(self.namespace.clone()) {
+        match self.kad.start_providing(key.clone()) {
             Ok(id) => {
-                self.provide_queries.insert(id);
+                self.provide_queries.insert(id, key);
             }
-            Err(e) => tracing::warn!(error = %e, "cannot store the namespace provider record"),
+            Err(e) => tracing::warn!(error = %e, "cannot store a provider record"),
         }
+    }
+
+    fn put_own_record(&mut self) {
+        let Some(record) = self.own_record.clone() else {
+            return;
+        };
+        if self.record_query.is_some() {
+            return;
+        }
+        match self.kad.put_record(record, kad::Quorum::One) {
+            Ok(id) => self.record_query = Some(id),
+            Err(e) => tracing::warn!(error = %e, "cannot store our own record"),
+        }
+    }
+
+    /// Provide exactly `keys` besides the namespace: announce new ones now
+    /// (and on every refresh), stop providing the ones no longer listed.
+    pub fn set_provided_keys(&mut self, keys: HashSet<RecordKey>) {
+        let gone: Vec<RecordKey> = self.provided_keys.difference(&keys).cloned().collect();
+        for key in gone {
+            self.kad.stop_providing(&key);
+        }
+        let new: Vec<RecordKey> = keys.difference(&self.provided_keys).cloned().collect();
+        self.provided_keys = keys;
+        for key in new {
+            self.provide(key);
+        }
+    }
+
+    /// Store `record` (our own) locally and on the peers closest to its
+    /// key now, and again whenever the routing table grows and every
+    /// `provide_interval`, until replaced. A put still running is not
+    /// interrupted; its successor starts at the next refresh.
+    pub fn publish_record(&mut self, record: kad::Record) {
+        self.own_record = Some(record.clone());
+        if self.record_query.is_some() {
+            // Store the newest one locally at once; peers get it as soon
+            // as the running put finishes.
+            if let Err(e) = self.kad.store_mut().put(record) {
+                tracing::warn!(error = %e, "cannot store our own record");
+            }
+            self.record_outdated = true;
+            return;
+        }
+        self.put_own_record();
     }
 
     fn discover(&mut self) {
@@ -414,16 +502,35 @@ impl Behaviour {
             }
             return None;
         }
-        if self.provide_queries.contains(&id) {
+        if self.provide_queries.contains_key(&id) {
             if !step.last {
                 return None;
             }
-            self.provide_queries.remove(&id);
+            let key = self.provide_queries.remove(&id)?;
             let ok = matches!(result, QueryResult::StartProviding(Ok(_)));
+            if key != self.namespace {
+                tracing::debug!(ok, "announced a provider key");
+                return None;
+            }
             if !ok {
                 tracing::debug!(?result, "namespace announcement did not complete");
             }
             return Some(DhtEvent::Advertised { ok });
+        }
+        if self.record_query == Some(id) {
+            if !step.last {
+                return None;
+            }
+            self.record_query = None;
+            if std::mem::take(&mut self.record_outdated) {
+                self.put_own_record();
+            }
+            let (key, ok) = match result {
+                QueryResult::PutRecord(Ok(kad::PutRecordOk { key })) => (key, true),
+                QueryResult::PutRecord(Err(e)) => (e.key().clone(), false),
+                _ => return None,
+            };
+            return Some(DhtEvent::RecordPublished { key, ok });
         }
         if let Some(wanted) = self.address_queries.get(&id).copied() {
             if step.last {

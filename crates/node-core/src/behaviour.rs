@@ -3,7 +3,7 @@
 use libp2p::identity::Keypair;
 use libp2p::swarm::NetworkBehaviour;
 use libp2p::swarm::behaviour::toggle::Toggle;
-use libp2p::{connection_limits, identify, memory_connection_limits, ping};
+use libp2p::{connection_limits, gossipsub, identify, memory_connection_limits, ping};
 use ollamacron_config::{DhtMode as ConfigDhtMode, NodeConfig, Reachability};
 use ollamacron_discovery_bootstrap::{self as bootstrap, BootstrapConfig};
 use ollamacron_discovery_dht::{self as dht, DhtConfig, DhtMode};
@@ -11,6 +11,11 @@ use ollamacron_discovery_mdns::{self as mdns, MdnsConfig};
 
 /// Identify protocol version every Ollamacron node announces.
 pub const PROTOCOL_VERSION: &str = "/ollamacron/1.0.0";
+
+/// The gossipsub topic that carries signed node records (when pubsub is on).
+pub const SERVICES_TOPIC: &str = "/ollamacron/services/1";
+/// Room for gossipsub framing around the largest record.
+const GOSSIP_OVERHEAD_BYTES: usize = 4 * 1024;
 
 /// Most connections kept to a single peer (simultaneous dials make two).
 const MAX_CONNECTIONS_PER_PEER: u32 = 4;
@@ -35,6 +40,28 @@ pub(crate) struct NodeBehaviour {
     pub(crate) bootstrap: bootstrap::Behaviour,
     pub(crate) mdns: Toggle<mdns::Behaviour>,
     pub(crate) dht: Toggle<dht::Behaviour>,
+    pub(crate) gossip: Toggle<gossipsub::Behaviour>,
+}
+
+/// Gossipsub for node records: every message is signed by its author and
+/// held back until the registry has verified the record in it.
+fn gossip(key: &Keypair, config: &NodeConfig) -> Result<gossipsub::Behaviour, String> {
+    let max_record = usize::try_from(config.max_record_size.bytes()).unwrap_or(usize::MAX);
+    let gossip_config = gossipsub::ConfigBuilder::default()
+        .validation_mode(gossipsub::ValidationMode::Strict)
+        .validate_messages()
+        .max_transmit_size(max_record.saturating_add(GOSSIP_OVERHEAD_BYTES))
+        .build()
+        .map_err(|e| e.to_string())?;
+    let mut behaviour = gossipsub::Behaviour::new(
+        gossipsub::MessageAuthenticity::Signed(key.clone()),
+        gossip_config,
+    )
+    .map_err(str::to_owned)?;
+    behaviour
+        .subscribe(&gossipsub::IdentTopic::new(SERVICES_TOPIC))
+        .map_err(|e| e.to_string())?;
+    Ok(behaviour)
 }
 
 /// The Kademlia mode the configuration asks for: `auto` is server unless
@@ -114,6 +141,17 @@ impl NodeBehaviour {
                 },
             )
         });
+        let gossip = if config.enable_pubsub {
+            match gossip(key, config) {
+                Ok(b) => Some(b),
+                Err(reason) => {
+                    tracing::error!(%reason, "cannot start gossipsub; records spread through the DHT only");
+                    None
+                }
+            }
+        } else {
+            None
+        };
         let behaviour = Self {
             connection_limits: connection_limits::Behaviour::new(limits),
             memory_limits: memory_limits.into(),
@@ -122,6 +160,7 @@ impl NodeBehaviour {
             bootstrap,
             mdns: mdns.into(),
             dht: dht.into(),
+            gossip: gossip.into(),
         };
         (behaviour, mdns_error)
     }

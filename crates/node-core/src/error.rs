@@ -67,6 +67,9 @@ pub enum NodeError {
     /// The node ended in the `Error` state.
     #[error("the node failed; its log says why")]
     Failed,
+    /// A service could not be registered.
+    #[error("cannot register service: {0}")]
+    Service(String),
     /// The node's event loop has ended; it no longer takes commands.
     #[error("the node is not running (its event loop has stopped)")]
     NotRunning,

@@ -113,6 +113,76 @@ pub enum NodeEvent {
         /// How many.
         count: usize,
     },
+    /// A service appeared: registered here, or in a verified record of another node.
+    ServiceAdded {
+        /// The node serving it.
+        peer_id: PeerId,
+        /// The service id.
+        service_id: String,
+        /// Its type.
+        service_type: String,
+        /// Whether this node serves it.
+        local: bool,
+    },
+    /// A service changed (tags, capabilities, status, …).
+    ServiceUpdated {
+        /// The node serving it.
+        peer_id: PeerId,
+        /// The service id.
+        service_id: String,
+        /// Its type.
+        service_type: String,
+        /// Whether this node serves it.
+        local: bool,
+    },
+    /// A service went away: unregistered, dropped from its node's record,
+    /// or its record expired.
+    ServiceRemoved {
+        /// The node that served it.
+        peer_id: PeerId,
+        /// The service id.
+        service_id: String,
+        /// Its type.
+        service_type: String,
+        /// Whether this node served it.
+        local: bool,
+    },
+    /// A node record was refused and not stored.
+    RecordRejected {
+        /// The peer that sent it (for a DHT answer or a put) or published
+        /// it (gossip), when known.
+        peer: Option<PeerId>,
+        /// Where it came from.
+        via: RecordVia,
+        /// Why, as a metrics label (`bad_signature`, `expired`, …).
+        reason: &'static str,
+        /// Why, in words.
+        detail: String,
+    },
+}
+
+/// Where a node record entered the node.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize)]
+#[serde(rename_all = "lowercase")]
+pub enum RecordVia {
+    /// An inbound Kademlia PUT.
+    Put,
+    /// A Kademlia GET answer.
+    Get,
+    /// A gossipsub message.
+    Gossip,
+}
+
+impl RecordVia {
+    /// Lower-case name, as in metrics.
+    #[must_use]
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Self::Put => "put",
+            Self::Get => "get",
+            Self::Gossip => "gossip",
+        }
+    }
 }
 
 /// Durations as whole milliseconds in JSON.

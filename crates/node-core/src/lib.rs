@@ -12,10 +12,10 @@ mod state;
 mod transport;
 pub mod trim;
 
-pub use behaviour::{PROTOCOL_VERSION, agent_version};
+pub use behaviour::{PROTOCOL_VERSION, SERVICES_TOPIC, agent_version};
 pub use discovery::{DiscoverySource, DiscoveryStatus, KnownPeer, SourceStats, SourceStatus};
 pub use error::NodeError;
-pub use event::{Direction, NodeEvent};
+pub use event::{Direction, NodeEvent, RecordVia};
 pub use identity::{IdentityError, load_or_create_identity};
 pub use metrics::MetricsSnapshot;
 pub use node::{ConnectedPeer, Node, NodeHandle};
@@ -24,3 +24,4 @@ pub use state::{NodeState, StateError};
 /// Re-exported so users name the same types we do.
 pub use libp2p;
 pub use ollamacron_config as config;
+pub use ollamacron_service_registry as registry;

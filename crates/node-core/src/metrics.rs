@@ -31,6 +31,22 @@ struct SourceLabel {
 }
 
 #[derive(Debug, Clone, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct RejectLabel {
+    reason: &'static str,
+    via: &'static str,
+}
+
+#[derive(Debug, Clone, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct ViaLabel {
+    via: &'static str,
+}
+
+#[derive(Debug, Clone, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct AnswerLabel {
+    answer: &'static str,
+}
+
+#[derive(Debug, Clone, Hash, PartialEq, Eq, EncodeLabelSet)]
 struct VersionLabel {
     version: &'static str,
 }
@@ -48,6 +64,12 @@ pub(crate) struct NodeMetrics {
     lost: Family<SourceLabel, Counter>,
     known_peers: Gauge,
     routing_table: Gauge,
+    records_rejected: Family<RejectLabel, Counter>,
+    records_accepted: Family<ViaLabel, Counter>,
+    records_published: Counter,
+    services_local: Gauge,
+    services_remote: Gauge,
+    lookups: Family<AnswerLabel, Counter>,
     pub(crate) endpoint: MetricsEndpoint,
 }
 
@@ -133,6 +155,42 @@ impl NodeMetrics {
             "Peers in the Kademlia routing table",
             routing_table.clone(),
         );
+        let records_rejected = Family::<RejectLabel, Counter>::default();
+        ours.register(
+            "records_rejected",
+            "Node records refused, by reason and by where they came from (put, get, gossip)",
+            records_rejected.clone(),
+        );
+        let records_accepted = Family::<ViaLabel, Counter>::default();
+        ours.register(
+            "records_accepted",
+            "Verified node records that changed what we hold, by where they came from",
+            records_accepted.clone(),
+        );
+        let records_published = Counter::default();
+        ours.register(
+            "records_published",
+            "Times this node signed and published its record",
+            records_published.clone(),
+        );
+        let services_local = Gauge::default();
+        ours.register(
+            "services_local",
+            "Services this node offers",
+            services_local.clone(),
+        );
+        let services_remote = Gauge::default();
+        ours.register(
+            "services_remote",
+            "Services of other nodes held from verified records",
+            services_remote.clone(),
+        );
+        let lookups = Family::<AnswerLabel, Counter>::default();
+        ours.register(
+            "service_lookups",
+            "Service lookups, by how they were answered (cache, walk, deadline)",
+            lookups.clone(),
+        );
         let build = Family::<VersionLabel, Gauge>::default();
         build
             .get_or_create(&VersionLabel {
@@ -157,6 +215,12 @@ impl NodeMetrics {
             lost,
             known_peers,
             routing_table,
+            records_rejected,
+            records_accepted,
+            records_published,
+            services_local,
+            services_remote,
+            lookups,
             endpoint: MetricsEndpoint {
                 registry: Arc::new(Mutex::new(registry)),
                 uptime,
@@ -220,6 +284,31 @@ impl NodeMetrics {
             .set(i64::try_from(known_peers).unwrap_or(i64::MAX));
         self.routing_table
             .set(i64::try_from(routing_table).unwrap_or(i64::MAX));
+    }
+
+    pub(crate) fn record_rejected(&self, reason: &'static str, via: &'static str) {
+        self.records_rejected
+            .get_or_create(&RejectLabel { reason, via })
+            .inc();
+    }
+
+    pub(crate) fn record_accepted(&self, via: &'static str) {
+        self.records_accepted.get_or_create(&ViaLabel { via }).inc();
+    }
+
+    pub(crate) fn record_published(&self) {
+        self.records_published.inc();
+    }
+
+    pub(crate) fn set_service_counts(&self, local: usize, remote: usize) {
+        self.services_local
+            .set(i64::try_from(local).unwrap_or(i64::MAX));
+        self.services_remote
+            .set(i64::try_from(remote).unwrap_or(i64::MAX));
+    }
+
+    pub(crate) fn lookup_answered(&self, answer: &'static str) {
+        self.lookups.get_or_create(&AnswerLabel { answer }).inc();
     }
 
     pub(crate) fn add_trimmed(&self, count: usize) {

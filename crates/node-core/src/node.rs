@@ -1,6 +1,8 @@
 //! Starting a node, the task that owns its `Swarm`, and the `NodeHandle`
 //! everything else uses to talk to it.
 
+mod registry;
+
 use std::collections::{HashMap, HashSet};
 use std::net::SocketAddr;
 use std::time::{Duration, Instant};
@@ -33,6 +35,9 @@ use crate::trim::{TrimCandidate, TrimPolicy};
 use ollamacron_discovery_bootstrap::BootstrapEvent;
 use ollamacron_discovery_dht::{DhtEvent, DhtMode, KAD_PROTOCOL};
 use ollamacron_discovery_mdns::MdnsEvent;
+use ollamacron_service_registry::{RankedService, ServiceInfo, ServiceQuery};
+
+use self::registry::{ProbeResult, RegistryState};
 
 /// Commands waiting for the swarm task.
 const COMMAND_QUEUE_LEN: usize = 64;
@@ -133,6 +138,8 @@ impl Node {
         };
         let peer_id = keypair.public().to_peer_id();
         state_tx.send_replace(NodeState::Starting);
+        let (registry_state, probe_rx) =
+            RegistryState::new(peer_id, &self.config).map_err(&fail)?;
 
         let mut registry = Registry::default();
         let transport = build_transport(&keypair, &self.config, &mut registry).map_err(fail)?;
@@ -192,6 +199,9 @@ impl Node {
         };
         let shutdown_timeout = self.config.shutdown_timeout;
         let task = SwarmTask {
+            keypair,
+            registry: registry_state,
+            probe_rx,
             swarm,
             commands: command_rx,
             events: event_tx,
@@ -234,9 +244,6 @@ impl Node {
 /// nobody believes a setting is in force when it is not.
 fn log_inactive_settings(config: &NodeConfig) {
     let mut inactive = Vec::new();
-    if config.enable_pubsub {
-        inactive.push("enable_pubsub");
-    }
     if config.enable_nat_service {
         inactive.push("enable_nat_service");
     }
@@ -255,7 +262,7 @@ fn log_inactive_settings(config: &NodeConfig) {
     if !inactive.is_empty() {
         tracing::info!(
             settings = %inactive.join(", "),
-            "set but not active in this version (NAT traversal, pubsub and bandwidth limits come later)"
+            "set but not active in this version (NAT traversal and bandwidth limits come later)"
         );
     }
 }
@@ -351,6 +358,21 @@ enum Command {
     },
     Metrics {
         reply: oneshot::Sender<MetricsSnapshot>,
+    },
+    RegisterService {
+        service: Box<ServiceInfo>,
+        reply: oneshot::Sender<Result<(), NodeError>>,
+    },
+    UnregisterService {
+        id: String,
+        reply: oneshot::Sender<bool>,
+    },
+    LocalServices {
+        reply: oneshot::Sender<Vec<ServiceInfo>>,
+    },
+    FindServices {
+        query: ServiceQuery,
+        reply: oneshot::Sender<Vec<RankedService>>,
     },
     Shutdown {
         reply: oneshot::Sender<()>,
@@ -487,6 +509,53 @@ impl NodeHandle {
         self.request(|reply| Command::Metrics { reply }).await
     }
 
+    /// Offer a service (or replace the one with the same id): it is signed
+    /// into this node's record and published at once.
+    ///
+    /// # Errors
+    /// [`NodeError::Service`] naming what is wrong (empty id or type, a
+    /// field over the record limits, too many services); nothing changes.
+    pub async fn register_service(&self, service: ServiceInfo) -> Result<(), NodeError> {
+        self.request(|reply| Command::RegisterService {
+            service: Box::new(service),
+            reply,
+        })
+        .await?
+    }
+
+    /// Stop offering a service; `false` if none had this id.
+    ///
+    /// # Errors
+    /// [`NodeError::NotRunning`] once the node has stopped.
+    pub async fn unregister_service(&self, id: &str) -> Result<bool, NodeError> {
+        let id = id.to_owned();
+        self.request(|reply| Command::UnregisterService { id, reply })
+            .await
+    }
+
+    /// The services this node offers.
+    ///
+    /// # Errors
+    /// [`NodeError::NotRunning`] once the node has stopped.
+    pub async fn local_services(&self) -> Result<Vec<ServiceInfo>, NodeError> {
+        self.request(|reply| Command::LocalServices { reply }).await
+    }
+
+    /// The services matching `query`, ours included, best first: found
+    /// through the DHT (the providers of the type or capability key, then
+    /// their verified records) or, when a walk is recent, from the
+    /// verified cache at once. Returns what it has by `lookup_timeout`.
+    ///
+    /// # Errors
+    /// [`NodeError::NotRunning`] once the node has stopped.
+    pub async fn find_services(
+        &self,
+        query: ServiceQuery,
+    ) -> Result<Vec<RankedService>, NodeError> {
+        self.request(|reply| Command::FindServices { query, reply })
+            .await
+    }
+
     /// Stop gracefully: close listeners and connections (waiting up to
     /// `shutdown_timeout`), then reach `Stopped`. Calling it again, or on a
     /// stopped node, is fine.
@@ -558,6 +627,9 @@ impl PendingDial {
 /// Owns the swarm; the only code that touches it.
 struct SwarmTask {
     config: NodeConfig,
+    keypair: Keypair,
+    registry: RegistryState,
+    probe_rx: mpsc::Receiver<ProbeResult>,
     table: PeerTable,
     /// Dials made by discovery, by the source whose peer was dialed.
     auto_dials: HashMap<ConnectionId, DiscoverySource>,
@@ -596,7 +668,18 @@ impl SwarmTask {
         }
         let mut trim_tick = tokio::time::interval(TRIM_CHECK_INTERVAL);
         trim_tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        let periodic = |period: Duration| {
+            let mut tick = tokio::time::interval_at(tokio::time::Instant::now() + period, period);
+            tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+            tick
+        };
+        let mut refresh_tick = periodic(self.config.record_refresh_interval);
+        let mut health_tick = periodic(self.config.health_check_interval);
         loop {
+            let registry_deadline = self.registry.next_deadline().map_or_else(
+                || tokio::time::Instant::now() + Duration::from_secs(3600),
+                tokio::time::Instant::from_std,
+            );
             tokio::select! {
                 event = self.swarm.select_next_some() => self.on_swarm_event(event),
                 command = self.commands.recv() => match command {
@@ -612,7 +695,12 @@ impl SwarmTask {
                     self.trim_connections();
                     self.redial_known_peers();
                     self.report_mdns_silence();
+                    self.expire_records();
                 }
+                _ = refresh_tick.tick() => self.publish_record(),
+                _ = health_tick.tick() => self.run_health_checks(),
+                () = tokio::time::sleep_until(registry_deadline) => self.on_registry_deadline(),
+                Some(result) = self.probe_rx.recv() => self.on_probe_result(result),
             }
             if self.state.borrow().is_terminal() {
                 break;
@@ -653,6 +741,7 @@ impl SwarmTask {
         if let Some(started) = self.started.take() {
             let _ = started.send(Ok(()));
         }
+        self.publish_record();
     }
 
     fn fail_start(&mut self, error: NodeError) {
@@ -681,6 +770,16 @@ impl SwarmTask {
             Command::Metrics { reply } => {
                 let _ = reply.send(self.snapshot());
             }
+            Command::RegisterService { service, reply } => {
+                let _ = reply.send(self.register_service(*service));
+            }
+            Command::UnregisterService { id, reply } => {
+                let _ = reply.send(self.unregister_service(&id));
+            }
+            Command::LocalServices { reply } => {
+                let _ = reply.send(self.local_services());
+            }
+            Command::FindServices { query, reply } => self.find_services(query, reply),
             Command::Shutdown { reply } => self.shutdown_waiters.push(reply),
         }
     }
@@ -838,6 +937,10 @@ impl SwarmTask {
             SwarmEvent::Behaviour(NodeBehaviourEvent::Bootstrap(event)) => self.on_bootstrap(event),
             SwarmEvent::Behaviour(NodeBehaviourEvent::Mdns(event)) => self.on_mdns(event),
             SwarmEvent::Behaviour(NodeBehaviourEvent::Dht(event)) => self.on_dht(event),
+            SwarmEvent::Behaviour(NodeBehaviourEvent::Gossip(event)) => {
+                self.metrics.libp2p.record(&event);
+                self.on_gossip(event);
+            }
             SwarmEvent::NewExternalAddrOfPeer { peer_id, address } => {
                 self.table.add_address(&peer_id, &address);
             }
@@ -945,6 +1048,7 @@ impl SwarmTask {
                 if let Some(pending) = self.pending_dials.remove(&connection_id) {
                     pending.finish(&Ok(peer_id));
                 }
+                self.on_health_dial(connection_id, true);
                 self.update_connection_gauges();
                 if *self.state.borrow() == NodeState::Stopping {
                     self.swarm.close_connection(connection_id);
@@ -993,6 +1097,7 @@ impl SwarmTask {
                     let target = pending.target.clone();
                     pending.finish(&Err(NodeError::Dial { target, reason }));
                 }
+                self.on_health_dial(connection_id, false);
             }
             SwarmEvent::IncomingConnectionError {
                 send_back_addr,
@@ -1232,8 +1337,12 @@ impl SwarmTask {
             DhtEvent::ModeChanged { mode } => {
                 tracing::info!(%mode, "DHT mode changed");
             }
+            DhtEvent::RecordPublished { ok, .. } => {
+                tracing::debug!(ok, "stored our service record in the DHT");
+            }
             DhtEvent::Kad(event) => {
                 self.metrics.libp2p.record(event.as_ref());
+                self.on_registry_kad(*event);
             }
         }
     }
@@ -1376,6 +1485,7 @@ impl SwarmTask {
             if let Some(started) = self.started.take() {
                 let _ = started.send(Err(NodeError::NotRunning));
             }
+            self.answer_lookups(true);
             for (_, pending) in self.pending_dials.drain() {
                 let target = pending.target.clone();
                 pending.finish(&Err(NodeError::Dial {

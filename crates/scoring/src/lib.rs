@@ -224,6 +224,17 @@ pub fn rank<T, K: Ord>(
     tie_key: impl Fn(&T) -> K,
     limit: usize,
 ) -> Vec<(T, f64)> {
+    rank_by(items, score, |a, b| tie_key(a).cmp(&tie_key(b)), limit)
+}
+
+/// [`rank`] with the tie-break as a comparison, so it can look at borrowed
+/// fields (`a.peer.cmp(&b.peer)`) without building keys.
+pub fn rank_by<T>(
+    items: Vec<T>,
+    score: impl Fn(&T) -> f64,
+    tie_break: impl Fn(&T, &T) -> Ordering,
+    limit: usize,
+) -> Vec<(T, f64)> {
     let mut scored: Vec<(T, f64)> = items
         .into_iter()
         .map(|item| {
@@ -232,8 +243,7 @@ pub fn rank<T, K: Ord>(
         })
         .collect();
     let order = |a: &(T, f64), b: &(T, f64)| -> Ordering {
-        b.1.total_cmp(&a.1)
-            .then_with(|| tie_key(&a.0).cmp(&tie_key(&b.0)))
+        b.1.total_cmp(&a.1).then_with(|| tie_break(&a.0, &b.0))
     };
     if limit < scored.len() {
         if limit == 0 {

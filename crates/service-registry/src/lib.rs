@@ -1,8 +1,15 @@
 #![doc = include_str!("../README.md")]
 
+mod cache;
+mod local;
+mod rank;
 mod record;
 mod service;
 
+pub use cache::{Accepted, CachedRecord, ChangeKind, RecordCache, ServiceChange, diff};
+pub use local::{LocalServices, RegisterError};
+pub use ollamacron_scoring::{QualityInputs, ScoreBreakdown, ScoreWeights};
+pub use rank::{Candidate, RankedService, rank_services};
 pub use record::{
     NODE_RECORD_DOMAIN, NODE_RECORD_PAYLOAD_TYPE, NodeRecord, RECORD_VERSION, RecordError,
     RecordLimits, RejectReason, sign_record, verify_record,

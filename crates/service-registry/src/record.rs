@@ -63,7 +63,7 @@ impl Default for RecordLimits {
             max_services: 64,
             max_string_bytes: 256,
             max_list_items: 32,
-            min_ttl: Duration::from_secs(30),
+            min_ttl: Duration::from_secs(10),
             max_ttl: Duration::from_secs(3600),
         }
     }
