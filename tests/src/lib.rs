@@ -4,6 +4,7 @@
 // A test-support crate: panicking on a broken test setup is the right failure.
 #![allow(clippy::panic)]
 
+pub mod kad_peer;
 pub mod probe;
 
 use std::time::Duration;

@@ -33,6 +33,8 @@ pub const MIN_RECORD_TTL: Duration = Duration::from_secs(10);
 pub const MAX_RECORD_TTL: Duration = Duration::from_secs(3600);
 /// Smallest `max_record_size`.
 pub const MIN_RECORD_SIZE: ByteSize = ByteSize::from_bytes(1024);
+/// Smallest `max_string_length`: peer ids (52 bytes) and addresses must fit.
+pub const MIN_RECORD_STRING_LENGTH: u32 = 64;
 /// Largest `max_services_per_record`, `max_string_length` and `max_list_items`.
 pub const MAX_RECORD_COUNT_LIMIT: u32 = 4096;
 /// Longest accepted `shutdown_timeout`.
@@ -362,16 +364,20 @@ impl NodeConfig {
                 ),
             );
         }
-        for (name, value) in [
-            ("max_services_per_record", self.max_services_per_record),
-            ("max_string_length", self.max_string_length),
-            ("max_list_items", self.max_list_items),
+        for (name, value, min) in [
+            ("max_services_per_record", self.max_services_per_record, 1),
+            (
+                "max_string_length",
+                self.max_string_length,
+                MIN_RECORD_STRING_LENGTH,
+            ),
+            ("max_list_items", self.max_list_items, 1),
         ] {
-            if !(1..=MAX_RECORD_COUNT_LIMIT).contains(&value) {
+            if !(min..=MAX_RECORD_COUNT_LIMIT).contains(&value) {
                 fail(
                     name,
                     &value,
-                    format!("must be between 1 and {MAX_RECORD_COUNT_LIMIT}"),
+                    format!("must be between {min} and {MAX_RECORD_COUNT_LIMIT}"),
                 );
             }
         }
