@@ -225,3 +225,86 @@ fn run_logs_its_addresses_and_exits_0_on_sigterm() {
     let status = wait_exit(&mut running.child);
     assert_eq!(status.code(), Some(0));
 }
+
+/// `run --config` with a `services:` list advertises them with no code: a
+/// node started in this test finds them through the DHT.
+#[test]
+fn run_with_a_services_list_advertises_them() {
+    use ollamacron_node_core::libp2p::identity::Keypair;
+    use ollamacron_node_core::registry::ServiceQuery;
+
+    let dir = tempfile::tempdir().unwrap();
+    let config = dir.path().join("node.yaml");
+    std::fs::write(
+        &config,
+        "region: lab\n\
+         services:\n  \
+           - name: llama3:8b\n    type: llm\n    tags: [gpu]\n    capabilities: [completion, tools]\n  \
+           - name: nomic-embed-text\n    type: embedding\n    capabilities: [embedding]\n",
+    )
+    .unwrap();
+    let mut child = Command::new(BIN)
+        .args([
+            "run",
+            "--config",
+            config.to_str().unwrap(),
+            "--listen",
+            "/ip4/127.0.0.1/tcp/0",
+            "--no-mdns",
+            "--api-listen",
+            "127.0.0.1:0",
+            "--data-dir",
+            dir.path().to_str().unwrap(),
+        ])
+        .env_remove("OLLAMACRON_CONFIG")
+        .env_remove("RUST_LOG")
+        .stderr(Stdio::piped())
+        .stdout(Stdio::null())
+        .spawn()
+        .unwrap();
+    let lines = common::stderr_lines(&mut child);
+    let running = Running { child, lines };
+    let listening = running.wait_for_line("listening");
+    let addr = listening
+        .split_whitespace()
+        .find_map(|w| w.strip_prefix("address="))
+        .unwrap_or_else(|| panic!("no address in {listening:?}"))
+        .to_owned();
+    let advertising = running.wait_for_line("advertising services");
+    assert!(advertising.contains("llama3:8b"), "{advertising}");
+
+    let runtime = tokio::runtime::Runtime::new().unwrap();
+    runtime.block_on(async {
+        let mut config = ollamacron_config::ConfigLoader::new()
+            .set("listen", "/ip4/127.0.0.1/tcp/0")
+            .set("enable_mdns", "false")
+            .set("enable_metrics", "false")
+            .set("bootstrap", addr.as_str())
+            .load()
+            .unwrap();
+        config.shutdown_timeout = Duration::from_secs(2);
+        let asker = ollamacron_node_core::Node::new(config)
+            .with_keypair(Keypair::generate_ed25519())
+            .start()
+            .await
+            .unwrap();
+        let query = ServiceQuery {
+            service_type: Some("llm".into()),
+            region: Some("lab".into()),
+            ..ServiceQuery::default()
+        };
+        let deadline = std::time::Instant::now() + LINE_TIMEOUT;
+        let found = loop {
+            let found = asker.find_services(query.clone()).await.unwrap();
+            if !found.is_empty() || std::time::Instant::now() > deadline {
+                break found;
+            }
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        };
+        assert_eq!(found.len(), 1, "{found:?}");
+        assert_eq!(found[0].service.name, "llama3:8b");
+        assert_eq!(found[0].service.tags, ["gpu"]);
+        assert!(listening.contains(&found[0].service.peer_id), "{listening}");
+        asker.shutdown().await.unwrap();
+    });
+}

@@ -519,3 +519,69 @@ fn peer_addresses_need_a_transport() {
     assert!(errors[0].contains("names no transport"), "{errors:?}");
     load_yaml(&format!("bootstrap: [/dnsaddr/bootstrap.example/p2p/{PEER}, /dns4/a.example/udp/1/quic-v1/p2p/{PEER}]\n")).unwrap();
 }
+
+#[test]
+fn services_load_with_defaults_and_each_broken_rule_is_named() {
+    let config = load_yaml(
+        "services:\n  - name: llama3:8b\n    type: llm\n    tags: [gpu]\n    metadata: {ctx: \"8192\"}\n",
+    )
+    .unwrap();
+    assert_eq!(config.services[0].effective_id(), "llama3:8b");
+    assert_eq!(config.services[0].metadata["ctx"], "8192");
+
+    let errors = rule_errors(
+        "max_string_length: 64\nmax_list_items: 2\nservices:\n\
+         - {name: a, type: llm}\n\
+         - {name: a, type: \"\"}\n\
+         - {name: \"\", type: llm, id: c}\n\
+         - {name: d, type: llm, tags: [x, y, z], health_check_url: \"https://d\", reliability: 1.5, latency_ms: -1}\n\
+         - {name: e, type: llm, description: \"LONG\"}\n"
+            .replace("LONG", &"x".repeat(65))
+            .as_str(),
+    );
+    let has = |prefix: &str, words: &str| {
+        assert!(
+            errors
+                .iter()
+                .any(|e| e.starts_with(prefix) && e.contains(words)),
+            "no {prefix:?} with {words:?} in {errors:?}"
+        );
+    };
+    has("services[1].type", "must not be empty");
+    has("services[1].id", "must be unique");
+    has("services[2].name", "must not be empty");
+    has("services[3].tags", "at most max_list_items (2)");
+    has("services[3].health_check_url", "http://");
+    has("services[3].reliability", "between 0 and 1");
+    has("services[3].latency_ms", ">= 0");
+    has("services[4].description", "max_string_length (64)");
+
+    let error = value_error("services:\n  - {name: a, type: llm, colour: red}\n");
+    assert!(
+        error.contains("services[0].colour") && error.contains("unknown field"),
+        "{error}"
+    );
+}
+
+#[test]
+fn rule_record_lifetimes_limits_and_weights() {
+    let errors = rule_errors(
+        "record_ttl: 5s\nrecord_refresh_interval: 10s\nmax_record_size: 2MiB\nmax_string_length: 8\n\
+         score_weights: {reliability: 0, latency: 0, throughput: 0, availability: 0}\n",
+    );
+    let joined = errors.join("\n");
+    for needle in [
+        "record_ttl (5s) must be between 10s and 1h",
+        "record_refresh_interval (10s) must be shorter than record_ttl",
+        "max_record_size (2MiB) must be between 1KiB and dht_max_value_size",
+        "max_string_length (8) must be between 64",
+        "score_weights (all 0)",
+    ] {
+        assert!(joined.contains(needle), "no {needle:?} in {errors:?}");
+    }
+    let errors = rule_errors("score_weights: {reliability: -1}\n");
+    assert!(
+        errors[0].starts_with("score_weights.reliability (-1)"),
+        "{errors:?}"
+    );
+}

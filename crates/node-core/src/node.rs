@@ -741,6 +741,11 @@ impl SwarmTask {
         if let Some(started) = self.started.take() {
             let _ = started.send(Ok(()));
         }
+        let services = self.local_services();
+        if !services.is_empty() {
+            let ids: Vec<&str> = services.iter().map(|s| s.id.as_str()).collect();
+            tracing::info!(count = services.len(), ids = %ids.join(", "), "advertising services");
+        }
         self.publish_record();
     }
 
