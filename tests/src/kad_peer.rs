@@ -1,6 +1,6 @@
-//! An independent Kademlia peer, built from plain rust-libp2p: TCP + Noise
-//! + Yamux, identify and Kademlia on `/ollamacron/kad/1.0.0` with libp2p's
-//! own unfiltered store. It stores whatever it is given, so tests use it
+//! An independent Kademlia peer, built from plain rust-libp2p: TCP with
+//! Noise and Yamux, identify, and Kademlia on `/ollamacron/kad/1.0.0` with
+//! libp2p's own unfiltered store. It stores whatever it is given, so tests use it
 //! both as another implementation reading our records and as a rogue peer
 //! serving or pushing bad ones.
 
@@ -24,10 +24,15 @@ struct KadPeerBehaviour {
     kad: kad::Behaviour<kad::store::MemoryStore>,
 }
 
+/// Records found so far under a key, with who answered.
+type FoundRecords = Vec<(Option<PeerId>, Record)>;
+type PendingGet = (QueryId, FoundRecords, oneshot::Sender<FoundRecords>);
+type PendingProviders = (QueryId, Vec<PeerId>, oneshot::Sender<Vec<PeerId>>);
+
 enum Request {
     Dial(Multiaddr, oneshot::Sender<Result<(), String>>),
     PutTo(Record, PeerId, oneshot::Sender<Result<(), String>>),
-    Get(RecordKey, oneshot::Sender<Vec<(Option<PeerId>, Record)>>),
+    Get(RecordKey, oneshot::Sender<FoundRecords>),
     Providers(RecordKey, oneshot::Sender<Vec<PeerId>>),
     StoreLocal(Record),
     AddProvider(ProviderRecord),
@@ -92,10 +97,8 @@ impl KadPeer {
         tokio::spawn(async move {
             let mut dials: Vec<(PeerId, oneshot::Sender<Result<(), String>>)> = Vec::new();
             let mut puts: Vec<(QueryId, oneshot::Sender<Result<(), String>>)> = Vec::new();
-            let mut gets: Vec<(QueryId, Vec<(Option<PeerId>, Record)>, oneshot::Sender<_>)> =
-                Vec::new();
-            let mut provider_queries: Vec<(QueryId, Vec<PeerId>, oneshot::Sender<Vec<PeerId>>)> =
-                Vec::new();
+            let mut gets: Vec<PendingGet> = Vec::new();
+            let mut provider_queries: Vec<PendingProviders> = Vec::new();
             let mut listen: Vec<Multiaddr> = Vec::new();
             loop {
                 tokio::select! {
@@ -254,7 +257,7 @@ impl KadPeer {
     ///
     /// # Errors
     /// When the query does not finish in time.
-    pub async fn get(&self, key: RecordKey) -> Result<Vec<(Option<PeerId>, Record)>, String> {
+    pub async fn get(&self, key: RecordKey) -> Result<FoundRecords, String> {
         self.ask(|tx| Request::Get(key, tx)).await
     }
 

@@ -96,7 +96,7 @@ async fn ten_nodes_find_exactly_the_right_services_best_first() {
         let l = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
         l.local_addr().unwrap().port()
     };
-    let region = |i: usize| if i % 2 == 0 { "eu" } else { "us" };
+    let region = |i: usize| if i.is_multiple_of(2) { "eu" } else { "us" };
     let nodes = start_line(10, |i| {
         vec![
             ("region".into(), region(i).into()),
@@ -111,8 +111,8 @@ async fn ten_nodes_find_exactly_the_right_services_best_first() {
     let mut llms = BTreeSet::new();
     let mut embeddings = BTreeSet::new();
     for (i, node) in nodes.iter().enumerate() {
-        let tag = if i % 3 == 0 { "gpu" } else { "cpu" };
-        let caps: &[&str] = if i % 2 == 0 {
+        let tag = if i.is_multiple_of(3) { "gpu" } else { "cpu" };
+        let caps: &[&str] = if i.is_multiple_of(2) {
             &["completion", "tools"]
         } else {
             &["completion"]
@@ -124,7 +124,7 @@ async fn ten_nodes_find_exactly_the_right_services_best_first() {
         }
         node.register_service(llm).await.unwrap();
         llms.insert((peer(i), format!("llm-{i}")));
-        if i % 2 == 0 {
+        if i.is_multiple_of(2) {
             node.register_service(service(
                 &format!("embed-{i}"),
                 "embedding",
@@ -377,7 +377,7 @@ async fn services_from_the_config_file_are_advertised() {
     let config = ollamacron_config::ConfigLoader::new()
         .yaml_str(
             "test.yaml",
-            &format!(
+            format!(
                 "listen: [{TCP_ONLY}]\nenable_mdns: false\nenable_metrics: false\n\
                  bootstrap: [{bootstrap}]\nregion: eu\n\
                  services:\n  - name: llama3:8b\n    type: llm\n    tags: [gpu]\n    \

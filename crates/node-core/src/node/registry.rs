@@ -490,7 +490,7 @@ impl SwarmTask {
                     self.on_walk_progress(&key, result);
                     if step.last {
                         self.registry.walks.remove(&id);
-                        self.on_walk_done(key);
+                        self.on_walk_done(&key);
                     }
                 } else if let Some(owner) = self.registry.fetches.get(&id).copied() {
                     let got_valid = self.on_fetch_progress(owner, result);
@@ -551,7 +551,7 @@ impl SwarmTask {
         }
     }
 
-    fn on_walk_done(&mut self, key: RecordKey) {
+    fn on_walk_done(&mut self, key: &RecordKey) {
         if self.registry.walked_at.len() >= MAX_WALKED_KEYS {
             let fresh = self.registry.lookup_cache_fresh;
             self.registry.walked_at.retain(|_, at| at.elapsed() < fresh);
@@ -559,7 +559,7 @@ impl SwarmTask {
         if self.registry.walked_at.len() < MAX_WALKED_KEYS {
             self.registry.walked_at.insert(key.clone(), Instant::now());
         }
-        for lookup in self.registry.lookups.iter_mut().filter(|l| l.key == key) {
+        for lookup in self.registry.lookups.iter_mut().filter(|l| l.key == *key) {
             lookup.walk_done = true;
         }
         self.answer_lookups(false);
