@@ -40,6 +40,8 @@ const HTTP_PROBE_TIMEOUT: Duration = Duration::from_secs(5);
 const MAX_CONCURRENT_PROBES: usize = 16;
 /// Most keys whose last walk time is remembered.
 const MAX_WALKED_KEYS: usize = 1024;
+/// Most record fetches (`get_record` walks) at once; more wait their turn.
+const MAX_CONCURRENT_FETCHES: usize = 32;
 /// Most lookups waiting for the DHT at once; more are answered from the cache.
 const MAX_PENDING_LOOKUPS: usize = 256;
 
@@ -127,6 +129,8 @@ pub(super) struct RegistryState {
     walks: HashMap<QueryId, RecordKey>,
     walked_at: HashMap<RecordKey, Instant>,
     fetches: HashMap<QueryId, PeerId>,
+    /// Records to fetch once a running fetch finishes.
+    fetch_queue: std::collections::VecDeque<PeerId>,
     lookups: Vec<PendingLookup>,
     health_dials: HashMap<ConnectionId, PeerId>,
     probes_in_flight: usize,
@@ -182,6 +186,7 @@ impl RegistryState {
             walks: HashMap::new(),
             walked_at: HashMap::new(),
             fetches: HashMap::new(),
+            fetch_queue: std::collections::VecDeque::new(),
             lookups: Vec::new(),
             health_dials: HashMap::new(),
             probes_in_flight: 0,
@@ -507,6 +512,7 @@ impl SwarmTask {
                     }
                     if step.last {
                         self.registry.fetches.remove(&id);
+                        self.fetch_next();
                     }
                 }
             }
@@ -537,17 +543,29 @@ impl SwarmTask {
             if current {
                 continue;
             }
-            let fetching = self.registry.fetches.values().any(|p| *p == provider);
-            if !fetching {
-                let Some(dht) = self.swarm.behaviour_mut().dht.as_mut() else {
-                    return;
-                };
-                let id = dht.kad_mut().get_record(node_record_key(&provider));
-                self.registry.fetches.insert(id, provider);
+            let pending = self.registry.fetches.values().any(|p| *p == provider)
+                || self.registry.fetch_queue.contains(&provider);
+            if !pending {
+                self.registry.fetch_queue.push_back(provider);
+                self.fetch_next();
             }
             for lookup in self.registry.lookups.iter_mut().filter(|l| l.key == *key) {
                 lookup.outstanding.insert(provider);
             }
+        }
+    }
+
+    /// Start queued fetches while fewer than `MAX_CONCURRENT_FETCHES` run.
+    fn fetch_next(&mut self) {
+        while self.registry.fetches.len() < MAX_CONCURRENT_FETCHES {
+            let Some(provider) = self.registry.fetch_queue.pop_front() else {
+                return;
+            };
+            let Some(dht) = self.swarm.behaviour_mut().dht.as_mut() else {
+                return;
+            };
+            let id = dht.kad_mut().get_record(node_record_key(&provider));
+            self.registry.fetches.insert(id, provider);
         }
     }
 
