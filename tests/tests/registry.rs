@@ -98,10 +98,19 @@ async fn ten_nodes_find_exactly_the_right_services_best_first() {
     };
     let region = |i: usize| if i.is_multiple_of(2) { "eu" } else { "us" };
     let nodes = start_line(10, |i| {
-        vec![
+        let mut settings = vec![
             ("region".into(), region(i).into()),
             ("health_check_interval".into(), "1s".into()),
-        ]
+        ];
+        if i == 1 {
+            // The asker ranks on advertised throughput alone, so the order
+            // (and what a limit keeps) is known in advance.
+            settings.push((
+                "score_weights".into(),
+                "{reliability: 0, latency: 0, throughput: 1, availability: 0}".into(),
+            ));
+        }
+        settings
     })
     .await;
     let peer = |i: usize| nodes[i].peer_id().to_string();
@@ -221,8 +230,13 @@ async fn ten_nodes_find_exactly_the_right_services_best_first() {
         "{found:?}"
     );
 
-    // Latency is measured too: nothing remote answers in 0 ms, the local
-    // service does.
+    // Latency is measured too: every node answers pings on loopback within
+    // a second, none in 0 ms, while the local service takes no time at all.
+    let query = ServiceQuery {
+        max_latency_ms: Some(1000.0),
+        ..by_type("llm")
+    };
+    settles_to(asker, &query, &llms, "LLMs within a second").await;
     let query = ServiceQuery {
         max_latency_ms: Some(0.0),
         ..by_type("llm")
@@ -230,16 +244,16 @@ async fn ten_nodes_find_exactly_the_right_services_best_first() {
     let local_only = BTreeSet::from([(peer(1), "llm-1".to_owned())]);
     settles_to(asker, &query, &local_only, "LLMs within 0 ms").await;
 
-    // The limit cuts the ranked list after ranking.
-    let all = asker.find_services(by_type("llm")).await.unwrap();
+    // The asker scores on throughput (100k × node number) alone: the best
+    // three are nodes 9, 8 and 7, in that order, and the limit keeps them.
     let query = ServiceQuery {
         limit: Some(3),
         ..by_type("llm")
     };
     let top = asker.find_services(query).await.unwrap();
-    assert_eq!(top.len(), 3);
     assert_ranked(&top);
-    assert!(ids(&top).is_subset(&ids(&all)));
+    let top: Vec<&str> = top.iter().map(|r| r.service.id.as_str()).collect();
+    assert_eq!(top, ["llm-9", "llm-8", "llm-7"]);
     let zero = ServiceQuery {
         limit: Some(0),
         ..by_type("llm")
@@ -415,6 +429,27 @@ async fn services_from_the_config_file_are_advertised() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn configured_services_that_make_an_oversized_record_stop_the_start() {
+    let config = ollamacron_config::ConfigLoader::new()
+        .yaml_str(
+            "big.yaml",
+            format!(
+                "listen: [{TCP_ONLY}]\nenable_mdns: false\nenable_metrics: false\n\
+                 max_record_size: 1KiB\nmax_string_length: 1024\n\
+                 services:\n  - {{name: a, type: llm, description: {}}}\n",
+                "x".repeat(1000)
+            ),
+        )
+        .load()
+        .unwrap();
+    let e = start(config).await.unwrap_err();
+    assert!(
+        e.to_string().contains("do not fit in a record") && e.to_string().contains("1024-byte"),
+        "{e}"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn bad_services_are_refused_with_the_reason() {
     let node = start(loopback_config(TCP_ONLY, &[("max_string_length", "64")]))
         .await
@@ -556,6 +591,16 @@ mod bad_records {
         ]
     }
 
+    /// The value of `ollamacron_records_rejected_total{reason, via}`.
+    fn rejected(node: &NodeHandle, reason: &str, via: &str) -> u64 {
+        let prefix =
+            format!("ollamacron_records_rejected_total{{reason=\"{reason}\",via=\"{via}\"}} ");
+        node.metrics_text()
+            .lines()
+            .find_map(|l| l.strip_prefix(&prefix)?.trim().parse().ok())
+            .unwrap_or(0)
+    }
+
     fn record(key: libp2p::kad::RecordKey, value: Vec<u8>) -> Record {
         Record {
             key,
@@ -677,10 +722,15 @@ mod bad_records {
             );
         }
 
-        // The real record survives: the holder still serves it, and still
-        // lists the victim's service.
+        // The real record survives: the holder itself still serves it, and
+        // still lists the victim's service.
         let found = rogue.get(node_key(&victim_id)).await.unwrap();
-        assert!(!found.is_empty());
+        assert!(
+            found
+                .iter()
+                .any(|(from, _)| *from == Some(holder.peer_id())),
+            "the holder answers: {found:?}"
+        );
         for (_, r) in &found {
             let decoded = verify_record(
                 &r.value,
@@ -738,10 +788,11 @@ mod bad_records {
 
         let real_sequence = now_ms();
         let real = signed(&victim_key, real_sequence, now_ms(), 300_000, 0);
+        let real_bytes = real.clone();
         let mut events = asker.subscribe();
         let bad = bad_records(&victim_key, rogue.keypair(), &real, real_sequence);
-        let (stale, others): (Vec<_>, Vec<_>) =
-            bad.into_iter().partition(|(r, _)| *r == "stale_sequence");
+        // Before the real record is held, a stale one is simply accepted.
+        let others = bad.into_iter().filter(|(r, _)| *r != "stale_sequence");
         for (reason, bytes) in others {
             rogue
                 .store(record(node_key(&victim_id), bytes))
@@ -764,24 +815,28 @@ mod bad_records {
             .unwrap();
         let expected = BTreeSet::from([(victim_id.to_string(), "victim-llm".to_owned())]);
         settles_to(&asker, &query, &expected, "the real record").await;
-        // …and an older one after it is refused, keeping the real one.
-        let (_, stale) = stale.into_iter().next().unwrap();
-        rogue
-            .store(record(node_key(&victim_id), stale))
+        // …and every bad record served after it is refused, keeping the
+        // real one (the asker fetches again once a held record is older
+        // than its refresh interval, 1s here).
+        let bad = bad_records(&victim_key, rogue.keypair(), &real_bytes, real_sequence);
+        for (reason, bytes) in bad {
+            let before = rejected(&asker, reason, "get");
+            rogue
+                .store(record(node_key(&victim_id), bytes))
+                .await
+                .unwrap();
+            eventually_within(
+                SETTLE_TIMEOUT,
+                &format!("{reason} to be refused"),
+                || async {
+                    let found = asker.find_services(query.clone()).await.ok()?;
+                    assert_eq!(ids(&found), expected, "{reason}: the real record is kept");
+                    (rejected(&asker, reason, "get") > before).then_some(())
+                },
+            )
             .await
             .unwrap();
-        eventually_within(SETTLE_TIMEOUT, "the stale record to be refused", || async {
-            let found = asker.find_services(query.clone()).await.ok()?;
-            assert_eq!(ids(&found), expected, "the real record is kept");
-            asker
-                .metrics_text()
-                .contains(
-                    "ollamacron_records_rejected_total{reason=\"stale_sequence\",via=\"get\"}",
-                )
-                .then_some(())
-        })
-        .await
-        .unwrap();
+        }
         let metrics = asker.metrics_text();
         assert!(
             metrics.contains(

@@ -373,6 +373,16 @@ fn closest_key(defaults: &Mapping, key: &str) -> Option<String> {
 /// list fields are comma-separated, empty text unsets, canonical booleans
 /// and numbers are typed, and everything else is a string.
 fn raw_value(defaults: &Mapping, key: &str, raw: &str) -> Value {
+    // Structured fields take YAML flow syntax: `{latency: 1}` for a mapping,
+    // `[{name: a, type: llm}]` for a list of mappings.
+    let structured = match defaults.get(key) {
+        Some(Value::Mapping(_)) => true,
+        Some(Value::Sequence(_)) => raw.trim_start().starts_with('['),
+        _ => false,
+    };
+    if structured && let Ok(value) = serde_yaml_ng::from_str::<Value>(raw) {
+        return value;
+    }
     if matches!(defaults.get(key), Some(Value::Sequence(_))) {
         return Value::Sequence(
             raw.split(',')

@@ -382,6 +382,16 @@ impl NodeConfig {
             }
         }
 
+        let max_items = usize::try_from(self.max_list_items).unwrap_or(usize::MAX);
+        if self.tags.len() > max_items {
+            fail(
+                "tags",
+                &format!("{} tags", self.tags.len()),
+                format!(
+                    "must hold at most max_list_items ({max_items}): they travel in the node record"
+                ),
+            );
+        }
         let max_services = usize::try_from(self.max_services_per_record).unwrap_or(usize::MAX);
         if self.services.len() > max_services {
             fail(
@@ -391,7 +401,6 @@ impl NodeConfig {
             );
         }
         let max_string = usize::try_from(self.max_string_length).unwrap_or(usize::MAX);
-        let max_items = usize::try_from(self.max_list_items).unwrap_or(usize::MAX);
         let mut ids = std::collections::HashSet::new();
         for (i, service) in self.services.iter().enumerate() {
             let at = |field: &str| format!("services[{i}].{field}");

@@ -585,3 +585,27 @@ fn rule_record_lifetimes_limits_and_weights() {
         "{errors:?}"
     );
 }
+
+#[test]
+fn structured_fields_take_yaml_flow_syntax_from_env_and_overrides() {
+    let config = ConfigLoader::new()
+        .env([(
+            "OLLAMACRON_SERVICES",
+            "[{name: llama3, type: llm, tags: [gpu]}]",
+        )])
+        .set("score_weights", "{reliability: 0, latency: 1}")
+        .load()
+        .unwrap();
+    assert_eq!(config.services[0].tags, ["gpu"]);
+    assert_eq!(config.score_weights.latency, 1.0);
+    assert_eq!(
+        config.score_weights.throughput, 0.2,
+        "unset weights keep their default"
+    );
+    let error = ConfigLoader::new()
+        .set("score_weights", "{latncy: 1}")
+        .load()
+        .unwrap_err()
+        .to_string();
+    assert!(error.contains("latncy"), "{error}");
+}

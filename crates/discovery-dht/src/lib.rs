@@ -73,6 +73,8 @@ pub struct DhtConfig {
     pub max_providers_per_key: usize,
     /// Largest record value accepted.
     pub max_value_bytes: usize,
+    /// Longest a stored record lives when it comes without an expiry.
+    pub max_record_ttl: Duration,
     /// Announce this node as a provider of the namespace.
     pub advertise_namespace: bool,
 }
@@ -88,6 +90,7 @@ impl Default for DhtConfig {
             max_records: 1024,
             max_providers_per_key: 256,
             max_value_bytes: 64 * 1024,
+            max_record_ttl: Duration::from_secs(3600),
             advertise_namespace: true,
         }
     }
@@ -175,6 +178,10 @@ pub struct Behaviour {
     record_query: Option<QueryId>,
     /// The own record changed while its put was running.
     record_outdated: bool,
+    /// Direct pushes of the own record to connected peers, in flight.
+    push_queries: HashSet<QueryId>,
+    /// Peers with at least one open connection.
+    connected: HashSet<PeerId>,
     discovery_queries: HashSet<QueryId>,
     address_queries: HashMap<QueryId, PeerId>,
     bootstrap_reported: bool,
@@ -215,7 +222,8 @@ impl Behaviour {
                     .saturating_mul(PROVIDER_TTL_INTERVALS),
             ))
             // Our own record is re-put by `publish_record` and every refresh.
-            .set_publication_interval(None);
+            .set_publication_interval(None)
+            .set_record_ttl(Some(config.max_record_ttl));
         let store = DhtStore::new(
             local_peer,
             MemoryStoreConfig {
@@ -265,6 +273,8 @@ impl Behaviour {
             own_record: None,
             record_query: None,
             record_outdated: false,
+            push_queries: HashSet::new(),
+            connected: HashSet::new(),
             discovery_queries: HashSet::new(),
             address_queries: HashMap::new(),
             bootstrap_reported: false,
@@ -348,6 +358,20 @@ impl Behaviour {
         }
     }
 
+    /// PUT the own record to `peers` directly (not a walk).
+    fn push_own_record(&mut self, peers: Vec<PeerId>) {
+        let Some(record) = self.own_record.clone() else {
+            return;
+        };
+        if peers.is_empty() {
+            return;
+        }
+        let id = self
+            .kad
+            .put_record_to(record, peers.into_iter(), kad::Quorum::One);
+        self.push_queries.insert(id);
+    }
+
     fn put_own_record(&mut self) {
         let Some(record) = self.own_record.clone() else {
             return;
@@ -379,8 +403,20 @@ impl Behaviour {
     /// key now, and again whenever the routing table grows and every
     /// `provide_interval`, until replaced. A put still running is not
     /// interrupted; its successor starts at the next refresh.
+    ///
+    /// Besides the closest peers, every connected peer of the routing table
+    /// gets the record directly now, and every peer that joins the routing
+    /// table later gets it when it does: in a small mesh every node holds
+    /// every record without a lookup.
     pub fn publish_record(&mut self, record: kad::Record) {
         self.own_record = Some(record.clone());
+        let connected: Vec<PeerId> = self
+            .routing
+            .keys()
+            .filter(|p| self.connected.contains(p))
+            .copied()
+            .collect();
+        self.push_own_record(connected);
         if self.record_query.is_some() {
             // Store the newest one locally at once; peers get it as soon
             // as the running put finishes.
@@ -441,6 +477,9 @@ impl Behaviour {
                 }
                 self.routing.insert(peer, addresses.clone());
                 if is_new_peer {
+                    if self.connected.contains(&peer) {
+                        self.push_own_record(vec![peer]);
+                    }
                     if self.routing.len() == 1 {
                         // The first peer: walk towards ourselves to fill the table.
                         if let Err(e) = self.kad.bootstrap() {
@@ -516,6 +555,12 @@ impl Behaviour {
                 tracing::debug!(?result, "namespace announcement did not complete");
             }
             return Some(DhtEvent::Advertised { ok });
+        }
+        if self.push_queries.contains(&id) {
+            if step.last {
+                self.push_queries.remove(&id);
+            }
+            return None;
         }
         if self.record_query == Some(id) {
             if !step.last {
@@ -660,6 +705,15 @@ impl NetworkBehaviour for Behaviour {
     }
 
     fn on_swarm_event(&mut self, event: FromSwarm<'_>) {
+        match &event {
+            FromSwarm::ConnectionEstablished(e) => {
+                self.connected.insert(e.peer_id);
+            }
+            FromSwarm::ConnectionClosed(e) if e.remaining_established == 0 => {
+                self.connected.remove(&e.peer_id);
+            }
+            _ => {}
+        }
         if let FromSwarm::ConnectionEstablished(e) = &event
             && e.other_established == 0
             && e.peer_id != self.local_peer

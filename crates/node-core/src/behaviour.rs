@@ -137,6 +137,7 @@ impl NodeBehaviour {
                         .unwrap_or(usize::MAX),
                     max_value_bytes: usize::try_from(config.dht_max_value_size.bytes())
                         .unwrap_or(usize::MAX),
+                    max_record_ttl: ollamacron_config::MAX_RECORD_TTL,
                     advertise_namespace: true,
                 },
             )

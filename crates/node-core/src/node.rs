@@ -139,7 +139,7 @@ impl Node {
         let peer_id = keypair.public().to_peer_id();
         state_tx.send_replace(NodeState::Starting);
         let (registry_state, probe_rx) =
-            RegistryState::new(peer_id, &self.config).map_err(&fail)?;
+            RegistryState::new(&keypair, &self.config).map_err(&fail)?;
 
         let mut registry = Registry::default();
         let transport = build_transport(&keypair, &self.config, &mut registry).map_err(fail)?;

@@ -36,7 +36,8 @@ pub struct ServiceChange {
 pub enum Accepted {
     /// It replaced (or was the first) record of its node.
     Stored {
-        /// Services added, updated and removed by it.
+        /// Services added, updated and removed by it — and, when the cache
+        /// was full, the services of the node evicted to make room.
         changes: Vec<ServiceChange>,
     },
     /// The very record already held.
@@ -150,24 +151,35 @@ impl RecordCache {
         now_ms: u64,
         limits: &RecordLimits,
     ) -> Result<Accepted, RejectReason> {
+        self.accept_at_least(peer, envelope, now_ms, limits, None)
+    }
+
+    /// [`RecordCache::accept`], also refusing a sequence below `floor` (the
+    /// sequence of a copy held elsewhere, such as the DHT store).
+    ///
+    /// # Errors
+    /// The [`RejectReason`]; the cache is then unchanged.
+    pub fn accept_at_least(
+        &mut self,
+        peer: PeerId,
+        envelope: &[u8],
+        now_ms: u64,
+        limits: &RecordLimits,
+        floor: Option<u64>,
+    ) -> Result<Accepted, RejectReason> {
         let held = self.records.get(&peer);
         if held.is_some_and(|h| h.envelope == envelope) {
             return Ok(Accepted::Unchanged);
         }
-        let record = verify_record(
-            envelope,
-            &peer,
-            now_ms,
-            held.map(|h| h.record.sequence),
-            limits,
-        )?;
-        let changes = diff(
+        let held_sequence = held.map(|h| h.record.sequence).max(floor);
+        let record = verify_record(envelope, &peer, now_ms, held_sequence, limits)?;
+        let mut changes = diff(
             peer,
             held.map_or(&[][..], |h| &h.record.services),
             &record.services,
         );
         if held.is_none() && self.records.len() >= self.max_records {
-            self.evict_soonest_expiring();
+            changes.extend(self.evict_soonest_expiring());
         }
         self.records.insert(
             peer,
@@ -201,15 +213,13 @@ impl RecordCache {
             .unwrap_or_default()
     }
 
-    fn evict_soonest_expiring(&mut self) {
+    fn evict_soonest_expiring(&mut self) -> Vec<ServiceChange> {
         let soonest = self
             .records
             .iter()
             .min_by_key(|(_, c)| c.record.expires_at)
             .map(|(p, _)| *p);
-        if let Some(peer) = soonest {
-            self.records.remove(&peer);
-        }
+        soonest.map(|peer| self.remove(&peer)).unwrap_or_default()
     }
 }
 

@@ -11,7 +11,7 @@ pub use local::{LocalServices, RegisterError};
 pub use ollamacron_scoring::{QualityInputs, ScoreBreakdown, ScoreWeights};
 pub use rank::{Candidate, RankedService, rank_services};
 pub use record::{
-    NODE_RECORD_DOMAIN, NODE_RECORD_PAYLOAD_TYPE, NodeRecord, RECORD_VERSION, RecordError,
-    RecordLimits, RejectReason, sign_record, verify_record,
+    MAX_CLOCK_SKEW, NODE_RECORD_DOMAIN, NODE_RECORD_PAYLOAD_TYPE, NodeRecord, RECORD_VERSION,
+    RecordError, RecordLimits, RejectReason, sign_record, verify_record,
 };
 pub use service::{ServiceInfo, ServiceQuery, ServiceStatus};

@@ -15,6 +15,10 @@ pub const RECORD_VERSION: u8 = 1;
 /// Domain-separation string of the envelope signature, so a node-record
 /// signature can never be replayed as any other signed libp2p message.
 pub const NODE_RECORD_DOMAIN: &str = "ollamacron-node-record";
+/// How far ahead of our clock a record's `issued_at` may be: clocks of
+/// honest nodes differ a little; a record dated further ahead would outlive
+/// its TTL.
+pub const MAX_CLOCK_SKEW: Duration = Duration::from_secs(60);
 /// Payload type of the envelope.
 pub const NODE_RECORD_PAYLOAD_TYPE: &[u8] = b"/ollamacron/node-record/1";
 
@@ -115,6 +119,19 @@ pub enum RejectReason {
         /// Longest accepted.
         max_ms: u64,
     },
+    /// Issued further in the future than clock skew explains.
+    #[error("record issued at {issued_at}, more than {skew_ms} ms after now ({now})")]
+    FromTheFuture {
+        /// Its issue time.
+        issued_at: u64,
+        /// The time of the check.
+        now: u64,
+        /// The tolerated skew.
+        skew_ms: u64,
+    },
+    /// Two services of the record share an id.
+    #[error("record lists service id {0:?} twice")]
+    DuplicateService(String),
     /// Older than the record already held.
     #[error("record sequence {got} is older than the held {held}")]
     StaleSequence {
@@ -147,6 +164,8 @@ impl RejectReason {
             Self::BadTtl { .. } => "bad_ttl",
             Self::StaleSequence { .. } => "stale_sequence",
             Self::OverLimit { .. } => "over_limit",
+            Self::FromTheFuture { .. } => "from_the_future",
+            Self::DuplicateService(_) => "duplicate_service",
         }
     }
 }
@@ -253,6 +272,14 @@ pub fn verify_record(
             signer: signer.to_string(),
         });
     }
+    let skew_ms = millis(MAX_CLOCK_SKEW);
+    if record.issued_at > now_ms.saturating_add(skew_ms) {
+        return Err(RejectReason::FromTheFuture {
+            issued_at: record.issued_at,
+            now: now_ms,
+            skew_ms,
+        });
+    }
     if record.expires_at <= now_ms {
         return Err(RejectReason::Expired {
             expires_at: record.expires_at,
@@ -349,6 +376,9 @@ fn check_contents(record: &NodeRecord, limits: &RecordLimits) -> Result<(), Reje
         for (k, v) in &s.metadata {
             string("metadata", k)?;
             string("metadata", v)?;
+        }
+        if record.services.iter().filter(|o| o.id == s.id).count() > 1 {
+            return Err(RejectReason::DuplicateService(s.id.clone()));
         }
         if s.id.is_empty() {
             return Err(over("id", "empty".to_owned()));

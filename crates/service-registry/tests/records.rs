@@ -95,6 +95,29 @@ fn expired_stale_and_badly_timed_records_are_refused() {
     forever.expires_at = NOW + 10 * 24 * 3600 * 1000;
     let err = sign_record(&forever, &key, &limits).unwrap_err();
     assert!(err.to_string().contains("lifetime"), "{err}");
+
+    // Dated a year ahead, a record with a valid lifetime would outlive it.
+    let mut future = record_for(&key, 1);
+    let year_ms = 365 * 24 * 3600 * 1000;
+    future.issued_at += year_ms;
+    future.expires_at += year_ms;
+    let bytes = sign_record(&future, &key, &limits).unwrap();
+    assert_eq!(reason(&bytes, &peer(&key), None), "from_the_future");
+    // A little clock skew is tolerated.
+    let mut skewed = record_for(&key, 1);
+    skewed.issued_at += 30_000;
+    skewed.expires_at += 30_000;
+    let bytes = sign_record(&skewed, &key, &limits).unwrap();
+    verify_record(&bytes, &peer(&key), NOW, None, &limits).unwrap();
+}
+
+#[test]
+fn a_service_id_listed_twice_is_refused() {
+    let key = Keypair::generate_ed25519();
+    let mut twice = record_for(&key, 1);
+    twice.services.push(twice.services[0].clone());
+    let err = sign_record(&twice, &key, &RecordLimits::default()).unwrap_err();
+    assert!(err.to_string().contains("twice"), "{err}");
 }
 
 #[test]
@@ -168,6 +191,13 @@ fn every_reason_has_a_distinct_label() {
         }
         .as_str(),
         RejectReason::StaleSequence { got: 1, held: 2 }.as_str(),
+        RejectReason::FromTheFuture {
+            issued_at: 2,
+            now: 1,
+            skew_ms: 0,
+        }
+        .as_str(),
+        RejectReason::DuplicateService(String::new()).as_str(),
         RejectReason::OverLimit {
             field: "x",
             detail: String::new(),

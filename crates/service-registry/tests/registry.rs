@@ -115,6 +115,7 @@ fn a_full_cache_makes_room_by_dropping_the_record_closest_to_expiry() {
     let limits = RecordLimits::default();
     let mut cache = RecordCache::new(2);
     let mut peers = Vec::new();
+    let mut last = None;
     for i in 0..3u64 {
         let key = Keypair::generate_ed25519();
         let peer = key.public().to_peer_id();
@@ -122,10 +123,19 @@ fn a_full_cache_makes_room_by_dropping_the_record_closest_to_expiry() {
         local.register(service("a", &[]), NOW).unwrap();
         // Later nodes publish later, so they expire later.
         let bytes = publish(&mut local, &key, NOW + i * 1000);
-        cache.accept(peer, &bytes, NOW + i * 1000, &limits).unwrap();
+        last = Some(cache.accept(peer, &bytes, NOW + i * 1000, &limits).unwrap());
         peers.push(peer);
     }
     assert_eq!(cache.len(), 2);
+    let Some(Accepted::Stored { changes }) = last else {
+        panic!("the third record is stored")
+    };
+    assert!(
+        changes
+            .iter()
+            .any(|c| c.peer == peers[0] && c.kind == ChangeKind::Removed),
+        "the eviction is reported: {changes:?}"
+    );
     assert!(cache.get(&peers[0]).is_none(), "the soonest to expire went");
     assert!(cache.get(&peers[2]).is_some());
 }

@@ -6,6 +6,7 @@ use std::collections::{HashMap, HashSet};
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 use libp2p::gossipsub::{self, IdentTopic, MessageAcceptance};
+use libp2p::identity::Keypair;
 use libp2p::kad::store::RecordStore;
 use libp2p::kad::{self, GetRecordOk, QueryId, QueryResult, RecordKey};
 use libp2p::multiaddr::Protocol;
@@ -34,6 +35,17 @@ use crate::event::{NodeEvent, RecordVia};
 const REVALIDATE_AFTER: Duration = Duration::from_secs(1);
 /// A burst of peers subscribing to the topic costs one re-publication.
 const GOSSIP_REPUBLISH_DEBOUNCE: Duration = Duration::from_millis(200);
+/// Re-publications for new subscribers are at least this far apart, so a
+/// peer that keeps re-subscribing cannot make every node flood the topic
+/// (a newcomer also gets our record by a direct DHT put).
+const GOSSIP_REPUBLISH_MIN_INTERVAL: Duration = Duration::from_secs(5);
+/// Most providers of one walk whose records are fetched.
+const MAX_PROVIDERS_PER_WALK: usize = 256;
+/// Most records waiting to be fetched.
+const MAX_FETCH_QUEUE: usize = 1024;
+/// Most addresses from a peer's own record used to dial it for a health
+/// check (only those naming the peer; the DHT and identify supply the rest).
+const MAX_HEALTH_DIAL_ADDRESSES: usize = 4;
 /// Longest an HTTP health probe may take.
 const HTTP_PROBE_TIMEOUT: Duration = Duration::from_secs(5);
 /// Most HTTP probes in flight at once.
@@ -131,20 +143,23 @@ pub(super) struct RegistryState {
     fetches: HashMap<QueryId, PeerId>,
     /// Records to fetch once a running fetch finishes.
     fetch_queue: std::collections::VecDeque<PeerId>,
+    fetch_queued: HashSet<PeerId>,
     lookups: Vec<PendingLookup>,
     health_dials: HashMap<ConnectionId, PeerId>,
     probes_in_flight: usize,
     probe_tx: mpsc::Sender<ProbeResult>,
     gossip_republish_at: Option<Instant>,
+    gossip_republished: Option<Instant>,
 }
 
 impl RegistryState {
     /// The registry of `peer` as `config` describes it, with the services
     /// the config declares; probe results arrive on the returned receiver.
     pub(super) fn new(
-        peer: PeerId,
+        keypair: &Keypair,
         config: &NodeConfig,
     ) -> Result<(Self, mpsc::Receiver<ProbeResult>), NodeError> {
+        let peer = keypair.public().to_peer_id();
         let to_usize = |v: u32| usize::try_from(v).unwrap_or(usize::MAX);
         let limits = RecordLimits {
             max_record_bytes: usize::try_from(config.max_record_size.bytes()).unwrap_or(usize::MAX),
@@ -162,6 +177,20 @@ impl RegistryState {
                 .register(service_from_config(service), now)
                 .map_err(|e| NodeError::Service(e.to_string()))?;
         }
+        // The services must make a record every peer accepts: refuse to
+        // start rather than run without advertising them.
+        let trial = local.clone().next_record(
+            now,
+            config.record_ttl,
+            config.region.as_deref(),
+            &config.tags,
+            &[],
+        );
+        sign_record(&trial, keypair, &limits).map_err(|e| {
+            NodeError::Service(format!(
+                "the configured services do not fit in a record: {e}"
+            ))
+        })?;
         let (probe_tx, probe_rx) = mpsc::channel(MAX_CONCURRENT_PROBES * 4);
         let state = Self {
             local,
@@ -187,11 +216,13 @@ impl RegistryState {
             walked_at: HashMap::new(),
             fetches: HashMap::new(),
             fetch_queue: std::collections::VecDeque::new(),
+            fetch_queued: HashSet::new(),
             lookups: Vec::new(),
             health_dials: HashMap::new(),
             probes_in_flight: 0,
             probe_tx,
             gossip_republish_at: None,
+            gossip_republished: None,
         };
         Ok((state, probe_rx))
     }
@@ -395,6 +426,7 @@ impl SwarmTask {
         envelope: &[u8],
         via: RecordVia,
         from: Option<PeerId>,
+        floor: Option<u64>,
     ) -> Result<Accepted, RejectReason> {
         let now = unix_ms();
         let result = if owner == *self.swarm.local_peer_id() {
@@ -413,13 +445,20 @@ impl SwarmTask {
         } else {
             self.registry
                 .cache
-                .accept(owner, envelope, now, &self.registry.limits)
+                .accept_at_least(owner, envelope, now, &self.registry.limits, floor)
         };
         match &result {
             Ok(Accepted::Stored { changes }) => {
                 self.metrics.record_accepted(via.as_str());
                 let first = !self.registry.peer_health.contains_key(&owner);
                 for change in changes.clone() {
+                    if change.peer != owner {
+                        // Evicted to make room: forget what we measured of it.
+                        self.registry.peer_health.remove(&change.peer);
+                        self.registry
+                            .service_health
+                            .retain(|(p, _), _| *p != change.peer);
+                    }
                     self.emit(change_event(change, false));
                 }
                 self.update_service_gauges();
@@ -464,13 +503,46 @@ impl SwarmTask {
         };
         if owner == *self.swarm.local_peer_id() {
             // Our own key: we hold our latest record; check and count the rest.
-            let _ = self.accept_record(owner, &record.value, RecordVia::Put, Some(source));
+            let _ = self.accept_record(owner, &record.value, RecordVia::Put, Some(source), None);
             return;
         }
+        // The copy in the DHT store counts too: the cache may have evicted it.
+        let stored_sequence = self.swarm.behaviour_mut().dht.as_mut().and_then(|dht| {
+            let stored = dht.kad_mut().store_mut().get(&record.key)?;
+            verify_record(
+                &stored.value,
+                &owner,
+                unix_ms(),
+                None,
+                &self.registry.limits,
+            )
+            .ok()
+            .map(|r| r.sequence)
+        });
         if self
-            .accept_record(owner, &record.value, RecordVia::Put, Some(source))
-            .is_ok()
-            && let Some(dht) = self.swarm.behaviour_mut().dht.as_mut()
+            .accept_record(
+                owner,
+                &record.value,
+                RecordVia::Put,
+                Some(source),
+                stored_sequence,
+            )
+            .is_err()
+        {
+            return;
+        }
+        // Kept in the store exactly as long as the record itself is valid.
+        let expires_at = self
+            .registry
+            .cache
+            .get(&owner)
+            .map_or(0, |c| c.record.expires_at);
+        let lifetime = Duration::from_millis(expires_at.saturating_sub(unix_ms()));
+        let record = kad::Record {
+            expires: Some(Instant::now() + lifetime),
+            ..record
+        };
+        if let Some(dht) = self.swarm.behaviour_mut().dht.as_mut()
             && let Err(e) = dht.kad_mut().store_mut().put(record)
         {
             tracing::debug!(%owner, error = %e, "verified record not stored in the DHT");
@@ -500,7 +572,7 @@ impl SwarmTask {
                 } else if let Some(owner) = self.registry.fetches.get(&id).copied() {
                     let got_valid = self.on_fetch_progress(owner, result);
                     if got_valid {
-                        // One verified answer will do; stop asking.
+                        // One newer verified answer will do; stop asking.
                         if let Some(dht) = self.swarm.behaviour_mut().dht.as_mut()
                             && let Some(mut query) = dht.kad_mut().query_mut(&id)
                         {
@@ -530,7 +602,7 @@ impl SwarmTask {
         let me = *self.swarm.local_peer_id();
         let now = unix_ms();
         let refresh_ms = u64::try_from(self.registry.refresh_interval.as_millis()).unwrap_or(0);
-        for provider in providers {
+        for provider in providers.into_iter().take(MAX_PROVIDERS_PER_WALK) {
             if provider == me {
                 continue;
             }
@@ -543,10 +615,14 @@ impl SwarmTask {
             if current {
                 continue;
             }
-            let pending = self.registry.fetches.values().any(|p| *p == provider)
-                || self.registry.fetch_queue.contains(&provider);
+            let pending = self.registry.fetch_queued.contains(&provider)
+                || self.registry.fetches.values().any(|p| *p == provider);
             if !pending {
+                if self.registry.fetch_queue.len() >= MAX_FETCH_QUEUE {
+                    continue;
+                }
                 self.registry.fetch_queue.push_back(provider);
+                self.registry.fetch_queued.insert(provider);
                 self.fetch_next();
             }
             for lookup in self.registry.lookups.iter_mut().filter(|l| l.key == *key) {
@@ -561,6 +637,7 @@ impl SwarmTask {
             let Some(provider) = self.registry.fetch_queue.pop_front() else {
                 return;
             };
+            self.registry.fetch_queued.remove(&provider);
             let Some(dht) = self.swarm.behaviour_mut().dht.as_mut() else {
                 return;
             };
@@ -583,7 +660,7 @@ impl SwarmTask {
         self.answer_lookups(false);
     }
 
-    /// Returns whether a valid record arrived.
+    /// Returns whether a record newer than the one held arrived.
     fn on_fetch_progress(&mut self, owner: PeerId, result: QueryResult) -> bool {
         let QueryResult::GetRecord(Ok(GetRecordOk::FoundRecord(found))) = result else {
             return false;
@@ -591,8 +668,10 @@ impl SwarmTask {
         if found.record.key != node_record_key(&owner) {
             return false;
         }
-        self.accept_record(owner, &found.record.value, RecordVia::Get, found.peer)
-            .is_ok()
+        matches!(
+            self.accept_record(owner, &found.record.value, RecordVia::Get, found.peer, None),
+            Ok(Accepted::Stored { .. })
+        )
     }
 
     fn on_fetch_done(&mut self, owner: PeerId) {
@@ -618,6 +697,7 @@ impl SwarmTask {
                             &message.data,
                             RecordVia::Gossip,
                             Some(author),
+                            None,
                         ) {
                             Ok(Accepted::Stored { .. }) => MessageAcceptance::Accept,
                             Ok(Accepted::Unchanged) | Err(RejectReason::StaleSequence { .. }) => {
@@ -639,8 +719,12 @@ impl SwarmTask {
             gossipsub::Event::Subscribed { peer_id, .. } => {
                 tracing::debug!(%peer_id, "peer subscribed to service records");
                 if self.registry.own.is_some() && self.registry.gossip_republish_at.is_none() {
+                    let earliest = self
+                        .registry
+                        .gossip_republished
+                        .map_or(Instant::now(), |at| at + GOSSIP_REPUBLISH_MIN_INTERVAL);
                     self.registry.gossip_republish_at =
-                        Some(Instant::now() + GOSSIP_REPUBLISH_DEBOUNCE);
+                        Some(earliest.max(Instant::now() + GOSSIP_REPUBLISH_DEBOUNCE));
                 }
             }
             _ => {}
@@ -655,6 +739,7 @@ impl SwarmTask {
             .is_some_and(|at| at <= Instant::now())
         {
             self.registry.gossip_republish_at = None;
+            self.registry.gossip_republished = Some(Instant::now());
             if let Some((envelope, _)) = self.registry.own.clone() {
                 self.gossip_publish(envelope);
             }
@@ -869,6 +954,8 @@ impl SwarmTask {
         self.connections
             .values()
             .filter(|c| c.peer == *peer)
+            // Over a relay the address is the relay's, not the peer's.
+            .filter(|c| !c.remote.iter().any(|p| matches!(p, Protocol::P2pCircuit)))
             .flat_map(|c| c.remote.iter())
             .filter_map(|p| match p {
                 Protocol::Ip4(ip) => Some(ip.to_string()),
@@ -915,6 +1002,9 @@ impl SwarmTask {
                 .record(true, now);
             return;
         }
+        // By peer id: the DHT and identify know its addresses. From its own
+        // record only a few that name it, so a record cannot make every
+        // node connect to addresses of a third party.
         let addresses: Vec<Multiaddr> = self
             .registry
             .cache
@@ -923,8 +1013,10 @@ impl SwarmTask {
             .flat_map(|c| c.record.services.iter())
             .flat_map(|s| s.addresses.iter())
             .filter_map(|a| a.parse::<Multiaddr>().ok())
+            .filter(|a| matches!(a.iter().last(), Some(Protocol::P2p(p)) if p == peer))
             .collect::<HashSet<_>>()
             .into_iter()
+            .take(MAX_HEALTH_DIAL_ADDRESSES)
             .collect();
         let opts = DialOpts::peer_id(peer)
             .addresses(addresses)
