@@ -157,10 +157,12 @@ impl Drop for Running {
     }
 }
 
-fn spawn_run(data_dir: &Path) -> Running {
+/// `run` on loopback (no mDNS, API on a free port), with `extra` arguments.
+fn spawn_run(data_dir: &Path, extra: &[&str]) -> Running {
     let mut child = Command::new(BIN)
+        .arg("run")
+        .args(extra)
         .args([
-            "run",
             "--listen",
             "/ip4/127.0.0.1/tcp/0",
             "--no-mdns",
@@ -204,7 +206,7 @@ fn run_logs_its_addresses_and_exits_0_on_sigterm() {
     .trim()
     .to_owned();
 
-    let mut running = spawn_run(dir.path());
+    let mut running = spawn_run(dir.path(), &[]);
     let listening = running.wait_for_line("listening");
     assert!(
         listening.contains("/ip4/127.0.0.1/tcp/") && listening.contains(&format!("/p2p/{id}")),
@@ -243,27 +245,7 @@ fn run_with_a_services_list_advertises_them() {
            - name: nomic-embed-text\n    type: embedding\n    capabilities: [embedding]\n",
     )
     .unwrap();
-    let mut child = Command::new(BIN)
-        .args([
-            "run",
-            "--config",
-            config.to_str().unwrap(),
-            "--listen",
-            "/ip4/127.0.0.1/tcp/0",
-            "--no-mdns",
-            "--api-listen",
-            "127.0.0.1:0",
-            "--data-dir",
-            dir.path().to_str().unwrap(),
-        ])
-        .env_remove("OLLAMACRON_CONFIG")
-        .env_remove("RUST_LOG")
-        .stderr(Stdio::piped())
-        .stdout(Stdio::null())
-        .spawn()
-        .unwrap();
-    let lines = common::stderr_lines(&mut child);
-    let running = Running { child, lines };
+    let running = spawn_run(dir.path(), &["--config", config.to_str().unwrap()]);
     let listening = running.wait_for_line("listening");
     let addr = listening
         .split_whitespace()

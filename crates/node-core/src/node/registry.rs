@@ -1094,6 +1094,16 @@ mod tests {
     use super::*;
 
     #[test]
+    fn configured_weights_default_to_the_scorers() {
+        let w = ollamacron_config::ScoreWeightsConfig::default();
+        let d = ScoreWeights::default();
+        assert_eq!(
+            [w.reliability, w.latency, w.throughput, w.availability],
+            [d.reliability, d.latency, d.throughput, d.availability]
+        );
+    }
+
+    #[test]
     fn url_hosts() {
         assert_eq!(
             url_host("http://127.0.0.1:8080/health").as_deref(),
