@@ -68,9 +68,44 @@ pub enum NodeError {
     #[error("the node failed; its log says why")]
     Failed,
     /// A service could not be registered.
-    #[error("cannot register service: {0}")]
-    Service(String),
+    #[error("cannot register service: {message}")]
+    Service {
+        /// What is wrong.
+        message: String,
+        /// The service field to blame, when one is.
+        field: Option<&'static str>,
+    },
     /// The node's event loop has ended; it no longer takes commands.
     #[error("the node is not running (its event loop has stopped)")]
     NotRunning,
+}
+
+impl From<ollamacron_service_registry::RegisterError> for NodeError {
+    fn from(e: ollamacron_service_registry::RegisterError) -> Self {
+        use ollamacron_service_registry::RegisterError;
+        let field = match &e {
+            RegisterError::EmptyId => Some("id"),
+            RegisterError::EmptyType { .. } => Some("type"),
+            RegisterError::TooMany { .. } => None,
+        };
+        Self::Service {
+            message: e.to_string(),
+            field,
+        }
+    }
+}
+
+impl From<ollamacron_service_registry::RecordError> for NodeError {
+    fn from(e: ollamacron_service_registry::RecordError) -> Self {
+        use ollamacron_service_registry::{RecordError, RejectReason};
+        let field = match &e {
+            RecordError::Invalid(RejectReason::OverLimit { field, .. }) => Some(*field),
+            RecordError::Invalid(RejectReason::DuplicateService(_)) => Some("id"),
+            _ => None,
+        };
+        Self::Service {
+            message: e.to_string(),
+            field,
+        }
+    }
 }

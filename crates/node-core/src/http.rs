@@ -1,29 +1,138 @@
-//! The node's local HTTP listener (`api_listen`): `/metrics` and `/healthz`.
+//! The node's local HTTP API on `api_listen`: status, peers, services,
+//! `/metrics` and `/healthz`. Every error is JSON (`{"error": …, "field":
+//! …}`) with a 4xx status naming what was wrong; nothing a client sends
+//! makes it panic or answer 500.
+
+use std::collections::BTreeMap;
 
 use axum::Router;
-use axum::extract::State;
+use axum::body::Bytes;
+use axum::extract::rejection::BytesRejection;
+use axum::extract::{DefaultBodyLimit, Path, RawQuery, State};
 use axum::http::{StatusCode, header};
-use axum::response::IntoResponse;
+use axum::response::{IntoResponse, Response};
 use axum::routing::get;
+use ollamacron_service_registry::{ServiceInfo, ServiceQuery};
+use serde::Serialize;
 use tokio::net::TcpListener;
 use tokio::sync::watch;
 
+use crate::error::NodeError;
 use crate::metrics::MetricsEndpoint;
+use crate::node::{NodeHandle, WeakNodeHandle};
 use crate::state::NodeState;
 
 const OPENMETRICS_CONTENT_TYPE: &str = "application/openmetrics-text; version=1.0.0; charset=utf-8";
+/// Largest request body accepted (a service description is far smaller).
+pub const MAX_BODY_BYTES: usize = 64 * 1024;
+/// Longest accepted query parameter value, in bytes.
+pub const MAX_QUERY_VALUE_BYTES: usize = 256;
+/// Most values of one repeatable query parameter (`tag`, `capability`).
+pub const MAX_QUERY_VALUES: usize = 32;
+/// Largest `limit` a lookup may ask for.
+pub const MAX_LOOKUP_LIMIT: usize = 10_000;
 
 #[derive(Clone)]
 struct ApiState {
     metrics: MetricsEndpoint,
     state: watch::Receiver<NodeState>,
+    node: WeakNodeHandle,
 }
 
-fn router(metrics: MetricsEndpoint, state: watch::Receiver<NodeState>) -> Router {
+impl ApiState {
+    fn node(&self) -> Result<NodeHandle, ApiError> {
+        self.node.upgrade().ok_or_else(|| ApiError {
+            status: StatusCode::SERVICE_UNAVAILABLE,
+            message: NodeError::NotRunning.to_string(),
+            field: None,
+        })
+    }
+}
+
+/// A JSON error: the status, what is wrong, and the field when one is to blame.
+#[derive(Debug)]
+struct ApiError {
+    status: StatusCode,
+    message: String,
+    field: Option<String>,
+}
+
+#[derive(Serialize)]
+struct ErrorBody<'a> {
+    error: &'a str,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    field: Option<&'a str>,
+}
+
+impl ApiError {
+    fn bad_request(field: impl Into<String>, message: impl Into<String>) -> Self {
+        Self {
+            status: StatusCode::BAD_REQUEST,
+            message: message.into(),
+            field: Some(field.into()),
+        }
+    }
+}
+
+impl IntoResponse for ApiError {
+    fn into_response(self) -> Response {
+        let body = ErrorBody {
+            error: &self.message,
+            field: self.field.as_deref(),
+        };
+        (self.status, axum::Json(body)).into_response()
+    }
+}
+
+impl From<NodeError> for ApiError {
+    fn from(e: NodeError) -> Self {
+        match e {
+            NodeError::Service { message, field } => Self {
+                status: StatusCode::UNPROCESSABLE_ENTITY,
+                message,
+                field: field.map(str::to_owned),
+            },
+            other => Self {
+                status: StatusCode::SERVICE_UNAVAILABLE,
+                message: other.to_string(),
+                field: None,
+            },
+        }
+    }
+}
+
+fn router(state: ApiState) -> Router {
     Router::new()
         .route("/metrics", get(serve_metrics))
         .route("/healthz", get(serve_health))
-        .with_state(ApiState { metrics, state })
+        .route("/v1/status", get(status))
+        .route("/v1/peers", get(peers))
+        .route("/v1/services", get(find_services).post(register_service))
+        .route("/v1/services/local", get(local_services))
+        .route(
+            "/v1/services/{id}",
+            axum::routing::delete(unregister_service),
+        )
+        .fallback(not_found)
+        .method_not_allowed_fallback(method_not_allowed)
+        .layer(DefaultBodyLimit::max(MAX_BODY_BYTES))
+        .with_state(state)
+}
+
+async fn not_found() -> ApiError {
+    ApiError {
+        status: StatusCode::NOT_FOUND,
+        message: "no such endpoint; see GET /v1/status, /v1/peers, /v1/services".to_owned(),
+        field: None,
+    }
+}
+
+async fn method_not_allowed() -> ApiError {
+    ApiError {
+        status: StatusCode::METHOD_NOT_ALLOWED,
+        message: "method not allowed on this endpoint".to_owned(),
+        field: None,
+    }
 }
 
 async fn serve_metrics(State(api): State<ApiState>) -> impl IntoResponse {
@@ -43,14 +152,218 @@ async fn serve_health(State(api): State<ApiState>) -> impl IntoResponse {
     (status, format!("{state}\n"))
 }
 
+fn no_query(raw: Option<&str>) -> Result<(), ApiError> {
+    match raw.and_then(|q| form_urlencoded::parse(q.as_bytes()).next()) {
+        Some((name, _)) => Err(ApiError::bad_request(
+            name.clone(),
+            format!("unknown query parameter `{name}`; this endpoint takes none"),
+        )),
+        None => Ok(()),
+    }
+}
+
+async fn status(
+    State(api): State<ApiState>,
+    RawQuery(raw): RawQuery,
+) -> Result<impl IntoResponse, ApiError> {
+    no_query(raw.as_deref())?;
+    Ok(axum::Json(api.node()?.status().await?))
+}
+
+async fn peers(
+    State(api): State<ApiState>,
+    RawQuery(raw): RawQuery,
+) -> Result<impl IntoResponse, ApiError> {
+    no_query(raw.as_deref())?;
+    Ok(axum::Json(api.node()?.peers().await?))
+}
+
+async fn local_services(
+    State(api): State<ApiState>,
+    RawQuery(raw): RawQuery,
+) -> Result<impl IntoResponse, ApiError> {
+    no_query(raw.as_deref())?;
+    Ok(axum::Json(api.node()?.local_services().await?))
+}
+
+/// `type`, `tag`…, `capability`…, `region`, `min_reliability`,
+/// `max_latency` (ms) and `limit`, each checked, into a query.
+fn parse_service_query(raw: Option<&str>) -> Result<ServiceQuery, ApiError> {
+    let mut query = ServiceQuery::default();
+    let mut seen: BTreeMap<String, usize> = BTreeMap::new();
+    for (name, value) in form_urlencoded::parse(raw.unwrap_or_default().as_bytes()) {
+        let name = name.into_owned();
+        let value = value.into_owned();
+        let count = seen.entry(name.clone()).or_default();
+        *count += 1;
+        if value.len() > MAX_QUERY_VALUE_BYTES {
+            return Err(ApiError::bad_request(
+                name,
+                format!("is {} bytes long; at most {MAX_QUERY_VALUE_BYTES}", value.len()),
+            ));
+        }
+        let single = |count: usize, name: &str| {
+            if count > 1 {
+                Err(ApiError::bad_request(name, format!("`{name}` given more than once")))
+            } else {
+                Ok(())
+            }
+        };
+        let number = |name: &str, value: &str| -> Result<f64, ApiError> {
+            value
+                .parse::<f64>()
+                .ok()
+                .filter(|v| v.is_finite() && *v >= 0.0)
+                .ok_or_else(|| {
+                    ApiError::bad_request(name, format!("`{value}` is not a number >= 0"))
+                })
+        };
+        match name.as_str() {
+            "type" => {
+                single(*count, &name)?;
+                query.service_type = Some(value);
+            }
+            "tag" | "capability" => {
+                if *count > MAX_QUERY_VALUES {
+                    return Err(ApiError::bad_request(
+                        name,
+                        format!("at most {MAX_QUERY_VALUES} values"),
+                    ));
+                }
+                if name == "tag" {
+                    query.tags.push(value);
+                } else {
+                    query.capabilities.push(value);
+                }
+            }
+            "region" => {
+                single(*count, &name)?;
+                query.region = Some(value);
+            }
+            "min_reliability" => {
+                single(*count, &name)?;
+                let r = number(&name, &value)?;
+                if r > 1.0 {
+                    return Err(ApiError::bad_request(name, "must be between 0 and 1"));
+                }
+                query.min_reliability = Some(r);
+            }
+            "max_latency" => {
+                single(*count, &name)?;
+                query.max_latency_ms = Some(number(&name, &value)?);
+            }
+            "limit" => {
+                single(*count, &name)?;
+                let limit = value
+                    .parse::<usize>()
+                    .ok()
+                    .filter(|l| *l <= MAX_LOOKUP_LIMIT)
+                    .ok_or_else(|| {
+                        ApiError::bad_request(
+                            "limit",
+                            format!("`{value}` is not a whole number from 0 to {MAX_LOOKUP_LIMIT}"),
+                        )
+                    })?;
+                query.limit = Some(limit);
+            }
+            _ => {
+                return Err(ApiError::bad_request(
+                    name.clone(),
+                    format!(
+                        "unknown query parameter `{name}`; use type, tag, capability, region, \
+                         min_reliability, max_latency, limit"
+                    ),
+                ));
+            }
+        }
+    }
+    Ok(query)
+}
+
+async fn find_services(
+    State(api): State<ApiState>,
+    RawQuery(raw): RawQuery,
+) -> Result<impl IntoResponse, ApiError> {
+    let query = parse_service_query(raw.as_deref())?;
+    Ok(axum::Json(api.node()?.find_services(query).await?))
+}
+
+async fn register_service(
+    State(api): State<ApiState>,
+    RawQuery(raw): RawQuery,
+    body: Result<Bytes, BytesRejection>,
+) -> Result<Response, ApiError> {
+    no_query(raw.as_deref())?;
+    let body = body.map_err(|e| ApiError {
+        status: e.status(),
+        message: format!("cannot read the body: {}", e.body_text()),
+        field: None,
+    })?;
+    let mut deserializer = serde_json::Deserializer::from_slice(&body);
+    let mut service: ServiceInfo =
+        serde_path_to_error::deserialize(&mut deserializer).map_err(|e| {
+            let path = e.path().to_string();
+            let field = if path == "." { None } else { Some(path) };
+            ApiError {
+                status: StatusCode::BAD_REQUEST,
+                message: format!("invalid service JSON: {}", e.inner()),
+                field,
+            }
+        })?;
+    if service.id.is_empty() {
+        service.id.clone_from(&service.name);
+    }
+    if !service.peer_id.is_empty() && service.peer_id != api.node()?.peer_id().to_string() {
+        return Err(ApiError::bad_request(
+            "peer_id",
+            "names another node; leave it out (the node fills in its own)",
+        ));
+    }
+    let node = api.node()?;
+    let id = service.id.clone();
+    let existed = node.local_services().await?.iter().any(|s| s.id == id);
+    node.register_service(service).await?;
+    let stored = node
+        .local_services()
+        .await?
+        .into_iter()
+        .find(|s| s.id == id);
+    let status = if existed {
+        StatusCode::OK
+    } else {
+        StatusCode::CREATED
+    };
+    Ok((status, axum::Json(stored)).into_response())
+}
+
+async fn unregister_service(
+    State(api): State<ApiState>,
+    Path(id): Path<String>,
+) -> Result<StatusCode, ApiError> {
+    if api.node()?.unregister_service(&id).await? {
+        Ok(StatusCode::NO_CONTENT)
+    } else {
+        Err(ApiError {
+            status: StatusCode::NOT_FOUND,
+            message: format!("no local service with id `{id}`"),
+            field: Some("id".to_owned()),
+        })
+    }
+}
+
 /// Serve the API on `listener` until the node reaches a terminal state.
 pub(crate) fn spawn_api(
     listener: TcpListener,
     metrics: MetricsEndpoint,
     state: watch::Receiver<NodeState>,
+    node: WeakNodeHandle,
 ) {
     let mut until = state.clone();
-    let app = router(metrics, state);
+    let app = router(ApiState {
+        metrics,
+        state,
+        node,
+    });
     tokio::spawn(async move {
         let stopped = async move {
             let _ = until.wait_for(|s| s.is_terminal()).await;
@@ -62,4 +375,38 @@ pub(crate) fn spawn_api(
             tracing::warn!(error = %e, "HTTP API server failed");
         }
     });
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn queries_parse_and_refuse_by_name() {
+        let q = parse_service_query(Some(
+            "type=llm&tag=gpu&tag=fast&capability=tools&region=eu&min_reliability=0.5&max_latency=200&limit=3",
+        ))
+        .unwrap();
+        assert_eq!(q.service_type.as_deref(), Some("llm"));
+        assert_eq!(q.tags, ["gpu", "fast"]);
+        assert_eq!(q.capabilities, ["tools"]);
+        assert_eq!(q.limit, Some(3));
+        for (raw, field) in [
+            ("colour=red", "colour"),
+            ("limit=-1", "limit"),
+            ("limit=lots", "limit"),
+            ("min_reliability=2", "min_reliability"),
+            ("max_latency=NaN", "max_latency"),
+            ("type=a&type=b", "type"),
+        ] {
+            let e = parse_service_query(Some(raw)).unwrap_err();
+            assert_eq!(e.field.as_deref(), Some(field), "{raw}: {e:?}");
+            assert_eq!(e.status, StatusCode::BAD_REQUEST);
+        }
+        let long = format!("type={}", "x".repeat(MAX_QUERY_VALUE_BYTES + 1));
+        assert_eq!(
+            parse_service_query(Some(&long)).unwrap_err().field.as_deref(),
+            Some("type")
+        );
+    }
 }

@@ -18,7 +18,11 @@ pub use error::NodeError;
 pub use event::{Direction, NodeEvent, RecordVia};
 pub use identity::{IdentityError, load_or_create_identity};
 pub use metrics::MetricsSnapshot;
-pub use node::{ConnectedPeer, Node, NodeHandle};
+pub use http::{MAX_BODY_BYTES, MAX_LOOKUP_LIMIT, MAX_QUERY_VALUE_BYTES, MAX_QUERY_VALUES};
+pub use node::{
+    ConnectedPeer, ConnectionCounts, Node, NodeHandle, NodeStatus, PeerInfo, Reachability,
+    ServiceCounts,
+};
 pub use state::{NodeState, StateError};
 
 /// Re-exported so users name the same types we do.

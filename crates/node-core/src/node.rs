@@ -166,7 +166,7 @@ impl Node {
             listeners.insert(id, ListenerStatus::new(addr.clone()));
         }
 
-        let api_addr = if self.config.enable_metrics {
+        let api_listener = if self.config.enable_metrics {
             let addr = self.config.api_listen;
             let listener = tokio::net::TcpListener::bind(addr)
                 .await
@@ -174,12 +174,11 @@ impl Node {
             let local = listener
                 .local_addr()
                 .map_err(|source| fail(NodeError::ApiListen { addr, source }))?;
-            crate::http::spawn_api(listener, metrics.endpoint.clone(), state_rx.clone());
-            tracing::info!(addr = %local, "serving metrics at http://{local}/metrics");
-            Some(local)
+            Some((listener, local))
         } else {
             None
         };
+        let api_addr = api_listener.as_ref().map(|(_, local)| *local);
 
         let (command_tx, command_rx) = mpsc::channel(COMMAND_QUEUE_LEN);
         let event_tx = self.events;
@@ -227,6 +226,15 @@ impl Node {
             shutdown_waiters: Vec::new(),
         };
         tokio::spawn(task.run());
+        if let Some((listener, local)) = api_listener {
+            crate::http::spawn_api(
+                listener,
+                handle.metrics.clone(),
+                handle.state.clone(),
+                handle.downgrade(),
+            );
+            tracing::info!(addr = %local, "serving the HTTP API at http://{local}/v1/status (metrics at /metrics)");
+        }
 
         match tokio::time::timeout(START_TIMEOUT, started_rx).await {
             Ok(Ok(Ok(()))) => Ok(handle),
@@ -339,7 +347,93 @@ pub struct ConnectedPeer {
     pub rtt: Option<Duration>,
 }
 
+/// Whether peers can reach this node directly.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Reachability {
+    /// Reachable from the internet.
+    Public,
+    /// Behind NAT or a firewall.
+    Private,
+    /// Not known (not forced, and not detected yet).
+    Unknown,
+}
+
+/// Connection counts in [`NodeStatus`].
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+pub struct ConnectionCounts {
+    /// Peers with at least one connection.
+    pub peers: usize,
+    /// Connections the peers opened.
+    pub inbound: usize,
+    /// Connections we opened.
+    pub outbound: usize,
+}
+
+/// Service counts in [`NodeStatus`].
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+pub struct ServiceCounts {
+    /// Services this node offers.
+    pub local: usize,
+    /// Services of other nodes, from verified records.
+    pub remote: usize,
+    /// Other nodes whose verified record we hold.
+    pub nodes: usize,
+}
+
+/// The node at a glance, from [`NodeHandle::status`] (and `GET /v1/status`).
+#[derive(Debug, Clone, PartialEq, Serialize)]
+pub struct NodeStatus {
+    /// Our peer id.
+    pub peer_id: PeerId,
+    /// Lifecycle state.
+    pub state: NodeState,
+    /// `ollamacron-node` version.
+    pub version: String,
+    /// Seconds since start.
+    pub uptime_secs: f64,
+    /// Addresses we listen on.
+    pub listen_addrs: Vec<Multiaddr>,
+    /// Addresses peers see us at (observed and confirmed).
+    pub external_addrs: Vec<Multiaddr>,
+    /// Whether peers can reach us directly.
+    pub reachability: Reachability,
+    /// Open connections.
+    pub connections: ConnectionCounts,
+    /// Discovery sources and their counters.
+    pub discovery: DiscoveryStatus,
+    /// Services known.
+    pub services: ServiceCounts,
+}
+
+/// One known peer as `GET /v1/peers` shows it.
+#[derive(Debug, Clone, PartialEq, Serialize)]
+pub struct PeerInfo {
+    /// The peer.
+    pub peer_id: PeerId,
+    /// Discovery sources that reported it.
+    pub sources: Vec<DiscoverySource>,
+    /// Addresses we know for it.
+    pub addresses: Vec<Multiaddr>,
+    /// Whether a connection is open.
+    pub connected: bool,
+    /// Latest ping round trip, in milliseconds.
+    pub latency_ms: Option<f64>,
+    /// When it was last seen (reported or connected), Unix milliseconds.
+    pub last_seen_ms: u64,
+    /// Its identify agent, once it identified itself.
+    pub agent_version: Option<String>,
+    /// Consecutive failed dials.
+    pub failures: u32,
+}
+
 enum Command {
+    Status {
+        reply: oneshot::Sender<NodeStatus>,
+    },
+    Peers {
+        reply: oneshot::Sender<Vec<PeerInfo>>,
+    },
     KnownPeers {
         reply: oneshot::Sender<Vec<KnownPeer>>,
     },
@@ -391,7 +485,44 @@ pub struct NodeHandle {
     api_addr: Option<SocketAddr>,
 }
 
+/// A [`NodeHandle`] that does not keep the node running: the node stops
+/// when every strong handle is gone, whoever holds weak ones.
+#[derive(Debug, Clone)]
+pub(crate) struct WeakNodeHandle {
+    peer_id: PeerId,
+    commands: mpsc::WeakSender<Command>,
+    events: broadcast::Sender<NodeEvent>,
+    state: watch::Receiver<NodeState>,
+    metrics: MetricsEndpoint,
+    api_addr: Option<SocketAddr>,
+}
+
+impl WeakNodeHandle {
+    /// The handle, while the node still takes commands.
+    pub(crate) fn upgrade(&self) -> Option<NodeHandle> {
+        Some(NodeHandle {
+            peer_id: self.peer_id,
+            commands: self.commands.upgrade()?,
+            events: self.events.clone(),
+            state: self.state.clone(),
+            metrics: self.metrics.clone(),
+            api_addr: self.api_addr,
+        })
+    }
+}
+
 impl NodeHandle {
+    pub(crate) fn downgrade(&self) -> WeakNodeHandle {
+        WeakNodeHandle {
+            peer_id: self.peer_id,
+            commands: self.commands.downgrade(),
+            events: self.events.clone(),
+            state: self.state.clone(),
+            metrics: self.metrics.clone(),
+            api_addr: self.api_addr,
+        }
+    }
+
     /// This node's peer id.
     #[must_use]
     pub fn peer_id(&self) -> PeerId {
@@ -507,6 +638,23 @@ impl NodeHandle {
     /// [`NodeError::NotRunning`] once the node has stopped.
     pub async fn metrics(&self) -> Result<MetricsSnapshot, NodeError> {
         self.request(|reply| Command::Metrics { reply }).await
+    }
+
+    /// The node at a glance: identity, state, addresses, reachability,
+    /// connections, discovery and services.
+    ///
+    /// # Errors
+    /// [`NodeError::NotRunning`] once the node has stopped.
+    pub async fn status(&self) -> Result<NodeStatus, NodeError> {
+        self.request(|reply| Command::Status { reply }).await
+    }
+
+    /// Every known peer with its sources, addresses, connection and latency.
+    ///
+    /// # Errors
+    /// [`NodeError::NotRunning`] once the node has stopped.
+    pub async fn peers(&self) -> Result<Vec<PeerInfo>, NodeError> {
+        self.request(|reply| Command::Peers { reply }).await
     }
 
     /// Offer a service (or replace the one with the same id): it is signed
@@ -766,6 +914,12 @@ impl SwarmTask {
             Command::ConnectedPeers { reply } => {
                 let _ = reply.send(self.connected_peers());
             }
+            Command::Status { reply } => {
+                let _ = reply.send(self.status());
+            }
+            Command::Peers { reply } => {
+                let _ = reply.send(self.peer_infos());
+            }
             Command::KnownPeers { reply } => {
                 let _ = reply.send(self.table.snapshot());
             }
@@ -865,6 +1019,54 @@ impl SwarmTask {
             .collect();
         peers.sort_by_key(|p| p.peer_id);
         peers
+    }
+
+    fn status(&self) -> NodeStatus {
+        let reachability = match self.config.force_reachability {
+            Some(ollamacron_config::Reachability::Public) => Reachability::Public,
+            Some(ollamacron_config::Reachability::Private) => Reachability::Private,
+            None => Reachability::Unknown,
+        };
+        NodeStatus {
+            peer_id: *self.swarm.local_peer_id(),
+            state: *self.state.borrow(),
+            version: env!("CARGO_PKG_VERSION").to_owned(),
+            uptime_secs: self.metrics.endpoint.uptime().as_secs_f64(),
+            listen_addrs: self.listen_addrs.clone(),
+            external_addrs: self.swarm.external_addresses().cloned().collect(),
+            reachability,
+            connections: ConnectionCounts {
+                peers: self.peers.len(),
+                inbound: self.count_direction(Direction::Inbound),
+                outbound: self.count_direction(Direction::Outbound),
+            },
+            discovery: self.discovery_status(),
+            services: self.service_counts(),
+        }
+    }
+
+    fn peer_infos(&self) -> Vec<PeerInfo> {
+        let unix_ms = |t: std::time::SystemTime| {
+            t.duration_since(std::time::UNIX_EPOCH)
+                .map_or(0, |d| u64::try_from(d.as_millis()).unwrap_or(u64::MAX))
+        };
+        self.table
+            .snapshot()
+            .into_iter()
+            .map(|p| {
+                let entry = self.peers.get(&p.peer_id);
+                PeerInfo {
+                    peer_id: p.peer_id,
+                    sources: p.sources,
+                    addresses: p.addresses,
+                    connected: p.connected,
+                    latency_ms: entry.and_then(|e| e.rtt).map(|d| d.as_secs_f64() * 1000.0),
+                    last_seen_ms: unix_ms(p.last_seen),
+                    agent_version: entry.and_then(|e| e.agent_version.clone()),
+                    failures: p.failures,
+                }
+            })
+            .collect()
     }
 
     fn count_direction(&self, direction: Direction) -> usize {

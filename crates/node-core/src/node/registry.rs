@@ -175,7 +175,7 @@ impl RegistryState {
         for service in &config.services {
             local
                 .register(service_from_config(service), now)
-                .map_err(|e| NodeError::Service(e.to_string()))?;
+                .map_err(NodeError::from)?;
         }
         // The services must make a record every peer accepts: refuse to
         // start rather than run without advertising them.
@@ -187,9 +187,10 @@ impl RegistryState {
             &[],
         );
         sign_record(&trial, keypair, &limits).map_err(|e| {
-            NodeError::Service(format!(
-                "the configured services do not fit in a record: {e}"
-            ))
+            NodeError::Service {
+                message: format!("the configured services do not fit in a record: {e}"),
+                field: None,
+            }
         })?;
         let (probe_tx, probe_rx) = mpsc::channel(MAX_CONCURRENT_PROBES * 4);
         let state = Self {
@@ -371,7 +372,7 @@ impl SwarmTask {
         let mut trial = self.registry.local.clone();
         let change = trial
             .register(service, unix_ms())
-            .map_err(|e| NodeError::Service(e.to_string()))?;
+            .map_err(NodeError::from)?;
         let addresses = self.record_addresses();
         let state = &self.registry;
         let record = trial.next_record(
@@ -382,7 +383,7 @@ impl SwarmTask {
             &addresses,
         );
         sign_record(&record, &self.keypair, &state.limits)
-            .map_err(|e| NodeError::Service(e.to_string()))?;
+            .map_err(NodeError::from)?;
         self.registry.local = trial;
         self.emit(change_event(change, true));
         self.update_service_gauges();
@@ -403,6 +404,19 @@ impl SwarmTask {
 
     pub(super) fn local_services(&self) -> Vec<ServiceInfo> {
         self.registry.local.iter().cloned().collect()
+    }
+
+    pub(super) fn service_counts(&self) -> super::ServiceCounts {
+        super::ServiceCounts {
+            local: self.registry.local.len(),
+            remote: self
+                .registry
+                .cache
+                .iter()
+                .map(|(_, c)| c.record.services.len())
+                .sum(),
+            nodes: self.registry.cache.len(),
+        }
     }
 
     fn update_service_gauges(&self) {
