@@ -124,3 +124,81 @@ where
         .await
         .map_err(|_| format!("timed out after {timeout:?} waiting for {what}"))
 }
+
+/// A parsed HTTP response.
+#[derive(Debug, Clone)]
+pub struct HttpResponse {
+    /// Status code.
+    pub status: u16,
+    /// The header lines, as sent.
+    pub headers: String,
+    /// The body.
+    pub body: String,
+}
+
+impl HttpResponse {
+    /// The body as JSON.
+    ///
+    /// # Panics
+    /// If it is not JSON.
+    #[must_use]
+    pub fn json(&self) -> serde_json::Value {
+        match serde_json::from_str(&self.body) {
+            Ok(v) => v,
+            Err(e) => panic!("not JSON ({e}): {self:?}"),
+        }
+    }
+}
+
+/// One HTTP/1.1 request to `addr` (`Connection: close`), with an optional
+/// JSON body, answered within [`EVENT_TIMEOUT`].
+///
+/// # Errors
+/// When the connection fails or the answer is not HTTP.
+pub async fn http_request(
+    addr: std::net::SocketAddr,
+    method: &str,
+    path: &str,
+    body: Option<&[u8]>,
+) -> Result<HttpResponse, String> {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let exchange = async {
+        let mut stream = tokio::net::TcpStream::connect(addr)
+            .await
+            .map_err(|e| format!("cannot connect to {addr}: {e}"))?;
+        let mut request =
+            format!("{method} {path} HTTP/1.1\r\nHost: {addr}\r\nConnection: close\r\n");
+        if let Some(body) = body {
+            request.push_str(&format!(
+                "Content-Type: application/json\r\nContent-Length: {}\r\n",
+                body.len()
+            ));
+        }
+        request.push_str("\r\n");
+        let mut bytes = request.into_bytes();
+        bytes.extend_from_slice(body.unwrap_or_default());
+        stream.write_all(&bytes).await.map_err(|e| e.to_string())?;
+        let mut response = Vec::new();
+        stream
+            .read_to_end(&mut response)
+            .await
+            .map_err(|e| e.to_string())?;
+        let response = String::from_utf8_lossy(&response).into_owned();
+        let (head, body) = response
+            .split_once("\r\n\r\n")
+            .ok_or_else(|| format!("not an HTTP response: {response:?}"))?;
+        let status = head
+            .split_whitespace()
+            .nth(1)
+            .and_then(|s| s.parse().ok())
+            .ok_or_else(|| format!("no status in {head:?}"))?;
+        Ok(HttpResponse {
+            status,
+            headers: head.to_owned(),
+            body: body.to_owned(),
+        })
+    };
+    tokio::time::timeout(EVENT_TIMEOUT, exchange)
+        .await
+        .map_err(|_| format!("no answer from {addr} within {EVENT_TIMEOUT:?}"))?
+}

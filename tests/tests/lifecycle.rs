@@ -2,12 +2,10 @@
 
 #![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)] // test code: failing loudly is the point
 
-use std::time::Duration;
 
 use ollamacron_config::ConfigLoader;
 use ollamacron_node_core::{Node, NodeError, NodeEvent, NodeState};
 use ollamacron_tests::{TCP_ONLY, eventually, loopback_config, start, wait_for_event};
-use tokio::io::{AsyncReadExt, AsyncWriteExt};
 
 fn config_in(dir: &std::path::Path, overrides: &[(&str, &str)]) -> ollamacron_config::NodeConfig {
     let data_dir = dir.to_string_lossy().into_owned();
@@ -109,23 +107,10 @@ async fn a_node_without_listeners_still_runs_and_dials() {
 }
 
 async fn http_get(addr: std::net::SocketAddr, path: &str) -> (u16, String) {
-    let mut stream = tokio::net::TcpStream::connect(addr).await.unwrap();
-    let request = format!("GET {path} HTTP/1.1\r\nHost: {addr}\r\nConnection: close\r\n\r\n");
-    stream.write_all(request.as_bytes()).await.unwrap();
-    let mut response = String::new();
-    tokio::time::timeout(
-        Duration::from_secs(10),
-        stream.read_to_string(&mut response),
-    )
-    .await
-    .unwrap()
-    .unwrap();
-    let status = response
-        .split_whitespace()
-        .nth(1)
-        .and_then(|s| s.parse().ok())
+    let response = ollamacron_tests::http_request(addr, "GET", path, None)
+        .await
         .unwrap();
-    (status, response)
+    (response.status, response.body)
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

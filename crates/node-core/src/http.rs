@@ -199,12 +199,18 @@ fn parse_service_query(raw: Option<&str>) -> Result<ServiceQuery, ApiError> {
         if value.len() > MAX_QUERY_VALUE_BYTES {
             return Err(ApiError::bad_request(
                 name,
-                format!("is {} bytes long; at most {MAX_QUERY_VALUE_BYTES}", value.len()),
+                format!(
+                    "is {} bytes long; at most {MAX_QUERY_VALUE_BYTES}",
+                    value.len()
+                ),
             ));
         }
         let single = |count: usize, name: &str| {
             if count > 1 {
-                Err(ApiError::bad_request(name, format!("`{name}` given more than once")))
+                Err(ApiError::bad_request(
+                    name,
+                    format!("`{name}` given more than once"),
+                ))
             } else {
                 Ok(())
             }
@@ -405,7 +411,10 @@ mod tests {
         }
         let long = format!("type={}", "x".repeat(MAX_QUERY_VALUE_BYTES + 1));
         assert_eq!(
-            parse_service_query(Some(&long)).unwrap_err().field.as_deref(),
+            parse_service_query(Some(&long))
+                .unwrap_err()
+                .field
+                .as_deref(),
             Some("type")
         );
     }

@@ -16,9 +16,9 @@ pub use behaviour::{PROTOCOL_VERSION, SERVICES_TOPIC, agent_version};
 pub use discovery::{DiscoverySource, DiscoveryStatus, KnownPeer, SourceStats, SourceStatus};
 pub use error::NodeError;
 pub use event::{Direction, NodeEvent, RecordVia};
+pub use http::{MAX_BODY_BYTES, MAX_LOOKUP_LIMIT, MAX_QUERY_VALUE_BYTES, MAX_QUERY_VALUES};
 pub use identity::{IdentityError, load_or_create_identity};
 pub use metrics::MetricsSnapshot;
-pub use http::{MAX_BODY_BYTES, MAX_LOOKUP_LIMIT, MAX_QUERY_VALUE_BYTES, MAX_QUERY_VALUES};
 pub use node::{
     ConnectedPeer, ConnectionCounts, Node, NodeHandle, NodeStatus, PeerInfo, Reachability,
     ServiceCounts,

@@ -186,11 +186,9 @@ impl RegistryState {
             &config.tags,
             &[],
         );
-        sign_record(&trial, keypair, &limits).map_err(|e| {
-            NodeError::Service {
-                message: format!("the configured services do not fit in a record: {e}"),
-                field: None,
-            }
+        sign_record(&trial, keypair, &limits).map_err(|e| NodeError::Service {
+            message: format!("the configured services do not fit in a record: {e}"),
+            field: None,
         })?;
         let (probe_tx, probe_rx) = mpsc::channel(MAX_CONCURRENT_PROBES * 4);
         let state = Self {
@@ -382,8 +380,7 @@ impl SwarmTask {
             &state.node_tags,
             &addresses,
         );
-        sign_record(&record, &self.keypair, &state.limits)
-            .map_err(NodeError::from)?;
+        sign_record(&record, &self.keypair, &state.limits).map_err(NodeError::from)?;
         self.registry.local = trial;
         self.emit(change_event(change, true));
         self.update_service_gauges();
