@@ -2,7 +2,6 @@
 
 #![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)] // test code: failing loudly is the point
 
-
 use ollamacron_config::ConfigLoader;
 use ollamacron_node_core::{Node, NodeError, NodeEvent, NodeState};
 use ollamacron_tests::{TCP_ONLY, eventually, loopback_config, start, wait_for_event};

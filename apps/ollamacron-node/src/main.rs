@@ -5,7 +5,12 @@
 //! ollamacron-node init [--config FILE] [--force]      write a commented default config
 //! ollamacron-node id [--config FILE]                  print this node's peer id
 //! ollamacron-node config check [FILE]                 validate and print the effective config
+//! ollamacron-node status | peers [--json]             ask the running node (its local API)
+//! ollamacron-node services find|register|unregister|list
 //! ```
+
+mod client;
+mod commands;
 
 use std::io::IsTerminal;
 use std::path::{Path, PathBuf};
@@ -53,6 +58,27 @@ enum Command {
     /// Inspect configuration.
     #[command(subcommand)]
     Config(ConfigCommand),
+    /// Show the running node's state, addresses, connections and discovery.
+    Status {
+        #[command(flatten)]
+        config: ConfigArgs,
+        #[command(flatten)]
+        output: commands::OutputArgs,
+    },
+    /// List the peers the running node knows.
+    Peers {
+        #[command(flatten)]
+        config: ConfigArgs,
+        #[command(flatten)]
+        output: commands::OutputArgs,
+    },
+    /// Find, register, unregister and list services on the running node.
+    Services {
+        #[command(subcommand)]
+        command: Box<commands::ServicesCommand>,
+        #[command(flatten)]
+        config: ConfigArgs,
+    },
 }
 
 #[derive(Debug, Subcommand)]
@@ -179,7 +205,40 @@ fn main() -> ExitCode {
             }
             report(check(&config), EXIT_CONFIG)
         }
+        Command::Status { config, output } => report(
+            ask(&config, |api| async move {
+                commands::status(&api, output).await
+            }),
+            EXIT_FAILURE,
+        ),
+        Command::Peers { config, output } => report(
+            ask(
+                &config,
+                |api| async move { commands::peers(&api, output).await },
+            ),
+            EXIT_FAILURE,
+        ),
+        Command::Services { command, config } => report(
+            ask(&config, |api| async move {
+                commands::services(&api, *command).await
+            }),
+            EXIT_FAILURE,
+        ),
     }
+}
+
+/// Run an API command against the node at the configured `api_listen`.
+fn ask<F, Fut>(args: &ConfigArgs, command: F) -> anyhow::Result<()>
+where
+    F: FnOnce(client::ApiClient) -> Fut,
+    Fut: std::future::Future<Output = anyhow::Result<()>>,
+{
+    let config = args.load()?;
+    let runtime = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .context("cannot start the async runtime")?;
+    runtime.block_on(command(client::ApiClient::new(config.api_listen)))
 }
 
 /// An error and its causes on one line, skipping causes whose text the

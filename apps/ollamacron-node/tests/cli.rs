@@ -157,17 +157,22 @@ impl Drop for Running {
     }
 }
 
-/// `run` on loopback (no mDNS, API on a free port), with `extra` arguments.
+/// `run` on loopback (no mDNS, API on a free port unless `extra` names
+/// one), with `extra` arguments.
 fn spawn_run(data_dir: &Path, extra: &[&str]) -> Running {
+    let api: &[&str] = if extra.contains(&"--api-listen") {
+        &[]
+    } else {
+        &["--api-listen", "127.0.0.1:0"]
+    };
     let mut child = Command::new(BIN)
         .arg("run")
         .args(extra)
+        .args(api)
         .args([
             "--listen",
             "/ip4/127.0.0.1/tcp/0",
             "--no-mdns",
-            "--api-listen",
-            "127.0.0.1:0",
             "--data-dir",
             data_dir.to_str().unwrap(),
         ])
@@ -289,4 +294,156 @@ fn run_with_a_services_list_advertises_them() {
         assert!(listening.contains(&found[0].service.peer_id), "{listening}");
         asker.shutdown().await.unwrap();
     });
+}
+
+/// A loopback port nothing listens on right now.
+fn free_port() -> u16 {
+    std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port()
+}
+
+/// The `/p2p` address a `run` logged in its "listening" line.
+fn listening_addr(running: &Running) -> String {
+    let line = running.wait_for_line("listening");
+    line.split_whitespace()
+        .find_map(|w| w.strip_prefix("address="))
+        .unwrap_or_else(|| panic!("no address in {line:?}"))
+        .to_owned()
+}
+
+#[test]
+fn a_service_registered_through_the_cli_is_found_from_another_node() {
+    let (dir_a, dir_b) = (tempfile::tempdir().unwrap(), tempfile::tempdir().unwrap());
+    let (api_a, api_b) = (
+        format!("127.0.0.1:{}", free_port()),
+        format!("127.0.0.1:{}", free_port()),
+    );
+    let a = spawn_run(dir_a.path(), &["--api-listen", &api_a]);
+    let a_addr = listening_addr(&a);
+    a.wait_for_line("node running");
+    let b = spawn_run(
+        dir_b.path(),
+        &["--api-listen", &api_b, "--bootstrap", &a_addr],
+    );
+    b.wait_for_line("node running");
+
+    let out = node(
+        &[
+            "services",
+            "register",
+            "--api-listen",
+            &api_a,
+            "--name",
+            "llama3:8b",
+            "--type",
+            "llm",
+            "--tag",
+            "gpu",
+            "--capability",
+            "tools",
+        ],
+        dir_a.path(),
+    );
+    assert!(out.status.success(), "{}", text(&out.stderr));
+    assert!(
+        text(&out.stdout).contains("registered llama3:8b"),
+        "{}",
+        text(&out.stdout)
+    );
+    let listed = node(&["services", "list", "--api-listen", &api_a], dir_a.path());
+    assert!(
+        text(&listed.stdout).contains("llama3:8b"),
+        "{}",
+        text(&listed.stdout)
+    );
+
+    let deadline = std::time::Instant::now() + LINE_TIMEOUT;
+    let found = loop {
+        let out = node(
+            &[
+                "services",
+                "find",
+                "--type",
+                "llm",
+                "--tag",
+                "gpu",
+                "--json",
+                "--api-listen",
+                &api_b,
+            ],
+            dir_b.path(),
+        );
+        assert!(out.status.success(), "{}", text(&out.stderr));
+        let found = text(&out.stdout);
+        if found.contains("llama3:8b") || std::time::Instant::now() > deadline {
+            break found;
+        }
+        std::thread::sleep(Duration::from_millis(100));
+    };
+    let json: Vec<serde_json::Value> = serde_json::from_str(&found).unwrap();
+    assert_eq!(json.len(), 1, "{found}");
+    assert_eq!(json[0]["service"]["name"], "llama3:8b");
+    assert!(a_addr.ends_with(json[0]["service"]["peer_id"].as_str().unwrap()));
+    assert!(json[0]["score"]["total"].is_number());
+
+    let status = node(&["status", "--json", "--api-listen", &api_b], dir_b.path());
+    let status: serde_json::Value = serde_json::from_slice(&status.stdout).unwrap();
+    assert_eq!(status["state"], "running");
+    let peers = node(&["peers", "--api-listen", &api_b], dir_b.path());
+    assert!(
+        text(&peers.stdout).starts_with("PEER ID"),
+        "{}",
+        text(&peers.stdout)
+    );
+
+    let gone = node(
+        &[
+            "services",
+            "unregister",
+            "llama3:8b",
+            "--api-listen",
+            &api_a,
+        ],
+        dir_a.path(),
+    );
+    assert!(gone.status.success(), "{}", text(&gone.stderr));
+    let again = node(
+        &[
+            "services",
+            "unregister",
+            "llama3:8b",
+            "--api-listen",
+            &api_a,
+        ],
+        dir_a.path(),
+    );
+    assert_eq!(again.status.code(), Some(1));
+    assert!(
+        text(&again.stderr).contains("no local service with id `llama3:8b`"),
+        "{}",
+        text(&again.stderr)
+    );
+}
+
+#[test]
+fn api_commands_say_clearly_when_no_node_is_running() {
+    let dir = tempfile::tempdir().unwrap();
+    let api = format!("127.0.0.1:{}", free_port());
+    for args in [
+        vec!["status", "--api-listen", &api],
+        vec!["peers", "--api-listen", &api],
+        vec!["services", "find", "--type", "llm", "--api-listen", &api],
+    ] {
+        let out = node(&args, dir.path());
+        assert_eq!(out.status.code(), Some(1), "{args:?}");
+        let err = text(&out.stderr);
+        assert!(
+            err.contains(&format!("no node is running at http://{api}"))
+                && err.contains("ollamacron-node run"),
+            "{err}"
+        );
+    }
 }
