@@ -1,6 +1,9 @@
-//! Project automation. `cargo xtask ci` runs everything CI checks.
+//! Project automation. `cargo xtask ci` runs everything CI checks;
+//! `cargo xtask mesh` and `cargo xtask bench` measure.
 
 #![allow(clippy::print_stdout, clippy::print_stderr)]
+
+mod mesh;
 
 use std::process::{Command, ExitCode};
 use std::time::Instant;
@@ -30,6 +33,12 @@ enum Task {
         #[arg(default_values_t = [8usize, 16, 32])]
         nodes: Vec<usize>,
     },
+    /// Start N node processes on 127.0.0.1 (release build, mDNS off),
+    /// register services, and measure convergence, lookup latency, memory
+    /// and start-up; optionally churn.
+    Mesh(mesh::MeshArgs),
+    /// Run the criterion benches (scoring, records, ranking) and summarise.
+    Bench,
 }
 
 fn main() -> ExitCode {
@@ -37,6 +46,8 @@ fn main() -> ExitCode {
     let result = match cli.command {
         Task::Ci { fail_fast } => ci(fail_fast),
         Task::Convergence { nodes } => convergence(&nodes),
+        Task::Mesh(args) => build_node().and_then(|binary| mesh::mesh(&binary, &args)),
+        Task::Bench => bench(),
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,
@@ -186,6 +197,84 @@ fn convergence(nodes: &[usize]) -> anyhow::Result<()> {
     } else {
         bail!("the convergence measurement failed")
     }
+}
+
+/// Build the release binary; its path.
+fn build_node() -> anyhow::Result<std::path::PathBuf> {
+    let mut command = cargo();
+    command.args([
+        "build",
+        "--release",
+        "--locked",
+        "--package",
+        "ollamacron-node",
+    ]);
+    if !run_step("build", &mut command) {
+        bail!("building ollamacron-node failed");
+    }
+    let target = std::env::var_os("CARGO_TARGET_DIR").map_or_else(
+        || {
+            std::path::PathBuf::from(env!("CARGO_MANIFEST_DIR"))
+                .join("..")
+                .join("target")
+        },
+        std::path::PathBuf::from,
+    );
+    let binary = target.join("release").join("ollamacron-node");
+    if !binary.exists() {
+        bail!("no binary at {}", binary.display());
+    }
+    Ok(binary)
+}
+
+/// Run the benches, then print each benchmark's median time.
+fn bench() -> anyhow::Result<()> {
+    let mut command = cargo();
+    command.args([
+        "bench",
+        "--locked",
+        "--package",
+        "ollamacron-scoring",
+        "--package",
+        "ollamacron-service-registry",
+    ]);
+    println!("==> bench: {}", describe(&command));
+    let output = command
+        .stderr(std::process::Stdio::inherit())
+        .output()
+        .context("cannot run cargo bench")?;
+    let text = String::from_utf8_lossy(&output.stdout);
+    print!("{text}");
+    if !output.status.success() {
+        bail!("cargo bench failed ({})", output.status);
+    }
+    // Criterion prints `name  time: [low median high]`, the name sometimes
+    // on the line before.
+    println!("\n==> summary (median time per iteration)");
+    let mut name = String::new();
+    for line in text.lines() {
+        let trimmed = line.trim();
+        if let Some((before, times)) = trimmed.split_once("time:") {
+            if !before.trim().is_empty() {
+                name = before.trim().to_owned();
+            }
+            let parts: Vec<&str> = times
+                .trim()
+                .trim_matches(['[', ']'])
+                .split_whitespace()
+                .collect();
+            if let [_, _, median, unit, ..] = parts.as_slice() {
+                println!("{name:<50} {median} {unit}");
+            }
+        } else if !trimmed.is_empty()
+            && !trimmed.starts_with("Benchmarking")
+            && !trimmed.contains(':')
+            && !trimmed.starts_with("Found")
+        {
+            name = trimmed.to_owned();
+        }
+    }
+    Ok(())
 }
 
 fn run_step(name: &str, command: &mut Command) -> bool {

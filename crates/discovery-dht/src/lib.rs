@@ -708,6 +708,11 @@ impl NetworkBehaviour for Behaviour {
         match &event {
             FromSwarm::ConnectionEstablished(e) => {
                 self.connected.insert(e.peer_id);
+                // A peer the routing table learned from a query, now
+                // connected: it gets our record as a new peer would.
+                if e.other_established == 0 && self.routing.contains_key(&e.peer_id) {
+                    self.push_own_record(vec![e.peer_id]);
+                }
             }
             FromSwarm::ConnectionClosed(e) if e.remaining_established == 0 => {
                 self.connected.remove(&e.peer_id);

@@ -30,9 +30,9 @@ use crate::behaviour::SERVICES_TOPIC;
 use crate::error::NodeError;
 use crate::event::{NodeEvent, RecordVia};
 
-/// After a walk for a key, a lookup answered from the cache starts a new
-/// walk in the background once the last one is this old.
-const REVALIDATE_AFTER: Duration = Duration::from_secs(1);
+/// A lookup answered from the cache starts a walk in the background when
+/// the last walk for its key is this old (or `lookup_cache_fresh`, if shorter).
+const REVALIDATE_AFTER: Duration = Duration::from_secs(2);
 /// A burst of peers subscribing to the topic costs one re-publication.
 const GOSSIP_REPUBLISH_DEBOUNCE: Duration = Duration::from_millis(200);
 /// Re-publications for new subscribers are at least this far apart, so a
@@ -780,9 +780,11 @@ impl SwarmTask {
 
     // ----- lookups ----------------------------------------------------------
 
-    /// Answer `query` now from the cache when a walk for its key is fresh
-    /// (revalidating in the background), else walk the DHT first, for at
-    /// most `lookup_timeout`.
+    /// Answer `query` from the verified cache at once when it has matching
+    /// services or a walk for the key finished within `lookup_cache_fresh`,
+    /// walking again in the background when the last walk is older than
+    /// `REVALIDATE_AFTER`; only when the cache has nothing and no fresh walk
+    /// does the answer wait for the DHT walk (at most `lookup_timeout`).
     pub(super) fn find_services(
         &mut self,
         query: ServiceQuery,
@@ -791,15 +793,18 @@ impl SwarmTask {
         let key = lookup_key(&query);
         let age = self.registry.walked_at.get(&key).map(Instant::elapsed);
         let fresh = age.is_some_and(|a| a < self.registry.lookup_cache_fresh);
+        let revalidate_after = REVALIDATE_AFTER.min(self.registry.lookup_cache_fresh);
+        let answer = self.rank(&query);
         if self.swarm.behaviour().dht.as_ref().is_none()
             || fresh
+            || !answer.is_empty()
             || self.registry.lookups.len() >= MAX_PENDING_LOOKUPS
         {
-            if age.is_some_and(|a| a >= REVALIDATE_AFTER) {
+            if age.is_none_or(|a| a >= revalidate_after) {
                 self.start_walk(&key);
             }
             self.metrics.lookup_answered("cache");
-            let _ = reply.send(self.rank(&query));
+            let _ = reply.send(answer);
             return;
         }
         self.start_walk(&key);

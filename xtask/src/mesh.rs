@@ -1,0 +1,520 @@
+//! `cargo xtask mesh`: start N real node processes on 127.0.0.1 and measure
+//! them — convergence of service lookups, lookup latency, memory per node,
+//! start-to-Running, and (with `--churn`) how fast dead nodes leave answers.
+
+use std::collections::HashSet;
+use std::io::{BufRead, BufReader, Read, Write};
+use std::net::{SocketAddr, TcpStream};
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::sync::mpsc;
+use std::time::{Duration, Instant};
+
+use anyhow::{Context, bail};
+use serde_json::{Value, json};
+
+/// How the nodes learn of each other.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+pub(crate) enum Topology {
+    /// Node i bootstraps from node i-1.
+    Chain,
+    /// Every node bootstraps from node 0.
+    Star,
+}
+
+/// What `cargo xtask mesh` was asked to do.
+#[derive(Debug, Clone, clap::Args)]
+pub(crate) struct MeshArgs {
+    /// Number of node processes.
+    #[arg(long, default_value_t = 8)]
+    pub(crate) nodes: usize,
+    /// Services each node registers (type `llm`).
+    #[arg(long, default_value_t = 1)]
+    pub(crate) services_per_node: usize,
+    /// Turn gossipsub on (`enable_pubsub`).
+    #[arg(long)]
+    pub(crate) pubsub: bool,
+    /// Bootstrap layout.
+    #[arg(long, value_enum, default_value_t = Topology::Chain)]
+    pub(crate) topology: Topology,
+    /// After convergence, kill this percentage of the nodes and measure how
+    /// long until no lookup returns a service of a dead node.
+    #[arg(long, value_name = "PERCENT")]
+    pub(crate) churn: Option<u8>,
+    /// Record lifetime given to every node (`record_ttl`); churn runs
+    /// default to 15s so that they end in reasonable time.
+    #[arg(long, value_name = "DURATION")]
+    pub(crate) record_ttl: Option<String>,
+    /// Warm lookups timed after convergence.
+    #[arg(long, default_value_t = 500)]
+    pub(crate) lookups: usize,
+    /// Give up (and tear everything down) after this many seconds.
+    #[arg(long, default_value_t = 300)]
+    pub(crate) timeout_secs: u64,
+    /// Where to write the JSON report (default: target/mesh/mesh-N[-pubsub][-churn].json).
+    #[arg(long)]
+    pub(crate) json: Option<PathBuf>,
+}
+
+/// How often lookups poll while waiting for convergence.
+const POLL_INTERVAL: Duration = Duration::from_millis(50);
+/// Longest one HTTP request to a node may take.
+const HTTP_TIMEOUT: Duration = Duration::from_secs(30);
+/// How long the nodes idle before their memory is read.
+const IDLE_BEFORE_RSS: Duration = Duration::from_secs(2);
+
+/// One node process and what it told us.
+struct MeshNode {
+    child: Child,
+    api: SocketAddr,
+    peer_id: String,
+    started_in: Duration,
+}
+
+/// Every node process; dropping it kills them all and removes their data.
+struct Mesh {
+    nodes: Vec<MeshNode>,
+    root: PathBuf,
+}
+
+impl Drop for Mesh {
+    fn drop(&mut self) {
+        for node in &mut self.nodes {
+            let _ = node.child.kill();
+            let _ = node.child.wait();
+        }
+        let _ = std::fs::remove_dir_all(&self.root);
+    }
+}
+
+/// A loopback port nothing listens on right now.
+fn free_port() -> anyhow::Result<u16> {
+    Ok(std::net::TcpListener::bind("127.0.0.1:0")?
+        .local_addr()?
+        .port())
+}
+
+/// One HTTP/1.1 request (`Connection: close`): the status and the JSON body.
+fn http(
+    api: SocketAddr,
+    method: &str,
+    path: &str,
+    body: Option<&Value>,
+) -> anyhow::Result<(u16, Value)> {
+    let mut stream = TcpStream::connect_timeout(&api, HTTP_TIMEOUT)
+        .with_context(|| format!("cannot reach the node API at {api}"))?;
+    stream.set_read_timeout(Some(HTTP_TIMEOUT))?;
+    let payload = body.map(Value::to_string).unwrap_or_default();
+    let mut request = format!("{method} {path} HTTP/1.1\r\nHost: {api}\r\nConnection: close\r\n");
+    if body.is_some() {
+        request.push_str(&format!(
+            "Content-Type: application/json\r\nContent-Length: {}\r\n",
+            payload.len()
+        ));
+    }
+    request.push_str("\r\n");
+    request.push_str(&payload);
+    stream.write_all(request.as_bytes())?;
+    let mut response = String::new();
+    stream.read_to_string(&mut response)?;
+    let (head, body) = response
+        .split_once("\r\n\r\n")
+        .with_context(|| format!("not an HTTP answer from {api}"))?;
+    let status = head
+        .split_whitespace()
+        .nth(1)
+        .and_then(|s| s.parse().ok())
+        .with_context(|| format!("no status in the answer from {api}"))?;
+    let json = if body.trim().is_empty() {
+        Value::Null
+    } else {
+        serde_json::from_str(body).with_context(|| format!("a non-JSON answer from {api}"))?
+    };
+    Ok((status, json))
+}
+
+/// Peer ids of the `llm` services a node's lookup returns.
+fn lookup(api: SocketAddr) -> anyhow::Result<Vec<String>> {
+    let (status, body) = http(api, "GET", "/v1/services?type=llm", None)?;
+    if status != 200 {
+        bail!("lookup at {api} answered {status}: {body}");
+    }
+    Ok(body
+        .as_array()
+        .map(|list| {
+            list.iter()
+                .filter_map(|r| r["service"]["peer_id"].as_str().map(str::to_owned))
+                .collect()
+        })
+        .unwrap_or_default())
+}
+
+/// Resident memory of a process, in bytes (Linux `/proc`).
+fn rss_bytes(pid: u32) -> Option<u64> {
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).ok()?;
+    let kib: u64 = status
+        .lines()
+        .find_map(|l| l.strip_prefix("VmRSS:"))?
+        .trim()
+        .trim_end_matches("kB")
+        .trim()
+        .parse()
+        .ok()?;
+    Some(kib * 1024)
+}
+
+fn percentile(sorted: &[Duration], q: f64) -> Duration {
+    if sorted.is_empty() {
+        return Duration::ZERO;
+    }
+    // Index of the q-quantile in a sorted sample; exact enough for a report.
+    #[allow(
+        clippy::cast_possible_truncation,
+        clippy::cast_sign_loss,
+        clippy::cast_precision_loss
+    )]
+    let i = (((sorted.len() - 1) as f64) * q).round() as usize;
+    sorted[i.min(sorted.len() - 1)]
+}
+
+fn ms(d: Duration) -> f64 {
+    d.as_secs_f64() * 1000.0
+}
+
+/// Start one node; wait until it logs "node running".
+fn start_node(
+    binary: &Path,
+    root: &Path,
+    index: usize,
+    bootstrap: Option<&str>,
+    settings: &[String],
+    deadline: Instant,
+) -> anyhow::Result<(MeshNode, String)> {
+    let dir = root.join(format!("node-{index}"));
+    std::fs::create_dir_all(&dir)?;
+    let api: SocketAddr = format!("127.0.0.1:{}", free_port()?).parse()?;
+    let mut command = Command::new(binary);
+    command
+        .args(["run", "--no-mdns", "--listen", "/ip4/127.0.0.1/tcp/0"])
+        .arg("--data-dir")
+        .arg(&dir)
+        .args(["--api-listen", &api.to_string(), "--log-level", "info"])
+        .env_remove("OLLAMACRON_CONFIG")
+        .env_remove("RUST_LOG")
+        .stdout(Stdio::null())
+        .stderr(Stdio::piped());
+    if let Some(addr) = bootstrap {
+        command.args(["--bootstrap", addr]);
+    }
+    for s in settings {
+        command.args(["--set", s]);
+    }
+    let spawned = Instant::now();
+    let mut child = command.spawn().context("cannot start ollamacron-node")?;
+    let stderr = child.stderr.take().context("no stderr")?;
+    let (tx, lines) = mpsc::channel::<String>();
+    std::thread::spawn(move || {
+        for line in BufReader::new(stderr).lines().map_while(Result::ok) {
+            if tx.send(line).is_err() {
+                // Nobody listens any more; keep draining so the node never blocks.
+                continue;
+            }
+        }
+    });
+    let mut addr = None;
+    let mut log = Vec::new();
+    loop {
+        let left = deadline.saturating_duration_since(Instant::now());
+        let Ok(line) = lines.recv_timeout(left) else {
+            let _ = child.kill();
+            bail!(
+                "node {index} did not reach Running; its log:\n{}",
+                log.join("\n")
+            );
+        };
+        if line.contains("listening") && addr.is_none() {
+            addr = line
+                .split_whitespace()
+                .find_map(|w| w.strip_prefix("address="))
+                .map(str::to_owned);
+        }
+        if line.contains("node running") {
+            let started_in = spawned.elapsed();
+            let addr = addr.context("no listening address before Running")?;
+            let peer_id = addr.rsplit('/').next().unwrap_or_default().to_owned();
+            // Keep reading in the background so the pipe never fills.
+            std::thread::spawn(move || for _ in lines {});
+            return Ok((
+                MeshNode {
+                    child,
+                    api,
+                    peer_id,
+                    started_in,
+                },
+                addr,
+            ));
+        }
+        log.push(line);
+    }
+}
+
+pub(crate) fn mesh(binary: &Path, args: &MeshArgs) -> anyhow::Result<()> {
+    if args.nodes < 2 {
+        bail!("--nodes must be at least 2");
+    }
+    if args.churn.is_some_and(|p| p == 0 || p >= 100) {
+        bail!("--churn must be a percentage from 1 to 99");
+    }
+    let deadline = Instant::now() + Duration::from_secs(args.timeout_secs);
+    let root = std::env::temp_dir().join(format!("ollamacron-mesh-{}", std::process::id()));
+    let mut mesh = Mesh {
+        nodes: Vec::new(),
+        root: root.clone(),
+    };
+    let mut settings = Vec::new();
+    if args.pubsub {
+        settings.push("enable_pubsub=true".to_owned());
+    }
+    let ttl = args
+        .record_ttl
+        .clone()
+        .or_else(|| args.churn.map(|_| "15s".to_owned()));
+    if let Some(ttl) = &ttl {
+        settings.push(format!("record_ttl={ttl}"));
+        let ttl_d = humantime::parse_duration(ttl).context("--record-ttl")?;
+        let refresh = (ttl_d / 3).max(Duration::from_secs(1));
+        settings.push(format!(
+            "record_refresh_interval={}",
+            humantime::format_duration(refresh)
+        ));
+    }
+
+    // Start the nodes one after another, each registering its services at once.
+    let mut first_addr = None;
+    let mut prev_addr: Option<String> = None;
+    for i in 0..args.nodes {
+        let bootstrap = match args.topology {
+            Topology::Chain => prev_addr.clone(),
+            Topology::Star => first_addr.clone(),
+        };
+        let (node, addr) = start_node(binary, &root, i, bootstrap.as_deref(), &settings, deadline)?;
+        for k in 0..args.services_per_node {
+            let service = json!({
+                "name": format!("model-{i}-{k}"),
+                "type": "llm",
+                "tags": [if i % 2 == 0 { "even" } else { "odd" }],
+                "capabilities": ["completion"],
+            });
+            let (status, body) = http(node.api, "POST", "/v1/services", Some(&service))?;
+            if status != 201 {
+                bail!("registering on node {i} answered {status}: {body}");
+            }
+        }
+        first_addr.get_or_insert_with(|| addr.clone());
+        prev_addr = Some(addr);
+        mesh.nodes.push(node);
+    }
+    let last_start = Instant::now();
+    let expected = args.nodes * args.services_per_node;
+
+    // Convergence: every node's lookup returns every service.
+    let converged: Vec<anyhow::Result<Duration>> = std::thread::scope(|scope| {
+        let handles: Vec<_> = mesh
+            .nodes
+            .iter()
+            .map(|node| {
+                let api = node.api;
+                scope.spawn(move || -> anyhow::Result<Duration> {
+                    let trace = std::env::var_os("MESH_TRACE").is_some();
+                    loop {
+                        if trace {
+                            let found = lookup(api)?.len();
+                            let (_, status) = http(api, "GET", "/v1/status", None)?;
+                            eprintln!(
+                                "{:>6.0} ms {api}: {found} services, {} peers, {} remote from {} nodes, routing {}",
+                                ms(last_start.elapsed()),
+                                status["connections"]["peers"],
+                                status["services"]["remote"],
+                                status["services"]["nodes"],
+                                status["discovery"]["dht_routing_table_size"]
+                            );
+                        }
+                        if lookup(api)?.len() >= expected {
+                            return Ok(last_start.elapsed());
+                        }
+                        if Instant::now() > deadline {
+                            bail!("node at {api} never saw all {expected} services");
+                        }
+                        std::thread::sleep(POLL_INTERVAL);
+                    }
+                })
+            })
+            .collect();
+        handles
+            .into_iter()
+            .map(|h| {
+                h.join()
+                    .unwrap_or_else(|_| Err(anyhow::anyhow!("a poller panicked")))
+            })
+            .collect()
+    });
+    let mut per_node = Vec::new();
+    for c in converged {
+        per_node.push(c?);
+    }
+    let convergence = per_node.iter().max().copied().unwrap_or_default();
+
+    // Warm lookups, round robin over the nodes.
+    let mut samples = Vec::with_capacity(args.lookups);
+    for i in 0..args.lookups {
+        let api = mesh.nodes[i % mesh.nodes.len()].api;
+        let t = Instant::now();
+        let found = lookup(api)?;
+        samples.push(t.elapsed());
+        if found.len() < expected {
+            bail!(
+                "a warm lookup at {api} returned {} of {expected}",
+                found.len()
+            );
+        }
+    }
+    samples.sort();
+
+    std::thread::sleep(IDLE_BEFORE_RSS);
+    let mut rss: Vec<u64> = mesh
+        .nodes
+        .iter()
+        .filter_map(|n| rss_bytes(n.child.id()))
+        .collect();
+    rss.sort_unstable();
+    let mut starts: Vec<Duration> = mesh.nodes.iter().map(|n| n.started_in).collect();
+    starts.sort();
+
+    // Churn: kill some nodes, wait until no survivor lists their services.
+    let churn = match args.churn {
+        None => None,
+        Some(percent) => {
+            let kill = (args.nodes * usize::from(percent))
+                .div_ceil(100)
+                .min(args.nodes - 1);
+            let dead: HashSet<String> = mesh.nodes[args.nodes - kill..]
+                .iter()
+                .map(|n| n.peer_id.clone())
+                .collect();
+            for node in &mut mesh.nodes[args.nodes - kill..] {
+                let _ = node.child.kill();
+                let _ = node.child.wait();
+            }
+            let killed_at = Instant::now();
+            let survivors: Vec<SocketAddr> = mesh.nodes[..args.nodes - kill]
+                .iter()
+                .map(|n| n.api)
+                .collect();
+            loop {
+                let mut clean = true;
+                for api in &survivors {
+                    if lookup(*api)?.iter().any(|p| dead.contains(p)) {
+                        clean = false;
+                        break;
+                    }
+                }
+                if clean {
+                    break Some((kill, killed_at.elapsed()));
+                }
+                if Instant::now() > deadline {
+                    bail!("services of killed nodes were still listed at the timeout");
+                }
+                std::thread::sleep(Duration::from_millis(100));
+            }
+        }
+    };
+
+    let mib = |b: u64| {
+        // Bytes to MiB for display.
+        #[allow(clippy::cast_precision_loss)]
+        let v = b as f64 / (1024.0 * 1024.0);
+        v
+    };
+    let report = json!({
+        "nodes": args.nodes,
+        "services_per_node": args.services_per_node,
+        "pubsub": args.pubsub,
+        "topology": format!("{:?}", args.topology).to_lowercase(),
+        "record_ttl": ttl,
+        "convergence_ms": ms(convergence),
+        "convergence_per_node_ms": per_node.iter().map(|d| ms(*d)).collect::<Vec<_>>(),
+        "lookup_ms": {
+            "p50": ms(percentile(&samples, 0.50)),
+            "p99": ms(percentile(&samples, 0.99)),
+            "count": samples.len(),
+        },
+        "rss_mib": {
+            "min": rss.first().copied().map(mib),
+            "median": rss.get(rss.len() / 2).copied().map(mib),
+            "max": rss.last().copied().map(mib),
+        },
+        "start_to_running_ms": {
+            "p50": ms(percentile(&starts, 0.50)),
+            "max": ms(starts.last().copied().unwrap_or_default()),
+        },
+        "churn": churn.map(|(killed, after)| json!({"killed": killed, "gone_after_ms": ms(after)})),
+    });
+
+    println!();
+    println!(
+        "{:>5} {:>6} {:>16} {:>20} {:>22} {:>22}",
+        "nodes",
+        "pubsub",
+        "convergence (ms)",
+        "lookup p50/p99 (ms)",
+        "RSS min/med/max (MiB)",
+        "start→Running p50/max"
+    );
+    println!(
+        "{:>5} {:>6} {:>16.0} {:>20} {:>22} {:>22}",
+        args.nodes,
+        if args.pubsub { "on" } else { "off" },
+        ms(convergence),
+        format!(
+            "{:.2}/{:.2}",
+            ms(percentile(&samples, 0.50)),
+            ms(percentile(&samples, 0.99))
+        ),
+        format!(
+            "{:.1}/{:.1}/{:.1}",
+            rss.first().copied().map_or(0.0, mib),
+            rss.get(rss.len() / 2).copied().map_or(0.0, mib),
+            rss.last().copied().map_or(0.0, mib)
+        ),
+        format!(
+            "{:.0}/{:.0} ms",
+            ms(percentile(&starts, 0.50)),
+            ms(starts.last().copied().unwrap_or_default())
+        ),
+    );
+    if let Some((killed, after)) = churn {
+        println!(
+            "churn: killed {killed} of {} nodes; their services left every answer after {:.1} s (record_ttl {})",
+            args.nodes,
+            after.as_secs_f64(),
+            ttl.as_deref().unwrap_or("5m")
+        );
+    }
+    let path = args.json.clone().unwrap_or_else(|| {
+        let mut name = format!("mesh-{}", args.nodes);
+        if args.pubsub {
+            name.push_str("-pubsub");
+        }
+        if args.churn.is_some() {
+            name.push_str("-churn");
+        }
+        PathBuf::from("target/mesh").join(format!("{name}.json"))
+    });
+    if let Some(parent) = path.parent() {
+        std::fs::create_dir_all(parent)?;
+    }
+    std::fs::write(&path, serde_json::to_string_pretty(&report)?)?;
+    println!("wrote {}", path.display());
+    drop(mesh);
+    Ok(())
+}
