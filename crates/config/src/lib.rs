@@ -157,8 +157,9 @@ pub struct NodeConfig {
     /// Longest a service lookup walks the DHT before answering with what it has.
     #[serde(with = "duration")]
     pub lookup_timeout: Duration,
-    /// A lookup answers from the verified cache without waiting for the DHT
-    /// when a walk for the same key finished this recently.
+    /// A lookup whose cache holds no match still answers at once (without
+    /// waiting for a DHT walk) when a walk for the same key finished this
+    /// recently; one with matches always answers from the cache.
     #[serde(with = "duration")]
     pub lookup_cache_fresh: Duration,
     /// Largest signed record accepted from a peer (and published).

@@ -234,7 +234,7 @@ const FIELD_DOCS: &[(&str, &str, Option<&str>)] = &[
     ),
     (
         "lookup_cache_fresh",
-        "A lookup answers from the verified cache at once when a DHT walk for the same key finished this recently.",
+        "A lookup with nothing cached waits for a DHT walk unless one for the same key finished this recently.",
         None,
     ),
     (
