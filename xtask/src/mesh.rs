@@ -163,6 +163,17 @@ fn rss_bytes(pid: u32) -> Option<u64> {
     Some(kib * 1024)
 }
 
+/// CPU time a process has used (user + system), from `/proc` (Linux).
+fn cpu_time(pid: u32) -> Option<Duration> {
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
+    // Fields after the command name, which is in parentheses.
+    let rest = stat.rsplit_once(')')?.1;
+    let fields: Vec<&str> = rest.split_whitespace().collect();
+    let ticks: u64 = fields.get(11)?.parse::<u64>().ok()? + fields.get(12)?.parse::<u64>().ok()?;
+    // Linux reports in clock ticks of 1/100 s.
+    Some(Duration::from_millis(ticks * 10))
+}
+
 fn percentile(sorted: &[Duration], q: f64) -> Duration {
     if sorted.is_empty() {
         return Duration::ZERO;
@@ -363,6 +374,11 @@ pub(crate) fn mesh(binary: &Path, args: &MeshArgs) -> anyhow::Result<()> {
         per_node.push(c?);
     }
     let convergence = per_node.iter().max().copied().unwrap_or_default();
+    let cpu_at_convergence: Duration = mesh
+        .nodes
+        .iter()
+        .filter_map(|n| cpu_time(n.child.id()))
+        .sum();
 
     // Warm lookups, round robin over the nodes.
     let mut samples = Vec::with_capacity(args.lookups);
@@ -443,6 +459,7 @@ pub(crate) fn mesh(binary: &Path, args: &MeshArgs) -> anyhow::Result<()> {
         "record_ttl": ttl,
         "convergence_ms": ms(convergence),
         "convergence_per_node_ms": per_node.iter().map(|d| ms(*d)).collect::<Vec<_>>(),
+        "cpu_ms_all_nodes_at_convergence": ms(cpu_at_convergence),
         "lookup_ms": {
             "p50": ms(percentile(&samples, 0.50)),
             "p99": ms(percentile(&samples, 0.99)),

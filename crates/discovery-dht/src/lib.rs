@@ -41,6 +41,8 @@ const PACKET_OVERHEAD_BYTES: usize = 16 * 1024;
 pub const MAX_ADDRESSES_PER_PEER: usize = 8;
 /// Most namespace providers remembered for de-duplicating `ProviderFound`.
 const MAX_TRACKED_PROVIDERS: usize = 100_000;
+/// Most walks for providers' addresses at once.
+const MAX_ADDRESS_QUERIES: usize = 4;
 /// Provider records we store for others live this many provide intervals:
 /// a provider that stops re-announcing is forgotten after missing two.
 const PROVIDER_TTL_INTERVALS: u32 = 3;
@@ -169,6 +171,10 @@ pub struct Behaviour {
     ramp: Duration,
     readvertise: Pin<Box<Sleep>>,
     readvertise_pending: bool,
+    /// Routing table size at the last re-advertisement: the next one waits
+    /// until the table has doubled, so a growing network costs log2(N)
+    /// rounds of announcements, not one per new peer.
+    advertised_at_size: usize,
     /// In-flight announcements, by key: one per key at a time.
     provide_queries: HashMap<QueryId, RecordKey>,
     /// Keys announced besides the namespace (service types, capabilities).
@@ -268,6 +274,7 @@ impl Behaviour {
             ramp: discovery_interval,
             readvertise: Box::pin(tokio::time::sleep_until(now)),
             readvertise_pending: false,
+            advertised_at_size: 0,
             provide_queries,
             provided_keys: HashSet::new(),
             own_record: None,
@@ -324,6 +331,7 @@ impl Behaviour {
         if self.routing.is_empty() {
             return;
         }
+        self.advertised_at_size = self.routing.len();
         self.advertise();
         self.discover();
         // Look again soon, then less and less often: peers that joined just
@@ -451,7 +459,13 @@ impl Behaviour {
                 self.providers.insert(peer);
             }
             let addresses = self.addresses_of(&peer);
-            if addresses.is_empty() {
+            // Kademlia hands provider addresses to the swarm itself
+            // (`NewExternalAddrOfPeer`); a walk for the peer is only worth
+            // it when nothing is known and few such walks already run.
+            if addresses.is_empty()
+                && !self.connected.contains(&peer)
+                && self.address_queries.len() < MAX_ADDRESS_QUERIES
+            {
                 let id = self.kad.get_closest_peers(peer);
                 self.address_queries.insert(id, peer);
             }
@@ -486,7 +500,9 @@ impl Behaviour {
                             tracing::debug!(error = %e, "cannot bootstrap the DHT");
                         }
                     }
-                    self.schedule_readvertise();
+                    if self.routing.len() >= self.advertised_at_size.saturating_mul(2) {
+                        self.schedule_readvertise();
+                    }
                 }
                 Some(DhtEvent::RoutingUpdated {
                     peer,
