@@ -46,7 +46,10 @@ fn main() -> ExitCode {
     let result = match cli.command {
         Task::Ci { fail_fast } => ci(fail_fast),
         Task::Convergence { nodes } => convergence(&nodes),
-        Task::Mesh(args) => build_node().and_then(|binary| mesh::mesh(&binary, &args)),
+        Task::Mesh(args) => match &args.binary {
+            Some(binary) => mesh::mesh(binary, &args),
+            None => build_node().and_then(|binary| mesh::mesh(&binary, &args)),
+        },
         Task::Bench => bench(),
     };
     match result {

@@ -54,6 +54,10 @@ pub(crate) struct MeshArgs {
     /// Where to write the JSON report (default: target/mesh/mesh-N[-pubsub][-churn].json).
     #[arg(long)]
     pub(crate) json: Option<PathBuf>,
+    /// Use this `ollamacron-node` binary instead of building the release one
+    /// (for example a build with symbols, to profile).
+    #[arg(long)]
+    pub(crate) binary: Option<PathBuf>,
 }
 
 /// How often lookups poll while waiting for convergence.
