@@ -200,6 +200,9 @@ async fn bad_input_gets_a_json_error_naming_what_was_wrong() {
     // Bodies.
     let malformed = post(api, "/v1/services", b"{\"name\": \"a\", ").await;
     assert!(assert_error(&malformed, 400, None).contains("invalid service JSON"));
+    let not_json = post(api, "/v1/services", b"{bad").await;
+    assert_error(&not_json, 400, None);
+    assert!(not_json.json().get("field").is_none(), "{not_json:?}");
     let wrong_type = post(
         api,
         "/v1/services",

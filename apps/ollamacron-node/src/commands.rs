@@ -270,6 +270,13 @@ pub(crate) async fn peers(api: &ApiClient, output: OutputArgs) -> anyhow::Result
             ]
         })
         .collect();
+    if rows.is_empty() {
+        #[allow(clippy::print_stdout)]
+        {
+            println!("no peers known yet (see `ollamacron-node status` for discovery)");
+        }
+        return Ok(());
+    }
     print_table(
         &[
             "PEER ID",

@@ -375,6 +375,18 @@ fn shutdown_signal() -> anyhow::Result<impl std::future::Future<Output = &'stati
     })
 }
 
+/// libp2p's Kademlia warns "Failed to trigger bootstrap: No known peers"
+/// every time a node without peers gets a listen address — every start of a
+/// first node. The node bootstraps the DHT itself once it has a peer, so
+/// unless the filter says otherwise, that module only logs errors.
+fn quiet_lone_node(filter: &str) -> String {
+    if filter.contains("libp2p_kad") {
+        filter.to_owned()
+    } else {
+        format!("{filter},libp2p_kad::behaviour=error")
+    }
+}
+
 /// Install the logger. The filter is `--log-level` when given on the command
 /// line, else `RUST_LOG` when set, else `log_level` from the configuration.
 fn init_logging(config: &NodeConfig, level_from_cli: bool) -> anyhow::Result<()> {
@@ -385,7 +397,7 @@ fn init_logging(config: &NodeConfig, level_from_cli: bool) -> anyhow::Result<()>
     let filter = match rust_log {
         Some(env) if !env.trim().is_empty() => EnvFilter::try_new(&env)
             .with_context(|| format!("RUST_LOG ({env}) is not a valid log filter"))?,
-        _ => EnvFilter::try_new(&config.log_level).with_context(|| {
+        _ => EnvFilter::try_new(quiet_lone_node(&config.log_level)).with_context(|| {
             format!(
                 "log_level ({}) is not a valid log filter; write e.g. `info` or `ollamacron=debug,libp2p=info`",
                 config.log_level

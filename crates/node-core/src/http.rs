@@ -309,7 +309,8 @@ async fn register_service(
     let mut service: ServiceInfo =
         serde_path_to_error::deserialize(&mut deserializer).map_err(|e| {
             let path = e.path().to_string();
-            let field = if path == "." { None } else { Some(path) };
+            // A syntax error has no field to blame (the path is `.` or `?`).
+            let field = (path != "." && path != "?").then_some(path);
             ApiError {
                 status: StatusCode::BAD_REQUEST,
                 message: format!("invalid service JSON: {}", e.inner()),
