@@ -184,12 +184,14 @@ impl Node {
         let event_tx = self.events;
         let (started_tx, started_rx) = oneshot::channel();
         let handle = NodeHandle {
-            peer_id,
             commands: command_tx,
-            events: event_tx.clone(),
-            state: state_rx,
-            metrics: metrics.endpoint.clone(),
-            api_addr,
+            shared: HandleShared {
+                peer_id,
+                events: event_tx.clone(),
+                state: state_rx,
+                metrics: metrics.endpoint.clone(),
+                api_addr,
+            },
         };
         let trim = TrimPolicy {
             low: usize::try_from(self.config.conn_mgr_low).unwrap_or(usize::MAX),
@@ -229,8 +231,8 @@ impl Node {
         if let Some((listener, local)) = api_listener {
             crate::http::spawn_api(
                 listener,
-                handle.metrics.clone(),
-                handle.state.clone(),
+                handle.shared.metrics.clone(),
+                handle.shared.state.clone(),
                 handle.downgrade(),
             );
             tracing::info!(addr = %local, "serving the HTTP API at http://{local}/v1/status (metrics at /metrics)");
@@ -477,8 +479,14 @@ enum Command {
 /// the swarm sends a command to the swarm task and awaits its reply.
 #[derive(Debug, Clone)]
 pub struct NodeHandle {
-    peer_id: PeerId,
     commands: mpsc::Sender<Command>,
+    shared: HandleShared,
+}
+
+/// What every handle, strong or weak, reads without the swarm task.
+#[derive(Debug, Clone)]
+struct HandleShared {
+    peer_id: PeerId,
     events: broadcast::Sender<NodeEvent>,
     state: watch::Receiver<NodeState>,
     metrics: MetricsEndpoint,
@@ -489,24 +497,16 @@ pub struct NodeHandle {
 /// when every strong handle is gone, whoever holds weak ones.
 #[derive(Debug, Clone)]
 pub(crate) struct WeakNodeHandle {
-    peer_id: PeerId,
     commands: mpsc::WeakSender<Command>,
-    events: broadcast::Sender<NodeEvent>,
-    state: watch::Receiver<NodeState>,
-    metrics: MetricsEndpoint,
-    api_addr: Option<SocketAddr>,
+    shared: HandleShared,
 }
 
 impl WeakNodeHandle {
     /// The handle, while the node still takes commands.
     pub(crate) fn upgrade(&self) -> Option<NodeHandle> {
         Some(NodeHandle {
-            peer_id: self.peer_id,
             commands: self.commands.upgrade()?,
-            events: self.events.clone(),
-            state: self.state.clone(),
-            metrics: self.metrics.clone(),
-            api_addr: self.api_addr,
+            shared: self.shared.clone(),
         })
     }
 }
@@ -514,30 +514,26 @@ impl WeakNodeHandle {
 impl NodeHandle {
     pub(crate) fn downgrade(&self) -> WeakNodeHandle {
         WeakNodeHandle {
-            peer_id: self.peer_id,
             commands: self.commands.downgrade(),
-            events: self.events.clone(),
-            state: self.state.clone(),
-            metrics: self.metrics.clone(),
-            api_addr: self.api_addr,
+            shared: self.shared.clone(),
         }
     }
 
     /// This node's peer id.
     #[must_use]
     pub fn peer_id(&self) -> PeerId {
-        self.peer_id
+        self.shared.peer_id
     }
 
     /// The current lifecycle state (also readable after the node stopped).
     #[must_use]
     pub fn state(&self) -> NodeState {
-        *self.state.borrow()
+        *self.shared.state.borrow()
     }
 
     /// Wait until the node reaches `Stopped` or `Error`, and return it.
     pub async fn stopped(&self) -> NodeState {
-        let mut state = self.state.clone();
+        let mut state = self.shared.state.clone();
         let reached = state.wait_for(|s| s.is_terminal()).await.map(|s| *s);
         // On error the task is gone; it always publishes a terminal state first.
         reached.unwrap_or_else(|_| *state.borrow())
@@ -547,19 +543,19 @@ impl NodeHandle {
     /// than 1024 events behind loses the oldest ones.
     #[must_use]
     pub fn subscribe(&self) -> broadcast::Receiver<NodeEvent> {
-        self.events.subscribe()
+        self.shared.events.subscribe()
     }
 
     /// The bound address of the HTTP API, when metrics are enabled.
     #[must_use]
     pub fn api_addr(&self) -> Option<SocketAddr> {
-        self.api_addr
+        self.shared.api_addr
     }
 
     /// Every registered metric as Prometheus (OpenMetrics) text.
     #[must_use]
     pub fn metrics_text(&self) -> String {
-        self.metrics.encode()
+        self.shared.metrics.encode()
     }
 
     async fn request<T>(
@@ -588,7 +584,7 @@ impl NodeHandle {
     /// # Errors
     /// [`NodeError::NotRunning`] once the node has stopped.
     pub async fn dialable_addrs(&self) -> Result<Vec<Multiaddr>, NodeError> {
-        let peer_id = self.peer_id;
+        let peer_id = self.shared.peer_id;
         Ok(self
             .listen_addrs()
             .await?

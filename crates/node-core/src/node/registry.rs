@@ -417,14 +417,8 @@ impl SwarmTask {
     }
 
     fn update_service_gauges(&self) {
-        let remote = self
-            .registry
-            .cache
-            .iter()
-            .map(|(_, c)| c.record.services.len())
-            .sum();
-        self.metrics
-            .set_service_counts(self.registry.local.len(), remote);
+        let counts = self.service_counts();
+        self.metrics.set_service_counts(counts.local, counts.remote);
     }
 
     // ----- records coming in ----------------------------------------------
