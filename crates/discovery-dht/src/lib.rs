@@ -188,6 +188,8 @@ pub struct Behaviour {
     push_queries: HashSet<QueryId>,
     /// Peers with at least one open connection.
     connected: HashSet<PeerId>,
+    /// Connected peers that have the current version of our record.
+    pushed: HashSet<PeerId>,
     discovery_queries: HashSet<QueryId>,
     address_queries: HashMap<QueryId, PeerId>,
     bootstrap_reported: bool,
@@ -282,6 +284,7 @@ impl Behaviour {
             record_outdated: false,
             push_queries: HashSet::new(),
             connected: HashSet::new(),
+            pushed: HashSet::new(),
             discovery_queries: HashSet::new(),
             address_queries: HashMap::new(),
             bootstrap_reported: false,
@@ -322,6 +325,14 @@ impl Behaviour {
     /// not speak it are ignored by the caller, not here.
     pub fn add_address(&mut self, peer: &PeerId, address: Multiaddr) {
         self.kad.add_address(peer, address);
+    }
+
+    /// A connected peer was confirmed to speak [`KAD_PROTOCOL`] (identify):
+    /// give it our record now, without waiting for the routing table.
+    pub fn peer_speaks_dht(&mut self, peer: PeerId) {
+        if self.connected.contains(&peer) {
+            self.push_own_record(vec![peer]);
+        }
     }
 
     /// Announce the namespace and look up its providers now, and start a
@@ -371,6 +382,11 @@ impl Behaviour {
         let Some(record) = self.own_record.clone() else {
             return;
         };
+        // Each connected peer gets each version of the record once.
+        let peers: Vec<PeerId> = peers
+            .into_iter()
+            .filter(|p| self.pushed.insert(*p))
+            .collect();
         if peers.is_empty() {
             return;
         }
@@ -418,6 +434,7 @@ impl Behaviour {
     /// every record without a lookup.
     pub fn publish_record(&mut self, record: kad::Record) {
         self.own_record = Some(record.clone());
+        self.pushed.clear();
         let connected: Vec<PeerId> = self
             .routing
             .keys()
@@ -546,14 +563,14 @@ impl Behaviour {
         stats: kad::QueryStats,
     ) -> Option<DhtEvent> {
         if self.discovery_queries.contains(&id) {
-            if step.last {
-                self.discovery_queries.remove(&id);
-            }
             if let QueryResult::GetProviders(Ok(GetProvidersOk::FoundProviders {
                 providers, ..
             })) = result
             {
                 self.on_providers(providers);
+            }
+            if step.last {
+                self.discovery_queries.remove(&id);
             }
             return None;
         }
@@ -732,6 +749,7 @@ impl NetworkBehaviour for Behaviour {
             }
             FromSwarm::ConnectionClosed(e) if e.remaining_established == 0 => {
                 self.connected.remove(&e.peer_id);
+                self.pushed.remove(&e.peer_id);
             }
             _ => {}
         }

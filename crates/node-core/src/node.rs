@@ -1567,6 +1567,7 @@ impl SwarmTask {
             for addr in info.listen_addrs.iter().take(MAX_IDENTIFY_ADDRESSES) {
                 dht.add_address(&peer, addr.clone());
             }
+            dht.peer_speaks_dht(peer);
         }
     }
 
