@@ -7,10 +7,10 @@
 use std::collections::HashSet;
 use std::time::Duration;
 
-use futures::StreamExt;
-use libp2p::swarm::{NetworkBehaviour, SwarmEvent};
-use libp2p::{PeerId, SwarmBuilder, identify, kad, noise, tcp, yamux};
+use libp2p::{PeerId, kad};
 use ollamacron_node_core::{DiscoverySource, NodeEvent, NodeHandle, NodeState};
+use ollamacron_tests::kad_peer::KadPeer;
+use ollamacron_tests::probe::probe;
 use ollamacron_tests::{TCP_ONLY, eventually_within, loopback_config, start, wait_for_event};
 use sha2::{Digest, Sha256};
 
@@ -226,12 +226,6 @@ async fn with_every_strategy_off_a_node_runs_alone() {
     node.shutdown().await.unwrap();
 }
 
-#[derive(NetworkBehaviour)]
-struct KadProbe {
-    identify: identify::Behaviour,
-    kad: kad::Behaviour<kad::store::MemoryStore>,
-}
-
 /// The namespace key computed from the wire contract alone: the sha2-256
 /// multihash of "/ollamacron" (what its raw-codec CIDv1 resolves to).
 fn contract_namespace_key() -> kad::RecordKey {
@@ -243,79 +237,32 @@ fn contract_namespace_key() -> kad::RecordKey {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn an_independent_kademlia_peer_finds_the_node_in_the_namespace() {
     let node = start(loopback_config(TCP_ONLY, &[])).await.unwrap();
-    let addr = node.listen_addrs().await.unwrap().remove(0);
+    let addr = node.dialable_addrs().await.unwrap().remove(0);
 
-    let mut probe = SwarmBuilder::with_new_identity()
-        .with_tokio()
-        .with_tcp(
-            tcp::Config::default(),
-            noise::Config::new,
-            yamux::Config::default,
-        )
-        .unwrap()
-        .with_behaviour(|key| {
-            let peer = key.public().to_peer_id();
-            let mut kad = kad::Behaviour::with_config(
-                peer,
-                kad::store::MemoryStore::new(peer),
-                kad::Config::new(libp2p::StreamProtocol::new("/ollamacron/kad/1.0.0")),
-            );
-            kad.set_mode(Some(kad::Mode::Client));
-            KadProbe {
-                identify: identify::Behaviour::new(identify::Config::new(
-                    "/probe/1.0.0".into(),
-                    key.public(),
-                )),
-                kad,
-            }
-        })
-        .unwrap()
-        .build();
-    probe
-        .behaviour_mut()
-        .kad
-        .add_address(&node.peer_id(), addr.clone());
-    probe.dial(addr).unwrap();
-
-    let run = async {
-        let mut saw_protocol = false;
-        let mut query = None;
-        loop {
-            match probe.select_next_some().await {
-                SwarmEvent::Behaviour(KadProbeEvent::Identify(identify::Event::Received {
-                    info,
-                    ..
-                })) => {
-                    saw_protocol = info
-                        .protocols
-                        .iter()
-                        .any(|p| p.as_ref() == "/ollamacron/kad/1.0.0");
-                    query = Some(
-                        probe
-                            .behaviour_mut()
-                            .kad
-                            .get_providers(contract_namespace_key()),
-                    );
-                }
-                SwarmEvent::Behaviour(KadProbeEvent::Kad(
-                    kad::Event::OutboundQueryProgressed {
-                        id,
-                        result:
-                            kad::QueryResult::GetProviders(Ok(kad::GetProvidersOk::FoundProviders {
-                                providers,
-                                ..
-                            })),
-                        ..
-                    },
-                )) if Some(id) == query => return (saw_protocol, providers),
-                _ => {}
-            }
-        }
-    };
-    let (saw_protocol, providers) = tokio::time::timeout(CONVERGENCE_TIMEOUT, run)
-        .await
-        .unwrap();
-    assert!(saw_protocol, "identify lists /ollamacron/kad/1.0.0");
+    // The node announces our Kademlia protocol to any libp2p peer…
+    let report = probe(addr.clone(), CONVERGENCE_TIMEOUT).await.unwrap();
+    assert!(
+        report
+            .protocols
+            .iter()
+            .any(|p| p.as_ref() == "/ollamacron/kad/1.0.0"),
+        "identify lists /ollamacron/kad/1.0.0: {:?}",
+        report.protocols
+    );
+    // …and a plain rust-libp2p Kademlia peer finds it as a provider of the
+    // namespace key computed from the wire contract alone.
+    let kad_peer = KadPeer::start("/probe/1.0.0").await.unwrap();
+    kad_peer.dial(addr).await.unwrap();
+    let providers = eventually_within(
+        CONVERGENCE_TIMEOUT,
+        "the node as a namespace provider",
+        || async {
+            let found = kad_peer.providers(contract_namespace_key()).await.ok()?;
+            found.contains(&node.peer_id()).then_some(found)
+        },
+    )
+    .await
+    .unwrap();
     assert!(providers.contains(&node.peer_id()), "{providers:?}");
     node.shutdown().await.unwrap();
 }

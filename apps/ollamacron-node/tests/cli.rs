@@ -399,27 +399,21 @@ fn a_service_registered_through_the_cli_is_found_from_another_node() {
         text(&peers.stdout)
     );
 
-    let gone = node(
-        &[
-            "services",
-            "unregister",
-            "llama3:8b",
-            "--api-listen",
-            &api_a,
-        ],
-        dir_a.path(),
-    );
+    let unregister = || {
+        node(
+            &[
+                "services",
+                "unregister",
+                "llama3:8b",
+                "--api-listen",
+                &api_a,
+            ],
+            dir_a.path(),
+        )
+    };
+    let gone = unregister();
     assert!(gone.status.success(), "{}", text(&gone.stderr));
-    let again = node(
-        &[
-            "services",
-            "unregister",
-            "llama3:8b",
-            "--api-listen",
-            &api_a,
-        ],
-        dir_a.path(),
-    );
+    let again = unregister();
     assert_eq!(again.status.code(), Some(1));
     assert!(
         text(&again.stderr).contains("no local service with id `llama3:8b`"),
