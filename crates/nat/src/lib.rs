@@ -1,0 +1,644 @@
+#![doc = include_str!("../README.md")]
+
+mod config;
+mod inner;
+mod reservations;
+
+use std::collections::VecDeque;
+use std::fmt;
+use std::pin::Pin;
+use std::task::{Context, Poll};
+use std::time::Duration;
+
+use libp2p::core::transport::PortUse;
+use libp2p::core::{Endpoint, Multiaddr};
+use libp2p::multiaddr::Protocol;
+use libp2p::swarm::{
+    ConnectionDenied, ConnectionId, FromSwarm, ListenOpts, NetworkBehaviour, THandler,
+    THandlerInEvent, THandlerOutEvent, ToSwarm,
+};
+use libp2p::{PeerId, autonat, dcutr, relay, upnp};
+use tokio::time::{Instant, Sleep};
+
+pub use config::{NatConfig, RelayLimits};
+use inner::{Inner, InnerEvent};
+use reservations::{ReservationAction, Reservations};
+
+/// The protocol a relay server speaks (circuit relay v2 "hop"); a peer that
+/// lists it in identify can be reserved on.
+pub const RELAY_HOP_PROTOCOL: libp2p::StreamProtocol = relay::HOP_PROTOCOL_NAME;
+
+/// Whether peers can dial this node directly.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum Reachability {
+    /// Peers can dial us (AutoNAT dial-backs succeed, or forced).
+    Public,
+    /// Peers cannot dial us: behind NAT or a firewall (or forced).
+    Private,
+    /// Not known yet.
+    Unknown,
+}
+
+impl Reachability {
+    /// `public`, `private` or `unknown`.
+    #[must_use]
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Self::Public => "public",
+            Self::Private => "private",
+            Self::Unknown => "unknown",
+        }
+    }
+}
+
+impl fmt::Display for Reachability {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(self.as_str())
+    }
+}
+
+/// Whether an address goes through a relay (`/p2p-circuit`).
+#[must_use]
+pub fn is_relayed(address: &Multiaddr) -> bool {
+    address.iter().any(|p| p == Protocol::P2pCircuit)
+}
+
+/// What the NAT behaviour reports.
+#[derive(Debug)]
+pub enum NatEvent {
+    /// Our reachability changed (detected by AutoNAT).
+    ReachabilityChanged {
+        /// The new value.
+        reachability: Reachability,
+        /// The address a peer dialed us back on, when public.
+        address: Option<Multiaddr>,
+    },
+    /// We asked a relay for a reservation.
+    ReservationRequested {
+        /// The relay.
+        relay: PeerId,
+        /// Its address.
+        address: Multiaddr,
+    },
+    /// A relay accepted (or renewed) our reservation: peers can reach us
+    /// through it.
+    ReservationAccepted {
+        /// The relay.
+        relay: PeerId,
+        /// A renewal of an existing reservation.
+        renewal: bool,
+    },
+    /// A reservation was refused, expired or lost with the relay.
+    ReservationClosed {
+        /// The relay.
+        relay: PeerId,
+        /// Why, when it was an error.
+        reason: Option<String>,
+        /// When we try again; `None` when a discovered relay was given up.
+        retry_in: Option<Duration>,
+    },
+    /// A connection through a relay was established.
+    RelayedConnection {
+        /// The peer at the other end (inbound) or the relay (outbound).
+        peer: PeerId,
+        /// Someone dialed us through our reservation.
+        inbound: bool,
+    },
+    /// DCUtR tried to turn a relayed connection into a direct one.
+    HolePunch {
+        /// The peer.
+        peer: PeerId,
+        /// The direct connection, or why there is none.
+        result: Result<ConnectionId, String>,
+    },
+    /// What our relay server did for others.
+    RelayServer(RelayServerEvent),
+    /// UPnP mapped a port on the gateway.
+    PortMapped {
+        /// Our listen address.
+        local: Multiaddr,
+        /// The gateway's address that forwards to it.
+        external: Multiaddr,
+    },
+    /// A UPnP mapping could not be renewed.
+    PortMappingExpired {
+        /// The gateway's address that no longer forwards.
+        external: Multiaddr,
+    },
+    /// UPnP could not map ports.
+    PortMappingUnavailable {
+        /// Why.
+        reason: &'static str,
+    },
+}
+
+/// What a relay server did.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum RelayServerEvent {
+    /// A peer got (or renewed) a reservation.
+    ReservationAccepted {
+        /// The peer.
+        peer: PeerId,
+        /// It renewed one it held.
+        renewed: bool,
+    },
+    /// A reservation was refused (a limit, or the rate limiter).
+    ReservationDenied {
+        /// The peer.
+        peer: PeerId,
+        /// The status sent back.
+        status: String,
+    },
+    /// A reservation ended (expired or its connection closed).
+    ReservationEnded {
+        /// The peer.
+        peer: PeerId,
+    },
+    /// A circuit between two peers was opened.
+    CircuitAccepted {
+        /// Who asked.
+        src: PeerId,
+        /// Who it reaches.
+        dst: PeerId,
+    },
+    /// A circuit was refused.
+    CircuitDenied {
+        /// Who asked.
+        src: PeerId,
+        /// Who it would reach.
+        dst: PeerId,
+        /// The status sent back.
+        status: String,
+    },
+    /// A circuit closed.
+    CircuitClosed {
+        /// Who asked.
+        src: PeerId,
+        /// Who it reached.
+        dst: PeerId,
+    },
+    /// The relay protocol is now offered (`true`, we are public) or not.
+    Serving(bool),
+}
+
+/// AutoNAT, circuit relay v2 (server and client), DCUtR and UPnP as one
+/// behaviour, with reachability tracking and automatic relay reservations
+/// while private.
+///
+/// Build it with [`Behaviour::new`], which also returns the relay client
+/// transport to put in front of the node's transport.
+pub struct Behaviour {
+    inner: Inner,
+    forced: Option<Reachability>,
+    reachability: Reachability,
+    auto_relay: bool,
+    reservations: Reservations,
+    retry: Option<Pin<Box<Sleep>>>,
+    retry_at: Option<Instant>,
+    queued: VecDeque<ToSwarm<NatEvent, THandlerInEvent<Inner>>>,
+}
+
+impl fmt::Debug for Behaviour {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("Behaviour")
+            .field("reachability", &self.reachability)
+            .field("forced", &self.forced)
+            .field("reservations", &self.reservations)
+            .finish_non_exhaustive()
+    }
+}
+
+impl Behaviour {
+    /// The behaviour and the relay client transport. Combine the transport
+    /// with the node's own (`relay_transport.or_transport(…)`, upgraded
+    /// with the same security and muxer) so `/p2p-circuit` addresses can be
+    /// dialed and listened on.
+    #[must_use]
+    pub fn new(local_peer: PeerId, config: &NatConfig) -> (Self, relay::client::Transport) {
+        let (relay_transport, relay_client) = relay::client::new(local_peer);
+        (
+            Self::with_relay_client(local_peer, config, relay_client),
+            relay_transport,
+        )
+    }
+
+    /// The behaviour around a relay client made elsewhere (as
+    /// `SwarmBuilder::with_relay_client` does).
+    #[must_use]
+    pub fn with_relay_client(
+        local_peer: PeerId,
+        config: &NatConfig,
+        relay_client: relay::client::Behaviour,
+    ) -> Self {
+        let autonat = autonat::Behaviour::new(
+            local_peer,
+            autonat::Config {
+                timeout: config.autonat_timeout,
+                boot_delay: config.autonat_boot_delay,
+                retry_interval: config.autonat_retry_interval,
+                refresh_interval: config.autonat_refresh_interval,
+                only_global_ips: config.autonat_only_global_ips,
+                ..autonat::Config::default()
+            },
+        );
+        let relay_server = config.relay_server.map(|limits| {
+            let mut server = relay::Behaviour::new(local_peer, limits.to_relay_config());
+            // Offered only while we are public, which we decide below.
+            server.set_status(Some(relay::Status::Disable));
+            server
+        });
+        let inner = Inner {
+            autonat,
+            relay_server: relay_server.into(),
+            relay_client,
+            dcutr: config
+                .hole_punch
+                .then(|| dcutr::Behaviour::new(local_peer))
+                .into(),
+            upnp: config.upnp.then(upnp::tokio::Behaviour::default).into(),
+        };
+        let mut behaviour = Self {
+            inner,
+            forced: config.force_reachability,
+            reachability: Reachability::Unknown,
+            auto_relay: config.auto_relay,
+            reservations: Reservations::new(
+                &config.relay_nodes,
+                config.max_discovered_relays,
+                config.max_discovered_relay_failures,
+                config.reservation_backoff_initial,
+                config.reservation_backoff_max,
+            ),
+            retry: None,
+            retry_at: None,
+            queued: VecDeque::new(),
+        };
+        if let Some(forced) = config.force_reachability {
+            behaviour.apply(forced);
+        }
+        behaviour
+    }
+
+    /// Our reachability: forced, detected, or unknown.
+    #[must_use]
+    pub fn reachability(&self) -> Reachability {
+        self.reachability
+    }
+
+    /// Whether the reachability is forced by configuration.
+    #[must_use]
+    pub fn is_forced(&self) -> bool {
+        self.forced.is_some()
+    }
+
+    /// Relays holding an accepted reservation of ours.
+    #[must_use]
+    pub fn active_relays(&self) -> Vec<PeerId> {
+        self.reservations.active()
+    }
+
+    /// Whether we offer relay service right now.
+    #[must_use]
+    pub fn is_relaying(&self) -> bool {
+        self.inner.relay_server.is_enabled() && self.reachability == Reachability::Public
+    }
+
+    /// A connected peer speaks [`RELAY_HOP_PROTOCOL`]: it may be reserved
+    /// on when no relay is configured. The first address that is not
+    /// itself relayed is used.
+    pub fn add_relay_candidate(&mut self, peer: PeerId, addresses: &[Multiaddr]) {
+        if let Some(address) = addresses.iter().find(|a| !is_relayed(a)) {
+            self.reservations.add_candidate(peer, address.clone());
+        }
+    }
+
+    /// Set the reachability and act on it: relay service only while
+    /// public, reservations only while private.
+    fn apply(&mut self, reachability: Reachability) {
+        self.reachability = reachability;
+        if let Some(server) = self.inner.relay_server.as_mut() {
+            let serve = reachability == Reachability::Public;
+            server.set_status(Some(if serve {
+                relay::Status::Enable
+            } else {
+                relay::Status::Disable
+            }));
+        }
+        let wanted = self.auto_relay && reachability == Reachability::Private;
+        for action in self.reservations.set_wanted(wanted) {
+            if let ReservationAction::Close { id } = action {
+                self.queued.push_back(ToSwarm::RemoveListener { id });
+            }
+        }
+    }
+
+    fn emit(&mut self, event: NatEvent) {
+        self.queued.push_back(ToSwarm::GenerateEvent(event));
+    }
+
+    fn on_inner(&mut self, event: InnerEvent) {
+        match event {
+            InnerEvent::Autonat(autonat::Event::StatusChanged { old, new }) => {
+                tracing::debug!(?old, ?new, "AutoNAT status changed");
+                if self.forced.is_some() {
+                    return;
+                }
+                let (reachability, address) = match new {
+                    autonat::NatStatus::Public(address) => (Reachability::Public, Some(address)),
+                    autonat::NatStatus::Private => (Reachability::Private, None),
+                    autonat::NatStatus::Unknown => (Reachability::Unknown, None),
+                };
+                if reachability != self.reachability {
+                    self.apply(reachability);
+                    self.emit(NatEvent::ReachabilityChanged {
+                        reachability,
+                        address,
+                    });
+                }
+            }
+            InnerEvent::Autonat(autonat::Event::OutboundProbe(probe)) => {
+                tracing::debug!(?probe, "AutoNAT probe");
+            }
+            InnerEvent::Autonat(autonat::Event::InboundProbe(probe)) => {
+                tracing::debug!(?probe, "AutoNAT probe from a peer");
+            }
+            InnerEvent::RelayServer(event) => {
+                if let Some(event) = server_event(event) {
+                    self.emit(NatEvent::RelayServer(event));
+                }
+            }
+            InnerEvent::RelayClient(relay::client::Event::ReservationReqAccepted {
+                relay_peer_id,
+                renewal,
+                ..
+            }) => {
+                self.reservations.accepted(&relay_peer_id);
+                self.emit(NatEvent::ReservationAccepted {
+                    relay: relay_peer_id,
+                    renewal,
+                });
+            }
+            InnerEvent::RelayClient(relay::client::Event::OutboundCircuitEstablished {
+                relay_peer_id,
+                ..
+            }) => self.emit(NatEvent::RelayedConnection {
+                peer: relay_peer_id,
+                inbound: false,
+            }),
+            InnerEvent::RelayClient(relay::client::Event::InboundCircuitEstablished {
+                src_peer_id,
+                ..
+            }) => self.emit(NatEvent::RelayedConnection {
+                peer: src_peer_id,
+                inbound: true,
+            }),
+            InnerEvent::Dcutr(dcutr::Event {
+                remote_peer_id,
+                result,
+            }) => self.emit(NatEvent::HolePunch {
+                peer: remote_peer_id,
+                result: result.map_err(|e| e.to_string()),
+            }),
+            InnerEvent::Upnp(event) => match event {
+                upnp::Event::NewExternalAddr {
+                    local_addr,
+                    external_addr,
+                } => self.emit(NatEvent::PortMapped {
+                    local: local_addr,
+                    external: external_addr,
+                }),
+                upnp::Event::ExpiredExternalAddr { external_addr, .. } => {
+                    self.emit(NatEvent::PortMappingExpired {
+                        external: external_addr,
+                    });
+                }
+                upnp::Event::GatewayNotFound => self.emit(NatEvent::PortMappingUnavailable {
+                    reason: "no UPnP gateway answered on the local network",
+                }),
+                upnp::Event::NonRoutableGateway => {
+                    self.emit(NatEvent::PortMappingUnavailable {
+                        reason: "the UPnP gateway is itself behind another NAT",
+                    });
+                }
+            },
+        }
+    }
+
+    /// Open circuit listeners the reservations call for; arm the retry timer.
+    fn drive_reservations(&mut self) {
+        let now = Instant::now();
+        let (actions, next) = self.reservations.poll_actions(now);
+        for action in actions {
+            match action {
+                ReservationAction::Listen { relay, address } => {
+                    let opts = ListenOpts::new(address.clone().with(Protocol::P2pCircuit));
+                    self.reservations.listening(&relay, opts.listener_id());
+                    tracing::debug!(%relay, %address, "requesting a relay reservation");
+                    self.queued.push_back(ToSwarm::ListenOn { opts });
+                    self.emit(NatEvent::ReservationRequested { relay, address });
+                }
+                ReservationAction::Close { id } => {
+                    self.queued.push_back(ToSwarm::RemoveListener { id });
+                }
+            }
+        }
+        if next != self.retry_at {
+            self.retry_at = next;
+            self.retry = next.map(|at| Box::pin(tokio::time::sleep_until(at)));
+        }
+    }
+}
+
+/// The relay server events worth reporting (the deprecated ones are logged
+/// by libp2p itself).
+#[allow(deprecated)]
+fn server_event(event: relay::Event) -> Option<RelayServerEvent> {
+    Some(match event {
+        relay::Event::ReservationReqAccepted {
+            src_peer_id,
+            renewed,
+        } => RelayServerEvent::ReservationAccepted {
+            peer: src_peer_id,
+            renewed,
+        },
+        relay::Event::ReservationReqDenied {
+            src_peer_id,
+            status,
+        } => RelayServerEvent::ReservationDenied {
+            peer: src_peer_id,
+            status: format!("{status:?}"),
+        },
+        relay::Event::ReservationClosed { src_peer_id }
+        | relay::Event::ReservationTimedOut { src_peer_id } => {
+            RelayServerEvent::ReservationEnded { peer: src_peer_id }
+        }
+        relay::Event::CircuitReqAccepted {
+            src_peer_id,
+            dst_peer_id,
+        } => RelayServerEvent::CircuitAccepted {
+            src: src_peer_id,
+            dst: dst_peer_id,
+        },
+        relay::Event::CircuitReqDenied {
+            src_peer_id,
+            dst_peer_id,
+            status,
+        } => RelayServerEvent::CircuitDenied {
+            src: src_peer_id,
+            dst: dst_peer_id,
+            status: format!("{status:?}"),
+        },
+        relay::Event::CircuitClosed {
+            src_peer_id,
+            dst_peer_id,
+            ..
+        } => RelayServerEvent::CircuitClosed {
+            src: src_peer_id,
+            dst: dst_peer_id,
+        },
+        relay::Event::StatusChanged { status } => {
+            RelayServerEvent::Serving(status == relay::Status::Enable)
+        }
+        _ => return None,
+    })
+}
+
+impl NetworkBehaviour for Behaviour {
+    type ConnectionHandler = THandler<Inner>;
+    type ToSwarm = NatEvent;
+
+    fn handle_pending_inbound_connection(
+        &mut self,
+        connection_id: ConnectionId,
+        local_addr: &Multiaddr,
+        remote_addr: &Multiaddr,
+    ) -> Result<(), ConnectionDenied> {
+        self.inner
+            .handle_pending_inbound_connection(connection_id, local_addr, remote_addr)
+    }
+
+    fn handle_established_inbound_connection(
+        &mut self,
+        connection_id: ConnectionId,
+        peer: PeerId,
+        local_addr: &Multiaddr,
+        remote_addr: &Multiaddr,
+    ) -> Result<THandler<Self>, ConnectionDenied> {
+        self.inner.handle_established_inbound_connection(
+            connection_id,
+            peer,
+            local_addr,
+            remote_addr,
+        )
+    }
+
+    fn handle_pending_outbound_connection(
+        &mut self,
+        connection_id: ConnectionId,
+        maybe_peer: Option<PeerId>,
+        addresses: &[Multiaddr],
+        effective_role: Endpoint,
+    ) -> Result<Vec<Multiaddr>, ConnectionDenied> {
+        self.inner.handle_pending_outbound_connection(
+            connection_id,
+            maybe_peer,
+            addresses,
+            effective_role,
+        )
+    }
+
+    fn handle_established_outbound_connection(
+        &mut self,
+        connection_id: ConnectionId,
+        peer: PeerId,
+        addr: &Multiaddr,
+        role_override: Endpoint,
+        port_use: PortUse,
+    ) -> Result<THandler<Self>, ConnectionDenied> {
+        self.inner.handle_established_outbound_connection(
+            connection_id,
+            peer,
+            addr,
+            role_override,
+            port_use,
+        )
+    }
+
+    fn on_swarm_event(&mut self, event: FromSwarm<'_>) {
+        match &event {
+            FromSwarm::ListenerClosed(closed) => {
+                if let Some((relay, retry_in)) =
+                    self.reservations.closed(closed.listener_id, Instant::now())
+                {
+                    let reason = closed.reason.err().map(|e| error_chain(e));
+                    self.emit(NatEvent::ReservationClosed {
+                        relay,
+                        reason,
+                        retry_in,
+                    });
+                }
+            }
+            FromSwarm::ConnectionClosed(closed) if closed.remaining_established == 0 => {
+                self.reservations.remove_candidate(&closed.peer_id);
+            }
+            _ => {}
+        }
+        self.inner.on_swarm_event(event);
+    }
+
+    fn on_connection_handler_event(
+        &mut self,
+        peer: PeerId,
+        connection_id: ConnectionId,
+        event: THandlerOutEvent<Self>,
+    ) {
+        self.inner
+            .on_connection_handler_event(peer, connection_id, event);
+    }
+
+    fn poll(
+        &mut self,
+        cx: &mut Context<'_>,
+    ) -> Poll<ToSwarm<Self::ToSwarm, THandlerInEvent<Self>>> {
+        loop {
+            if let Some(event) = self.queued.pop_front() {
+                return Poll::Ready(event);
+            }
+            if let Some(retry) = self.retry.as_mut()
+                && retry.as_mut().poll(cx).is_ready()
+            {
+                self.retry = None;
+                self.retry_at = None;
+            }
+            self.drive_reservations();
+            if let Some(retry) = self.retry.as_mut() {
+                // Register the waker for the (possibly new) deadline.
+                let _ = retry.as_mut().poll(cx);
+            }
+            if !self.queued.is_empty() {
+                continue;
+            }
+            match self.inner.poll(cx) {
+                Poll::Ready(ToSwarm::GenerateEvent(event)) => self.on_inner(event),
+                Poll::Ready(other) => {
+                    return Poll::Ready(other.map_out(|_| {
+                        unreachable!("generated events are matched in the arm above")
+                    }));
+                }
+                Poll::Pending => return Poll::Pending,
+            }
+        }
+    }
+}
+
+/// An error with its sources, `a: b: c`.
+fn error_chain(e: &dyn std::error::Error) -> String {
+    let mut out = e.to_string();
+    let mut source = e.source();
+    while let Some(s) = source {
+        out.push_str(": ");
+        out.push_str(&s.to_string());
+        source = s.source();
+    }
+    out
+}
