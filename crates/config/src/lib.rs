@@ -1,6 +1,7 @@
 #![doc = include_str!("../README.md")]
 
 mod load;
+mod network_key;
 mod service;
 mod size;
 mod template;
@@ -14,13 +15,14 @@ use libp2p::{Multiaddr, PeerId};
 use serde::{Deserialize, Serialize};
 
 pub use load::{ConfigError, ConfigLoader, ENV_PREFIX, Origin, RESERVED_ENV_VARS};
+pub use network_key::{NetworkKeyError, read_network_key, write_new_network_key};
 pub use service::{ScoreWeightsConfig, ServiceConfig};
 pub use size::{ByteSize, ByteSizeParseError};
 pub use template::{default_config_yaml, field_docs};
 pub use validate::{
     MAX_CPU_CORES, MAX_DHT_VALUE_SIZE, MAX_DURATION, MAX_LABEL_BYTES, MAX_RECORD_COUNT_LIMIT,
     MAX_RECORD_TTL, MAX_SHUTDOWN_TIMEOUT, MAX_TAGS, MIN_DHT_VALUE_SIZE, MIN_MAX_MEMORY,
-    MIN_PROBE_INTERVAL, MIN_RECORD_SIZE, MIN_RECORD_STRING_LENGTH, MIN_RECORD_TTL,
+    MIN_PROBE_INTERVAL, MIN_RECORD_SIZE, MIN_RECORD_STRING_LENGTH, MIN_RECORD_TTL, MIN_RELAY_CIRCUIT_BYTES,
     MIN_TIMER_INTERVAL, ValidationError,
 };
 
@@ -30,6 +32,8 @@ pub const DEFAULT_P2P_PORT: u16 = 11436;
 pub const DEFAULT_API_PORT: u16 = 11437;
 /// Name of the identity key file inside the data directory.
 pub const IDENTITY_FILE_NAME: &str = "identity.key";
+/// Name of the network key file inside the data directory.
+pub const NETWORK_KEY_FILE_NAME: &str = "swarm.key";
 
 /// The whole configuration of one node.
 ///
@@ -108,6 +112,28 @@ pub struct NodeConfig {
     pub enable_auto_relay: bool,
     /// Skip reachability detection and assume this value.
     pub force_reachability: Option<Reachability>,
+    /// AutoNAT dials back (and asks) only global IP addresses. Turn off
+    /// where the "internet" side uses private or documentation addresses
+    /// (test networks, a NAT inside a larger private network).
+    pub autonat_only_global_ips: bool,
+    /// Ask the local gateway for port mappings with UPnP.
+    pub enable_upnp: bool,
+    /// Relay service: most reservations held at once (more are refused).
+    pub relay_max_reservations: u32,
+    /// Relay service: most reservations one peer may hold.
+    pub relay_max_reservations_per_peer: u32,
+    /// Relay service: how long a reservation lasts before it must be renewed.
+    #[serde(with = "duration")]
+    pub relay_reservation_duration: Duration,
+    /// Relay service: most relayed circuits open at once.
+    pub relay_max_circuits: u32,
+    /// Relay service: most relayed circuits one peer may have open.
+    pub relay_max_circuits_per_peer: u32,
+    /// Relay service: a circuit is closed after this long.
+    #[serde(with = "duration")]
+    pub relay_max_circuit_duration: Duration,
+    /// Relay service: a circuit is closed after this many bytes each way.
+    pub relay_max_circuit_bytes: ByteSize,
     /// Also offer WebSocket (TCP) transport; `/ws` listen addresses need it.
     pub enable_websocket: bool,
     /// Connection trimming keeps at least this many connections.
@@ -127,8 +153,15 @@ pub struct NodeConfig {
     pub enable_tls: bool,
     /// Offer Noise on TCP.
     pub enable_noise: bool,
-    /// Admit only peers holding the network key or on the allow-list.
+    /// A private network: admit only peers holding the pre-shared network
+    /// key at `psk_path` (TCP only; QUIC cannot carry it).
     pub require_auth: bool,
+    /// The network key (libp2p pnet format); `None` means
+    /// `<data_dir>/swarm.key`. Create one with `ollamacron-node init --psk`.
+    pub psk_path: Option<PathBuf>,
+    /// When not empty, only these peer ids may connect (both ways); other
+    /// peers are disconnected right after the handshake.
+    pub allowed_peers: Vec<String>,
     /// Refuse new connections while the process uses more memory than this.
     pub max_memory: Option<ByteSize>,
     /// Number of CPU cores (runtime worker threads) the node may use.
@@ -223,6 +256,15 @@ impl Default for NodeConfig {
             enable_hole_punch: true,
             enable_auto_relay: true,
             force_reachability: None,
+            autonat_only_global_ips: true,
+            enable_upnp: false,
+            relay_max_reservations: 128,
+            relay_max_reservations_per_peer: 4,
+            relay_reservation_duration: Duration::from_secs(60 * 60),
+            relay_max_circuits: 16,
+            relay_max_circuits_per_peer: 4,
+            relay_max_circuit_duration: Duration::from_secs(2 * 60),
+            relay_max_circuit_bytes: ByteSize::from_bytes(1 << 20),
             enable_websocket: false,
             conn_mgr_low: 100,
             conn_mgr_high: 400,
@@ -232,6 +274,8 @@ impl Default for NodeConfig {
             enable_tls: true,
             enable_noise: true,
             require_auth: false,
+            psk_path: None,
+            allowed_peers: Vec::new(),
             max_memory: None,
             max_cpu: None,
             max_bandwidth: None,
@@ -297,6 +341,24 @@ impl NodeConfig {
         self.private_key_path
             .clone()
             .unwrap_or_else(|| self.data_dir().join(IDENTITY_FILE_NAME))
+    }
+
+    /// The network key file: `psk_path` when set, else
+    /// `<data_dir>/swarm.key`.
+    #[must_use]
+    pub fn psk_path(&self) -> PathBuf {
+        self.psk_path
+            .clone()
+            .unwrap_or_else(|| self.data_dir().join(NETWORK_KEY_FILE_NAME))
+    }
+
+    /// The allowed peer ids, parsed (validation guarantees they parse).
+    #[must_use]
+    pub fn allowed_peer_ids(&self) -> Vec<PeerId> {
+        self.allowed_peers
+            .iter()
+            .filter_map(|s| s.parse().ok())
+            .collect()
     }
 
     /// The expected peer id, parsed (validation guarantees it parses).

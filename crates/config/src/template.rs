@@ -76,7 +76,7 @@ const FIELD_DOCS: &[(&str, &str, Option<&str>)] = &[
     ),
     (
         "dht_mode",
-        "Kademlia mode: auto (server unless force_reachability is private), server or client.",
+        "Kademlia mode: auto (server while reachable or unknown, client while private, detected or forced), server or client.",
         None,
     ),
     (
@@ -117,7 +117,7 @@ const FIELD_DOCS: &[(&str, &str, Option<&str>)] = &[
     ),
     (
         "enable_nat_service",
-        "Offer AutoNAT checks and relaying to other peers.",
+        "Relay traffic (circuit relay v2) for peers behind NAT while this node is public (node_type: relay does too). Every node answers AutoNAT probes regardless.",
         None,
     ),
     (
@@ -132,8 +132,53 @@ const FIELD_DOCS: &[(&str, &str, Option<&str>)] = &[
     ),
     (
         "force_reachability",
-        "Skip reachability detection: public or private. Unset: detect.",
+        "Skip reachability detection (AutoNAT): public or private. Unset: detect.",
         Some("private"),
+    ),
+    (
+        "autonat_only_global_ips",
+        "AutoNAT dials back, and asks, only global IP addresses. Turn off where the internet side uses private or documentation addresses (test networks, NAT inside a larger private network).",
+        None,
+    ),
+    (
+        "enable_upnp",
+        "Ask the local gateway for port mappings with UPnP (a failure is logged, not fatal).",
+        None,
+    ),
+    (
+        "relay_max_reservations",
+        "Relay service: most reservations held at once; more are refused, never queued.",
+        None,
+    ),
+    (
+        "relay_max_reservations_per_peer",
+        "Relay service: most reservations one peer may hold.",
+        None,
+    ),
+    (
+        "relay_reservation_duration",
+        "Relay service: how long a reservation lasts before the peer must renew it.",
+        None,
+    ),
+    (
+        "relay_max_circuits",
+        "Relay service: most relayed connections open at once.",
+        None,
+    ),
+    (
+        "relay_max_circuits_per_peer",
+        "Relay service: most relayed connections one peer may have open.",
+        None,
+    ),
+    (
+        "relay_max_circuit_duration",
+        "Relay service: a relayed connection is closed after this long (hole punching usually replaces it first).",
+        None,
+    ),
+    (
+        "relay_max_circuit_bytes",
+        "Relay service: a relayed connection is closed after this many bytes each way.",
+        None,
     ),
     ("enable_websocket", "Also offer WebSocket over TCP.", None),
     (
@@ -169,8 +214,18 @@ const FIELD_DOCS: &[(&str, &str, Option<&str>)] = &[
     ),
     (
         "require_auth",
-        "Admit only peers holding the network key or on the allow-list (not supported yet: must be false).",
+        "A private network: admit only peers holding the network key at psk_path, checked before any other protocol runs. TCP only: QUIC addresses are refused while it is on.",
         None,
+    ),
+    (
+        "psk_path",
+        "The network key (libp2p pnet format), made by `ollamacron-node init --psk FILE`. Unset: <data_dir>/swarm.key.",
+        Some("/etc/ollamacron/swarm.key"),
+    ),
+    (
+        "allowed_peers",
+        "When not empty, only these peer ids may connect, either way; others are disconnected right after the handshake (and counted). Must include the bootstrap and relay peers.",
+        Some("[12D3KooW...]"),
     ),
     (
         "max_memory",

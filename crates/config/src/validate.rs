@@ -37,6 +37,9 @@ pub const MIN_RECORD_SIZE: ByteSize = ByteSize::from_bytes(1024);
 pub const MIN_RECORD_STRING_LENGTH: u32 = 64;
 /// Largest `max_services_per_record`, `max_string_length` and `max_list_items`.
 pub const MAX_RECORD_COUNT_LIMIT: u32 = 4096;
+/// Smallest accepted `relay_max_circuit_bytes`: room for the handshakes
+/// before DCUtR upgrades a relayed connection.
+pub const MIN_RELAY_CIRCUIT_BYTES: ByteSize = ByteSize::from_bytes(16 * 1024);
 /// Longest accepted `shutdown_timeout`.
 pub const MAX_SHUTDOWN_TIMEOUT: Duration = Duration::from_secs(600);
 
@@ -180,6 +183,16 @@ impl NodeConfig {
                 MIN_TIMER_INTERVAL,
             ),
             ("dial_timeout", self.dial_timeout, MIN_TIMER_INTERVAL),
+            (
+                "relay_reservation_duration",
+                self.relay_reservation_duration,
+                MIN_PROBE_INTERVAL,
+            ),
+            (
+                "relay_max_circuit_duration",
+                self.relay_max_circuit_duration,
+                MIN_PROBE_INTERVAL,
+            ),
             ("conn_mgr_grace", self.conn_mgr_grace, Duration::ZERO),
             ("ping_interval", self.ping_interval, MIN_PROBE_INTERVAL),
             (
@@ -245,12 +258,84 @@ impl NodeConfig {
             );
         }
         if self.require_auth {
+            let path = self.psk_path();
+            if let Err(e) = crate::read_network_key(&path) {
+                fail(
+                    "psk_path",
+                    &path.display(),
+                    format!("must hold the network key when require_auth is on: {e}"),
+                );
+            }
+            for (name, list) in [
+                ("listen", &self.listen),
+                ("bootstrap", &self.bootstrap),
+                ("relay_nodes", &self.relay_nodes),
+            ] {
+                for (i, addr) in list.iter().enumerate() {
+                    if addr.iter().any(|p| matches!(p, Protocol::QuicV1 | Protocol::Quic)) {
+                        fail(
+                            &format!("{name}[{i}]"),
+                            addr,
+                            "is QUIC, which cannot carry the network key of require_auth (a \
+                             private network protects TCP only); use a /tcp/ address"
+                                .to_owned(),
+                        );
+                    }
+                }
+            }
+        }
+        let mut allowed = std::collections::HashSet::new();
+        for (i, id) in self.allowed_peers.iter().enumerate() {
+            match id.parse::<PeerId>() {
+                Ok(peer) => {
+                    allowed.insert(peer);
+                }
+                Err(e) => fail(
+                    &format!("allowed_peers[{i}]"),
+                    id,
+                    format!("is not a peer id ({e}); use the base58 id `ollamacron-node id` prints"),
+                ),
+            }
+        }
+        if !allowed.is_empty() {
+            for (name, list) in [
+                ("bootstrap", &self.bootstrap),
+                ("relay_nodes", &self.relay_nodes),
+            ] {
+                for (i, addr) in list.iter().enumerate() {
+                    if let Some(Protocol::P2p(peer)) = addr.iter().last()
+                        && !allowed.contains(&peer)
+                    {
+                        fail(
+                            &format!("{name}[{i}]"),
+                            addr,
+                            format!(
+                                "names a peer that is not in allowed_peers, so it would be \
+                                 disconnected; add {peer} to allowed_peers"
+                            ),
+                        );
+                    }
+                }
+            }
+        }
+        for (name, value) in [
+            ("relay_max_reservations", self.relay_max_reservations),
+            (
+                "relay_max_reservations_per_peer",
+                self.relay_max_reservations_per_peer,
+            ),
+            ("relay_max_circuits", self.relay_max_circuits),
+            ("relay_max_circuits_per_peer", self.relay_max_circuits_per_peer),
+        ] {
+            if value == 0 {
+                fail(name, &0, "must be at least 1".to_owned());
+            }
+        }
+        if self.relay_max_circuit_bytes < MIN_RELAY_CIRCUIT_BYTES {
             fail(
-                "require_auth",
-                &true,
-                "needs a network key (`psk_path`) or an allow-list (`allowed_peers`), which this \
-                 version does not support yet; set it to false"
-                    .to_owned(),
+                "relay_max_circuit_bytes",
+                &self.relay_max_circuit_bytes,
+                format!("must be at least {MIN_RELAY_CIRCUIT_BYTES}"),
             );
         }
 

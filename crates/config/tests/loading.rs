@@ -292,9 +292,71 @@ fn rule_node_id_is_a_peer_id() {
 }
 
 #[test]
-fn rule_require_auth_is_refused_until_supported() {
-    let errors = rule_errors("require_auth: true\n");
-    assert!(errors[0].starts_with("require_auth (true)"), "{errors:?}");
+fn rule_require_auth_needs_a_readable_key_and_no_quic() {
+    let dir = tempfile::tempdir().unwrap();
+    let missing = dir.path().join("missing.key");
+    let errors = rule_errors(&format!(
+        "require_auth: true\npsk_path: {}\nlisten: [/ip4/0.0.0.0/tcp/0]\n",
+        missing.display()
+    ));
+    assert_eq!(errors.len(), 1, "{errors:?}");
+    assert!(
+        errors[0].starts_with(&format!("psk_path ({})", missing.display()))
+            && errors[0].contains("init --psk"),
+        "{errors:?}"
+    );
+
+    let key = dir.path().join("swarm.key");
+    ollamacron_config::write_new_network_key(&key).unwrap();
+    let errors = rule_errors(&format!(
+        "require_auth: true\npsk_path: {}\nlisten: [/ip4/0.0.0.0/tcp/0, /ip4/0.0.0.0/udp/0/quic-v1]\nbootstrap: [/ip4/192.0.2.1/udp/1/quic-v1/p2p/{PEER}]\n",
+        key.display()
+    ));
+    assert_eq!(errors.len(), 2, "{errors:?}");
+    assert!(errors[0].starts_with("listen[1] (/ip4/0.0.0.0/udp/0/quic-v1) is QUIC"), "{errors:?}");
+    assert!(errors[1].starts_with("bootstrap[0]"), "{errors:?}");
+
+    let config = load_yaml(&format!(
+        "require_auth: true\npsk_path: {}\nlisten: [/ip4/0.0.0.0/tcp/0]\n",
+        key.display()
+    ))
+    .unwrap();
+    assert_eq!(config.psk_path(), key);
+}
+
+#[test]
+fn rule_allowed_peers_are_peer_ids_and_include_bootstrap_peers() {
+    let other = "12D3KooWQYhTNQdmr3ArTeUHRYzFg94BKyTkoWBDWez9kSCVe2Xo";
+    let errors = rule_errors(&format!(
+        "allowed_peers: [bob, {other}]\nbootstrap: [/ip4/192.0.2.1/tcp/1/p2p/{PEER}]\n"
+    ));
+    assert_eq!(errors.len(), 2, "{errors:?}");
+    assert!(errors[0].starts_with("allowed_peers[0] (bob) is not a peer id"), "{errors:?}");
+    assert!(
+        errors[1].starts_with("bootstrap[0]") && errors[1].contains(&format!("add {PEER} to allowed_peers")),
+        "{errors:?}"
+    );
+    let config = load_yaml(&format!(
+        "allowed_peers: [{PEER}]\nbootstrap: [/ip4/192.0.2.1/tcp/1/p2p/{PEER}]\n"
+    ))
+    .unwrap();
+    assert_eq!(config.allowed_peer_ids().len(), 1);
+}
+
+#[test]
+fn rule_relay_limits() {
+    let errors = rule_errors(
+        "relay_max_reservations: 0\nrelay_max_circuits_per_peer: 0\nrelay_max_circuit_bytes: 1KiB\nrelay_max_circuit_duration: 10ms\n",
+    );
+    assert_eq!(
+        errors,
+        [
+            "relay_max_circuit_duration (10ms) must be at least 1s",
+            "relay_max_reservations (0) must be at least 1",
+            "relay_max_circuits_per_peer (0) must be at least 1",
+            "relay_max_circuit_bytes (1KiB) must be at least 16KiB",
+        ]
+    );
 }
 
 #[test]
