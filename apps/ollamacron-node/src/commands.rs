@@ -257,7 +257,7 @@ pub(crate) async fn peers(api: &ApiClient, output: OutputArgs) -> anyhow::Result
             let ago = now_ms.saturating_sub(p["last_seen_ms"].as_u64().unwrap_or(now_ms)) / 1000;
             vec![
                 text(&p["peer_id"]),
-                if p["connected"] == true { "yes" } else { "no" }.to_owned(),
+                text(&p["connection"]),
                 p["latency_ms"]
                     .as_f64()
                     .map_or_else(|| "-".to_owned(), |ms| format!("{ms:.1} ms")),
@@ -280,7 +280,7 @@ pub(crate) async fn peers(api: &ApiClient, output: OutputArgs) -> anyhow::Result
     print_table(
         &[
             "PEER ID",
-            "CONNECTED",
+            "CONNECTION",
             "LATENCY",
             "SOURCES",
             "LAST SEEN",

@@ -3,6 +3,7 @@
 //! ```text
 //! ollamacron-node run [--config FILE] [overrides]     start a node, run until SIGINT/SIGTERM
 //! ollamacron-node init [--config FILE] [--force]      write a commented default config
+//! ollamacron-node init --psk FILE                     write a new network key (private network)
 //! ollamacron-node id [--config FILE]                  print this node's peer id
 //! ollamacron-node config check [FILE]                 validate and print the effective config
 //! ollamacron-node status | peers [--json]             ask the running node (its local API)
@@ -45,13 +46,18 @@ struct Cli {
 enum Command {
     /// Start the node and run until SIGINT or SIGTERM.
     Run(ConfigArgs),
-    /// Write a commented default configuration file.
+    /// Write a commented default configuration file, or (with `--psk`) a
+    /// new network key for a private network.
     Init {
         #[command(flatten)]
         config: ConfigArgs,
-        /// Overwrite an existing file.
+        /// Overwrite an existing configuration file.
         #[arg(long)]
         force: bool,
+        /// Write a new random network key (pre-shared key, mode 0600) to
+        /// FILE instead of a configuration. Never overwrites a key.
+        #[arg(long, value_name = "FILE", conflicts_with = "force")]
+        psk: Option<PathBuf>,
     },
     /// Print this node's peer id (creating its key if there is none yet).
     Id(ConfigArgs),
@@ -197,7 +203,10 @@ fn main() -> ExitCode {
     let cli = Cli::parse();
     match cli.command {
         Command::Run(args) => run(&args),
-        Command::Init { config, force } => report(init(&config, force), EXIT_FAILURE),
+        Command::Init {
+            psk: Some(path), ..
+        } => report(init_network_key(&path), EXIT_FAILURE),
+        Command::Init { config, force, .. } => report(init(&config, force), EXIT_FAILURE),
         Command::Id(args) => report(print_id(&args), EXIT_FAILURE),
         Command::Config(ConfigCommand::Check { file, mut config }) => {
             if file.is_some() {
@@ -456,6 +465,24 @@ fn init(args: &ConfigArgs, force: bool) -> anyhow::Result<()> {
         "start the node with: ollamacron-node run --config {}",
         path.display()
     );
+    Ok(())
+}
+
+#[allow(clippy::print_stdout)]
+fn init_network_key(path: &std::path::Path) -> anyhow::Result<()> {
+    let key = ollamacron_config::write_new_network_key(path).map_err(|e| match e {
+        ollamacron_config::NetworkKeyError::Exists { .. } => UsageError(e.to_string()).into(),
+        other => anyhow::Error::new(other),
+    })?;
+    println!(
+        "wrote a new network key to {} (fingerprint {})",
+        path.display(),
+        key.fingerprint()
+    );
+    println!("copy it to every node of the network and set in each configuration:");
+    println!("  require_auth: true");
+    println!("  psk_path: {}", path.display());
+    println!("  listen: [/ip4/0.0.0.0/tcp/11436]   # TCP only: QUIC cannot carry the key");
     Ok(())
 }
 

@@ -266,13 +266,25 @@ impl NodeConfig {
                     format!("must hold the network key when require_auth is on: {e}"),
                 );
             }
+            if self.enable_websocket {
+                fail(
+                    "enable_websocket",
+                    &true,
+                    "cannot be combined with require_auth: WebSocket clients (browsers) cannot \
+                     do the private-network handshake; turn one of them off"
+                        .to_owned(),
+                );
+            }
             for (name, list) in [
                 ("listen", &self.listen),
                 ("bootstrap", &self.bootstrap),
                 ("relay_nodes", &self.relay_nodes),
             ] {
                 for (i, addr) in list.iter().enumerate() {
-                    if addr.iter().any(|p| matches!(p, Protocol::QuicV1 | Protocol::Quic)) {
+                    if addr
+                        .iter()
+                        .any(|p| matches!(p, Protocol::QuicV1 | Protocol::Quic))
+                    {
                         fail(
                             &format!("{name}[{i}]"),
                             addr,
@@ -293,7 +305,9 @@ impl NodeConfig {
                 Err(e) => fail(
                     &format!("allowed_peers[{i}]"),
                     id,
-                    format!("is not a peer id ({e}); use the base58 id `ollamacron-node id` prints"),
+                    format!(
+                        "is not a peer id ({e}); use the base58 id `ollamacron-node id` prints"
+                    ),
                 ),
             }
         }
@@ -325,7 +339,10 @@ impl NodeConfig {
                 self.relay_max_reservations_per_peer,
             ),
             ("relay_max_circuits", self.relay_max_circuits),
-            ("relay_max_circuits_per_peer", self.relay_max_circuits_per_peer),
+            (
+                "relay_max_circuits_per_peer",
+                self.relay_max_circuits_per_peer,
+            ),
         ] {
             if value == 0 {
                 fail(name, &0, "must be at least 1".to_owned());

@@ -313,7 +313,10 @@ fn rule_require_auth_needs_a_readable_key_and_no_quic() {
         key.display()
     ));
     assert_eq!(errors.len(), 2, "{errors:?}");
-    assert!(errors[0].starts_with("listen[1] (/ip4/0.0.0.0/udp/0/quic-v1) is QUIC"), "{errors:?}");
+    assert!(
+        errors[0].starts_with("listen[1] (/ip4/0.0.0.0/udp/0/quic-v1) is QUIC"),
+        "{errors:?}"
+    );
     assert!(errors[1].starts_with("bootstrap[0]"), "{errors:?}");
 
     let config = load_yaml(&format!(
@@ -331,9 +334,13 @@ fn rule_allowed_peers_are_peer_ids_and_include_bootstrap_peers() {
         "allowed_peers: [bob, {other}]\nbootstrap: [/ip4/192.0.2.1/tcp/1/p2p/{PEER}]\n"
     ));
     assert_eq!(errors.len(), 2, "{errors:?}");
-    assert!(errors[0].starts_with("allowed_peers[0] (bob) is not a peer id"), "{errors:?}");
     assert!(
-        errors[1].starts_with("bootstrap[0]") && errors[1].contains(&format!("add {PEER} to allowed_peers")),
+        errors[0].starts_with("allowed_peers[0] (bob) is not a peer id"),
+        "{errors:?}"
+    );
+    assert!(
+        errors[1].starts_with("bootstrap[0]")
+            && errors[1].contains(&format!("add {PEER} to allowed_peers")),
         "{errors:?}"
     );
     let config = load_yaml(&format!(

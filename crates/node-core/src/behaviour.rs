@@ -1,13 +1,18 @@
 //! The composed `NetworkBehaviour` of a node.
 
+use std::time::Duration;
+
 use libp2p::identity::Keypair;
 use libp2p::swarm::NetworkBehaviour;
 use libp2p::swarm::behaviour::toggle::Toggle;
-use libp2p::{connection_limits, gossipsub, identify, memory_connection_limits, ping};
-use ollamacron_config::{DhtMode as ConfigDhtMode, NodeConfig, Reachability};
+use libp2p::{
+    allow_block_list, connection_limits, gossipsub, identify, memory_connection_limits, ping,
+};
+use ollamacron_config::{DhtMode as ConfigDhtMode, NodeConfig, NodeType, Reachability};
 use ollamacron_discovery_bootstrap::{self as bootstrap, BootstrapConfig};
 use ollamacron_discovery_dht::{self as dht, DhtConfig, DhtMode};
 use ollamacron_discovery_mdns::{self as mdns, MdnsConfig};
+use ollamacron_nat::{self as nat, NatConfig, RelayLimits};
 
 /// Identify protocol version every Ollamacron node announces.
 pub const PROTOCOL_VERSION: &str = "/ollamacron/1.0.0";
@@ -33,6 +38,7 @@ pub fn agent_version() -> String {
 /// sees it.
 #[derive(NetworkBehaviour)]
 pub(crate) struct NodeBehaviour {
+    pub(crate) allowed_peers: Toggle<allow_block_list::Behaviour<allow_block_list::AllowedPeers>>,
     pub(crate) connection_limits: connection_limits::Behaviour,
     pub(crate) memory_limits: Toggle<memory_connection_limits::Behaviour>,
     pub(crate) identify: identify::Behaviour,
@@ -41,6 +47,41 @@ pub(crate) struct NodeBehaviour {
     pub(crate) mdns: Toggle<mdns::Behaviour>,
     pub(crate) dht: Toggle<dht::Behaviour>,
     pub(crate) gossip: Toggle<gossipsub::Behaviour>,
+    pub(crate) nat: nat::Behaviour,
+}
+
+/// Extra time an AutoNAT dial-back request gets over `dial_timeout`, so the
+/// server gives up dialing an unreachable address before we stop waiting.
+const AUTONAT_TIMEOUT_MARGIN: Duration = Duration::from_secs(15);
+
+/// The NAT traversal settings of a node configuration.
+pub(crate) fn nat_config(config: &NodeConfig) -> NatConfig {
+    let relay_server =
+        (config.enable_nat_service || config.node_type == NodeType::Relay).then(|| RelayLimits {
+            max_reservations: usize::try_from(config.relay_max_reservations).unwrap_or(usize::MAX),
+            max_reservations_per_peer: usize::try_from(config.relay_max_reservations_per_peer)
+                .unwrap_or(usize::MAX),
+            reservation_duration: config.relay_reservation_duration,
+            max_circuits: usize::try_from(config.relay_max_circuits).unwrap_or(usize::MAX),
+            max_circuits_per_peer: usize::try_from(config.relay_max_circuits_per_peer)
+                .unwrap_or(usize::MAX),
+            max_circuit_duration: config.relay_max_circuit_duration,
+            max_circuit_bytes: config.relay_max_circuit_bytes.bytes(),
+        });
+    NatConfig {
+        force_reachability: config.force_reachability.map(|r| match r {
+            Reachability::Public => nat::Reachability::Public,
+            Reachability::Private => nat::Reachability::Private,
+        }),
+        autonat_only_global_ips: config.autonat_only_global_ips,
+        autonat_timeout: config.dial_timeout.saturating_add(AUTONAT_TIMEOUT_MARGIN),
+        relay_server,
+        auto_relay: config.enable_auto_relay,
+        relay_nodes: config.relay_nodes.clone(),
+        hole_punch: config.enable_hole_punch,
+        upnp: config.enable_upnp,
+        ..NatConfig::default()
+    }
 }
 
 /// Gossipsub for node records: every message is signed by its author and
@@ -64,16 +105,16 @@ fn gossip(key: &Keypair, config: &NodeConfig) -> Result<gossipsub::Behaviour, St
     Ok(behaviour)
 }
 
-/// The Kademlia mode the configuration asks for: `auto` is server unless
-/// the node is forced private (reachability detection arrives with NAT
-/// support).
-pub(crate) fn dht_mode(config: &NodeConfig) -> DhtMode {
+/// The Kademlia mode for a reachability: `auto` follows it (client while
+/// private, server otherwise, so a lone LAN whose reachability stays
+/// unknown still has servers); `server` and `client` are fixed.
+pub(crate) fn dht_mode(config: &NodeConfig, reachability: nat::Reachability) -> DhtMode {
     match config.dht_mode {
         ConfigDhtMode::Server => DhtMode::Server,
         ConfigDhtMode::Client => DhtMode::Client,
-        ConfigDhtMode::Auto => match config.force_reachability {
-            Some(Reachability::Private) => DhtMode::Client,
-            Some(Reachability::Public) | None => DhtMode::Server,
+        ConfigDhtMode::Auto => match reachability {
+            nat::Reachability::Private => DhtMode::Client,
+            nat::Reachability::Public | nat::Reachability::Unknown => DhtMode::Server,
         },
     }
 }
@@ -81,8 +122,20 @@ pub(crate) fn dht_mode(config: &NodeConfig) -> DhtMode {
 impl NodeBehaviour {
     /// The behaviour, and why mDNS is off when it was asked for but could
     /// not start.
-    pub(crate) fn new(key: &Keypair, config: &NodeConfig) -> (Self, Option<String>) {
+    pub(crate) fn new(
+        key: &Keypair,
+        config: &NodeConfig,
+        nat: nat::Behaviour,
+    ) -> (Self, Option<String>) {
         let local = key.public().to_peer_id();
+        let allowed = config.allowed_peer_ids();
+        let allowed_peers = (!allowed.is_empty()).then(|| {
+            let mut list = allow_block_list::Behaviour::<allow_block_list::AllowedPeers>::default();
+            for peer in allowed {
+                list.allow_peer(peer);
+            }
+            list
+        });
         let limits = connection_limits::ConnectionLimits::default()
             .with_max_established(Some(config.conn_mgr_high))
             .with_max_established_per_peer(Some(MAX_CONNECTIONS_PER_PEER))
@@ -127,7 +180,7 @@ impl NodeBehaviour {
             dht::Behaviour::new(
                 local,
                 DhtConfig {
-                    mode: dht_mode(config),
+                    mode: dht_mode(config, nat.reachability()),
                     bootstrap_interval: config.dht_bootstrap_interval,
                     provide_interval: config.dht_provide_interval,
                     discovery_interval: config.dht_discovery_interval,
@@ -154,6 +207,7 @@ impl NodeBehaviour {
             None
         };
         let behaviour = Self {
+            allowed_peers: allowed_peers.into(),
             connection_limits: connection_limits::Behaviour::new(limits),
             memory_limits: memory_limits.into(),
             identify,
@@ -162,6 +216,7 @@ impl NodeBehaviour {
             mdns: mdns.into(),
             dht: dht.into(),
             gossip: gossip.into(),
+            nat,
         };
         (behaviour, mdns_error)
     }

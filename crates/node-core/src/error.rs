@@ -23,6 +23,9 @@ pub enum NodeError {
         /// The key's peer id.
         actual: String,
     },
+    /// The network key of a private network cannot be used.
+    #[error("{0}")]
+    NetworkKey(String),
     /// The transport could not be built.
     #[error("cannot build the {what} transport: {reason}")]
     Transport {

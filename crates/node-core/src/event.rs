@@ -147,6 +147,27 @@ pub enum NodeEvent {
         /// Whether this node served it.
         local: bool,
     },
+    /// Our reachability changed (AutoNAT).
+    ReachabilityChanged {
+        /// The new value.
+        reachability: crate::Reachability,
+        /// The address a peer dialed us back on, when public.
+        address: Option<Multiaddr>,
+    },
+    /// A relay reservation of ours became active, or ended.
+    RelayReservation {
+        /// The relay.
+        relay: PeerId,
+        /// Active (peers can reach us through it) or ended.
+        active: bool,
+    },
+    /// DCUtR tried to replace a relayed connection with a direct one.
+    HolePunch {
+        /// The peer.
+        peer_id: PeerId,
+        /// A direct connection was made.
+        success: bool,
+    },
     /// A node record was refused and not stored.
     RecordRejected {
         /// The peer that sent it (for a DHT answer or a put) or published

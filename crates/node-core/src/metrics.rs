@@ -47,6 +47,122 @@ struct AnswerLabel {
 }
 
 #[derive(Debug, Clone, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct ReachabilityLabel {
+    reachability: &'static str,
+}
+
+#[derive(Debug, Clone, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct ResultLabel {
+    result: &'static str,
+}
+
+#[derive(Debug, Clone, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct ReasonLabel {
+    reason: &'static str,
+}
+
+/// How a DCUtR hole punch ended.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum HolePunchOutcome {
+    Success,
+    Failure,
+}
+
+/// What became of a relay reservation or circuit.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum RelayOutcome {
+    Accepted,
+    Denied,
+    Failed,
+}
+
+impl RelayOutcome {
+    fn as_str(self) -> &'static str {
+        match self {
+            Self::Accepted => "accepted",
+            Self::Denied => "denied",
+            Self::Failed => "failed",
+        }
+    }
+}
+
+/// Why a connection was refused.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum RefusalReason {
+    /// The peer is not in `allowed_peers`.
+    NotAllowed,
+    /// The private-network handshake failed.
+    Handshake,
+}
+
+/// Reachability, hole punching, relaying and refused connections.
+struct NatMetrics {
+    reachability: Family<ReachabilityLabel, Gauge>,
+    hole_punch_attempts: Counter,
+    hole_punches: Family<ResultLabel, Counter>,
+    relay_reservations: Family<ResultLabel, Counter>,
+    relay_served_reservations: Family<ResultLabel, Counter>,
+    relay_served_circuits: Family<ResultLabel, Counter>,
+    connections_refused: Family<ReasonLabel, Counter>,
+}
+
+impl NatMetrics {
+    fn new(ours: &mut Registry) -> Self {
+        let reachability = Family::<ReachabilityLabel, Gauge>::default();
+        ours.register(
+            "reachability",
+            "1 for the node's current reachability (public, private, unknown)",
+            reachability.clone(),
+        );
+        let hole_punch_attempts = Counter::default();
+        ours.register(
+            "hole_punch_attempts",
+            "Relayed connections on which DCUtR hole punching started",
+            hole_punch_attempts.clone(),
+        );
+        let hole_punches = Family::<ResultLabel, Counter>::default();
+        ours.register(
+            "hole_punches",
+            "Hole punch outcomes (success: a direct connection replaced the relayed one)",
+            hole_punches.clone(),
+        );
+        let relay_reservations = Family::<ResultLabel, Counter>::default();
+        ours.register(
+            "relay_reservations",
+            "Our reservations on relays: accepted, or failed (refused, lost, expired)",
+            relay_reservations.clone(),
+        );
+        let relay_served_reservations = Family::<ResultLabel, Counter>::default();
+        ours.register(
+            "relay_served_reservations",
+            "Reservations other peers asked of our relay service: accepted or denied",
+            relay_served_reservations.clone(),
+        );
+        let relay_served_circuits = Family::<ResultLabel, Counter>::default();
+        ours.register(
+            "relay_served_circuits",
+            "Circuits other peers asked our relay service for: accepted or denied",
+            relay_served_circuits.clone(),
+        );
+        let connections_refused = Family::<ReasonLabel, Counter>::default();
+        ours.register(
+            "connections_refused",
+            "Connections refused: not_allowed (allowed_peers) or handshake (private-network key)",
+            connections_refused.clone(),
+        );
+        Self {
+            reachability,
+            hole_punch_attempts,
+            hole_punches,
+            relay_reservations,
+            relay_served_reservations,
+            relay_served_circuits,
+            connections_refused,
+        }
+    }
+}
+
+#[derive(Debug, Clone, Hash, PartialEq, Eq, EncodeLabelSet)]
 struct VersionLabel {
     version: &'static str,
 }
@@ -70,6 +186,7 @@ pub(crate) struct NodeMetrics {
     services_local: Gauge,
     services_remote: Gauge,
     lookups: Family<AnswerLabel, Counter>,
+    nat: NatMetrics,
     pub(crate) endpoint: MetricsEndpoint,
 }
 
@@ -203,8 +320,11 @@ impl NodeMetrics {
             build,
         );
 
+        let nat = NatMetrics::new(ours);
+
         Self {
             libp2p,
+            nat,
             connections,
             peers,
             state,
@@ -227,6 +347,63 @@ impl NodeMetrics {
                 started: Instant::now(),
             },
         }
+    }
+
+    pub(crate) fn set_reachability(&self, current: &'static str) {
+        for r in ["public", "private", "unknown"] {
+            self.nat
+                .reachability
+                .get_or_create(&ReachabilityLabel { reachability: r })
+                .set(i64::from(r == current));
+        }
+    }
+
+    pub(crate) fn hole_punch_started(&self) {
+        self.nat.hole_punch_attempts.inc();
+    }
+
+    pub(crate) fn hole_punch(&self, outcome: HolePunchOutcome) {
+        let result = match outcome {
+            HolePunchOutcome::Success => "success",
+            HolePunchOutcome::Failure => "failure",
+        };
+        self.nat
+            .hole_punches
+            .get_or_create(&ResultLabel { result })
+            .inc();
+    }
+
+    pub(crate) fn relay_reservation(&self, outcome: RelayOutcome) {
+        self.nat
+            .relay_reservations
+            .get_or_create(&ResultLabel {
+                result: outcome.as_str(),
+            })
+            .inc();
+    }
+
+    pub(crate) fn relay_served(&self, outcome: RelayOutcome, circuit: bool) {
+        let family = if circuit {
+            &self.nat.relay_served_circuits
+        } else {
+            &self.nat.relay_served_reservations
+        };
+        family
+            .get_or_create(&ResultLabel {
+                result: outcome.as_str(),
+            })
+            .inc();
+    }
+
+    pub(crate) fn connection_refused(&self, reason: RefusalReason) {
+        let reason = match reason {
+            RefusalReason::NotAllowed => "not_allowed",
+            RefusalReason::Handshake => "handshake",
+        };
+        self.nat
+            .connections_refused
+            .get_or_create(&ReasonLabel { reason })
+            .inc();
     }
 
     pub(crate) fn set_state(&self, to: NodeState) {

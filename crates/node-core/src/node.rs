@@ -1,6 +1,7 @@
 //! Starting a node, the task that owns its `Swarm`, and the `NodeHandle`
 //! everything else uses to talk to it.
 
+mod nat;
 mod registry;
 
 use std::collections::{HashMap, HashSet};
@@ -14,13 +15,13 @@ use libp2p::identity::Keypair;
 use libp2p::metrics::{Recorder, Registry};
 use libp2p::multiaddr::Protocol;
 use libp2p::swarm::dial_opts::{DialOpts, PeerCondition};
-use libp2p::swarm::{ConnectionId, DialError, SwarmEvent};
+use libp2p::swarm::{ConnectionId, DialError, ListenError, SwarmEvent};
 use libp2p::{Multiaddr, PeerId, Swarm, identify, ping};
 use ollamacron_config::NodeConfig;
 use serde::Serialize;
 use tokio::sync::{broadcast, mpsc, oneshot, watch};
 
-use crate::behaviour::{NodeBehaviour, NodeBehaviourEvent, PROTOCOL_VERSION, dht_mode};
+use crate::behaviour::{NodeBehaviour, NodeBehaviourEvent, PROTOCOL_VERSION, dht_mode, nat_config};
 use crate::discovery::{
     DialOutcome, DiscoverySource, DiscoveryStatus, KnownPeer, PeerTable, SourceStatus,
 };
@@ -141,10 +142,23 @@ impl Node {
         let (registry_state, probe_rx) =
             RegistryState::new(&keypair, &self.config).map_err(&fail)?;
 
+        let psk = if self.config.require_auth {
+            let path = self.config.psk_path();
+            let key = ollamacron_config::read_network_key(&path)
+                .map_err(|e| fail(NodeError::NetworkKey(e.to_string())))?;
+            tracing::info!(path = %path.display(), fingerprint = %key.fingerprint(), "private network: only peers holding this network key can connect (TCP only)");
+            Some(key)
+        } else {
+            None
+        };
+        let (nat, relay_transport) =
+            ollamacron_nat::Behaviour::new(peer_id, &nat_config(&self.config));
         let mut registry = Registry::default();
-        let transport = build_transport(&keypair, &self.config, &mut registry).map_err(fail)?;
+        let transport =
+            build_transport(&keypair, &self.config, &mut registry, relay_transport, psk)
+                .map_err(fail)?;
         log_inactive_settings(&self.config);
-        let (behaviour, mdns_error) = NodeBehaviour::new(&keypair, &self.config);
+        let (behaviour, mdns_error) = NodeBehaviour::new(&keypair, &self.config, nat);
         if let Some(reason) = &mdns_error {
             tracing::warn!(%reason, "mDNS is unavailable: LAN discovery is off, relying on bootstrap peers and the DHT");
         }
@@ -153,6 +167,7 @@ impl Node {
         let mut swarm = Swarm::new(transport, behaviour, peer_id, swarm_config);
         let metrics = NodeMetrics::new(registry);
         metrics.set_state(NodeState::Starting);
+        metrics.set_reachability(swarm.behaviour().nat.reachability().as_str());
 
         let mut listeners = HashMap::new();
         for addr in &self.config.listen {
@@ -254,25 +269,13 @@ impl Node {
 /// nobody believes a setting is in force when it is not.
 fn log_inactive_settings(config: &NodeConfig) {
     let mut inactive = Vec::new();
-    if config.enable_nat_service {
-        inactive.push("enable_nat_service");
-    }
-    if config.enable_hole_punch {
-        inactive.push("enable_hole_punch");
-    }
-    if config.enable_auto_relay {
-        inactive.push("enable_auto_relay");
-    }
-    if !config.relay_nodes.is_empty() {
-        inactive.push("relay_nodes");
-    }
     if config.max_bandwidth.is_some() {
         inactive.push("max_bandwidth");
     }
     if !inactive.is_empty() {
         tracing::info!(
             settings = %inactive.join(", "),
-            "set but not active in this version (NAT traversal and bandwidth limits come later)"
+            "set but not active in this version (bandwidth limits come later)"
         );
     }
 }
@@ -361,6 +364,28 @@ pub enum Reachability {
     Unknown,
 }
 
+impl From<ollamacron_nat::Reachability> for Reachability {
+    fn from(r: ollamacron_nat::Reachability) -> Self {
+        match r {
+            ollamacron_nat::Reachability::Public => Self::Public,
+            ollamacron_nat::Reachability::Private => Self::Private,
+            ollamacron_nat::Reachability::Unknown => Self::Unknown,
+        }
+    }
+}
+
+/// How we are connected to a peer, in [`PeerInfo`].
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "lowercase")]
+pub enum ConnectionKind {
+    /// At least one direct connection (it wins over relayed ones).
+    Direct,
+    /// Only through a relay.
+    Relayed,
+    /// Not connected.
+    None,
+}
+
 /// Connection counts in [`NodeStatus`].
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
 pub struct ConnectionCounts {
@@ -419,7 +444,10 @@ pub struct PeerInfo {
     pub addresses: Vec<Multiaddr>,
     /// Whether a connection is open.
     pub connected: bool,
-    /// Latest ping round trip, in milliseconds.
+    /// Direct, relayed (only through a relay) or none.
+    pub connection: ConnectionKind,
+    /// Latest ping round trip, in milliseconds: of a direct connection
+    /// when there is one, else of the relay path.
     pub latency_ms: Option<f64>,
     /// When it was last seen (reported or connected), Unix milliseconds.
     pub last_seen_ms: u64,
@@ -735,13 +763,49 @@ struct ConnectionEntry {
     remote: Multiaddr,
     direction: Direction,
     established: Instant,
+    /// Through a relay (`/p2p-circuit`).
+    relayed: bool,
 }
 
 #[derive(Default)]
 struct PeerEntry {
     protocol_version: Option<String>,
     agent_version: Option<String>,
-    rtt: Option<Duration>,
+    /// Latest ping RTT on a direct connection.
+    direct_rtt: Option<Duration>,
+    /// Latest ping RTT through a relay: the relay path's, not the peer's.
+    relayed_rtt: Option<Duration>,
+    /// Open direct connections.
+    direct: usize,
+    /// Open relayed connections.
+    relayed: usize,
+}
+
+impl PeerEntry {
+    /// The RTT to score the peer on: the direct one once a direct
+    /// connection exists, else the relay path's.
+    fn rtt(&self) -> Option<Duration> {
+        if self.direct > 0 {
+            self.direct_rtt.or(self.relayed_rtt)
+        } else {
+            self.relayed_rtt.or(self.direct_rtt)
+        }
+    }
+
+    /// Whether the RTT of [`PeerEntry::rtt`] is a relay path's.
+    fn rtt_via_relay(&self) -> bool {
+        !(self.direct > 0 && self.direct_rtt.is_some()) && self.relayed_rtt.is_some()
+    }
+
+    fn connection(&self) -> ConnectionKind {
+        if self.direct > 0 {
+            ConnectionKind::Direct
+        } else if self.relayed > 0 {
+            ConnectionKind::Relayed
+        } else {
+            ConnectionKind::None
+        }
+    }
 }
 
 /// A dial someone awaits; later dials of the same peer join it.
@@ -1009,7 +1073,7 @@ impl SwarmTask {
                     connected_for: oldest.established.elapsed(),
                     protocol_version: info.and_then(|i| i.protocol_version.clone()),
                     agent_version: info.and_then(|i| i.agent_version.clone()),
-                    rtt: info.and_then(|i| i.rtt),
+                    rtt: info.and_then(PeerEntry::rtt),
                 })
             })
             .collect();
@@ -1018,11 +1082,7 @@ impl SwarmTask {
     }
 
     fn status(&self) -> NodeStatus {
-        let reachability = match self.config.force_reachability {
-            Some(ollamacron_config::Reachability::Public) => Reachability::Public,
-            Some(ollamacron_config::Reachability::Private) => Reachability::Private,
-            None => Reachability::Unknown,
-        };
+        let reachability = self.swarm.behaviour().nat.reachability().into();
         NodeStatus {
             peer_id: *self.swarm.local_peer_id(),
             state: *self.state.borrow(),
@@ -1056,7 +1116,10 @@ impl SwarmTask {
                     sources: p.sources,
                     addresses: p.addresses,
                     connected: p.connected,
-                    latency_ms: entry.and_then(|e| e.rtt).map(|d| d.as_secs_f64() * 1000.0),
+                    connection: entry.map_or(ConnectionKind::None, PeerEntry::connection),
+                    latency_ms: entry
+                        .and_then(PeerEntry::rtt)
+                        .map(|d| d.as_secs_f64() * 1000.0),
                     last_seen_ms: unix_ms(p.last_seen),
                     agent_version: entry.and_then(|e| e.agent_version.clone()),
                     failures: p.failures,
@@ -1151,9 +1214,11 @@ impl SwarmTask {
                 self.metrics.libp2p.record(&event);
                 self.on_ping(event);
             }
+            SwarmEvent::Behaviour(NodeBehaviourEvent::Nat(event)) => self.on_nat(event),
             SwarmEvent::Behaviour(
                 NodeBehaviourEvent::ConnectionLimits(never)
-                | NodeBehaviourEvent::MemoryLimits(never),
+                | NodeBehaviourEvent::MemoryLimits(never)
+                | NodeBehaviourEvent::AllowedPeers(never),
             ) => match never {},
             SwarmEvent::NewListenAddr {
                 listener_id,
@@ -1170,15 +1235,25 @@ impl SwarmTask {
                 if let Some(l) = self.listeners.get_mut(&listener_id) {
                     l.reported = true;
                 }
+                let relayed = ollamacron_nat::is_relayed(&address);
                 self.emit(NodeEvent::ListenAddrAdded { addr: address });
                 if self.listeners.values().all(|l| l.reported) {
                     self.mark_running();
+                }
+                if relayed {
+                    // Peers that find our services must learn the relay
+                    // address: re-sign the record and re-announce.
+                    self.announce_addresses();
                 }
             }
             SwarmEvent::ExpiredListenAddr { address, .. } => {
                 self.listen_addrs.retain(|a| a != &address);
                 self.swarm.remove_external_address(&address);
+                let relayed = ollamacron_nat::is_relayed(&address);
                 self.emit(NodeEvent::ListenAddrRemoved { addr: address });
+                if relayed {
+                    self.announce_addresses();
+                }
             }
             SwarmEvent::ListenerError { listener_id, error } => {
                 let addr = self
@@ -1225,7 +1300,8 @@ impl SwarmTask {
                         (send_back_addr.clone(), Direction::Inbound)
                     }
                 };
-                tracing::debug!(%peer_id, %remote, ?direction, "connection established");
+                let relayed = endpoint.is_relayed();
+                tracing::debug!(%peer_id, %remote, ?direction, relayed, "connection established");
                 self.connections.insert(
                     connection_id,
                     ConnectionEntry {
@@ -1233,9 +1309,18 @@ impl SwarmTask {
                         remote: remote.clone(),
                         direction,
                         established: Instant::now(),
+                        relayed,
                     },
                 );
-                self.peers.entry(peer_id).or_default();
+                let entry = self.peers.entry(peer_id).or_default();
+                if relayed {
+                    entry.relayed += 1;
+                    if self.config.enable_hole_punch {
+                        self.metrics.hole_punch_started();
+                    }
+                } else {
+                    entry.direct += 1;
+                }
                 self.table.set_connected(&peer_id, true);
                 if let Some(source) = self.auto_dials.remove(&connection_id) {
                     self.metrics.count(DiscoveryCounter::DialSuccess, source);
@@ -1266,7 +1351,18 @@ impl SwarmTask {
                 cause,
                 ..
             } => {
-                self.connections.remove(&connection_id);
+                if let Some(closed) = self.connections.remove(&connection_id)
+                    && let Some(entry) = self.peers.get_mut(&peer_id)
+                {
+                    if closed.relayed {
+                        entry.relayed = entry.relayed.saturating_sub(1);
+                    } else {
+                        entry.direct = entry.direct.saturating_sub(1);
+                        if entry.direct == 0 {
+                            entry.direct_rtt = None;
+                        }
+                    }
+                }
                 self.closing.remove(&connection_id);
                 tracing::debug!(%peer_id, cause = ?cause.as_ref().map(ToString::to_string), "connection closed");
                 if num_established == 0 {
@@ -1291,6 +1387,9 @@ impl SwarmTask {
                     other => error_chain(other),
                 };
                 tracing::debug!(peer = ?peer_id, %reason, "outgoing connection failed");
+                if let DialError::Denied { cause } = &error {
+                    self.on_connection_denied(peer_id, "(outbound)", cause);
+                }
                 if let (Some(source), Some(peer)) =
                     (self.auto_dials.remove(&connection_id), peer_id)
                 {
@@ -1305,9 +1404,20 @@ impl SwarmTask {
             SwarmEvent::IncomingConnectionError {
                 send_back_addr,
                 error,
+                peer_id,
                 ..
             } => {
-                tracing::debug!(remote = %send_back_addr, error = %error_chain(&error), "incoming connection failed");
+                let remote = send_back_addr.to_string();
+                match &error {
+                    ListenError::Denied { cause } => {
+                        self.on_connection_denied(peer_id, &remote, cause);
+                    }
+                    ListenError::Transport(_) => {
+                        self.on_handshake_failed(&remote, &error_chain(&error));
+                    }
+                    _ => {}
+                }
+                tracing::debug!(%remote, error = %error_chain(&error), "incoming connection failed");
             }
             SwarmEvent::ExternalAddrConfirmed { address } => {
                 tracing::info!(%address, "external address confirmed");
@@ -1331,6 +1441,7 @@ impl SwarmTask {
                 entry.protocol_version = Some(info.protocol_version.clone());
                 entry.agent_version = Some(info.agent_version.clone());
                 self.on_identified(peer_id, &info);
+                self.note_relay_candidate(peer_id, &info);
                 if changed {
                     self.emit(NodeEvent::PeerIdentified {
                         peer_id,
@@ -1610,7 +1721,7 @@ impl SwarmTask {
             Some(dht) => (
                 format!(
                     "{} mode, {} peers in the routing table, {} namespace providers",
-                    match dht_mode(&self.config) {
+                    match dht_mode(&self.config, behaviour.nat.reachability()) {
                         DhtMode::Server => "server",
                         DhtMode::Client => "client",
                     },
@@ -1672,8 +1783,16 @@ impl SwarmTask {
     fn on_ping(&mut self, event: ping::Event) {
         match event.result {
             Ok(rtt) => {
+                let relayed = self
+                    .connections
+                    .get(&event.connection)
+                    .is_some_and(|c| c.relayed);
                 if let Some(entry) = self.peers.get_mut(&event.peer) {
-                    entry.rtt = Some(rtt);
+                    if relayed {
+                        entry.relayed_rtt = Some(rtt);
+                    } else {
+                        entry.direct_rtt = Some(rtt);
+                    }
                 }
             }
             Err(e) => tracing::debug!(peer = %event.peer, error = %e, "ping failed"),

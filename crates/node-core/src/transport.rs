@@ -1,5 +1,7 @@
 //! The transport stack: TCP (+ WebSocket) with Noise and/or TLS and Yamux,
-//! QUIC-v1, DNS resolution over all of them, and bandwidth metrics.
+//! QUIC-v1, relayed (`/p2p-circuit`) connections, DNS resolution over all
+//! of them, the private-network (pnet) handshake when a network key is set,
+//! and bandwidth metrics.
 
 use std::iter::{Chain, Map};
 use std::time::Duration;
@@ -22,6 +24,7 @@ use libp2p::core::upgrade::{
 };
 use libp2p::identity::Keypair;
 use libp2p::metrics::{BandwidthTransport, Registry};
+use libp2p::pnet::{PnetConfig, PreSharedKey};
 use libp2p::{Multiaddr, PeerId, Transport, dns, noise, quic, tcp, tls, websocket, yamux};
 use ollamacron_config::NodeConfig;
 
@@ -35,18 +38,38 @@ pub(crate) type NodeTransport = Boxed<(PeerId, StreamMuxerBox)>;
 
 /// Build the transport the configuration asks for, registering its
 /// bandwidth counters in `registry`.
+///
+/// `relay` carries `/p2p-circuit` connections. With a network key (`psk`,
+/// a private network) every TCP and relayed connection starts with the
+/// pnet handshake, and QUIC — which cannot carry it — is left out.
 pub(crate) fn build_transport(
     key: &Keypair,
     config: &NodeConfig,
     registry: &mut Registry,
+    relay: libp2p::relay::client::Transport,
+    psk: Option<PreSharedKey>,
 ) -> Result<NodeTransport, NodeError> {
     let tcp_config = tcp::Config::default().nodelay(true);
-    let tcp = secure_and_multiplex(
-        FreshSourcePort(tcp::tokio::Transport::new(tcp_config.clone())),
-        key,
-        config,
-    )?;
-    let tcp = if config.enable_websocket {
+    let fresh_tcp = FreshSourcePort(tcp::tokio::Transport::new(tcp_config.clone()));
+    let (tcp, relay) = match psk {
+        Some(psk) => (
+            secure_and_multiplex(
+                fresh_tcp.and_then(move |socket, _| PnetConfig::new(psk).handshake(socket)),
+                key,
+                config,
+            )?,
+            secure_and_multiplex(
+                relay.and_then(move |socket, _| PnetConfig::new(psk).handshake(socket)),
+                key,
+                config,
+            )?,
+        ),
+        None => (
+            secure_and_multiplex(fresh_tcp, key, config)?,
+            secure_and_multiplex(relay, key, config)?,
+        ),
+    };
+    let tcp = if config.enable_websocket && psk.is_none() {
         // DNS goes inside WebSocket so `/dns4/<host>/.../wss` keeps the host
         // name for TLS.
         let inner =
@@ -63,10 +86,17 @@ pub(crate) fn build_transport(
         tcp
     };
 
-    let quic = quic::tokio::Transport::new(quic::Config::new(key))
-        .map(|(peer, conn), _| (peer, StreamMuxerBox::new(conn)));
-    let combined = quic
-        .or_transport(tcp)
+    let direct = if psk.is_some() {
+        tcp
+    } else {
+        quic::tokio::Transport::new(quic::Config::new(key))
+            .map(|(peer, conn), _| (peer, StreamMuxerBox::new(conn)))
+            .or_transport(tcp)
+            .map(|either, _| either.into_inner())
+            .boxed()
+    };
+    let combined = relay
+        .or_transport(direct)
         .map(|either, _| either.into_inner())
         .boxed();
 

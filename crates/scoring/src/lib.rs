@@ -102,6 +102,9 @@ pub struct QualityInputs {
     /// Ping round-trip time to the serving peer. Over a relay this is the
     /// relay path's RTT: it ranks the peer lower, never hides it.
     pub measured_rtt: Option<Duration>,
+    /// `measured_rtt` was measured through a relay (no direct connection
+    /// yet): it scores as measured, but no latency bound filters on it.
+    pub rtt_via_relay: bool,
     /// Latency the service advertises, in milliseconds.
     pub advertised_latency_ms: Option<f64>,
     /// Share of recent health probes that succeeded, in [0, 1].
@@ -403,9 +406,11 @@ mod tests {
             proptest::option::of(any_f64()),
             proptest::option::of(any_f64()),
             proptest::option::of(any::<u64>()),
+            any::<bool>(),
         )
-            .prop_map(|(rtt, lat, mr, ar, tp, age)| QualityInputs {
+            .prop_map(|(rtt, lat, mr, ar, tp, age, relayed)| QualityInputs {
                 measured_rtt: rtt.map(Duration::from_nanos),
+                rtt_via_relay: relayed,
                 advertised_latency_ms: lat,
                 measured_reliability: mr,
                 advertised_reliability: ar,

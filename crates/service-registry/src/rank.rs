@@ -33,7 +33,8 @@ pub struct RankedService {
 
 /// The candidates that match `query` — type, tags, capabilities, region,
 /// and reliability and latency bounds on the measured values (advertised
-/// ones only when unmeasured) — and are taking requests (available or
+/// ones only when unmeasured; an RTT measured through a relay is never
+/// held against `max_latency_ms`) — and are taking requests (available or
 /// busy), best first, cut to `query.limit`. Equal scores order by peer id,
 /// then service id.
 #[must_use]
@@ -56,11 +57,14 @@ pub fn rank_services(
                 .inputs
                 .measured_reliability
                 .or(c.inputs.advertised_reliability);
-            let latency_ms = c
+            // A relay path's RTT is not the peer's: it lowers the score
+            // but never filters the peer out.
+            let measured_ms = c
                 .inputs
                 .measured_rtt
-                .map(|rtt| rtt.as_secs_f64() * 1000.0)
-                .or(c.inputs.advertised_latency_ms);
+                .filter(|_| !c.inputs.rtt_via_relay)
+                .map(|rtt| rtt.as_secs_f64() * 1000.0);
+            let latency_ms = measured_ms.or(c.inputs.advertised_latency_ms);
             query.accepts_quality(reliability, latency_ms)
         })
         .map(|c| {

@@ -300,6 +300,19 @@ impl SwarmTask {
             .collect()
     }
 
+    /// Our addresses changed (a relay reservation came or went): publish a
+    /// record that lists them and re-announce as provider, so peers that
+    /// find our services can dial us.
+    pub(super) fn announce_addresses(&mut self) {
+        if *self.state.borrow() != crate::state::NodeState::Running {
+            return;
+        }
+        self.publish_record();
+        if let Some(dht) = self.swarm.behaviour_mut().dht.as_mut() {
+            dht.refresh_now();
+        }
+    }
+
     /// Sign a new record of our services and publish it: in the DHT under
     /// our node key, as provider of every type and capability key, and on
     /// the gossip topic. An empty record is published once, to withdraw
@@ -874,7 +887,9 @@ impl SwarmTask {
                 continue;
             }
             let peer_health = state.peer_health.get(peer);
-            let rtt = self.peers.get(peer).and_then(|p| p.rtt);
+            let entry = self.peers.get(peer);
+            let rtt = entry.and_then(super::PeerEntry::rtt);
+            let rtt_via_relay = entry.is_some_and(super::PeerEntry::rtt_via_relay);
             for service in &record.services {
                 let service_health = state.service_health.get(&(*peer, service.id.clone()));
                 // A service with its own probe is judged by it; else by its node's.
@@ -884,6 +899,7 @@ impl SwarmTask {
                     region: record.region.clone(),
                     inputs: QualityInputs {
                         measured_rtt: rtt,
+                        rtt_via_relay,
                         advertised_latency_ms: service.latency_ms,
                         measured_reliability: health.and_then(|h| h.window.ratio()),
                         advertised_reliability: service.reliability,

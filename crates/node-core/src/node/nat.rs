@@ -1,0 +1,191 @@
+//! NAT traversal and private networks in the swarm task: reachability,
+//! relay reservations, hole punching, relay service, UPnP, and refused
+//! connections.
+
+use libp2p::PeerId;
+use libp2p::allow_block_list::NotAllowed;
+use libp2p::swarm::ConnectionDenied;
+use ollamacron_nat::{NatEvent, RELAY_HOP_PROTOCOL, RelayServerEvent, is_relayed};
+
+use super::{Direction, SwarmTask};
+use crate::behaviour::dht_mode;
+use crate::event::NodeEvent;
+use crate::metrics::{HolePunchOutcome, RefusalReason, RelayOutcome};
+
+/// Most addresses of a relay candidate handed to the NAT behaviour.
+const MAX_RELAY_CANDIDATE_ADDRESSES: usize = 8;
+
+impl SwarmTask {
+    pub(super) fn on_nat(&mut self, event: NatEvent) {
+        match event {
+            NatEvent::ReachabilityChanged {
+                reachability,
+                address,
+            } => {
+                match &address {
+                    Some(address) => {
+                        tracing::info!(%reachability, %address, "reachability changed: peers dialed us back");
+                    }
+                    None => tracing::info!(%reachability, "reachability changed"),
+                }
+                self.metrics.set_reachability(reachability.as_str());
+                let mode = dht_mode(&self.config, reachability);
+                if let Some(dht) = self.swarm.behaviour_mut().dht.as_mut() {
+                    dht.set_mode(mode);
+                }
+                self.emit(NodeEvent::ReachabilityChanged {
+                    reachability: reachability.into(),
+                    address,
+                });
+            }
+            NatEvent::ReservationRequested { relay, address } => {
+                tracing::debug!(%relay, %address, "asking a relay for a reservation");
+            }
+            NatEvent::ReservationAccepted { relay, renewal } => {
+                self.metrics.relay_reservation(RelayOutcome::Accepted);
+                if !renewal {
+                    tracing::info!(%relay, "relay reservation accepted: peers can reach us through it");
+                    self.emit(NodeEvent::RelayReservation {
+                        relay,
+                        active: true,
+                    });
+                }
+            }
+            NatEvent::ReservationClosed {
+                relay,
+                reason,
+                retry_in,
+            } => {
+                self.metrics.relay_reservation(RelayOutcome::Failed);
+                let reason = reason.unwrap_or_else(|| "closed".to_owned());
+                match retry_in {
+                    Some(retry_in) => tracing::warn!(
+                        %relay,
+                        %reason,
+                        retry_in = %humantime::format_duration(retry_in),
+                        "relay reservation lost or refused; retrying"
+                    ),
+                    None => {
+                        tracing::warn!(%relay, %reason, "relay reservation failed repeatedly; trying another relay")
+                    }
+                }
+                self.emit(NodeEvent::RelayReservation {
+                    relay,
+                    active: false,
+                });
+            }
+            NatEvent::RelayedConnection { peer, inbound } => {
+                tracing::debug!(%peer, inbound, "relayed connection established");
+            }
+            NatEvent::HolePunch { peer, result } => {
+                let success = result.is_ok();
+                match result {
+                    Ok(_) => {
+                        self.metrics.hole_punch(HolePunchOutcome::Success);
+                        tracing::info!(%peer, "hole punch succeeded: direct connection");
+                    }
+                    Err(reason) => {
+                        self.metrics.hole_punch(HolePunchOutcome::Failure);
+                        tracing::info!(%peer, %reason, "hole punch failed: staying on the relay");
+                    }
+                }
+                self.emit(NodeEvent::HolePunch {
+                    peer_id: peer,
+                    success,
+                });
+            }
+            NatEvent::RelayServer(event) => self.on_relay_server(event),
+            NatEvent::PortMapped { local, external } => {
+                tracing::info!(%local, %external, "UPnP port mapping added");
+            }
+            NatEvent::PortMappingExpired { external } => {
+                tracing::warn!(%external, "UPnP port mapping could not be renewed");
+            }
+            NatEvent::PortMappingUnavailable { reason } => {
+                tracing::warn!(%reason, "UPnP port mapping unavailable; continuing without it");
+            }
+        }
+    }
+
+    fn on_relay_server(&mut self, event: RelayServerEvent) {
+        match event {
+            RelayServerEvent::ReservationAccepted { peer, renewed } => {
+                self.metrics.relay_served(RelayOutcome::Accepted, false);
+                tracing::debug!(%peer, renewed, "relay: reservation accepted");
+            }
+            RelayServerEvent::ReservationDenied { peer, status } => {
+                self.metrics.relay_served(RelayOutcome::Denied, false);
+                tracing::info!(%peer, %status, "relay: reservation refused (limit reached)");
+            }
+            RelayServerEvent::ReservationEnded { peer } => {
+                tracing::debug!(%peer, "relay: reservation ended");
+            }
+            RelayServerEvent::CircuitAccepted { src, dst } => {
+                self.metrics.relay_served(RelayOutcome::Accepted, true);
+                tracing::debug!(%src, %dst, "relay: circuit opened");
+            }
+            RelayServerEvent::CircuitDenied { src, dst, status } => {
+                self.metrics.relay_served(RelayOutcome::Denied, true);
+                tracing::info!(%src, %dst, %status, "relay: circuit refused");
+            }
+            RelayServerEvent::CircuitClosed { src, dst } => {
+                tracing::debug!(%src, %dst, "relay: circuit closed");
+            }
+            RelayServerEvent::Serving(serving) => {
+                if serving {
+                    tracing::info!("serving as a relay for peers behind NAT");
+                } else {
+                    tracing::info!("not serving as a relay (not publicly reachable)");
+                }
+            }
+        }
+    }
+
+    /// A peer identified itself as a relay: a candidate for reservations
+    /// when none are configured. Addresses we dialed come first.
+    pub(super) fn note_relay_candidate(&mut self, peer: PeerId, info: &libp2p::identify::Info) {
+        if !info.protocols.contains(&RELAY_HOP_PROTOCOL) {
+            return;
+        }
+        let mut addresses: Vec<_> = self
+            .connections
+            .values()
+            .filter(|c| c.peer == peer && c.direction == Direction::Outbound && !c.relayed)
+            .map(|c| c.remote.clone())
+            .collect();
+        addresses.extend(info.listen_addrs.iter().cloned());
+        addresses.retain(|a| !is_relayed(a));
+        addresses.truncate(MAX_RELAY_CANDIDATE_ADDRESSES);
+        self.swarm
+            .behaviour_mut()
+            .nat
+            .add_relay_candidate(peer, &addresses);
+    }
+
+    /// A connection was refused by a behaviour: count and log the ones the
+    /// allow-list refused.
+    pub(super) fn on_connection_denied(
+        &mut self,
+        peer: Option<PeerId>,
+        remote: &str,
+        cause: &ConnectionDenied,
+    ) {
+        if cause.downcast_ref::<NotAllowed>().is_some() {
+            self.metrics.connection_refused(RefusalReason::NotAllowed);
+            tracing::warn!(peer = ?peer, %remote, "disconnected a peer that is not in allowed_peers");
+        }
+    }
+
+    /// An inbound connection failed before it was established. On a private
+    /// network a failed handshake is most often a peer without the key.
+    pub(super) fn on_handshake_failed(&mut self, remote: &str, error: &str) {
+        if self.config.require_auth {
+            self.metrics.connection_refused(RefusalReason::Handshake);
+            tracing::warn!(
+                %remote,
+                %error,
+                "refused a connection: the private-network handshake failed (the peer lacks our network key, require_auth)"
+            );
+        }
+    }
+}
