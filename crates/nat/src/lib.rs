@@ -14,8 +14,8 @@ use libp2p::core::transport::PortUse;
 use libp2p::core::{Endpoint, Multiaddr};
 use libp2p::multiaddr::Protocol;
 use libp2p::swarm::{
-    ConnectionDenied, ConnectionId, FromSwarm, ListenOpts, NetworkBehaviour, THandler,
-    THandlerInEvent, THandlerOutEvent, ToSwarm,
+    ConnectionDenied, ConnectionId, FromSwarm, ListenOpts, NetworkBehaviour,
+    NewExternalAddrCandidate, THandler, THandlerInEvent, THandlerOutEvent, ToSwarm,
 };
 use libp2p::{PeerId, autonat, dcutr, relay, upnp};
 use tokio::time::{Instant, Sleep};
@@ -580,6 +580,20 @@ impl NetworkBehaviour for Behaviour {
             }
             FromSwarm::ConnectionClosed(closed) if closed.remaining_established == 0 => {
                 self.reservations.remove_candidate(&closed.peer_id);
+            }
+            FromSwarm::ExternalAddrConfirmed(confirmed) if !is_relayed(confirmed.addr) => {
+                // DCUtR learns hole punch candidates only from observed
+                // addresses, and the swarm drops an observation equal to
+                // a confirmed address (a forced-public node's listen
+                // address, a UPnP mapping, an AutoNAT result). Those are
+                // the best candidates of all: hand them over as well.
+                self.inner
+                    .dcutr
+                    .on_swarm_event(FromSwarm::NewExternalAddrCandidate(
+                        NewExternalAddrCandidate {
+                            addr: confirmed.addr,
+                        },
+                    ));
             }
             _ => {}
         }

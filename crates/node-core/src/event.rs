@@ -167,6 +167,8 @@ pub enum NodeEvent {
         peer_id: PeerId,
         /// A direct connection was made.
         success: bool,
+        /// Why not, when it failed.
+        error: Option<String>,
     },
     /// A node record was refused and not stored.
     RecordRejected {

@@ -333,6 +333,15 @@ fn error_chain(e: &dyn std::error::Error) -> String {
     out
 }
 
+/// `addr` ending in `/p2p/<peer>`; relay circuit addresses already do.
+pub(crate) fn with_peer(addr: Multiaddr, peer: PeerId) -> Multiaddr {
+    if matches!(addr.iter().last(), Some(Protocol::P2p(p)) if p == peer) {
+        addr
+    } else {
+        addr.with(Protocol::P2p(peer))
+    }
+}
+
 /// One connected peer, as `NodeHandle::connected_peers` reports it.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize)]
 pub struct ConnectedPeer {
@@ -617,7 +626,7 @@ impl NodeHandle {
             .listen_addrs()
             .await?
             .into_iter()
-            .map(|a| a.with(Protocol::P2p(peer_id)))
+            .map(|a| with_peer(a, peer_id))
             .collect())
     }
 
@@ -1225,7 +1234,7 @@ impl SwarmTask {
                 address,
             } => {
                 let peer_id = *self.swarm.local_peer_id();
-                tracing::info!(address = %address.clone().with(Protocol::P2p(peer_id)), "listening");
+                tracing::info!(address = %with_peer(address.clone(), peer_id), "listening");
                 if !self.listen_addrs.contains(&address) {
                     self.listen_addrs.push(address.clone());
                 }
@@ -1418,6 +1427,9 @@ impl SwarmTask {
                     _ => {}
                 }
                 tracing::debug!(%remote, error = %error_chain(&error), "incoming connection failed");
+            }
+            SwarmEvent::NewExternalAddrCandidate { address } => {
+                tracing::debug!(%address, "a peer observed us at this address");
             }
             SwarmEvent::ExternalAddrConfirmed { address } => {
                 tracing::info!(%address, "external address confirmed");

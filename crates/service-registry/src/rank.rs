@@ -59,13 +59,13 @@ pub fn rank_services(
                 .or(c.inputs.advertised_reliability);
             // A relay path's RTT is not the peer's: it lowers the score
             // but never filters the peer out.
-            let measured_ms = c
+            let latency_ms = c
                 .inputs
                 .measured_rtt
-                .filter(|_| !c.inputs.rtt_via_relay)
-                .map(|rtt| rtt.as_secs_f64() * 1000.0);
-            let latency_ms = measured_ms.or(c.inputs.advertised_latency_ms);
-            query.accepts_quality(reliability, latency_ms)
+                .map(|rtt| rtt.as_secs_f64() * 1000.0)
+                .or(c.inputs.advertised_latency_ms);
+            query.accepts_reliability(reliability)
+                && (c.inputs.rtt_via_relay || query.accepts_latency(latency_ms))
         })
         .map(|c| {
             let s = score(&c.inputs, weights);

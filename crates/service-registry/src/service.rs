@@ -115,13 +115,21 @@ impl ServiceQuery {
     /// An unknown value fails a bound that is set.
     #[must_use]
     pub fn accepts_quality(&self, reliability: Option<f64>, latency_ms: Option<f64>) -> bool {
-        let reliability_ok = self
-            .min_reliability
-            .is_none_or(|min| reliability.is_some_and(|r| r >= min));
-        let latency_ok = self
-            .max_latency_ms
-            .is_none_or(|max| latency_ms.is_some_and(|l| l <= max));
-        reliability_ok && latency_ok
+        self.accepts_reliability(reliability) && self.accepts_latency(latency_ms)
+    }
+
+    /// Whether `reliability` meets `min_reliability` (unknown fails a bound).
+    #[must_use]
+    pub fn accepts_reliability(&self, reliability: Option<f64>) -> bool {
+        self.min_reliability
+            .is_none_or(|min| reliability.is_some_and(|r| r >= min))
+    }
+
+    /// Whether `latency_ms` meets `max_latency_ms` (unknown fails a bound).
+    #[must_use]
+    pub fn accepts_latency(&self, latency_ms: Option<f64>) -> bool {
+        self.max_latency_ms
+            .is_none_or(|max| latency_ms.is_some_and(|l| l <= max))
     }
 }
 

@@ -78,20 +78,22 @@ impl SwarmTask {
                 tracing::debug!(%peer, inbound, "relayed connection established");
             }
             NatEvent::HolePunch { peer, result } => {
-                let success = result.is_ok();
-                match result {
+                let error = match result {
                     Ok(_) => {
                         self.metrics.hole_punch(HolePunchOutcome::Success);
                         tracing::info!(%peer, "hole punch succeeded: direct connection");
+                        None
                     }
                     Err(reason) => {
                         self.metrics.hole_punch(HolePunchOutcome::Failure);
                         tracing::info!(%peer, %reason, "hole punch failed: staying on the relay");
+                        Some(reason)
                     }
-                }
+                };
                 self.emit(NodeEvent::HolePunch {
                     peer_id: peer,
-                    success,
+                    success: error.is_none(),
+                    error,
                 });
             }
             NatEvent::RelayServer(event) => self.on_relay_server(event),

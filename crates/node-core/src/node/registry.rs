@@ -292,7 +292,7 @@ impl SwarmTask {
                     _ => false,
                 })
             })
-            .map(|a| a.clone().with(Protocol::P2p(peer)).to_string())
+            .map(|a| super::with_peer(a.clone(), peer).to_string())
             .filter(|a| a.len() <= self.registry.limits.max_string_bytes)
             .collect::<std::collections::BTreeSet<_>>()
             .into_iter()
