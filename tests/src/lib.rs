@@ -125,6 +125,18 @@ where
         .map_err(|_| format!("timed out after {timeout:?} waiting for {what}"))
 }
 
+/// The value of the first line of `node`'s metrics that starts with
+/// `prefix` (a name with its labels), or 0 when there is none yet.
+#[must_use]
+pub fn metric_value(node: &NodeHandle, prefix: &str) -> f64 {
+    node.metrics_text()
+        .lines()
+        .find(|l| l.starts_with(prefix))
+        .and_then(|l| l.rsplit(' ').next())
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(0.0)
+}
+
 /// A parsed HTTP response.
 #[derive(Debug, Clone)]
 pub struct HttpResponse {

@@ -14,18 +14,8 @@ use ollamacron_node_core::libp2p::{Multiaddr, PeerId};
 use ollamacron_node_core::registry::{ServiceInfo, ServiceQuery};
 use ollamacron_node_core::{ConnectionKind, NodeEvent, NodeHandle, Reachability};
 use ollamacron_tests::{
-    TCP_ONLY, eventually, eventually_within, loopback_config, start, wait_for_event,
+    TCP_ONLY, eventually, eventually_within, loopback_config, metric_value, start, wait_for_event,
 };
-
-/// The value of the first metric line starting with `prefix` (name and labels).
-fn metric(node: &NodeHandle, prefix: &str) -> f64 {
-    node.metrics_text()
-        .lines()
-        .find(|l| l.starts_with(prefix))
-        .and_then(|l| l.rsplit(' ').next())
-        .and_then(|v| v.parse().ok())
-        .unwrap_or(0.0)
-}
 
 /// A public relay on loopback with the given extra settings.
 async fn relay(extra: &[(&str, &str)]) -> (NodeHandle, Multiaddr) {
@@ -91,11 +81,11 @@ async fn reservations_beyond_the_relay_limit_are_refused_and_a_freed_slot_is_reu
         || {
             let relay = relay.clone();
             async move {
-                let accepted = metric(
+                let accepted = metric_value(
                     &relay,
                     "ollamacron_relay_served_reservations_total{result=\"accepted\"}",
                 );
-                let denied = metric(
+                let denied = metric_value(
                     &relay,
                     "ollamacron_relay_served_reservations_total{result=\"denied\"}",
                 );
@@ -118,7 +108,7 @@ async fn reservations_beyond_the_relay_limit_are_refused_and_a_freed_slot_is_reu
     assert_eq!(refused.len(), 1);
     let refused = &refused[0];
     assert!(
-        metric(
+        metric_value(
             refused,
             "ollamacron_relay_reservations_total{result=\"failed\"}"
         ) >= 1.0,
@@ -126,7 +116,7 @@ async fn reservations_beyond_the_relay_limit_are_refused_and_a_freed_slot_is_reu
     );
     // The refused client retries with backoff; it keeps being refused
     // while the relay is full, and is never parked in a queue there.
-    let accepted_before = metric(
+    let accepted_before = metric_value(
         &relay,
         "ollamacron_relay_served_reservations_total{result=\"accepted\"}",
     );
@@ -228,7 +218,7 @@ async fn a_private_node_is_reached_through_its_relay_reported_relayed_and_never_
     assert!(found.score.total.is_finite() && found.score.total > 0.0);
     assert!(found.score.latency < 1.0, "the relay RTT costs score");
     assert!(
-        metric(
+        metric_value(
             &relay,
             "ollamacron_relay_served_circuits_total{result=\"accepted\"}"
         ) >= 1.0
@@ -276,6 +266,6 @@ async fn dcutr_upgrades_a_relayed_connection_to_a_direct_one() {
     })
     .await
     .unwrap();
-    assert!(metric(&private, "ollamacron_hole_punch_attempts_total") >= 1.0);
-    assert!(metric(&other, "ollamacron_hole_punches_total{result=\"success\"}") >= 1.0);
+    assert!(metric_value(&private, "ollamacron_hole_punch_attempts_total") >= 1.0);
+    assert!(metric_value(&other, "ollamacron_hole_punches_total{result=\"success\"}") >= 1.0);
 }

@@ -441,3 +441,37 @@ fn api_commands_say_clearly_when_no_node_is_running() {
         );
     }
 }
+
+#[test]
+fn init_psk_writes_a_private_key_and_a_node_without_it_is_refused_and_logged() {
+    let dir = tempfile::tempdir().unwrap();
+    let key = dir.path().join("swarm.key");
+    let k = key.to_str().unwrap();
+    let out = node(&["init", "--psk", k], dir.path());
+    assert!(out.status.success(), "{}", text(&out.stderr));
+    assert!(text(&out.stdout).contains("require_auth: true"));
+    #[cfg(unix)]
+    {
+        use std::os::unix::fs::PermissionsExt;
+        let mode = std::fs::metadata(&key).unwrap().permissions().mode();
+        assert_eq!(mode & 0o777, 0o600);
+    }
+    let again = node(&["init", "--psk", k], dir.path());
+    assert_eq!(again.status.code(), Some(2), "never overwrites a key");
+    assert!(text(&again.stderr).contains("already exists"));
+
+    let (dir_a, dir_b) = (tempfile::tempdir().unwrap(), tempfile::tempdir().unwrap());
+    let psk = format!("psk_path={k}");
+    let a = spawn_run(dir_a.path(), &["--set", "require_auth=true", "--set", &psk]);
+    a.wait_for_line("private network");
+    let a_addr = listening_addr(&a);
+    a.wait_for_line("node running");
+    // A node without the key gives up on its own after its dial timeout.
+    let b = spawn_run(
+        dir_b.path(),
+        &["--bootstrap", &a_addr, "--set", "dial_timeout=2s"],
+    );
+    b.wait_for_line("node running");
+    let refusal = a.wait_for_line("refused a connection");
+    assert!(refusal.contains("network key"), "{refusal}");
+}

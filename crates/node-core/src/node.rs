@@ -1056,6 +1056,9 @@ impl SwarmTask {
                 );
             }
             Err(e) => {
+                if let DialError::Denied { cause } = &e {
+                    self.on_connection_denied(peer, "(outbound)", cause);
+                }
                 let _ = reply.send(Err(NodeError::Dial {
                     target,
                     reason: error_chain(&e),
