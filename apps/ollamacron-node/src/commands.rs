@@ -191,6 +191,32 @@ pub(crate) async fn status(api: &ApiClient, output: OutputArgs) -> anyhow::Resul
     };
     list("listen_addrs", "listening", &mut rows);
     list("external_addrs", "external", &mut rows);
+    let nat = &s["nat"];
+    let relays = nat["relays"].as_array().cloned().unwrap_or_default();
+    rows.push((
+        "relays".into(),
+        if relays.is_empty() {
+            "none (not reserved on any relay)".to_owned()
+        } else {
+            relays.iter().map(text).collect::<Vec<_>>().join(", ")
+        },
+    ));
+    rows.push((
+        "relay service".into(),
+        if nat["relay_service"] == true {
+            format!("on, {} circuits served", nat["circuits_served"])
+        } else {
+            "off".to_owned()
+        },
+    ));
+    let punch = &nat["hole_punch"];
+    rows.push((
+        "hole punching".into(),
+        format!(
+            "{} attempts, {} direct, {} failed",
+            punch["attempts"], punch["succeeded"], punch["failed"]
+        ),
+    ));
     let c = &s["connections"];
     rows.push((
         "connections".into(),

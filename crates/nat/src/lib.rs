@@ -63,6 +63,15 @@ pub fn is_relayed(address: &Multiaddr) -> bool {
     address.iter().any(|p| p == Protocol::P2pCircuit)
 }
 
+/// Whether an address is on the loopback interface (useless to a peer).
+fn is_loopback(address: &Multiaddr) -> bool {
+    address.iter().any(|p| match p {
+        Protocol::Ip4(ip) => ip.is_loopback(),
+        Protocol::Ip6(ip) => ip.is_loopback(),
+        _ => false,
+    })
+}
+
 /// What the NAT behaviour reports.
 #[derive(Debug)]
 pub enum NatEvent {
@@ -195,6 +204,7 @@ pub struct Behaviour {
     reservations: Reservations,
     retry: Option<Pin<Box<Sleep>>>,
     retry_at: Option<Instant>,
+    listens_beyond_loopback: bool,
     queued: VecDeque<ToSwarm<NatEvent, THandlerInEvent<Inner>>>,
 }
 
@@ -271,6 +281,7 @@ impl Behaviour {
             ),
             retry: None,
             retry_at: None,
+            listens_beyond_loopback: false,
             queued: VecDeque::new(),
         };
         if let Some(forced) = config.force_reachability {
@@ -581,7 +592,17 @@ impl NetworkBehaviour for Behaviour {
             FromSwarm::ConnectionClosed(closed) if closed.remaining_established == 0 => {
                 self.reservations.remove_candidate(&closed.peer_id);
             }
-            FromSwarm::ExternalAddrConfirmed(confirmed) if !is_relayed(confirmed.addr) => {
+            FromSwarm::NewListenAddr(listen)
+                if !is_relayed(listen.addr) && !is_loopback(listen.addr) =>
+            {
+                self.listens_beyond_loopback = true;
+            }
+            // A loopback address only helps a peer on the same host: it is
+            // a candidate only for a node that listens on nothing else.
+            FromSwarm::ExternalAddrConfirmed(confirmed)
+                if !is_relayed(confirmed.addr)
+                    && !(self.listens_beyond_loopback && is_loopback(confirmed.addr)) =>
+            {
                 // DCUtR learns hole punch candidates only from observed
                 // addresses, and the swarm drops an observation equal to
                 // a confirmed address (a forced-public node's listen

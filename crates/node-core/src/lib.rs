@@ -20,8 +20,8 @@ pub use http::{MAX_BODY_BYTES, MAX_LOOKUP_LIMIT, MAX_QUERY_VALUE_BYTES, MAX_QUER
 pub use identity::{IdentityError, load_or_create_identity};
 pub use metrics::MetricsSnapshot;
 pub use node::{
-    ConnectedPeer, ConnectionCounts, ConnectionKind, Node, NodeHandle, NodeStatus, PeerInfo,
-    Reachability, ServiceCounts,
+    ConnectedPeer, ConnectionCounts, ConnectionKind, HolePunchCounts, Node, NodeHandle, NodeStatus,
+    PeerInfo, Reachability, ServiceCounts, TraversalStatus,
 };
 pub use state::{NodeState, StateError};
 

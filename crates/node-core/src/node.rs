@@ -241,6 +241,8 @@ impl Node {
             mdns_silence_reported: false,
             config: self.config,
             shutdown_waiters: Vec::new(),
+            hole_punch: HolePunchCounts::default(),
+            circuits_served: 0,
         };
         tokio::spawn(task.run());
         if let Some((listener, local)) = api_listener {
@@ -395,6 +397,30 @@ pub enum ConnectionKind {
     None,
 }
 
+/// NAT traversal at a glance, in [`NodeStatus`].
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize)]
+pub struct TraversalStatus {
+    /// Relays holding a reservation of ours (peers reach us through them).
+    pub relays: Vec<PeerId>,
+    /// Whether we serve as a relay right now (public, relay service on).
+    pub relay_service: bool,
+    /// Circuits our relay service opened for other peers.
+    pub circuits_served: u64,
+    /// Hole punching (DCUtR) since start.
+    pub hole_punch: HolePunchCounts,
+}
+
+/// DCUtR outcomes since start, in [`TraversalStatus`].
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize)]
+pub struct HolePunchCounts {
+    /// Relayed connections on which hole punching started.
+    pub attempts: u64,
+    /// Punches that produced a direct connection.
+    pub succeeded: u64,
+    /// Punches that failed (the connection stays relayed).
+    pub failed: u64,
+}
+
 /// Connection counts in [`NodeStatus`].
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
 pub struct ConnectionCounts {
@@ -434,6 +460,8 @@ pub struct NodeStatus {
     pub external_addrs: Vec<Multiaddr>,
     /// Whether peers can reach us directly.
     pub reachability: Reachability,
+    /// Relays, hole punching and relay service.
+    pub nat: TraversalStatus,
     /// Open connections.
     pub connections: ConnectionCounts,
     /// Discovery sources and their counters.
@@ -872,6 +900,8 @@ struct SwarmTask {
     trimmed_total: u64,
     shutdown_timeout: Duration,
     shutdown_waiters: Vec<oneshot::Sender<()>>,
+    hole_punch: HolePunchCounts,
+    circuits_served: u64,
 }
 
 impl SwarmTask {
@@ -1094,7 +1124,14 @@ impl SwarmTask {
     }
 
     fn status(&self) -> NodeStatus {
-        let reachability = self.swarm.behaviour().nat.reachability().into();
+        let nat = &self.swarm.behaviour().nat;
+        let reachability = nat.reachability().into();
+        let nat = TraversalStatus {
+            relays: nat.active_relays(),
+            relay_service: nat.is_relaying(),
+            circuits_served: self.circuits_served,
+            hole_punch: self.hole_punch,
+        };
         NodeStatus {
             peer_id: *self.swarm.local_peer_id(),
             state: *self.state.borrow(),
@@ -1103,6 +1140,7 @@ impl SwarmTask {
             listen_addrs: self.listen_addrs.clone(),
             external_addrs: self.swarm.external_addresses().cloned().collect(),
             reachability,
+            nat,
             connections: ConnectionCounts {
                 peers: self.peers.len(),
                 inbound: self.count_direction(Direction::Inbound),
@@ -1329,6 +1367,7 @@ impl SwarmTask {
                     entry.relayed += 1;
                     if self.config.enable_hole_punch {
                         self.metrics.hole_punch_started();
+                        self.hole_punch.attempts += 1;
                     }
                 } else {
                     entry.direct += 1;

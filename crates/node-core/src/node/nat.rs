@@ -81,11 +81,13 @@ impl SwarmTask {
                 let error = match result {
                     Ok(_) => {
                         self.metrics.hole_punch(HolePunchOutcome::Success);
+                        self.hole_punch.succeeded += 1;
                         tracing::info!(%peer, "hole punch succeeded: direct connection");
                         None
                     }
                     Err(reason) => {
                         self.metrics.hole_punch(HolePunchOutcome::Failure);
+                        self.hole_punch.failed += 1;
                         tracing::info!(%peer, %reason, "hole punch failed: staying on the relay");
                         Some(reason)
                     }
@@ -124,6 +126,7 @@ impl SwarmTask {
             }
             RelayServerEvent::CircuitAccepted { src, dst } => {
                 self.metrics.relay_served(RelayOutcome::Accepted, true);
+                self.circuits_served += 1;
                 tracing::debug!(%src, %dst, "relay: circuit opened");
             }
             RelayServerEvent::CircuitDenied { src, dst, status } => {
