@@ -4,6 +4,7 @@
 #![allow(clippy::print_stdout, clippy::print_stderr)]
 
 mod mesh;
+mod nat_test;
 
 use std::process::{Command, ExitCode};
 use std::time::Instant;
@@ -39,6 +40,10 @@ enum Task {
     Mesh(mesh::MeshArgs),
     /// Run the criterion benches (scoring, records, ranking) and summarise.
     Bench,
+    /// Two nodes behind their own NAT routers and a public relay, in
+    /// network namespaces: AutoNAT, relaying, DCUtR over TCP and QUIC, and
+    /// a service found across the NATs (needs root, iproute2, iptables).
+    NatTest(nat_test::NatTestArgs),
 }
 
 fn main() -> ExitCode {
@@ -51,6 +56,10 @@ fn main() -> ExitCode {
             None => build_node().and_then(|binary| mesh::mesh(&binary, &args)),
         },
         Task::Bench => bench(),
+        Task::NatTest(args) => match &args.binary {
+            Some(binary) => nat_test::nat_test(binary, &args),
+            None => build_debug_node().and_then(|binary| nat_test::nat_test(&binary, &args)),
+        },
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,
@@ -152,6 +161,23 @@ fn ci(fail_fast: bool) -> anyhow::Result<()> {
     }
 
     if !fail_fast || failed.is_empty() {
+        println!("==> nat-test: cargo xtask nat-test");
+        let nat_started = Instant::now();
+        let nat = build_debug_node()
+            .and_then(|binary| nat_test::nat_test(&binary, &nat_test::NatTestArgs::default()));
+        match nat {
+            Ok(()) => println!(
+                "==> nat-test: ok ({:.1}s)",
+                nat_started.elapsed().as_secs_f64()
+            ),
+            Err(e) => {
+                eprintln!("==> nat-test: FAILED: {e:#}");
+                failed.push("nat-test");
+            }
+        }
+    }
+
+    if !fail_fast || failed.is_empty() {
         match ensure_cargo_deny() {
             Ok(()) => {
                 println!(
@@ -202,6 +228,31 @@ fn convergence(nodes: &[usize]) -> anyhow::Result<()> {
     }
 }
 
+/// Build the debug binary (the one the tests use); its path.
+fn build_debug_node() -> anyhow::Result<std::path::PathBuf> {
+    let mut command = cargo();
+    command.args(["build", "--locked", "--package", "ollamacron-node"]);
+    if !run_step("build", &mut command) {
+        bail!("building ollamacron-node failed");
+    }
+    let binary = target_dir().join("debug").join("ollamacron-node");
+    if !binary.exists() {
+        bail!("no binary at {}", binary.display());
+    }
+    Ok(binary)
+}
+
+fn target_dir() -> std::path::PathBuf {
+    std::env::var_os("CARGO_TARGET_DIR").map_or_else(
+        || {
+            std::path::PathBuf::from(env!("CARGO_MANIFEST_DIR"))
+                .join("..")
+                .join("target")
+        },
+        std::path::PathBuf::from,
+    )
+}
+
 /// Build the release binary; its path.
 fn build_node() -> anyhow::Result<std::path::PathBuf> {
     let mut command = cargo();
@@ -215,15 +266,7 @@ fn build_node() -> anyhow::Result<std::path::PathBuf> {
     if !run_step("build", &mut command) {
         bail!("building ollamacron-node failed");
     }
-    let target = std::env::var_os("CARGO_TARGET_DIR").map_or_else(
-        || {
-            std::path::PathBuf::from(env!("CARGO_MANIFEST_DIR"))
-                .join("..")
-                .join("target")
-        },
-        std::path::PathBuf::from,
-    );
-    let binary = target.join("release").join("ollamacron-node");
+    let binary = target_dir().join("release").join("ollamacron-node");
     if !binary.exists() {
         bail!("no binary at {}", binary.display());
     }

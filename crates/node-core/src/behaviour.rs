@@ -148,7 +148,11 @@ impl NodeBehaviour {
         let identify = identify::Behaviour::new(
             identify::Config::new(PROTOCOL_VERSION.to_owned(), key.public())
                 .with_agent_version(agent_version())
-                .with_push_listen_addr_updates(true),
+                .with_push_listen_addr_updates(true)
+                // Announce what we confirmed as reachable (listen addresses
+                // beyond loopback, relay addresses, AutoNAT's findings), not
+                // every interface we bind.
+                .with_hide_listen_addrs(true),
         );
         let ping = ping::Behaviour::new(ping::Config::new().with_interval(config.ping_interval));
         let bootstrap = bootstrap::Behaviour::new(

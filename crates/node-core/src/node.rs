@@ -214,6 +214,7 @@ impl Node {
             grace: self.config.conn_mgr_grace,
         };
         let shutdown_timeout = self.config.shutdown_timeout;
+        let loopback_only = self.config.listen.iter().all(is_loopback);
         let task = SwarmTask {
             keypair,
             registry: registry_state,
@@ -243,6 +244,7 @@ impl Node {
             shutdown_waiters: Vec::new(),
             hole_punch: HolePunchCounts::default(),
             circuits_served: 0,
+            loopback_only,
         };
         tokio::spawn(task.run());
         if let Some((listener, local)) = api_listener {
@@ -333,6 +335,15 @@ fn error_chain(e: &dyn std::error::Error) -> String {
         source = s.source();
     }
     out
+}
+
+/// Whether an address is on the loopback interface.
+pub(crate) fn is_loopback(addr: &Multiaddr) -> bool {
+    addr.iter().any(|p| match p {
+        Protocol::Ip4(ip) => ip.is_loopback(),
+        Protocol::Ip6(ip) => ip.is_loopback(),
+        _ => false,
+    })
 }
 
 /// `addr` ending in `/p2p/<peer>`; relay circuit addresses already do.
@@ -902,6 +913,10 @@ struct SwarmTask {
     shutdown_waiters: Vec<oneshot::Sender<()>>,
     hole_punch: HolePunchCounts,
     circuits_served: u64,
+    /// Every configured listen address is on loopback (tests, one host):
+    /// then loopback addresses are announced and dialed; otherwise a
+    /// peer's loopback address would only reach ourselves.
+    loopback_only: bool,
 }
 
 impl SwarmTask {
@@ -954,6 +969,12 @@ impl SwarmTask {
             }
         }
         self.stop().await;
+    }
+
+    /// Whether a peer's address is worth dialing: a loopback address of
+    /// another host only leads back to ourselves.
+    fn usable_remote(&self, addr: &Multiaddr) -> bool {
+        self.loopback_only || !is_loopback(addr)
     }
 
     fn set_state(&mut self, to: NodeState) {
@@ -1258,7 +1279,9 @@ impl SwarmTask {
                 self.on_gossip(event);
             }
             SwarmEvent::NewExternalAddrOfPeer { peer_id, address } => {
-                self.table.add_address(&peer_id, &address);
+                if self.usable_remote(&address) {
+                    self.table.add_address(&peer_id, &address);
+                }
             }
             SwarmEvent::Behaviour(NodeBehaviourEvent::Ping(event)) => {
                 self.metrics.libp2p.record(&event);
@@ -1279,9 +1302,12 @@ impl SwarmTask {
                 if !self.listen_addrs.contains(&address) {
                     self.listen_addrs.push(address.clone());
                 }
-                // Until reachability detection lands, what we listen on is
-                // what we announce (identify, DHT provider records).
-                self.swarm.add_external_address(address.clone());
+                // What we listen on is what we announce (identify, DHT
+                // provider records), with relay addresses and AutoNAT's
+                // findings added; loopback only when that is all we have.
+                if self.loopback_only || !is_loopback(&address) {
+                    self.swarm.add_external_address(address.clone());
+                }
                 if let Some(l) = self.listeners.get_mut(&listener_id) {
                     l.reported = true;
                 }
@@ -1718,7 +1744,13 @@ impl SwarmTask {
     /// What identify tells discovery: the peer's addresses, whether it
     /// speaks our DHT, and whether it is an Ollamacron node at all.
     fn on_identified(&mut self, peer: PeerId, info: &identify::Info) {
-        self.discovered(peer, &info.listen_addrs, DiscoverySource::Identify);
+        let addresses: Vec<Multiaddr> = info
+            .listen_addrs
+            .iter()
+            .filter(|a| self.usable_remote(a))
+            .cloned()
+            .collect();
+        self.discovered(peer, &addresses, DiscoverySource::Identify);
         if info.protocol_version != PROTOCOL_VERSION {
             self.table.set_foreign(&peer);
             if self.auto_dialed.contains(&peer) {
@@ -1729,7 +1761,7 @@ impl SwarmTask {
         }
         let speaks_dht = info.protocols.contains(&KAD_PROTOCOL);
         if let (true, Some(dht)) = (speaks_dht, self.swarm.behaviour_mut().dht.as_mut()) {
-            for addr in info.listen_addrs.iter().take(MAX_IDENTIFY_ADDRESSES) {
+            for addr in addresses.iter().take(MAX_IDENTIFY_ADDRESSES) {
                 dht.add_address(&peer, addr.clone());
             }
             dht.peer_speaks_dht(peer);

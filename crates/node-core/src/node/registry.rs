@@ -285,6 +285,7 @@ impl SwarmTask {
         self.swarm
             .external_addresses()
             .chain(self.listen_addrs.iter())
+            .filter(|a| self.loopback_only || !super::is_loopback(a))
             .filter(|a| {
                 !a.iter().any(|p| match p {
                     Protocol::Ip4(ip) => ip.is_unspecified(),
@@ -1040,6 +1041,7 @@ impl SwarmTask {
             .flat_map(|s| s.addresses.iter())
             .filter_map(|a| a.parse::<Multiaddr>().ok())
             .filter(|a| matches!(a.iter().last(), Some(Protocol::P2p(p)) if p == peer))
+            .filter(|a| self.usable_remote(a))
             .collect::<HashSet<_>>()
             .into_iter()
             .take(MAX_HEALTH_DIAL_ADDRESSES)
