@@ -4,9 +4,10 @@ mod config;
 mod inner;
 mod reservations;
 
-use std::collections::VecDeque;
+use std::collections::{HashMap, HashSet, VecDeque};
 use std::fmt;
 use std::pin::Pin;
+use std::sync::{Arc, RwLock};
 use std::task::{Context, Poll};
 use std::time::Duration;
 
@@ -70,6 +71,38 @@ fn is_loopback(address: &Multiaddr) -> bool {
         Protocol::Ip6(ip) => ip.is_loopback(),
         _ => false,
     })
+}
+
+/// The peers we reach only through a relay, shared with the transport.
+///
+/// A direct dial to such a peer is (or may become) a hole punch, and a TCP
+/// hole punch needs the dial to leave from the listening port: a transport
+/// that otherwise dials from fresh ports asks [`RelayedPeers::contains`]
+/// before choosing one.
+#[derive(Debug, Clone, Default)]
+pub struct RelayedPeers(Arc<RwLock<HashSet<PeerId>>>);
+
+impl RelayedPeers {
+    /// Whether `peer` is connected through a relay only.
+    #[must_use]
+    pub fn contains(&self, peer: &PeerId) -> bool {
+        self.0
+            .read()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+            .contains(peer)
+    }
+
+    fn set(&self, peer: PeerId, relayed_only: bool) {
+        let mut set = self
+            .0
+            .write()
+            .unwrap_or_else(std::sync::PoisonError::into_inner);
+        if relayed_only {
+            set.insert(peer);
+        } else {
+            set.remove(&peer);
+        }
+    }
 }
 
 /// What the NAT behaviour reports.
@@ -205,6 +238,9 @@ pub struct Behaviour {
     retry: Option<Pin<Box<Sleep>>>,
     retry_at: Option<Instant>,
     listens_beyond_loopback: bool,
+    /// Open (direct, relayed) connections per peer.
+    connection_kinds: HashMap<PeerId, (usize, usize)>,
+    relayed_peers: RelayedPeers,
     queued: VecDeque<ToSwarm<NatEvent, THandlerInEvent<Inner>>>,
 }
 
@@ -282,12 +318,50 @@ impl Behaviour {
             retry: None,
             retry_at: None,
             listens_beyond_loopback: false,
+            connection_kinds: HashMap::new(),
+            relayed_peers: RelayedPeers::default(),
             queued: VecDeque::new(),
         };
         if let Some(forced) = config.force_reachability {
             behaviour.apply(forced);
         }
         behaviour
+    }
+
+    /// The peers reached only through a relay, kept up to date (for the
+    /// transport, see [`RelayedPeers`]).
+    #[must_use]
+    pub fn relayed_peers(&self) -> RelayedPeers {
+        self.relayed_peers.clone()
+    }
+
+    /// Count a connection opened (`+1`) or closed (`-1`) and update
+    /// [`RelayedPeers`].
+    fn track_connection(&mut self, peer: PeerId, relayed: bool, opened: bool) {
+        let counts = self.connection_kinds.entry(peer).or_default();
+        let slot = if relayed {
+            &mut counts.1
+        } else {
+            &mut counts.0
+        };
+        *slot = if opened {
+            slot.saturating_add(1)
+        } else {
+            slot.saturating_sub(1)
+        };
+        let (direct, relayed_count) = *counts;
+        if direct == 0 && relayed_count == 0 {
+            self.connection_kinds.remove(&peer);
+        }
+        self.relayed_peers
+            .set(peer, direct == 0 && relayed_count > 0);
+    }
+
+    /// Whether a confirmed address of ours is worth offering for hole
+    /// punching: not relayed, and loopback only on a loopback-only node.
+    fn is_punch_candidate(&self, address: &Multiaddr) -> bool {
+        let useless_loopback = self.listens_beyond_loopback && is_loopback(address);
+        !is_relayed(address) && !useless_loopback
     }
 
     /// Our reachability: forced, detected, or unknown.
@@ -589,8 +663,14 @@ impl NetworkBehaviour for Behaviour {
                     });
                 }
             }
-            FromSwarm::ConnectionClosed(closed) if closed.remaining_established == 0 => {
-                self.reservations.remove_candidate(&closed.peer_id);
+            FromSwarm::ConnectionEstablished(established) => {
+                self.track_connection(established.peer_id, established.endpoint.is_relayed(), true);
+            }
+            FromSwarm::ConnectionClosed(closed) => {
+                self.track_connection(closed.peer_id, closed.endpoint.is_relayed(), false);
+                if closed.remaining_established == 0 {
+                    self.reservations.remove_candidate(&closed.peer_id);
+                }
             }
             FromSwarm::NewListenAddr(listen)
                 if !is_relayed(listen.addr) && !is_loopback(listen.addr) =>
@@ -600,8 +680,7 @@ impl NetworkBehaviour for Behaviour {
             // A loopback address only helps a peer on the same host: it is
             // a candidate only for a node that listens on nothing else.
             FromSwarm::ExternalAddrConfirmed(confirmed)
-                if !is_relayed(confirmed.addr)
-                    && !(self.listens_beyond_loopback && is_loopback(confirmed.addr)) =>
+                if self.is_punch_candidate(confirmed.addr) =>
             {
                 // DCUtR learns hole punch candidates only from observed
                 // addresses, and the swarm drops an observation equal to

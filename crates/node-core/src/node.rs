@@ -154,9 +154,15 @@ impl Node {
         let (nat, relay_transport) =
             ollamacron_nat::Behaviour::new(peer_id, &nat_config(&self.config));
         let mut registry = Registry::default();
-        let transport =
-            build_transport(&keypair, &self.config, &mut registry, relay_transport, psk)
-                .map_err(fail)?;
+        let transport = build_transport(
+            &keypair,
+            &self.config,
+            &mut registry,
+            relay_transport,
+            nat.relayed_peers(),
+            psk,
+        )
+        .map_err(fail)?;
         log_inactive_settings(&self.config);
         let (behaviour, mdns_error) = NodeBehaviour::new(&keypair, &self.config, nat);
         if let Some(reason) = &mdns_error {
@@ -971,6 +977,38 @@ impl SwarmTask {
         self.stop().await;
     }
 
+    /// Two nodes that dial each other through a relay at once end up with
+    /// two circuits, and two hole punches that fight over the same ports.
+    /// Both sides keep the circuit the smaller peer id dialed (the oldest
+    /// one, if several) and close the others.
+    fn close_redundant_relayed(&mut self, peer: PeerId) {
+        let keep_direction = if *self.swarm.local_peer_id() < peer {
+            Direction::Outbound
+        } else {
+            Direction::Inbound
+        };
+        let mut relayed: Vec<(ConnectionId, Direction, Instant)> = self
+            .connections
+            .iter()
+            .filter(|(_, c)| c.peer == peer && c.relayed)
+            .map(|(id, c)| (*id, c.direction, c.established))
+            .collect();
+        relayed.sort_by_key(|(_, direction, established)| {
+            (*direction != keep_direction, *established)
+        });
+        let Some((keep, direction, _)) = relayed.first().copied() else {
+            return;
+        };
+        if direction != keep_direction {
+            // The circuit to keep has not arrived (yet): wait for it.
+            return;
+        }
+        for (id, _, _) in relayed.into_iter().filter(|(id, _, _)| *id != keep) {
+            tracing::debug!(%peer, connection = ?id, "closing a redundant relayed connection");
+            self.swarm.close_connection(id);
+        }
+    }
+
     /// Whether a peer's address is worth dialing: a loopback address of
     /// another host only leads back to ourselves.
     fn usable_remote(&self, addr: &Multiaddr) -> bool {
@@ -1278,10 +1316,10 @@ impl SwarmTask {
                 self.metrics.libp2p.record(&event);
                 self.on_gossip(event);
             }
-            SwarmEvent::NewExternalAddrOfPeer { peer_id, address } => {
-                if self.usable_remote(&address) {
-                    self.table.add_address(&peer_id, &address);
-                }
+            SwarmEvent::NewExternalAddrOfPeer { peer_id, address }
+                if self.usable_remote(&address) =>
+            {
+                self.table.add_address(&peer_id, &address);
             }
             SwarmEvent::Behaviour(NodeBehaviourEvent::Ping(event)) => {
                 self.metrics.libp2p.record(&event);
@@ -1391,6 +1429,9 @@ impl SwarmTask {
                 let entry = self.peers.entry(peer_id).or_default();
                 if relayed {
                     entry.relayed += 1;
+                    if entry.relayed > 1 {
+                        self.close_redundant_relayed(peer_id);
+                    }
                     if self.config.enable_hole_punch {
                         self.metrics.hole_punch_started();
                         self.hole_punch.attempts += 1;
@@ -1590,6 +1631,17 @@ impl SwarmTask {
         let Some(addresses) = self.table.dial_candidate(&peer, Instant::now()) else {
             return;
         };
+        // Relay circuits are scarce (the relay limits them): discovery
+        // alone never spends one. A peer reachable only through a relay is
+        // dialed when its services are checked or used.
+        let addresses: Vec<Multiaddr> = addresses
+            .into_iter()
+            .filter(|a| !ollamacron_nat::is_relayed(a))
+            .collect();
+        if addresses.is_empty() {
+            tracing::debug!(%peer, "reachable only through a relay; not dialed for discovery");
+            return;
+        }
         let opts = DialOpts::peer_id(peer)
             .addresses(addresses)
             .condition(PeerCondition::DisconnectedAndNotDialing)

@@ -27,6 +27,7 @@ use libp2p::metrics::{BandwidthTransport, Registry};
 use libp2p::pnet::{PnetConfig, PreSharedKey};
 use libp2p::{Multiaddr, PeerId, Transport, dns, noise, quic, tcp, tls, websocket, yamux};
 use ollamacron_config::NodeConfig;
+use ollamacron_nat::RelayedPeers;
 
 use crate::error::NodeError;
 
@@ -47,10 +48,14 @@ pub(crate) fn build_transport(
     config: &NodeConfig,
     registry: &mut Registry,
     relay: libp2p::relay::client::Transport,
+    relayed_peers: RelayedPeers,
     psk: Option<PreSharedKey>,
 ) -> Result<NodeTransport, NodeError> {
     let tcp_config = tcp::Config::default().nodelay(true);
-    let fresh_tcp = FreshSourcePort(tcp::tokio::Transport::new(tcp_config.clone()));
+    let fresh_tcp = FreshSourcePort {
+        inner: tcp::tokio::Transport::new(tcp_config.clone()),
+        keep_port_for: relayed_peers.clone(),
+    };
     let (tcp, relay) = match psk {
         Some(psk) => (
             secure_and_multiplex(
@@ -72,12 +77,14 @@ pub(crate) fn build_transport(
     let tcp = if config.enable_websocket && psk.is_none() {
         // DNS goes inside WebSocket so `/dns4/<host>/.../wss` keeps the host
         // name for TLS.
-        let inner =
-            dns::tokio::Transport::system(FreshSourcePort(tcp::tokio::Transport::new(tcp_config)))
-                .map_err(|e| NodeError::Transport {
-                    what: "DNS",
-                    reason: format!("cannot read the system resolver configuration: {e}"),
-                })?;
+        let inner = dns::tokio::Transport::system(FreshSourcePort {
+            inner: tcp::tokio::Transport::new(tcp_config),
+            keep_port_for: relayed_peers,
+        })
+        .map_err(|e| NodeError::Transport {
+            what: "DNS",
+            reason: format!("cannot read the system resolver configuration: {e}"),
+        })?;
         let ws = secure_and_multiplex(websocket::Config::new(inner), key, config)?;
         ws.or_transport(tcp)
             .map(|either, _| either.into_inner())
@@ -125,10 +132,24 @@ pub(crate) fn build_transport(
 /// other through mDNS or the DHT), the two dials share one address pair and
 /// the kernel merges them into a single simultaneous-open connection on
 /// which both sides act as the dialer: the security handshake fails and
-/// neither dial succeeds. A fresh port per dial avoids that. Only a
-/// hole-punch (role `Listener`) needs the listening port, and keeps it.
+/// neither dial succeeds. A fresh port per dial avoids that. A hole punch
+/// needs the listening port (the NAT mapping the peer aims at): a dial
+/// with role `Listener`, or any direct dial to a peer we reach only
+/// through a relay (DCUtR's other side dials with role `Dialer`), keeps it.
 #[derive(Debug)]
-struct FreshSourcePort<T>(T);
+struct FreshSourcePort<T> {
+    inner: T,
+    keep_port_for: RelayedPeers,
+}
+
+impl<T> FreshSourcePort<T> {
+    fn is_hole_punch(&self, addr: &Multiaddr) -> bool {
+        match addr.iter().last() {
+            Some(libp2p::multiaddr::Protocol::P2p(peer)) => self.keep_port_for.contains(&peer),
+            _ => false,
+        }
+    }
+}
 
 impl<T: Transport + Unpin> Transport for FreshSourcePort<T> {
     type Output = T::Output;
@@ -141,11 +162,11 @@ impl<T: Transport + Unpin> Transport for FreshSourcePort<T> {
         id: ListenerId,
         addr: Multiaddr,
     ) -> Result<(), TransportError<Self::Error>> {
-        self.0.listen_on(id, addr)
+        self.inner.listen_on(id, addr)
     }
 
     fn remove_listener(&mut self, id: ListenerId) -> bool {
-        self.0.remove_listener(id)
+        self.inner.remove_listener(id)
     }
 
     fn dial(
@@ -153,17 +174,17 @@ impl<T: Transport + Unpin> Transport for FreshSourcePort<T> {
         addr: Multiaddr,
         mut opts: TransportDialOpts,
     ) -> Result<Self::Dial, TransportError<Self::Error>> {
-        if opts.role == Endpoint::Dialer {
+        if opts.role == Endpoint::Dialer && !self.is_hole_punch(&addr) {
             opts.port_use = PortUse::New;
         }
-        self.0.dial(addr, opts)
+        self.inner.dial(addr, opts)
     }
 
     fn poll(
         mut self: Pin<&mut Self>,
         cx: &mut Context<'_>,
     ) -> Poll<TransportEvent<Self::ListenerUpgrade, Self::Error>> {
-        Pin::new(&mut self.0).poll(cx)
+        Pin::new(&mut self.inner).poll(cx)
     }
 }
 

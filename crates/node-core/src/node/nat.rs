@@ -66,7 +66,7 @@ impl SwarmTask {
                         "relay reservation lost or refused; retrying"
                     ),
                     None => {
-                        tracing::warn!(%relay, %reason, "relay reservation failed repeatedly; trying another relay")
+                        tracing::warn!(%relay, %reason, "relay reservation failed repeatedly; trying another relay");
                     }
                 }
                 self.emit(NodeEvent::RelayReservation {
