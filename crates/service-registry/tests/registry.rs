@@ -255,3 +255,48 @@ fn ranking_filters_on_measurements_and_breaks_ties_by_peer_then_id() {
         .collect();
     assert_eq!(top, ["s1", "s9"]);
 }
+
+#[test]
+fn an_rtt_through_a_relay_lowers_the_score_but_never_hides_the_peer() {
+    let direct = |ms| QualityInputs {
+        measured_rtt: Some(Duration::from_millis(ms)),
+        measured_reliability: Some(1.0),
+        since_last_good_check: Some(Duration::ZERO),
+        ..QualityInputs::default()
+    };
+    let relayed = QualityInputs {
+        rtt_via_relay: true,
+        ..direct(400)
+    };
+    let candidates = vec![
+        candidate("peer-direct-fast", "a", "eu", direct(20)),
+        candidate("peer-direct-slow", "b", "eu", direct(400)),
+        candidate("peer-relayed", "c", "eu", relayed),
+    ];
+    let weights = ScoreWeights::default();
+    let bounded = ServiceQuery {
+        max_latency_ms: Some(100.0),
+        ..ServiceQuery::default()
+    };
+    let ids: Vec<String> = rank_services(candidates.clone(), &bounded, &weights)
+        .into_iter()
+        .map(|r| r.service.id)
+        .collect();
+    // The slow direct peer is filtered; the relayed one, whose RTT is the
+    // relay path's and says nothing against the peer, is kept, below the
+    // fast one.
+    assert_eq!(ids, ["a", "c"]);
+    let all = rank_services(candidates, &ServiceQuery::default(), &weights);
+    let score = |id: &str| {
+        all.iter()
+            .find(|r| r.service.id == id)
+            .map(|r| r.score)
+            .unwrap()
+    };
+    assert!(score("c").latency > 0.0 && score("c").total.is_finite());
+    assert!(score("c").latency < score("a").latency);
+    assert!(
+        (score("c").latency - score("b").latency).abs() < 1e-9,
+        "scored as measured"
+    );
+}
