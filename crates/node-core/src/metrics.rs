@@ -305,7 +305,7 @@ impl NodeMetrics {
         let lookups = Family::<AnswerLabel, Counter>::default();
         ours.register(
             "service_lookups",
-            "Service lookups, by how they were answered (cache, walk, deadline)",
+            "Service lookups, by how they were answered (cache, first_match, walk, deadline)",
             lookups.clone(),
         );
         let build = Family::<VersionLabel, Gauge>::default();

@@ -836,26 +836,36 @@ impl SwarmTask {
         }
     }
 
-    /// Answer every lookup whose walk and record fetches are done, or whose
-    /// deadline passed (with what it has); `all` answers every one (shutdown).
+    /// Answer every lookup whose record fetches are done and whose walk is
+    /// done or already found a match, or whose deadline passed (with what
+    /// it has); `all` answers every one (shutdown).
     pub(super) fn answer_lookups(&mut self, all: bool) {
         let now = Instant::now();
-        let (ready, waiting): (Vec<PendingLookup>, Vec<PendingLookup>) =
-            std::mem::take(&mut self.registry.lookups)
-                .into_iter()
-                .partition(|l| {
-                    all || (l.walk_done && l.outstanding.is_empty()) || l.deadline <= now
+        let mut waiting = Vec::new();
+        for lookup in std::mem::take(&mut self.registry.lookups) {
+            let settled = lookup.outstanding.is_empty();
+            // With no fetch in flight, a lookup answers once the walk is
+            // done or, before that, as soon as a verified record matches:
+            // the walk goes on and later lookups see what else it finds.
+            let answer = (all || settled || lookup.deadline <= now)
+                .then(|| self.rank(&lookup.query))
+                .filter(|answer| {
+                    all || lookup.deadline <= now || lookup.walk_done || !answer.is_empty()
                 });
-        self.registry.lookups = waiting;
-        for lookup in ready {
-            let label = if lookup.walk_done && lookup.outstanding.is_empty() {
-                "walk"
-            } else {
-                "deadline"
-            };
-            self.metrics.lookup_answered(label);
-            let _ = lookup.reply.send(self.rank(&lookup.query));
+            match answer {
+                Some(answer) => {
+                    let label = match (settled, lookup.walk_done) {
+                        (true, true) => "walk",
+                        (true, false) if !answer.is_empty() => "first_match",
+                        _ => "deadline",
+                    };
+                    self.metrics.lookup_answered(label);
+                    let _ = lookup.reply.send(answer);
+                }
+                None => waiting.push(lookup),
+            }
         }
+        self.registry.lookups = waiting;
     }
 
     /// Every matching service we know — ours and those of unexpired
