@@ -33,6 +33,7 @@ const API: &str = "127.0.0.1:11437";
 const POLL_INTERVAL: Duration = Duration::from_millis(100);
 /// Prefix of every namespace this test creates.
 const NS_PREFIX: &str = "ocn";
+/// Set `NAT_TEST_KEEP=1` to keep the logs and configs of passing runs too.
 /// Lines of each node's log printed when a scenario fails
 /// (`NAT_TEST_LOG_LINES` overrides).
 static LOG_TAIL_LINES: std::sync::LazyLock<usize> = std::sync::LazyLock::new(|| {
@@ -195,7 +196,7 @@ impl Drop for Scenario {
                 eprintln!("nat-test: LEFT BEHIND network namespace {ns}: {e}");
             }
         }
-        if self.passed {
+        if self.passed && std::env::var_os("NAT_TEST_KEEP").is_none() {
             let _ = std::fs::remove_dir_all(&self.dir);
         } else {
             eprintln!("nat-test: logs and configs kept in {}", self.dir.display());

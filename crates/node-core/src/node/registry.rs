@@ -1058,7 +1058,11 @@ impl SwarmTask {
             .collect();
         let opts = DialOpts::peer_id(peer)
             .addresses(addresses)
-            .condition(PeerCondition::DisconnectedAndNotDialing)
+            .extend_addresses_through_behaviour()
+            // Not blocked by a dial already under way: discovery may be
+            // stuck on an address that never answers (a LAN address behind
+            // another NAT) while this dial has the relay address.
+            .condition(PeerCondition::Disconnected)
             .build();
         let id = opts.connection_id();
         match self.swarm.dial(opts) {
