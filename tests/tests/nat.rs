@@ -269,3 +269,46 @@ async fn dcutr_upgrades_a_relayed_connection_to_a_direct_one() {
     assert!(metric_value(&private, "ollamacron_hole_punch_attempts_total") >= 1.0);
     assert!(metric_value(&other, "ollamacron_hole_punches_total{result=\"success\"}") >= 1.0);
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn without_configured_relays_a_private_node_reserves_on_a_discovered_one() {
+    let (relay, relay_addr) = relay(&[]).await;
+    // No relay_nodes: the relay is only a bootstrap peer here, and is
+    // chosen because identify says it offers relay service.
+    let bootstrap = format!("[{relay_addr}]");
+    let private = start(loopback_config(
+        TCP_ONLY,
+        &[
+            ("force_reachability", "private"),
+            ("bootstrap", bootstrap.as_str()),
+        ],
+    ))
+    .await
+    .unwrap();
+    let circuit = eventually("a reservation on the discovered relay", || {
+        let private = private.clone();
+        async move { circuit_addrs(&private).await.into_iter().next() }
+    })
+    .await
+    .unwrap();
+    assert!(circuit.to_string().contains(&relay.peer_id().to_string()));
+    let status = private.status().await.unwrap();
+    assert_eq!(status.nat.relays, vec![relay.peer_id()]);
+    // Private: Kademlia runs in client mode.
+    let dht = status
+        .discovery
+        .sources
+        .iter()
+        .find(|s| s.source == ollamacron_node_core::DiscoverySource::Dht)
+        .unwrap();
+    assert!(dht.detail.starts_with("client mode"), "{}", dht.detail);
+    let relay_status = relay.status().await.unwrap();
+    assert!(relay_status.nat.relay_service);
+    assert!(
+        relay_status
+            .discovery
+            .sources
+            .iter()
+            .any(|s| s.detail.starts_with("server mode"))
+    );
+}

@@ -459,6 +459,24 @@ impl Scenario {
             Ok((a["reachability"] == "private" && b["reachability"] == "private").then_some(()))
         })?;
         let private = started.elapsed();
+        // Kademlia follows: client mode while private.
+        for (label, ns) in [("A", &a_ns), ("B", &b_ns)] {
+            let status = self.cli(ns, &["status"])?;
+            let client = status["discovery"]["sources"].as_array().is_some_and(|s| {
+                s.iter().any(|s| {
+                    s["source"] == "dht"
+                        && s["detail"]
+                            .as_str()
+                            .is_some_and(|d| d.starts_with("client mode"))
+                })
+            });
+            if !client {
+                bail!(
+                    "{label} is private but its DHT is not in client mode: {}",
+                    status["discovery"]
+                );
+            }
+        }
         // ... and reserve a slot on the relay.
         self.wait(
             deadline,
