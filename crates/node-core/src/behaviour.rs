@@ -225,3 +225,42 @@ impl NodeBehaviour {
         (behaviour, mdns_error)
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn relay_limit_defaults_are_the_nat_crates() {
+        let config = NodeConfig {
+            enable_nat_service: true,
+            ..NodeConfig::default()
+        };
+        assert_eq!(
+            nat_config(&config).relay_server,
+            Some(RelayLimits::default())
+        );
+        assert_eq!(nat_config(&NodeConfig::default()).relay_server, None);
+        let relay = NodeConfig {
+            node_type: NodeType::Relay,
+            ..NodeConfig::default()
+        };
+        assert!(nat_config(&relay).relay_server.is_some());
+    }
+
+    #[test]
+    fn kademlia_mode_follows_reachability_only_in_auto() {
+        let auto = NodeConfig::default();
+        assert_eq!(dht_mode(&auto, nat::Reachability::Private), DhtMode::Client);
+        assert_eq!(dht_mode(&auto, nat::Reachability::Public), DhtMode::Server);
+        assert_eq!(dht_mode(&auto, nat::Reachability::Unknown), DhtMode::Server);
+        let server = NodeConfig {
+            dht_mode: ConfigDhtMode::Server,
+            ..NodeConfig::default()
+        };
+        assert_eq!(
+            dht_mode(&server, nat::Reachability::Private),
+            DhtMode::Server
+        );
+    }
+}
