@@ -5,6 +5,7 @@
 #![allow(clippy::panic)]
 
 pub mod kad_peer;
+pub mod ollama_standin;
 pub mod probe;
 
 use std::time::Duration;

@@ -20,7 +20,9 @@ use std::process::ExitCode;
 use anyhow::Context;
 use clap::{Args, Parser, Subcommand, ValueEnum};
 use ollamacron_config::{ConfigError, ConfigLoader, LogFormat, NodeConfig};
+use ollamacron_gateway::OllamaAdvertiser;
 use ollamacron_node_core::{Node, NodeError, NodeState, load_or_create_identity};
+use ollamacron_ollama::{OllamaClient, OllamaEndpoint, OllamaWatcher, WatchConfig};
 use tracing_subscriber::EnvFilter;
 use tracing_subscriber::fmt::format::FmtSpan;
 
@@ -199,6 +201,9 @@ impl ConfigArgs {
     }
 }
 
+/// Longest one request to the local Ollama may take.
+const OLLAMA_REQUEST_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(10);
+
 fn main() -> ExitCode {
     let cli = Cli::parse();
     match cli.command {
@@ -340,6 +345,7 @@ async fn serve(config: NodeConfig) -> anyhow::Result<()> {
     if !config.api_listen.ip().is_loopback() && config.enable_metrics {
         tracing::warn!(api_listen = %config.api_listen, "the HTTP API listens beyond loopback");
     }
+    let ollama = ollama_client(&config)?;
     let node = tokio::select! {
         node = Node::new(config).start() => node?,
         signal = &mut signal => {
@@ -348,6 +354,13 @@ async fn serve(config: NodeConfig) -> anyhow::Result<()> {
         }
     };
     tracing::info!(peer_id = %node.peer_id(), "ollamacron-node {} started", env!("CARGO_PKG_VERSION"));
+    // Advertise the local Ollama's models; both stop with the node.
+    let _ollama = ollama.map(|(client, config)| {
+        tracing::info!(url = %client.endpoint(), "advertising the local Ollama's models");
+        let watcher = OllamaWatcher::spawn(client, config);
+        tokio::spawn(OllamaAdvertiser::new(node.clone()).run(watcher.subscribe()));
+        watcher
+    });
 
     tokio::select! {
         signal = &mut signal => {
@@ -359,6 +372,39 @@ async fn serve(config: NodeConfig) -> anyhow::Result<()> {
         }
     }
     Ok(())
+}
+
+/// The client of the local Ollama, unless this node does not advertise one
+/// (`enable_ollama: false` or `node_type: client`).
+fn ollama_client(config: &NodeConfig) -> anyhow::Result<Option<(OllamaClient, WatchConfig)>> {
+    if !config.enable_ollama || config.node_type == ollamacron_config::NodeType::Client {
+        return Ok(None);
+    }
+    let env = std::env::var(ollamacron_ollama::OLLAMA_HOST_VAR).ok();
+    let endpoint =
+        OllamaEndpoint::resolve(config.ollama_url.as_deref(), env.as_deref()).map_err(|e| {
+            let field = if config.ollama_url.is_some() {
+                "ollama_url".to_owned()
+            } else {
+                format!(
+                    "the {} environment variable",
+                    ollamacron_ollama::OLLAMA_HOST_VAR
+                )
+            };
+            NodeError::Config(vec![ollamacron_config::ValidationError {
+                value: config.ollama_url.clone().or(env).unwrap_or_default(),
+                rule: e.to_string(),
+                field,
+            }])
+        })?;
+    let watch = WatchConfig {
+        interval: config.ollama_poll_interval,
+        ..WatchConfig::default()
+    };
+    Ok(Some((
+        OllamaClient::new(endpoint, OLLAMA_REQUEST_TIMEOUT),
+        watch,
+    )))
 }
 
 /// Registers the signal handlers now; the future resolves with the name of

@@ -475,3 +475,51 @@ fn init_psk_writes_a_private_key_and_a_node_without_it_is_refused_and_logged() {
     let refusal = a.wait_for_line("refused a connection");
     assert!(refusal.contains("network key"), "{refusal}");
 }
+
+#[test]
+fn a_bad_ollama_address_is_a_configuration_error() {
+    let dir = tempfile::tempdir().unwrap();
+    let out = Command::new(BIN)
+        .args([
+            "run",
+            "--no-mdns",
+            "--listen",
+            "/ip4/127.0.0.1/tcp/0",
+            "--api-listen",
+            "127.0.0.1:0",
+        ])
+        .args(["--set", "ollama_url=https://gpu-box:11434"])
+        .arg("--data-dir")
+        .arg(dir.path())
+        .env_remove("OLLAMACRON_CONFIG")
+        .env_remove("OLLAMA_HOST")
+        .output()
+        .unwrap();
+    assert_eq!(out.status.code(), Some(2), "{}", text(&out.stderr));
+    let err = text(&out.stderr);
+    assert!(
+        err.contains("ollama_url") && err.contains("only http://"),
+        "{err}"
+    );
+    let out = Command::new(BIN)
+        .args([
+            "run",
+            "--no-mdns",
+            "--listen",
+            "/ip4/127.0.0.1/tcp/0",
+            "--api-listen",
+            "127.0.0.1:0",
+        ])
+        .arg("--data-dir")
+        .arg(dir.path())
+        .env_remove("OLLAMACRON_CONFIG")
+        .env("OLLAMA_HOST", "gpu-box:99999")
+        .output()
+        .unwrap();
+    assert_eq!(out.status.code(), Some(2), "{}", text(&out.stderr));
+    assert!(
+        text(&out.stderr).contains("OLLAMA_HOST"),
+        "{}",
+        text(&out.stderr)
+    );
+}

@@ -177,6 +177,16 @@ pub struct NodeConfig {
     pub tags: Vec<String>,
     /// Services this node advertises without any code.
     pub services: Vec<ServiceConfig>,
+    /// Advertise the models of the local Ollama as services (not on
+    /// `node_type: client` nodes).
+    pub enable_ollama: bool,
+    /// The local Ollama; `None` means `OLLAMA_HOST` when set (read as the
+    /// `ollama` CLI reads it), else `http://127.0.0.1:11434`.
+    #[serde(deserialize_with = "lenient::opt_string")]
+    pub ollama_url: Option<String>,
+    /// How often the local Ollama's models are read.
+    #[serde(with = "duration")]
+    pub ollama_poll_interval: Duration,
     /// Lifetime of this node's signed record: peers drop its services this
     /// long after the last refresh.
     #[serde(with = "duration")]
@@ -283,6 +293,9 @@ impl Default for NodeConfig {
             region: None,
             tags: Vec::new(),
             services: Vec::new(),
+            enable_ollama: true,
+            ollama_url: None,
+            ollama_poll_interval: Duration::from_secs(30),
             record_ttl: Duration::from_secs(300),
             record_refresh_interval: Duration::from_secs(120),
             health_check_interval: Duration::from_secs(60),

@@ -268,6 +268,21 @@ const FIELD_DOCS: &[(&str, &str, Option<&str>)] = &[
         None,
     ),
     (
+        "enable_ollama",
+        "Advertise the models of the local Ollama (/api/tags, /api/show) as services, re-read every ollama_poll_interval; off on node_type: client.",
+        None,
+    ),
+    (
+        "ollama_url",
+        "The local Ollama. Unset: OLLAMA_HOST when set (as the ollama CLI reads it), else http://127.0.0.1:11434.",
+        Some("http://127.0.0.1:11434"),
+    ),
+    (
+        "ollama_poll_interval",
+        "How often the local Ollama's models are read (changes are re-advertised at once).",
+        None,
+    ),
+    (
         "record_ttl",
         "Lifetime of this node's signed service record; peers drop its services this long after the last refresh (10s to 1h).",
         None,

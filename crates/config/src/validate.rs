@@ -97,6 +97,21 @@ impl NodeConfig {
                 }
             }
         }
+        for (i, addr) in self.relay_nodes.iter().enumerate() {
+            let peers = addr
+                .iter()
+                .filter(|p| matches!(p, Protocol::P2p(_)))
+                .count();
+            if addr.iter().any(|p| p == Protocol::P2pCircuit) || peers > 1 {
+                fail(
+                    &format!("relay_nodes[{i}]"),
+                    addr,
+                    "must be the relay's own address (e.g. /ip4/203.0.113.1/tcp/11436/p2p/<relay id>), \
+                     not a relayed one"
+                        .to_owned(),
+                );
+            }
+        }
 
         if self.conn_mgr_high == 0 {
             fail(
@@ -206,6 +221,11 @@ impl NodeConfig {
                 MIN_PROBE_INTERVAL,
             ),
             ("lookup_timeout", self.lookup_timeout, MIN_TIMER_INTERVAL),
+            (
+                "ollama_poll_interval",
+                self.ollama_poll_interval,
+                MIN_PROBE_INTERVAL,
+            ),
             (
                 "lookup_cache_fresh",
                 self.lookup_cache_fresh,

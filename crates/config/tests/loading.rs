@@ -678,3 +678,16 @@ fn structured_fields_take_yaml_flow_syntax_from_env_and_overrides() {
         .to_string();
     assert!(error.contains("latncy"), "{error}");
 }
+
+#[test]
+fn rule_relay_nodes_are_relays_own_addresses() {
+    let errors = rule_errors(&format!(
+        "relay_nodes: [/ip4/192.0.2.1/tcp/1/p2p/{PEER}/p2p-circuit/p2p/{PEER}]\n"
+    ));
+    assert_eq!(errors.len(), 1, "{errors:?}");
+    assert!(
+        errors[0].starts_with("relay_nodes[0]") && errors[0].contains("not a relayed one"),
+        "{errors:?}"
+    );
+    load_yaml(&format!("relay_nodes: [/ip4/192.0.2.1/tcp/1/p2p/{PEER}]\n")).unwrap();
+}

@@ -299,6 +299,12 @@ impl Behaviour {
         &mut self.kad
     }
 
+    /// The mode Kademlia runs in now.
+    #[must_use]
+    pub fn mode(&self) -> DhtMode {
+        self.config.mode
+    }
+
     /// Switch between server and client mode.
     pub fn set_mode(&mut self, mode: DhtMode) {
         self.config.mode = mode;

@@ -238,6 +238,8 @@ pub struct Behaviour {
     retry: Option<Pin<Box<Sleep>>>,
     retry_at: Option<Instant>,
     listens_beyond_loopback: bool,
+    /// The relay service is offered now.
+    serving: bool,
     /// Open (direct, relayed) connections per peer.
     connection_kinds: HashMap<PeerId, (usize, usize)>,
     relayed_peers: RelayedPeers,
@@ -318,6 +320,7 @@ impl Behaviour {
             retry: None,
             retry_at: None,
             listens_beyond_loopback: false,
+            serving: false,
             connection_kinds: HashMap::new(),
             relayed_peers: RelayedPeers::default(),
             queued: VecDeque::new(),
@@ -385,7 +388,7 @@ impl Behaviour {
     /// Whether we offer relay service right now.
     #[must_use]
     pub fn is_relaying(&self) -> bool {
-        self.inner.relay_server.is_enabled() && self.reachability == Reachability::Public
+        self.serving
     }
 
     /// A connected peer speaks [`RELAY_HOP_PROTOCOL`]: it may be reserved
@@ -393,7 +396,8 @@ impl Behaviour {
     /// itself relayed is used.
     pub fn add_relay_candidate(&mut self, peer: PeerId, addresses: &[Multiaddr]) {
         if let Some(address) = addresses.iter().find(|a| !is_relayed(a)) {
-            self.reservations.add_candidate(peer, address.clone());
+            self.reservations
+                .add_candidate(peer, address.clone(), Instant::now());
         }
     }
 
@@ -403,11 +407,17 @@ impl Behaviour {
         self.reachability = reachability;
         if let Some(server) = self.inner.relay_server.as_mut() {
             let serve = reachability == Reachability::Public;
+            let was_serving = self.serving;
             server.set_status(Some(if serve {
                 relay::Status::Enable
             } else {
                 relay::Status::Disable
             }));
+            // libp2p reports no status change for a status set by hand.
+            self.serving = serve;
+            if serve != was_serving {
+                self.emit(NatEvent::RelayServer(RelayServerEvent::Serving(serve)));
+            }
         }
         let wanted = self.auto_relay && reachability == Reachability::Private;
         for action in self.reservations.set_wanted(wanted) {

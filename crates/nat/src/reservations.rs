@@ -9,6 +9,7 @@ use std::time::Duration;
 use libp2p::core::transport::ListenerId;
 use libp2p::multiaddr::Protocol;
 use libp2p::{Multiaddr, PeerId};
+use rand::seq::IteratorRandom;
 use tokio::time::Instant;
 
 /// One relay we want (or wanted) a reservation on.
@@ -51,7 +52,15 @@ pub(crate) struct Reservations {
     backoff_initial: Duration,
     backoff_max: Duration,
     wanted: bool,
+    /// Discovered relays given up on, and when: not candidates again until
+    /// [`GIVE_UP_FOR`] has passed.
+    given_up: HashMap<PeerId, Instant>,
 }
+
+/// How long a discovered relay that kept failing is not tried again.
+const GIVE_UP_FOR: Duration = Duration::from_secs(10 * 60);
+/// Most discovered relays remembered as given up (and most candidates kept).
+const MAX_REMEMBERED_RELAYS: usize = 256;
 
 /// The peer id an address ends with.
 pub(crate) fn peer_of(address: &Multiaddr) -> Option<PeerId> {
@@ -92,6 +101,7 @@ impl Reservations {
             backoff_initial,
             backoff_max,
             wanted: false,
+            given_up: HashMap::new(),
         }
     }
 
@@ -117,16 +127,31 @@ impl Reservations {
     }
 
     /// A connected peer speaks the relay (hop) protocol at `address`.
-    pub(crate) fn add_candidate(&mut self, relay: PeerId, address: Multiaddr) {
+    /// Only a direct address is taken: no `/p2p-circuit`, and `/p2p` (if
+    /// any) only at the end, naming the relay.
+    pub(crate) fn add_candidate(&mut self, relay: PeerId, address: Multiaddr, now: Instant) {
         if self.targets.contains_key(&relay) {
             return;
         }
-        let address = match peer_of(&address) {
-            Some(p) if p == relay => address,
-            Some(_) => return,
-            None => address.with(Protocol::P2p(relay)),
+        if let Some(at) = self.given_up.get(&relay) {
+            if now.duration_since(*at) < GIVE_UP_FOR {
+                return;
+            }
+            self.given_up.remove(&relay);
+        }
+        let peers = address
+            .iter()
+            .filter(|p| matches!(p, Protocol::P2p(_)))
+            .count();
+        let address = match (peer_of(&address), peers) {
+            (Some(p), 1) if p == relay => address,
+            (None, 0) => address.with(Protocol::P2p(relay)),
+            _ => return,
         };
         if address.iter().any(|p| p == Protocol::P2pCircuit) {
+            return;
+        }
+        if self.candidates.len() >= MAX_REMEMBERED_RELAYS && !self.candidates.contains_key(&relay) {
             return;
         }
         self.candidates.insert(relay, address);
@@ -148,7 +173,14 @@ impl Reservations {
         // Without configured relays, promote discovered ones up to the limit.
         if !self.has_configured() {
             while self.targets.len() < self.max_discovered {
-                let Some(relay) = self.candidates.keys().min().copied() else {
+                // At random: no peer can make itself everyone's relay by
+                // choosing its id, and private nodes spread over relays.
+                let Some(relay) = self
+                    .candidates
+                    .keys()
+                    .copied()
+                    .choose(&mut rand::thread_rng())
+                else {
                     break;
                 };
                 if let Some(address) = self.candidates.remove(&relay) {
@@ -235,6 +267,13 @@ impl Reservations {
         target.failures = target.failures.saturating_add(1);
         if !target.configured && target.failures >= self.max_discovered_failures {
             self.targets.remove(&relay);
+            if self.given_up.len() >= MAX_REMEMBERED_RELAYS {
+                self.given_up
+                    .retain(|_, at| now.duration_since(*at) < GIVE_UP_FOR);
+            }
+            if self.given_up.len() < MAX_REMEMBERED_RELAYS {
+                self.given_up.insert(relay, now);
+            }
             return Some((relay, None));
         }
         let exponent = target.failures.saturating_sub(1).min(16);
@@ -330,18 +369,28 @@ mod tests {
         let mut r = reservations(&[]);
         r.set_wanted(true);
         let peers: Vec<PeerId> = (0..3).map(|_| PeerId::random()).collect();
+        let now = Instant::now();
         for p in &peers {
-            r.add_candidate(*p, "/ip4/203.0.113.9/tcp/1".parse().unwrap());
+            r.add_candidate(*p, "/ip4/203.0.113.9/tcp/1".parse().unwrap(), now);
         }
-        // A circuit address is never a relay candidate.
+        // A circuit address, or one naming another peer, is never a relay
+        // candidate.
         let circuit = PeerId::random();
         r.add_candidate(
             circuit,
             format!("/ip4/203.0.113.9/tcp/1/p2p/{}/p2p-circuit", peers[0])
                 .parse()
                 .unwrap(),
+            now,
         );
-        let now = Instant::now();
+        r.add_candidate(
+            circuit,
+            format!("/ip4/203.0.113.9/tcp/1/p2p/{}/p2p/{circuit}", peers[0])
+                .parse()
+                .unwrap(),
+            now,
+        );
+        assert!(!r.candidates.contains_key(&circuit));
         let (actions, _) = r.poll_actions(now);
         assert_eq!(actions.len(), 2, "at most max_discovered relays");
         let ReservationAction::Listen {
@@ -374,6 +423,15 @@ mod tests {
             .collect();
         assert_eq!(relays.len(), 2, "the next candidate replaces it");
         assert!(!relays.contains(&first));
+        // Identify reports it again: it stays out for a while.
+        r.add_candidate(first, "/ip4/203.0.113.9/tcp/1".parse().unwrap(), now);
+        assert!(!r.candidates.contains_key(&first));
+        r.add_candidate(
+            first,
+            "/ip4/203.0.113.9/tcp/1".parse().unwrap(),
+            now + GIVE_UP_FOR,
+        );
+        assert!(r.candidates.contains_key(&first), "tried again later");
     }
 
     #[test]
@@ -381,8 +439,13 @@ mod tests {
         let configured = PeerId::random();
         let mut r = reservations(&[relay_addr(configured)]);
         r.set_wanted(true);
-        r.add_candidate(PeerId::random(), "/ip4/203.0.113.9/tcp/1".parse().unwrap());
-        let (actions, _) = r.poll_actions(Instant::now());
+        let now = Instant::now();
+        r.add_candidate(
+            PeerId::random(),
+            "/ip4/203.0.113.9/tcp/1".parse().unwrap(),
+            now,
+        );
+        let (actions, _) = r.poll_actions(now);
         assert_eq!(actions.len(), 1);
         assert!(
             matches!(&actions[0], ReservationAction::Listen { relay, .. } if *relay == configured)

@@ -21,7 +21,7 @@ use ollamacron_config::NodeConfig;
 use serde::Serialize;
 use tokio::sync::{broadcast, mpsc, oneshot, watch};
 
-use crate::behaviour::{NodeBehaviour, NodeBehaviourEvent, PROTOCOL_VERSION, dht_mode, nat_config};
+use crate::behaviour::{NodeBehaviour, NodeBehaviourEvent, PROTOCOL_VERSION, nat_config};
 use crate::discovery::{
     DialOutcome, DiscoverySource, DiscoveryStatus, KnownPeer, PeerTable, SourceStatus,
 };
@@ -250,6 +250,7 @@ impl Node {
             shutdown_waiters: Vec::new(),
             hole_punch: HolePunchCounts::default(),
             circuits_served: 0,
+            handshake_refusal_warned: None,
             loopback_only,
         };
         tokio::spawn(task.run());
@@ -919,6 +920,9 @@ struct SwarmTask {
     shutdown_waiters: Vec<oneshot::Sender<()>>,
     hole_punch: HolePunchCounts,
     circuits_served: u64,
+    /// When a refused handshake was last logged as a warning (the others
+    /// in the same minute are counted and logged at debug).
+    handshake_refusal_warned: Option<Instant>,
     /// Every configured listen address is on loopback (tests, one host):
     /// then loopback addresses are announced and dialed; otherwise a
     /// peer's loopback address would only reach ourselves.
@@ -1336,27 +1340,34 @@ impl SwarmTask {
                 address,
             } => {
                 let peer_id = *self.swarm.local_peer_id();
-                tracing::info!(address = %with_peer(address.clone(), peer_id), "listening");
-                if !self.listen_addrs.contains(&address) {
+                let relayed = ollamacron_nat::is_relayed(&address);
+                let new = !self.listen_addrs.contains(&address);
+                if new {
+                    tracing::info!(address = %with_peer(address.clone(), peer_id), "listening");
                     self.listen_addrs.push(address.clone());
                 }
                 // What we listen on is what we announce (identify, DHT
-                // provider records), with relay addresses and AutoNAT's
-                // findings added; loopback only when that is all we have.
-                if self.loopback_only || !is_loopback(&address) {
+                // provider records), with AutoNAT's findings added; loopback
+                // only when that is all we have. Of the addresses a relay
+                // reports, the relay client confirms the one we reserved
+                // through (and expires it with the reservation): the others
+                // are the relay's to claim, not ours to announce.
+                if !relayed && (self.loopback_only || !is_loopback(&address)) {
                     self.swarm.add_external_address(address.clone());
                 }
                 if let Some(l) = self.listeners.get_mut(&listener_id) {
                     l.reported = true;
                 }
-                let relayed = ollamacron_nat::is_relayed(&address);
-                self.emit(NodeEvent::ListenAddrAdded { addr: address });
+                if new {
+                    self.emit(NodeEvent::ListenAddrAdded { addr: address });
+                }
                 if self.listeners.values().all(|l| l.reported) {
                     self.mark_running();
                 }
-                if relayed {
+                if relayed && new {
                     // Peers that find our services must learn the relay
-                    // address: re-sign the record and re-announce.
+                    // address: re-sign the record and re-announce (once per
+                    // reservation, not on every renewal).
                     self.announce_addresses();
                 }
             }
@@ -1383,6 +1394,10 @@ impl SwarmTask {
             } => {
                 for a in &addresses {
                     self.listen_addrs.retain(|x| x != a);
+                }
+                if addresses.iter().any(ollamacron_nat::is_relayed) {
+                    // A reservation ended: stop announcing its address.
+                    self.announce_addresses();
                 }
                 if let Some(l) = self.listeners.remove(&listener_id) {
                     let reason = match &reason {
@@ -1432,7 +1447,9 @@ impl SwarmTask {
                     if entry.relayed > 1 {
                         self.close_redundant_relayed(peer_id);
                     }
-                    if self.config.enable_hole_punch {
+                    // DCUtR starts on the side that accepted the relayed
+                    // connection: that side counts the attempt.
+                    if self.config.enable_hole_punch && direction == Direction::Inbound {
                         self.metrics.hole_punch_started();
                         self.hole_punch.attempts += 1;
                     }
@@ -1859,7 +1876,7 @@ impl SwarmTask {
             Some(dht) => (
                 format!(
                     "{} mode, {} peers in the routing table, {} namespace providers",
-                    match dht_mode(&self.config, behaviour.nat.reachability()) {
+                    match dht.mode() {
                         DhtMode::Server => "server",
                         DhtMode::Client => "client",
                     },

@@ -12,6 +12,10 @@ use crate::behaviour::dht_mode;
 use crate::event::NodeEvent;
 use crate::metrics::{HolePunchOutcome, RefusalReason, RelayOutcome};
 
+/// At most one warning per this interval for refused private-network
+/// handshakes.
+const REFUSAL_WARNING_INTERVAL: std::time::Duration = std::time::Duration::from_secs(60);
+
 /// Most addresses of a relay candidate handed to the NAT behaviour.
 const MAX_RELAY_CANDIDATE_ADDRESSES: usize = 8;
 
@@ -119,7 +123,7 @@ impl SwarmTask {
             }
             RelayServerEvent::ReservationDenied { peer, status } => {
                 self.metrics.relay_served(RelayOutcome::Denied, false);
-                tracing::info!(%peer, %status, "relay: reservation refused (limit reached)");
+                tracing::debug!(%peer, %status, "relay: reservation refused");
             }
             RelayServerEvent::ReservationEnded { peer } => {
                 tracing::debug!(%peer, "relay: reservation ended");
@@ -131,7 +135,7 @@ impl SwarmTask {
             }
             RelayServerEvent::CircuitDenied { src, dst, status } => {
                 self.metrics.relay_served(RelayOutcome::Denied, true);
-                tracing::info!(%src, %dst, %status, "relay: circuit refused");
+                tracing::debug!(%src, %dst, %status, "relay: circuit refused");
             }
             RelayServerEvent::CircuitClosed { src, dst } => {
                 tracing::debug!(%src, %dst, "relay: circuit closed");
@@ -152,13 +156,20 @@ impl SwarmTask {
         if !info.protocols.contains(&RELAY_HOP_PROTOCOL) {
             return;
         }
+        // Addresses we dialed it at first; then what it says it listens
+        // on, if usable (the NAT behaviour takes only direct ones).
         let mut addresses: Vec<_> = self
             .connections
             .values()
             .filter(|c| c.peer == peer && c.direction == Direction::Outbound && !c.relayed)
             .map(|c| c.remote.clone())
             .collect();
-        addresses.extend(info.listen_addrs.iter().cloned());
+        addresses.extend(
+            info.listen_addrs
+                .iter()
+                .filter(|a| self.usable_remote(a))
+                .cloned(),
+        );
         addresses.retain(|a| !is_relayed(a));
         addresses.truncate(MAX_RELAY_CANDIDATE_ADDRESSES);
         self.swarm
@@ -183,14 +194,26 @@ impl SwarmTask {
 
     /// An inbound connection failed before it was established. On a private
     /// network a failed handshake is most often a peer without the key.
+    /// Anyone can cause these, so at most one warning per
+    /// [`REFUSAL_WARNING_INTERVAL`]; the metric counts them all.
     pub(super) fn on_handshake_failed(&mut self, remote: &str, error: &str) {
-        if self.config.require_auth {
-            self.metrics.connection_refused(RefusalReason::Handshake);
-            tracing::warn!(
-                %remote,
-                %error,
-                "refused a connection: the private-network handshake failed (the peer lacks our network key, require_auth)"
-            );
+        if !self.config.require_auth {
+            return;
         }
+        self.metrics.connection_refused(RefusalReason::Handshake);
+        let now = std::time::Instant::now();
+        if self
+            .handshake_refusal_warned
+            .is_some_and(|at| now.duration_since(at) < REFUSAL_WARNING_INTERVAL)
+        {
+            tracing::debug!(%remote, %error, "refused a connection: private-network handshake failed");
+            return;
+        }
+        self.handshake_refusal_warned = Some(now);
+        tracing::warn!(
+            %remote,
+            %error,
+            "refused a connection: the private-network handshake failed (the peer lacks our network key, require_auth); further refusals this minute are logged at debug and counted in ollamacron_connections_refused_total"
+        );
     }
 }

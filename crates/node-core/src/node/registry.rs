@@ -282,9 +282,14 @@ impl SwarmTask {
     fn record_addresses(&self) -> Vec<String> {
         let peer = *self.swarm.local_peer_id();
         let max = self.registry.limits.max_list_items;
+        // Relay addresses only as confirmed (the one we reserved through).
         self.swarm
             .external_addresses()
-            .chain(self.listen_addrs.iter())
+            .chain(
+                self.listen_addrs
+                    .iter()
+                    .filter(|a| !ollamacron_nat::is_relayed(a)),
+            )
             .filter(|a| self.loopback_only || !super::is_loopback(a))
             .filter(|a| {
                 !a.iter().any(|p| match p {

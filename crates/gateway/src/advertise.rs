@@ -1,0 +1,150 @@
+//! The local Ollama's models as services of the node.
+
+use std::collections::BTreeMap;
+
+use ollamacron_node_core::registry::{ServiceInfo, ServiceStatus};
+use ollamacron_node_core::{NodeError, NodeHandle};
+use ollamacron_ollama::{LocalModel, OllamaState};
+use tokio::sync::watch;
+
+/// Every service made from an Ollama model has an id `ollama/<model>`, so
+/// it never collides with a configured service.
+pub const SERVICE_ID_PREFIX: &str = "ollama/";
+
+/// The service for one model: type `llm` or `embedding`, name the model
+/// with its tag, version its digest, its capabilities, tags from family,
+/// quantization and parameter size, and metadata (context length, loaded,
+/// size, Ollama's version).
+#[must_use]
+pub fn model_service(
+    model: &LocalModel,
+    status: ServiceStatus,
+    ollama_version: &str,
+) -> ServiceInfo {
+    let mut tags: Vec<String> = [&model.family, &model.quantization, &model.parameter_size]
+        .into_iter()
+        .filter(|t| !t.is_empty())
+        .map(|t| t.to_lowercase())
+        .collect();
+    tags.dedup();
+    let mut metadata = BTreeMap::new();
+    if let Some(context) = model.context_length {
+        metadata.insert("context_length".to_owned(), context.to_string());
+    }
+    metadata.insert("loaded".to_owned(), model.loaded.to_string());
+    metadata.insert("size_bytes".to_owned(), model.size_bytes.to_string());
+    if !ollama_version.is_empty() {
+        metadata.insert("ollama_version".to_owned(), ollama_version.to_owned());
+    }
+    ServiceInfo {
+        id: format!("{SERVICE_ID_PREFIX}{}", model.name),
+        name: model.name.clone(),
+        service_type: model.kind.as_str().to_owned(),
+        version: model.digest.clone(),
+        description: format!("Ollama model {}", model.name),
+        metadata,
+        tags,
+        status,
+        capabilities: model.capabilities.clone(),
+        protocols: vec!["ollama".to_owned(), "openai".to_owned()],
+        ..ServiceInfo::default()
+    }
+}
+
+/// Keeps the node's `ollama/…` services equal to what the local Ollama
+/// has: new models are registered, changed ones replaced, removed ones
+/// unregistered, and while Ollama is down its last models stay advertised
+/// as unavailable.
+#[derive(Debug)]
+pub struct OllamaAdvertiser {
+    node: NodeHandle,
+    advertised: BTreeMap<String, ServiceInfo>,
+}
+
+impl OllamaAdvertiser {
+    /// An advertiser for `node` that has advertised nothing yet.
+    #[must_use]
+    pub fn new(node: NodeHandle) -> Self {
+        Self {
+            node,
+            advertised: BTreeMap::new(),
+        }
+    }
+
+    /// The services advertised now, by id.
+    #[must_use]
+    pub fn advertised(&self) -> &BTreeMap<String, ServiceInfo> {
+        &self.advertised
+    }
+
+    /// Bring the node's services in line with `state`. Only services that
+    /// changed are registered again (each change re-signs the record).
+    ///
+    /// # Errors
+    /// The node refused a service (it breaks the record limits) or stopped.
+    pub async fn apply(&mut self, state: &OllamaState) -> Result<(), NodeError> {
+        let wanted: BTreeMap<String, ServiceInfo> = match state {
+            OllamaState::Unknown => return Ok(()),
+            OllamaState::Up(snapshot) => snapshot
+                .models
+                .iter()
+                .map(|m| model_service(m, ServiceStatus::Available, &snapshot.version))
+                .map(|s| (s.id.clone(), s))
+                .collect(),
+            OllamaState::Down { last_models, .. } => {
+                let version = self
+                    .advertised
+                    .values()
+                    .find_map(|s| s.metadata.get("ollama_version").cloned())
+                    .unwrap_or_default();
+                last_models
+                    .iter()
+                    .map(|m| model_service(m, ServiceStatus::Unavailable, &version))
+                    .map(|s| (s.id.clone(), s))
+                    .collect()
+            }
+        };
+        let gone: Vec<String> = self
+            .advertised
+            .keys()
+            .filter(|id| !wanted.contains_key(*id))
+            .cloned()
+            .collect();
+        for id in gone {
+            self.node.unregister_service(&id).await?;
+            self.advertised.remove(&id);
+        }
+        for (id, service) in wanted {
+            if self.advertised.get(&id) == Some(&service) {
+                continue;
+            }
+            match self.node.register_service(service.clone()).await {
+                Ok(()) => {
+                    self.advertised.insert(id, service);
+                }
+                Err(NodeError::Service { message, field }) => {
+                    // One model that does not fit the record limits must
+                    // not keep the others from being advertised.
+                    tracing::warn!(model = %service.name, %message, field = ?field, "cannot advertise an Ollama model");
+                }
+                Err(e) => return Err(e),
+            }
+        }
+        Ok(())
+    }
+
+    /// Follow `state` until the node stops or the watcher goes away.
+    pub async fn run(mut self, mut state: watch::Receiver<OllamaState>) {
+        loop {
+            let current = state.borrow_and_update().clone();
+            match self.apply(&current).await {
+                Ok(()) => {}
+                Err(NodeError::NotRunning) => return,
+                Err(e) => tracing::warn!(error = %e, "cannot update the Ollama models' services"),
+            }
+            if state.changed().await.is_err() {
+                return;
+            }
+        }
+    }
+}

@@ -1,0 +1,169 @@
+//! A stand-in Ollama on 127.0.0.1 for tests: `/api/version`, `/api/tags`,
+//! `/api/ps` and `/api/show` from a model list the test controls, with
+//! switches to fail (HTTP 500) and to vanish (stop listening) and come back.
+
+use std::net::SocketAddr;
+use std::sync::{Arc, Mutex, MutexGuard};
+
+use axum::extract::State;
+use axum::http::StatusCode;
+use axum::response::{IntoResponse, Response};
+use axum::routing::{get, post};
+use axum::{Json, Router};
+use serde_json::{Value, json};
+use tokio::task::JoinHandle;
+
+/// What the stand-in serves; change it through [`StandInOllama::models`].
+#[derive(Debug, Default)]
+pub struct StandInModels {
+    /// `/api/tags` entries (see [`tag`]).
+    pub models: Vec<Value>,
+    /// Names of the models `/api/ps` lists as loaded.
+    pub loaded: Vec<String>,
+    /// Answer every request with HTTP 500.
+    pub failing: bool,
+    /// How many `/api/show` requests arrived.
+    pub show_calls: usize,
+}
+
+/// A `/api/tags` entry.
+#[must_use]
+pub fn tag(name: &str, digest: &str, family: &str) -> Value {
+    json!({
+        "name": name, "model": name, "size": 4_661_224_676u64, "digest": digest,
+        "details": {"format": "gguf", "family": family, "parameter_size": "8.0B", "quantization_level": "Q4_0"}
+    })
+}
+
+type Shared = Arc<Mutex<StandInModels>>;
+
+/// A running stand-in Ollama.
+#[derive(Debug)]
+pub struct StandInOllama {
+    state: Shared,
+    addr: SocketAddr,
+    server: Option<JoinHandle<()>>,
+}
+
+impl StandInOllama {
+    /// Serve `models` on a free loopback port.
+    ///
+    /// # Panics
+    /// If no port can be bound.
+    pub async fn start(models: StandInModels) -> Self {
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
+            .await
+            .unwrap_or_else(|e| panic!("cannot bind the stand-in Ollama: {e}"));
+        let addr = listener
+            .local_addr()
+            .unwrap_or_else(|e| panic!("no local address: {e}"));
+        let state: Shared = Arc::new(Mutex::new(models));
+        let server = Some(spawn(listener, state.clone()));
+        Self {
+            state,
+            addr,
+            server,
+        }
+    }
+
+    /// Its address (`ollama_url` / `OLLAMA_HOST`).
+    #[must_use]
+    pub fn addr(&self) -> SocketAddr {
+        self.addr
+    }
+
+    /// The models and switches, to change.
+    ///
+    /// # Panics
+    /// If a handler panicked while holding them.
+    pub fn models(&self) -> MutexGuard<'_, StandInModels> {
+        self.state
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+    }
+
+    /// Stop listening (connections are refused) until [`StandInOllama::revive`].
+    pub async fn vanish(&mut self) {
+        if let Some(server) = self.server.take() {
+            server.abort();
+            let _ = server.await;
+        }
+    }
+
+    /// Listen again on the same address.
+    ///
+    /// # Panics
+    /// If the address cannot be bound again.
+    pub async fn revive(&mut self) {
+        let listener = tokio::net::TcpListener::bind(self.addr)
+            .await
+            .unwrap_or_else(|e| panic!("cannot bind {} again: {e}", self.addr));
+        self.server = Some(spawn(listener, self.state.clone()));
+    }
+}
+
+impl Drop for StandInOllama {
+    fn drop(&mut self) {
+        if let Some(server) = self.server.take() {
+            server.abort();
+        }
+    }
+}
+
+fn fail_or(state: &Shared, ok: impl FnOnce(&mut StandInModels) -> Value) -> Response {
+    let mut s = state
+        .lock()
+        .unwrap_or_else(std::sync::PoisonError::into_inner);
+    if s.failing {
+        return (
+            StatusCode::INTERNAL_SERVER_ERROR,
+            Json(json!({"error": "stand-in told to fail"})),
+        )
+            .into_response();
+    }
+    Json(ok(&mut s)).into_response()
+}
+
+async fn version(State(s): State<Shared>) -> Response {
+    fail_or(&s, |_| json!({"version": "0.9.0"}))
+}
+
+async fn tags(State(s): State<Shared>) -> Response {
+    fail_or(&s, |s| json!({"models": s.models}))
+}
+
+async fn ps(State(s): State<Shared>) -> Response {
+    fail_or(&s, |s| {
+        let loaded: Vec<Value> = s
+            .models
+            .iter()
+            .filter(|m| s.loaded.iter().any(|l| m["name"] == l.as_str()))
+            .cloned()
+            .collect();
+        json!({ "models": loaded })
+    })
+}
+
+async fn show(State(s): State<Shared>, Json(body): Json<Value>) -> Response {
+    fail_or(&s, |s| {
+        s.show_calls += 1;
+        let name = body["model"].as_str().unwrap_or_default();
+        if name.starts_with("nomic-embed") {
+            json!({"capabilities": ["embedding"], "model_info": {"nomic-bert.context_length": 2048}})
+        } else {
+            json!({"capabilities": ["completion", "tools", "vision"], "model_info": {"general.architecture": "llama", "llama.context_length": 8192}})
+        }
+    })
+}
+
+fn spawn(listener: tokio::net::TcpListener, state: Shared) -> JoinHandle<()> {
+    let app = Router::new()
+        .route("/api/version", get(version))
+        .route("/api/tags", get(tags))
+        .route("/api/ps", get(ps))
+        .route("/api/show", post(show))
+        .with_state(state);
+    tokio::spawn(async move {
+        let _ = axum::serve(listener, app).await;
+    })
+}
