@@ -142,3 +142,60 @@ async fn peers_not_on_the_allow_list_are_disconnected_both_ways() {
     assert!(metric_value(&a, not_allowed) >= 2.0);
     assert!(connected_to(&a, friend_id).await, "the friend stays");
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_private_network_works_through_a_relay() {
+    let dir = tempfile::tempdir().unwrap();
+    let key = dir.path().join("swarm.key");
+    write_new_network_key(&key).unwrap();
+    let with = |extra: &[(&str, &str)]| {
+        let mut config = private_config(&key);
+        let path = key.display().to_string();
+        let mut all = vec![("require_auth", "true"), ("psk_path", path.as_str())];
+        all.extend_from_slice(extra);
+        config = loopback_config(TCP_ONLY, &all);
+        config
+    };
+    let relay = start(with(&[
+        ("force_reachability", "public"),
+        ("enable_nat_service", "true"),
+    ]))
+    .await
+    .unwrap();
+    let relay_addr = format!("[{}]", relay.dialable_addrs().await.unwrap().remove(0));
+    let private = start(with(&[
+        ("force_reachability", "private"),
+        ("relay_nodes", relay_addr.as_str()),
+        ("enable_hole_punch", "false"),
+    ]))
+    .await
+    .unwrap();
+    let circuit = eventually("a reservation through the private network", || {
+        let private = private.clone();
+        async move {
+            private
+                .dialable_addrs()
+                .await
+                .ok()?
+                .into_iter()
+                .find(|a| a.to_string().contains("p2p-circuit"))
+        }
+    })
+    .await
+    .unwrap();
+    // The relayed connection carries the pnet handshake end to end too.
+    let member = start(with(&[
+        ("enable_hole_punch", "false"),
+        ("enable_dht", "false"),
+    ]))
+    .await
+    .unwrap();
+    assert_eq!(
+        member.dial(circuit.clone()).await.unwrap(),
+        private.peer_id()
+    );
+    let outsider = start(loopback_config(TCP_ONLY, &[("dial_timeout", "2s")]))
+        .await
+        .unwrap();
+    assert!(outsider.dial(circuit).await.is_err(), "no key, no relay");
+}
