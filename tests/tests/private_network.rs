@@ -148,13 +148,11 @@ async fn a_private_network_works_through_a_relay() {
     let dir = tempfile::tempdir().unwrap();
     let key = dir.path().join("swarm.key");
     write_new_network_key(&key).unwrap();
+    let path = key.display().to_string();
     let with = |extra: &[(&str, &str)]| {
-        let mut config = private_config(&key);
-        let path = key.display().to_string();
         let mut all = vec![("require_auth", "true"), ("psk_path", path.as_str())];
         all.extend_from_slice(extra);
-        config = loopback_config(TCP_ONLY, &all);
-        config
+        loopback_config(TCP_ONLY, &all)
     };
     let relay = start(with(&[
         ("force_reachability", "public"),
