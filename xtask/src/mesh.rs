@@ -214,6 +214,8 @@ fn start_node(
         .arg("--data-dir")
         .arg(&dir)
         .args(["--api-listen", &api.to_string(), "--log-level", "info"])
+        // The mesh measures discovery and lookups, not the local Ollama.
+        .args(["--set", "enable_ollama=false"])
         .env_remove("OLLAMACRON_CONFIG")
         .env_remove("RUST_LOG")
         .stdout(Stdio::null())

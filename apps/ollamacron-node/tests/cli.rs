@@ -176,6 +176,8 @@ fn spawn_run(data_dir: &Path, extra: &[&str]) -> Running {
             "--data-dir",
             data_dir.to_str().unwrap(),
         ])
+        // An Ollama on the test machine must not add services to the tests'.
+        .args(["--set", "enable_ollama=false"])
         .env_remove("OLLAMACRON_CONFIG")
         .env_remove("RUST_LOG")
         .stderr(Stdio::piped())
