@@ -138,6 +138,29 @@ pub fn metric_value(node: &NodeHandle, prefix: &str) -> f64 {
         .unwrap_or(0.0)
 }
 
+/// The body of a `Transfer-Encoding: chunked` response, joined.
+fn dechunk(mut rest: &str) -> Result<String, String> {
+    let mut body = String::new();
+    loop {
+        let (size, after) = rest
+            .split_once("\r\n")
+            .ok_or_else(|| format!("a chunk without a size line: {rest:?}"))?;
+        let size = usize::from_str_radix(size.trim(), 16)
+            .map_err(|e| format!("bad chunk size {size:?}: {e}"))?;
+        if size == 0 {
+            return Ok(body);
+        }
+        let chunk = after
+            .get(..size)
+            .ok_or_else(|| format!("a chunk cut short: {after:?}"))?;
+        body.push_str(chunk);
+        rest = after
+            .get(size..)
+            .and_then(|r| r.strip_prefix("\r\n"))
+            .ok_or_else(|| "a chunk without its line end".to_owned())?;
+    }
+}
+
 /// A parsed HTTP response.
 #[derive(Debug, Clone)]
 pub struct HttpResponse {
@@ -205,10 +228,18 @@ pub async fn http_request(
             .nth(1)
             .and_then(|s| s.parse().ok())
             .ok_or_else(|| format!("no status in {head:?}"))?;
+        let chunked = head
+            .to_ascii_lowercase()
+            .contains("transfer-encoding: chunked");
+        let body = if chunked {
+            dechunk(body)?
+        } else {
+            body.to_owned()
+        };
         Ok(HttpResponse {
             status,
             headers: head.to_owned(),
-            body: body.to_owned(),
+            body,
         })
     };
     tokio::time::timeout(EVENT_TIMEOUT, exchange)

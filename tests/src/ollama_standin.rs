@@ -24,7 +24,14 @@ pub struct StandInModels {
     pub failing: bool,
     /// How many `/api/show` requests arrived.
     pub show_calls: usize,
+    /// How many `/api/generate` and `/api/chat` requests arrived.
+    pub generate_calls: usize,
+    /// Answer `/api/generate` and `/api/chat` with HTTP 500 (the rest works).
+    pub failing_inference: bool,
 }
+
+/// The tokens every streamed answer is made of, in order.
+pub const TOKENS: [&str; 5] = ["The", " sky", " is", " blue", "."];
 
 /// A `/api/tags` entry.
 #[must_use]
@@ -156,8 +163,55 @@ async fn show(State(s): State<Shared>, Json(body): Json<Value>) -> Response {
     })
 }
 
+/// `/api/generate` and `/api/chat`: the [`TOKENS`] one NDJSON line each
+/// (or one JSON object with `"stream": false`), naming the model asked for.
+async fn generate(
+    State(s): State<Shared>,
+    uri: axum::http::Uri,
+    Json(body): Json<Value>,
+) -> Response {
+    let failing = {
+        let mut m = s.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
+        m.generate_calls += 1;
+        m.failing || m.failing_inference
+    };
+    if failing {
+        return (
+            StatusCode::INTERNAL_SERVER_ERROR,
+            Json(json!({"error": "stand-in told to fail"})),
+        )
+            .into_response();
+    }
+    let model = body["model"].as_str().unwrap_or_default().to_owned();
+    let chat = uri.path() == "/api/chat";
+    let piece = |text: &str, done: bool| {
+        if chat {
+            json!({"model": model, "message": {"role": "assistant", "content": text}, "done": done})
+        } else {
+            json!({"model": model, "response": text, "done": done})
+        }
+    };
+    if body["stream"] == false {
+        return Json(piece(&TOKENS.concat(), true)).into_response();
+    }
+    let mut lines: Vec<String> = TOKENS
+        .iter()
+        .map(|t| format!("{}\n", piece(t, false)))
+        .collect();
+    lines.push(format!("{}\n", piece("", true)));
+    let stream = futures::stream::iter(lines.into_iter().map(Ok::<_, std::convert::Infallible>));
+    let mut response = Response::new(axum::body::Body::from_stream(stream));
+    response.headers_mut().insert(
+        axum::http::header::CONTENT_TYPE,
+        axum::http::HeaderValue::from_static("application/x-ndjson"),
+    );
+    response
+}
+
 fn spawn(listener: tokio::net::TcpListener, state: Shared) -> JoinHandle<()> {
     let app = Router::new()
+        .route("/api/generate", post(generate))
+        .route("/api/chat", post(generate))
         .route("/api/version", get(version))
         .route("/api/tags", get(tags))
         .route("/api/ps", get(ps))

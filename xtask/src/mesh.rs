@@ -215,7 +215,12 @@ fn start_node(
         .arg(&dir)
         .args(["--api-listen", &api.to_string(), "--log-level", "info"])
         // The mesh measures discovery and lookups, not the local Ollama.
-        .args(["--set", "enable_ollama=false"])
+        .args([
+            "--set",
+            "enable_ollama=false",
+            "--set",
+            "enable_gateway=false",
+        ])
         .env_remove("OLLAMACRON_CONFIG")
         .env_remove("RUST_LOG")
         .stdout(Stdio::null())

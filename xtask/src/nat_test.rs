@@ -394,7 +394,7 @@ impl Scenario {
             .unwrap_or_else(|_| "info,ollamacron_nat=debug".to_owned());
         let common = |label: &str| {
             format!(
-                "data_dir: {}\nenable_mdns: false\nenable_ollama: false\napi_listen: {API}\nautonat_only_global_ips: false\n\
+                "data_dir: {}\nenable_mdns: false\nenable_ollama: false\nenable_gateway: false\napi_listen: {API}\nautonat_only_global_ips: false\n\
                  dial_timeout: 5s\nping_interval: 2s\nlog_level: \"{log_level}\"\n",
                 dir.join(label).display()
             )

@@ -20,7 +20,9 @@ use std::process::ExitCode;
 use anyhow::Context;
 use clap::{Args, Parser, Subcommand, ValueEnum};
 use ollamacron_config::{ConfigError, ConfigLoader, LogFormat, NodeConfig};
-use ollamacron_gateway::OllamaAdvertiser;
+use ollamacron_gateway::{
+    GatewayConfig, LocalOllama, OllamaAdvertiser, router as gateway_router, serve_inference,
+};
 use ollamacron_node_core::{Node, NodeError, NodeState, load_or_create_identity};
 use ollamacron_ollama::{OllamaClient, OllamaEndpoint, OllamaWatcher, WatchConfig};
 use tracing_subscriber::EnvFilter;
@@ -346,6 +348,24 @@ async fn serve(config: NodeConfig) -> anyhow::Result<()> {
         tracing::warn!(api_listen = %config.api_listen, "the HTTP API listens beyond loopback");
     }
     let ollama = ollama_client(&config)?;
+    let gateway_listener = if config.enable_gateway {
+        let addr = config.gateway_listen;
+        if !addr.ip().is_loopback() {
+            tracing::warn!(gateway_listen = %addr, "the gateway listens beyond loopback: anyone who reaches it can use the pool");
+        }
+        Some(
+            tokio::net::TcpListener::bind(addr)
+                .await
+                .with_context(|| format!("cannot listen on gateway_listen {addr}"))?,
+        )
+    } else {
+        None
+    };
+    let gateway_config = GatewayConfig {
+        max_attempts: usize::try_from(config.gateway_failover_attempts).unwrap_or(usize::MAX),
+        first_byte_timeout: config.gateway_first_byte_timeout,
+    };
+    let serve_limit = usize::try_from(config.gateway_max_concurrent).unwrap_or(usize::MAX);
     let node = tokio::select! {
         node = Node::new(config).start() => node?,
         signal = &mut signal => {
@@ -354,13 +374,36 @@ async fn serve(config: NodeConfig) -> anyhow::Result<()> {
         }
     };
     tracing::info!(peer_id = %node.peer_id(), "ollamacron-node {} started", env!("CARGO_PKG_VERSION"));
-    // Advertise the local Ollama's models; both stop with the node.
+    // Advertise the local Ollama's models and serve peers' requests to
+    // it; all of it stops with the node.
+    let local = ollama.as_ref().map(|(client, _)| {
+        LocalOllama::new(client.endpoint().clone(), gateway_config.first_byte_timeout)
+    });
     let _ollama = ollama.map(|(client, config)| {
         tracing::info!(url = %client.endpoint(), "advertising the local Ollama's models");
         let watcher = OllamaWatcher::spawn(client, config);
         tokio::spawn(OllamaAdvertiser::new(node.clone()).run(watcher.subscribe()));
         watcher
     });
+    if let Some(local) = local.clone() {
+        let control = node.stream_control();
+        tokio::spawn(async move {
+            if let Err(e) = serve_inference(control, local, serve_limit).await {
+                tracing::error!(error = %e, "cannot serve inference requests from peers");
+            }
+        });
+    }
+    if let Some(listener) = gateway_listener {
+        let app = gateway_router(node.clone(), local, gateway_config);
+        if let Ok(addr) = listener.local_addr() {
+            tracing::info!(%addr, "serving the Ollama-compatible gateway at http://{addr} (OLLAMA_HOST={addr})");
+        }
+        tokio::spawn(async move {
+            if let Err(e) = axum::serve(listener, app).await {
+                tracing::error!(error = %e, "the gateway stopped");
+            }
+        });
+    }
 
     tokio::select! {
         signal = &mut signal => {

@@ -176,8 +176,14 @@ fn spawn_run(data_dir: &Path, extra: &[&str]) -> Running {
             "--data-dir",
             data_dir.to_str().unwrap(),
         ])
-        // An Ollama on the test machine must not add services to the tests'.
-        .args(["--set", "enable_ollama=false"])
+        // An Ollama on the test machine must not add services to the tests',
+        // and nodes running side by side each take a free gateway port.
+        .args([
+            "--set",
+            "enable_ollama=false",
+            "--set",
+            "gateway_listen=127.0.0.1:0",
+        ])
         .env_remove("OLLAMACRON_CONFIG")
         .env_remove("RUST_LOG")
         .stderr(Stdio::piped())
@@ -490,7 +496,12 @@ fn a_bad_ollama_address_is_a_configuration_error() {
             "--api-listen",
             "127.0.0.1:0",
         ])
-        .args(["--set", "ollama_url=https://gpu-box:11434"])
+        .args([
+            "--set",
+            "ollama_url=https://gpu-box:11434",
+            "--set",
+            "enable_gateway=false",
+        ])
         .arg("--data-dir")
         .arg(dir.path())
         .env_remove("OLLAMACRON_CONFIG")
@@ -515,6 +526,7 @@ fn a_bad_ollama_address_is_a_configuration_error() {
         .arg("--data-dir")
         .arg(dir.path())
         .env_remove("OLLAMACRON_CONFIG")
+        .args(["--set", "enable_gateway=false"])
         .env("OLLAMA_HOST", "gpu-box:99999")
         .output()
         .unwrap();

@@ -30,6 +30,8 @@ pub use validate::{
 pub const DEFAULT_P2P_PORT: u16 = 11436;
 /// The loopback port of the local HTTP API (metrics, status) by default.
 pub const DEFAULT_API_PORT: u16 = 11437;
+/// The loopback port of the Ollama-compatible gateway by default.
+pub const DEFAULT_GATEWAY_PORT: u16 = 11435;
 /// Name of the identity key file inside the data directory.
 pub const IDENTITY_FILE_NAME: &str = "identity.key";
 /// Name of the network key file inside the data directory.
@@ -187,6 +189,19 @@ pub struct NodeConfig {
     /// How often the local Ollama's models are read.
     #[serde(with = "duration")]
     pub ollama_poll_interval: Duration,
+    /// Serve the Ollama/OpenAI-compatible gateway on `gateway_listen`.
+    pub enable_gateway: bool,
+    /// Address of the gateway; loopback by default.
+    pub gateway_listen: SocketAddr,
+    /// Nodes tried for one request when the first fails before answering.
+    pub gateway_failover_attempts: u32,
+    /// Longest wait for a serving node to start answering (a request that
+    /// does not stream starts answering when it is complete).
+    #[serde(with = "duration")]
+    pub gateway_first_byte_timeout: Duration,
+    /// Most inference requests this node serves for peers at once; more are
+    /// refused (HTTP 429) so the asking gateway tries another node.
+    pub gateway_max_concurrent: u32,
     /// Lifetime of this node's signed record: peers drop its services this
     /// long after the last refresh.
     #[serde(with = "duration")]
@@ -296,6 +311,11 @@ impl Default for NodeConfig {
             enable_ollama: true,
             ollama_url: None,
             ollama_poll_interval: Duration::from_secs(30),
+            enable_gateway: true,
+            gateway_listen: SocketAddr::from((Ipv4Addr::LOCALHOST, DEFAULT_GATEWAY_PORT)),
+            gateway_failover_attempts: 3,
+            gateway_first_byte_timeout: Duration::from_secs(300),
+            gateway_max_concurrent: 32,
             record_ttl: Duration::from_secs(300),
             record_refresh_interval: Duration::from_secs(120),
             health_check_interval: Duration::from_secs(60),

@@ -283,6 +283,31 @@ const FIELD_DOCS: &[(&str, &str, Option<&str>)] = &[
         None,
     ),
     (
+        "enable_gateway",
+        "Serve the Ollama/OpenAI-compatible gateway: point Ollama and OpenAI clients at gateway_listen and each request goes to the best node that has its model.",
+        None,
+    ),
+    (
+        "gateway_listen",
+        "Address of the gateway. Keep it on loopback unless you put it behind a proxy.",
+        None,
+    ),
+    (
+        "gateway_failover_attempts",
+        "Nodes tried for one request when one fails before answering (refused, unreachable, model gone, 5xx).",
+        None,
+    ),
+    (
+        "gateway_first_byte_timeout",
+        "Longest wait for a serving node to start answering; a request with stream false starts answering when it is complete.",
+        None,
+    ),
+    (
+        "gateway_max_concurrent",
+        "Most inference requests this node serves for peers at once; more are refused with 429 so the asking node tries another.",
+        None,
+    ),
+    (
         "record_ttl",
         "Lifetime of this node's signed service record; peers drop its services this long after the last refresh (10s to 1h).",
         None,

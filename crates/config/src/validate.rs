@@ -227,6 +227,11 @@ impl NodeConfig {
                 MIN_PROBE_INTERVAL,
             ),
             (
+                "gateway_first_byte_timeout",
+                self.gateway_first_byte_timeout,
+                MIN_PROBE_INTERVAL,
+            ),
+            (
                 "lookup_cache_fresh",
                 self.lookup_cache_fresh,
                 Duration::ZERO,
@@ -353,6 +358,8 @@ impl NodeConfig {
             }
         }
         for (name, value) in [
+            ("gateway_failover_attempts", self.gateway_failover_attempts),
+            ("gateway_max_concurrent", self.gateway_max_concurrent),
             ("relay_max_reservations", self.relay_max_reservations),
             (
                 "relay_max_reservations_per_peer",

@@ -1,5 +1,10 @@
 #![doc = include_str!("../README.md")]
 
 mod advertise;
+pub mod frame;
+mod http;
+mod serve;
 
 pub use advertise::{OllamaAdvertiser, SERVICE_ID_PREFIX, model_service};
+pub use http::{GatewayConfig, MAX_REQUEST_BYTES, router};
+pub use serve::{FORWARDED_PATHS, Forwarded, INFER_PROTOCOL, LocalOllama, serve_inference};

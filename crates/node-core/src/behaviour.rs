@@ -48,6 +48,8 @@ pub(crate) struct NodeBehaviour {
     pub(crate) dht: Toggle<dht::Behaviour>,
     pub(crate) gossip: Toggle<gossipsub::Behaviour>,
     pub(crate) nat: nat::Behaviour,
+    /// Application stream protocols (see [`NodeHandle::stream_control`](crate::NodeHandle::stream_control)).
+    pub(crate) streams: libp2p_stream::Behaviour,
 }
 
 /// Extra time an AutoNAT dial-back request gets over `dial_timeout`, so the
@@ -221,6 +223,7 @@ impl NodeBehaviour {
             dht: dht.into(),
             gossip: gossip.into(),
             nat,
+            streams: libp2p_stream::Behaviour::new(),
         };
         (behaviour, mdns_error)
     }

@@ -27,5 +27,7 @@ pub use state::{NodeState, StateError};
 
 /// Re-exported so users name the same types we do.
 pub use libp2p;
+/// Re-exported: [`NodeHandle::stream_control`] hands out its `Control`.
+pub use libp2p_stream;
 pub use ollamacron_config as config;
 pub use ollamacron_service_registry as registry;

@@ -212,6 +212,7 @@ impl Node {
                 state: state_rx,
                 metrics: metrics.endpoint.clone(),
                 api_addr,
+                streams: StreamControl(swarm.behaviour().streams.new_control()),
             },
         };
         let trim = TrimPolicy {
@@ -574,6 +575,17 @@ struct HandleShared {
     state: watch::Receiver<NodeState>,
     metrics: MetricsEndpoint,
     api_addr: Option<SocketAddr>,
+    streams: StreamControl,
+}
+
+/// [`libp2p_stream::Control`], which has no `Debug` of its own.
+#[derive(Clone)]
+struct StreamControl(libp2p_stream::Control);
+
+impl std::fmt::Debug for StreamControl {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("StreamControl")
+    }
 }
 
 /// A [`NodeHandle`] that does not keep the node running: the node stops
@@ -627,6 +639,15 @@ impl NodeHandle {
     #[must_use]
     pub fn subscribe(&self) -> broadcast::Receiver<NodeEvent> {
         self.shared.events.subscribe()
+    }
+
+    /// A control for application stream protocols on the node's
+    /// connections (relayed ones too): open a stream to a peer, or accept
+    /// a protocol's inbound streams. Peers are admitted by the network's
+    /// auth (`require_auth`, `allowed_peers`) before any stream opens.
+    #[must_use]
+    pub fn stream_control(&self) -> libp2p_stream::Control {
+        self.shared.streams.0.clone()
     }
 
     /// The bound address of the HTTP API, when metrics are enabled.

@@ -1,0 +1,201 @@
+//! Frames of `/ollamacron/infer/1.0.0`: `kind: u8`, `length: u32` (big
+//! endian), `length` bytes. A request (the HTTP path and JSON body as the
+//! client sent them), then a head (status, content type), data chunks, and
+//! an end or error frame.
+
+use futures::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
+use serde::{Deserialize, Serialize};
+
+/// Largest frame payload: a request body or one response chunk.
+pub const MAX_FRAME_BYTES: usize = 1024 * 1024;
+
+/// What a frame carries.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[repr(u8)]
+pub enum FrameKind {
+    /// The request: JSON [`InferRequest`].
+    Request = 1,
+    /// The answer's status and content type: JSON [`InferHead`].
+    Head = 2,
+    /// A chunk of the answer's body.
+    Data = 3,
+    /// The answer is complete.
+    End = 4,
+    /// The answer broke off: a UTF-8 reason.
+    Error = 5,
+}
+
+impl FrameKind {
+    fn from_byte(byte: u8) -> Option<Self> {
+        Some(match byte {
+            1 => Self::Request,
+            2 => Self::Head,
+            3 => Self::Data,
+            4 => Self::End,
+            5 => Self::Error,
+            _ => return None,
+        })
+    }
+}
+
+/// A request forwarded to the serving node's Ollama.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct InferRequest {
+    /// The HTTP path (`/api/chat`, `/v1/chat/completions`, …).
+    pub path: String,
+    /// The JSON body as the client sent it.
+    pub body: String,
+}
+
+/// The head of an answer.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct InferHead {
+    /// HTTP status from the serving Ollama.
+    pub status: u16,
+    /// Its content type (`application/json`, `application/x-ndjson`,
+    /// `text/event-stream`).
+    pub content_type: String,
+}
+
+/// A frame that could not be read.
+#[derive(Debug, thiserror::Error)]
+pub enum FrameError {
+    /// The stream failed or ended inside a frame.
+    #[error("reading a frame: {0}")]
+    Io(#[from] std::io::Error),
+    /// A frame kind this version does not know.
+    #[error("unknown frame kind {0}")]
+    UnknownKind(u8),
+    /// A frame over [`MAX_FRAME_BYTES`].
+    #[error("a frame of {0} bytes is over the limit of {MAX_FRAME_BYTES}")]
+    TooLarge(usize),
+    /// A request or head that is not the expected JSON.
+    #[error("malformed {what}: {reason}")]
+    Malformed {
+        /// Which frame.
+        what: &'static str,
+        /// The decoder's complaint.
+        reason: String,
+    },
+}
+
+/// Write one frame.
+///
+/// # Errors
+/// The payload is over [`MAX_FRAME_BYTES`] or the stream failed.
+pub async fn write_frame<W: AsyncWrite + Unpin>(
+    io: &mut W,
+    kind: FrameKind,
+    payload: &[u8],
+) -> Result<(), FrameError> {
+    let length = u32::try_from(payload.len())
+        .ok()
+        .filter(|l| usize::try_from(*l).is_ok_and(|l| l <= MAX_FRAME_BYTES))
+        .ok_or(FrameError::TooLarge(payload.len()))?;
+    let mut header = [0u8; 5];
+    header[0] = kind as u8;
+    header[1..].copy_from_slice(&length.to_be_bytes());
+    io.write_all(&header).await?;
+    io.write_all(payload).await?;
+    io.flush().await?;
+    Ok(())
+}
+
+/// Read one frame; the length is checked before anything is allocated.
+///
+/// # Errors
+/// The stream failed or ended, an unknown kind, or a frame over the limit.
+pub async fn read_frame<R: AsyncRead + Unpin>(
+    io: &mut R,
+) -> Result<(FrameKind, Vec<u8>), FrameError> {
+    let mut header = [0u8; 5];
+    io.read_exact(&mut header).await?;
+    let kind = FrameKind::from_byte(header[0]).ok_or(FrameError::UnknownKind(header[0]))?;
+    let length = usize::try_from(u32::from_be_bytes([
+        header[1], header[2], header[3], header[4],
+    ]))
+    .unwrap_or(usize::MAX);
+    if length > MAX_FRAME_BYTES {
+        return Err(FrameError::TooLarge(length));
+    }
+    let mut payload = vec![0u8; length];
+    io.read_exact(&mut payload).await?;
+    Ok((kind, payload))
+}
+
+/// Decode a JSON frame payload.
+///
+/// # Errors
+/// It is not the expected JSON.
+pub fn decode<T: serde::de::DeserializeOwned>(
+    what: &'static str,
+    payload: &[u8],
+) -> Result<T, FrameError> {
+    serde_json::from_slice(payload).map_err(|e| FrameError::Malformed {
+        what,
+        reason: e.to_string(),
+    })
+}
+
+#[cfg(test)]
+#[allow(clippy::unwrap_used)]
+mod tests {
+    use super::*;
+    use futures::io::Cursor;
+    use proptest::prelude::*;
+
+    #[test]
+    fn frames_round_trip() {
+        futures::executor::block_on(async {
+            let mut buf = Cursor::new(Vec::new());
+            write_frame(&mut buf, FrameKind::Data, b"hello")
+                .await
+                .unwrap();
+            write_frame(&mut buf, FrameKind::End, b"").await.unwrap();
+            buf.set_position(0);
+            assert_eq!(
+                read_frame(&mut buf).await.unwrap(),
+                (FrameKind::Data, b"hello".to_vec())
+            );
+            assert_eq!(
+                read_frame(&mut buf).await.unwrap(),
+                (FrameKind::End, Vec::new())
+            );
+            assert!(matches!(read_frame(&mut buf).await, Err(FrameError::Io(_))));
+        });
+    }
+
+    #[test]
+    fn oversized_and_unknown_frames_are_refused_before_allocating() {
+        futures::executor::block_on(async {
+            let mut huge = vec![FrameKind::Data as u8];
+            huge.extend_from_slice(&u32::MAX.to_be_bytes());
+            assert!(matches!(
+                read_frame(&mut Cursor::new(huge)).await,
+                Err(FrameError::TooLarge(_))
+            ));
+            let unknown = vec![9u8, 0, 0, 0, 0];
+            assert!(matches!(
+                read_frame(&mut Cursor::new(unknown)).await,
+                Err(FrameError::UnknownKind(9))
+            ));
+            let too_big = vec![0u8; MAX_FRAME_BYTES + 1];
+            let mut sink = Cursor::new(Vec::new());
+            assert!(matches!(
+                write_frame(&mut sink, FrameKind::Data, &too_big).await,
+                Err(FrameError::TooLarge(_))
+            ));
+        });
+    }
+
+    proptest! {
+        #[test]
+        fn any_bytes_decode_to_a_frame_or_an_error(bytes in proptest::collection::vec(any::<u8>(), 0..64)) {
+            futures::executor::block_on(async {
+                let _ = read_frame(&mut Cursor::new(bytes.clone())).await;
+                let _ = decode::<InferRequest>("request", &bytes);
+                let _ = decode::<InferHead>("head", &bytes);
+            });
+        }
+    }
+}

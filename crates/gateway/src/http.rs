@@ -1,0 +1,272 @@
+//! The Ollama- and OpenAI-compatible HTTP front: each request goes to the
+//! best node that has its model (this node's Ollama when it is the best),
+//! streamed back as it comes, with failover before the first byte.
+
+use std::collections::BTreeMap;
+use std::time::Duration;
+
+use axum::Router;
+use axum::body::Body;
+use axum::extract::State;
+use axum::http::{StatusCode, Uri, header};
+use axum::response::{IntoResponse, Response};
+use axum::routing::{get, post};
+use bytes::Bytes;
+use futures::StreamExt;
+use http_body_util::BodyExt;
+use ollamacron_node_core::libp2p::PeerId;
+use ollamacron_node_core::registry::{RankedService, ServiceQuery};
+use ollamacron_node_core::{NodeHandle, libp2p_stream};
+use serde_json::{Value, json};
+
+use crate::frame::{FrameKind, InferHead, InferRequest, decode, read_frame, write_frame};
+use crate::serve::{FORWARDED_PATHS, INFER_PROTOCOL, LocalOllama};
+
+/// Largest request body the gateway takes.
+pub const MAX_REQUEST_BYTES: usize = crate::frame::MAX_FRAME_BYTES;
+
+/// How the gateway behaves.
+#[derive(Debug, Clone)]
+pub struct GatewayConfig {
+    /// Candidates tried for one request before giving up (failover before
+    /// the first byte).
+    pub max_attempts: usize,
+    /// Longest wait for a serving node's first answer.
+    pub first_byte_timeout: Duration,
+}
+
+#[derive(Clone)]
+struct Gateway {
+    node: NodeHandle,
+    local: Option<LocalOllama>,
+    config: GatewayConfig,
+}
+
+/// The gateway's routes, for `axum::serve`. `local` is this node's Ollama
+/// (none on a client node).
+pub fn router(node: NodeHandle, local: Option<LocalOllama>, config: GatewayConfig) -> Router {
+    let gateway = Gateway {
+        node,
+        local,
+        config,
+    };
+    let mut router = Router::new()
+        .route(
+            "/",
+            get(|| async { "Ollama is running" }).head(|| async { StatusCode::OK }),
+        )
+        .route(
+            "/api/version",
+            get(|| async { axum::Json(json!({"version": env!("CARGO_PKG_VERSION")})) }),
+        )
+        .route("/api/tags", get(tags))
+        .route("/v1/models", get(openai_models));
+    for path in FORWARDED_PATHS {
+        router = router.route(path, post(infer));
+    }
+    router
+        .layer(axum::extract::DefaultBodyLimit::max(MAX_REQUEST_BYTES))
+        .with_state(gateway)
+}
+
+fn error(status: StatusCode, message: impl Into<String>) -> Response {
+    (status, axum::Json(json!({ "error": message.into() }))).into_response()
+}
+
+/// `name` and `name:latest` are the same model.
+fn same_model(a: &str, b: &str) -> bool {
+    let full = |n: &str| {
+        if n.contains(':') {
+            n.to_owned()
+        } else {
+            format!("{n}:latest")
+        }
+    };
+    full(a) == full(b)
+}
+
+impl Gateway {
+    /// Every service of the mesh that is an Ollama model, best first.
+    async fn models(&self) -> Vec<RankedService> {
+        let mut all = Vec::new();
+        for kind in ["llm", "embedding"] {
+            let query = ServiceQuery {
+                service_type: Some(kind.to_owned()),
+                ..ServiceQuery::default()
+            };
+            if let Ok(found) = self.node.find_services(query).await {
+                all.extend(
+                    found
+                        .into_iter()
+                        .filter(|s| s.service.protocols.iter().any(|p| p == "ollama")),
+                );
+            }
+        }
+        all
+    }
+}
+
+async fn tags(State(gateway): State<Gateway>) -> Response {
+    let mut by_name: BTreeMap<String, Value> = BTreeMap::new();
+    for s in gateway.models().await {
+        by_name.entry(s.service.name.clone()).or_insert_with(|| {
+            json!({
+                "name": s.service.name, "model": s.service.name, "digest": s.service.version,
+                "size": s.service.metadata.get("size_bytes").and_then(|v| v.parse::<u64>().ok()).unwrap_or(0),
+                "details": {"family": s.service.tags.first().cloned().unwrap_or_default()},
+            })
+        });
+    }
+    axum::Json(json!({ "models": by_name.into_values().collect::<Vec<_>>() })).into_response()
+}
+
+async fn openai_models(State(gateway): State<Gateway>) -> Response {
+    let mut names: Vec<String> = gateway
+        .models()
+        .await
+        .into_iter()
+        .map(|s| s.service.name)
+        .collect();
+    names.sort();
+    names.dedup();
+    let data: Vec<Value> = names
+        .into_iter()
+        .map(|n| json!({"id": n, "object": "model", "owned_by": "ollamacron"}))
+        .collect();
+    axum::Json(json!({"object": "list", "data": data})).into_response()
+}
+
+async fn infer(State(gateway): State<Gateway>, uri: Uri, body: Bytes) -> Response {
+    let path = uri.path().to_owned();
+    let Ok(parsed) = serde_json::from_slice::<Value>(&body) else {
+        return error(StatusCode::BAD_REQUEST, "the body is not JSON");
+    };
+    let Some(model) = parsed["model"].as_str().map(str::to_owned) else {
+        return error(StatusCode::BAD_REQUEST, "the body names no \"model\"");
+    };
+    let candidates: Vec<RankedService> = gateway
+        .models()
+        .await
+        .into_iter()
+        .filter(|s| same_model(&s.service.name, &model))
+        .collect();
+    if candidates.is_empty() {
+        return error(StatusCode::NOT_FOUND, format!("model '{model}' not found"));
+    }
+    let body = String::from_utf8_lossy(&body).into_owned();
+    let mut last_failure = String::new();
+    for candidate in candidates.iter().take(gateway.config.max_attempts) {
+        let attempt = if candidate.local {
+            local_attempt(&gateway, &path, body.clone()).await
+        } else {
+            match candidate.service.peer_id.parse::<PeerId>() {
+                Ok(peer) => remote_attempt(&gateway, peer, &path, body.clone()).await,
+                Err(e) => Err(e.to_string()),
+            }
+        };
+        match attempt {
+            Ok(response) => return response,
+            Err(reason) => {
+                tracing::info!(%model, peer = %candidate.service.peer_id, %reason, "failing over to the next node");
+                last_failure = reason;
+            }
+        }
+    }
+    error(
+        StatusCode::BAD_GATEWAY,
+        format!("no node could serve '{model}': {last_failure}"),
+    )
+}
+
+/// Statuses after which the next candidate is tried.
+fn retryable(status: u16) -> bool {
+    status == 404 || status == 429 || status >= 500
+}
+
+async fn local_attempt(gateway: &Gateway, path: &str, body: String) -> Result<Response, String> {
+    let local = gateway.local.as_ref().ok_or("this node has no Ollama")?;
+    let forwarded = local.forward(path, body).await?;
+    if retryable(forwarded.status) {
+        return Err(format!("the local Ollama answered {}", forwarded.status));
+    }
+    let stream = forwarded
+        .body
+        .into_data_stream()
+        .map(|chunk| chunk.map_err(std::io::Error::other));
+    Ok(streamed(
+        forwarded.status,
+        &forwarded.content_type,
+        Body::from_stream(stream),
+    ))
+}
+
+fn streamed(status: u16, content_type: &str, body: Body) -> Response {
+    let mut response = Response::new(body);
+    *response.status_mut() = StatusCode::from_u16(status).unwrap_or(StatusCode::BAD_GATEWAY);
+    if let Ok(value) = content_type.parse() {
+        response.headers_mut().insert(header::CONTENT_TYPE, value);
+    }
+    response
+}
+
+async fn remote_attempt(
+    gateway: &Gateway,
+    peer: PeerId,
+    path: &str,
+    body: String,
+) -> Result<Response, String> {
+    let mut control: libp2p_stream::Control = gateway.node.stream_control();
+    let open = async {
+        let mut stream = control
+            .open_stream(peer, INFER_PROTOCOL)
+            .await
+            .map_err(|e| e.to_string())?;
+        let request = InferRequest {
+            path: path.to_owned(),
+            body,
+        };
+        let request = serde_json::to_vec(&request).map_err(|e| e.to_string())?;
+        write_frame(&mut stream, FrameKind::Request, &request)
+            .await
+            .map_err(|e| e.to_string())?;
+        let (kind, payload) = read_frame(&mut stream).await.map_err(|e| e.to_string())?;
+        if kind != FrameKind::Head {
+            return Err(format!(
+                "the serving node answered with a {kind:?} frame first"
+            ));
+        }
+        let head: InferHead = decode("head", &payload).map_err(|e| e.to_string())?;
+        Ok((stream, head))
+    };
+    let (stream, head) = tokio::time::timeout(gateway.config.first_byte_timeout, open)
+        .await
+        .map_err(|_| format!("no answer within {:?}", gateway.config.first_byte_timeout))??;
+    if retryable(head.status) {
+        return Err(format!("the serving node answered {}", head.status));
+    }
+    // After the head, chunks flow to the client as they come; a break is
+    // an error in the body (the client sees the stream end abnormally).
+    let chunks = futures::stream::unfold(Some(stream), |state| async move {
+        let mut stream = state?;
+        match read_frame(&mut stream).await {
+            Ok((FrameKind::Data, data)) => Some((Ok(Bytes::from(data)), Some(stream))),
+            Ok((FrameKind::End, _)) => None,
+            Ok((FrameKind::Error, reason)) => Some((
+                Err(std::io::Error::other(
+                    String::from_utf8_lossy(&reason).into_owned(),
+                )),
+                None,
+            )),
+            Ok((kind, _)) => Some((
+                Err(std::io::Error::other(format!("unexpected {kind:?} frame"))),
+                None,
+            )),
+            Err(e) => Some((Err(std::io::Error::other(e.to_string())), None)),
+        }
+    });
+    Ok(streamed(
+        head.status,
+        &head.content_type,
+        Body::from_stream(chunks),
+    ))
+}

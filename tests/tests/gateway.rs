@@ -1,0 +1,212 @@
+//! The gateway across three nodes, each with its own stand-in Ollama: a
+//! request to A for a model only C has is served by C and streamed back
+//! chunk by chunk over `/ollamacron/infer/1.0.0`; `/api/tags` lists every
+//! model once; failover before the first byte; unknown models are 404.
+
+#![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)] // test code
+
+use std::net::SocketAddr;
+use std::time::Duration;
+
+use ollamacron_gateway::{GatewayConfig, LocalOllama, OllamaAdvertiser, router, serve_inference};
+use ollamacron_node_core::NodeHandle;
+use ollamacron_node_core::registry::ServiceQuery;
+use ollamacron_ollama::{OllamaClient, OllamaEndpoint, OllamaWatcher, WatchConfig};
+use ollamacron_tests::ollama_standin::{StandInModels, StandInOllama, TOKENS, tag};
+use ollamacron_tests::{TCP_ONLY, eventually, http_request, loopback_config, start};
+
+struct Member {
+    node: NodeHandle,
+    ollama: StandInOllama,
+    _watcher: OllamaWatcher,
+}
+
+async fn member(models: &[&str], bootstrap: Option<&str>) -> Member {
+    let ollama = StandInOllama::start(StandInModels {
+        models: models
+            .iter()
+            .map(|m| tag(m, &format!("digest-{m}"), "llama"))
+            .collect(),
+        ..StandInModels::default()
+    })
+    .await;
+    let list = bootstrap.map(|b| format!("[{b}]"));
+    let mut overrides = vec![];
+    if let Some(list) = &list {
+        overrides.push(("bootstrap", list.as_str()));
+    }
+    let node = start(loopback_config(TCP_ONLY, &overrides)).await.unwrap();
+    let endpoint = OllamaEndpoint::parse(&ollama.addr().to_string()).unwrap();
+    let watcher = OllamaWatcher::spawn(
+        OllamaClient::new(endpoint.clone(), Duration::from_secs(2)),
+        WatchConfig {
+            interval: Duration::from_millis(200),
+            ..WatchConfig::default()
+        },
+    );
+    tokio::spawn(OllamaAdvertiser::new(node.clone()).run(watcher.subscribe()));
+    let local = LocalOllama::new(endpoint, Duration::from_secs(10));
+    tokio::spawn(serve_inference(node.stream_control(), local, 8));
+    Member {
+        node,
+        ollama,
+        _watcher: watcher,
+    }
+}
+
+async fn gateway(member: &Member) -> SocketAddr {
+    let local = LocalOllama::new(
+        OllamaEndpoint::parse(&member.ollama.addr().to_string()).unwrap(),
+        Duration::from_secs(10),
+    );
+    let app = router(
+        member.node.clone(),
+        Some(local),
+        GatewayConfig {
+            max_attempts: 3,
+            first_byte_timeout: Duration::from_secs(10),
+        },
+    );
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    tokio::spawn(async move { axum::serve(listener, app).await.unwrap() });
+    addr
+}
+
+async fn sees(node: &NodeHandle, models: &[&str]) {
+    let query = ServiceQuery {
+        service_type: Some("llm".into()),
+        ..ServiceQuery::default()
+    };
+    let wanted: Vec<String> = models.iter().map(ToString::to_string).collect();
+    eventually("every model in the mesh", || {
+        let (node, query, wanted) = (node.clone(), query.clone(), wanted.clone());
+        async move {
+            let found = node.find_services(query).await.ok()?;
+            wanted
+                .iter()
+                .all(|w| found.iter().any(|s| &s.service.name == w))
+                .then_some(())
+        }
+    })
+    .await
+    .unwrap();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_request_is_served_by_the_node_that_has_the_model_and_streamed_back() {
+    let a = member(&[], None).await;
+    let a_addr = a.node.dialable_addrs().await.unwrap().remove(0).to_string();
+    let b = member(&["llama3:8b", "shared:1b"], Some(&a_addr)).await;
+    let c = member(&["mistral:7b", "shared:1b"], Some(&a_addr)).await;
+    sees(&a.node, &["llama3:8b", "mistral:7b", "shared:1b"]).await;
+    let gw = gateway(&a).await;
+
+    // Only C has mistral: C's Ollama serves it, token by token (NDJSON).
+    let body = br#"{"model": "mistral:7b", "prompt": "Why is the sky blue?"}"#;
+    let response = http_request(gw, "POST", "/api/generate", Some(body))
+        .await
+        .unwrap();
+    assert_eq!(response.status, 200, "{}", response.body);
+    let text = response.body.clone();
+    let lines: Vec<serde_json::Value> = text
+        .lines()
+        .map(|l| serde_json::from_str(l).unwrap())
+        .collect();
+    assert_eq!(lines.len(), TOKENS.len() + 1, "{text}");
+    let streamed: String = lines
+        .iter()
+        .filter_map(|l| l["response"].as_str())
+        .collect();
+    assert_eq!(streamed, TOKENS.concat());
+    assert_eq!(lines.last().unwrap()["done"], true);
+    assert_eq!(lines[0]["model"], "mistral:7b");
+    assert_eq!(c.ollama.models().generate_calls, 1);
+    assert_eq!(b.ollama.models().generate_calls, 0);
+
+    // Chat, not streamed; `name` and `name:latest` are the same model.
+    let body = br#"{"model": "llama3:8b", "messages": [{"role": "user", "content": "hi"}], "stream": false}"#;
+    let response = http_request(gw, "POST", "/api/chat", Some(body))
+        .await
+        .unwrap();
+    assert_eq!(response.status, 200);
+    assert_eq!(response.json()["message"]["content"], TOKENS.concat());
+    assert_eq!(b.ollama.models().generate_calls, 1);
+
+    // /api/tags lists each model of the mesh once.
+    let tags = http_request(gw, "GET", "/api/tags", None)
+        .await
+        .unwrap()
+        .json();
+    let mut names: Vec<&str> = tags["models"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|m| m["name"].as_str().unwrap())
+        .collect();
+    names.sort_unstable();
+    assert_eq!(names, ["llama3:8b", "mistral:7b", "shared:1b"]);
+
+    // Unknown model: 404 the way Ollama says it; malformed body: 400.
+    let response = http_request(
+        gw,
+        "POST",
+        "/api/generate",
+        Some(br#"{"model": "nope:1b"}"#),
+    )
+    .await
+    .unwrap();
+    assert_eq!(response.status, 404);
+    assert!(
+        response.json()["error"]
+            .as_str()
+            .unwrap()
+            .contains("nope:1b")
+    );
+    let response = http_request(gw, "POST", "/api/generate", Some(b"{not json"))
+        .await
+        .unwrap();
+    assert_eq!(response.status, 400);
+    assert!(response.json()["error"].is_string());
+
+    // Failover: whichever of B and C serves `shared` first fails before
+    // the first byte; the other one answers.
+    b.ollama.models().failing_inference = true;
+    c.ollama.models().failing_inference = true;
+    let calls = |m: &Member| m.ollama.models().generate_calls;
+    let before = (calls(&b), calls(&c));
+    let response = http_request(
+        gw,
+        "POST",
+        "/api/generate",
+        Some(br#"{"model": "shared:1b", "stream": false}"#),
+    )
+    .await
+    .unwrap();
+    assert_eq!(
+        response.status, 502,
+        "both fail: a gateway error naming the model"
+    );
+    assert!(
+        response.json()["error"]
+            .as_str()
+            .unwrap()
+            .contains("shared:1b")
+    );
+    assert_eq!(
+        (calls(&b) - before.0, calls(&c) - before.1),
+        (1, 1),
+        "each tried once"
+    );
+    c.ollama.models().failing_inference = false;
+    let response = http_request(
+        gw,
+        "POST",
+        "/api/generate",
+        Some(br#"{"model": "shared:1b", "stream": false}"#),
+    )
+    .await
+    .unwrap();
+    assert_eq!(response.status, 200, "{}", response.body);
+    assert_eq!(response.json()["response"], TOKENS.concat());
+}
