@@ -28,7 +28,12 @@ pub struct StandInModels {
     pub generate_calls: usize,
     /// Answer `/api/generate` and `/api/chat` with HTTP 500 (the rest works).
     pub failing_inference: bool,
+    /// Break streamed answers off after two tokens (the connection drops).
+    pub die_mid_stream: bool,
 }
+
+/// Time between two streamed tokens.
+pub const TOKEN_INTERVAL: std::time::Duration = std::time::Duration::from_millis(5);
 
 /// The tokens every streamed answer is made of, in order.
 pub const TOKENS: [&str; 5] = ["The", " sky", " is", " blue", "."];
@@ -170,10 +175,10 @@ async fn generate(
     uri: axum::http::Uri,
     Json(body): Json<Value>,
 ) -> Response {
-    let failing = {
+    let (failing, die) = {
         let mut m = s.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
         m.generate_calls += 1;
-        m.failing || m.failing_inference
+        (m.failing || m.failing_inference, m.die_mid_stream)
     };
     if failing {
         return (
@@ -194,12 +199,20 @@ async fn generate(
     if body["stream"] == false {
         return Json(piece(&TOKENS.concat(), true)).into_response();
     }
-    let mut lines: Vec<String> = TOKENS
+    let mut lines: Vec<Result<String, std::io::Error>> = TOKENS
         .iter()
-        .map(|t| format!("{}\n", piece(t, false)))
+        .map(|t| Ok(format!("{}\n", piece(t, false))))
         .collect();
-    lines.push(format!("{}\n", piece("", true)));
-    let stream = futures::stream::iter(lines.into_iter().map(Ok::<_, std::convert::Infallible>));
+    lines.push(Ok(format!("{}\n", piece("", true))));
+    if die {
+        lines.truncate(2);
+        lines.push(Err(std::io::Error::other("stand-in died mid-stream")));
+    }
+    // One token at a time, as a model produces them.
+    let stream = futures::StreamExt::then(futures::stream::iter(lines), |line| async move {
+        tokio::time::sleep(TOKEN_INTERVAL).await;
+        line
+    });
     let mut response = Response::new(axum::body::Body::from_stream(stream));
     response.headers_mut().insert(
         axum::http::header::CONTENT_TYPE,

@@ -169,6 +169,24 @@ async fn a_request_is_served_by_the_node_that_has_the_model_and_streamed_back() 
     assert_eq!(response.status, 400);
     assert!(response.json()["error"].is_string());
 
+    // C dies mid-stream: the client gets the tokens so far, then an error
+    // line, and the answer ends.
+    c.ollama.models().die_mid_stream = true;
+    let body = br#"{"model": "mistral:7b", "prompt": "again"}"#;
+    let response = http_request(gw, "POST", "/api/generate", Some(body))
+        .await
+        .unwrap();
+    assert_eq!(response.status, 200);
+    let lines: Vec<serde_json::Value> = response
+        .body
+        .lines()
+        .map(|l| serde_json::from_str(l).unwrap())
+        .collect();
+    assert_eq!(lines.len(), 3, "{}", response.body);
+    assert_eq!(lines[0]["response"], TOKENS[0]);
+    assert!(lines[2]["error"].is_string(), "{}", response.body);
+    c.ollama.models().die_mid_stream = false;
+
     // Failover: whichever of B and C serves `shared` first fails before
     // the first byte; the other one answers.
     b.ollama.models().failing_inference = true;

@@ -60,6 +60,7 @@ pub fn router(node: NodeHandle, local: Option<LocalOllama>, config: GatewayConfi
             get(|| async { axum::Json(json!({"version": env!("CARGO_PKG_VERSION")})) }),
         )
         .route("/api/tags", get(tags))
+        .route("/api/ps", get(loaded))
         .route("/v1/models", get(openai_models));
     for path in FORWARDED_PATHS {
         router = router.route(path, post(infer));
@@ -116,6 +117,23 @@ async fn tags(State(gateway): State<Gateway>) -> Response {
                 "details": {"family": s.service.tags.first().cloned().unwrap_or_default()},
             })
         });
+    }
+    axum::Json(json!({ "models": by_name.into_values().collect::<Vec<_>>() })).into_response()
+}
+
+/// `/api/ps`: the models loaded in memory somewhere in the mesh, each once.
+async fn loaded(State(gateway): State<Gateway>) -> Response {
+    let mut by_name: BTreeMap<String, Value> = BTreeMap::new();
+    for s in gateway.models().await {
+        if s.service
+            .metadata
+            .get("loaded")
+            .is_some_and(|l| l == "true")
+        {
+            by_name.entry(s.service.name.clone()).or_insert_with(|| {
+                json!({"name": s.service.name, "model": s.service.name, "digest": s.service.version})
+            });
+        }
     }
     axum::Json(json!({ "models": by_name.into_values().collect::<Vec<_>>() })).into_response()
 }
@@ -200,6 +218,16 @@ async fn local_attempt(gateway: &Gateway, path: &str, body: String) -> Result<Re
     ))
 }
 
+/// An error as the last chunk of a streamed answer.
+fn error_chunk(content_type: &str, reason: &str) -> Bytes {
+    let error = json!({ "error": reason }).to_string();
+    Bytes::from(if content_type.starts_with("text/event-stream") {
+        format!("data: {error}\n\n")
+    } else {
+        format!("{error}\n")
+    })
+}
+
 fn streamed(status: u16, content_type: &str, body: Body) -> Response {
     let mut response = Response::new(body);
     *response.status_mut() = StatusCode::from_u16(status).unwrap_or(StatusCode::BAD_GATEWAY);
@@ -244,24 +272,24 @@ async fn remote_attempt(
     if retryable(head.status) {
         return Err(format!("the serving node answered {}", head.status));
     }
-    // After the head, chunks flow to the client as they come; a break is
-    // an error in the body (the client sees the stream end abnormally).
-    let chunks = futures::stream::unfold(Some(stream), |state| async move {
-        let mut stream = state?;
-        match read_frame(&mut stream).await {
-            Ok((FrameKind::Data, data)) => Some((Ok(Bytes::from(data)), Some(stream))),
-            Ok((FrameKind::End, _)) => None,
-            Ok((FrameKind::Error, reason)) => Some((
-                Err(std::io::Error::other(
-                    String::from_utf8_lossy(&reason).into_owned(),
-                )),
-                None,
-            )),
-            Ok((kind, _)) => Some((
-                Err(std::io::Error::other(format!("unexpected {kind:?} frame"))),
-                None,
-            )),
-            Err(e) => Some((Err(std::io::Error::other(e.to_string())), None)),
+    // After the head, chunks flow to the client as they come. A break
+    // after that ends the answer with an error chunk in its own format
+    // (an NDJSON line, or an SSE event), then the stream.
+    let content_type = head.content_type.clone();
+    let chunks = futures::stream::unfold(Some(stream), move |state| {
+        let content_type = content_type.clone();
+        async move {
+            let mut stream = state?;
+            let reason = match read_frame(&mut stream).await {
+                Ok((FrameKind::Data, data)) => {
+                    return Some((Ok::<_, std::io::Error>(Bytes::from(data)), Some(stream)));
+                }
+                Ok((FrameKind::End, _)) => return None,
+                Ok((FrameKind::Error, reason)) => String::from_utf8_lossy(&reason).into_owned(),
+                Ok((kind, _)) => format!("unexpected {kind:?} frame"),
+                Err(e) => format!("the serving node went away: {e}"),
+            };
+            Some((Ok(error_chunk(&content_type, &reason)), None))
         }
     });
     Ok(streamed(
