@@ -221,8 +221,106 @@ async fn generate(
     response
 }
 
+/// The embedding every input gets.
+pub const EMBEDDING: [f32; 3] = [0.25, 0.5, 0.75];
+
+fn inference_allowed(s: &Shared) -> Result<(), Response> {
+    let mut m = s.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
+    m.generate_calls += 1;
+    if m.failing || m.failing_inference {
+        return Err((
+            StatusCode::INTERNAL_SERVER_ERROR,
+            Json(json!({"error": "stand-in told to fail"})),
+        )
+            .into_response());
+    }
+    Ok(())
+}
+
+/// `/api/embed` (`{"embeddings": [[…]]}`, one per input) and the legacy
+/// `/api/embeddings` (`{"embedding": […]}`).
+async fn embed(State(s): State<Shared>, uri: axum::http::Uri, Json(body): Json<Value>) -> Response {
+    if let Err(refused) = inference_allowed(&s) {
+        return refused;
+    }
+    if uri.path() == "/api/embeddings" {
+        return Json(json!({ "embedding": EMBEDDING })).into_response();
+    }
+    let inputs = body["input"].as_array().map_or(1, Vec::len);
+    Json(json!({"model": body["model"], "embeddings": vec![EMBEDDING; inputs]})).into_response()
+}
+
+/// OpenAI's `/v1/chat/completions` and `/v1/completions`, streamed as SSE
+/// (ending with `data: [DONE]`) or whole.
+async fn openai(
+    State(s): State<Shared>,
+    uri: axum::http::Uri,
+    Json(body): Json<Value>,
+) -> Response {
+    if let Err(refused) = inference_allowed(&s) {
+        return refused;
+    }
+    let model = body["model"].as_str().unwrap_or_default().to_owned();
+    let chat = uri.path() == "/v1/chat/completions";
+    let (object, chunk_object) = if chat {
+        ("chat.completion", "chat.completion.chunk")
+    } else {
+        ("text_completion", "text_completion")
+    };
+    let choice = |text: &str, finish: Option<&str>, streaming: bool| {
+        if chat && streaming {
+            json!({"index": 0, "delta": {"role": "assistant", "content": text}, "finish_reason": finish})
+        } else if chat {
+            json!({"index": 0, "message": {"role": "assistant", "content": text}, "finish_reason": finish})
+        } else {
+            json!({"index": 0, "text": text, "finish_reason": finish, "logprobs": null})
+        }
+    };
+    let usage = json!({"prompt_tokens": 3, "completion_tokens": TOKENS.len(), "total_tokens": 3 + TOKENS.len()});
+    if body["stream"] != true {
+        return Json(json!({
+            "id": "standin-1", "object": object, "created": 0, "model": model,
+            "choices": [choice(&TOKENS.concat(), Some("stop"), false)], "usage": usage,
+        }))
+        .into_response();
+    }
+    let mut events: Vec<Result<String, std::io::Error>> = TOKENS
+        .iter()
+        .map(|t| {
+            let chunk = json!({"id": "standin-1", "object": chunk_object, "created": 0, "model": model, "choices": [choice(t, None, true)]});
+            Ok(format!("data: {chunk}\n\n"))
+        })
+        .collect();
+    let last = json!({"id": "standin-1", "object": chunk_object, "created": 0, "model": model, "choices": [choice("", Some("stop"), true)]});
+    events.push(Ok(format!("data: {last}\n\n")));
+    events.push(Ok("data: [DONE]\n\n".to_owned()));
+    let mut response = Response::new(axum::body::Body::from_stream(futures::stream::iter(events)));
+    response.headers_mut().insert(
+        axum::http::header::CONTENT_TYPE,
+        axum::http::HeaderValue::from_static("text/event-stream"),
+    );
+    response
+}
+
+/// OpenAI's `/v1/embeddings`.
+async fn openai_embeddings(State(s): State<Shared>, Json(body): Json<Value>) -> Response {
+    if let Err(refused) = inference_allowed(&s) {
+        return refused;
+    }
+    let inputs = body["input"].as_array().map_or(1, Vec::len);
+    let data: Vec<Value> = (0..inputs)
+        .map(|i| json!({"object": "embedding", "index": i, "embedding": EMBEDDING}))
+        .collect();
+    Json(json!({"object": "list", "data": data, "model": body["model"], "usage": {"prompt_tokens": 1, "total_tokens": 1}})).into_response()
+}
+
 fn spawn(listener: tokio::net::TcpListener, state: Shared) -> JoinHandle<()> {
     let app = Router::new()
+        .route("/api/embed", post(embed))
+        .route("/api/embeddings", post(embed))
+        .route("/v1/chat/completions", post(openai))
+        .route("/v1/completions", post(openai))
+        .route("/v1/embeddings", post(openai_embeddings))
         .route("/api/generate", post(generate))
         .route("/api/chat", post(generate))
         .route("/api/version", get(version))

@@ -149,7 +149,7 @@ async fn openai_models(State(gateway): State<Gateway>) -> Response {
     names.dedup();
     let data: Vec<Value> = names
         .into_iter()
-        .map(|n| json!({"id": n, "object": "model", "owned_by": "ollamacron"}))
+        .map(|n| json!({"id": n, "object": "model", "created": 0, "owned_by": "ollamacron"}))
         .collect();
     axum::Json(json!({"object": "list", "data": data})).into_response()
 }
