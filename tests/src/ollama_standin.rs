@@ -224,23 +224,23 @@ async fn generate(
 /// The embedding every input gets.
 pub const EMBEDDING: [f32; 3] = [0.25, 0.5, 0.75];
 
-fn inference_allowed(s: &Shared) -> Result<(), Response> {
+/// `None` when the request may be answered, else the refusal.
+fn inference_refused(s: &Shared) -> Option<Response> {
     let mut m = s.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
     m.generate_calls += 1;
-    if m.failing || m.failing_inference {
-        return Err((
+    (m.failing || m.failing_inference).then(|| {
+        (
             StatusCode::INTERNAL_SERVER_ERROR,
             Json(json!({"error": "stand-in told to fail"})),
         )
-            .into_response());
-    }
-    Ok(())
+            .into_response()
+    })
 }
 
 /// `/api/embed` (`{"embeddings": [[…]]}`, one per input) and the legacy
 /// `/api/embeddings` (`{"embedding": […]}`).
 async fn embed(State(s): State<Shared>, uri: axum::http::Uri, Json(body): Json<Value>) -> Response {
-    if let Err(refused) = inference_allowed(&s) {
+    if let Some(refused) = inference_refused(&s) {
         return refused;
     }
     if uri.path() == "/api/embeddings" {
@@ -257,7 +257,7 @@ async fn openai(
     uri: axum::http::Uri,
     Json(body): Json<Value>,
 ) -> Response {
-    if let Err(refused) = inference_allowed(&s) {
+    if let Some(refused) = inference_refused(&s) {
         return refused;
     }
     let model = body["model"].as_str().unwrap_or_default().to_owned();
@@ -304,7 +304,7 @@ async fn openai(
 
 /// OpenAI's `/v1/embeddings`.
 async fn openai_embeddings(State(s): State<Shared>, Json(body): Json<Value>) -> Response {
-    if let Err(refused) = inference_allowed(&s) {
+    if let Some(refused) = inference_refused(&s) {
         return refused;
     }
     let inputs = body["input"].as_array().map_or(1, Vec::len);
