@@ -30,6 +30,27 @@ pub struct StandInModels {
     pub failing_inference: bool,
     /// Break streamed answers off after two tokens (the connection drops).
     pub die_mid_stream: bool,
+    /// Send one token of a streamed answer, then nothing (a model thinking).
+    pub stall: bool,
+    /// Streamed answers whose client went away before the end.
+    pub cancelled: usize,
+}
+
+/// Counts a streamed answer as cancelled when it is dropped unfinished
+/// (a finished answer takes the state out first).
+struct CancelWatch {
+    state: Option<Shared>,
+}
+
+impl Drop for CancelWatch {
+    fn drop(&mut self) {
+        if let Some(state) = self.state.take() {
+            state
+                .lock()
+                .unwrap_or_else(std::sync::PoisonError::into_inner)
+                .cancelled += 1;
+        }
+    }
 }
 
 /// Time between two streamed tokens.
@@ -175,10 +196,10 @@ async fn generate(
     uri: axum::http::Uri,
     Json(body): Json<Value>,
 ) -> Response {
-    let (failing, die) = {
+    let (failing, die, stall) = {
         let mut m = s.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
         m.generate_calls += 1;
-        (m.failing || m.failing_inference, m.die_mid_stream)
+        (m.failing || m.failing_inference, m.die_mid_stream, m.stall)
     };
     if failing {
         return (
@@ -208,11 +229,27 @@ async fn generate(
         lines.truncate(2);
         lines.push(Err(std::io::Error::other("stand-in died mid-stream")));
     }
-    // One token at a time, as a model produces them.
-    let stream = futures::StreamExt::then(futures::stream::iter(lines), |line| async move {
-        tokio::time::sleep(TOKEN_INTERVAL).await;
-        line
-    });
+    if stall {
+        lines.truncate(1);
+    }
+    // One token at a time, as a model produces them; a stalled answer then
+    // waits forever, and an answer dropped before its end counts as
+    // cancelled.
+    let watch = CancelWatch { state: Some(s) };
+    let stream = futures::stream::unfold(
+        (lines.into_iter(), watch, stall),
+        |(mut lines, mut watch, stall)| async move {
+            tokio::time::sleep(TOKEN_INTERVAL).await;
+            match lines.next() {
+                Some(line) => Some((line, (lines, watch, stall))),
+                None if stall => futures::future::pending().await,
+                None => {
+                    watch.state.take();
+                    None
+                }
+            }
+        },
+    );
     let mut response = Response::new(axum::body::Body::from_stream(stream));
     response.headers_mut().insert(
         axum::http::header::CONTENT_TYPE,

@@ -8,12 +8,19 @@
 use std::net::SocketAddr;
 use std::time::Duration;
 
-use ollamacron_gateway::{GatewayConfig, LocalOllama, OllamaAdvertiser, router, serve_inference};
+use ollamacron_gateway::{
+    GatewayConfig, LocalOllama, OllamaAdvertiser, ServeLimits, router, serve_inference,
+};
 use ollamacron_node_core::NodeHandle;
 use ollamacron_node_core::registry::ServiceQuery;
 use ollamacron_ollama::{OllamaClient, OllamaEndpoint, OllamaWatcher, WatchConfig};
 use ollamacron_tests::ollama_standin::{StandInModels, StandInOllama, TOKENS, tag};
 use ollamacron_tests::{TCP_ONLY, eventually, http_request, loopback_config, start};
+
+const LIMITS: ServeLimits = ServeLimits {
+    total: 8,
+    per_peer: 8,
+};
 
 struct Member {
     node: NodeHandle,
@@ -46,7 +53,7 @@ async fn member(models: &[&str], bootstrap: Option<&str>) -> Member {
     );
     tokio::spawn(OllamaAdvertiser::new(node.clone()).run(watcher.subscribe()));
     let local = LocalOllama::new(endpoint, Duration::from_secs(10));
-    tokio::spawn(serve_inference(node.stream_control(), local, 8));
+    tokio::spawn(serve_inference(node.stream_control(), local, LIMITS));
     Member {
         node,
         ollama,
@@ -186,6 +193,40 @@ async fn a_request_is_served_by_the_node_that_has_the_model_and_streamed_back() 
     assert_eq!(lines[0]["response"], TOKENS[0]);
     assert!(lines[2]["error"].is_string(), "{}", response.body);
     c.ollama.models().die_mid_stream = false;
+
+    // A client that goes away cancels the request on the serving node,
+    // even while its Ollama is still thinking.
+    c.ollama.models().stall = true;
+    {
+        use tokio::io::{AsyncReadExt, AsyncWriteExt};
+        let mut client = tokio::net::TcpStream::connect(gw).await.unwrap();
+        let body = r#"{"model": "mistral:7b", "prompt": "think"}"#;
+        let request = format!(
+            "POST /api/generate HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\nContent-Length: {}\r\n\r\n{body}",
+            body.len()
+        );
+        client.write_all(request.as_bytes()).await.unwrap();
+        // Read (headers, then the first chunk) until the first token came.
+        let mut seen = Vec::new();
+        let first_token = async {
+            let mut buf = [0u8; 4096];
+            while !String::from_utf8_lossy(&seen).contains(TOKENS[0]) {
+                let n = client.read(&mut buf).await.unwrap();
+                assert!(n > 0, "the gateway closed before the first token");
+                seen.extend_from_slice(&buf[..n]);
+            }
+        };
+        tokio::time::timeout(Duration::from_secs(10), first_token)
+            .await
+            .unwrap();
+    }
+    eventually("the serving stand-in to see the request cancelled", || {
+        let cancelled = c.ollama.models().cancelled;
+        async move { (cancelled >= 1).then_some(()) }
+    })
+    .await
+    .unwrap();
+    c.ollama.models().stall = false;
 
     // Failover: whichever of B and C serves `shared` first fails before
     // the first byte; the other one answers.

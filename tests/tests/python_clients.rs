@@ -12,11 +12,18 @@ use std::path::{Path, PathBuf};
 use std::process::Command;
 use std::time::Duration;
 
-use ollamacron_gateway::{GatewayConfig, LocalOllama, OllamaAdvertiser, router, serve_inference};
+use ollamacron_gateway::{
+    GatewayConfig, LocalOllama, OllamaAdvertiser, ServeLimits, router, serve_inference,
+};
 use ollamacron_node_core::registry::ServiceQuery;
 use ollamacron_ollama::{OllamaClient, OllamaEndpoint, OllamaWatcher, WatchConfig};
 use ollamacron_tests::ollama_standin::{StandInModels, StandInOllama, tag};
 use ollamacron_tests::{TCP_ONLY, eventually, loopback_config, start};
+
+const LIMITS: ServeLimits = ServeLimits {
+    total: 8,
+    per_peer: 8,
+};
 
 /// The client versions the test installs.
 const PACKAGES: [&str; 2] = ["ollama==0.6.3", "openai==3.57.0"];
@@ -101,7 +108,7 @@ async fn the_official_python_clients_work_against_the_gateway() {
     tokio::spawn(serve_inference(
         b.stream_control(),
         LocalOllama::new(endpoint, Duration::from_secs(10)),
-        8,
+        LIMITS,
     ));
     for kind in ["llm", "embedding"] {
         let query = ServiceQuery {

@@ -21,7 +21,8 @@ use anyhow::Context;
 use clap::{Args, Parser, Subcommand, ValueEnum};
 use ollamacron_config::{ConfigError, ConfigLoader, LogFormat, NodeConfig};
 use ollamacron_gateway::{
-    GatewayConfig, LocalOllama, OllamaAdvertiser, router as gateway_router, serve_inference,
+    GatewayConfig, LocalOllama, OllamaAdvertiser, ServeLimits, router as gateway_router,
+    serve_inference,
 };
 use ollamacron_node_core::{Node, NodeError, NodeState, load_or_create_identity};
 use ollamacron_ollama::{OllamaClient, OllamaEndpoint, OllamaWatcher, WatchConfig};
@@ -365,7 +366,10 @@ async fn serve(config: NodeConfig) -> anyhow::Result<()> {
         max_attempts: usize::try_from(config.gateway_failover_attempts).unwrap_or(usize::MAX),
         first_byte_timeout: config.gateway_first_byte_timeout,
     };
-    let serve_limit = usize::try_from(config.gateway_max_concurrent).unwrap_or(usize::MAX);
+    let serve_limits = ServeLimits {
+        total: usize::try_from(config.gateway_max_concurrent).unwrap_or(usize::MAX),
+        per_peer: usize::try_from(config.gateway_max_concurrent_per_peer).unwrap_or(usize::MAX),
+    };
     let node = tokio::select! {
         node = Node::new(config).start() => node?,
         signal = &mut signal => {
@@ -388,7 +392,7 @@ async fn serve(config: NodeConfig) -> anyhow::Result<()> {
     if let Some(local) = local.clone() {
         let control = node.stream_control();
         tokio::spawn(async move {
-            if let Err(e) = serve_inference(control, local, serve_limit).await {
+            if let Err(e) = serve_inference(control, local, serve_limits).await {
                 tracing::error!(error = %e, "cannot serve inference requests from peers");
             }
         });

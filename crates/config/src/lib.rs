@@ -202,6 +202,8 @@ pub struct NodeConfig {
     /// Most inference requests this node serves for peers at once; more are
     /// refused (HTTP 429) so the asking gateway tries another node.
     pub gateway_max_concurrent: u32,
+    /// Most inference requests this node serves for one peer at once.
+    pub gateway_max_concurrent_per_peer: u32,
     /// Lifetime of this node's signed record: peers drop its services this
     /// long after the last refresh.
     #[serde(with = "duration")]
@@ -316,6 +318,7 @@ impl Default for NodeConfig {
             gateway_failover_attempts: 3,
             gateway_first_byte_timeout: Duration::from_secs(300),
             gateway_max_concurrent: 32,
+            gateway_max_concurrent_per_peer: 8,
             record_ttl: Duration::from_secs(300),
             record_refresh_interval: Duration::from_secs(120),
             health_check_interval: Duration::from_secs(60),

@@ -308,6 +308,11 @@ const FIELD_DOCS: &[(&str, &str, Option<&str>)] = &[
         None,
     ),
     (
+        "gateway_max_concurrent_per_peer",
+        "Most inference requests this node serves for one peer at once (more get 429).",
+        None,
+    ),
+    (
         "record_ttl",
         "Lifetime of this node's signed service record; peers drop its services this long after the last refresh (10s to 1h).",
         None,

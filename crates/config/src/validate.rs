@@ -360,6 +360,10 @@ impl NodeConfig {
         for (name, value) in [
             ("gateway_failover_attempts", self.gateway_failover_attempts),
             ("gateway_max_concurrent", self.gateway_max_concurrent),
+            (
+                "gateway_max_concurrent_per_peer",
+                self.gateway_max_concurrent_per_peer,
+            ),
             ("relay_max_reservations", self.relay_max_reservations),
             (
                 "relay_max_reservations_per_peer",

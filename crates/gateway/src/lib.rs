@@ -7,4 +7,6 @@ mod serve;
 
 pub use advertise::{OllamaAdvertiser, SERVICE_ID_PREFIX, model_service};
 pub use http::{GatewayConfig, MAX_REQUEST_BYTES, router};
-pub use serve::{FORWARDED_PATHS, Forwarded, INFER_PROTOCOL, LocalOllama, serve_inference};
+pub use serve::{
+    FORWARDED_PATHS, Forwarded, INFER_PROTOCOL, LocalOllama, ServeLimits, serve_inference,
+};

@@ -1,7 +1,8 @@
 //! The serving side of `/ollamacron/infer/1.0.0`, and forwarding to the
 //! local Ollama (the only Ollama a node ever sends requests to).
 
-use std::sync::Arc;
+use std::collections::HashMap;
+use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use bytes::Bytes;
@@ -11,7 +12,7 @@ use hyper::body::Incoming;
 use hyper_util::client::legacy::Client;
 use hyper_util::client::legacy::connect::HttpConnector;
 use hyper_util::rt::TokioExecutor;
-use ollamacron_node_core::libp2p::StreamProtocol;
+use ollamacron_node_core::libp2p::{PeerId, StreamProtocol};
 use ollamacron_node_core::libp2p_stream::Control;
 use ollamacron_ollama::OllamaEndpoint;
 use tokio::sync::Semaphore;
@@ -103,24 +104,80 @@ impl LocalOllama {
     }
 }
 
+/// How many peers' requests a node serves at once.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct ServeLimits {
+    /// In total.
+    pub total: usize,
+    /// From one peer.
+    pub per_peer: usize,
+}
+
+/// Requests in flight per peer; an entry leaves with its last request.
+#[derive(Debug, Default)]
+struct InFlight(Mutex<HashMap<PeerId, usize>>);
+
+/// One request counted in [`InFlight`] until dropped.
+struct InFlightSlot {
+    table: Arc<InFlight>,
+    peer: PeerId,
+}
+
+impl InFlight {
+    fn take(self: &Arc<Self>, peer: PeerId, max: usize) -> Option<InFlightSlot> {
+        let mut map = self
+            .0
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner);
+        let count = map.entry(peer).or_default();
+        if *count >= max {
+            return None;
+        }
+        *count += 1;
+        Some(InFlightSlot {
+            table: self.clone(),
+            peer,
+        })
+    }
+}
+
+impl Drop for InFlightSlot {
+    fn drop(&mut self) {
+        let mut map = self
+            .table
+            .0
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner);
+        if let Some(count) = map.get_mut(&self.peer) {
+            *count = count.saturating_sub(1);
+            if *count == 0 {
+                map.remove(&self.peer);
+            }
+        }
+    }
+}
+
 /// Serve inference requests from peers on `control` until it is dropped,
-/// at most `max_concurrent` at once (more are refused with 429).
+/// within `limits` (more are refused at once with 429, so the asking
+/// gateway tries another node).
 ///
 /// # Errors
 /// The protocol is already being accepted on this node.
 pub async fn serve_inference(
     mut control: Control,
     ollama: LocalOllama,
-    max_concurrent: usize,
+    limits: ServeLimits,
 ) -> Result<(), String> {
     let mut incoming = control.accept(INFER_PROTOCOL).map_err(|e| e.to_string())?;
-    let slots = Arc::new(Semaphore::new(max_concurrent));
+    let slots = Arc::new(Semaphore::new(limits.total));
+    let in_flight = Arc::new(InFlight::default());
     while let Some((peer, stream)) = incoming.next().await {
         let ollama = ollama.clone();
         let permit = slots.clone().try_acquire_owned().ok();
+        let slot = in_flight.take(peer, limits.per_peer);
         tokio::spawn(async move {
             let mut stream = stream;
-            if permit.is_none() {
+            if permit.is_none() || slot.is_none() {
                 tracing::debug!(%peer, "inference request refused: too many in flight");
                 let _ = answer_error(&mut stream, 429, "too many requests in flight on this node")
                     .await;
@@ -129,7 +186,7 @@ pub async fn serve_inference(
             if let Err(e) = serve_one(&mut stream, &ollama).await {
                 tracing::debug!(%peer, error = %e, "inference request ended with an error");
             }
-            drop(permit);
+            drop((permit, slot));
         });
     }
     Ok(())
@@ -192,9 +249,20 @@ async fn serve_one(
     .map_err(|e| e.to_string())?;
     let mut body = forwarded.body;
     // Each chunk is written before the next is read: a slow reader slows
-    // Ollama down, and a reader that goes away cancels the request (the
-    // body is dropped with the failed write).
-    while let Some(frame) = body.frame().await {
+    // Ollama down. The asking node writes nothing after its request, so a
+    // read that returns means it went away: dropping the body then cancels
+    // the request to Ollama, even while Ollama is still thinking.
+    let mut probe = [0u8; 1];
+    loop {
+        let next = tokio::select! {
+            frame = body.frame() => frame,
+            _ = futures::AsyncReadExt::read(stream, &mut probe) => {
+                return Err("the asking node went away: request cancelled".to_owned());
+            }
+        };
+        let Some(frame) = next else {
+            break;
+        };
         match frame {
             Ok(frame) => {
                 if let Some(data) = frame.data_ref() {
