@@ -268,4 +268,30 @@ async fn a_request_is_served_by_the_node_that_has_the_model_and_streamed_back() 
     .unwrap();
     assert_eq!(response.status, 200, "{}", response.body);
     assert_eq!(response.json()["response"], TOKENS.concat());
+
+    // The gateway's metrics say who served what, and the failovers.
+    let metrics = a.node.metrics_text();
+    let c_id = c.node.peer_id().to_string();
+    let served = format!(
+        "ollamacron_gateway_requests_total{{model=\"mistral:7b\",peer=\"{c_id}\",outcome=\"ok\"}}"
+    );
+    assert!(metrics.contains(&served), "{metrics}");
+    assert!(metrics.contains("ollamacron_gateway_requests_total{model=\"nope:1b\",peer=\"none\",outcome=\"not_found\"} 1"), "{metrics}");
+    assert!(
+        metrics.contains("ollamacron_gateway_failovers_total{model=\"shared:1b\"}"),
+        "{metrics}"
+    );
+    let chunks =
+        format!("ollamacron_gateway_streamed_chunks_total{{model=\"mistral:7b\",peer=\"{c_id}\"}}");
+    let count: u64 = metrics
+        .lines()
+        .find(|l| l.starts_with(&chunks))
+        .and_then(|l| l.rsplit(' ').next())
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(0);
+    assert!(count >= 3, "chunks streamed one by one: {count}");
+    assert!(
+        metrics.contains("ollamacron_gateway_first_byte_seconds_bucket"),
+        "{metrics}"
+    );
 }

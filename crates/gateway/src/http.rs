@@ -20,6 +20,7 @@ use ollamacron_node_core::{NodeHandle, libp2p_stream};
 use serde_json::{Value, json};
 
 use crate::frame::{FrameKind, InferHead, InferRequest, decode, read_frame, write_frame};
+use crate::metrics::{GatewayMetrics, ModelLabel, RequestLabels, ServedLabels};
 use crate::serve::{FORWARDED_PATHS, INFER_PROTOCOL, LocalOllama};
 
 /// Largest request body the gateway takes.
@@ -40,15 +41,19 @@ struct Gateway {
     node: NodeHandle,
     local: Option<LocalOllama>,
     config: GatewayConfig,
+    metrics: GatewayMetrics,
 }
 
 /// The gateway's routes, for `axum::serve`. `local` is this node's Ollama
 /// (none on a client node).
 pub fn router(node: NodeHandle, local: Option<LocalOllama>, config: GatewayConfig) -> Router {
+    let metrics = GatewayMetrics::new();
+    node.register_metrics(|registry| metrics.register(registry));
     let gateway = Gateway {
         node,
         local,
         config,
+        metrics,
     };
     let mut router = Router::new()
         .route(
@@ -168,12 +173,30 @@ async fn infer(State(gateway): State<Gateway>, uri: Uri, body: Bytes) -> Respons
         .into_iter()
         .filter(|s| same_model(&s.service.name, &model))
         .collect();
+    let count = |peer: &str, outcome| {
+        gateway
+            .metrics
+            .requests
+            .get_or_create(&RequestLabels {
+                model: model.clone(),
+                peer: peer.to_owned(),
+                outcome,
+            })
+            .inc();
+    };
     if candidates.is_empty() {
+        count("none", "not_found");
         return error(StatusCode::NOT_FOUND, format!("model '{model}' not found"));
     }
     let body = String::from_utf8_lossy(&body).into_owned();
     let mut last_failure = String::new();
     for candidate in candidates.iter().take(gateway.config.max_attempts) {
+        let started = std::time::Instant::now();
+        let peer_label = if candidate.local {
+            "local".to_owned()
+        } else {
+            candidate.service.peer_id.clone()
+        };
         let attempt = if candidate.local {
             local_attempt(&gateway, &path, body.clone()).await
         } else {
@@ -183,17 +206,51 @@ async fn infer(State(gateway): State<Gateway>, uri: Uri, body: Bytes) -> Respons
             }
         };
         match attempt {
-            Ok(response) => return response,
+            Ok(response) => {
+                let labels = ServedLabels {
+                    model: model.clone(),
+                    peer: peer_label.clone(),
+                };
+                gateway
+                    .metrics
+                    .first_byte
+                    .get_or_create(&labels)
+                    .observe(started.elapsed().as_secs_f64());
+                count(&peer_label, "ok");
+                return counted(response, &gateway.metrics, labels);
+            }
             Err(reason) => {
                 tracing::info!(%model, peer = %candidate.service.peer_id, %reason, "failing over to the next node");
+                gateway
+                    .metrics
+                    .failovers
+                    .get_or_create(&ModelLabel {
+                        model: model.clone(),
+                    })
+                    .inc();
                 last_failure = reason;
             }
         }
     }
+    count("none", "failed");
     error(
         StatusCode::BAD_GATEWAY,
         format!("no node could serve '{model}': {last_failure}"),
     )
+}
+
+/// The response with its body's bytes and chunks counted as they stream.
+fn counted(response: Response, metrics: &GatewayMetrics, labels: ServedLabels) -> Response {
+    let bytes = metrics.bytes.get_or_create(&labels).clone();
+    let chunks = metrics.chunks.get_or_create(&labels).clone();
+    let (parts, body) = response.into_parts();
+    let stream = body.into_data_stream().inspect(move |chunk| {
+        if let Ok(chunk) = chunk {
+            bytes.inc_by(u64::try_from(chunk.len()).unwrap_or(u64::MAX));
+            chunks.inc();
+        }
+    });
+    Response::from_parts(parts, Body::from_stream(stream))
 }
 
 /// Statuses after which the next candidate is tried.

@@ -3,6 +3,7 @@
 mod advertise;
 pub mod frame;
 mod http;
+mod metrics;
 mod serve;
 
 pub use advertise::{OllamaAdvertiser, SERVICE_ID_PREFIX, model_service};

@@ -503,6 +503,17 @@ pub(crate) struct MetricsEndpoint {
     started: Instant,
 }
 
+impl MetricsEndpoint {
+    /// Let `register` add metrics under the `ollamacron` prefix.
+    pub(crate) fn register(&self, register: impl FnOnce(&mut Registry)) {
+        let mut registry = self
+            .registry
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner);
+        register(registry.sub_registry_with_prefix("ollamacron"));
+    }
+}
+
 impl std::fmt::Debug for MetricsEndpoint {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("MetricsEndpoint").finish_non_exhaustive()

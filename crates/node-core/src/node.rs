@@ -656,6 +656,12 @@ impl NodeHandle {
         self.shared.api_addr
     }
 
+    /// Register more metrics (under the `ollamacron_` prefix) in the node's
+    /// registry, served at `/metrics` with the node's own.
+    pub fn register_metrics(&self, register: impl FnOnce(&mut libp2p::metrics::Registry)) {
+        self.shared.metrics.register(register);
+    }
+
     /// Every registered metric as Prometheus (OpenMetrics) text.
     #[must_use]
     pub fn metrics_text(&self) -> String {

@@ -1,0 +1,89 @@
+//! The gateway's metrics, in the node's registry (`ollamacron_gateway_*`).
+
+use prometheus_client::encoding::EncodeLabelSet;
+use prometheus_client::metrics::counter::Counter;
+use prometheus_client::metrics::family::Family;
+use prometheus_client::metrics::histogram::{Histogram, exponential_buckets};
+use prometheus_client::registry::Registry;
+
+#[derive(Debug, Clone, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub(crate) struct RequestLabels {
+    pub(crate) model: String,
+    /// The serving peer (`local` for this node's Ollama), or `none`.
+    pub(crate) peer: String,
+    /// `ok`, `failed` (every candidate failed), `not_found`.
+    pub(crate) outcome: &'static str,
+}
+
+#[derive(Debug, Clone, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub(crate) struct ServedLabels {
+    pub(crate) model: String,
+    pub(crate) peer: String,
+}
+
+#[derive(Debug, Clone, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub(crate) struct ModelLabel {
+    pub(crate) model: String,
+}
+
+/// Counters and histograms of the gateway.
+#[derive(Debug, Clone)]
+pub(crate) struct GatewayMetrics {
+    pub(crate) requests: Family<RequestLabels, Counter>,
+    pub(crate) failovers: Family<ModelLabel, Counter>,
+    pub(crate) first_byte: Family<ServedLabels, Histogram>,
+    pub(crate) bytes: Family<ServedLabels, Counter>,
+    pub(crate) chunks: Family<ServedLabels, Counter>,
+}
+
+/// Bucket of the first-byte histogram: 1 ms doubling to about 65 s.
+const FIRST_BYTE_BUCKET_START_SECONDS: f64 = 0.001;
+const FIRST_BYTE_BUCKETS: u16 = 17;
+
+impl GatewayMetrics {
+    pub(crate) fn new() -> Self {
+        Self {
+            requests: Family::default(),
+            failovers: Family::default(),
+            first_byte: Family::new_with_constructor(|| {
+                Histogram::new(exponential_buckets(
+                    FIRST_BYTE_BUCKET_START_SECONDS,
+                    2.0,
+                    FIRST_BYTE_BUCKETS,
+                ))
+            }),
+            bytes: Family::default(),
+            chunks: Family::default(),
+        }
+    }
+
+    /// Register everything in `registry` (the node's, prefixed).
+    pub(crate) fn register(&self, registry: &mut Registry) {
+        let gateway = registry.sub_registry_with_prefix("gateway");
+        gateway.register(
+            "requests",
+            "Gateway requests by model, serving peer and outcome",
+            self.requests.clone(),
+        );
+        gateway.register(
+            "failovers",
+            "Candidates that failed before answering, so the next was tried",
+            self.failovers.clone(),
+        );
+        gateway.register(
+            "first_byte_seconds",
+            "Time from the request to the serving node's first answer",
+            self.first_byte.clone(),
+        );
+        gateway.register(
+            "streamed_bytes",
+            "Bytes of answers streamed to clients, by model and serving peer",
+            self.bytes.clone(),
+        );
+        gateway.register(
+            "streamed_chunks",
+            "Chunks of answers streamed to clients (one token each when Ollama streams)",
+            self.chunks.clone(),
+        );
+    }
+}
