@@ -217,7 +217,7 @@ async fn infer(State(gateway): State<Gateway>, uri: Uri, body: Bytes) -> Respons
                     .get_or_create(&labels)
                     .observe(started.elapsed().as_secs_f64());
                 count(&peer_label, "ok");
-                return counted(response, &gateway.metrics, labels);
+                return counted(response, &gateway.metrics, &labels);
             }
             Err(reason) => {
                 tracing::info!(%model, peer = %candidate.service.peer_id, %reason, "failing over to the next node");
@@ -240,9 +240,9 @@ async fn infer(State(gateway): State<Gateway>, uri: Uri, body: Bytes) -> Respons
 }
 
 /// The response with its body's bytes and chunks counted as they stream.
-fn counted(response: Response, metrics: &GatewayMetrics, labels: ServedLabels) -> Response {
-    let bytes = metrics.bytes.get_or_create(&labels).clone();
-    let chunks = metrics.chunks.get_or_create(&labels).clone();
+fn counted(response: Response, metrics: &GatewayMetrics, labels: &ServedLabels) -> Response {
+    let bytes = metrics.bytes.get_or_create(labels).clone();
+    let chunks = metrics.chunks.get_or_create(labels).clone();
     let (parts, body) = response.into_parts();
     let stream = body.into_data_stream().inspect(move |chunk| {
         if let Ok(chunk) = chunk {
