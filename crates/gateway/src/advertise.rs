@@ -36,6 +36,12 @@ pub fn model_service(
     if !ollama_version.is_empty() {
         metadata.insert("ollama_version".to_owned(), ollama_version.to_owned());
     }
+    if let Ok(cpus) = std::thread::available_parallelism() {
+        metadata.insert("cpu_count".to_owned(), cpus.to_string());
+    }
+    if let Some(memory) = memory_bytes() {
+        metadata.insert("memory_bytes".to_owned(), memory.to_string());
+    }
     ServiceInfo {
         id: format!("{SERVICE_ID_PREFIX}{}", model.name),
         name: model.name.clone(),
@@ -49,6 +55,15 @@ pub fn model_service(
         protocols: vec!["ollama".to_owned(), "openai".to_owned()],
         ..ServiceInfo::default()
     }
+}
+
+/// This machine's memory (`MemTotal` of `/proc/meminfo`), where known.
+fn memory_bytes() -> Option<u64> {
+    const KIB: u64 = 1024;
+    let meminfo = std::fs::read_to_string("/proc/meminfo").ok()?;
+    let line = meminfo.lines().find(|l| l.starts_with("MemTotal:"))?;
+    let kib: u64 = line.split_whitespace().nth(1)?.parse().ok()?;
+    kib.checked_mul(KIB)
 }
 
 /// Keeps the node's `ollama/…` services equal to what the local Ollama

@@ -2,7 +2,8 @@
 //! best node that has its model (this node's Ollama when it is the best),
 //! streamed back as it comes, with failover before the first byte.
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, HashMap};
+use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use axum::Router;
@@ -42,6 +43,49 @@ struct Gateway {
     local: Option<LocalOllama>,
     config: GatewayConfig,
     metrics: GatewayMetrics,
+    in_flight: Arc<InFlight>,
+}
+
+/// This gateway's requests in flight, per serving peer.
+#[derive(Debug, Default)]
+struct InFlight(Mutex<HashMap<String, usize>>);
+
+/// One request in flight until dropped (with its answer's body).
+struct InFlightGuard {
+    table: Arc<InFlight>,
+    peer: String,
+}
+
+impl InFlight {
+    fn lock(&self) -> std::sync::MutexGuard<'_, HashMap<String, usize>> {
+        self.0
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+    }
+
+    fn count(&self, peer: &str) -> usize {
+        self.lock().get(peer).copied().unwrap_or(0)
+    }
+
+    fn start(self: &Arc<Self>, peer: &str) -> InFlightGuard {
+        *self.lock().entry(peer.to_owned()).or_default() += 1;
+        InFlightGuard {
+            table: self.clone(),
+            peer: peer.to_owned(),
+        }
+    }
+}
+
+impl Drop for InFlightGuard {
+    fn drop(&mut self) {
+        let mut map = self.table.lock();
+        if let Some(count) = map.get_mut(&self.peer) {
+            *count = count.saturating_sub(1);
+            if *count == 0 {
+                map.remove(&self.peer);
+            }
+        }
+    }
 }
 
 /// The gateway's routes, for `axum::serve`. `local` is this node's Ollama
@@ -54,6 +98,7 @@ pub fn router(node: NodeHandle, local: Option<LocalOllama>, config: GatewayConfi
         local,
         config,
         metrics,
+        in_flight: Arc::default(),
     };
     let mut router = Router::new()
         .route(
@@ -167,12 +212,15 @@ async fn infer(State(gateway): State<Gateway>, uri: Uri, body: Bytes) -> Respons
     let Some(model) = parsed["model"].as_str().map(str::to_owned) else {
         return error(StatusCode::BAD_REQUEST, "the body names no \"model\"");
     };
-    let candidates: Vec<RankedService> = gateway
+    let mut candidates: Vec<RankedService> = gateway
         .models()
         .await
         .into_iter()
         .filter(|s| same_model(&s.service.name, &model))
         .collect();
+    // Busy nodes yield to idle ones: fewer of our requests in flight first,
+    // the scorer's order among equals (the sort is stable).
+    candidates.sort_by_key(|c| gateway.in_flight.count(&c.service.peer_id));
     let count = |peer: &str, outcome| {
         gateway
             .metrics
@@ -217,7 +265,8 @@ async fn infer(State(gateway): State<Gateway>, uri: Uri, body: Bytes) -> Respons
                     .get_or_create(&labels)
                     .observe(started.elapsed().as_secs_f64());
                 count(&peer_label, "ok");
-                return counted(response, &gateway.metrics, &labels);
+                let guard = gateway.in_flight.start(&candidate.service.peer_id);
+                return counted(response, &gateway.metrics, &labels, guard);
             }
             Err(reason) => {
                 tracing::info!(%model, peer = %candidate.service.peer_id, %reason, "failing over to the next node");
@@ -240,11 +289,18 @@ async fn infer(State(gateway): State<Gateway>, uri: Uri, body: Bytes) -> Respons
 }
 
 /// The response with its body's bytes and chunks counted as they stream.
-fn counted(response: Response, metrics: &GatewayMetrics, labels: &ServedLabels) -> Response {
+fn counted(
+    response: Response,
+    metrics: &GatewayMetrics,
+    labels: &ServedLabels,
+    in_flight: InFlightGuard,
+) -> Response {
     let bytes = metrics.bytes.get_or_create(labels).clone();
     let chunks = metrics.chunks.get_or_create(labels).clone();
     let (parts, body) = response.into_parts();
     let stream = body.into_data_stream().inspect(move |chunk| {
+        // Held until the body is done or dropped.
+        let _in_flight = &in_flight;
         if let Ok(chunk) = chunk {
             bytes.inc_by(u64::try_from(chunk.len()).unwrap_or(u64::MAX));
             chunks.inc();
