@@ -32,8 +32,23 @@ pub struct StandInModels {
     pub die_mid_stream: bool,
     /// Send one token of a streamed answer, then nothing (a model thinking).
     pub stall: bool,
+    /// Pacing of streamed answers, for measurements: the delay before the
+    /// first token, the delay between tokens, and how many tokens (the
+    /// [`TOKENS`] over and over). `None`: [`TOKEN_INTERVAL`] and [`TOKENS`].
+    pub pacing: Option<Pacing>,
     /// Streamed answers whose client went away before the end.
     pub cancelled: usize,
+}
+
+/// How a stand-in paces a streamed answer.
+#[derive(Debug, Clone, Copy)]
+pub struct Pacing {
+    /// Before the first token (prompt processing).
+    pub first_token: std::time::Duration,
+    /// Between two tokens.
+    pub between_tokens: std::time::Duration,
+    /// Tokens per answer.
+    pub tokens: usize,
 }
 
 /// Counts a streamed answer as cancelled when it is dropped unfinished
@@ -196,10 +211,15 @@ async fn generate(
     uri: axum::http::Uri,
     Json(body): Json<Value>,
 ) -> Response {
-    let (failing, die, stall) = {
+    let (failing, die, stall, pacing) = {
         let mut m = s.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
         m.generate_calls += 1;
-        (m.failing || m.failing_inference, m.die_mid_stream, m.stall)
+        (
+            m.failing || m.failing_inference,
+            m.die_mid_stream,
+            m.stall,
+            m.pacing,
+        )
     };
     if failing {
         return (
@@ -220,8 +240,11 @@ async fn generate(
     if body["stream"] == false {
         return Json(piece(&TOKENS.concat(), true)).into_response();
     }
+    let count = pacing.map_or(TOKENS.len(), |p| p.tokens);
     let mut lines: Vec<Result<String, std::io::Error>> = TOKENS
         .iter()
+        .cycle()
+        .take(count)
         .map(|t| Ok(format!("{}\n", piece(t, false))))
         .collect();
     lines.push(Ok(format!("{}\n", piece("", true))));
@@ -236,12 +259,15 @@ async fn generate(
     // waits forever, and an answer dropped before its end counts as
     // cancelled.
     let watch = CancelWatch { state: Some(s) };
+    let (first, between) = pacing.map_or((TOKEN_INTERVAL, TOKEN_INTERVAL), |p| {
+        (p.first_token, p.between_tokens)
+    });
     let stream = futures::stream::unfold(
-        (lines.into_iter(), watch, stall),
-        |(mut lines, mut watch, stall)| async move {
-            tokio::time::sleep(TOKEN_INTERVAL).await;
+        (lines.into_iter(), watch, stall, first),
+        move |(mut lines, mut watch, stall, delay)| async move {
+            tokio::time::sleep(delay).await;
             match lines.next() {
-                Some(line) => Some((line, (lines, watch, stall))),
+                Some(line) => Some((line, (lines, watch, stall, between))),
                 None if stall => futures::future::pending().await,
                 None => {
                     watch.state.take();

@@ -38,8 +38,14 @@ enum Task {
     /// register services, and measure convergence, lookup latency, memory
     /// and start-up; optionally churn.
     Mesh(mesh::MeshArgs),
-    /// Run the criterion benches (scoring, records, ranking) and summarise.
-    Bench,
+    /// Run the criterion benches (scoring, records, ranking) and summarise;
+    /// `--gateway` measures the gateway instead (time to first token and
+    /// tokens/s: direct, local, one hop).
+    Bench {
+        /// Measure the gateway against a stand-in Ollama instead.
+        #[arg(long)]
+        gateway: bool,
+    },
     /// Two nodes behind their own NAT routers and a public relay, in
     /// network namespaces: AutoNAT, relaying, DCUtR over TCP and QUIC, and
     /// a service found across the NATs (needs root, iproute2, iptables).
@@ -55,7 +61,8 @@ fn main() -> ExitCode {
             Some(binary) => mesh::mesh(binary, &args),
             None => build_node().and_then(|binary| mesh::mesh(&binary, &args)),
         },
-        Task::Bench => bench(),
+        Task::Bench { gateway: false } => bench(),
+        Task::Bench { gateway: true } => gateway_bench(),
         Task::NatTest(args) => match &args.binary {
             Some(binary) => nat_test::nat_test(binary, &args),
             None => build_debug_node().and_then(|binary| nat_test::nat_test(&binary, &args)),
@@ -271,6 +278,25 @@ fn build_node() -> anyhow::Result<std::path::PathBuf> {
         bail!("no binary at {}", binary.display());
     }
     Ok(binary)
+}
+
+/// Time to first token and tokens/s through the gateway (release build).
+fn gateway_bench() -> anyhow::Result<()> {
+    let mut command = cargo();
+    command.args([
+        "run",
+        "--release",
+        "--locked",
+        "--package",
+        "ollamacron-tests",
+        "--example",
+        "gateway_bench",
+    ]);
+    if run_step("gateway bench", &mut command) {
+        Ok(())
+    } else {
+        bail!("the gateway measurement failed")
+    }
 }
 
 /// Run the benches, then print each benchmark's median time.
