@@ -18,7 +18,8 @@ use std::net::SocketAddr;
 use std::time::{Duration, Instant};
 
 use ollamacron_gateway::{
-    GatewayConfig, LocalOllama, OllamaAdvertiser, ServeLimits, router, serve_inference,
+    GatewayConfig, InferenceLoad, LocalOllama, OllamaAdvertiser, ServeLimits, router,
+    serve_inference,
 };
 use ollamacron_node_core::registry::ServiceQuery;
 use ollamacron_ollama::{OllamaClient, OllamaEndpoint, OllamaWatcher, WatchConfig};
@@ -120,6 +121,7 @@ async fn main() {
             total: 8,
             per_peer: 8,
         },
+        InferenceLoad::default(),
     ));
     let query = ServiceQuery {
         service_type: Some("llm".into()),

@@ -9,7 +9,8 @@ use std::net::SocketAddr;
 use std::time::Duration;
 
 use ollamacron_gateway::{
-    GatewayConfig, LocalOllama, OllamaAdvertiser, ServeLimits, router, serve_inference,
+    GatewayConfig, InferenceLoad, LocalOllama, OllamaAdvertiser, ServeLimits, router,
+    serve_inference,
 };
 use ollamacron_node_core::NodeHandle;
 use ollamacron_node_core::registry::ServiceQuery;
@@ -53,7 +54,12 @@ async fn member(models: &[&str], bootstrap: Option<&str>) -> Member {
     );
     tokio::spawn(OllamaAdvertiser::new(node.clone()).run(watcher.subscribe()));
     let local = LocalOllama::new(endpoint, Duration::from_secs(10));
-    tokio::spawn(serve_inference(node.stream_control(), local, LIMITS));
+    tokio::spawn(serve_inference(
+        node.stream_control(),
+        local,
+        LIMITS,
+        InferenceLoad::default(),
+    ));
     Member {
         node,
         ollama,
@@ -153,6 +159,30 @@ async fn a_request_is_served_by_the_node_that_has_the_model_and_streamed_back() 
         .collect();
     names.sort_unstable();
     assert_eq!(names, ["llama3:8b", "mistral:7b", "shared:1b"]);
+
+    // What clients probe first.
+    let root = http_request(gw, "GET", "/", None).await.unwrap();
+    assert_eq!(
+        (root.status, root.body.as_str()),
+        (200, "Ollama is running")
+    );
+    assert_eq!(
+        http_request(gw, "HEAD", "/", None).await.unwrap().status,
+        200
+    );
+    let version = http_request(gw, "GET", "/api/version", None)
+        .await
+        .unwrap()
+        .json();
+    assert!(version["version"].is_string());
+    let ps = http_request(gw, "GET", "/api/ps", None).await.unwrap();
+    assert_eq!(ps.status, 200);
+    assert!(ps.json()["models"].is_array());
+    let models = http_request(gw, "GET", "/v1/models", None)
+        .await
+        .unwrap()
+        .json();
+    assert_eq!(models["data"].as_array().unwrap().len(), 3, "{models}");
 
     // Unknown model: 404 the way Ollama says it; malformed body: 400.
     let response = http_request(

@@ -13,7 +13,8 @@ use std::process::Command;
 use std::time::Duration;
 
 use ollamacron_gateway::{
-    GatewayConfig, LocalOllama, OllamaAdvertiser, ServeLimits, router, serve_inference,
+    GatewayConfig, InferenceLoad, LocalOllama, OllamaAdvertiser, ServeLimits, router,
+    serve_inference,
 };
 use ollamacron_node_core::registry::ServiceQuery;
 use ollamacron_ollama::{OllamaClient, OllamaEndpoint, OllamaWatcher, WatchConfig};
@@ -109,6 +110,7 @@ async fn the_official_python_clients_work_against_the_gateway() {
         b.stream_control(),
         LocalOllama::new(endpoint, Duration::from_secs(10)),
         LIMITS,
+        InferenceLoad::default(),
     ));
     for kind in ["llm", "embedding"] {
         let query = ServiceQuery {

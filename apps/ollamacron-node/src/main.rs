@@ -21,8 +21,8 @@ use anyhow::Context;
 use clap::{Args, Parser, Subcommand, ValueEnum};
 use ollamacron_config::{ConfigError, ConfigLoader, LogFormat, NodeConfig};
 use ollamacron_gateway::{
-    GatewayConfig, LocalOllama, OllamaAdvertiser, ServeLimits, router as gateway_router,
-    serve_inference,
+    GatewayConfig, InferenceLoad, LocalOllama, OllamaAdvertiser, ServeLimits,
+    router as gateway_router, serve_inference,
 };
 use ollamacron_node_core::{Node, NodeError, NodeState, load_or_create_identity};
 use ollamacron_ollama::{OllamaClient, OllamaEndpoint, OllamaWatcher, WatchConfig};
@@ -380,19 +380,24 @@ async fn serve(config: NodeConfig) -> anyhow::Result<()> {
     tracing::info!(peer_id = %node.peer_id(), "ollamacron-node {} started", env!("CARGO_PKG_VERSION"));
     // Advertise the local Ollama's models and serve peers' requests to
     // it; all of it stops with the node.
+    let load = InferenceLoad::default();
     let local = ollama.as_ref().map(|(client, _)| {
         LocalOllama::new(client.endpoint().clone(), gateway_config.first_byte_timeout)
     });
     let _ollama = ollama.map(|(client, config)| {
         tracing::info!(url = %client.endpoint(), "advertising the local Ollama's models");
         let watcher = OllamaWatcher::spawn(client, config);
-        tokio::spawn(OllamaAdvertiser::new(node.clone()).run(watcher.subscribe()));
+        tokio::spawn(
+            OllamaAdvertiser::new(node.clone())
+                .with_load(load.clone())
+                .run(watcher.subscribe()),
+        );
         watcher
     });
     if let Some(local) = local.clone() {
         let control = node.stream_control();
         tokio::spawn(async move {
-            if let Err(e) = serve_inference(control, local, serve_limits).await {
+            if let Err(e) = serve_inference(control, local, serve_limits, load).await {
                 tracing::error!(error = %e, "cannot serve inference requests from peers");
             }
         });

@@ -7,6 +7,8 @@ use ollamacron_node_core::{NodeError, NodeHandle};
 use ollamacron_ollama::{LocalModel, OllamaState};
 use tokio::sync::watch;
 
+use crate::serve::InferenceLoad;
+
 /// Every service made from an Ollama model has an id `ollama/<model>`, so
 /// it never collides with a configured service.
 pub const SERVICE_ID_PREFIX: &str = "ollama/";
@@ -74,7 +76,12 @@ fn memory_bytes() -> Option<u64> {
 pub struct OllamaAdvertiser {
     node: NodeHandle,
     advertised: BTreeMap<String, ServiceInfo>,
+    load: Option<InferenceLoad>,
 }
+
+/// How often the advertised load is brought up to date (only when it
+/// changed: each update re-signs and re-publishes the record).
+pub const LOAD_REFRESH_INTERVAL: std::time::Duration = std::time::Duration::from_secs(10);
 
 impl OllamaAdvertiser {
     /// An advertiser for `node` that has advertised nothing yet.
@@ -83,7 +90,17 @@ impl OllamaAdvertiser {
         Self {
             node,
             advertised: BTreeMap::new(),
+            load: None,
         }
+    }
+
+    /// Also advertise `load` (requests in flight for peers) as each
+    /// service's `in_flight` metadata, refreshed every
+    /// [`LOAD_REFRESH_INTERVAL`] when it changed.
+    #[must_use]
+    pub fn with_load(mut self, load: InferenceLoad) -> Self {
+        self.load = Some(load);
+        self
     }
 
     /// The services advertised now, by id.
@@ -104,7 +121,13 @@ impl OllamaAdvertiser {
                 .models
                 .iter()
                 .map(|m| model_service(m, ServiceStatus::Available, &snapshot.version))
-                .map(|s| (s.id.clone(), s))
+                .map(|mut s| {
+                    if let Some(load) = &self.load {
+                        s.metadata
+                            .insert("in_flight".to_owned(), load.current().to_string());
+                    }
+                    (s.id.clone(), s)
+                })
                 .collect(),
             OllamaState::Down { last_models, .. } => {
                 let version = self
@@ -148,8 +171,11 @@ impl OllamaAdvertiser {
         Ok(())
     }
 
-    /// Follow `state` until the node stops or the watcher goes away.
+    /// Follow `state` (and the load) until the node stops or the watcher
+    /// goes away.
     pub async fn run(mut self, mut state: watch::Receiver<OllamaState>) {
+        let mut refresh = tokio::time::interval(LOAD_REFRESH_INTERVAL);
+        refresh.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         loop {
             let current = state.borrow_and_update().clone();
             match self.apply(&current).await {
@@ -157,8 +183,14 @@ impl OllamaAdvertiser {
                 Err(NodeError::NotRunning) => return,
                 Err(e) => tracing::warn!(error = %e, "cannot update the Ollama models' services"),
             }
-            if state.changed().await.is_err() {
-                return;
+            tokio::select! {
+                changed = state.changed() => {
+                    if changed.is_err() {
+                        return;
+                    }
+                }
+                // `apply` re-registers only services whose load changed.
+                _ = refresh.tick(), if self.load.is_some() => {}
             }
         }
     }

@@ -218,9 +218,21 @@ async fn infer(State(gateway): State<Gateway>, uri: Uri, body: Bytes) -> Respons
         .into_iter()
         .filter(|s| same_model(&s.service.name, &model))
         .collect();
-    // Busy nodes yield to idle ones: fewer of our requests in flight first,
-    // the scorer's order among equals (the sort is stable).
-    candidates.sort_by_key(|c| gateway.in_flight.count(&c.service.peer_id));
+    // Busy nodes yield to idle ones: fewer requests in flight first (ours
+    // to it now, plus what it last advertised serving for others), the
+    // scorer's order among equals (the sort is stable).
+    candidates.sort_by_key(|c| {
+        let advertised: usize = c
+            .service
+            .metadata
+            .get("in_flight")
+            .and_then(|v| v.parse().ok())
+            .unwrap_or(0);
+        gateway
+            .in_flight
+            .count(&c.service.peer_id)
+            .saturating_add(advertised)
+    });
     let count = |peer: &str, outcome| {
         gateway
             .metrics

@@ -6,8 +6,9 @@ mod http;
 mod metrics;
 mod serve;
 
-pub use advertise::{OllamaAdvertiser, SERVICE_ID_PREFIX, model_service};
+pub use advertise::{LOAD_REFRESH_INTERVAL, OllamaAdvertiser, SERVICE_ID_PREFIX, model_service};
 pub use http::{GatewayConfig, MAX_REQUEST_BYTES, router};
 pub use serve::{
-    FORWARDED_PATHS, Forwarded, INFER_PROTOCOL, LocalOllama, ServeLimits, serve_inference,
+    FORWARDED_PATHS, Forwarded, INFER_PROTOCOL, InferenceLoad, LocalOllama, ServeLimits,
+    serve_inference,
 };

@@ -104,6 +104,33 @@ impl LocalOllama {
     }
 }
 
+/// How many requests this node's Ollama is serving for peers right now;
+/// advertised with its models so gateways prefer idle nodes.
+#[derive(Debug, Clone, Default)]
+pub struct InferenceLoad(Arc<std::sync::atomic::AtomicUsize>);
+
+impl InferenceLoad {
+    /// Requests in flight now.
+    #[must_use]
+    pub fn current(&self) -> usize {
+        self.0.load(std::sync::atomic::Ordering::Relaxed)
+    }
+
+    fn enter(&self) -> LoadGuard {
+        self.0.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        LoadGuard(self.clone())
+    }
+}
+
+/// One request counted in [`InferenceLoad`] until dropped.
+struct LoadGuard(InferenceLoad);
+
+impl Drop for LoadGuard {
+    fn drop(&mut self) {
+        self.0.0.fetch_sub(1, std::sync::atomic::Ordering::Relaxed);
+    }
+}
+
 /// How many peers' requests a node serves at once.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct ServeLimits {
@@ -167,6 +194,7 @@ pub async fn serve_inference(
     mut control: Control,
     ollama: LocalOllama,
     limits: ServeLimits,
+    load: InferenceLoad,
 ) -> Result<(), String> {
     let mut incoming = control.accept(INFER_PROTOCOL).map_err(|e| e.to_string())?;
     let slots = Arc::new(Semaphore::new(limits.total));
@@ -175,6 +203,7 @@ pub async fn serve_inference(
         let ollama = ollama.clone();
         let permit = slots.clone().try_acquire_owned().ok();
         let slot = in_flight.take(peer, limits.per_peer);
+        let load = load.clone();
         tokio::spawn(async move {
             let mut stream = stream;
             if permit.is_none() || slot.is_none() {
@@ -183,6 +212,7 @@ pub async fn serve_inference(
                     .await;
                 return;
             }
+            let _busy = load.enter();
             if let Err(e) = serve_one(&mut stream, &ollama).await {
                 tracing::debug!(%peer, error = %e, "inference request ended with an error");
             }
