@@ -30,6 +30,10 @@ struct Member {
 }
 
 async fn member(models: &[&str], bootstrap: Option<&str>) -> Member {
+    member_with(models, bootstrap, LIMITS).await
+}
+
+async fn member_with(models: &[&str], bootstrap: Option<&str>, limits: ServeLimits) -> Member {
     let ollama = StandInOllama::start(StandInModels {
         models: models
             .iter()
@@ -57,7 +61,7 @@ async fn member(models: &[&str], bootstrap: Option<&str>) -> Member {
     tokio::spawn(serve_inference(
         node.stream_control(),
         local,
-        LIMITS,
+        limits,
         InferenceLoad::default(),
     ));
     Member {
@@ -324,4 +328,29 @@ async fn a_request_is_served_by_the_node_that_has_the_model_and_streamed_back() 
         metrics.contains("ollamacron_gateway_first_byte_seconds_bucket"),
         "{metrics}"
     );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn when_every_node_with_the_model_is_at_its_limit_the_client_gets_429() {
+    let a = member(&[], None).await;
+    let a_addr = a.node.dialable_addrs().await.unwrap().remove(0).to_string();
+    // B serves nobody: every request from a peer is over its limit.
+    let full = ServeLimits {
+        total: 0,
+        per_peer: 0,
+    };
+    let b = member_with(&["busy:1b"], Some(&a_addr), full).await;
+    sees(&a.node, &["busy:1b"]).await;
+    let gw = gateway(&a).await;
+    let response = http_request(
+        gw,
+        "POST",
+        "/api/generate",
+        Some(br#"{"model": "busy:1b"}"#),
+    )
+    .await
+    .unwrap();
+    assert_eq!(response.status, 429, "{}", response.body);
+    assert!(response.json()["error"].as_str().unwrap().contains("busy"));
+    assert_eq!(b.ollama.models().generate_calls, 0, "refused before Ollama");
 }

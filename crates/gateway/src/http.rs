@@ -250,6 +250,7 @@ async fn infer(State(gateway): State<Gateway>, uri: Uri, body: Bytes) -> Respons
     }
     let body = String::from_utf8_lossy(&body).into_owned();
     let mut last_failure = String::new();
+    let (mut attempts, mut busy) = (0usize, 0usize);
     for candidate in candidates.iter().take(gateway.config.max_attempts) {
         let started = std::time::Instant::now();
         let peer_label = if candidate.local {
@@ -262,7 +263,7 @@ async fn infer(State(gateway): State<Gateway>, uri: Uri, body: Bytes) -> Respons
         } else {
             match candidate.service.peer_id.parse::<PeerId>() {
                 Ok(peer) => remote_attempt(&gateway, peer, &path, body.clone()).await,
-                Err(e) => Err(e.to_string()),
+                Err(e) => Err(Failure::from(e.to_string())),
             }
         };
         match attempt {
@@ -280,8 +281,12 @@ async fn infer(State(gateway): State<Gateway>, uri: Uri, body: Bytes) -> Respons
                 let guard = gateway.in_flight.start(&candidate.service.peer_id);
                 return counted(response, &gateway.metrics, &labels, guard);
             }
-            Err(reason) => {
+            Err(Failure { reason, status }) => {
                 tracing::info!(%model, peer = %candidate.service.peer_id, %reason, "failing over to the next node");
+                attempts += 1;
+                if status == Some(StatusCode::TOO_MANY_REQUESTS.as_u16()) {
+                    busy += 1;
+                }
                 gateway
                     .metrics
                     .failovers
@@ -294,6 +299,14 @@ async fn infer(State(gateway): State<Gateway>, uri: Uri, body: Bytes) -> Respons
         }
     }
     count("none", "failed");
+    if busy > 0 && busy == attempts {
+        // Every node with the model is at its limit: the client should
+        // retry later, as Ollama tells it when it is full.
+        return error(
+            StatusCode::TOO_MANY_REQUESTS,
+            format!("every node serving '{model}' is busy; retry later"),
+        );
+    }
     error(
         StatusCode::BAD_GATEWAY,
         format!("no node could serve '{model}': {last_failure}"),
@@ -326,11 +339,32 @@ fn retryable(status: u16) -> bool {
     status == 404 || status == 429 || status >= 500
 }
 
-async fn local_attempt(gateway: &Gateway, path: &str, body: String) -> Result<Response, String> {
-    let local = gateway.local.as_ref().ok_or("this node has no Ollama")?;
+/// Why a candidate did not serve a request, and its status if it answered.
+struct Failure {
+    reason: String,
+    status: Option<u16>,
+}
+
+impl From<String> for Failure {
+    fn from(reason: String) -> Self {
+        Self {
+            reason,
+            status: None,
+        }
+    }
+}
+
+async fn local_attempt(gateway: &Gateway, path: &str, body: String) -> Result<Response, Failure> {
+    let local = gateway
+        .local
+        .as_ref()
+        .ok_or_else(|| Failure::from("this node has no Ollama".to_owned()))?;
     let forwarded = local.forward(path, body).await?;
     if retryable(forwarded.status) {
-        return Err(format!("the local Ollama answered {}", forwarded.status));
+        return Err(Failure {
+            reason: format!("the local Ollama answered {}", forwarded.status),
+            status: Some(forwarded.status),
+        });
     }
     let stream = forwarded
         .body
@@ -367,7 +401,7 @@ async fn remote_attempt(
     peer: PeerId,
     path: &str,
     body: String,
-) -> Result<Response, String> {
+) -> Result<Response, Failure> {
     let mut control: libp2p_stream::Control = gateway.node.stream_control();
     let open = async {
         let mut stream = control
@@ -395,7 +429,10 @@ async fn remote_attempt(
         .await
         .map_err(|_| format!("no answer within {:?}", gateway.config.first_byte_timeout))??;
     if retryable(head.status) {
-        return Err(format!("the serving node answered {}", head.status));
+        return Err(Failure {
+            reason: format!("the serving node answered {}", head.status),
+            status: Some(head.status),
+        });
     }
     // After the head, chunks flow to the client as they come. A break
     // after that ends the answer with an error chunk in its own format

@@ -210,12 +210,15 @@ pub async fn serve_inference(
                 tracing::debug!(%peer, "inference request refused: too many in flight");
                 let _ = answer_error(&mut stream, 429, "too many requests in flight on this node")
                     .await;
-                return;
+            } else {
+                let _busy = load.enter();
+                if let Err(e) = serve_one(&mut stream, &ollama).await {
+                    tracing::debug!(%peer, error = %e, "inference request ended with an error");
+                }
             }
-            let _busy = load.enter();
-            if let Err(e) = serve_one(&mut stream, &ollama).await {
-                tracing::debug!(%peer, error = %e, "inference request ended with an error");
-            }
+            // Close, so what was written reaches the asker before the
+            // stream goes (dropping it would reset it).
+            let _ = futures::AsyncWriteExt::close(&mut stream).await;
             drop((permit, slot));
         });
     }
