@@ -24,7 +24,7 @@ use ollamacron_gateway::{
 use ollamacron_node_core::registry::ServiceQuery;
 use ollamacron_ollama::{OllamaClient, OllamaEndpoint, OllamaWatcher, WatchConfig};
 use ollamacron_tests::ollama_standin::{Pacing, StandInModels, StandInOllama, tag};
-use ollamacron_tests::{TCP_ONLY, eventually, loopback_config, start};
+use ollamacron_tests::{TCP_ONLY, eventually_found, loopback_config, start};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 
 const FIRST_TOKEN: Duration = Duration::from_millis(100);
@@ -127,19 +127,9 @@ async fn main() {
         service_type: Some("llm".into()),
         ..ServiceQuery::default()
     };
-    eventually("the asking node to see the model", || {
-        let (asking, query) = (asking.clone(), query.clone());
-        async move {
-            asking
-                .find_services(query)
-                .await
-                .ok()
-                .filter(|f| !f.is_empty())
-                .map(|_| ())
-        }
-    })
-    .await
-    .unwrap();
+    eventually_found(&asking, &query, "the asking node to see the model")
+        .await
+        .unwrap();
     let local_gateway = gateway_on(&serving, Some(local)).await;
     let hop_gateway = gateway_on(&asking, None).await;
 

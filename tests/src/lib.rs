@@ -126,6 +126,28 @@ where
         .map_err(|_| format!("timed out after {timeout:?} waiting for {what}"))
 }
 
+/// Wait until `node`'s lookup of `query` finds something, for at most
+/// [`EVENT_TIMEOUT`]; what it found.
+///
+/// # Errors
+/// A description of what was awaited when the deadline passes.
+pub async fn eventually_found(
+    node: &NodeHandle,
+    query: &ollamacron_service_registry::ServiceQuery,
+    what: &str,
+) -> Result<Vec<ollamacron_service_registry::RankedService>, String> {
+    eventually(what, || {
+        let (node, query) = (node.clone(), query.clone());
+        async move {
+            node.find_services(query)
+                .await
+                .ok()
+                .filter(|found| !found.is_empty())
+        }
+    })
+    .await
+}
+
 /// The value of the first line of `node`'s metrics that starts with
 /// `prefix` (a name with its labels), or 0 when there is none yet.
 #[must_use]

@@ -12,7 +12,7 @@ use ollamacron_ollama::{
     ModelKind, OllamaClient, OllamaEndpoint, OllamaState, OllamaWatcher, WatchConfig,
 };
 use ollamacron_tests::ollama_standin::{StandInModels, StandInOllama, tag};
-use ollamacron_tests::{TCP_ONLY, eventually, loopback_config, start};
+use ollamacron_tests::{TCP_ONLY, eventually, eventually_found, loopback_config, start};
 use tokio::sync::watch;
 
 /// How long a test waits for the watcher to see something.
@@ -171,18 +171,9 @@ async fn a_nodes_ollama_models_are_found_across_the_mesh_and_leave_while_ollama_
         service_type: Some("llm".into()),
         ..ServiceQuery::default()
     };
-    let found = eventually("the other node to find the llm", || {
-        let (asking, llm) = (asking.clone(), llm.clone());
-        async move {
-            asking
-                .find_services(llm)
-                .await
-                .ok()
-                .filter(|f| !f.is_empty())
-        }
-    })
-    .await
-    .unwrap();
+    let found = eventually_found(&asking, &llm, "the other node to find the llm")
+        .await
+        .unwrap();
     let service = &found[0].service;
     assert_eq!(service.id, "ollama/llama3:8b");
     assert_eq!(service.name, "llama3:8b");
@@ -231,19 +222,9 @@ async fn a_nodes_ollama_models_are_found_across_the_mesh_and_leave_while_ollama_
     assert_eq!(local.len(), 2);
     assert!(local.iter().all(|s| s.status == ServiceStatus::Unavailable));
     ollama.revive().await;
-    eventually("the models to return", || {
-        let (asking, llm) = (asking.clone(), llm.clone());
-        async move {
-            asking
-                .find_services(llm)
-                .await
-                .ok()
-                .filter(|f| !f.is_empty())
-                .map(|_| ())
-        }
-    })
-    .await
-    .unwrap();
+    eventually_found(&asking, &llm, "the models to return")
+        .await
+        .unwrap();
 
     // A model removed from Ollama is unregistered.
     ollama.models().models.remove(0);

@@ -19,7 +19,7 @@ use ollamacron_gateway::{
 use ollamacron_node_core::registry::ServiceQuery;
 use ollamacron_ollama::{OllamaClient, OllamaEndpoint, OllamaWatcher, WatchConfig};
 use ollamacron_tests::ollama_standin::{StandInModels, StandInOllama, tag};
-use ollamacron_tests::{TCP_ONLY, eventually, loopback_config, start};
+use ollamacron_tests::{TCP_ONLY, eventually_found, loopback_config, start};
 
 const LIMITS: ServeLimits = ServeLimits {
     total: 8,
@@ -117,18 +117,9 @@ async fn the_official_python_clients_work_against_the_gateway() {
             service_type: Some(kind.to_owned()),
             ..ServiceQuery::default()
         };
-        eventually("A to see B's models", || {
-            let (a, query) = (a.clone(), query.clone());
-            async move {
-                a.find_services(query)
-                    .await
-                    .ok()
-                    .filter(|f| !f.is_empty())
-                    .map(|_| ())
-            }
-        })
-        .await
-        .unwrap();
+        eventually_found(&a, &query, "A to see B's models")
+            .await
+            .unwrap();
     }
     let app = router(
         a.clone(),
