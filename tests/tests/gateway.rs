@@ -16,7 +16,7 @@ use ollamacron_node_core::NodeHandle;
 use ollamacron_node_core::registry::ServiceQuery;
 use ollamacron_ollama::{OllamaClient, OllamaEndpoint, OllamaWatcher, WatchConfig};
 use ollamacron_tests::ollama_standin::{StandInModels, StandInOllama, TOKENS, tag};
-use ollamacron_tests::{TCP_ONLY, eventually, http_request, loopback_config, start};
+use ollamacron_tests::{TCP_ONLY, eventually, http_request, loopback_config, metric_value, start};
 
 const LIMITS: ServeLimits = ServeLimits {
     total: 8,
@@ -317,13 +317,8 @@ async fn a_request_is_served_by_the_node_that_has_the_model_and_streamed_back() 
     );
     let chunks =
         format!("ollamacron_gateway_streamed_chunks_total{{model=\"mistral:7b\",peer=\"{c_id}\"}}");
-    let count: u64 = metrics
-        .lines()
-        .find(|l| l.starts_with(&chunks))
-        .and_then(|l| l.rsplit(' ').next())
-        .and_then(|v| v.parse().ok())
-        .unwrap_or(0);
-    assert!(count >= 3, "chunks streamed one by one: {count}");
+    let count = metric_value(&a.node, &chunks);
+    assert!(count >= 3.0, "chunks streamed one by one: {count}");
     assert!(
         metrics.contains("ollamacron_gateway_first_byte_seconds_bucket"),
         "{metrics}"

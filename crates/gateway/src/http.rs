@@ -2,8 +2,8 @@
 //! best node that has its model (this node's Ollama when it is the best),
 //! streamed back as it comes, with failover before the first byte.
 
-use std::collections::{BTreeMap, HashMap};
-use std::sync::{Arc, Mutex};
+use std::collections::BTreeMap;
+use std::sync::Arc;
 use std::time::Duration;
 
 use axum::Router;
@@ -21,6 +21,7 @@ use ollamacron_node_core::{NodeHandle, libp2p_stream};
 use serde_json::{Value, json};
 
 use crate::frame::{FrameKind, InferHead, InferRequest, decode, read_frame, write_frame};
+use crate::in_flight::{InFlight, InFlightGuard};
 use crate::metrics::{GatewayMetrics, ModelLabel, RequestLabels, ServedLabels};
 use crate::serve::{FORWARDED_PATHS, INFER_PROTOCOL, LocalOllama};
 
@@ -43,49 +44,8 @@ struct Gateway {
     local: Option<LocalOllama>,
     config: GatewayConfig,
     metrics: GatewayMetrics,
-    in_flight: Arc<InFlight>,
-}
-
-/// This gateway's requests in flight, per serving peer.
-#[derive(Debug, Default)]
-struct InFlight(Mutex<HashMap<String, usize>>);
-
-/// One request in flight until dropped (with its answer's body).
-struct InFlightGuard {
-    table: Arc<InFlight>,
-    peer: String,
-}
-
-impl InFlight {
-    fn lock(&self) -> std::sync::MutexGuard<'_, HashMap<String, usize>> {
-        self.0
-            .lock()
-            .unwrap_or_else(std::sync::PoisonError::into_inner)
-    }
-
-    fn count(&self, peer: &str) -> usize {
-        self.lock().get(peer).copied().unwrap_or(0)
-    }
-
-    fn start(self: &Arc<Self>, peer: &str) -> InFlightGuard {
-        *self.lock().entry(peer.to_owned()).or_default() += 1;
-        InFlightGuard {
-            table: self.clone(),
-            peer: peer.to_owned(),
-        }
-    }
-}
-
-impl Drop for InFlightGuard {
-    fn drop(&mut self) {
-        let mut map = self.table.lock();
-        if let Some(count) = map.get_mut(&self.peer) {
-            *count = count.saturating_sub(1);
-            if *count == 0 {
-                map.remove(&self.peer);
-            }
-        }
-    }
+    /// This gateway's requests in flight, per serving peer.
+    in_flight: Arc<InFlight<String>>,
 }
 
 /// The gateway's routes, for `axum::serve`. `local` is this node's Ollama
@@ -278,7 +238,9 @@ async fn infer(State(gateway): State<Gateway>, uri: Uri, body: Bytes) -> Respons
                     .get_or_create(&labels)
                     .observe(started.elapsed().as_secs_f64());
                 count(&peer_label, "ok");
-                let guard = gateway.in_flight.start(&candidate.service.peer_id);
+                let guard = gateway
+                    .in_flight
+                    .try_start(&candidate.service.peer_id, usize::MAX);
                 return counted(response, &gateway.metrics, &labels, guard);
             }
             Err(Failure { reason, status }) => {
@@ -318,7 +280,7 @@ fn counted(
     response: Response,
     metrics: &GatewayMetrics,
     labels: &ServedLabels,
-    in_flight: InFlightGuard,
+    in_flight: Option<InFlightGuard<String>>,
 ) -> Response {
     let bytes = metrics.bytes.get_or_create(labels).clone();
     let chunks = metrics.chunks.get_or_create(labels).clone();

@@ -3,6 +3,7 @@
 mod advertise;
 pub mod frame;
 mod http;
+mod in_flight;
 mod metrics;
 mod serve;
 

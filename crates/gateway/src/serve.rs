@@ -1,8 +1,7 @@
 //! The serving side of `/ollamacron/infer/1.0.0`, and forwarding to the
 //! local Ollama (the only Ollama a node ever sends requests to).
 
-use std::collections::HashMap;
-use std::sync::{Arc, Mutex};
+use std::sync::Arc;
 use std::time::Duration;
 
 use bytes::Bytes;
@@ -18,6 +17,7 @@ use ollamacron_ollama::OllamaEndpoint;
 use tokio::sync::Semaphore;
 
 use crate::frame::{FrameKind, InferHead, InferRequest, decode, read_frame, write_frame};
+use crate::in_flight::InFlight;
 
 /// The inference stream protocol.
 pub const INFER_PROTOCOL: StreamProtocol = StreamProtocol::new("/ollamacron/infer/1.0.0");
@@ -140,50 +140,6 @@ pub struct ServeLimits {
     pub per_peer: usize,
 }
 
-/// Requests in flight per peer; an entry leaves with its last request.
-#[derive(Debug, Default)]
-struct InFlight(Mutex<HashMap<PeerId, usize>>);
-
-/// One request counted in [`InFlight`] until dropped.
-struct InFlightSlot {
-    table: Arc<InFlight>,
-    peer: PeerId,
-}
-
-impl InFlight {
-    fn take(self: &Arc<Self>, peer: PeerId, max: usize) -> Option<InFlightSlot> {
-        let mut map = self
-            .0
-            .lock()
-            .unwrap_or_else(std::sync::PoisonError::into_inner);
-        let count = map.entry(peer).or_default();
-        if *count >= max {
-            return None;
-        }
-        *count += 1;
-        Some(InFlightSlot {
-            table: self.clone(),
-            peer,
-        })
-    }
-}
-
-impl Drop for InFlightSlot {
-    fn drop(&mut self) {
-        let mut map = self
-            .table
-            .0
-            .lock()
-            .unwrap_or_else(std::sync::PoisonError::into_inner);
-        if let Some(count) = map.get_mut(&self.peer) {
-            *count = count.saturating_sub(1);
-            if *count == 0 {
-                map.remove(&self.peer);
-            }
-        }
-    }
-}
-
 /// Serve inference requests from peers on `control` until it is dropped,
 /// within `limits` (more are refused at once with 429, so the asking
 /// gateway tries another node).
@@ -198,11 +154,11 @@ pub async fn serve_inference(
 ) -> Result<(), String> {
     let mut incoming = control.accept(INFER_PROTOCOL).map_err(|e| e.to_string())?;
     let slots = Arc::new(Semaphore::new(limits.total));
-    let in_flight = Arc::new(InFlight::default());
+    let in_flight: Arc<InFlight<PeerId>> = Arc::default();
     while let Some((peer, stream)) = incoming.next().await {
         let ollama = ollama.clone();
         let permit = slots.clone().try_acquire_owned().ok();
-        let slot = in_flight.take(peer, limits.per_peer);
+        let slot = in_flight.try_start(&peer, limits.per_peer);
         let load = load.clone();
         tokio::spawn(async move {
             let mut stream = stream;

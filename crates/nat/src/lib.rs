@@ -64,8 +64,10 @@ pub fn is_relayed(address: &Multiaddr) -> bool {
     address.iter().any(|p| p == Protocol::P2pCircuit)
 }
 
-/// Whether an address is on the loopback interface (useless to a peer).
-fn is_loopback(address: &Multiaddr) -> bool {
+/// Whether an address is on the loopback interface (useless to a peer on
+/// another host).
+#[must_use]
+pub fn is_loopback(address: &Multiaddr) -> bool {
     address.iter().any(|p| match p {
         Protocol::Ip4(ip) => ip.is_loopback(),
         Protocol::Ip6(ip) => ip.is_loopback(),

@@ -345,14 +345,7 @@ fn error_chain(e: &dyn std::error::Error) -> String {
     out
 }
 
-/// Whether an address is on the loopback interface.
-pub(crate) fn is_loopback(addr: &Multiaddr) -> bool {
-    addr.iter().any(|p| match p {
-        Protocol::Ip4(ip) => ip.is_loopback(),
-        Protocol::Ip6(ip) => ip.is_loopback(),
-        _ => false,
-    })
-}
+pub(crate) use ollamacron_nat::is_loopback;
 
 /// `addr` ending in `/p2p/<peer>`; relay circuit addresses already do.
 pub(crate) fn with_peer(addr: Multiaddr, peer: PeerId) -> Multiaddr {
