@@ -237,12 +237,19 @@ fn convergence(nodes: &[usize]) -> anyhow::Result<()> {
 
 /// Build the debug binary (the one the tests use); its path.
 fn build_debug_node() -> anyhow::Result<std::path::PathBuf> {
+    build_node_in("debug", &[])
+}
+
+/// Build `ollamacron-node` with `profile_args`; the binary in
+/// `target/<profile_dir>`.
+fn build_node_in(profile_dir: &str, profile_args: &[&str]) -> anyhow::Result<std::path::PathBuf> {
     let mut command = cargo();
-    command.args(["build", "--locked", "--package", "ollamacron-node"]);
+    command.arg("build").args(profile_args);
+    command.args(["--locked", "--package", "ollamacron-node"]);
     if !run_step("build", &mut command) {
         bail!("building ollamacron-node failed");
     }
-    let binary = target_dir().join("debug").join("ollamacron-node");
+    let binary = target_dir().join(profile_dir).join("ollamacron-node");
     if !binary.exists() {
         bail!("no binary at {}", binary.display());
     }
@@ -262,22 +269,7 @@ fn target_dir() -> std::path::PathBuf {
 
 /// Build the release binary; its path.
 fn build_node() -> anyhow::Result<std::path::PathBuf> {
-    let mut command = cargo();
-    command.args([
-        "build",
-        "--release",
-        "--locked",
-        "--package",
-        "ollamacron-node",
-    ]);
-    if !run_step("build", &mut command) {
-        bail!("building ollamacron-node failed");
-    }
-    let binary = target_dir().join("release").join("ollamacron-node");
-    if !binary.exists() {
-        bail!("no binary at {}", binary.display());
-    }
-    Ok(binary)
+    build_node_in("release", &["--release"])
 }
 
 /// Time to first token and tokens/s through the gateway (release build).

@@ -191,17 +191,22 @@ async fn answer_error(
         content_type: "application/json".to_owned(),
     };
     let body = serde_json::json!({ "error": message }).to_string();
-    write_frame(
-        stream,
-        FrameKind::Head,
-        &serde_json::to_vec(&head).map_err(|e| e.to_string())?,
-    )
-    .await
-    .map_err(|e| e.to_string())?;
+    write_head(stream, &head).await?;
     write_frame(stream, FrameKind::Data, body.as_bytes())
         .await
         .map_err(|e| e.to_string())?;
     write_frame(stream, FrameKind::End, &[])
+        .await
+        .map_err(|e| e.to_string())
+}
+
+/// Write the head frame of an answer.
+async fn write_head(
+    stream: &mut ollamacron_node_core::libp2p::Stream,
+    head: &InferHead,
+) -> Result<(), String> {
+    let payload = serde_json::to_vec(head).map_err(|e| e.to_string())?;
+    write_frame(stream, FrameKind::Head, &payload)
         .await
         .map_err(|e| e.to_string())
 }
@@ -229,13 +234,7 @@ async fn serve_one(
         status: forwarded.status,
         content_type: forwarded.content_type,
     };
-    write_frame(
-        stream,
-        FrameKind::Head,
-        &serde_json::to_vec(&head).map_err(|e| e.to_string())?,
-    )
-    .await
-    .map_err(|e| e.to_string())?;
+    write_head(stream, &head).await?;
     let mut body = forwarded.body;
     // Each chunk is written before the next is read: a slow reader slows
     // Ollama down. The asking node writes nothing after its request, so a
