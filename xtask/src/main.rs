@@ -90,6 +90,11 @@ struct Step {
 fn step(name: &'static str, args: &[&str]) -> Step {
     let mut command = cargo();
     command.args(args);
+    if std::env::var_os("CI").is_some() {
+        // A CI run builds once from a fresh clone: incremental state would
+        // only cost time and disk.
+        command.env("CARGO_INCREMENTAL", "0");
+    }
     Step { name, command }
 }
 
@@ -170,7 +175,16 @@ fn ci(fail_fast: bool) -> anyhow::Result<()> {
     if !fail_fast || failed.is_empty() {
         println!("==> nat-test: cargo xtask nat-test");
         let nat_started = Instant::now();
-        let nat = build_debug_node()
+        // The tests step built `ollamacron-node` for the CLI tests (same
+        // profile, same features); building it again with `cargo build`
+        // would unify features differently and recompile part of libp2p.
+        let built = target_dir().join("debug").join("ollamacron-node");
+        let binary = if failed.contains(&"tests") || !built.exists() {
+            build_debug_node()
+        } else {
+            Ok(built)
+        };
+        let nat = binary
             .and_then(|binary| nat_test::nat_test(&binary, &nat_test::NatTestArgs::default()));
         match nat {
             Ok(()) => println!(
