@@ -45,6 +45,10 @@ pub(crate) struct MeshArgs {
     /// default to 15s so that they end in reasonable time.
     #[arg(long, value_name = "DURATION")]
     pub(crate) record_ttl: Option<String>,
+    /// Any other config field for every node, as `KEY=VALUE` (repeatable;
+    /// passed to `ollamacron-node run --set`).
+    #[arg(long = "set", value_name = "KEY=VALUE")]
+    pub(crate) settings: Vec<String>,
     /// Warm lookups timed after convergence.
     #[arg(long, default_value_t = 500)]
     pub(crate) lookups: usize,
@@ -89,13 +93,6 @@ impl Drop for Mesh {
         }
         let _ = std::fs::remove_dir_all(&self.root);
     }
-}
-
-/// A loopback port nothing listens on right now.
-fn free_port() -> anyhow::Result<u16> {
-    Ok(std::net::TcpListener::bind("127.0.0.1:0")?
-        .local_addr()?
-        .port())
 }
 
 /// One HTTP/1.1 request (`Connection: close`): the status and the JSON body.
@@ -207,13 +204,27 @@ fn start_node(
 ) -> anyhow::Result<(MeshNode, String)> {
     let dir = root.join(format!("node-{index}"));
     std::fs::create_dir_all(&dir)?;
-    let api: SocketAddr = format!("127.0.0.1:{}", free_port()?).parse()?;
+    // MESH_LOG=<filter> keeps each node's log, at that level, in
+    // target/mesh/logs/node-<index>.log.
+    let log_level = std::env::var("MESH_LOG").unwrap_or_else(|_| "info".to_owned());
+    let mut log_file = match std::env::var_os("MESH_LOG") {
+        Some(_) => {
+            let dir = crate::target_dir().join("mesh").join("logs");
+            std::fs::create_dir_all(&dir)?;
+            Some(std::fs::File::create(
+                dir.join(format!("node-{index}.log")),
+            )?)
+        }
+        None => None,
+    };
     let mut command = Command::new(binary);
     command
         .args(["run", "--no-mdns", "--listen", "/ip4/127.0.0.1/tcp/0"])
         .arg("--data-dir")
         .arg(&dir)
-        .args(["--api-listen", &api.to_string(), "--log-level", "info"])
+        // The node picks its API port and logs it: no race for a port
+        // picked here and released before the node binds it.
+        .args(["--api-listen", "127.0.0.1:0", "--log-level", &log_level])
         // The mesh measures discovery and lookups, not the local Ollama.
         .args([
             "--set",
@@ -237,6 +248,9 @@ fn start_node(
     let (tx, lines) = mpsc::channel::<String>();
     std::thread::spawn(move || {
         for line in BufReader::new(stderr).lines().map_while(Result::ok) {
+            if let Some(file) = log_file.as_mut() {
+                let _ = writeln!(file, "{line}");
+            }
             if tx.send(line).is_err() {
                 // Nobody listens any more; keep draining so the node never blocks.
                 continue;
@@ -244,6 +258,8 @@ fn start_node(
         }
     });
     let mut addr = None;
+    let mut api: Option<SocketAddr> = None;
+    let mut started_in = None;
     let mut log = Vec::new();
     loop {
         let left = deadline.saturating_duration_since(Instant::now());
@@ -254,6 +270,12 @@ fn start_node(
                 log.join("\n")
             );
         };
+        if line.contains("serving the HTTP API") && api.is_none() {
+            api = line
+                .split_whitespace()
+                .find_map(|w| w.strip_prefix("addr="))
+                .and_then(|a| a.parse::<SocketAddr>().ok());
+        }
         if line.contains("listening") && addr.is_none() {
             addr = line
                 .split_whitespace()
@@ -261,8 +283,10 @@ fn start_node(
                 .map(str::to_owned);
         }
         if line.contains("node running") {
-            let started_in = spawned.elapsed();
-            let addr = addr.context("no listening address before Running")?;
+            started_in = Some(spawned.elapsed());
+        }
+        // The API's line may come just before or just after Running.
+        if let (Some(started_in), Some(addr), Some(api)) = (started_in, addr.clone(), api) {
             let peer_id = addr.rsplit('/').next().unwrap_or_default().to_owned();
             // Keep reading in the background so the pipe never fills.
             std::thread::spawn(move || for _ in lines {});
@@ -293,7 +317,7 @@ pub(crate) fn mesh(binary: &Path, args: &MeshArgs) -> anyhow::Result<()> {
         nodes: Vec::new(),
         root: root.clone(),
     };
-    let mut settings = Vec::new();
+    let mut settings = args.settings.clone();
     if args.pubsub {
         settings.push("enable_pubsub=true".to_owned());
     }
@@ -340,21 +364,31 @@ pub(crate) fn mesh(binary: &Path, args: &MeshArgs) -> anyhow::Result<()> {
     let expected = args.nodes * args.services_per_node;
 
     // Convergence: every node's lookup returns every service.
+    let peer_ids: Vec<&str> = mesh.nodes.iter().map(|n| n.peer_id.as_str()).collect();
+    let peer_ids = &peer_ids;
     let converged: Vec<anyhow::Result<Duration>> = std::thread::scope(|scope| {
         let handles: Vec<_> = mesh
             .nodes
             .iter()
-            .map(|node| {
+            .enumerate()
+            .map(|(index, node)| {
                 let api = node.api;
                 scope.spawn(move || -> anyhow::Result<Duration> {
                     let trace = std::env::var_os("MESH_TRACE").is_some();
                     loop {
                         if trace {
-                            let found = lookup(api)?.len();
+                            let found = lookup(api)?;
+                            let missing: Vec<usize> = peer_ids
+                                .iter()
+                                .enumerate()
+                                .filter(|(_, id)| !found.iter().any(|f| f == *id))
+                                .map(|(i, _)| i)
+                                .collect();
                             let (_, status) = http(api, "GET", "/v1/status", None)?;
                             eprintln!(
-                                "{:>6.0} ms {api}: {found} services, {} peers, {} remote from {} nodes, routing {}",
+                                "{:>6.0} ms node {index}: {} services, {} peers, {} remote from {} nodes, routing {}, missing nodes {missing:?}",
                                 ms(last_start.elapsed()),
+                                found.len(),
                                 status["connections"]["peers"],
                                 status["services"]["remote"],
                                 status["services"]["nodes"],

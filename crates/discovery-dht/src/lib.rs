@@ -396,6 +396,7 @@ impl Behaviour {
         if peers.is_empty() {
             return;
         }
+        tracing::debug!(?peers, "pushing our record");
         let id = self
             .kad
             .put_record_to(record, peers.into_iter(), kad::Quorum::One);
@@ -596,6 +597,9 @@ impl Behaviour {
             return Some(DhtEvent::Advertised { ok });
         }
         if self.push_queries.contains(&id) {
+            if let QueryResult::PutRecord(Err(e)) = &result {
+                tracing::debug!(error = %e, "a direct push of our record failed");
+            }
             if step.last {
                 self.push_queries.remove(&id);
             }

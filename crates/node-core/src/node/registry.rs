@@ -473,6 +473,7 @@ impl SwarmTask {
         };
         match &result {
             Ok(Accepted::Stored { changes }) => {
+                tracing::debug!(%owner, peer = ?from, via = via.as_str(), "record accepted");
                 self.metrics.record_accepted(via.as_str());
                 let first = !self.registry.peer_health.contains_key(&owner);
                 for change in changes.clone() {
