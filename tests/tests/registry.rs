@@ -11,7 +11,9 @@ use libp2p::PeerId;
 use libp2p::identity::Keypair;
 use ollamacron_node_core::{Node, NodeEvent, NodeHandle, RecordVia};
 use ollamacron_service_registry::{RankedService, ServiceInfo, ServiceQuery};
-use ollamacron_tests::{TCP_ONLY, eventually_within, loopback_config, start, wait_for_event};
+use ollamacron_tests::{
+    TCP_ONLY, eventually_within, loopback_config, metric_value, start, wait_for_event,
+};
 
 /// Lookups over a fresh mesh settle well within this on loopback; the
 /// bound only keeps a broken build from hanging.
@@ -474,6 +476,80 @@ async fn bad_services_are_refused_with_the_reason() {
     );
     assert!(node.local_services().await.unwrap().is_empty());
     node.shutdown().await.unwrap();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_batch_of_service_changes_is_one_publication() {
+    let nodes = start_line(2, |_| {
+        vec![("max_string_length".to_owned(), "64".to_owned())]
+    })
+    .await;
+    let (a, b) = (&nodes[0], &nodes[1]);
+    b.register_service(service("old", "llm", &[], &[]))
+        .await
+        .unwrap();
+    let llm = ServiceQuery {
+        service_type: Some("llm".into()),
+        ..ServiceQuery::default()
+    };
+    let b_peer = b.peer_id().to_string();
+    settles_to(
+        a,
+        &llm,
+        &BTreeSet::from([(b_peer.clone(), "old".to_owned())]),
+        "b's first service",
+    )
+    .await;
+    let published = "ollamacron_records_published_total";
+    let before = metric_value(b, published);
+
+    let refused = b
+        .update_services(
+            vec![
+                service("one", "llm", &[], &[]),
+                service("too-long", "llm", &[&"t".repeat(65)], &[]),
+                service("two", "llm", &["fast"], &[]),
+            ],
+            vec!["old".to_owned(), "never-registered".to_owned()],
+        )
+        .await
+        .unwrap();
+    assert_eq!(refused.len(), 1, "{refused:?}");
+    assert_eq!(refused[0].0, "too-long");
+    assert!(
+        refused[0].1.to_string().contains("65 bytes > 64"),
+        "{}",
+        refused[0].1
+    );
+    let local: BTreeSet<String> = b
+        .local_services()
+        .await
+        .unwrap()
+        .into_iter()
+        .map(|s| s.id)
+        .collect();
+    assert_eq!(local, BTreeSet::from(["one".to_owned(), "two".to_owned()]));
+    assert!(
+        (metric_value(b, published) - before - 1.0).abs() < f64::EPSILON,
+        "one removal and two additions are one publication: {before} then {}",
+        metric_value(b, published)
+    );
+    // What was published is the whole batch.
+    let both = BTreeSet::from([
+        (b_peer.clone(), "one".to_owned()),
+        (b_peer, "two".to_owned()),
+    ]);
+    settles_to(a, &llm, &both, "b's batch").await;
+
+    // Nothing to change publishes nothing.
+    let refused = b
+        .update_services(Vec::new(), vec!["old".to_owned()])
+        .await
+        .unwrap();
+    assert!(refused.is_empty());
+    assert!((metric_value(b, published) - before - 1.0).abs() < f64::EPSILON);
+    a.shutdown().await.unwrap();
+    b.shutdown().await.unwrap();
 }
 
 /// The peer id in a `RecordRejected` for `via`, and its reason.

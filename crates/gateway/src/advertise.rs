@@ -148,24 +148,31 @@ impl OllamaAdvertiser {
             .filter(|id| !wanted.contains_key(*id))
             .cloned()
             .collect();
-        for id in gone {
-            self.node.unregister_service(&id).await?;
-            self.advertised.remove(&id);
+        let changed: Vec<ServiceInfo> = wanted
+            .into_values()
+            .filter(|service| self.advertised.get(&service.id) != Some(service))
+            .collect();
+        if gone.is_empty() && changed.is_empty() {
+            return Ok(());
         }
-        for (id, service) in wanted {
-            if self.advertised.get(&id) == Some(&service) {
-                continue;
-            }
-            match self.node.register_service(service.clone()).await {
-                Ok(()) => {
-                    self.advertised.insert(id, service);
+        // One signed record for every model that changed, not one each.
+        let refused = self
+            .node
+            .update_services(changed.clone(), gone.clone())
+            .await?;
+        for id in &gone {
+            self.advertised.remove(id);
+        }
+        for service in changed {
+            match refused.iter().find(|(id, _)| *id == service.id) {
+                // One model that does not fit the record limits must not
+                // keep the others from being advertised.
+                Some((_, e)) => {
+                    tracing::warn!(model = %service.name, error = %e, "cannot advertise an Ollama model");
                 }
-                Err(NodeError::Service { message, field }) => {
-                    // One model that does not fit the record limits must
-                    // not keep the others from being advertised.
-                    tracing::warn!(model = %service.name, %message, field = ?field, "cannot advertise an Ollama model");
+                None => {
+                    self.advertised.insert(service.id.clone(), service);
                 }
-                Err(e) => return Err(e),
             }
         }
         Ok(())

@@ -536,6 +536,11 @@ enum Command {
         service: Box<ServiceInfo>,
         reply: oneshot::Sender<Result<(), NodeError>>,
     },
+    UpdateServices {
+        add: Vec<ServiceInfo>,
+        remove: Vec<String>,
+        reply: oneshot::Sender<Vec<(String, NodeError)>>,
+    },
     UnregisterService {
         id: String,
         reply: oneshot::Sender<bool>,
@@ -768,6 +773,25 @@ impl NodeHandle {
             reply,
         })
         .await?
+    }
+
+    /// Stop offering the services with the ids in `remove`, then offer each
+    /// of `add` (replacing the one with the same id), and sign and publish
+    /// one record for all of it: changing N services costs one publication,
+    /// not N. Each service of `add` is checked on its own, as
+    /// [`register_service`](Self::register_service) checks it; one that
+    /// would make the record invalid is left out and returned with its id
+    /// and the reason, and the others still apply.
+    ///
+    /// # Errors
+    /// [`NodeError::NotRunning`] once the node has stopped.
+    pub async fn update_services(
+        &self,
+        add: Vec<ServiceInfo>,
+        remove: Vec<String>,
+    ) -> Result<Vec<(String, NodeError)>, NodeError> {
+        self.request(|reply| Command::UpdateServices { add, remove, reply })
+            .await
     }
 
     /// Stop offering a service; `false` if none had this id.
@@ -1113,6 +1137,9 @@ impl SwarmTask {
             }
             Command::RegisterService { service, reply } => {
                 let _ = reply.send(self.register_service(*service));
+            }
+            Command::UpdateServices { add, remove, reply } => {
+                let _ = reply.send(self.update_services(add, &remove));
             }
             Command::UnregisterService { id, reply } => {
                 let _ = reply.send(self.unregister_service(&id));

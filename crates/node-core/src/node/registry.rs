@@ -386,6 +386,16 @@ impl SwarmTask {
     /// is signed on a copy first, so a service that would make the record
     /// invalid is refused with the reason and changes nothing.
     pub(super) fn register_service(&mut self, service: ServiceInfo) -> Result<(), NodeError> {
+        let change = self.try_register(service)?;
+        self.emit(change_event(change, true));
+        self.update_service_gauges();
+        self.publish_record();
+        Ok(())
+    }
+
+    /// Add or replace a local service if the record stays valid with it
+    /// (signed on a copy first); nothing is published.
+    fn try_register(&mut self, service: ServiceInfo) -> Result<ServiceChange, NodeError> {
         let mut trial = self.registry.local.clone();
         let change = trial
             .register(service, unix_ms())
@@ -401,10 +411,41 @@ impl SwarmTask {
         );
         sign_record(&record, &self.keypair, &state.limits).map_err(NodeError::from)?;
         self.registry.local = trial;
-        self.emit(change_event(change, true));
-        self.update_service_gauges();
-        self.publish_record();
-        Ok(())
+        Ok(change)
+    }
+
+    /// Remove the services with the ids in `remove`, add or replace each of
+    /// `add`, and publish one record for all of it. A service of `add` that
+    /// would make the record invalid is left out; those come back with
+    /// their ids and reasons.
+    pub(super) fn update_services(
+        &mut self,
+        add: Vec<ServiceInfo>,
+        remove: &[String],
+    ) -> Vec<(String, NodeError)> {
+        let mut changed = false;
+        for id in remove {
+            if let Some(change) = self.registry.local.unregister(id) {
+                self.emit(change_event(change, true));
+                changed = true;
+            }
+        }
+        let mut refused = Vec::new();
+        for service in add {
+            let id = service.id.clone();
+            match self.try_register(service) {
+                Ok(change) => {
+                    self.emit(change_event(change, true));
+                    changed = true;
+                }
+                Err(e) => refused.push((id, e)),
+            }
+        }
+        if changed {
+            self.update_service_gauges();
+            self.publish_record();
+        }
+        refused
     }
 
     /// Remove a local service and publish at once; false if there was none.
