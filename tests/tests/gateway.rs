@@ -178,7 +178,13 @@ async fn a_request_is_served_by_the_node_that_has_the_model_and_streamed_back() 
         .await
         .unwrap()
         .json();
-    assert!(version["version"].is_string());
+    // The mesh's Ollama version (the stand-ins say 0.9.0), not ours.
+    assert_eq!(version["version"], "0.9.0", "{version}");
+    assert_eq!(
+        version["ollamacron"],
+        env!("CARGO_PKG_VERSION"),
+        "{version}"
+    );
     let ps = http_request(gw, "GET", "/api/ps", None).await.unwrap();
     assert_eq!(ps.status, 200);
     assert!(ps.json()["models"].is_array());
@@ -209,6 +215,33 @@ async fn a_request_is_served_by_the_node_that_has_the_model_and_streamed_back() 
         .unwrap();
     assert_eq!(response.status, 400);
     assert!(response.json()["error"].is_string());
+
+    // What the gateway does not serve is still a JSON error saying why.
+    let response = http_request(gw, "POST", "/api/pull", Some(br#"{"model": "x"}"#))
+        .await
+        .unwrap();
+    assert_eq!(response.status, 501);
+    assert!(
+        response.json()["error"]
+            .as_str()
+            .unwrap()
+            .contains("does not manage them"),
+        "{}",
+        response.body
+    );
+    let response = http_request(gw, "GET", "/api/nope", None).await.unwrap();
+    assert_eq!(response.status, 404);
+    assert!(
+        response.json()["error"]
+            .as_str()
+            .unwrap()
+            .contains("/api/nope")
+    );
+    let response = http_request(gw, "GET", "/api/generate", None)
+        .await
+        .unwrap();
+    assert_eq!(response.status, 405);
+    assert!(response.json()["error"].as_str().unwrap().contains("GET"));
 
     // C dies mid-stream: the client gets the tokens so far, then an error
     // line, and the answer ends.

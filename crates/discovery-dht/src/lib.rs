@@ -500,6 +500,40 @@ impl Behaviour {
 
     /// Handle a Kademlia event; `Some` if it should go to the user as is.
     fn on_kad_event(&mut self, event: kad::Event) -> Option<DhtEvent> {
+        if let kad::Event::InboundRequest { request } = &event {
+            let kind = match request {
+                kad::InboundRequest::FindNode { .. } => "find_node",
+                kad::InboundRequest::GetProvider { .. } => "get_providers",
+                kad::InboundRequest::AddProvider { .. } => "add_provider",
+                kad::InboundRequest::GetRecord { .. } => "get_record",
+                kad::InboundRequest::PutRecord { .. } => "put_record",
+            };
+            tracing::trace!(kind, "inbound DHT request");
+        }
+        if let kad::Event::OutboundQueryProgressed {
+            result,
+            stats,
+            step,
+            ..
+        } = &event
+            && step.last
+        {
+            let kind = match result {
+                QueryResult::Bootstrap(_) => "bootstrap",
+                QueryResult::GetClosestPeers(_) => "get_closest_peers",
+                QueryResult::GetProviders(_) => "get_providers",
+                QueryResult::StartProviding(_) => "start_providing",
+                QueryResult::RepublishProvider(_) => "republish_provider",
+                QueryResult::GetRecord(_) => "get_record",
+                QueryResult::PutRecord(_) => "put_record",
+                QueryResult::RepublishRecord(_) => "republish_record",
+            };
+            tracing::trace!(
+                query = kind,
+                requests = stats.num_requests(),
+                "DHT query finished"
+            );
+        }
         match event {
             kad::Event::RoutingUpdated {
                 peer,

@@ -65,10 +65,7 @@ pub fn router(node: NodeHandle, local: Option<LocalOllama>, config: GatewayConfi
             "/",
             get(|| async { "Ollama is running" }).head(|| async { StatusCode::OK }),
         )
-        .route(
-            "/api/version",
-            get(|| async { axum::Json(json!({"version": env!("CARGO_PKG_VERSION")})) }),
-        )
+        .route("/api/version", get(version))
         .route("/api/tags", get(tags))
         .route("/api/ps", get(loaded))
         .route("/v1/models", get(openai_models));
@@ -76,8 +73,77 @@ pub fn router(node: NodeHandle, local: Option<LocalOllama>, config: GatewayConfi
         router = router.route(path, post(infer));
     }
     router
+        .fallback(unsupported)
+        .method_not_allowed_fallback(method_not_allowed)
         .layer(axum::extract::DefaultBodyLimit::max(MAX_REQUEST_BYTES))
         .with_state(gateway)
+}
+
+/// Ollama's endpoints that manage models on one machine; the mesh gateway
+/// serves models and leaves managing them to each node's own Ollama.
+const MODEL_MANAGEMENT_PATHS: [&str; 6] = [
+    "/api/pull",
+    "/api/push",
+    "/api/create",
+    "/api/delete",
+    "/api/copy",
+    "/api/blobs",
+];
+
+/// Any path the gateway does not serve: a JSON error like every other
+/// answer, saying why.
+async fn unsupported(uri: Uri) -> Response {
+    let path = uri.path();
+    if MODEL_MANAGEMENT_PATHS
+        .iter()
+        .any(|p| path == *p || path.starts_with(&format!("{p}/")))
+    {
+        return error(
+            StatusCode::NOT_IMPLEMENTED,
+            format!(
+                "the Ollamacron gateway serves the mesh's models but does not manage them: \
+                 {path} goes to a node's own Ollama (for example OLLAMA_HOST=127.0.0.1:11434 ollama pull <model>), \
+                 and the mesh advertises the result within seconds"
+            ),
+        );
+    }
+    error(
+        StatusCode::NOT_FOUND,
+        format!("the Ollamacron gateway has no endpoint {path}"),
+    )
+}
+
+async fn method_not_allowed(method: axum::http::Method, uri: Uri) -> Response {
+    error(
+        StatusCode::METHOD_NOT_ALLOWED,
+        format!("{} does not take {method}", uri.path()),
+    )
+}
+
+/// The newest Ollama version the mesh's models advertise (`0.0.0` while
+/// none is known), and this gateway's own version beside it.
+async fn version(State(gateway): State<Gateway>) -> Response {
+    let newest = gateway
+        .models()
+        .await
+        .iter()
+        .filter_map(|s| s.service.metadata.get("ollama_version").cloned())
+        .max_by(|a, b| version_parts(a).cmp(&version_parts(b)));
+    axum::Json(json!({
+        "version": newest.unwrap_or_else(|| "0.0.0".to_owned()),
+        "ollamacron": env!("CARGO_PKG_VERSION"),
+    }))
+    .into_response()
+}
+
+/// The numeric parts of a version such as `0.12.3` or `v0.12.3-rc1`, for
+/// ordering.
+fn version_parts(version: &str) -> Vec<u64> {
+    version
+        .trim_start_matches('v')
+        .split(['.', '-', '+'])
+        .map_while(|p| p.parse().ok())
+        .collect()
 }
 
 fn error(status: StatusCode, message: impl Into<String>) -> Response {
@@ -421,4 +487,17 @@ async fn remote_attempt(
         &head.content_type,
         Body::from_stream(chunks),
     ))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::version_parts;
+
+    #[test]
+    fn versions_order_by_their_numbers() {
+        assert!(version_parts("0.12.10") > version_parts("0.12.9"));
+        assert!(version_parts("v0.13.0-rc1") > version_parts("0.12.9"));
+        assert_eq!(version_parts("0.5.1"), vec![0, 5, 1]);
+        assert!(version_parts("garbage").is_empty());
+    }
 }
