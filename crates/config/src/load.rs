@@ -39,7 +39,7 @@ impl fmt::Display for Origin {
             Self::Default => f.write_str("the built-in default"),
             Self::File(path) => write!(f, "config file {}", path.display()),
             Self::Env(name) => write!(f, "environment variable {name}"),
-            Self::Override(key) => write!(f, "command-line override of {key}"),
+            Self::Override(_) => f.write_str("the command line"),
         }
     }
 }
@@ -209,6 +209,13 @@ impl ConfigLoader {
             };
             for (key, value) in parse_file(&origin, &text)? {
                 check_known(&defaults, &key, &origin, |k| k.to_owned())?;
+                // `listen: /ip4/…` means a list of that one address.
+                let value = match (defaults.get(key.as_str()), value) {
+                    (Some(Value::Sequence(_)), Value::String(one)) => {
+                        Value::Sequence(vec![Value::String(one)])
+                    }
+                    (_, value) => value,
+                };
                 origins.insert(key.clone(), origin.clone());
                 merged.insert(Value::String(key), value);
             }
@@ -260,17 +267,19 @@ impl ConfigLoader {
             origins.insert(key, origin);
         }
 
-        serde_path_to_error::deserialize::<_, NodeConfig>(Value::Mapping(merged)).map_err(|e| {
+        let merged = Value::Mapping(merged);
+        serde_path_to_error::deserialize::<_, NodeConfig>(&merged).map_err(|e| {
             let field = e.path().to_string();
             let top = field
                 .split(['.', '['])
                 .next()
                 .unwrap_or_default()
                 .to_owned();
+            let value = (field == top).then(|| merged.get(top.as_str())).flatten();
             ConfigError::InvalidValue {
                 origin: origins.get(&top).cloned().unwrap_or(Origin::Default),
+                message: plain_message(&e.into_inner().to_string(), value),
                 field,
-                message: e.into_inner().to_string(),
             }
         })
     }
@@ -327,6 +336,34 @@ fn parse_file(origin: &Origin, text: &str) -> Result<Vec<(String, Value)>, Confi
             }),
         })
         .collect()
+}
+
+/// Serde's wording in the words of the config file: "a list", not "a
+/// sequence"; "a whole number", not "u32"; an address that does not parse
+/// is shown with an example of one that does.
+fn plain_message(message: &str, value: Option<&Value>) -> String {
+    if message.contains("invalid socket address syntax") {
+        let shown = match value {
+            Some(Value::String(s)) => format!("{s:?}"),
+            _ => "the value".to_owned(),
+        };
+        return format!("{shown} is not an IP address and port (write e.g. 127.0.0.1:11437)");
+    }
+    if let Some((found, expected)) = message
+        .strip_prefix("invalid type: ")
+        .and_then(|rest| rest.split_once(", expected "))
+    {
+        let expected = match expected {
+            "u8" | "u16" | "u32" | "u64" | "usize" => "a whole number (0 or more)",
+            "i8" | "i16" | "i32" | "i64" | "isize" => "a whole number",
+            "f32" | "f64" => "a number",
+            "a boolean" => "true or false",
+            "a sequence" => "a list",
+            other => other,
+        };
+        return format!("expected {expected}, found {found}");
+    }
+    message.replace("a sequence", "a list")
 }
 
 fn kind(value: &Value) -> &'static str {

@@ -501,6 +501,32 @@ fn origin_is_reported_for_overrides() {
     }
 }
 
+#[test]
+fn type_errors_are_worded_for_people() {
+    let message = |loader: ConfigLoader| loader.load().unwrap_err().to_string();
+    let m = message(ConfigLoader::new().set("api_listen", "localhost"));
+    assert!(
+        m.contains("\"localhost\" is not an IP address and port") && m.contains("127.0.0.1:11437"),
+        "{m}"
+    );
+    let m = message(ConfigLoader::new().set("conn_mgr_low", "many"));
+    assert!(
+        m.contains("expected a whole number") && m.contains("\"many\""),
+        "{m}"
+    );
+    let m = message(ConfigLoader::new().set("enable_dht", "maybe"));
+    assert!(m.contains("expected true or false"), "{m}");
+    let m = load_yaml("bootstrap: {a: 1}\n").unwrap_err().to_string();
+    assert!(m.contains("a list") && !m.contains("sequence"), "{m}");
+}
+
+#[test]
+fn a_single_value_is_a_list_of_one() {
+    let config = load_yaml("listen: /ip4/127.0.0.1/tcp/4001\n").unwrap();
+    assert_eq!(config.listen.len(), 1);
+    assert_eq!(config.listen[0].to_string(), "/ip4/127.0.0.1/tcp/4001");
+}
+
 /// The top-level keys of a config serialised as YAML, in order.
 fn serde_yaml_ng_keys(config: &NodeConfig) -> Vec<String> {
     config

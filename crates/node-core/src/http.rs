@@ -122,7 +122,7 @@ fn router(state: ApiState) -> Router {
 async fn not_found() -> ApiError {
     ApiError {
         status: StatusCode::NOT_FOUND,
-        message: "no such endpoint; see GET /v1/status, /v1/peers, /v1/services".to_owned(),
+        message: "no such endpoint; the API has GET /v1/status, /v1/peers, /v1/services (and POST), /v1/services/local, DELETE /v1/services/{id}, /healthz and /metrics".to_owned(),
         field: None,
     }
 }

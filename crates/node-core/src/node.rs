@@ -176,6 +176,11 @@ impl Node {
         metrics.set_reachability(swarm.behaviour().nat.reachability().as_str());
 
         let mut listeners = HashMap::new();
+        if self.config.listen.is_empty() {
+            tracing::warn!(
+                "listen is empty: this node dials out but no peer can dial it (unless a relay reservation gives it an address)"
+            );
+        }
         for addr in &self.config.listen {
             ensure_tcp_port_free(addr).map_err(&fail)?;
             let id = swarm.listen_on(addr.clone()).map_err(|e| {
