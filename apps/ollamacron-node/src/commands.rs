@@ -453,6 +453,11 @@ pub(crate) async fn services(api: &ApiClient, command: ServicesCommand) -> anyho
             if service.id.is_empty() {
                 service.id.clone_from(&service.name);
             }
+            let replacing = api
+                .call("GET", "/v1/services/local", None)
+                .await?
+                .as_array()
+                .is_some_and(|local| local.iter().any(|s| s["id"] == service.id.as_str()));
             let stored = api
                 .call(
                     "POST",
@@ -466,7 +471,8 @@ pub(crate) async fn services(api: &ApiClient, command: ServicesCommand) -> anyho
             #[allow(clippy::print_stdout)]
             {
                 println!(
-                    "registered {} ({}) on this node; peers see it within seconds",
+                    "{} {} ({}) on this node; peers see it within seconds",
+                    if replacing { "replaced" } else { "registered" },
                     text(&stored["id"]),
                     text(&stored["type"])
                 );

@@ -361,6 +361,30 @@ fn a_service_registered_through_the_cli_is_found_from_another_node() {
         "{}",
         text(&out.stdout)
     );
+    // The same name again replaces it, and says so.
+    let again = node(
+        &[
+            "services",
+            "register",
+            "--api-listen",
+            &api_a,
+            "--name",
+            "llama3:8b",
+            "--type",
+            "llm",
+            "--tag",
+            "gpu",
+            "--capability",
+            "tools",
+        ],
+        dir_a.path(),
+    );
+    assert!(again.status.success(), "{}", text(&again.stderr));
+    assert!(
+        text(&again.stdout).contains("replaced llama3:8b"),
+        "{}",
+        text(&again.stdout)
+    );
     let listed = node(&["services", "list", "--api-listen", &api_a], dir_a.path());
     assert!(
         text(&listed.stdout).contains("llama3:8b"),
