@@ -338,23 +338,26 @@ fn a_service_registered_through_the_cli_is_found_from_another_node() {
     );
     b.wait_for_line("node running");
 
-    let out = node(
-        &[
-            "services",
-            "register",
-            "--api-listen",
-            &api_a,
-            "--name",
-            "llama3:8b",
-            "--type",
-            "llm",
-            "--tag",
-            "gpu",
-            "--capability",
-            "tools",
-        ],
-        dir_a.path(),
-    );
+    let register = || {
+        node(
+            &[
+                "services",
+                "register",
+                "--api-listen",
+                &api_a,
+                "--name",
+                "llama3:8b",
+                "--type",
+                "llm",
+                "--tag",
+                "gpu",
+                "--capability",
+                "tools",
+            ],
+            dir_a.path(),
+        )
+    };
+    let out = register();
     assert!(out.status.success(), "{}", text(&out.stderr));
     assert!(
         text(&out.stdout).contains("registered llama3:8b"),
@@ -362,23 +365,7 @@ fn a_service_registered_through_the_cli_is_found_from_another_node() {
         text(&out.stdout)
     );
     // The same name again replaces it, and says so.
-    let again = node(
-        &[
-            "services",
-            "register",
-            "--api-listen",
-            &api_a,
-            "--name",
-            "llama3:8b",
-            "--type",
-            "llm",
-            "--tag",
-            "gpu",
-            "--capability",
-            "tools",
-        ],
-        dir_a.path(),
-    );
+    let again = register();
     assert!(again.status.success(), "{}", text(&again.stderr));
     assert!(
         text(&again.stdout).contains("replaced llama3:8b"),
