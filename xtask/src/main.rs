@@ -77,8 +77,20 @@ fn main() -> ExitCode {
     }
 }
 
+/// Whether this runs in CI (`CI=true`, as `.ci/run` is started there).
+pub(crate) fn in_ci() -> bool {
+    std::env::var("CI").is_ok_and(|v| v == "true")
+}
+
 fn cargo() -> Command {
-    Command::new(std::env::var_os("CARGO").unwrap_or_else(|| "cargo".into()))
+    let mut command = Command::new(std::env::var_os("CARGO").unwrap_or_else(|| "cargo".into()));
+    if in_ci() {
+        // A CI run builds once from a fresh clone: incremental state would
+        // only cost time and disk (and every build must agree on it, or
+        // the workspace is compiled twice).
+        command.env("CARGO_INCREMENTAL", "0");
+    }
+    command
 }
 
 /// One CI step: a name and the command that performs it.
@@ -90,11 +102,6 @@ struct Step {
 fn step(name: &'static str, args: &[&str]) -> Step {
     let mut command = cargo();
     command.args(args);
-    if std::env::var_os("CI").is_some() {
-        // A CI run builds once from a fresh clone: incremental state would
-        // only cost time and disk.
-        command.env("CARGO_INCREMENTAL", "0");
-    }
     Step { name, command }
 }
 
@@ -271,14 +278,16 @@ fn build_node_in(profile_dir: &str, profile_args: &[&str]) -> anyhow::Result<std
 }
 
 fn target_dir() -> std::path::PathBuf {
-    std::env::var_os("CARGO_TARGET_DIR").map_or_else(
-        || {
-            std::path::PathBuf::from(env!("CARGO_MANIFEST_DIR"))
-                .join("..")
-                .join("target")
-        },
-        std::path::PathBuf::from,
-    )
+    std::env::var_os("CARGO_TARGET_DIR")
+        .or_else(|| std::env::var_os("CARGO_BUILD_TARGET_DIR"))
+        .map_or_else(
+            || {
+                std::path::PathBuf::from(env!("CARGO_MANIFEST_DIR"))
+                    .join("..")
+                    .join("target")
+            },
+            std::path::PathBuf::from,
+        )
 }
 
 /// Build the release binary; its path.

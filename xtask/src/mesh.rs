@@ -194,6 +194,25 @@ fn ms(d: Duration) -> f64 {
 }
 
 /// Start one node; wait until it logs "node running".
+/// Why the harness keeps `key` to itself, if it does.
+fn reserved_setting(key: &str) -> Option<&'static str> {
+    match key.replace('-', "_").as_str() {
+        "listen" | "bootstrap" | "api_listen" | "enable_api" | "data_dir" => {
+            Some("the harness sets the addresses and directories of every node")
+        }
+        "log_level" | "log_format" | "enable_logging" => {
+            Some("the harness reads each node's text log (use MESH_LOG=<filter> for more of it)")
+        }
+        "enable_mdns" => Some("mDNS stays off: the mesh runs on this machine's loopback only"),
+        "enable_ollama" | "enable_gateway" | "gateway_listen" => {
+            Some("the mesh measures discovery and lookups, not Ollama or the gateway")
+        }
+        "record_ttl" | "record_refresh_interval" => Some("use --record-ttl"),
+        "enable_pubsub" => Some("use --pubsub"),
+        _ => None,
+    }
+}
+
 fn start_node(
     binary: &Path,
     root: &Path,
@@ -206,7 +225,12 @@ fn start_node(
     std::fs::create_dir_all(&dir)?;
     // MESH_LOG=<filter> keeps each node's log, at that level, in
     // target/mesh/logs/node-<index>.log.
-    let log_level = std::env::var("MESH_LOG").unwrap_or_else(|_| "info".to_owned());
+    // The harness reads the node's own info lines (its addresses and
+    // Running), so those stay on whatever the filter says elsewhere.
+    let log_level = std::env::var("MESH_LOG").map_or_else(
+        |_| "info".to_owned(),
+        |filter| format!("ollamacron_node_core=info,{filter}"),
+    );
     let mut log_file = match std::env::var_os("MESH_LOG") {
         Some(_) => {
             let dir = crate::target_dir().join("mesh").join("logs");
@@ -317,6 +341,12 @@ pub(crate) fn mesh(binary: &Path, args: &MeshArgs) -> anyhow::Result<()> {
         nodes: Vec::new(),
         root: root.clone(),
     };
+    for setting in &args.settings {
+        let key = setting.split_once('=').map_or(setting.as_str(), |(k, _)| k);
+        if let Some(why) = reserved_setting(key) {
+            bail!("--set {setting}: {why}");
+        }
+    }
     let mut settings = args.settings.clone();
     if args.pubsub {
         settings.push("enable_pubsub=true".to_owned());
@@ -500,6 +530,7 @@ pub(crate) fn mesh(binary: &Path, args: &MeshArgs) -> anyhow::Result<()> {
         "nodes": args.nodes,
         "services_per_node": args.services_per_node,
         "pubsub": args.pubsub,
+        "settings": args.settings,
         "topology": format!("{:?}", args.topology).to_lowercase(),
         "record_ttl": ttl,
         "convergence_ms": ms(convergence),

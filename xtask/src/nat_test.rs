@@ -97,7 +97,7 @@ pub(crate) fn nat_test(binary: &Path, args: &NatTestArgs) -> anyhow::Result<()> 
         let bar = "!".repeat(78);
         let message =
             format!("SKIPPED nat-test: {reason}. NAT traversal is NOT tested on this machine.");
-        if std::env::var("CI").is_ok_and(|v| v == "true") {
+        if crate::in_ci() {
             bail!("{message} (CI=true requires it)");
         }
         eprintln!("\n{bar}\n{message}\n{bar}\n");

@@ -44,6 +44,19 @@ impl ApiClient {
         path_and_query: &str,
         body: Option<serde_json::Value>,
     ) -> anyhow::Result<serde_json::Value> {
+        self.call_with_status(method, path_and_query, body)
+            .await
+            .map(|(_, json)| json)
+    }
+
+    /// [`call`](Self::call), with the status of a 2xx answer (201 for a
+    /// new service, 200 for a replaced one).
+    pub(crate) async fn call_with_status(
+        &self,
+        method: &str,
+        path_and_query: &str,
+        body: Option<serde_json::Value>,
+    ) -> anyhow::Result<(hyper::StatusCode, serde_json::Value)> {
         let url = format!("http://{}{path_and_query}", self.addr);
         let mut request = hyper::Request::builder()
             .method(method)
@@ -84,9 +97,10 @@ impl ApiClient {
             .to_bytes();
         if status.is_success() {
             if bytes.is_empty() {
-                return Ok(serde_json::Value::Null);
+                return Ok((status, serde_json::Value::Null));
             }
-            return serde_json::from_slice(&bytes).context("the node's answer is not JSON");
+            let json = serde_json::from_slice(&bytes).context("the node's answer is not JSON")?;
+            return Ok((status, json));
         }
         let body: serde_json::Value = serde_json::from_slice(&bytes).unwrap_or_default();
         Err(ApiRefusal {

@@ -453,18 +453,15 @@ pub(crate) async fn services(api: &ApiClient, command: ServicesCommand) -> anyho
             if service.id.is_empty() {
                 service.id.clone_from(&service.name);
             }
-            let replacing = api
-                .call("GET", "/v1/services/local", None)
-                .await?
-                .as_array()
-                .is_some_and(|local| local.iter().any(|s| s["id"] == service.id.as_str()));
-            let stored = api
-                .call(
+            let (status, stored) = api
+                .call_with_status(
                     "POST",
                     "/v1/services",
                     Some(serde_json::to_value(&service)?),
                 )
                 .await?;
+            // The API answers 201 for a new service, 200 for a replaced one.
+            let replacing = status == hyper::StatusCode::OK;
             if output.json {
                 return print_json(&stored);
             }

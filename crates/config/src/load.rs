@@ -209,10 +209,12 @@ impl ConfigLoader {
             };
             for (key, value) in parse_file(&origin, &text)? {
                 check_known(&defaults, &key, &origin, |k| k.to_owned())?;
-                // `listen: /ip4/…` means a list of that one address.
+                // `listen: /ip4/…` is a list of that one address (and
+                // `a, b` of two, as in the environment); `services` holds
+                // mappings, so text there stays an error about its type.
                 let value = match (defaults.get(key.as_str()), value) {
-                    (Some(Value::Sequence(_)), Value::String(one)) => {
-                        Value::Sequence(vec![Value::String(one)])
+                    (Some(Value::Sequence(_)), Value::String(text)) if key != "services" => {
+                        raw_value(&defaults, &key, &text)
                     }
                     (_, value) => value,
                 };
@@ -278,7 +280,11 @@ impl ConfigLoader {
             let value = (field == top).then(|| merged.get(top.as_str())).flatten();
             ConfigError::InvalidValue {
                 origin: origins.get(&top).cloned().unwrap_or(Origin::Default),
-                message: plain_message(&e.into_inner().to_string(), value),
+                message: plain_message(
+                    &e.into_inner().to_string(),
+                    value,
+                    defaults.get(top.as_str()),
+                ),
                 field,
             }
         })
@@ -340,30 +346,41 @@ fn parse_file(origin: &Origin, text: &str) -> Result<Vec<(String, Value)>, Confi
 
 /// Serde's wording in the words of the config file: "a list", not "a
 /// sequence"; "a whole number", not "u32"; an address that does not parse
-/// is shown with an example of one that does.
-fn plain_message(message: &str, value: Option<&Value>) -> String {
+/// is shown with the field's default as an example of one that does.
+fn plain_message(message: &str, value: Option<&Value>, default: Option<&Value>) -> String {
     if message.contains("invalid socket address syntax") {
         let shown = match value {
             Some(Value::String(s)) => format!("{s:?}"),
             _ => "the value".to_owned(),
         };
-        return format!("{shown} is not an IP address and port (write e.g. 127.0.0.1:11437)");
-    }
-    if let Some((found, expected)) = message
-        .strip_prefix("invalid type: ")
-        .and_then(|rest| rest.split_once(", expected "))
-    {
-        let expected = match expected {
-            "u8" | "u16" | "u32" | "u64" | "usize" => "a whole number (0 or more)",
-            "i8" | "i16" | "i32" | "i64" | "isize" => "a whole number",
-            "f32" | "f64" => "a number",
-            "a boolean" => "true or false",
-            "a sequence" => "a list",
-            other => other,
+        let example = match default {
+            Some(Value::String(s)) => s.clone(),
+            _ => "127.0.0.1:11437".to_owned(),
         };
-        return format!("expected {expected}, found {found}");
+        return format!("{shown} is not an IP address and port (write e.g. {example})");
     }
-    message.replace("a sequence", "a list")
+    let parts = message
+        .strip_prefix("invalid type: ")
+        .or_else(|| message.strip_prefix("invalid value: "))
+        .and_then(|rest| rest.rsplit_once(", expected "));
+    let Some((found, expected)) = parts else {
+        return message.replace("a sequence", "a list");
+    };
+    let expected = match expected {
+        "u8" | "u16" | "u32" | "u64" | "usize" => "a whole number (0 or more)",
+        "i8" | "i16" | "i32" | "i64" | "isize" => "a whole number",
+        "f32" | "f64" => "a number",
+        "a boolean" => "true or false",
+        "a sequence" => "a list",
+        other => other,
+    };
+    let found = match found {
+        "sequence" => "a list".to_owned(),
+        "map" => "a mapping".to_owned(),
+        "unit value" => "nothing".to_owned(),
+        other => other.replace('`', ""),
+    };
+    format!("expected {expected}, found {found}")
 }
 
 fn kind(value: &Value) -> &'static str {

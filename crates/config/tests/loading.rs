@@ -518,6 +518,16 @@ fn type_errors_are_worded_for_people() {
     assert!(m.contains("expected true or false"), "{m}");
     let m = load_yaml("bootstrap: {a: 1}\n").unwrap_err().to_string();
     assert!(m.contains("a list") && !m.contains("sequence"), "{m}");
+    let m = load_yaml("conn_mgr_low: [1]\n").unwrap_err().to_string();
+    assert!(m.contains("found a list"), "{m}");
+    let m = load_yaml("conn_mgr_low: -1\n").unwrap_err().to_string();
+    assert!(
+        m.contains("expected a whole number") && !m.contains("u32"),
+        "{m}"
+    );
+    // The example is the field's own default.
+    let m = message(ConfigLoader::new().set("gateway_listen", "localhost"));
+    assert!(m.contains("127.0.0.1:11435"), "{m}");
 }
 
 #[test]
@@ -525,6 +535,16 @@ fn a_single_value_is_a_list_of_one() {
     let config = load_yaml("listen: /ip4/127.0.0.1/tcp/4001\n").unwrap();
     assert_eq!(config.listen.len(), 1);
     assert_eq!(config.listen[0].to_string(), "/ip4/127.0.0.1/tcp/4001");
+    let config = load_yaml("tags: gpu, fast\n").unwrap();
+    assert_eq!(config.tags, vec!["gpu".to_owned(), "fast".to_owned()]);
+    let config = load_yaml("bootstrap: \"\"\n").unwrap();
+    assert!(config.bootstrap.is_empty());
+    // A service is a mapping: text there is refused as such.
+    let m = load_yaml("services: llama3\n").unwrap_err().to_string();
+    assert!(
+        m.contains("services") && m.contains("expected a list"),
+        "{m}"
+    );
 }
 
 /// The top-level keys of a config serialised as YAML, in order.

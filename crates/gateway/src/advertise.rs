@@ -109,11 +109,13 @@ impl OllamaAdvertiser {
         &self.advertised
     }
 
-    /// Bring the node's services in line with `state`. Only services that
-    /// changed are registered again (each change re-signs the record).
+    /// Bring the node's services in line with `state`: the services that
+    /// changed and those that went away, as one signed record. A model the
+    /// node refuses (it would break the record limits) is logged and left
+    /// out; the others are advertised.
     ///
     /// # Errors
-    /// The node refused a service (it breaks the record limits) or stopped.
+    /// [`NodeError::NotRunning`] once the node has stopped.
     pub async fn apply(&mut self, state: &OllamaState) -> Result<(), NodeError> {
         let wanted: BTreeMap<String, ServiceInfo> = match state {
             OllamaState::Unknown => return Ok(()),
@@ -168,7 +170,11 @@ impl OllamaAdvertiser {
                 // One model that does not fit the record limits must not
                 // keep the others from being advertised.
                 Some((_, e)) => {
-                    tracing::warn!(model = %service.name, error = %e, "cannot advertise an Ollama model");
+                    let field = match e {
+                        NodeError::Service { field, .. } => *field,
+                        _ => None,
+                    };
+                    tracing::warn!(model = %service.name, error = %e, field = ?field, "cannot advertise an Ollama model");
                 }
                 None => {
                     self.advertised.insert(service.id.clone(), service);

@@ -103,7 +103,7 @@ async fn unsupported(uri: Uri) -> Response {
             format!(
                 "the Ollamacron gateway serves the mesh's models but does not manage them: \
                  {path} goes to a node's own Ollama (for example OLLAMA_HOST=127.0.0.1:11434 ollama pull <model>), \
-                 and the mesh advertises the result within seconds"
+                 and the mesh advertises the result within ollama_poll_interval (30 s by default)"
             ),
         );
     }
@@ -120,17 +120,25 @@ async fn method_not_allowed(method: axum::http::Method, uri: Uri) -> Response {
     )
 }
 
-/// The newest Ollama version the mesh's models advertise (`0.0.0` while
-/// none is known), and this gateway's own version beside it.
+/// Longest `/api/version` waits for the mesh's models; clients use it as
+/// a quick liveness check.
+const VERSION_LOOKUP_TIMEOUT: Duration = Duration::from_secs(1);
+
+/// The oldest Ollama version among the mesh's models (any of them may
+/// serve a request, so a client must not count on more; `0.0.0` while none
+/// is known), and this gateway's own version beside it.
 async fn version(State(gateway): State<Gateway>) -> Response {
-    let newest = gateway
-        .models()
+    let models = tokio::time::timeout(VERSION_LOOKUP_TIMEOUT, gateway.models())
         .await
+        .unwrap_or_default();
+    let oldest = models
         .iter()
-        .filter_map(|s| s.service.metadata.get("ollama_version").cloned())
-        .max_by(|a, b| version_parts(a).cmp(&version_parts(b)));
+        .filter_map(|s| s.service.metadata.get("ollama_version"))
+        .filter(|v| !v.is_empty())
+        .min_by(|a, b| version_parts(a).cmp(&version_parts(b)))
+        .cloned();
     axum::Json(json!({
-        "version": newest.unwrap_or_else(|| "0.0.0".to_owned()),
+        "version": oldest.unwrap_or_else(|| "0.0.0".to_owned()),
         "ollamacron": env!("CARGO_PKG_VERSION"),
     }))
     .into_response()

@@ -783,7 +783,8 @@ impl NodeHandle {
     /// Stop offering the services with the ids in `remove`, then offer each
     /// of `add` (replacing the one with the same id), and sign and publish
     /// one record for all of it: changing N services costs one publication,
-    /// not N. Each service of `add` is checked on its own, as
+    /// not N (an id in both lists is simply replaced). Each service of `add`
+    /// is checked on its own, as
     /// [`register_service`](Self::register_service) checks it; one that
     /// would make the record invalid is left out and returned with its id
     /// and the reason, and the others still apply.

@@ -424,7 +424,8 @@ impl SwarmTask {
         remove: &[String],
     ) -> Vec<(String, NodeError)> {
         let mut changed = false;
-        for id in remove {
+        // An id in both lists is replaced (one update), not removed and added.
+        for id in remove.iter().filter(|id| !add.iter().any(|s| s.id == **id)) {
             if let Some(change) = self.registry.local.unregister(id) {
                 self.emit(change_event(change, true));
                 changed = true;
