@@ -59,7 +59,9 @@ fn main() -> ExitCode {
         Task::Convergence { nodes } => convergence(&nodes),
         Task::Mesh(args) => match &args.binary {
             Some(binary) => mesh::mesh(binary, &args),
-            None => build_node().and_then(|binary| mesh::mesh(&binary, &args)),
+            None => mesh::check_settings(&args)
+                .and_then(|()| build_node())
+                .and_then(|binary| mesh::mesh(&binary, &args)),
         },
         Task::Bench { gateway: false } => bench(),
         Task::Bench { gateway: true } => gateway_bench(),

@@ -194,6 +194,20 @@ fn ms(d: Duration) -> f64 {
 }
 
 /// Start one node; wait until it logs "node running".
+/// Refuse `--set` of a field the harness sets itself (before anything is
+/// built or started).
+pub(crate) fn check_settings(args: &MeshArgs) -> anyhow::Result<()> {
+    for setting in &args.settings {
+        let Some((key, _)) = setting.split_once('=') else {
+            bail!("--set {setting}: expected KEY=VALUE");
+        };
+        if let Some(why) = reserved_setting(key) {
+            bail!("--set {setting}: {why}");
+        }
+    }
+    Ok(())
+}
+
 /// Why the harness keeps `key` to itself, if it does.
 fn reserved_setting(key: &str) -> Option<&'static str> {
     match key.replace('-', "_").as_str() {
@@ -341,12 +355,7 @@ pub(crate) fn mesh(binary: &Path, args: &MeshArgs) -> anyhow::Result<()> {
         nodes: Vec::new(),
         root: root.clone(),
     };
-    for setting in &args.settings {
-        let key = setting.split_once('=').map_or(setting.as_str(), |(k, _)| k);
-        if let Some(why) = reserved_setting(key) {
-            bail!("--set {setting}: {why}");
-        }
-    }
+    check_settings(args)?;
     let mut settings = args.settings.clone();
     if args.pubsub {
         settings.push("enable_pubsub=true".to_owned());
