@@ -206,6 +206,29 @@ impl HttpResponse {
             Err(e) => panic!("not JSON ({e}): {self:?}"),
         }
     }
+
+    /// The message of a JSON error answer (`{"error": "…"}`), after checking
+    /// it came with `status` and a JSON content type.
+    ///
+    /// # Panics
+    /// If the status, the content type or the error is not what an error
+    /// answer has.
+    #[must_use]
+    pub fn error_message(&self, status: u16) -> String {
+        assert_eq!(self.status, status, "{self:?}");
+        assert!(
+            self.headers
+                .to_ascii_lowercase()
+                .contains("content-type: application/json"),
+            "{self:?}"
+        );
+        let body = self.json();
+        let message = body["error"]
+            .as_str()
+            .unwrap_or_else(|| panic!("no error in {body}"));
+        assert!(!message.is_empty(), "{body}");
+        message.to_owned()
+    }
 }
 
 /// One HTTP/1.1 request to `addr` (`Connection: close`), with an optional
