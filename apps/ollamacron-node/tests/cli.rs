@@ -498,53 +498,40 @@ fn init_psk_writes_a_private_key_and_a_node_without_it_is_refused_and_logged() {
 #[test]
 fn a_bad_ollama_address_is_a_configuration_error() {
     let dir = tempfile::tempdir().unwrap();
-    let out = Command::new(BIN)
-        .args([
-            "run",
-            "--no-mdns",
-            "--listen",
-            "/ip4/127.0.0.1/tcp/0",
-            "--api-listen",
-            "127.0.0.1:0",
-        ])
-        .args([
-            "--set",
-            "ollama_url=https://gpu-box:11434",
-            "--set",
-            "enable_gateway=false",
-        ])
-        .arg("--data-dir")
-        .arg(dir.path())
-        .env_remove("OLLAMACRON_CONFIG")
-        .env_remove("OLLAMA_HOST")
-        .output()
-        .unwrap();
-    assert_eq!(out.status.code(), Some(2), "{}", text(&out.stderr));
-    let err = text(&out.stderr);
+    // `run` on loopback with `ollama_url` or OLLAMA_HOST set: its stderr,
+    // once it has exited with the configuration-error code.
+    let refused = |ollama_url: Option<&str>, ollama_host: Option<&str>| {
+        let mut command = Command::new(BIN);
+        command
+            .args([
+                "run",
+                "--no-mdns",
+                "--listen",
+                "/ip4/127.0.0.1/tcp/0",
+                "--api-listen",
+                "127.0.0.1:0",
+                "--set",
+                "enable_gateway=false",
+            ])
+            .arg("--data-dir")
+            .arg(dir.path())
+            .env_remove("OLLAMACRON_CONFIG")
+            .env_remove("OLLAMA_HOST");
+        if let Some(url) = ollama_url {
+            command.args(["--set", &format!("ollama_url={url}")]);
+        }
+        if let Some(host) = ollama_host {
+            command.env("OLLAMA_HOST", host);
+        }
+        let out = command.output().unwrap();
+        assert_eq!(out.status.code(), Some(2), "{}", text(&out.stderr));
+        text(&out.stderr)
+    };
+    let err = refused(Some("https://gpu-box:11434"), None);
     assert!(
         err.contains("ollama_url") && err.contains("only http://"),
         "{err}"
     );
-    let out = Command::new(BIN)
-        .args([
-            "run",
-            "--no-mdns",
-            "--listen",
-            "/ip4/127.0.0.1/tcp/0",
-            "--api-listen",
-            "127.0.0.1:0",
-        ])
-        .arg("--data-dir")
-        .arg(dir.path())
-        .env_remove("OLLAMACRON_CONFIG")
-        .args(["--set", "enable_gateway=false"])
-        .env("OLLAMA_HOST", "gpu-box:99999")
-        .output()
-        .unwrap();
-    assert_eq!(out.status.code(), Some(2), "{}", text(&out.stderr));
-    assert!(
-        text(&out.stderr).contains("OLLAMA_HOST"),
-        "{}",
-        text(&out.stderr)
-    );
+    let err = refused(None, Some("gpu-box:99999"));
+    assert!(err.contains("OLLAMA_HOST"), "{err}");
 }
