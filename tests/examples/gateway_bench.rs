@@ -79,6 +79,7 @@ async fn gateway_on(
         GatewayConfig {
             max_attempts: 3,
             first_byte_timeout: Duration::from_secs(30),
+            max_request_bytes: 100 * 1024 * 1024,
         },
     );
     let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
@@ -120,6 +121,7 @@ async fn main() {
         ServeLimits {
             total: 8,
             per_peer: 8,
+            max_request_bytes: 100 * 1024 * 1024,
         },
         InferenceLoad::default(),
     ));

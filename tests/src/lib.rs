@@ -6,6 +6,7 @@
 
 pub mod kad_peer;
 pub mod ollama_standin;
+pub mod pool;
 pub mod probe;
 
 use std::time::Duration;

@@ -38,6 +38,57 @@ pub struct StandInModels {
     pub pacing: Option<Pacing>,
     /// Streamed answers whose client went away before the end.
     pub cancelled: usize,
+    /// Every POST body that arrived, in order.
+    pub bodies: Vec<ReceivedBody>,
+}
+
+/// A request body as the stand-in received it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ReceivedBody {
+    /// The path it was posted to.
+    pub path: String,
+    /// Its length in bytes.
+    pub length: usize,
+    /// Its SHA-256, hex.
+    pub sha256: String,
+}
+
+impl ReceivedBody {
+    /// What `body` posted to `path` is recorded as.
+    #[must_use]
+    pub fn of(path: &str, body: &[u8]) -> Self {
+        use sha2::Digest;
+        Self {
+            path: path.to_owned(),
+            length: body.len(),
+            sha256: sha2::Sha256::digest(body)
+                .iter()
+                .map(|b| format!("{b:02x}"))
+                .collect(),
+        }
+    }
+}
+
+/// Record each POST body, whole, before its handler sees it (bodies of any
+/// size are taken, as Ollama takes them).
+async fn record_body(
+    State(s): State<Shared>,
+    request: axum::extract::Request,
+    next: axum::middleware::Next,
+) -> Response {
+    if request.method() != axum::http::Method::POST {
+        return next.run(request).await;
+    }
+    let (parts, body) = request.into_parts();
+    let Ok(bytes) = axum::body::to_bytes(body, usize::MAX).await else {
+        return (StatusCode::BAD_REQUEST, "the body broke off").into_response();
+    };
+    s.lock()
+        .unwrap_or_else(std::sync::PoisonError::into_inner)
+        .bodies
+        .push(ReceivedBody::of(parts.uri.path(), &bytes));
+    next.run(axum::extract::Request::from_parts(parts, axum::body::Body::from(bytes)))
+        .await
 }
 
 /// How a stand-in paces a streamed answer.
@@ -390,6 +441,8 @@ fn spawn(listener: tokio::net::TcpListener, state: Shared) -> JoinHandle<()> {
         .route("/api/tags", get(tags))
         .route("/api/ps", get(ps))
         .route("/api/show", post(show))
+        .layer(axum::extract::DefaultBodyLimit::disable())
+        .layer(axum::middleware::from_fn_with_state(state.clone(), record_body))
         .with_state(state);
     tokio::spawn(async move {
         let _ = axum::serve(listener, app).await;

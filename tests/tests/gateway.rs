@@ -1,113 +1,19 @@
 //! The gateway across three nodes, each with its own stand-in Ollama: a
 //! request to A for a model only C has is served by C and streamed back
-//! chunk by chunk over `/ollamacron/infer/1.0.0`; `/api/tags` lists every
+//! chunk by chunk over `/ollamacron/infer/2.0.0`; `/api/tags` lists every
 //! model once; failover before the first byte; unknown models are 404.
 
 #![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)] // test code
 
-use std::net::SocketAddr;
 use std::time::Duration;
 
-use ollamacron_gateway::{
-    GatewayConfig, InferenceLoad, LocalOllama, OllamaAdvertiser, ServeLimits, router,
-    serve_inference,
-};
-use ollamacron_node_core::NodeHandle;
-use ollamacron_node_core::registry::ServiceQuery;
-use ollamacron_ollama::{OllamaClient, OllamaEndpoint, OllamaWatcher, WatchConfig};
-use ollamacron_tests::ollama_standin::{StandInModels, StandInOllama, TOKENS, tag};
-use ollamacron_tests::{TCP_ONLY, eventually, http_request, loopback_config, metric_value, start};
+use ollamacron_gateway::ServeLimits;
+use ollamacron_tests::ollama_standin::TOKENS;
+use ollamacron_tests::pool::{Member, member, member_with, models, sees, serve_gateway};
+use ollamacron_tests::{eventually, http_request, metric_value};
 
-const LIMITS: ServeLimits = ServeLimits {
-    total: 8,
-    per_peer: 8,
-};
-
-struct Member {
-    node: NodeHandle,
-    ollama: StandInOllama,
-    _watcher: OllamaWatcher,
-}
-
-async fn member(models: &[&str], bootstrap: Option<&str>) -> Member {
-    member_with(models, bootstrap, LIMITS).await
-}
-
-async fn member_with(models: &[&str], bootstrap: Option<&str>, limits: ServeLimits) -> Member {
-    let ollama = StandInOllama::start(StandInModels {
-        models: models
-            .iter()
-            .map(|m| tag(m, &format!("digest-{m}"), "llama"))
-            .collect(),
-        ..StandInModels::default()
-    })
-    .await;
-    let list = bootstrap.map(|b| format!("[{b}]"));
-    let mut overrides = vec![];
-    if let Some(list) = &list {
-        overrides.push(("bootstrap", list.as_str()));
-    }
-    let node = start(loopback_config(TCP_ONLY, &overrides)).await.unwrap();
-    let endpoint = OllamaEndpoint::parse(&ollama.addr().to_string()).unwrap();
-    let watcher = OllamaWatcher::spawn(
-        OllamaClient::new(endpoint.clone(), Duration::from_secs(2)),
-        WatchConfig {
-            interval: Duration::from_millis(200),
-            ..WatchConfig::default()
-        },
-    );
-    tokio::spawn(OllamaAdvertiser::new(node.clone()).run(watcher.subscribe()));
-    let local = LocalOllama::new(endpoint, Duration::from_secs(10));
-    tokio::spawn(serve_inference(
-        node.stream_control(),
-        local,
-        limits,
-        InferenceLoad::default(),
-    ));
-    Member {
-        node,
-        ollama,
-        _watcher: watcher,
-    }
-}
-
-async fn gateway(member: &Member) -> SocketAddr {
-    let local = LocalOllama::new(
-        OllamaEndpoint::parse(&member.ollama.addr().to_string()).unwrap(),
-        Duration::from_secs(10),
-    );
-    let app = router(
-        member.node.clone(),
-        Some(local),
-        GatewayConfig {
-            max_attempts: 3,
-            first_byte_timeout: Duration::from_secs(10),
-        },
-    );
-    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
-    let addr = listener.local_addr().unwrap();
-    tokio::spawn(async move { axum::serve(listener, app).await.unwrap() });
-    addr
-}
-
-async fn sees(node: &NodeHandle, models: &[&str]) {
-    let query = ServiceQuery {
-        service_type: Some("llm".into()),
-        ..ServiceQuery::default()
-    };
-    let wanted: Vec<String> = models.iter().map(ToString::to_string).collect();
-    eventually("every model in the mesh", || {
-        let (node, query, wanted) = (node.clone(), query.clone(), wanted.clone());
-        async move {
-            let found = node.find_services(query).await.ok()?;
-            wanted
-                .iter()
-                .all(|w| found.iter().any(|s| &s.service.name == w))
-                .then_some(())
-        }
-    })
-    .await
-    .unwrap();
+async fn gateway(member: &Member) -> std::net::SocketAddr {
+    serve_gateway(&member.node, Some(member.local()), &[]).await
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -248,7 +154,7 @@ async fn a_request_is_served_by_the_node_that_has_the_model_and_streamed_back() 
         let mut client = tokio::net::TcpStream::connect(gw).await.unwrap();
         let body = r#"{"model": "mistral:7b", "prompt": "think"}"#;
         let request = format!(
-            "POST /api/generate HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\nContent-Length: {}\r\n\r\n{body}",
+            "POST /api/generate HTTP/1.1\r\nHost: 127.0.0.1\r\nContent-Type: application/json\r\nContent-Length: {}\r\n\r\n{body}",
             body.len()
         );
         client.write_all(request.as_bytes()).await.unwrap();
@@ -340,8 +246,9 @@ async fn when_every_node_with_the_model_is_at_its_limit_the_client_gets_429() {
     let full = ServeLimits {
         total: 0,
         per_peer: 0,
+        ..ollamacron_tests::pool::SERVE_LIMITS
     };
-    let b = member_with(&["busy:1b"], Some(&a_addr), full).await;
+    let b = member_with(models(&["busy:1b"]), Some(&a_addr), full).await;
     sees(&a.node, &["busy:1b"]).await;
     let gw = gateway(&a).await;
     let response = http_request(

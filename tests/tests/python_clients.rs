@@ -10,21 +10,9 @@
 
 use std::path::{Path, PathBuf};
 use std::process::Command;
-use std::time::Duration;
 
-use ollamacron_gateway::{
-    GatewayConfig, InferenceLoad, LocalOllama, OllamaAdvertiser, ServeLimits, router,
-    serve_inference,
-};
-use ollamacron_node_core::registry::ServiceQuery;
-use ollamacron_ollama::{OllamaClient, OllamaEndpoint, OllamaWatcher, WatchConfig};
-use ollamacron_tests::ollama_standin::{StandInModels, StandInOllama, tag};
-use ollamacron_tests::{TCP_ONLY, eventually_found, loopback_config, start};
-
-const LIMITS: ServeLimits = ServeLimits {
-    total: 8,
-    per_peer: 8,
-};
+use ollamacron_tests::ollama_standin::{StandInModels, tag};
+use ollamacron_tests::pool::{SERVE_LIMITS, member, member_with, sees, serve_gateway};
 
 /// The client versions the test installs.
 const PACKAGES: [&str; 2] = ["ollama==0.6.3", "openai==3.57.0"];
@@ -84,54 +72,22 @@ async fn the_official_python_clients_work_against_the_gateway() {
     };
 
     // B serves the models from its stand-in Ollama; A only routes.
-    let ollama = StandInOllama::start(StandInModels {
-        models: vec![
-            tag("llama3:8b", "aaa", "llama"),
-            tag("nomic-embed-text:latest", "bbb", "nomic-bert"),
-        ],
-        ..StandInModels::default()
-    })
-    .await;
-    let a = start(loopback_config(TCP_ONLY, &[])).await.unwrap();
-    let bootstrap = format!("[{}]", a.dialable_addrs().await.unwrap().remove(0));
-    let b = start(loopback_config(
-        TCP_ONLY,
-        &[("bootstrap", bootstrap.as_str())],
-    ))
-    .await
-    .unwrap();
-    let endpoint = OllamaEndpoint::parse(&ollama.addr().to_string()).unwrap();
-    let watcher = OllamaWatcher::spawn(
-        OllamaClient::new(endpoint.clone(), Duration::from_secs(2)),
-        WatchConfig::default(),
-    );
-    tokio::spawn(OllamaAdvertiser::new(b.clone()).run(watcher.subscribe()));
-    tokio::spawn(serve_inference(
-        b.stream_control(),
-        LocalOllama::new(endpoint, Duration::from_secs(10)),
-        LIMITS,
-        InferenceLoad::default(),
-    ));
-    for kind in ["llm", "embedding"] {
-        let query = ServiceQuery {
-            service_type: Some(kind.to_owned()),
-            ..ServiceQuery::default()
-        };
-        eventually_found(&a, &query, "A to see B's models")
-            .await
-            .unwrap();
-    }
-    let app = router(
-        a.clone(),
-        None,
-        GatewayConfig {
-            max_attempts: 3,
-            first_byte_timeout: Duration::from_secs(10),
+    let a = member(&[], None).await;
+    let a_addr = a.bootstrap_addr().await;
+    let _b = member_with(
+        StandInModels {
+            models: vec![
+                tag("llama3:8b", "aaa", "llama"),
+                tag("nomic-embed-text:latest", "bbb", "nomic-bert"),
+            ],
+            ..StandInModels::default()
         },
-    );
-    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
-    let gateway = format!("http://{}", listener.local_addr().unwrap());
-    tokio::spawn(async move { axum::serve(listener, app).await.unwrap() });
+        Some(&a_addr),
+        SERVE_LIMITS,
+    )
+    .await;
+    sees(&a.node, &["llama3:8b", "nomic-embed-text:latest"]).await;
+    let gateway = format!("http://{}", serve_gateway(&a.node, None, &[]).await);
 
     let script = Path::new(env!("CARGO_MANIFEST_DIR")).join("python/clients.py");
     let out = tokio::process::Command::new(&python)

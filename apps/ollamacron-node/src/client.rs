@@ -8,7 +8,6 @@ use anyhow::Context;
 use bytes::Bytes;
 use http_body_util::{BodyExt, Full};
 use hyper_util::client::legacy::Client;
-use hyper_util::rt::TokioExecutor;
 
 /// Longest a CLI request to the local node may take (a lookup answers
 /// within the node's `lookup_timeout`, 5 s by default).
@@ -17,6 +16,8 @@ const REQUEST_TIMEOUT: Duration = Duration::from_secs(30);
 /// A running node's API at `api_listen`.
 pub(crate) struct ApiClient {
     addr: SocketAddr,
+    /// Sent as `Authorization: Bearer <key>` (the first of `api_keys`).
+    key: Option<String>,
     client: Client<hyper_util::client::legacy::connect::HttpConnector, Full<Bytes>>,
 }
 
@@ -29,10 +30,11 @@ pub(crate) struct ApiRefusal {
 }
 
 impl ApiClient {
-    pub(crate) fn new(addr: SocketAddr) -> Self {
+    pub(crate) fn new(addr: SocketAddr, key: Option<String>) -> Self {
         Self {
             addr,
-            client: Client::builder(TokioExecutor::new()).build_http(),
+            key,
+            client: ollamacron_node_core::http_server::http_client(),
         }
     }
 
@@ -62,6 +64,9 @@ impl ApiClient {
             .method(method)
             .uri(&url)
             .header("accept", "application/json");
+        if let Some(key) = &self.key {
+            request = request.header("authorization", format!("Bearer {key}"));
+        }
         let body = match body {
             Some(json) => {
                 request = request.header("content-type", "application/json");

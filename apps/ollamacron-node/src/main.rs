@@ -21,9 +21,10 @@ use anyhow::Context;
 use clap::{Args, Parser, Subcommand, ValueEnum};
 use ollamacron_config::{ConfigError, ConfigLoader, LogFormat, NodeConfig};
 use ollamacron_gateway::{
-    GatewayConfig, InferenceLoad, LocalOllama, OllamaAdvertiser, ServeLimits,
-    router as gateway_router, serve_inference,
+    GatewayConfig, GatewayServer, InferenceLoad, LocalOllama, OllamaAdvertiser, ServeLimits,
+    serve_inference,
 };
+use ollamacron_node_core::http_server::OLLAMA_ORIGINS_VAR;
 use ollamacron_node_core::{Node, NodeError, NodeState, load_or_create_identity};
 use ollamacron_ollama::{OllamaClient, OllamaEndpoint, OllamaWatcher, WatchConfig};
 use tracing_subscriber::EnvFilter;
@@ -255,7 +256,12 @@ where
         .enable_all()
         .build()
         .context("cannot start the async runtime")?;
-    runtime.block_on(command(client::ApiClient::new(config.api_listen)))
+    let key = config
+        .api_access_keys()
+        .map_err(|e| NodeError::Config(vec![e]))?
+        .into_iter()
+        .next();
+    runtime.block_on(command(client::ApiClient::new(config.api_listen, key)))
 }
 
 /// An error and its causes on one line, skipping causes whose text the
@@ -345,15 +351,9 @@ async fn serve(config: NodeConfig) -> anyhow::Result<()> {
     // start-up still stops the node gracefully.
     let signal = shutdown_signal()?;
     tokio::pin!(signal);
-    if !config.api_listen.ip().is_loopback() && config.enable_metrics {
-        tracing::warn!(api_listen = %config.api_listen, "the HTTP API listens beyond loopback");
-    }
     let ollama = ollama_client(&config)?;
     let gateway_listener = if config.enable_gateway {
         let addr = config.gateway_listen;
-        if !addr.ip().is_loopback() {
-            tracing::warn!(gateway_listen = %addr, "the gateway listens beyond loopback: anyone who reaches it can use the pool");
-        }
         Some(
             tokio::net::TcpListener::bind(addr)
                 .await
@@ -362,14 +362,9 @@ async fn serve(config: NodeConfig) -> anyhow::Result<()> {
     } else {
         None
     };
-    let gateway_config = GatewayConfig {
-        max_attempts: usize::try_from(config.gateway_failover_attempts).unwrap_or(usize::MAX),
-        first_byte_timeout: config.gateway_first_byte_timeout,
-    };
-    let serve_limits = ServeLimits {
-        total: usize::try_from(config.gateway_max_concurrent).unwrap_or(usize::MAX),
-        per_peer: usize::try_from(config.gateway_max_concurrent_per_peer).unwrap_or(usize::MAX),
-    };
+    let gateway_config = GatewayConfig::from_config(&config);
+    let serve_limits = ServeLimits::from_config(&config);
+    let gateway_settings = config.clone();
     let node = tokio::select! {
         node = Node::new(config).start() => node?,
         signal = &mut signal => {
@@ -403,15 +398,17 @@ async fn serve(config: NodeConfig) -> anyhow::Result<()> {
         });
     }
     if let Some(listener) = gateway_listener {
-        let app = gateway_router(node.clone(), local, gateway_config);
-        if let Ok(addr) = listener.local_addr() {
-            tracing::info!(%addr, "serving the Ollama-compatible gateway at http://{addr} (OLLAMA_HOST={addr})");
-        }
-        tokio::spawn(async move {
-            if let Err(e) = axum::serve(listener, app).await {
-                tracing::error!(error = %e, "the gateway stopped");
-            }
-        });
+        let origins = std::env::var(OLLAMA_ORIGINS_VAR).ok();
+        let gateway = GatewayServer::new(
+            listener,
+            node.clone(),
+            local,
+            &gateway_settings,
+            origins.as_deref(),
+        )?;
+        let addr = gateway.local_addr();
+        tracing::info!(%addr, "serving the Ollama-compatible gateway at http://{addr} (OLLAMA_HOST={addr})");
+        tokio::spawn(gateway.run());
     }
 
     tokio::select! {

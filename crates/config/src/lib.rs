@@ -1,5 +1,6 @@
 #![doc = include_str!("../README.md")]
 
+mod keys;
 mod load;
 mod network_key;
 mod service;
@@ -20,10 +21,10 @@ pub use service::{ScoreWeightsConfig, ServiceConfig};
 pub use size::{ByteSize, ByteSizeParseError};
 pub use template::{default_config_yaml, field_docs};
 pub use validate::{
-    MAX_CPU_CORES, MAX_DHT_VALUE_SIZE, MAX_DURATION, MAX_LABEL_BYTES, MAX_RECORD_COUNT_LIMIT,
-    MAX_RECORD_TTL, MAX_SHUTDOWN_TIMEOUT, MAX_TAGS, MIN_DHT_VALUE_SIZE, MIN_MAX_MEMORY,
-    MIN_PROBE_INTERVAL, MIN_RECORD_SIZE, MIN_RECORD_STRING_LENGTH, MIN_RECORD_TTL,
-    MIN_RELAY_CIRCUIT_BYTES, MIN_TIMER_INTERVAL, ValidationError,
+    MAX_CPU_CORES, MAX_DHT_VALUE_SIZE, MAX_DURATION, MAX_KEY_BYTES, MAX_LABEL_BYTES,
+    MAX_RECORD_COUNT_LIMIT, MAX_RECORD_TTL, MAX_SHUTDOWN_TIMEOUT, MAX_TAGS, MIN_DHT_VALUE_SIZE,
+    MIN_MAX_MEMORY, MIN_PROBE_INTERVAL, MIN_RECORD_SIZE, MIN_RECORD_STRING_LENGTH, MIN_RECORD_TTL,
+    MIN_RELAY_CIRCUIT_BYTES, MIN_REQUEST_BYTES, MIN_TIMER_INTERVAL, ValidationError,
 };
 
 /// The TCP and UDP port a node listens on by default.
@@ -204,6 +205,21 @@ pub struct NodeConfig {
     pub gateway_max_concurrent: u32,
     /// Most inference requests this node serves for one peer at once.
     pub gateway_max_concurrent_per_peer: u32,
+    /// Largest request body the gateway takes (and a serving node takes
+    /// from a peer); larger ones get a JSON 413.
+    pub gateway_max_request_bytes: ByteSize,
+    /// `Host` names the gateway answers besides loopback ones and its own
+    /// address (`*`: any). A page of another name is refused (DNS rebinding).
+    pub gateway_allowed_hosts: Vec<String>,
+    /// Browser origins the gateway answers besides pages on this machine
+    /// and desktop apps (Ollama's defaults) and `OLLAMA_ORIGINS`; `*` is a
+    /// wildcard (`https://*.example.com`).
+    pub gateway_allowed_origins: Vec<String>,
+    /// When not empty, every gateway request needs `Authorization: Bearer <key>`
+    /// with one of these keys.
+    pub gateway_api_keys: Vec<String>,
+    /// A file of further gateway keys, one per line (`#` comments).
+    pub gateway_api_key_file: Option<PathBuf>,
     /// Lifetime of this node's signed record: peers drop its services this
     /// long after the last refresh.
     #[serde(with = "duration")]
@@ -236,6 +252,30 @@ pub struct NodeConfig {
     pub enable_metrics: bool,
     /// Address of the local HTTP API (`/metrics`); loopback by default.
     pub api_listen: SocketAddr,
+    /// `Host` names the API answers besides loopback ones and its own
+    /// address (`*`: any).
+    pub api_allowed_hosts: Vec<String>,
+    /// Browser origins the API answers besides pages on this machine and
+    /// desktop apps.
+    pub api_allowed_origins: Vec<String>,
+    /// When not empty, every API request (but `/healthz`) needs
+    /// `Authorization: Bearer <key>` with one of these keys.
+    pub api_keys: Vec<String>,
+    /// A file of further API keys, one per line (`#` comments).
+    pub api_key_file: Option<PathBuf>,
+    /// The gateway and the API close a connection whose request headers
+    /// take longer than this from their first byte.
+    #[serde(with = "duration")]
+    pub http_header_read_timeout: Duration,
+    /// ... and a request whose body takes longer than this after its headers.
+    #[serde(with = "duration")]
+    pub http_body_read_timeout: Duration,
+    /// ... and a connection idle this long between requests (or before the first).
+    #[serde(with = "duration")]
+    pub http_idle_timeout: Duration,
+    /// Most connections each of the gateway and the API keeps open; one
+    /// more is answered 503.
+    pub http_max_connections: u32,
     /// Log span timings (span close events) along with events.
     pub enable_tracing: bool,
     /// Write logs to standard error.
@@ -319,6 +359,11 @@ impl Default for NodeConfig {
             gateway_first_byte_timeout: Duration::from_secs(300),
             gateway_max_concurrent: 32,
             gateway_max_concurrent_per_peer: 8,
+            gateway_max_request_bytes: ByteSize::from_mib(100),
+            gateway_allowed_hosts: Vec::new(),
+            gateway_allowed_origins: Vec::new(),
+            gateway_api_keys: Vec::new(),
+            gateway_api_key_file: None,
             record_ttl: Duration::from_secs(300),
             record_refresh_interval: Duration::from_secs(120),
             health_check_interval: Duration::from_secs(60),
@@ -331,6 +376,14 @@ impl Default for NodeConfig {
             score_weights: ScoreWeightsConfig::default(),
             enable_metrics: true,
             api_listen: SocketAddr::from((Ipv4Addr::LOCALHOST, DEFAULT_API_PORT)),
+            api_allowed_hosts: Vec::new(),
+            api_allowed_origins: Vec::new(),
+            api_keys: Vec::new(),
+            api_key_file: None,
+            http_header_read_timeout: Duration::from_secs(10),
+            http_body_read_timeout: Duration::from_secs(120),
+            http_idle_timeout: Duration::from_secs(60),
+            http_max_connections: 1024,
             enable_tracing: false,
             enable_logging: true,
             log_level: "info".to_owned(),

@@ -313,6 +313,31 @@ const FIELD_DOCS: &[(&str, &str, Option<&str>)] = &[
         None,
     ),
     (
+        "gateway_max_request_bytes",
+        "Largest request body the gateway takes, e.g. a chat with images (and a serving node from a peer); larger ones get a JSON 413.",
+        None,
+    ),
+    (
+        "gateway_allowed_hosts",
+        "Host names the gateway answers besides localhost, loopback addresses and its own address (any address when it listens on 0.0.0.0); * allows any. Others get 403, which stops DNS-rebinding pages.",
+        None,
+    ),
+    (
+        "gateway_allowed_origins",
+        "Browser origins the gateway answers besides pages on this machine (http(s)://localhost, 127.0.0.1, [::1], 0.0.0.0, any port) and app://, file://, tauri://, vscode-webview://, vscode-file:// (Ollama's defaults), plus OLLAMA_ORIGINS; * is a wildcard. Other origins get 403.",
+        None,
+    ),
+    (
+        "gateway_api_keys",
+        "When not empty, every gateway request needs Authorization: Bearer <key> with one of these (the openai clients send their api_key so). Set one before listening beyond loopback.",
+        None,
+    ),
+    (
+        "gateway_api_key_file",
+        "A file of further gateway keys, one per line; # starts a comment.",
+        Some("/etc/ollamacron/gateway.keys"),
+    ),
+    (
         "record_ttl",
         "Lifetime of this node's signed service record; peers drop its services this long after the last refresh (10s to 1h).",
         None,
@@ -370,6 +395,46 @@ const FIELD_DOCS: &[(&str, &str, Option<&str>)] = &[
     (
         "api_listen",
         "Address of the local HTTP API. Keep it on loopback unless you put it behind a proxy.",
+        None,
+    ),
+    (
+        "api_allowed_hosts",
+        "Host names the API answers besides localhost, loopback addresses and its own address; * allows any.",
+        None,
+    ),
+    (
+        "api_allowed_origins",
+        "Browser origins the API answers besides pages on this machine and desktop apps; * is a wildcard.",
+        None,
+    ),
+    (
+        "api_keys",
+        "When not empty, every API request but /healthz needs Authorization: Bearer <key> with one of these; the CLI sends the first. Set one before listening beyond loopback.",
+        None,
+    ),
+    (
+        "api_key_file",
+        "A file of further API keys, one per line; # starts a comment.",
+        Some("/etc/ollamacron/api.keys"),
+    ),
+    (
+        "http_header_read_timeout",
+        "The gateway and the API close a connection whose request headers take longer than this from their first byte.",
+        None,
+    ),
+    (
+        "http_body_read_timeout",
+        "The gateway and the API refuse a request whose whole body has not arrived this long after its headers.",
+        None,
+    ),
+    (
+        "http_idle_timeout",
+        "The gateway and the API close a connection idle this long before or between requests.",
+        None,
+    ),
+    (
+        "http_max_connections",
+        "Most connections each of the gateway and the API keeps open; one more gets 503.",
         None,
     ),
     ("enable_tracing", "Also log span timings.", None),

@@ -20,6 +20,22 @@ pub const MAX_CPU_CORES: u32 = 1024;
 pub const MIN_PROBE_INTERVAL: Duration = Duration::from_secs(1);
 /// Shortest accepted period of the discovery timers and dial timeout.
 pub const MIN_TIMER_INTERVAL: Duration = Duration::from_millis(100);
+/// Smallest accepted `gateway_max_request_bytes`.
+pub const MIN_REQUEST_BYTES: ByteSize = ByteSize::from_bytes(1024);
+/// Longest accepted API or gateway key, in bytes.
+pub const MAX_KEY_BYTES: usize = 512;
+
+/// A key fit to send as `Authorization: Bearer <key>`.
+pub(crate) fn check_key(key: &str) -> Result<(), String> {
+    if key.is_empty() || key.len() > MAX_KEY_BYTES {
+        return Err(format!("must be 1 to {MAX_KEY_BYTES} bytes long"));
+    }
+    if !key.bytes().all(|b| b.is_ascii_graphic()) {
+        return Err("must be printable ASCII without spaces".to_owned());
+    }
+    Ok(())
+}
+
 /// Smallest accepted `dht_max_value_size`.
 pub const MIN_DHT_VALUE_SIZE: ByteSize = ByteSize::from_bytes(1024);
 /// Largest accepted `dht_max_value_size`.
@@ -241,6 +257,21 @@ impl NodeConfig {
                 self.idle_connection_timeout,
                 MIN_PROBE_INTERVAL,
             ),
+            (
+                "http_header_read_timeout",
+                self.http_header_read_timeout,
+                MIN_TIMER_INTERVAL,
+            ),
+            (
+                "http_body_read_timeout",
+                self.http_body_read_timeout,
+                MIN_TIMER_INTERVAL,
+            ),
+            (
+                "http_idle_timeout",
+                self.http_idle_timeout,
+                MIN_TIMER_INTERVAL,
+            ),
         ] {
             let bound = if value < min {
                 Some(format!(
@@ -360,6 +391,7 @@ impl NodeConfig {
         for (name, value) in [
             ("gateway_failover_attempts", self.gateway_failover_attempts),
             ("gateway_max_concurrent", self.gateway_max_concurrent),
+            ("http_max_connections", self.http_max_connections),
             (
                 "gateway_max_concurrent_per_peer",
                 self.gateway_max_concurrent_per_peer,
@@ -434,6 +466,7 @@ impl NodeConfig {
         }
 
         self.validate_registry(&mut fail);
+        self.validate_http(&mut fail);
 
         if self.shutdown_timeout > MAX_SHUTDOWN_TIMEOUT {
             fail(
@@ -457,6 +490,57 @@ impl NodeConfig {
             Ok(())
         } else {
             Err(errors)
+        }
+    }
+
+    /// The gateway's and the API's request size, hosts, origins and keys.
+    fn validate_http(&self, fail: &mut impl FnMut(&str, &dyn fmt::Display, String)) {
+        if self.gateway_max_request_bytes < MIN_REQUEST_BYTES {
+            fail(
+                "gateway_max_request_bytes",
+                &self.gateway_max_request_bytes,
+                format!("must be at least {MIN_REQUEST_BYTES}"),
+            );
+        }
+        for (name, hosts) in [
+            ("gateway_allowed_hosts", &self.gateway_allowed_hosts),
+            ("api_allowed_hosts", &self.api_allowed_hosts),
+        ] {
+            for (i, host) in hosts.iter().enumerate() {
+                if host.is_empty() || host.contains(|c: char| c.is_whitespace() || c == '/') {
+                    fail(
+                        &format!("{name}[{i}]"),
+                        &format!("{host:?}"),
+                        "must be a host name or address without scheme or path (e.g. box.lan)"
+                            .to_owned(),
+                    );
+                }
+            }
+        }
+        for (name, origins) in [
+            ("gateway_allowed_origins", &self.gateway_allowed_origins),
+            ("api_allowed_origins", &self.api_allowed_origins),
+        ] {
+            for (i, origin) in origins.iter().enumerate() {
+                if origin.is_empty() || origin.contains(char::is_whitespace) {
+                    fail(
+                        &format!("{name}[{i}]"),
+                        &format!("{origin:?}"),
+                        "must be an origin such as https://app.example.com (* is a wildcard)"
+                            .to_owned(),
+                    );
+                }
+            }
+        }
+        for (name, keys) in [
+            ("gateway_api_keys", &self.gateway_api_keys),
+            ("api_keys", &self.api_keys),
+        ] {
+            for (i, key) in keys.iter().enumerate() {
+                if let Err(rule) = check_key(key) {
+                    fail(&format!("{name}[{i}]"), &"<hidden>", rule);
+                }
+            }
         }
     }
 }

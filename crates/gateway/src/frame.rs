@@ -1,19 +1,33 @@
-//! Frames of `/ollamacron/infer/1.0.0`: `kind: u8`, `length: u32` (big
-//! endian), `length` bytes. A request (the HTTP path and JSON body as the
-//! client sent them), then a head (status, content type), data chunks, and
-//! an end or error frame.
+//! Frames of the inference protocol: `kind: u8`, `length: u32` (big
+//! endian), `length` bytes.
+//!
+//! `/ollamacron/infer/2.0.0`: the asking node sends a request head (JSON
+//! [`InferRequestHead`]: the HTTP path and the body's length), the body in
+//! data frames of at most [`REQUEST_CHUNK_BYTES`], and an end frame; the
+//! serving node answers with a head (JSON [`InferHead`]: status, content
+//! type), data chunks, and an end or error frame.
+//!
+//! `/ollamacron/infer/1.0.0` (still served) has one request frame (JSON
+//! [`InferRequest`], the body inside it) instead of the head, data and end.
 
 use futures::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
 use serde::{Deserialize, Serialize};
 
-/// Largest frame payload: a request body or one response chunk.
+/// Largest frame payload: a piece of a request body or of an answer.
 pub const MAX_FRAME_BYTES: usize = 1024 * 1024;
+
+/// The size of the data frames an asking node cuts a request body into.
+pub const REQUEST_CHUNK_BYTES: usize = 256 * 1024;
+
+/// Payloads up to this size go out with their frame header in one write
+/// (one transport frame) rather than two.
+const COALESCE_BYTES: usize = 16 * 1024;
 
 /// What a frame carries.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 #[repr(u8)]
 pub enum FrameKind {
-    /// The request: JSON [`InferRequest`].
+    /// The whole request of version 1.0.0: JSON [`InferRequest`].
     Request = 1,
     /// The answer's status and content type: JSON [`InferHead`].
     Head = 2,
@@ -23,6 +37,9 @@ pub enum FrameKind {
     End = 4,
     /// The answer broke off: a UTF-8 reason.
     Error = 5,
+    /// The start of a request of version 2.0.0: JSON [`InferRequestHead`];
+    /// its body follows in data frames, closed by an end frame.
+    RequestHead = 6,
 }
 
 impl FrameKind {
@@ -33,12 +50,24 @@ impl FrameKind {
             3 => Self::Data,
             4 => Self::End,
             5 => Self::Error,
+            6 => Self::RequestHead,
             _ => return None,
         })
     }
 }
 
-/// A request forwarded to the serving node's Ollama.
+/// The start of a request (version 2.0.0): where it goes and how long its
+/// body is.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct InferRequestHead {
+    /// The HTTP path (`/api/chat`, `/v1/chat/completions`, …).
+    pub path: String,
+    /// The body's length in bytes, which its data frames add up to.
+    pub body_bytes: u64,
+}
+
+/// A whole request of version 1.0.0, forwarded to the serving node's
+/// Ollama.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct InferRequest {
     /// The HTTP path (`/api/chat`, `/v1/chat/completions`, …).
@@ -95,8 +124,15 @@ pub async fn write_frame<W: AsyncWrite + Unpin>(
     let mut header = [0u8; 5];
     header[0] = kind as u8;
     header[1..].copy_from_slice(&length.to_be_bytes());
-    io.write_all(&header).await?;
-    io.write_all(payload).await?;
+    if payload.len() <= COALESCE_BYTES {
+        let mut frame = Vec::with_capacity(header.len() + payload.len());
+        frame.extend_from_slice(&header);
+        frame.extend_from_slice(payload);
+        io.write_all(&frame).await?;
+    } else {
+        io.write_all(&header).await?;
+        io.write_all(payload).await?;
+    }
     io.flush().await?;
     Ok(())
 }
@@ -195,6 +231,7 @@ mod tests {
                 let _ = read_frame(&mut Cursor::new(bytes.clone())).await;
                 let _ = decode::<InferRequest>("request", &bytes);
                 let _ = decode::<InferHead>("head", &bytes);
+                let _ = decode::<InferRequestHead>("request head", &bytes);
             });
         }
     }

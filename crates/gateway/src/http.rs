@@ -15,18 +15,19 @@ use axum::routing::{get, post};
 use bytes::Bytes;
 use futures::StreamExt;
 use http_body_util::BodyExt;
+use ollamacron_node_core::config::NodeConfig;
 use ollamacron_node_core::libp2p::PeerId;
 use ollamacron_node_core::registry::{RankedService, ServiceQuery};
-use ollamacron_node_core::{NodeHandle, libp2p_stream};
+use ollamacron_node_core::{NodeError, NodeHandle, libp2p_stream};
 use serde_json::{Value, json};
 
-use crate::frame::{FrameKind, InferHead, InferRequest, decode, read_frame, write_frame};
+use crate::frame::{
+    FrameKind, InferHead, InferRequest, InferRequestHead, REQUEST_CHUNK_BYTES, decode, read_frame,
+    write_frame,
+};
 use crate::in_flight::{InFlight, InFlightGuard};
 use crate::metrics::{GatewayMetrics, ModelLabel, RequestLabels, ServedLabels};
-use crate::serve::{FORWARDED_PATHS, INFER_PROTOCOL, LocalOllama};
-
-/// Largest request body the gateway takes.
-pub const MAX_REQUEST_BYTES: usize = crate::frame::MAX_FRAME_BYTES;
+use crate::serve::{FORWARDED_PATHS, INFER_PROTOCOL, INFER_PROTOCOL_V1, LocalOllama};
 
 /// How the gateway behaves.
 #[derive(Debug, Clone)]
@@ -36,6 +37,75 @@ pub struct GatewayConfig {
     pub max_attempts: usize,
     /// Longest wait for a serving node's first answer.
     pub first_byte_timeout: Duration,
+    /// Largest request body taken (`gateway_max_request_bytes`).
+    pub max_request_bytes: u64,
+}
+
+impl GatewayConfig {
+    /// The settings of `config`: `gateway_failover_attempts`,
+    /// `gateway_first_byte_timeout`, `gateway_max_request_bytes`.
+    #[must_use]
+    pub fn from_config(config: &NodeConfig) -> Self {
+        Self {
+            max_attempts: usize::try_from(config.gateway_failover_attempts).unwrap_or(usize::MAX),
+            first_byte_timeout: config.gateway_first_byte_timeout,
+            max_request_bytes: config.gateway_max_request_bytes.bytes(),
+        }
+    }
+}
+
+/// The gateway bound to its address, behind its access rules, ready to
+/// serve: what the node binary runs.
+pub struct GatewayServer {
+    listener: tokio::net::TcpListener,
+    app: Router,
+    limits: ollamacron_http::HttpLimits,
+    addr: std::net::SocketAddr,
+}
+
+impl GatewayServer {
+    /// The gateway of `node` on `listener` with `config`'s settings
+    /// (`gateway_*`, `http_*`); `ollama_origins` is the value of
+    /// `OLLAMA_ORIGINS`, when set. Warns when it listens beyond loopback
+    /// without a key.
+    ///
+    /// # Errors
+    /// No local address, or `gateway_api_key_file` cannot be read.
+    pub fn new(
+        listener: tokio::net::TcpListener,
+        node: NodeHandle,
+        local: Option<LocalOllama>,
+        config: &NodeConfig,
+        ollama_origins: Option<&str>,
+    ) -> Result<Self, NodeError> {
+        let addr = listener
+            .local_addr()
+            .map_err(|source| NodeError::ApiListen {
+                addr: config.gateway_listen,
+                source,
+            })?;
+        let policy = ollamacron_node_core::gateway_access(config, addr, ollama_origins)?;
+        if policy.beyond_loopback() && !policy.requires_key() {
+            tracing::warn!(gateway_listen = %addr, "the gateway listens beyond loopback without a key: anyone who reaches it can use the pool; set gateway_api_keys");
+        }
+        Ok(Self {
+            listener,
+            app: policy.apply(router(node, local, GatewayConfig::from_config(config))),
+            limits: ollamacron_node_core::http_limits(config),
+            addr,
+        })
+    }
+
+    /// Where it listens.
+    #[must_use]
+    pub fn local_addr(&self) -> std::net::SocketAddr {
+        self.addr
+    }
+
+    /// Serve until the task is dropped.
+    pub async fn run(self) {
+        ollamacron_http::serve(self.listener, self.app, self.limits, std::future::pending()).await;
+    }
 }
 
 #[derive(Clone)]
@@ -75,7 +145,6 @@ pub fn router(node: NodeHandle, local: Option<LocalOllama>, config: GatewayConfi
     router
         .fallback(unsupported)
         .method_not_allowed_fallback(method_not_allowed)
-        .layer(axum::extract::DefaultBodyLimit::max(MAX_REQUEST_BYTES))
         .with_state(gateway)
 }
 
@@ -238,13 +307,105 @@ async fn openai_models(State(gateway): State<Gateway>) -> Response {
     axum::Json(json!({"object": "list", "data": data})).into_response()
 }
 
-async fn infer(State(gateway): State<Gateway>, uri: Uri, body: Bytes) -> Response {
-    let path = uri.path().to_owned();
-    let Ok(parsed) = serde_json::from_slice::<Value>(&body) else {
-        return error(StatusCode::BAD_REQUEST, "the body is not JSON");
+/// The one field of a request body the gateway reads; the rest (images
+/// and all) is skipped without being copied.
+#[derive(serde::Deserialize)]
+struct ModelField<'a> {
+    #[serde(borrow)]
+    model: Option<std::borrow::Cow<'a, str>>,
+}
+
+/// Most bytes read and dropped from a body over the limit, so the client
+/// is reading when the 413 comes (not writing into a closed socket).
+const OVERSIZE_DRAIN_BYTES: u64 = 64 * 1024 * 1024;
+
+/// The request body, whole, or the answer that refuses it: a JSON 413
+/// over `limit`, a JSON 408 when it does not arrive in time.
+async fn read_body(request: axum::extract::Request, limit: u64) -> Result<Bytes, Response> {
+    let too_large = |length: Option<u64>| {
+        let size = length.map_or_else(|| "over".to_owned(), |l| format!("{l} bytes,"));
+        let mut response = error(
+            StatusCode::PAYLOAD_TOO_LARGE,
+            format!(
+                "the request body is {size} over the gateway's limit of {limit} bytes (gateway_max_request_bytes)"
+            ),
+        );
+        response.headers_mut().insert(
+            header::CONNECTION,
+            axum::http::HeaderValue::from_static("close"),
+        );
+        response
     };
-    let Some(model) = parsed["model"].as_str().map(str::to_owned) else {
-        return error(StatusCode::BAD_REQUEST, "the body names no \"model\"");
+    let declared = request
+        .headers()
+        .get(header::CONTENT_LENGTH)
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.parse::<u64>().ok());
+    let expects_continue = request
+        .headers()
+        .get(header::EXPECT)
+        .is_some_and(|v| v.as_bytes().eq_ignore_ascii_case(b"100-continue"));
+    let mut body = request.into_body();
+    if declared.is_some_and(|l| l > limit) && expects_continue {
+        // The client waits for our word before sending: refuse at once.
+        return Err(too_large(declared));
+    }
+    let capacity = declared.map_or(0, |l| l.min(limit));
+    let mut collected = bytes::BytesMut::with_capacity(usize::try_from(capacity).unwrap_or(0));
+    let mut over = false;
+    let mut drained = 0u64;
+    while let Some(frame) = body.frame().await {
+        let frame = match frame {
+            Ok(f) => f,
+            Err(e) => {
+                return Err(if over {
+                    too_large(declared)
+                } else {
+                    error(
+                        StatusCode::REQUEST_TIMEOUT,
+                        format!("the request body could not be read: {e}"),
+                    )
+                });
+            }
+        };
+        let Ok(data) = frame.into_data() else {
+            continue;
+        };
+        let length = u64::try_from(data.len()).unwrap_or(u64::MAX);
+        if over || u64::try_from(collected.len()).unwrap_or(u64::MAX) + length > limit {
+            over = true;
+            collected = bytes::BytesMut::new();
+            drained = drained.saturating_add(length);
+            if drained > OVERSIZE_DRAIN_BYTES {
+                break;
+            }
+            continue;
+        }
+        collected.extend_from_slice(&data);
+    }
+    if over {
+        return Err(too_large(declared));
+    }
+    Ok(collected.freeze())
+}
+
+async fn infer(State(gateway): State<Gateway>, request: axum::extract::Request) -> Response {
+    let path = request.uri().path().to_owned();
+    let body = match read_body(request, gateway.config.max_request_bytes).await {
+        Ok(body) => body,
+        Err(refusal) => return refusal,
+    };
+    let model = match serde_json::from_slice::<ModelField<'_>>(&body) {
+        Ok(ModelField { model: Some(model) }) => model.into_owned(),
+        Ok(ModelField { model: None }) => {
+            return error(StatusCode::BAD_REQUEST, "the body names no \"model\"");
+        }
+        Err(e) => {
+            return error(
+                StatusCode::BAD_REQUEST,
+                format!("the body is not JSON: {e}"),
+            );
+        }
     };
     let mut candidates: Vec<RankedService> = gateway
         .models()
@@ -282,7 +443,6 @@ async fn infer(State(gateway): State<Gateway>, uri: Uri, body: Bytes) -> Respons
         count("none", "not_found");
         return error(StatusCode::NOT_FOUND, format!("model '{model}' not found"));
     }
-    let body = String::from_utf8_lossy(&body).into_owned();
     let mut last_failure = String::new();
     let (mut attempts, mut busy) = (0usize, 0usize);
     for candidate in candidates.iter().take(gateway.config.max_attempts) {
@@ -390,12 +550,12 @@ impl From<String> for Failure {
     }
 }
 
-async fn local_attempt(gateway: &Gateway, path: &str, body: String) -> Result<Response, Failure> {
+async fn local_attempt(gateway: &Gateway, path: &str, body: Bytes) -> Result<Response, Failure> {
     let local = gateway
         .local
         .as_ref()
         .ok_or_else(|| Failure::from("this node has no Ollama".to_owned()))?;
-    let forwarded = local.forward(path, body).await?;
+    let forwarded = local.forward_bytes(path, body).await?;
     if retryable(forwarded.status) {
         return Err(Failure {
             reason: format!("the local Ollama answered {}", forwarded.status),
@@ -432,34 +592,118 @@ fn streamed(status: u16, content_type: &str, body: Body) -> Response {
     response
 }
 
+/// Longest wait for a serving node's answer after sending the body failed
+/// (it may have answered early, with 413 or 429, and closed).
+const ANSWER_AFTER_SEND_FAILURE: Duration = Duration::from_secs(2);
+
+/// Send a request on a stream of [`INFER_PROTOCOL`] and read the answer's
+/// head, which may come before the whole body is sent (a refusal).
+async fn exchange(
+    stream: ollamacron_node_core::libp2p::Stream,
+    path: &str,
+    body: &Bytes,
+) -> Result<
+    (
+        futures::io::ReadHalf<ollamacron_node_core::libp2p::Stream>,
+        InferHead,
+    ),
+    String,
+> {
+    let (mut reader, mut writer) = futures::AsyncReadExt::split(stream);
+    let head = {
+        let send = async {
+            let head = InferRequestHead {
+                path: path.to_owned(),
+                body_bytes: u64::try_from(body.len()).unwrap_or(u64::MAX),
+            };
+            let head = serde_json::to_vec(&head).map_err(|e| e.to_string())?;
+            write_frame(&mut writer, FrameKind::RequestHead, &head)
+                .await
+                .map_err(|e| e.to_string())?;
+            for chunk in body.chunks(REQUEST_CHUNK_BYTES) {
+                write_frame(&mut writer, FrameKind::Data, chunk)
+                    .await
+                    .map_err(|e| e.to_string())?;
+            }
+            write_frame(&mut writer, FrameKind::End, &[])
+                .await
+                .map_err(|e| e.to_string())?;
+            Ok::<_, String>(())
+        };
+        let answer = read_answer_head(&mut reader);
+        tokio::pin!(send, answer);
+        tokio::select! {
+            head = &mut answer => head?,
+            sent = &mut send => match sent {
+                Ok(()) => answer.await?,
+                Err(e) => match tokio::time::timeout(ANSWER_AFTER_SEND_FAILURE, answer).await {
+                    Ok(Ok(head)) => head,
+                    _ => return Err(format!("sending the request failed: {e}")),
+                },
+            },
+        }
+    };
+    Ok((reader, head))
+}
+
+/// The same on a stream of [`INFER_PROTOCOL_V1`], for nodes that speak only
+/// it: the request in one frame, so only bodies that fit one.
+async fn exchange_v1(
+    mut stream: ollamacron_node_core::libp2p::Stream,
+    path: &str,
+    body: &Bytes,
+) -> Result<
+    (
+        futures::io::ReadHalf<ollamacron_node_core::libp2p::Stream>,
+        InferHead,
+    ),
+    String,
+> {
+    let request = InferRequest {
+        path: path.to_owned(),
+        body: String::from_utf8(body.to_vec())
+            .map_err(|_| "the body is not UTF-8, which infer/1.0.0 needs".to_owned())?,
+    };
+    let request = serde_json::to_vec(&request).map_err(|e| e.to_string())?;
+    write_frame(&mut stream, FrameKind::Request, &request)
+        .await
+        .map_err(|e| format!("the node speaks only infer/1.0.0: {e}"))?;
+    let (mut reader, _writer) = futures::AsyncReadExt::split(stream);
+    let head = read_answer_head(&mut reader).await?;
+    Ok((reader, head))
+}
+
+async fn read_answer_head<R: futures::AsyncRead + Unpin>(
+    reader: &mut R,
+) -> Result<InferHead, String> {
+    let (kind, payload) = read_frame(reader).await.map_err(|e| e.to_string())?;
+    if kind != FrameKind::Head {
+        return Err(format!(
+            "the serving node answered with a {kind:?} frame first"
+        ));
+    }
+    decode("head", &payload).map_err(|e| e.to_string())
+}
+
 async fn remote_attempt(
     gateway: &Gateway,
     peer: PeerId,
     path: &str,
-    body: String,
+    body: Bytes,
 ) -> Result<Response, Failure> {
     let mut control: libp2p_stream::Control = gateway.node.stream_control();
     let open = async {
-        let mut stream = control
-            .open_stream(peer, INFER_PROTOCOL)
-            .await
-            .map_err(|e| e.to_string())?;
-        let request = InferRequest {
-            path: path.to_owned(),
-            body,
-        };
-        let request = serde_json::to_vec(&request).map_err(|e| e.to_string())?;
-        write_frame(&mut stream, FrameKind::Request, &request)
-            .await
-            .map_err(|e| e.to_string())?;
-        let (kind, payload) = read_frame(&mut stream).await.map_err(|e| e.to_string())?;
-        if kind != FrameKind::Head {
-            return Err(format!(
-                "the serving node answered with a {kind:?} frame first"
-            ));
+        match control.open_stream(peer, INFER_PROTOCOL).await {
+            Ok(stream) => exchange(stream, path, &body).await,
+            Err(libp2p_stream::OpenStreamError::UnsupportedProtocol(_)) => {
+                let stream = control
+                    .open_stream(peer, INFER_PROTOCOL_V1)
+                    .await
+                    .map_err(|e| e.to_string())?;
+                exchange_v1(stream, path, &body).await
+            }
+            Err(e) => Err(e.to_string()),
         }
-        let head: InferHead = decode("head", &payload).map_err(|e| e.to_string())?;
-        Ok((stream, head))
     };
     let (stream, head) = tokio::time::timeout(gateway.config.first_byte_timeout, open)
         .await

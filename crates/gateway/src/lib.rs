@@ -8,8 +8,8 @@ mod metrics;
 mod serve;
 
 pub use advertise::{LOAD_REFRESH_INTERVAL, OllamaAdvertiser, SERVICE_ID_PREFIX, model_service};
-pub use http::{GatewayConfig, MAX_REQUEST_BYTES, router};
+pub use http::{GatewayConfig, GatewayServer, router};
 pub use serve::{
-    FORWARDED_PATHS, Forwarded, INFER_PROTOCOL, InferenceLoad, LocalOllama, ServeLimits,
-    serve_inference,
+    FORWARDED_PATHS, ForwardBody, Forwarded, INFER_PROTOCOL, INFER_PROTOCOL_V1, InferenceLoad,
+    LocalOllama, ServeLimits, serve_inference,
 };

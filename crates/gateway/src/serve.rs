@@ -1,26 +1,38 @@
-//! The serving side of `/ollamacron/infer/1.0.0`, and forwarding to the
-//! local Ollama (the only Ollama a node ever sends requests to).
+//! The serving side of the inference protocol (`/ollamacron/infer/2.0.0`,
+//! and 1.0.0 for older gateways), and forwarding to the local Ollama (the
+//! only Ollama a node ever sends requests to).
 
+use std::pin::Pin;
 use std::sync::Arc;
+use std::task::{Context, Poll};
 use std::time::Duration;
 
 use bytes::Bytes;
-use futures::StreamExt;
+use futures::io::{ReadHalf, WriteHalf};
+use futures::{AsyncReadExt, AsyncWrite, AsyncWriteExt, StreamExt};
+use http_body_util::combinators::BoxBody;
 use http_body_util::{BodyExt, Full};
-use hyper::body::Incoming;
+use hyper::body::{Frame, Incoming, SizeHint};
 use hyper_util::client::legacy::Client;
 use hyper_util::client::legacy::connect::HttpConnector;
-use hyper_util::rt::TokioExecutor;
-use ollamacron_node_core::libp2p::{PeerId, StreamProtocol};
+use ollamacron_node_core::libp2p::{PeerId, Stream, StreamProtocol};
 use ollamacron_node_core::libp2p_stream::Control;
 use ollamacron_ollama::OllamaEndpoint;
-use tokio::sync::Semaphore;
+use tokio::sync::{Semaphore, mpsc};
 
-use crate::frame::{FrameKind, InferHead, InferRequest, decode, read_frame, write_frame};
+use crate::frame::{
+    FrameKind, InferHead, InferRequest, InferRequestHead, decode, read_frame, write_frame,
+};
 use crate::in_flight::InFlight;
 
-/// The inference stream protocol.
-pub const INFER_PROTOCOL: StreamProtocol = StreamProtocol::new("/ollamacron/infer/1.0.0");
+/// The inference stream protocol: a request head, the body in frames, an
+/// end frame; then the answer (see [`frame`](crate::frame)).
+pub const INFER_PROTOCOL: StreamProtocol = StreamProtocol::new("/ollamacron/infer/2.0.0");
+
+/// The first version, whose request is one frame of at most 1 MiB; still
+/// served for gateways that speak only it, and used to ask nodes that do
+/// not speak [`INFER_PROTOCOL`].
+pub const INFER_PROTOCOL_V1: StreamProtocol = StreamProtocol::new("/ollamacron/infer/1.0.0");
 
 /// The paths a request may name: Ollama's and the OpenAI-compatible ones
 /// Ollama serves. Nothing else is forwarded.
@@ -35,14 +47,23 @@ pub const FORWARDED_PATHS: &[&str] = &[
     "/v1/embeddings",
 ];
 
-/// Longest wait for a peer's request frame.
+/// Longest wait for a peer's request head, and between two frames of its
+/// body.
 const REQUEST_READ_TIMEOUT: Duration = Duration::from_secs(10);
+
+/// Request body frames queued between the stream and Ollama: with
+/// [`REQUEST_CHUNK_BYTES`](crate::frame::REQUEST_CHUNK_BYTES) frames, at
+/// most this many quarter-MiB pieces of a body are held at once.
+const BODY_QUEUE_FRAMES: usize = 4;
+
+/// A request body on its way to Ollama.
+pub type ForwardBody = BoxBody<Bytes, std::io::Error>;
 
 /// Forwards requests to the local Ollama.
 #[derive(Debug, Clone)]
 pub struct LocalOllama {
     endpoint: OllamaEndpoint,
-    http: Client<HttpConnector, Full<Bytes>>,
+    http: Client<HttpConnector, ForwardBody>,
     first_byte_timeout: Duration,
 }
 
@@ -63,23 +84,40 @@ impl LocalOllama {
     pub fn new(endpoint: OllamaEndpoint, first_byte_timeout: Duration) -> Self {
         Self {
             endpoint,
-            http: Client::builder(TokioExecutor::new()).build_http(),
+            http: ollamacron_http::http_client(),
             first_byte_timeout,
         }
     }
 
-    /// POST `body` to `path` on the local Ollama.
+    /// POST `body` (all of it at hand) to `path` on the local Ollama.
     ///
     /// # Errors
-    /// A path not in [`FORWARDED_PATHS`], Ollama unreachable, or no answer
-    /// in time.
-    pub async fn forward(&self, path: &str, body: String) -> Result<Forwarded, String> {
+    /// As [`LocalOllama::forward`].
+    pub async fn forward_bytes(&self, path: &str, body: Bytes) -> Result<Forwarded, String> {
+        let length = u64::try_from(body.len()).unwrap_or(u64::MAX);
+        let body = Full::new(body).map_err(|never| match never {}).boxed();
+        self.forward(path, body, length).await
+    }
+
+    /// POST `body`, `body_bytes` long, to `path` on the local Ollama,
+    /// streaming it as it comes.
+    ///
+    /// # Errors
+    /// A path not in [`FORWARDED_PATHS`], Ollama unreachable, the body
+    /// broke off, or no answer in time.
+    pub async fn forward(
+        &self,
+        path: &str,
+        body: ForwardBody,
+        body_bytes: u64,
+    ) -> Result<Forwarded, String> {
         if !FORWARDED_PATHS.contains(&path) {
             return Err(format!("{path} is not forwarded"));
         }
         let request = hyper::Request::post(self.endpoint.url(path))
             .header("content-type", "application/json")
-            .body(Full::new(Bytes::from(body)))
+            .header("content-length", body_bytes)
+            .body(body)
             .map_err(|e| e.to_string())?;
         let response = tokio::time::timeout(self.first_byte_timeout, self.http.request(request))
             .await
@@ -131,58 +169,97 @@ impl Drop for LoadGuard {
     }
 }
 
-/// How many peers' requests a node serves at once.
+/// How many peers' requests a node serves at once, and how large.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct ServeLimits {
     /// In total.
     pub total: usize,
     /// From one peer.
     pub per_peer: usize,
+    /// Largest request body taken from a peer (`gateway_max_request_bytes`).
+    pub max_request_bytes: u64,
+}
+
+impl ServeLimits {
+    /// The settings of `config`: `gateway_max_concurrent`,
+    /// `gateway_max_concurrent_per_peer`, `gateway_max_request_bytes`.
+    #[must_use]
+    pub fn from_config(config: &ollamacron_node_core::config::NodeConfig) -> Self {
+        Self {
+            total: usize::try_from(config.gateway_max_concurrent).unwrap_or(usize::MAX),
+            per_peer: usize::try_from(config.gateway_max_concurrent_per_peer).unwrap_or(usize::MAX),
+            max_request_bytes: config.gateway_max_request_bytes.bytes(),
+        }
+    }
 }
 
 /// Serve inference requests from peers on `control` until it is dropped,
 /// within `limits` (more are refused at once with 429, so the asking
-/// gateway tries another node).
+/// gateway tries another node), on [`INFER_PROTOCOL`] and
+/// [`INFER_PROTOCOL_V1`].
 ///
 /// # Errors
-/// The protocol is already being accepted on this node.
+/// The protocols are already being accepted on this node.
 pub async fn serve_inference(
     mut control: Control,
     ollama: LocalOllama,
     limits: ServeLimits,
     load: InferenceLoad,
 ) -> Result<(), String> {
-    let mut incoming = control.accept(INFER_PROTOCOL).map_err(|e| e.to_string())?;
+    let current = control
+        .accept(INFER_PROTOCOL)
+        .map_err(|e| e.to_string())?
+        .map(|(peer, stream)| (peer, stream, Version::Two));
+    let first = control
+        .accept(INFER_PROTOCOL_V1)
+        .map_err(|e| e.to_string())?
+        .map(|(peer, stream)| (peer, stream, Version::One));
+    let mut incoming = futures::stream::select(current, first);
     let slots = Arc::new(Semaphore::new(limits.total));
     let in_flight: Arc<InFlight<PeerId>> = Arc::default();
-    while let Some((peer, stream)) = incoming.next().await {
+    while let Some((peer, stream, version)) = incoming.next().await {
         let ollama = ollama.clone();
         let permit = slots.clone().try_acquire_owned().ok();
         let slot = in_flight.try_start(&peer, limits.per_peer);
         let load = load.clone();
         tokio::spawn(async move {
-            let mut stream = stream;
+            let (reader, mut writer) = stream.split();
             if permit.is_none() || slot.is_none() {
                 tracing::debug!(%peer, "inference request refused: too many in flight");
-                let _ = answer_error(&mut stream, 429, "too many requests in flight on this node")
+                let _ = answer_error(&mut writer, 429, "too many requests in flight on this node")
                     .await;
             } else {
                 let _busy = load.enter();
-                if let Err(e) = serve_one(&mut stream, &ollama).await {
+                if let Err(e) = serve_one(
+                    reader,
+                    &mut writer,
+                    &ollama,
+                    version,
+                    limits.max_request_bytes,
+                )
+                .await
+                {
                     tracing::debug!(%peer, error = %e, "inference request ended with an error");
                 }
             }
             // Close, so what was written reaches the asker before the
             // stream goes (dropping it would reset it).
-            let _ = futures::AsyncWriteExt::close(&mut stream).await;
+            let _ = writer.close().await;
             drop((permit, slot));
         });
     }
     Ok(())
 }
 
-async fn answer_error(
-    stream: &mut ollamacron_node_core::libp2p::Stream,
+/// Which version of the protocol a stream speaks.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Version {
+    One,
+    Two,
+}
+
+async fn answer_error<W: AsyncWrite + Unpin>(
+    stream: &mut W,
     status: u16,
     message: &str,
 ) -> Result<(), String> {
@@ -201,52 +278,165 @@ async fn answer_error(
 }
 
 /// Write the head frame of an answer.
-async fn write_head(
-    stream: &mut ollamacron_node_core::libp2p::Stream,
-    head: &InferHead,
-) -> Result<(), String> {
+async fn write_head<W: AsyncWrite + Unpin>(stream: &mut W, head: &InferHead) -> Result<(), String> {
     let payload = serde_json::to_vec(head).map_err(|e| e.to_string())?;
     write_frame(stream, FrameKind::Head, &payload)
         .await
         .map_err(|e| e.to_string())
 }
 
-async fn serve_one(
-    stream: &mut ollamacron_node_core::libp2p::Stream,
-    ollama: &LocalOllama,
+/// A request body arriving over a channel, as frames come off the stream.
+struct ChannelBody {
+    rx: mpsc::Receiver<Result<Bytes, std::io::Error>>,
+    length: u64,
+}
+
+impl hyper::body::Body for ChannelBody {
+    type Data = Bytes;
+    type Error = std::io::Error;
+
+    fn poll_frame(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+    ) -> Poll<Option<Result<Frame<Bytes>, std::io::Error>>> {
+        self.rx
+            .poll_recv(cx)
+            .map(|next| next.map(|piece| piece.map(Frame::data)))
+    }
+
+    fn size_hint(&self) -> SizeHint {
+        SizeHint::with_exact(self.length)
+    }
+}
+
+/// Move a request body's data frames from the stream into `tx` until its
+/// end frame, checking they add up to `expected` bytes. When Ollama stops
+/// reading early the rest is still read off the stream (and dropped).
+async fn pump_body(
+    reader: &mut ReadHalf<Stream>,
+    tx: mpsc::Sender<Result<Bytes, std::io::Error>>,
+    expected: u64,
 ) -> Result<(), String> {
-    let (kind, payload) = tokio::time::timeout(REQUEST_READ_TIMEOUT, read_frame(stream))
+    let mut received = 0u64;
+    loop {
+        let (kind, data) = tokio::time::timeout(REQUEST_READ_TIMEOUT, read_frame(reader))
+            .await
+            .map_err(|_| format!("the request body stalled for {REQUEST_READ_TIMEOUT:?}"))?
+            .map_err(|e| format!("the request body broke off: {e}"))?;
+        match kind {
+            FrameKind::Data => {
+                received = received.saturating_add(u64::try_from(data.len()).unwrap_or(u64::MAX));
+                if received > expected {
+                    return Err(format!(
+                        "the request body is longer than the {expected} bytes announced"
+                    ));
+                }
+                // A closed channel: Ollama answered without reading it all.
+                let _ = tx.send(Ok(Bytes::from(data))).await;
+            }
+            FrameKind::End if received == expected => return Ok(()),
+            FrameKind::End => {
+                return Err(format!(
+                    "the request body ended after {received} of the {expected} bytes announced"
+                ));
+            }
+            other => return Err(format!("a {other:?} frame inside the request body")),
+        }
+    }
+}
+
+/// Completes when the asking node goes away (or sends anything after its
+/// request, which it never does): the reason.
+async fn asker_gone(reader: &mut ReadHalf<Stream>) -> String {
+    let mut probe = [0u8; 1];
+    match reader.read(&mut probe).await {
+        Ok(0) => "the asking node closed the stream".to_owned(),
+        Ok(_) => "the asking node sent more after its request".to_owned(),
+        Err(e) => format!("the asking node went away: {e}"),
+    }
+}
+
+async fn serve_one(
+    mut reader: ReadHalf<Stream>,
+    writer: &mut WriteHalf<Stream>,
+    ollama: &LocalOllama,
+    version: Version,
+    max_request_bytes: u64,
+) -> Result<(), String> {
+    let (kind, payload) = tokio::time::timeout(REQUEST_READ_TIMEOUT, read_frame(&mut reader))
         .await
         .map_err(|_| "no request in time".to_owned())?
         .map_err(|e| e.to_string())?;
-    if kind != FrameKind::Request {
-        return answer_error(stream, 400, "the first frame must be a request").await;
-    }
-    let request: InferRequest = match decode("request", &payload) {
-        Ok(r) => r,
-        Err(e) => return answer_error(stream, 400, &e.to_string()).await,
+    let (path, body, body_bytes, tx) = match (version, kind) {
+        (Version::Two, FrameKind::RequestHead) => {
+            let head: InferRequestHead = match decode("request head", &payload) {
+                Ok(h) => h,
+                Err(e) => return answer_error(writer, 400, &e.to_string()).await,
+            };
+            if head.body_bytes > max_request_bytes {
+                let message = format!(
+                    "the request body of {} bytes is over this node's limit of {max_request_bytes} (gateway_max_request_bytes)",
+                    head.body_bytes
+                );
+                return answer_error(writer, 413, &message).await;
+            }
+            let (tx, rx) = mpsc::channel(BODY_QUEUE_FRAMES);
+            let body = ChannelBody {
+                rx,
+                length: head.body_bytes,
+            };
+            (head.path, BoxBody::new(body), head.body_bytes, Some(tx))
+        }
+        (Version::One, FrameKind::Request) => {
+            let request: InferRequest = match decode("request", &payload) {
+                Ok(r) => r,
+                Err(e) => return answer_error(writer, 400, &e.to_string()).await,
+            };
+            let length = u64::try_from(request.body.len()).unwrap_or(u64::MAX);
+            let body = Full::new(Bytes::from(request.body))
+                .map_err(|never| match never {})
+                .boxed();
+            (request.path, body, length, None)
+        }
+        (_, other) => {
+            let message = format!("a request must start with its head, not a {other:?} frame");
+            return answer_error(writer, 400, &message).await;
+        }
     };
-    let forwarded = match ollama.forward(&request.path, request.body).await {
+    // One reader of the stream for the whole exchange, never cancelled
+    // inside a frame: it moves the body to Ollama, then watches for the
+    // asking node going away, which cancels the request to Ollama.
+    let watch = async {
+        if let Some(tx) = tx
+            && let Err(reason) = pump_body(&mut reader, tx.clone(), body_bytes).await
+        {
+            let _ = tx.send(Err(std::io::Error::other(reason.clone()))).await;
+            return reason;
+        }
+        asker_gone(&mut reader).await
+    };
+    tokio::pin!(watch);
+    let forwarded = tokio::select! {
+        forwarded = ollama.forward(&path, body, body_bytes) => forwarded,
+        reason = &mut watch => return Err(reason),
+    };
+    let forwarded = match forwarded {
         Ok(f) => f,
-        Err(e) => return answer_error(stream, 502, &e).await,
+        Err(e) => return answer_error(writer, 502, &e).await,
     };
     let head = InferHead {
         status: forwarded.status,
         content_type: forwarded.content_type,
     };
-    write_head(stream, &head).await?;
+    write_head(writer, &head).await?;
     let mut body = forwarded.body;
     // Each chunk is written before the next is read: a slow reader slows
-    // Ollama down. The asking node writes nothing after its request, so a
-    // read that returns means it went away: dropping the body then cancels
-    // the request to Ollama, even while Ollama is still thinking.
-    let mut probe = [0u8; 1];
+    // Ollama down. Dropping the body when the asker goes cancels the
+    // request to Ollama, even while Ollama is still thinking.
     loop {
         let next = tokio::select! {
             frame = body.frame() => frame,
-            _ = futures::AsyncReadExt::read(stream, &mut probe) => {
-                return Err("the asking node went away: request cancelled".to_owned());
-            }
+            reason = &mut watch => return Err(format!("{reason}: request cancelled")),
         };
         let Some(frame) = next else {
             break;
@@ -255,7 +445,7 @@ async fn serve_one(
             Ok(frame) => {
                 if let Some(data) = frame.data_ref() {
                     for chunk in data.chunks(crate::frame::MAX_FRAME_BYTES) {
-                        write_frame(stream, FrameKind::Data, chunk)
+                        write_frame(writer, FrameKind::Data, chunk)
                             .await
                             .map_err(|e| e.to_string())?;
                     }
@@ -263,12 +453,12 @@ async fn serve_one(
             }
             Err(e) => {
                 let reason = format!("Ollama's answer broke off: {e}");
-                let _ = write_frame(stream, FrameKind::Error, reason.as_bytes()).await;
+                let _ = write_frame(writer, FrameKind::Error, reason.as_bytes()).await;
                 return Err(reason);
             }
         }
     }
-    write_frame(stream, FrameKind::End, &[])
+    write_frame(writer, FrameKind::End, &[])
         .await
         .map_err(|e| e.to_string())
 }

@@ -14,6 +14,10 @@ use axum::response::{IntoResponse, Response};
 use axum::routing::get;
 use ollamacron_service_registry::{ServiceInfo, ServiceQuery};
 use serde::Serialize;
+use std::net::SocketAddr;
+
+use ollamacron_config::NodeConfig;
+use ollamacron_http::{AccessPolicy, HttpLimits, default_allowed_origins};
 use tokio::net::TcpListener;
 use tokio::sync::watch;
 
@@ -358,30 +362,114 @@ async fn unregister_service(
     }
 }
 
-/// Serve the API on `listener` until the node reaches a terminal state.
-pub(crate) fn spawn_api(
+/// The timeouts and connection cap of both HTTP servers of a node (the
+/// gateway and the API), from `http_*`.
+#[must_use]
+pub fn http_limits(config: &NodeConfig) -> HttpLimits {
+    HttpLimits {
+        header_read_timeout: config.http_header_read_timeout,
+        body_read_timeout: config.http_body_read_timeout,
+        idle_timeout: config.http_idle_timeout,
+        max_connections: usize::try_from(config.http_max_connections).unwrap_or(usize::MAX),
+    }
+}
+
+/// Who may use the gateway listening on `listen`: `gateway_allowed_hosts`,
+/// the default origins plus `gateway_allowed_origins` and `ollama_origins`
+/// (the value of `OLLAMA_ORIGINS`, comma-separated, as Ollama reads it),
+/// and the gateway's keys.
+///
+/// # Errors
+/// `gateway_api_key_file` cannot be read or holds a line that is no key.
+pub fn gateway_access(
+    config: &NodeConfig,
+    listen: SocketAddr,
+    ollama_origins: Option<&str>,
+) -> Result<AccessPolicy, NodeError> {
+    let keys = config
+        .gateway_access_keys()
+        .map_err(|e| NodeError::Config(vec![e]))?;
+    let mut origins = default_allowed_origins();
+    origins.extend(config.gateway_allowed_origins.iter().cloned());
+    origins.extend(
+        ollama_origins
+            .unwrap_or_default()
+            .split(',')
+            .map(str::trim)
+            .filter(|o| !o.is_empty())
+            .map(str::to_owned),
+    );
+    Ok(AccessPolicy::new("gateway", listen)
+        .with_hosts("gateway_allowed_hosts", &config.gateway_allowed_hosts)
+        .with_origins("gateway_allowed_origins (or OLLAMA_ORIGINS)", &origins)
+        .with_keys("gateway_api_keys", &keys)
+        .with_open_paths(&["/"]))
+}
+
+/// Who may use the API listening on `listen`.
+fn api_access(config: &NodeConfig, listen: SocketAddr) -> Result<AccessPolicy, NodeError> {
+    let keys = config
+        .api_access_keys()
+        .map_err(|e| NodeError::Config(vec![e]))?;
+    let mut origins = default_allowed_origins();
+    origins.extend(config.api_allowed_origins.iter().cloned());
+    Ok(AccessPolicy::new("API", listen)
+        .with_hosts("api_allowed_hosts", &config.api_allowed_hosts)
+        .with_origins("api_allowed_origins", &origins)
+        .with_keys("api_keys", &keys)
+        .with_open_paths(&["/healthz"]))
+}
+
+/// The API, bound and checked, ready to serve.
+pub(crate) struct ApiServer {
     listener: TcpListener,
-    metrics: MetricsEndpoint,
-    state: watch::Receiver<NodeState>,
-    node: WeakNodeHandle,
-) {
-    let mut until = state.clone();
-    let app = router(ApiState {
-        metrics,
-        state,
-        node,
-    });
-    tokio::spawn(async move {
-        let stopped = async move {
-            let _ = until.wait_for(|s| s.is_terminal()).await;
-        };
-        if let Err(e) = axum::serve(listener, app)
-            .with_graceful_shutdown(stopped)
-            .await
-        {
-            tracing::warn!(error = %e, "HTTP API server failed");
+    policy: AccessPolicy,
+    limits: HttpLimits,
+}
+
+impl ApiServer {
+    /// Check the API's settings for `listener`.
+    ///
+    /// # Errors
+    /// `api_key_file` cannot be read or holds a line that is no key.
+    pub(crate) fn new(listener: TcpListener, config: &NodeConfig) -> Result<Self, NodeError> {
+        let local = listener
+            .local_addr()
+            .map_err(|source| NodeError::ApiListen {
+                addr: config.api_listen,
+                source,
+            })?;
+        let policy = api_access(config, local)?;
+        if policy.beyond_loopback() && !policy.requires_key() {
+            tracing::warn!(api_listen = %local, "the HTTP API listens beyond loopback without a key: anyone who reaches it can register services; set api_keys");
         }
-    });
+        Ok(Self {
+            listener,
+            policy,
+            limits: http_limits(config),
+        })
+    }
+
+    /// Serve until the node reaches a terminal state.
+    pub(crate) fn spawn(
+        self,
+        metrics: MetricsEndpoint,
+        state: watch::Receiver<NodeState>,
+        node: WeakNodeHandle,
+    ) {
+        let mut until = state.clone();
+        let app = self.policy.apply(router(ApiState {
+            metrics,
+            state,
+            node,
+        }));
+        tokio::spawn(async move {
+            let stopped = async move {
+                let _ = until.wait_for(|s| s.is_terminal()).await;
+            };
+            ollamacron_http::serve(self.listener, app, self.limits, stopped).await;
+        });
+    }
 }
 
 #[cfg(test)]

@@ -16,13 +16,17 @@ pub use behaviour::{PROTOCOL_VERSION, SERVICES_TOPIC, agent_version};
 pub use discovery::{DiscoverySource, DiscoveryStatus, KnownPeer, SourceStats, SourceStatus};
 pub use error::NodeError;
 pub use event::{Direction, NodeEvent, RecordVia};
-pub use http::{MAX_BODY_BYTES, MAX_LOOKUP_LIMIT, MAX_QUERY_VALUE_BYTES, MAX_QUERY_VALUES};
+pub use http::{
+    MAX_BODY_BYTES, MAX_LOOKUP_LIMIT, MAX_QUERY_VALUE_BYTES, MAX_QUERY_VALUES, gateway_access,
+    http_limits,
+};
 pub use identity::{IdentityError, load_or_create_identity};
 pub use metrics::MetricsSnapshot;
 pub use node::{
-    ConnectedPeer, ConnectionCounts, ConnectionKind, HolePunchCounts, Node, NodeHandle, NodeStatus,
-    PeerInfo, Reachability, ServiceCounts, TraversalStatus,
+    ConnectedPeer, ConnectionCounts, ConnectionKind, HolePunchCounts, HttpServerStatus, HttpStatus,
+    Node, NodeHandle, NodeStatus, PeerInfo, Reachability, ServiceCounts, TraversalStatus,
 };
+pub use ollamacron_http as http_server;
 pub use state::{NodeState, StateError};
 
 /// Re-exported so users name the same types we do.

@@ -200,7 +200,8 @@ impl Node {
             let local = listener
                 .local_addr()
                 .map_err(|source| fail(NodeError::ApiListen { addr, source }))?;
-            Some((listener, local))
+            let server = crate::http::ApiServer::new(listener, &self.config).map_err(&fail)?;
+            Some((server, local))
         } else {
             None
         };
@@ -260,9 +261,8 @@ impl Node {
             loopback_only,
         };
         tokio::spawn(task.run());
-        if let Some((listener, local)) = api_listener {
-            crate::http::spawn_api(
-                listener,
+        if let Some((server, local)) = api_listener {
+            server.spawn(
                 handle.shared.metrics.clone(),
                 handle.shared.state.clone(),
                 handle.downgrade(),
@@ -485,6 +485,63 @@ pub struct NodeStatus {
     pub discovery: DiscoveryStatus,
     /// Services known.
     pub services: ServiceCounts,
+    /// The gateway and the API, and who can reach them.
+    pub http: HttpStatus,
+}
+
+/// The node's HTTP servers as `GET /v1/status` shows them.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+pub struct HttpStatus {
+    /// The Ollama-compatible gateway, when it runs.
+    pub gateway: Option<HttpServerStatus>,
+    /// The local API, when it runs.
+    pub api: Option<HttpServerStatus>,
+}
+
+/// One HTTP server of the node.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+pub struct HttpServerStatus {
+    /// Its configured address.
+    pub listen: std::net::SocketAddr,
+    /// It listens beyond loopback.
+    pub beyond_loopback: bool,
+    /// Every request needs a bearer key.
+    pub requires_key: bool,
+    /// Anyone who reaches it may use it: beyond loopback with no key.
+    pub open_to_network: bool,
+}
+
+impl HttpServerStatus {
+    fn new(listen: std::net::SocketAddr, requires_key: bool) -> Self {
+        let beyond_loopback = !listen.ip().is_loopback();
+        Self {
+            listen,
+            beyond_loopback,
+            requires_key,
+            open_to_network: beyond_loopback && !requires_key,
+        }
+    }
+}
+
+impl HttpStatus {
+    /// What `config` runs.
+    #[must_use]
+    pub fn of(config: &NodeConfig) -> Self {
+        Self {
+            gateway: config.enable_gateway.then(|| {
+                HttpServerStatus::new(
+                    config.gateway_listen,
+                    !config.gateway_api_keys.is_empty() || config.gateway_api_key_file.is_some(),
+                )
+            }),
+            api: config.enable_metrics.then(|| {
+                HttpServerStatus::new(
+                    config.api_listen,
+                    !config.api_keys.is_empty() || config.api_key_file.is_some(),
+                )
+            }),
+        }
+    }
 }
 
 /// One known peer as `GET /v1/peers` shows it.
@@ -1264,6 +1321,7 @@ impl SwarmTask {
             },
             discovery: self.discovery_status(),
             services: self.service_counts(),
+            http: HttpStatus::of(&self.config),
         }
     }
 

@@ -7,7 +7,6 @@ use bytes::Bytes;
 use http_body_util::{BodyExt, Full, Limited};
 use hyper_util::client::legacy::Client;
 use hyper_util::client::legacy::connect::HttpConnector;
-use hyper_util::rt::TokioExecutor;
 use serde::Deserialize;
 use serde::de::DeserializeOwned;
 
@@ -87,7 +86,7 @@ impl OllamaClient {
     pub fn new(endpoint: OllamaEndpoint, timeout: Duration) -> Self {
         Self {
             endpoint,
-            http: Client::builder(TokioExecutor::new()).build_http(),
+            http: ollamacron_http::http_client(),
             timeout,
         }
     }

@@ -1158,14 +1158,11 @@ fn url_host(url: &str) -> Option<String> {
 
 /// GET `url`; healthy when it answers 2xx within `HTTP_PROBE_TIMEOUT`.
 async fn http_probe(url: &str) -> bool {
-    use hyper_util::client::legacy::Client;
-    use hyper_util::rt::TokioExecutor;
-
     let Ok(uri) = url.parse::<axum::http::Uri>() else {
         return false;
     };
-    let client: Client<_, http_body_util::Empty<bytes::Bytes>> =
-        Client::builder(TokioExecutor::new()).build_http();
+    let client: hyper_util::client::legacy::Client<_, http_body_util::Empty<bytes::Bytes>> =
+        ollamacron_http::http_client();
     match tokio::time::timeout(HTTP_PROBE_TIMEOUT, client.get(uri)).await {
         Ok(Ok(response)) => response.status().is_success(),
         Ok(Err(e)) => {
