@@ -259,6 +259,28 @@ pub(crate) async fn status(api: &ApiClient, output: OutputArgs) -> anyhow::Resul
             ),
         ));
     }
+    for (key, label, setting) in [
+        ("gateway", "gateway", "gateway_api_keys"),
+        ("api", "api", "api_keys"),
+    ] {
+        let server = &s["http"][key];
+        let state = if server.is_null() {
+            "off".to_owned()
+        } else {
+            let who = match (
+                server["open_to_network"] == true,
+                server["requires_key"] == true,
+            ) {
+                (true, _) => {
+                    format!("OPEN TO THE NETWORK: beyond loopback with no key (set {setting})")
+                }
+                (false, true) => "key required".to_owned(),
+                (false, false) => "loopback only, no key".to_owned(),
+            };
+            format!("{}  {who}", text(&server["listen"]))
+        };
+        rows.push((label.to_owned(), state));
+    }
     let width = rows.iter().map(|(k, _)| k.len()).max().unwrap_or(0);
     for (k, v) in rows {
         println!("{k:<width$}  {v}");

@@ -442,6 +442,31 @@ fn a_service_registered_through_the_cli_is_found_from_another_node() {
 }
 
 #[test]
+fn with_api_keys_the_cli_sends_the_configured_key_and_others_are_refused() {
+    let dir = tempfile::tempdir().unwrap();
+    let keys = dir.path().join("api.keys");
+    std::fs::write(&keys, "# the team's key\nteam-key-0123\n").unwrap();
+    let key_file = format!("api_key_file={}", keys.display());
+    let api = format!("127.0.0.1:{}", free_port());
+    let running = spawn_run(dir.path(), &["--api-listen", &api, "--set", &key_file]);
+    running.wait_for_line("node running");
+    let status = node(
+        &["status", "--api-listen", &api, "--set", &key_file],
+        dir.path(),
+    );
+    assert!(status.status.success(), "{}", text(&status.stderr));
+    let out = text(&status.stdout);
+    assert!(out.contains("key required"), "{out}");
+    let refused = node(&["status", "--api-listen", &api], dir.path());
+    assert_eq!(refused.status.code(), Some(1));
+    let err = text(&refused.stderr);
+    assert!(
+        err.contains("requires an API key") && err.contains("api_keys"),
+        "{err}"
+    );
+}
+
+#[test]
 fn api_commands_say_clearly_when_no_node_is_running() {
     let dir = tempfile::tempdir().unwrap();
     let api = format!("127.0.0.1:{}", free_port());
