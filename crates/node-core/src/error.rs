@@ -50,6 +50,14 @@ pub enum NodeError {
         /// Why.
         source: std::io::Error,
     },
+    /// The gateway's address could not be bound or read.
+    #[error("cannot serve the gateway on {addr} (gateway_listen): {source}")]
+    GatewayListen {
+        /// The address.
+        addr: SocketAddr,
+        /// Why.
+        source: std::io::Error,
+    },
     /// A dial failed.
     #[error("cannot dial {target}: {reason}")]
     Dial {
