@@ -1,6 +1,11 @@
 //! A stand-in Ollama on 127.0.0.1 for tests: `/api/version`, `/api/tags`,
 //! `/api/ps` and `/api/show` from a model list the test controls, with
 //! switches to fail (HTTP 500) and to vanish (stop listening) and come back.
+//!
+//! Inference answers the [`TOKENS`]; a chat whose messages carry images is
+//! answered with [`images_seen`] instead (so a test can tell the bytes
+//! arrived unchanged), and a chat offering `tools` with a call of the first
+//! one, arguments [`TOOL_ARGUMENTS`].
 
 use std::net::SocketAddr;
 use std::sync::{Arc, Mutex, MutexGuard};
@@ -61,12 +66,93 @@ impl ReceivedBody {
         Self {
             path: path.to_owned(),
             length: body.len(),
-            sha256: sha2::Sha256::digest(body)
-                .iter()
-                .map(|b| format!("{b:02x}"))
-                .collect(),
+            sha256: hex(&sha2::Sha256::digest(body)),
         }
     }
+}
+
+/// `bytes` in lower-case hex.
+fn hex(bytes: &[u8]) -> String {
+    bytes.iter().map(|b| format!("{b:02x}")).collect()
+}
+
+/// The arguments of every tool call the stand-in answers with.
+pub const TOOL_ARGUMENTS: &str = r#"{"city": "Paris"}"#;
+
+/// The answer to a chat whose messages carry `images` (each exactly as
+/// received: Ollama's base64 strings, OpenAI's `image_url` URLs): how many,
+/// and the SHA-256 (hex) of their concatenation.
+#[must_use]
+pub fn images_seen<S: AsRef<str>>(images: &[S]) -> String {
+    use sha2::Digest;
+    let mut digest = sha2::Sha256::new();
+    for image in images {
+        digest.update(image.as_ref().as_bytes());
+    }
+    format!(
+        "images: {}, sha256 {}",
+        images.len(),
+        hex(&digest.finalize())
+    )
+}
+
+/// The images a chat request's messages carry: Ollama's `images` (base64
+/// strings) and OpenAI's content parts of type `image_url` (their `url`).
+fn images_of(body: &Value) -> Vec<&str> {
+    let mut images = Vec::new();
+    for message in body["messages"].as_array().into_iter().flatten() {
+        images.extend(
+            message["images"]
+                .as_array()
+                .into_iter()
+                .flatten()
+                .filter_map(Value::as_str),
+        );
+        images.extend(
+            message["content"]
+                .as_array()
+                .into_iter()
+                .flatten()
+                .filter(|part| part["type"] == "image_url")
+                .filter_map(|part| part["image_url"]["url"].as_str()),
+        );
+    }
+    images
+}
+
+/// What an inference request is answered with.
+enum Answer {
+    /// The [`TOKENS`].
+    Tokens,
+    /// A text (naming the images seen), streamed in a few pieces.
+    Text(String),
+    /// A call of the tool of this name, with [`TOOL_ARGUMENTS`].
+    ToolCall(String),
+}
+
+impl Answer {
+    /// The answer to a request with `body`: a chat (`chat`) may get a tool
+    /// call or the images it carries named, anything else the [`TOKENS`].
+    fn to(body: &Value, chat: bool) -> Self {
+        if !chat {
+            return Self::Tokens;
+        }
+        if let Some(tool) = body["tools"].as_array().and_then(|t| t.first()) {
+            let name = tool["function"]["name"].as_str().unwrap_or_default();
+            return Self::ToolCall(name.to_owned());
+        }
+        let images = images_of(body);
+        if images.is_empty() {
+            Self::Tokens
+        } else {
+            Self::Text(images_seen(&images))
+        }
+    }
+}
+
+/// [`TOOL_ARGUMENTS`] as a JSON object (Ollama's shape).
+fn tool_arguments() -> Value {
+    serde_json::from_str(TOOL_ARGUMENTS).unwrap_or_default()
 }
 
 /// Record each POST body, whole, before its handler sees it (bodies of any
@@ -87,8 +173,11 @@ async fn record_body(
         .unwrap_or_else(std::sync::PoisonError::into_inner)
         .bodies
         .push(ReceivedBody::of(parts.uri.path(), &bytes));
-    next.run(axum::extract::Request::from_parts(parts, axum::body::Body::from(bytes)))
-        .await
+    next.run(axum::extract::Request::from_parts(
+        parts,
+        axum::body::Body::from(bytes),
+    ))
+    .await
 }
 
 /// How a stand-in paces a streamed answer.
@@ -281,6 +370,7 @@ async fn generate(
     }
     let model = body["model"].as_str().unwrap_or_default().to_owned();
     let chat = uri.path() == "/api/chat";
+    let answer = Answer::to(&body, chat);
     let piece = |text: &str, done: bool| {
         if chat {
             json!({"model": model, "message": {"role": "assistant", "content": text}, "done": done})
@@ -288,17 +378,41 @@ async fn generate(
             json!({"model": model, "response": text, "done": done})
         }
     };
+    let tool_call = |name: &str, done: bool| {
+        let mut call = json!({"model": model, "message": {"role": "assistant", "content": "", "tool_calls": [{"function": {"name": name, "arguments": tool_arguments()}}]}, "done": done});
+        if done {
+            call["done_reason"] = json!("stop");
+        }
+        call
+    };
     if body["stream"] == false {
-        return Json(piece(&TOKENS.concat(), true)).into_response();
+        return Json(match &answer {
+            Answer::Tokens => piece(&TOKENS.concat(), true),
+            Answer::Text(text) => piece(text, true),
+            Answer::ToolCall(name) => tool_call(name, true),
+        })
+        .into_response();
     }
-    let count = pacing.map_or(TOKENS.len(), |p| p.tokens);
-    let mut lines: Vec<Result<String, std::io::Error>> = TOKENS
-        .iter()
-        .cycle()
-        .take(count)
-        .map(|t| Ok(format!("{}\n", piece(t, false))))
-        .collect();
-    lines.push(Ok(format!("{}\n", piece("", true))));
+    let mut pieces: Vec<Value> = match &answer {
+        Answer::Tokens => {
+            let count = pacing.map_or(TOKENS.len(), |p| p.tokens);
+            TOKENS
+                .iter()
+                .cycle()
+                .take(count)
+                .map(|t| piece(t, false))
+                .collect()
+        }
+        Answer::Text(text) => text.split_inclusive(' ').map(|t| piece(t, false)).collect(),
+        Answer::ToolCall(name) => vec![tool_call(name, false)],
+    };
+    let mut last = piece("", true);
+    if matches!(answer, Answer::ToolCall(_)) {
+        last["done_reason"] = json!("stop");
+    }
+    pieces.push(last);
+    let mut lines: Vec<Result<String, std::io::Error>> =
+        pieces.iter().map(|p| Ok(format!("{p}\n"))).collect();
     if die {
         lines.truncate(2);
         lines.push(Err(std::io::Error::other("stand-in died mid-stream")));
@@ -376,6 +490,7 @@ async fn openai(
     }
     let model = body["model"].as_str().unwrap_or_default().to_owned();
     let chat = uri.path() == "/v1/chat/completions";
+    let answer = Answer::to(&body, chat);
     let (object, chunk_object) = if chat {
         ("chat.completion", "chat.completion.chunk")
     } else {
@@ -390,23 +505,56 @@ async fn openai(
             json!({"index": 0, "text": text, "finish_reason": finish, "logprobs": null})
         }
     };
+    let tool_calls = |name: &str, streaming: bool| {
+        let mut call = json!({"id": "call_1", "type": "function", "function": {"name": name, "arguments": TOOL_ARGUMENTS}});
+        if streaming {
+            call["index"] = json!(0);
+        }
+        json!([call])
+    };
     let usage = json!({"prompt_tokens": 3, "completion_tokens": TOKENS.len(), "total_tokens": 3 + TOKENS.len()});
     if body["stream"] != true {
+        let choice = match &answer {
+            Answer::Tokens => choice(&TOKENS.concat(), Some("stop"), false),
+            Answer::Text(text) => choice(text, Some("stop"), false),
+            Answer::ToolCall(name) => json!({
+                "index": 0, "finish_reason": "tool_calls",
+                "message": {"role": "assistant", "content": null, "tool_calls": tool_calls(name, false)},
+            }),
+        };
         return Json(json!({
             "id": "standin-1", "object": object, "created": 0, "model": model,
-            "choices": [choice(&TOKENS.concat(), Some("stop"), false)], "usage": usage,
+            "choices": [choice], "usage": usage,
         }))
         .into_response();
     }
-    let mut events: Vec<Result<String, std::io::Error>> = TOKENS
-        .iter()
-        .map(|t| {
-            let chunk = json!({"id": "standin-1", "object": chunk_object, "created": 0, "model": model, "choices": [choice(t, None, true)]});
+    let (mut choices, finish): (Vec<Value>, _) = match &answer {
+        Answer::Tokens => (
+            TOKENS.iter().map(|t| choice(t, None, true)).collect(),
+            choice("", Some("stop"), true),
+        ),
+        Answer::Text(text) => (
+            text.split_inclusive(' ')
+                .map(|t| choice(t, None, true))
+                .collect(),
+            choice("", Some("stop"), true),
+        ),
+        Answer::ToolCall(name) => (
+            vec![json!({
+                "index": 0, "finish_reason": null,
+                "delta": {"role": "assistant", "content": null, "tool_calls": tool_calls(name, true)},
+            })],
+            json!({"index": 0, "delta": {}, "finish_reason": "tool_calls"}),
+        ),
+    };
+    choices.push(finish);
+    let mut events: Vec<Result<String, std::io::Error>> = choices
+        .into_iter()
+        .map(|c| {
+            let chunk = json!({"id": "standin-1", "object": chunk_object, "created": 0, "model": model, "choices": [c]});
             Ok(format!("data: {chunk}\n\n"))
         })
         .collect();
-    let last = json!({"id": "standin-1", "object": chunk_object, "created": 0, "model": model, "choices": [choice("", Some("stop"), true)]});
-    events.push(Ok(format!("data: {last}\n\n")));
     events.push(Ok("data: [DONE]\n\n".to_owned()));
     let mut response = Response::new(axum::body::Body::from_stream(futures::stream::iter(events)));
     response.headers_mut().insert(
@@ -442,7 +590,10 @@ fn spawn(listener: tokio::net::TcpListener, state: Shared) -> JoinHandle<()> {
         .route("/api/ps", get(ps))
         .route("/api/show", post(show))
         .layer(axum::extract::DefaultBodyLimit::disable())
-        .layer(axum::middleware::from_fn_with_state(state.clone(), record_body))
+        .layer(axum::middleware::from_fn_with_state(
+            state.clone(),
+            record_body,
+        ))
         .with_state(state);
     tokio::spawn(async move {
         let _ = axum::serve(listener, app).await;

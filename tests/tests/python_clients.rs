@@ -1,6 +1,8 @@
 //! The official `ollama` and `openai` Python clients, unchanged, against the
 //! gateway of a two-node mesh (`tests/python/clients.py`): chat and
-//! generate, streamed and not, list, embed, and an unknown model.
+//! generate, streamed and not, list, embed, an unknown model, chats with a
+//! 3 MiB image (which must reach the serving Ollama byte for byte) and tool
+//! calls.
 //!
 //! The clients are installed from PyPI into a virtualenv under the target
 //! directory the first time. Without python3 (with venv) or PyPI the test
@@ -74,7 +76,7 @@ async fn the_official_python_clients_work_against_the_gateway() {
     // B serves the models from its stand-in Ollama; A only routes.
     let a = member(&[], None).await;
     let a_addr = a.bootstrap_addr().await;
-    let _b = member_with(
+    let b = member_with(
         StandInModels {
             models: vec![
                 tag("llama3:8b", "aaa", "llama"),
@@ -104,4 +106,21 @@ async fn the_official_python_clients_work_against_the_gateway() {
         String::from_utf8_lossy(&out.stderr)
     );
     assert!(stdout.contains("all checks passed"), "{stdout}");
+
+    // The 3 MiB image (4 MiB in base64) reached B's Ollama whole: twice on
+    // each chat endpoint (streamed and not).
+    let big = |path: &str| {
+        b.ollama
+            .models()
+            .bodies
+            .iter()
+            .filter(|body| body.path == path && body.length > 4 * 1024 * 1024)
+            .count()
+    };
+    assert_eq!(big("/api/chat"), 2, "image chats at /api/chat");
+    assert_eq!(
+        big("/v1/chat/completions"),
+        2,
+        "image chats at /v1/chat/completions"
+    );
 }
