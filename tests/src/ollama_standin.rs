@@ -595,6 +595,11 @@ fn spawn(listener: tokio::net::TcpListener, state: Shared) -> JoinHandle<()> {
             record_body,
         ))
         .with_state(state);
+    // Ollama (Go's net/http) sets TCP_NODELAY on every connection, so
+    // its streamed lines leave as they are written.
+    let listener = axum::serve::ListenerExt::tap_io(listener, |tcp| {
+        let _ = tcp.set_nodelay(true);
+    });
     tokio::spawn(async move {
         let _ = axum::serve(listener, app).await;
     })

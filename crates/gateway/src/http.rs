@@ -592,6 +592,33 @@ fn streamed(status: u16, content_type: &str, body: Body) -> Response {
     response
 }
 
+/// The reading half of an inference stream, after the answer's head.
+type AnswerStream = futures::io::ReadHalf<ollamacron_node_core::libp2p::Stream>;
+
+/// Why an exchange on a stream gave no answer head.
+struct ExchangeError {
+    reason: String,
+    /// The stream ended before any answer: the serving node never took
+    /// the request (see [`UNANSWERED_STREAM_RETRIES`]).
+    unanswered: bool,
+}
+
+impl From<String> for ExchangeError {
+    fn from(reason: String) -> Self {
+        Self {
+            reason,
+            unanswered: false,
+        }
+    }
+}
+
+/// New streams to one peer tried when one ends before any answer. The
+/// serving side of `libp2p-stream` hands inbound streams over a channel
+/// that holds one, and drops a stream that arrives while it is full
+/// (rust-libp2p#5651): under a burst of concurrent requests some streams
+/// are closed unread, and a fresh one is the fix.
+const UNANSWERED_STREAM_RETRIES: usize = 3;
+
 /// Longest wait for a serving node's answer after sending the body failed
 /// (it may have answered early, with 413 or 429, and closed).
 const ANSWER_AFTER_SEND_FAILURE: Duration = Duration::from_secs(2);
@@ -602,13 +629,7 @@ async fn exchange(
     stream: ollamacron_node_core::libp2p::Stream,
     path: &str,
     body: &Bytes,
-) -> Result<
-    (
-        futures::io::ReadHalf<ollamacron_node_core::libp2p::Stream>,
-        InferHead,
-    ),
-    String,
-> {
+) -> Result<(AnswerStream, InferHead), ExchangeError> {
     let (mut reader, mut writer) = futures::AsyncReadExt::split(stream);
     let head = {
         let send = async {
@@ -638,7 +659,12 @@ async fn exchange(
                 Ok(()) => answer.await?,
                 Err(e) => match tokio::time::timeout(ANSWER_AFTER_SEND_FAILURE, answer).await {
                     Ok(Ok(head)) => head,
-                    _ => return Err(format!("sending the request failed: {e}")),
+                    _ => {
+                        return Err(ExchangeError {
+                            reason: format!("sending the request failed: {e}"),
+                            unanswered: true,
+                        });
+                    }
                 },
             },
         }
@@ -652,13 +678,7 @@ async fn exchange_v1(
     mut stream: ollamacron_node_core::libp2p::Stream,
     path: &str,
     body: &Bytes,
-) -> Result<
-    (
-        futures::io::ReadHalf<ollamacron_node_core::libp2p::Stream>,
-        InferHead,
-    ),
-    String,
-> {
+) -> Result<(AnswerStream, InferHead), ExchangeError> {
     let request = InferRequest {
         path: path.to_owned(),
         body: String::from_utf8(body.to_vec())
@@ -667,7 +687,10 @@ async fn exchange_v1(
     let request = serde_json::to_vec(&request).map_err(|e| e.to_string())?;
     write_frame(&mut stream, FrameKind::Request, &request)
         .await
-        .map_err(|e| format!("the node speaks only infer/1.0.0: {e}"))?;
+        .map_err(|e| ExchangeError {
+            reason: format!("the node speaks only infer/1.0.0: {e}"),
+            unanswered: true,
+        })?;
     let (mut reader, _writer) = futures::AsyncReadExt::split(stream);
     let head = read_answer_head(&mut reader).await?;
     Ok((reader, head))
@@ -675,14 +698,15 @@ async fn exchange_v1(
 
 async fn read_answer_head<R: futures::AsyncRead + Unpin>(
     reader: &mut R,
-) -> Result<InferHead, String> {
-    let (kind, payload) = read_frame(reader).await.map_err(|e| e.to_string())?;
+) -> Result<InferHead, ExchangeError> {
+    let (kind, payload) = read_frame(reader).await.map_err(|e| ExchangeError {
+        unanswered: matches!(e, crate::frame::FrameError::Io(_)),
+        reason: e.to_string(),
+    })?;
     if kind != FrameKind::Head {
-        return Err(format!(
-            "the serving node answered with a {kind:?} frame first"
-        ));
+        return Err(format!("the serving node answered with a {kind:?} frame first").into());
     }
-    decode("head", &payload).map_err(|e| e.to_string())
+    Ok(decode("head", &payload).map_err(|e| e.to_string())?)
 }
 
 async fn remote_attempt(
@@ -693,16 +717,25 @@ async fn remote_attempt(
 ) -> Result<Response, Failure> {
     let mut control: libp2p_stream::Control = gateway.node.stream_control();
     let open = async {
-        match control.open_stream(peer, INFER_PROTOCOL).await {
-            Ok(stream) => exchange(stream, path, &body).await,
-            Err(libp2p_stream::OpenStreamError::UnsupportedProtocol(_)) => {
-                let stream = control
-                    .open_stream(peer, INFER_PROTOCOL_V1)
-                    .await
-                    .map_err(|e| e.to_string())?;
-                exchange_v1(stream, path, &body).await
+        let mut unanswered = 0;
+        loop {
+            let exchanged = match control.open_stream(peer, INFER_PROTOCOL).await {
+                Ok(stream) => exchange(stream, path, &body).await,
+                Err(libp2p_stream::OpenStreamError::UnsupportedProtocol(_)) => {
+                    match control.open_stream(peer, INFER_PROTOCOL_V1).await {
+                        Ok(stream) => exchange_v1(stream, path, &body).await,
+                        Err(e) => Err(e.to_string().into()),
+                    }
+                }
+                Err(e) => Err(e.to_string().into()),
+            };
+            match exchanged {
+                Err(e) if e.unanswered && unanswered < UNANSWERED_STREAM_RETRIES => {
+                    unanswered += 1;
+                    tracing::debug!(%peer, reason = %e.reason, "a stream ended unanswered; opening another");
+                }
+                other => return other.map_err(|e| e.reason),
             }
-            Err(e) => Err(e.to_string()),
         }
     };
     let (stream, head) = tokio::time::timeout(gateway.config.first_byte_timeout, open)
