@@ -37,8 +37,9 @@ pub struct StandInModels {
     pub die_mid_stream: bool,
     /// Send one token of a streamed answer, then nothing (a model thinking).
     pub stall: bool,
-    /// Pacing of streamed answers, for measurements: the delay before the
-    /// first token, the delay between tokens, and how many tokens (the
+    /// Pacing of answers, for measurements: the delay before the first
+    /// token (or before a whole answer or an `/api/embed` answer), the
+    /// delay between tokens, and how many tokens (the
     /// [`TOKENS`] over and over). `None`: [`TOKEN_INTERVAL`] and [`TOKENS`].
     pub pacing: Option<Pacing>,
     /// Streamed answers whose client went away before the end.
@@ -386,6 +387,9 @@ async fn generate(
         call
     };
     if body["stream"] == false {
+        if let Some(p) = pacing {
+            tokio::time::sleep(p.first_token).await;
+        }
         return Json(match &answer {
             Answer::Tokens => piece(&TOKENS.concat(), true),
             Answer::Text(text) => piece(text, true),
@@ -470,6 +474,14 @@ fn inference_refused(s: &Shared) -> Option<Response> {
 async fn embed(State(s): State<Shared>, uri: axum::http::Uri, Json(body): Json<Value>) -> Response {
     if let Some(refused) = inference_refused(&s) {
         return refused;
+    }
+    let think = s
+        .lock()
+        .unwrap_or_else(std::sync::PoisonError::into_inner)
+        .pacing
+        .map(|p| p.first_token);
+    if let Some(think) = think {
+        tokio::time::sleep(think).await;
     }
     if uri.path() == "/api/embeddings" {
         return Json(json!({ "embedding": EMBEDDING })).into_response();

@@ -20,8 +20,12 @@ pub const MAX_FRAME_BYTES: usize = 1024 * 1024;
 pub const REQUEST_CHUNK_BYTES: usize = 256 * 1024;
 
 /// Payloads up to this size go out with their frame header in one write
-/// (one transport frame) rather than two.
-const COALESCE_BYTES: usize = 16 * 1024;
+/// (one transport frame) rather than two; also the size up to which
+/// several frames are gathered into one write.
+pub const COALESCE_BYTES: usize = 64 * 1024;
+
+/// A frame's kind and length.
+const FRAME_HEADER_BYTES: usize = 5;
 
 /// What a frame carries.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -117,23 +121,37 @@ pub async fn write_frame<W: AsyncWrite + Unpin>(
     kind: FrameKind,
     payload: &[u8],
 ) -> Result<(), FrameError> {
-    let length = u32::try_from(payload.len())
-        .ok()
-        .filter(|l| usize::try_from(*l).is_ok_and(|l| l <= MAX_FRAME_BYTES))
-        .ok_or(FrameError::TooLarge(payload.len()))?;
-    let mut header = [0u8; 5];
-    header[0] = kind as u8;
-    header[1..].copy_from_slice(&length.to_be_bytes());
     if payload.len() <= COALESCE_BYTES {
-        let mut frame = Vec::with_capacity(header.len() + payload.len());
-        frame.extend_from_slice(&header);
-        frame.extend_from_slice(payload);
+        let mut frame = Vec::with_capacity(FRAME_HEADER_BYTES + payload.len());
+        encode_frame(&mut frame, kind, payload)?;
         io.write_all(&frame).await?;
     } else {
+        let length = u32::try_from(payload.len())
+            .ok()
+            .filter(|l| usize::try_from(*l).is_ok_and(|l| l <= MAX_FRAME_BYTES))
+            .ok_or(FrameError::TooLarge(payload.len()))?;
+        let mut header = [0u8; FRAME_HEADER_BYTES];
+        header[0] = kind as u8;
+        header[1..].copy_from_slice(&length.to_be_bytes());
         io.write_all(&header).await?;
         io.write_all(payload).await?;
     }
     io.flush().await?;
+    Ok(())
+}
+
+/// Append one frame to `buf`, to go out with others in one write.
+///
+/// # Errors
+/// The payload is over [`MAX_FRAME_BYTES`].
+pub fn encode_frame(buf: &mut Vec<u8>, kind: FrameKind, payload: &[u8]) -> Result<(), FrameError> {
+    let length = u32::try_from(payload.len())
+        .ok()
+        .filter(|l| usize::try_from(*l).is_ok_and(|l| l <= MAX_FRAME_BYTES))
+        .ok_or(FrameError::TooLarge(payload.len()))?;
+    buf.push(kind as u8);
+    buf.extend_from_slice(&length.to_be_bytes());
+    buf.extend_from_slice(payload);
     Ok(())
 }
 
@@ -144,7 +162,7 @@ pub async fn write_frame<W: AsyncWrite + Unpin>(
 pub async fn read_frame<R: AsyncRead + Unpin>(
     io: &mut R,
 ) -> Result<(FrameKind, Vec<u8>), FrameError> {
-    let mut header = [0u8; 5];
+    let mut header = [0u8; FRAME_HEADER_BYTES];
     io.read_exact(&mut header).await?;
     let kind = FrameKind::from_byte(header[0]).ok_or(FrameError::UnknownKind(header[0]))?;
     let length = usize::try_from(u32::from_be_bytes([
@@ -188,6 +206,11 @@ mod tests {
                 .await
                 .unwrap();
             write_frame(&mut buf, FrameKind::End, b"").await.unwrap();
+            let mut gathered = Vec::new();
+            encode_frame(&mut gathered, FrameKind::Head, b"{}").unwrap();
+            futures::AsyncWriteExt::write_all(&mut buf, &gathered)
+                .await
+                .unwrap();
             buf.set_position(0);
             assert_eq!(
                 read_frame(&mut buf).await.unwrap(),
@@ -196,6 +219,10 @@ mod tests {
             assert_eq!(
                 read_frame(&mut buf).await.unwrap(),
                 (FrameKind::End, Vec::new())
+            );
+            assert_eq!(
+                read_frame(&mut buf).await.unwrap(),
+                (FrameKind::Head, b"{}".to_vec())
             );
             assert!(matches!(read_frame(&mut buf).await, Err(FrameError::Io(_))));
         });

@@ -22,8 +22,8 @@ use ollamacron_node_core::{NodeError, NodeHandle, libp2p_stream};
 use serde_json::{Value, json};
 
 use crate::frame::{
-    FrameKind, InferHead, InferRequest, InferRequestHead, REQUEST_CHUNK_BYTES, decode, read_frame,
-    write_frame,
+    COALESCE_BYTES, FrameKind, InferHead, InferRequest, InferRequestHead, REQUEST_CHUNK_BYTES,
+    decode, encode_frame, read_frame, write_frame,
 };
 use crate::in_flight::{InFlight, InFlightGuard};
 use crate::metrics::{GatewayMetrics, ModelLabel, RequestLabels, ServedLabels};
@@ -638,6 +638,21 @@ async fn exchange(
                 body_bytes: u64::try_from(body.len()).unwrap_or(u64::MAX),
             };
             let head = serde_json::to_vec(&head).map_err(|e| e.to_string())?;
+            if body.len() <= COALESCE_BYTES {
+                // A small request goes out in one write: one transport frame.
+                let mut frames = Vec::with_capacity(head.len() + body.len() + 3 * 5);
+                encode_frame(&mut frames, FrameKind::RequestHead, &head)
+                    .and_then(|()| encode_frame(&mut frames, FrameKind::Data, body))
+                    .and_then(|()| encode_frame(&mut frames, FrameKind::End, &[]))
+                    .map_err(|e| e.to_string())?;
+                futures::AsyncWriteExt::write_all(&mut writer, &frames)
+                    .await
+                    .map_err(|e| e.to_string())?;
+                futures::AsyncWriteExt::flush(&mut writer)
+                    .await
+                    .map_err(|e| e.to_string())?;
+                return Ok(());
+            }
             write_frame(&mut writer, FrameKind::RequestHead, &head)
                 .await
                 .map_err(|e| e.to_string())?;

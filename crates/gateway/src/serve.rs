@@ -9,7 +9,7 @@ use std::time::Duration;
 
 use bytes::Bytes;
 use futures::io::{ReadHalf, WriteHalf};
-use futures::{AsyncReadExt, AsyncWrite, AsyncWriteExt, StreamExt};
+use futures::{AsyncReadExt, AsyncWrite, AsyncWriteExt, FutureExt, StreamExt};
 use http_body_util::combinators::BoxBody;
 use http_body_util::{BodyExt, Full};
 use hyper::body::{Frame, Incoming, SizeHint};
@@ -21,7 +21,8 @@ use ollamacron_ollama::OllamaEndpoint;
 use tokio::sync::{Semaphore, mpsc};
 
 use crate::frame::{
-    FrameKind, InferHead, InferRequest, InferRequestHead, decode, read_frame, write_frame,
+    COALESCE_BYTES, FrameKind, InferHead, InferRequest, InferRequestHead, decode, encode_frame,
+    read_frame, write_frame,
 };
 use crate::in_flight::InFlight;
 
@@ -428,15 +429,25 @@ async fn serve_one(
         status: forwarded.status,
         content_type: forwarded.content_type,
     };
-    write_head(writer, &head).await?;
     let mut body = forwarded.body;
-    // Each chunk is written before the next is read: a slow reader slows
-    // Ollama down. Dropping the body when the asker goes cancels the
-    // request to Ollama, even while Ollama is still thinking.
+    // Frames that are ready together (the head and a whole answer, or the
+    // last chunk and the end) go out in one write; each is sent before
+    // the body is waited on again, so tokens still leave one by one, and a
+    // slow reader slows Ollama down. Dropping the body when the asker goes
+    // cancels the request to Ollama, even while Ollama is still thinking.
+    let mut pending = Vec::new();
+    let head = serde_json::to_vec(&head).map_err(|e| e.to_string())?;
+    encode_frame(&mut pending, FrameKind::Head, &head).map_err(|e| e.to_string())?;
     loop {
-        let next = tokio::select! {
-            frame = body.frame() => frame,
-            reason = &mut watch => return Err(format!("{reason}: request cancelled")),
+        let next = match body.frame().now_or_never() {
+            Some(next) => next,
+            None => {
+                send_pending(writer, &mut pending).await?;
+                tokio::select! {
+                    frame = body.frame() => frame,
+                    reason = &mut watch => return Err(format!("{reason}: request cancelled")),
+                }
+            }
         };
         let Some(frame) = next else {
             break;
@@ -445,20 +456,36 @@ async fn serve_one(
             Ok(frame) => {
                 if let Some(data) = frame.data_ref() {
                     for chunk in data.chunks(crate::frame::MAX_FRAME_BYTES) {
-                        write_frame(writer, FrameKind::Data, chunk)
-                            .await
+                        if pending.len() + chunk.len() > COALESCE_BYTES {
+                            send_pending(writer, &mut pending).await?;
+                        }
+                        encode_frame(&mut pending, FrameKind::Data, chunk)
                             .map_err(|e| e.to_string())?;
                     }
                 }
             }
             Err(e) => {
                 let reason = format!("Ollama's answer broke off: {e}");
-                let _ = write_frame(writer, FrameKind::Error, reason.as_bytes()).await;
+                let _ = encode_frame(&mut pending, FrameKind::Error, reason.as_bytes());
+                let _ = send_pending(writer, &mut pending).await;
                 return Err(reason);
             }
         }
     }
-    write_frame(writer, FrameKind::End, &[])
-        .await
-        .map_err(|e| e.to_string())
+    encode_frame(&mut pending, FrameKind::End, &[]).map_err(|e| e.to_string())?;
+    send_pending(writer, &mut pending).await
+}
+
+/// Write and flush the gathered frames, if any.
+async fn send_pending<W: AsyncWrite + Unpin>(
+    writer: &mut W,
+    pending: &mut Vec<u8>,
+) -> Result<(), String> {
+    if pending.is_empty() {
+        return Ok(());
+    }
+    writer.write_all(pending).await.map_err(|e| e.to_string())?;
+    writer.flush().await.map_err(|e| e.to_string())?;
+    pending.clear();
+    Ok(())
 }
