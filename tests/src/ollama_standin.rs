@@ -387,7 +387,7 @@ async fn generate(
         call
     };
     if body["stream"] == false {
-        if let Some(p) = pacing {
+        if let Some(p) = pacing.filter(|p| !p.first_token.is_zero()) {
             tokio::time::sleep(p.first_token).await;
         }
         return Json(match &answer {
@@ -480,7 +480,7 @@ async fn embed(State(s): State<Shared>, uri: axum::http::Uri, Json(body): Json<V
         .unwrap_or_else(std::sync::PoisonError::into_inner)
         .pacing
         .map(|p| p.first_token);
-    if let Some(think) = think {
+    if let Some(think) = think.filter(|t| !t.is_zero()) {
         tokio::time::sleep(think).await;
     }
     if uri.path() == "/api/embeddings" {
