@@ -369,7 +369,7 @@ async fn status_says_which_server_is_open_to_the_network() {
 
     let (_node, api) = node_with_api(&[
         ("gateway_listen", "0.0.0.0:11435"),
-        ("gateway_api_keys", "[a-key]"),
+        ("gateway_api_keys", "[a-long-key]"),
     ])
     .await;
     let status = http_request(api, "GET", "/v1/status", None)

@@ -56,9 +56,19 @@ fn access_keys(
     }
     let text = std::fs::read_to_string(file).map_err(|e| fail(format!("cannot be read: {e}")))?;
     for (number, line) in text.lines().enumerate() {
-        let key = line.split('#').next().unwrap_or_default().trim();
-        if key.is_empty() {
+        let line = line.trim();
+        if line.is_empty() || line.starts_with('#') {
             continue;
+        }
+        // One key, then optionally whitespace and a `#` comment: a `#`
+        // inside a key is part of it.
+        let (key, rest) = line.split_once(char::is_whitespace).unwrap_or((line, ""));
+        let rest = rest.trim_start();
+        if !rest.is_empty() && !rest.starts_with('#') {
+            return Err(fail(format!(
+                "line {}: holds more than one word; write one key per line (a comment after it starts with #)",
+                number + 1
+            )));
         }
         check_key(key).map_err(|rule| fail(format!("line {}: the key {rule}", number + 1)))?;
         keys.push(key.to_owned());
@@ -80,7 +90,11 @@ mod tests {
     fn key_files_add_their_lines() {
         let dir = tempfile::tempdir().unwrap();
         let path = dir.path().join("keys");
-        std::fs::write(&path, "# team keys\nfirst-key\n\n  second-key  # laptop\n").unwrap();
+        std::fs::write(
+            &path,
+            "# team keys\nfirst-key\n\n  second-key  # laptop\nthird#key-with-a-hash\n",
+        )
+        .unwrap();
         let config = NodeConfig {
             gateway_api_keys: vec!["listed-key".into()],
             gateway_api_key_file: Some(path.clone()),
@@ -88,14 +102,22 @@ mod tests {
         };
         assert_eq!(
             config.gateway_access_keys().unwrap(),
-            ["listed-key", "first-key", "second-key"]
+            [
+                "listed-key",
+                "first-key",
+                "second-key",
+                "third#key-with-a-hash"
+            ]
         );
         assert!(config.api_access_keys().unwrap().is_empty());
 
-        std::fs::write(&path, "good-key\nbad key\n").unwrap();
+        std::fs::write(&path, "good-key\nbad-key second-word\n").unwrap();
         let e = config.gateway_access_keys().unwrap_err();
         assert_eq!(e.field, "gateway_api_key_file");
         assert!(e.rule.contains("line 2"), "{e}");
+        std::fs::write(&path, "short\n").unwrap();
+        let e = config.gateway_access_keys().unwrap_err();
+        assert!(e.rule.contains("8 to 512"), "{e}");
 
         std::fs::write(&path, "# nothing\n").unwrap();
         let only_comments = NodeConfig {

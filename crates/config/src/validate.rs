@@ -24,11 +24,15 @@ pub const MIN_TIMER_INTERVAL: Duration = Duration::from_millis(100);
 pub const MIN_REQUEST_BYTES: ByteSize = ByteSize::from_bytes(1024);
 /// Longest accepted API or gateway key, in bytes.
 pub const MAX_KEY_BYTES: usize = 512;
+/// Shortest accepted API or gateway key, in bytes (use a long random one).
+pub const MIN_KEY_BYTES: usize = 8;
 
 /// A key fit to send as `Authorization: Bearer <key>`.
 pub(crate) fn check_key(key: &str) -> Result<(), String> {
-    if key.is_empty() || key.len() > MAX_KEY_BYTES {
-        return Err(format!("must be 1 to {MAX_KEY_BYTES} bytes long"));
+    if key.len() < MIN_KEY_BYTES || key.len() > MAX_KEY_BYTES {
+        return Err(format!(
+            "must be {MIN_KEY_BYTES} to {MAX_KEY_BYTES} bytes long (a long random string)"
+        ));
     }
     if !key.bytes().all(|b| b.is_ascii_graphic()) {
         return Err("must be printable ASCII without spaces".to_owned());

@@ -126,14 +126,7 @@ pub async fn write_frame<W: AsyncWrite + Unpin>(
         encode_frame(&mut frame, kind, payload)?;
         io.write_all(&frame).await?;
     } else {
-        let length = u32::try_from(payload.len())
-            .ok()
-            .filter(|l| usize::try_from(*l).is_ok_and(|l| l <= MAX_FRAME_BYTES))
-            .ok_or(FrameError::TooLarge(payload.len()))?;
-        let mut header = [0u8; FRAME_HEADER_BYTES];
-        header[0] = kind as u8;
-        header[1..].copy_from_slice(&length.to_be_bytes());
-        io.write_all(&header).await?;
+        io.write_all(&frame_header(kind, payload.len())?).await?;
         io.write_all(payload).await?;
     }
     io.flush().await?;
@@ -145,14 +138,21 @@ pub async fn write_frame<W: AsyncWrite + Unpin>(
 /// # Errors
 /// The payload is over [`MAX_FRAME_BYTES`].
 pub fn encode_frame(buf: &mut Vec<u8>, kind: FrameKind, payload: &[u8]) -> Result<(), FrameError> {
-    let length = u32::try_from(payload.len())
-        .ok()
-        .filter(|l| usize::try_from(*l).is_ok_and(|l| l <= MAX_FRAME_BYTES))
-        .ok_or(FrameError::TooLarge(payload.len()))?;
-    buf.push(kind as u8);
-    buf.extend_from_slice(&length.to_be_bytes());
+    buf.extend_from_slice(&frame_header(kind, payload.len())?);
     buf.extend_from_slice(payload);
     Ok(())
+}
+
+/// The kind and length in front of a payload of `length` bytes.
+fn frame_header(kind: FrameKind, length: usize) -> Result<[u8; FRAME_HEADER_BYTES], FrameError> {
+    let wire = u32::try_from(length)
+        .ok()
+        .filter(|_| length <= MAX_FRAME_BYTES)
+        .ok_or(FrameError::TooLarge(length))?;
+    let mut header = [0u8; FRAME_HEADER_BYTES];
+    header[0] = kind as u8;
+    header[1..].copy_from_slice(&wire.to_be_bytes());
+    Ok(header)
 }
 
 /// Read one frame; the length is checked before anything is allocated.

@@ -118,8 +118,11 @@ struct Gateway {
     in_flight: Arc<InFlight<String>>,
 }
 
-/// The gateway's routes, for `axum::serve`. `local` is this node's Ollama
-/// (none on a client node).
+/// The gateway's routes. `local` is this node's Ollama (none on a client
+/// node). Serve them with [`GatewayServer`], or with
+/// [`ollamacron_http::serve`] behind an [`ollamacron_http::AccessPolicy`]:
+/// alone they have no limits on slow clients and no `Host`, `Origin` or
+/// key checks.
 pub fn router(node: NodeHandle, local: Option<LocalOllama>, config: GatewayConfig) -> Router {
     let metrics = GatewayMetrics::new();
     node.register_metrics(|registry| metrics.register(registry));
@@ -316,18 +319,23 @@ struct ModelField<'a> {
 }
 
 /// Most bytes read and dropped from a body over the limit, so the client
-/// is reading when the 413 comes (not writing into a closed socket).
+/// is reading when the 413 comes (not writing into a closed socket); past
+/// that the 413 is sent while it still writes.
 const OVERSIZE_DRAIN_BYTES: u64 = 64 * 1024 * 1024;
+
+/// Most memory set aside for a body before it arrives (it grows as it
+/// comes): a `Content-Length` alone reserves no more.
+const BODY_PREALLOCATION_BYTES: u64 = 1024 * 1024;
 
 /// The request body, whole, or the answer that refuses it: a JSON 413
 /// over `limit`, a JSON 408 when it does not arrive in time.
 async fn read_body(request: axum::extract::Request, limit: u64) -> Result<Bytes, Response> {
     let too_large = |length: Option<u64>| {
-        let size = length.map_or_else(|| "over".to_owned(), |l| format!("{l} bytes,"));
+        let size = length.map_or_else(String::new, |l| format!(" ({l} bytes)"));
         let mut response = error(
             StatusCode::PAYLOAD_TOO_LARGE,
             format!(
-                "the request body is {size} over the gateway's limit of {limit} bytes (gateway_max_request_bytes)"
+                "the request body{size} is over the gateway's limit of {limit} bytes (gateway_max_request_bytes)"
             ),
         );
         response.headers_mut().insert(
@@ -350,7 +358,7 @@ async fn read_body(request: axum::extract::Request, limit: u64) -> Result<Bytes,
         // The client waits for our word before sending: refuse at once.
         return Err(too_large(declared));
     }
-    let capacity = declared.map_or(0, |l| l.min(limit));
+    let capacity = declared.map_or(0, |l| l.min(limit).min(BODY_PREALLOCATION_BYTES));
     let mut collected = bytes::BytesMut::with_capacity(usize::try_from(capacity).unwrap_or(0));
     let mut over = false;
     let mut drained = 0u64;
@@ -358,12 +366,15 @@ async fn read_body(request: axum::extract::Request, limit: u64) -> Result<Bytes,
         let frame = match frame {
             Ok(f) => f,
             Err(e) => {
+                let cause = e.into_inner();
                 return Err(if over {
                     too_large(declared)
+                } else if let Some(timeout) = cause.downcast_ref::<ollamacron_http::BodyTimeout>() {
+                    error(StatusCode::REQUEST_TIMEOUT, timeout.to_string())
                 } else {
                     error(
-                        StatusCode::REQUEST_TIMEOUT,
-                        format!("the request body could not be read: {e}"),
+                        StatusCode::BAD_REQUEST,
+                        "the request body could not be read: it broke off or is malformed",
                     )
                 });
             }
@@ -703,8 +714,8 @@ async fn exchange_v1(
     write_frame(&mut stream, FrameKind::Request, &request)
         .await
         .map_err(|e| ExchangeError {
+            unanswered: matches!(e, crate::frame::FrameError::Io(_)),
             reason: format!("the node speaks only infer/1.0.0: {e}"),
-            unanswered: true,
         })?;
     let (mut reader, _writer) = futures::AsyncReadExt::split(stream);
     let head = read_answer_head(&mut reader).await?;

@@ -22,7 +22,7 @@ use tokio::sync::{Semaphore, mpsc};
 
 use crate::frame::{
     COALESCE_BYTES, FrameKind, InferHead, InferRequest, InferRequestHead, decode, encode_frame,
-    read_frame, write_frame,
+    read_frame,
 };
 use crate::in_flight::InFlight;
 
@@ -52,9 +52,9 @@ pub const FORWARDED_PATHS: &[&str] = &[
 /// body.
 const REQUEST_READ_TIMEOUT: Duration = Duration::from_secs(10);
 
-/// Request body frames queued between the stream and Ollama: with
-/// [`REQUEST_CHUNK_BYTES`](crate::frame::REQUEST_CHUNK_BYTES) frames, at
-/// most this many quarter-MiB pieces of a body are held at once.
+/// Request body frames queued between the stream and Ollama: at most this
+/// many frames of a body (each at most 1 MiB, a quarter of that from our
+/// gateways) are held at once.
 const BODY_QUEUE_FRAMES: usize = 4;
 
 /// A request body on its way to Ollama.
@@ -269,21 +269,17 @@ async fn answer_error<W: AsyncWrite + Unpin>(
         content_type: "application/json".to_owned(),
     };
     let body = serde_json::json!({ "error": message }).to_string();
-    write_head(stream, &head).await?;
-    write_frame(stream, FrameKind::Data, body.as_bytes())
-        .await
-        .map_err(|e| e.to_string())?;
-    write_frame(stream, FrameKind::End, &[])
-        .await
-        .map_err(|e| e.to_string())
+    let mut frames = Vec::new();
+    encode_head(&mut frames, &head)?;
+    encode_frame(&mut frames, FrameKind::Data, body.as_bytes()).map_err(|e| e.to_string())?;
+    encode_frame(&mut frames, FrameKind::End, &[]).map_err(|e| e.to_string())?;
+    send_pending(stream, &mut frames).await
 }
 
-/// Write the head frame of an answer.
-async fn write_head<W: AsyncWrite + Unpin>(stream: &mut W, head: &InferHead) -> Result<(), String> {
+/// Append the head frame of an answer.
+fn encode_head(frames: &mut Vec<u8>, head: &InferHead) -> Result<(), String> {
     let payload = serde_json::to_vec(head).map_err(|e| e.to_string())?;
-    write_frame(stream, FrameKind::Head, &payload)
-        .await
-        .map_err(|e| e.to_string())
+    encode_frame(frames, FrameKind::Head, &payload).map_err(|e| e.to_string())
 }
 
 /// A request body arriving over a channel, as frames come off the stream.
@@ -320,10 +316,16 @@ async fn pump_body(
 ) -> Result<(), String> {
     let mut received = 0u64;
     loop {
-        let (kind, data) = tokio::time::timeout(REQUEST_READ_TIMEOUT, read_frame(reader))
-            .await
-            .map_err(|_| format!("the request body stalled for {REQUEST_READ_TIMEOUT:?}"))?
-            .map_err(|e| format!("the request body broke off: {e}"))?;
+        // Once Ollama has stopped reading (it answered early) the asker
+        // may stop sending too: only its going away ends the wait then.
+        let frame = if tx.is_closed() {
+            read_frame(reader).await
+        } else {
+            tokio::time::timeout(REQUEST_READ_TIMEOUT, read_frame(reader))
+                .await
+                .map_err(|_| format!("the request body stalled for {REQUEST_READ_TIMEOUT:?}"))?
+        };
+        let (kind, data) = frame.map_err(|e| format!("the request body broke off: {e}"))?;
         match kind {
             FrameKind::Data => {
                 received = received.saturating_add(u64::try_from(data.len()).unwrap_or(u64::MAX));
@@ -342,6 +344,22 @@ async fn pump_body(
                 ));
             }
             other => return Err(format!("a {other:?} frame inside the request body")),
+        }
+    }
+}
+
+/// Why the reading side of an exchange stopped.
+enum WatchEnd {
+    /// The request body did not arrive as announced.
+    BodyFailed(String),
+    /// The asking node went away after its request.
+    AskerGone(String),
+}
+
+impl WatchEnd {
+    fn reason(&self) -> &str {
+        match self {
+            Self::BodyFailed(reason) | Self::AskerGone(reason) => reason,
         }
     }
 }
@@ -412,14 +430,18 @@ async fn serve_one(
             && let Err(reason) = pump_body(&mut reader, tx.clone(), body_bytes).await
         {
             let _ = tx.send(Err(std::io::Error::other(reason.clone()))).await;
-            return reason;
+            return WatchEnd::BodyFailed(reason);
         }
-        asker_gone(&mut reader).await
+        WatchEnd::AskerGone(asker_gone(&mut reader).await)
     };
     tokio::pin!(watch);
     let forwarded = tokio::select! {
         forwarded = ollama.forward(&path, body, body_bytes) => forwarded,
-        reason = &mut watch => return Err(reason),
+        end = &mut watch => return match end {
+            // An answer, so the asker knows not to send it again.
+            WatchEnd::BodyFailed(reason) => answer_error(writer, 400, &reason).await,
+            WatchEnd::AskerGone(reason) => Err(reason),
+        },
     };
     let forwarded = match forwarded {
         Ok(f) => f,
@@ -436,8 +458,7 @@ async fn serve_one(
     // slow reader slows Ollama down. Dropping the body when the asker goes
     // cancels the request to Ollama, even while Ollama is still thinking.
     let mut pending = Vec::new();
-    let head = serde_json::to_vec(&head).map_err(|e| e.to_string())?;
-    encode_frame(&mut pending, FrameKind::Head, &head).map_err(|e| e.to_string())?;
+    encode_head(&mut pending, &head)?;
     loop {
         let next = match body.frame().now_or_never() {
             Some(next) => next,
@@ -445,7 +466,7 @@ async fn serve_one(
                 send_pending(writer, &mut pending).await?;
                 tokio::select! {
                     frame = body.frame() => frame,
-                    reason = &mut watch => return Err(format!("{reason}: request cancelled")),
+                    end = &mut watch => return Err(format!("{}: request cancelled", end.reason())),
                 }
             }
         };

@@ -87,11 +87,13 @@ impl AccessPolicy {
         self
     }
 
-    /// Allow exactly these origins (`*` matches any run of characters, so
-    /// `http://localhost:*` is every port), configured as `setting`.
+    /// Also allow these origins, besides [`default_allowed_origins`] (`*`
+    /// matches any run of characters, so `http://localhost:*` is every
+    /// port), configured as `setting`.
     #[must_use]
     pub fn with_origins(mut self, setting: &'static str, origins: &[String]) -> Self {
-        self.origins = origins.iter().map(|o| o.to_ascii_lowercase()).collect();
+        self.origins
+            .extend(origins.iter().map(|o| o.to_ascii_lowercase()));
         self.origins_setting = setting;
         self
     }
@@ -175,8 +177,8 @@ impl AccessPolicy {
             .get(header::AUTHORIZATION)
             .and_then(|v| v.to_str().ok())
             .and_then(|v| {
-                v.strip_prefix("Bearer ")
-                    .or_else(|| v.strip_prefix("bearer "))
+                let (scheme, key) = v.split_once(' ')?;
+                scheme.eq_ignore_ascii_case("bearer").then_some(key)
             })
         else {
             return Err(format!(
@@ -204,7 +206,18 @@ impl AccessPolicy {
 /// The host of a `Host` header value, without its port.
 fn host_name(host: &str) -> &str {
     if host.starts_with('[') {
-        return host.split_inclusive(']').next().unwrap_or(host);
+        // `[v6]` or `[v6]:port`; anything else stays whole, and is no address.
+        return match host.split_once(']') {
+            Some((v6, "")) => &host[..=v6.len()],
+            Some((v6, port))
+                if port
+                    .strip_prefix(':')
+                    .is_some_and(|p| p.bytes().all(|b| b.is_ascii_digit())) =>
+            {
+                &host[..=v6.len()]
+            }
+            _ => host,
+        };
     }
     match host.rsplit_once(':') {
         Some((name, port)) if port.bytes().all(|b| b.is_ascii_digit()) => name,
@@ -347,6 +360,7 @@ mod tests {
         assert_eq!(host_name("[::1]:11435"), "[::1]");
         assert_eq!(host_name("[::1]"), "[::1]");
         assert_eq!(host_name("evil.example"), "evil.example");
+        assert_eq!(host_name("[::1]evil.example"), "[::1]evil.example");
     }
 
     fn headers(pairs: &[(header::HeaderName, &str)]) -> HeaderMap {
@@ -378,6 +392,7 @@ mod tests {
             );
         }
         for bad in [
+            "[::1]evil.example",
             "evil.example",
             "evil.example:11435",
             "192.168.1.5:11435",
@@ -438,6 +453,11 @@ mod tests {
         assert!(
             missing.contains("requires an API key") && missing.contains("api_keys"),
             "{missing}"
+        );
+        assert!(
+            policy
+                .key_accepted(&headers(&[(header::AUTHORIZATION, "BEARER first-key")]))
+                .is_ok()
         );
         let basic = policy
             .key_accepted(&headers(&[(header::AUTHORIZATION, "Basic Zmlyc3Qta2V5")]))

@@ -6,4 +6,4 @@ mod server;
 
 pub use access::{AccessPolicy, OLLAMA_ORIGINS_VAR, default_allowed_origins};
 pub use client::http_client;
-pub use server::{BodyTimeout, DeadlineBody, HttpLimits, serve};
+pub use server::{BodyTimeout, HttpLimits, serve};

@@ -5,6 +5,7 @@
 use std::convert::Infallible;
 use std::future::Future;
 use std::pin::Pin;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex, PoisonError};
 use std::task::{Context, Poll};
 use std::time::Duration;
@@ -14,7 +15,7 @@ use axum::body::Body;
 use bytes::Bytes;
 use hyper::body::{Frame, Incoming, SizeHint};
 use hyper_util::rt::TokioIo;
-use tokio::io::{AsyncRead, AsyncWrite, AsyncWriteExt, ReadBuf};
+use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt, ReadBuf};
 use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::{Notify, Semaphore, watch};
 use tokio::time::Instant;
@@ -23,13 +24,13 @@ use tokio::time::Instant;
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct HttpLimits {
     /// A request's headers must arrive within this long of their first
-    /// byte.
+    /// byte (of the connection's opening, for its first request).
     pub header_read_timeout: Duration,
     /// A request's whole body must arrive within this long of its headers.
     pub body_read_timeout: Duration,
-    /// A connection with no request in progress is closed after this long
-    /// (a fresh connection that sends nothing, or a keep-alive one between
-    /// requests).
+    /// A keep-alive connection with no request in progress is closed after
+    /// this long, and so is one whose client has not read any of its
+    /// answer for this long.
     pub idle_timeout: Duration,
     /// Connections open at once; one more is answered 503 and closed.
     pub max_connections: usize,
@@ -49,6 +50,9 @@ impl Default for HttpLimits {
 /// Pause after a failed `accept` (out of file descriptors, say) before the
 /// next, so the loop does not spin while the condition lasts.
 const ACCEPT_RETRY_DELAY: Duration = Duration::from_millis(100);
+
+/// Most bytes of a refused connection's request read before closing it.
+const REFUSAL_DRAIN_BYTES: usize = 64 * 1024;
 
 /// Longest the 503 to a connection over the cap may take to write.
 const REFUSAL_WRITE_TIMEOUT: Duration = Duration::from_secs(1);
@@ -110,7 +114,18 @@ async fn refuse(mut tcp: TcpStream, max_connections: usize) {
     );
     let _ = tokio::time::timeout(REFUSAL_WRITE_TIMEOUT, async {
         tcp.write_all(answer.as_bytes()).await?;
-        tcp.shutdown().await
+        tcp.shutdown().await?;
+        // Read what the client sent (a little, briefly) before closing, so
+        // the close is no reset that could destroy the answer in flight.
+        let mut sink = [0u8; 4096];
+        let mut drained = 0;
+        while drained < REFUSAL_DRAIN_BYTES {
+            match tcp.read(&mut sink).await? {
+                0 => break,
+                n => drained += n,
+            }
+        }
+        Ok::<_, std::io::Error>(())
     })
     .await;
 }
@@ -192,15 +207,42 @@ enum Phase {
 #[derive(Debug)]
 struct ConnectionClock {
     phase: Mutex<Phase>,
+    /// Since when a write has waited for the client to read, if one does.
+    write_stalled: Mutex<Option<Instant>>,
+    /// Whether `write_stalled` is set (read without the lock on every write).
+    stalled: AtomicBool,
     changed: Notify,
 }
 
 impl ConnectionClock {
+    /// A connection just accepted: its first request's headers are due
+    /// within the header timeout, whether or not a byte has come yet.
     fn new() -> Self {
         Self {
-            phase: Mutex::new(Phase::Idle(Instant::now())),
+            phase: Mutex::new(Phase::Head(Instant::now())),
+            write_stalled: Mutex::new(None),
+            stalled: AtomicBool::new(false),
             changed: Notify::new(),
         }
+    }
+
+    /// A write could not proceed (the client is not reading) or did.
+    fn write_polled(&self, progressed: bool) {
+        if progressed != self.stalled.load(Ordering::Relaxed) {
+            return;
+        }
+        let mut since = self
+            .write_stalled
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner);
+        *since = if progressed {
+            None
+        } else {
+            since.or(Some(Instant::now()))
+        };
+        self.stalled.store(since.is_some(), Ordering::Relaxed);
+        drop(since);
+        self.changed.notify_one();
     }
 
     fn update(&self, change: impl FnOnce(Phase) -> Phase) {
@@ -242,7 +284,16 @@ impl ConnectionClock {
                 since + limits.header_read_timeout,
                 "request headers too slow (http_header_read_timeout)",
             )),
-            Phase::Busy(_) => None,
+            Phase::Busy(_) => self
+                .write_stalled
+                .lock()
+                .unwrap_or_else(PoisonError::into_inner)
+                .map(|since| {
+                    (
+                        since + limits.idle_timeout,
+                        "the client stopped reading its answer (http_idle_timeout)",
+                    )
+                }),
         }
     }
 
@@ -307,7 +358,9 @@ impl AsyncWrite for ClockedIo {
         cx: &mut Context<'_>,
         buf: &[u8],
     ) -> Poll<std::io::Result<usize>> {
-        Pin::new(&mut self.inner).poll_write(cx, buf)
+        let polled = Pin::new(&mut self.inner).poll_write(cx, buf);
+        self.clock.write_polled(polled.is_ready());
+        polled
     }
 
     fn poll_write_vectored(
@@ -315,7 +368,9 @@ impl AsyncWrite for ClockedIo {
         cx: &mut Context<'_>,
         bufs: &[std::io::IoSlice<'_>],
     ) -> Poll<std::io::Result<usize>> {
-        Pin::new(&mut self.inner).poll_write_vectored(cx, bufs)
+        let polled = Pin::new(&mut self.inner).poll_write_vectored(cx, bufs);
+        self.clock.write_polled(polled.is_ready());
+        polled
     }
 
     fn is_write_vectored(&self) -> bool {
@@ -358,7 +413,7 @@ impl hyper::body::Body for BusyBody {
 }
 
 /// A request body that must arrive whole before a deadline.
-pub struct DeadlineBody<B> {
+pub(crate) struct DeadlineBody<B> {
     body: B,
     timeout: Duration,
     deadline: Pin<Box<tokio::time::Sleep>>,
@@ -366,7 +421,7 @@ pub struct DeadlineBody<B> {
 
 impl<B> DeadlineBody<B> {
     /// `body`, which must end within `timeout` from now.
-    pub fn new(body: B, timeout: Duration) -> Self {
+    pub(crate) fn new(body: B, timeout: Duration) -> Self {
         Self {
             body,
             timeout,

@@ -302,3 +302,52 @@ async fn a_stopped_server_accepts_no_more() {
         .await
         .expect("the listener is closed");
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_client_that_stops_reading_its_answer_is_closed() {
+    // An endless answer that says when the server drops it.
+    let (dropped_tx, dropped) = tokio::sync::oneshot::channel::<()>();
+    let dropped_tx = std::sync::Arc::new(std::sync::Mutex::new(Some(dropped_tx)));
+    let app = Router::new().route(
+        "/forever",
+        get(move || {
+            let dropped_tx = dropped_tx.clone();
+            async move {
+                struct Tell(Option<tokio::sync::oneshot::Sender<()>>);
+                impl Drop for Tell {
+                    fn drop(&mut self) {
+                        if let Some(tx) = self.0.take() {
+                            let _ = tx.send(());
+                        }
+                    }
+                }
+                let tell = Tell(dropped_tx.lock().unwrap().take());
+                let chunk = Bytes::from(vec![b'x'; 64 * 1024]);
+                let stream = futures_stream(chunk, tell);
+                axum::body::Body::from_stream(stream)
+            }
+        }),
+    );
+    let (addr, _stop) = start(app, LIMITS).await;
+    let mut stream = TcpStream::connect(addr).await.unwrap();
+    stream
+        .write_all(b"GET /forever HTTP/1.1\r\nHost: 127.0.0.1\r\n\r\n")
+        .await
+        .unwrap();
+    // Never read: once the socket's buffers are full the server waits,
+    // and after the idle timeout it closes the connection.
+    tokio::time::timeout(DEADLINE, dropped)
+        .await
+        .expect("the answer is dropped")
+        .unwrap();
+}
+
+/// `chunk` for ever, holding `guard` until dropped.
+fn futures_stream<G: Send + 'static>(
+    chunk: Bytes,
+    guard: G,
+) -> impl futures::Stream<Item = Result<Bytes, std::io::Error>> + Send {
+    futures::stream::unfold((chunk, guard), |(chunk, guard)| async move {
+        Some((Ok(chunk.clone()), (chunk, guard)))
+    })
+}

@@ -17,7 +17,7 @@ use serde::Serialize;
 use std::net::SocketAddr;
 
 use ollamacron_config::NodeConfig;
-use ollamacron_http::{AccessPolicy, HttpLimits, default_allowed_origins};
+use ollamacron_http::{AccessPolicy, HttpLimits};
 use tokio::net::TcpListener;
 use tokio::sync::watch;
 
@@ -377,7 +377,7 @@ pub fn http_limits(config: &NodeConfig) -> HttpLimits {
 /// Who may use the gateway listening on `listen`: `gateway_allowed_hosts`,
 /// the default origins plus `gateway_allowed_origins` and `ollama_origins`
 /// (the value of `OLLAMA_ORIGINS`, comma-separated, as Ollama reads it),
-/// and the gateway's keys.
+/// and the gateway's keys; `GET /` needs no key.
 ///
 /// # Errors
 /// `gateway_api_key_file` cannot be read or holds a line that is no key.
@@ -386,11 +386,7 @@ pub fn gateway_access(
     listen: SocketAddr,
     ollama_origins: Option<&str>,
 ) -> Result<AccessPolicy, NodeError> {
-    let keys = config
-        .gateway_access_keys()
-        .map_err(|e| NodeError::Config(vec![e]))?;
-    let mut origins = default_allowed_origins();
-    origins.extend(config.gateway_allowed_origins.iter().cloned());
+    let mut origins = config.gateway_allowed_origins.clone();
     origins.extend(
         ollama_origins
             .unwrap_or_default()
@@ -399,25 +395,50 @@ pub fn gateway_access(
             .filter(|o| !o.is_empty())
             .map(str::to_owned),
     );
-    Ok(AccessPolicy::new("gateway", listen)
-        .with_hosts("gateway_allowed_hosts", &config.gateway_allowed_hosts)
-        .with_origins("gateway_allowed_origins (or OLLAMA_ORIGINS)", &origins)
-        .with_keys("gateway_api_keys", &keys)
-        .with_open_paths(&["/"]))
+    let keys = config.gateway_access_keys();
+    access(AccessSettings {
+        name: "gateway",
+        listen,
+        hosts: ("gateway_allowed_hosts", &config.gateway_allowed_hosts),
+        origins: ("gateway_allowed_origins (or OLLAMA_ORIGINS)", &origins),
+        keys: ("gateway_api_keys", keys),
+        open_path: "/",
+    })
 }
 
-/// Who may use the API listening on `listen`.
+/// Who may use the API listening on `listen`; `/healthz` needs no key.
 fn api_access(config: &NodeConfig, listen: SocketAddr) -> Result<AccessPolicy, NodeError> {
-    let keys = config
-        .api_access_keys()
-        .map_err(|e| NodeError::Config(vec![e]))?;
-    let mut origins = default_allowed_origins();
-    origins.extend(config.api_allowed_origins.iter().cloned());
-    Ok(AccessPolicy::new("API", listen)
-        .with_hosts("api_allowed_hosts", &config.api_allowed_hosts)
-        .with_origins("api_allowed_origins", &origins)
-        .with_keys("api_keys", &keys)
-        .with_open_paths(&["/healthz"]))
+    access(AccessSettings {
+        name: "API",
+        listen,
+        hosts: ("api_allowed_hosts", &config.api_allowed_hosts),
+        origins: ("api_allowed_origins", &config.api_allowed_origins),
+        keys: ("api_keys", config.api_access_keys()),
+        open_path: "/healthz",
+    })
+}
+
+/// One server's access settings, each with the name it is configured by.
+struct AccessSettings<'a> {
+    name: &'static str,
+    listen: SocketAddr,
+    hosts: (&'static str, &'a [String]),
+    origins: (&'static str, &'a [String]),
+    keys: (
+        &'static str,
+        Result<Vec<String>, ollamacron_config::ValidationError>,
+    ),
+    open_path: &'static str,
+}
+
+fn access(settings: AccessSettings<'_>) -> Result<AccessPolicy, NodeError> {
+    let (keys_setting, keys) = settings.keys;
+    let keys = keys.map_err(|e| NodeError::Config(vec![e]))?;
+    Ok(AccessPolicy::new(settings.name, settings.listen)
+        .with_hosts(settings.hosts.0, settings.hosts.1)
+        .with_origins(settings.origins.0, settings.origins.1)
+        .with_keys(keys_setting, &keys)
+        .with_open_paths(&[settings.open_path]))
 }
 
 /// The API, bound and checked, ready to serve.
