@@ -37,6 +37,21 @@ async fn answer(stream: &mut Stream) -> (InferHead, String) {
     tokio::time::timeout(EVENT_TIMEOUT, read).await.unwrap()
 }
 
+/// A 2.0.0 request head for a chat of `body_bytes`.
+async fn send_head(stream: &mut Stream, body_bytes: u64) {
+    let head = InferRequestHead {
+        path: "/api/chat".into(),
+        body_bytes,
+    };
+    write_frame(
+        stream,
+        FrameKind::RequestHead,
+        &serde_json::to_vec(&head).unwrap(),
+    )
+    .await
+    .unwrap();
+}
+
 async fn pair(limits: ServeLimits) -> (Member, Member) {
     let a = member(&[], None).await;
     let b = member_with(
@@ -88,17 +103,7 @@ async fn both_versions_are_served_and_bad_bodies_get_an_answer() {
 
     // 2.0.0: the body in one-byte frames arrives whole.
     let mut v2 = open(&a, &b, INFER_PROTOCOL).await;
-    let head = InferRequestHead {
-        path: "/api/chat".into(),
-        body_bytes: CHAT.len() as u64,
-    };
-    write_frame(
-        &mut v2,
-        FrameKind::RequestHead,
-        &serde_json::to_vec(&head).unwrap(),
-    )
-    .await
-    .unwrap();
+    send_head(&mut v2, CHAT.len() as u64).await;
     for byte in CHAT.as_bytes().chunks(1) {
         write_frame(&mut v2, FrameKind::Data, byte).await.unwrap();
     }
@@ -113,17 +118,7 @@ async fn both_versions_are_served_and_bad_bodies_get_an_answer() {
 
     // A body that ends short of what its head announced: a 400 answer.
     let mut short = open(&a, &b, INFER_PROTOCOL).await;
-    let head = InferRequestHead {
-        path: "/api/chat".into(),
-        body_bytes: CHAT.len() as u64 + 10,
-    };
-    write_frame(
-        &mut short,
-        FrameKind::RequestHead,
-        &serde_json::to_vec(&head).unwrap(),
-    )
-    .await
-    .unwrap();
+    send_head(&mut short, CHAT.len() as u64 + 10).await;
     write_frame(&mut short, FrameKind::Data, CHAT.as_bytes())
         .await
         .unwrap();
@@ -134,17 +129,7 @@ async fn both_versions_are_served_and_bad_bodies_get_an_answer() {
 
     // Over the node's limit: 413 before any of the body is sent.
     let mut large = open(&a, &b, INFER_PROTOCOL).await;
-    let head = InferRequestHead {
-        path: "/api/chat".into(),
-        body_bytes: 2 * 1024 * 1024,
-    };
-    write_frame(
-        &mut large,
-        FrameKind::RequestHead,
-        &serde_json::to_vec(&head).unwrap(),
-    )
-    .await
-    .unwrap();
+    send_head(&mut large, 2 * 1024 * 1024).await;
     let (head, body) = answer(&mut large).await;
     assert_eq!(head.status, 413, "{body}");
     assert!(body.contains("gateway_max_request_bytes"), "{body}");
