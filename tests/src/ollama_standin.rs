@@ -434,7 +434,9 @@ async fn generate(
     let stream = futures::stream::unfold(
         (lines.into_iter(), watch, stall, first),
         move |(mut lines, mut watch, stall, delay)| async move {
-            tokio::time::sleep(delay).await;
+            if !delay.is_zero() {
+                tokio::time::sleep(delay).await;
+            }
             match lines.next() {
                 Some(line) => Some((line, (lines, watch, stall, between))),
                 None if stall => futures::future::pending().await,
