@@ -40,7 +40,8 @@ enum Task {
     Mesh(mesh::MeshArgs),
     /// Run the criterion benches (scoring, records, ranking) and summarise;
     /// `--gateway` measures the gateway instead (time to first token and
-    /// tokens/s: direct, local, one hop).
+    /// tokens/s, and the latency it adds to streamed, non-streamed and
+    /// embedding requests at 1 and 64 at once: direct, local, one hop).
     Bench {
         /// Measure the gateway against a stand-in Ollama instead.
         #[arg(long)]
@@ -297,7 +298,8 @@ fn build_node() -> anyhow::Result<std::path::PathBuf> {
     build_node_in("release", &["--release"])
 }
 
-/// Time to first token and tokens/s through the gateway (release build).
+/// Time to first token, tokens/s and added latency through the gateway
+/// (release build).
 fn gateway_bench() -> anyhow::Result<()> {
     let mut command = cargo();
     command.args([
