@@ -106,7 +106,11 @@ pub async fn member_with(
             ..WatchConfig::default()
         },
     );
-    tokio::spawn(OllamaAdvertiser::new(node.clone()).run(watcher.subscribe()));
+    tokio::spawn(
+        OllamaAdvertiser::new(node.clone())
+            .with_limits(limits)
+            .run(watcher.subscribe()),
+    );
     tokio::spawn(serve_inference(
         node.stream_control(),
         LocalOllama::new(endpoint(&ollama), FIRST_BYTE_TIMEOUT),

@@ -238,27 +238,161 @@ async fn a_request_is_served_by_the_node_that_has_the_model_and_streamed_back() 
     );
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn when_every_node_with_the_model_is_at_its_limit_the_client_gets_429() {
-    let a = member(&[], None).await;
-    let a_addr = a.node.dialable_addrs().await.unwrap().remove(0).to_string();
-    // B serves nobody: every request from a peer is over its limit.
-    let full = ServeLimits {
-        total: 0,
-        per_peer: 0,
+/// Limits of a serving node that takes `per_peer` requests of a gateway.
+fn taking(per_peer: usize) -> ServeLimits {
+    ServeLimits {
+        total: 64,
+        per_peer,
         ..ollamacron_tests::pool::SERVE_LIMITS
-    };
-    let b = member_with(models(&["busy:1b"]), Some(&a_addr), full).await;
-    sees(&a.node, &["busy:1b"]).await;
+    }
+}
+
+/// A stand-in that takes `first_token` before it answers.
+fn slow(names: &[&str], first_token: Duration) -> ollamacron_tests::ollama_standin::StandInModels {
+    let mut stand_in = models(names);
+    stand_in.pacing = Some(ollamacron_tests::ollama_standin::Pacing {
+        first_token,
+        between_tokens: Duration::from_millis(5),
+        tokens: TOKENS.len(),
+    });
+    stand_in
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_burst_of_three_times_the_capacity_is_queued_and_all_succeed() {
+    let a = member(&[], None).await;
+    let a_addr = a.bootstrap_addr().await;
+    let think = Duration::from_millis(100);
+    let b = member_with(slow(&["burst:1b"], think), Some(&a_addr), taking(2)).await;
+    let c = member_with(slow(&["burst:1b"], think), Some(&a_addr), taking(2)).await;
+    // Both advertise that they take 2 of A's requests at once.
+    eventually("both nodes' limits advertised", || {
+        let node = a.node.clone();
+        async move {
+            let query = ollamacron_node_core::registry::ServiceQuery {
+                service_type: Some("llm".into()),
+                ..Default::default()
+            };
+            let found = node.find_services(query).await.ok()?;
+            (found.len() == 2
+                && found.iter().all(|s| {
+                    s.service
+                        .metadata
+                        .get("max_concurrent_per_peer")
+                        .map(String::as_str)
+                        == Some("2")
+                }))
+            .then_some(())
+        }
+    })
+    .await
+    .unwrap();
     let gw = gateway(&a).await;
+    let body = br#"{"model": "burst:1b", "prompt": "go"}"#;
+    let burst: Vec<_> = (0..12)
+        .map(|_| {
+            tokio::spawn(async move { http_request(gw, "POST", "/api/generate", Some(body)).await })
+        })
+        .collect();
+    for request in burst {
+        let response = request.await.unwrap().unwrap();
+        assert_eq!(response.status, 200, "{}", response.body);
+        assert!(response.body.contains("\"done\":true"), "{}", response.body);
+    }
+    let served = (
+        b.ollama.models().generate_calls,
+        c.ollama.models().generate_calls,
+    );
+    assert_eq!(served.0 + served.1, 12, "{served:?}");
+    assert!(
+        served.0 >= 2 && served.1 >= 2,
+        "both nodes served: {served:?}"
+    );
+    assert_eq!(
+        metric_value(&a.node, "ollamacron_gateway_queue_wait_seconds_count"),
+        12.0
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_full_queue_and_a_long_wait_answer_503_with_retry_after() {
+    let a = member(&[], None).await;
+    let a_addr = a.bootstrap_addr().await;
+    let b = member_with(models(&["one:1b"]), Some(&a_addr), taking(1)).await;
+    sees(&a.node, &["one:1b"]).await;
+    eventually("B's limit advertised", || {
+        let node = a.node.clone();
+        async move {
+            let query = ollamacron_node_core::registry::ServiceQuery::default();
+            let found = node.find_services(query).await.ok()?;
+            found
+                .iter()
+                .any(|s| s.service.metadata.contains_key("max_concurrent_per_peer"))
+                .then_some(())
+        }
+    })
+    .await
+    .unwrap();
+    b.ollama.models().stall = true;
+    let gw = serve_gateway(
+        &a.node,
+        None,
+        &[("gateway_queue_max", "1"), ("gateway_queue_timeout", "10s")],
+    )
+    .await;
+    let body = br#"{"model": "one:1b", "prompt": "think"}"#;
+    // The first takes B's one slot and stalls; the second waits.
+    let first =
+        tokio::spawn(async move { http_request(gw, "POST", "/api/generate", Some(body)).await });
+    eventually("the first request at B", || {
+        let calls = b.ollama.models().generate_calls;
+        async move { (calls == 1).then_some(()) }
+    })
+    .await
+    .unwrap();
+    let second =
+        tokio::spawn(async move { http_request(gw, "POST", "/api/generate", Some(body)).await });
+    eventually("the second request queued", || {
+        let depth = metric_value(&a.node, "ollamacron_gateway_queue_depth");
+        async move { (depth >= 1.0).then_some(()) }
+    })
+    .await
+    .unwrap();
+    let third = http_request(gw, "POST", "/api/generate", Some(body))
+        .await
+        .unwrap();
+    let message = third.error_message(503);
+    assert!(
+        message.contains("maximum pending requests exceeded"),
+        "{message}"
+    );
+    assert!(
+        third
+            .headers
+            .to_ascii_lowercase()
+            .contains("retry-after: 1"),
+        "{third:?}"
+    );
+    assert_eq!(b.ollama.models().generate_calls, 1, "neither reached B");
+    first.abort();
+    second.abort();
+
+    // A node that takes none of our requests: the wait times out.
+    let c = member_with(models(&["none:1b"]), Some(&a_addr), taking(0)).await;
+    sees(&a.node, &["none:1b"]).await;
+    let waiting = serve_gateway(&a.node, None, &[("gateway_queue_timeout", "300ms")]).await;
     let response = http_request(
-        gw,
+        waiting,
         "POST",
         "/api/generate",
-        Some(br#"{"model": "busy:1b"}"#),
+        Some(br#"{"model": "none:1b"}"#),
     )
     .await
     .unwrap();
-    assert!(response.error_message(429).contains("busy"));
-    assert_eq!(b.ollama.models().generate_calls, 0, "refused before Ollama");
+    assert!(
+        response
+            .error_message(503)
+            .contains("gateway_queue_timeout")
+    );
+    assert_eq!(c.ollama.models().generate_calls, 0, "refused before Ollama");
 }

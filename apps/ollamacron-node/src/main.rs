@@ -385,6 +385,7 @@ async fn serve(config: NodeConfig) -> anyhow::Result<()> {
         tokio::spawn(
             OllamaAdvertiser::new(node.clone())
                 .with_load(load.clone())
+                .with_limits(serve_limits)
                 .run(watcher.subscribe()),
         );
         watcher

@@ -209,6 +209,12 @@ pub struct NodeConfig {
     /// Largest request body the gateway takes (and a serving node takes
     /// from a peer); larger ones get a JSON 413.
     pub gateway_max_request_bytes: ByteSize,
+    /// Requests the gateway holds while every node with their model is at
+    /// its limit; one more gets 503, as from a full Ollama.
+    pub gateway_queue_max: u32,
+    /// Longest a request waits in that queue before a 503.
+    #[serde(with = "duration")]
+    pub gateway_queue_timeout: Duration,
     /// `Host` names the gateway answers besides loopback ones and its own
     /// address (`*`: any). A page of another name is refused (DNS rebinding).
     pub gateway_allowed_hosts: Vec<String>,
@@ -361,6 +367,8 @@ impl Default for NodeConfig {
             gateway_max_concurrent: 32,
             gateway_max_concurrent_per_peer: 8,
             gateway_max_request_bytes: ByteSize::from_mib(100),
+            gateway_queue_max: 512,
+            gateway_queue_timeout: Duration::from_secs(300),
             gateway_allowed_hosts: Vec::new(),
             gateway_allowed_origins: Vec::new(),
             gateway_api_keys: Vec::new(),

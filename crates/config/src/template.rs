@@ -318,6 +318,16 @@ const FIELD_DOCS: &[(&str, &str, Option<&str>)] = &[
         None,
     ),
     (
+        "gateway_queue_max",
+        "Requests the gateway holds, in arrival order, while every node with their model is at its limit (each node takes gateway_max_concurrent_per_peer of them); one more gets 503 with Retry-After, as a full Ollama answers.",
+        None,
+    ),
+    (
+        "gateway_queue_timeout",
+        "Longest a request waits in that queue before a 503.",
+        None,
+    ),
+    (
         "gateway_allowed_hosts",
         "Host names the gateway answers besides localhost, loopback addresses and its own address (any address when it listens on 0.0.0.0); * allows any. Others get 403, which stops DNS-rebinding pages.",
         None,

@@ -7,7 +7,7 @@ use ollamacron_node_core::{NodeError, NodeHandle};
 use ollamacron_ollama::{LocalModel, OllamaState};
 use tokio::sync::watch;
 
-use crate::serve::InferenceLoad;
+use crate::serve::{InferenceLoad, ServeLimits};
 
 /// Every service made from an Ollama model has an id `ollama/<model>`, so
 /// it never collides with a configured service.
@@ -77,6 +77,7 @@ pub struct OllamaAdvertiser {
     node: NodeHandle,
     advertised: BTreeMap<String, ServiceInfo>,
     load: Option<InferenceLoad>,
+    limits: Option<ServeLimits>,
 }
 
 /// How often the advertised load is brought up to date (only when it
@@ -91,6 +92,7 @@ impl OllamaAdvertiser {
             node,
             advertised: BTreeMap::new(),
             load: None,
+            limits: None,
         }
     }
 
@@ -100,6 +102,15 @@ impl OllamaAdvertiser {
     #[must_use]
     pub fn with_load(mut self, load: InferenceLoad) -> Self {
         self.load = Some(load);
+        self
+    }
+
+    /// Also advertise how many requests this node serves for peers at
+    /// once (`max_concurrent`, `max_concurrent_per_peer`), so gateways
+    /// queue instead of sending what it would refuse.
+    #[must_use]
+    pub fn with_limits(mut self, limits: ServeLimits) -> Self {
+        self.limits = Some(limits);
         self
     }
 
@@ -127,6 +138,14 @@ impl OllamaAdvertiser {
                     if let Some(load) = &self.load {
                         s.metadata
                             .insert("in_flight".to_owned(), load.current().to_string());
+                    }
+                    if let Some(limits) = &self.limits {
+                        s.metadata
+                            .insert("max_concurrent".to_owned(), limits.total.to_string());
+                        s.metadata.insert(
+                            "max_concurrent_per_peer".to_owned(),
+                            limits.per_peer.to_string(),
+                        );
                     }
                     (s.id.clone(), s)
                 })

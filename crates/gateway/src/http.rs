@@ -4,7 +4,7 @@
 
 use std::collections::BTreeMap;
 use std::sync::Arc;
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use axum::Router;
 use axum::body::Body;
@@ -25,8 +25,8 @@ use crate::frame::{
     COALESCE_BYTES, FrameKind, InferHead, InferRequest, InferRequestHead, REQUEST_CHUNK_BYTES,
     decode, encode_frame, read_frame, write_frame,
 };
-use crate::in_flight::{InFlight, InFlightGuard};
 use crate::metrics::{GatewayMetrics, ModelLabel, RequestLabels, ServedLabels};
+use crate::queue::{Choice, QueueRefusal, RequestQueue, Slot};
 use crate::serve::{FORWARDED_PATHS, INFER_PROTOCOL, INFER_PROTOCOL_V1, LocalOllama};
 
 /// How the gateway behaves.
@@ -39,6 +39,14 @@ pub struct GatewayConfig {
     pub first_byte_timeout: Duration,
     /// Largest request body taken (`gateway_max_request_bytes`).
     pub max_request_bytes: u64,
+    /// Requests that wait at most for a free node (`gateway_queue_max`);
+    /// one more is a 503.
+    pub queue_max: usize,
+    /// Longest a request waits for a free node (`gateway_queue_timeout`).
+    pub queue_timeout: Duration,
+    /// Requests this node's own Ollama takes from its gateway at once
+    /// (`gateway_max_concurrent`).
+    pub local_limit: usize,
 }
 
 impl GatewayConfig {
@@ -50,6 +58,9 @@ impl GatewayConfig {
             max_attempts: usize::try_from(config.gateway_failover_attempts).unwrap_or(usize::MAX),
             first_byte_timeout: config.gateway_first_byte_timeout,
             max_request_bytes: config.gateway_max_request_bytes.bytes(),
+            queue_max: usize::try_from(config.gateway_queue_max).unwrap_or(usize::MAX),
+            queue_timeout: config.gateway_queue_timeout,
+            local_limit: usize::try_from(config.gateway_max_concurrent).unwrap_or(usize::MAX),
         }
     }
 }
@@ -114,8 +125,9 @@ struct Gateway {
     local: Option<LocalOllama>,
     config: GatewayConfig,
     metrics: GatewayMetrics,
-    /// This gateway's requests in flight, per serving peer.
-    in_flight: Arc<InFlight<String>>,
+    /// This gateway's requests in flight per serving node, and those
+    /// waiting for one.
+    queue: Arc<RequestQueue>,
 }
 
 /// The gateway's routes. `local` is this node's Ollama (none on a client
@@ -129,9 +141,9 @@ pub fn router(node: NodeHandle, local: Option<LocalOllama>, config: GatewayConfi
     let gateway = Gateway {
         node,
         local,
+        queue: RequestQueue::new(config.queue_max),
         config,
         metrics,
-        in_flight: Arc::default(),
     };
     let mut router = Router::new()
         .route(
@@ -435,8 +447,8 @@ async fn infer(State(gateway): State<Gateway>, request: axum::extract::Request) 
             .and_then(|v| v.parse().ok())
             .unwrap_or(0);
         gateway
-            .in_flight
-            .count(&c.service.peer_id)
+            .queue
+            .in_flight(&c.service.peer_id)
             .saturating_add(advertised)
     });
     let count = |peer: &str, outcome| {
@@ -454,10 +466,57 @@ async fn infer(State(gateway): State<Gateway>, request: axum::extract::Request) 
         count("none", "not_found");
         return error(StatusCode::NOT_FOUND, format!("model '{model}' not found"));
     }
+    let waited_since = Instant::now();
+    let deadline = waited_since + gateway.config.queue_timeout;
     let mut last_failure = String::new();
-    let (mut attempts, mut busy) = (0usize, 0usize);
-    for candidate in candidates.iter().take(gateway.config.max_attempts) {
-        let started = std::time::Instant::now();
+    let mut failed: Vec<String> = Vec::new();
+    // Nodes that answered 429 (busy with other gateways' requests) since
+    // the last pause.
+    let mut busy: Vec<String> = Vec::new();
+    loop {
+        let choices: Vec<Choice> = candidates
+            .iter()
+            .filter(|c| !failed.contains(&c.service.peer_id) && !busy.contains(&c.service.peer_id))
+            .map(|c| Choice {
+                key: c.service.peer_id.clone(),
+                limit: if c.local {
+                    gateway.config.local_limit
+                } else {
+                    advertised_limit(c)
+                },
+            })
+            .collect();
+        if choices.is_empty() {
+            if busy.is_empty() || Instant::now() >= deadline {
+                break;
+            }
+            // Every node left is busy with others' requests: wait a
+            // little, then ask them again.
+            busy.clear();
+            tokio::time::sleep(BUSY_RETRY_DELAY.min(deadline - Instant::now())).await;
+            continue;
+        }
+        gateway.metrics.queue_depth.inc();
+        let slot = gateway
+            .queue
+            .acquire(choices, deadline.saturating_duration_since(Instant::now()))
+            .await;
+        gateway.metrics.queue_depth.dec();
+        gateway
+            .metrics
+            .queue_wait
+            .observe(waited_since.elapsed().as_secs_f64());
+        let slot = match slot {
+            Ok(slot) => slot,
+            Err(refusal) => {
+                count("none", "queue_full");
+                return queue_refusal(&gateway, refusal);
+            }
+        };
+        let Some(candidate) = candidates.iter().find(|c| c.service.peer_id == slot.key()) else {
+            break;
+        };
+        let started = Instant::now();
         let peer_label = if candidate.local {
             "local".to_owned()
         } else {
@@ -483,17 +542,17 @@ async fn infer(State(gateway): State<Gateway>, request: axum::extract::Request) 
                     .get_or_create(&labels)
                     .observe(started.elapsed().as_secs_f64());
                 count(&peer_label, "ok");
-                let guard = gateway
-                    .in_flight
-                    .try_start(&candidate.service.peer_id, usize::MAX);
-                return counted(response, &gateway.metrics, &labels, guard);
+                return counted(response, &gateway.metrics, &labels, slot);
             }
             Err(Failure { reason, status }) => {
-                tracing::info!(%model, peer = %candidate.service.peer_id, %reason, "failing over to the next node");
-                attempts += 1;
+                drop(slot);
                 if status == Some(StatusCode::TOO_MANY_REQUESTS.as_u16()) {
-                    busy += 1;
+                    // Not a failure: full with other gateways' requests.
+                    busy.push(candidate.service.peer_id.clone());
+                    continue;
                 }
+                tracing::info!(%model, peer = %candidate.service.peer_id, %reason, "failing over to the next node");
+                failed.push(candidate.service.peer_id.clone());
                 gateway
                     .metrics
                     .failovers
@@ -502,37 +561,75 @@ async fn infer(State(gateway): State<Gateway>, request: axum::extract::Request) 
                     })
                     .inc();
                 last_failure = reason;
+                if failed.len() >= gateway.config.max_attempts {
+                    break;
+                }
             }
         }
     }
-    count("none", "failed");
-    if busy > 0 && busy == attempts {
-        // Every node with the model is at its limit: the client should
-        // retry later, as Ollama tells it when it is full.
-        return error(
-            StatusCode::TOO_MANY_REQUESTS,
-            format!("every node serving '{model}' is busy; retry later"),
-        );
+    if failed.is_empty() {
+        count("none", "queue_full");
+        return queue_refusal(&gateway, QueueRefusal::TimedOut);
     }
+    count("none", "failed");
     error(
         StatusCode::BAD_GATEWAY,
         format!("no node could serve '{model}': {last_failure}"),
     )
 }
 
+/// Pause before asking again nodes that all answered 429.
+const BUSY_RETRY_DELAY: Duration = Duration::from_millis(250);
+
+/// How many of our requests a serving node takes at once: what it
+/// advertises it serves for one peer (no limit when it says nothing; its
+/// 429 then tells).
+fn advertised_limit(candidate: &RankedService) -> usize {
+    candidate
+        .service
+        .metadata
+        .get("max_concurrent_per_peer")
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(usize::MAX)
+}
+
+/// Ollama's answer when its queue is full (a 503 with `Retry-After`), and
+/// ours when a request waited too long.
+fn queue_refusal(gateway: &Gateway, refusal: QueueRefusal) -> Response {
+    let message = match refusal {
+        QueueRefusal::Full => format!(
+            "server busy, please try again.  maximum pending requests exceeded (gateway_queue_max = {})",
+            gateway.config.queue_max
+        ),
+        QueueRefusal::TimedOut => format!(
+            "server busy, please try again.  no node with the model was free within {:?} (gateway_queue_timeout)",
+            gateway.config.queue_timeout
+        ),
+    };
+    let mut response = error(StatusCode::SERVICE_UNAVAILABLE, message);
+    response.headers_mut().insert(
+        header::RETRY_AFTER,
+        axum::http::HeaderValue::from_static(RETRY_AFTER_SECS),
+    );
+    response
+}
+
+/// What a refused client is told to wait before trying again.
+const RETRY_AFTER_SECS: &str = "1";
+
 /// The response with its body's bytes and chunks counted as they stream.
 fn counted(
     response: Response,
     metrics: &GatewayMetrics,
     labels: &ServedLabels,
-    in_flight: Option<InFlightGuard<String>>,
+    slot: Slot,
 ) -> Response {
     let bytes = metrics.bytes.get_or_create(labels).clone();
     let chunks = metrics.chunks.get_or_create(labels).clone();
     let (parts, body) = response.into_parts();
     let stream = body.into_data_stream().inspect(move |chunk| {
         // Held until the body is done or dropped.
-        let _in_flight = &in_flight;
+        let _slot = &slot;
         if let Ok(chunk) = chunk {
             bytes.inc_by(u64::try_from(chunk.len()).unwrap_or(u64::MAX));
             chunks.inc();

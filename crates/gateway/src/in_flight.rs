@@ -22,15 +22,16 @@ pub(crate) struct InFlightGuard<K: Eq + Hash> {
 }
 
 impl<K: Eq + Hash + Clone> InFlight<K> {
+    /// Requests in flight for `key`.
+    #[cfg(test)]
+    fn count(&self, key: &K) -> usize {
+        self.lock().get(key).copied().unwrap_or(0)
+    }
+
     fn lock(&self) -> MutexGuard<'_, HashMap<K, usize>> {
         self.0
             .lock()
             .unwrap_or_else(std::sync::PoisonError::into_inner)
-    }
-
-    /// Requests in flight for `key`.
-    pub(crate) fn count(&self, key: &K) -> usize {
-        self.lock().get(key).copied().unwrap_or(0)
     }
 
     /// Count one more for `key` unless it already has `max`.

@@ -5,6 +5,7 @@ pub mod frame;
 mod http;
 mod in_flight;
 mod metrics;
+mod queue;
 mod serve;
 
 pub use advertise::{LOAD_REFRESH_INTERVAL, OllamaAdvertiser, SERVICE_ID_PREFIX, model_service};

@@ -3,6 +3,7 @@
 use prometheus_client::encoding::EncodeLabelSet;
 use prometheus_client::metrics::counter::Counter;
 use prometheus_client::metrics::family::Family;
+use prometheus_client::metrics::gauge::Gauge;
 use prometheus_client::metrics::histogram::{Histogram, exponential_buckets};
 use prometheus_client::registry::Registry;
 
@@ -34,6 +35,10 @@ pub(crate) struct GatewayMetrics {
     pub(crate) first_byte: Family<ServedLabels, Histogram>,
     pub(crate) bytes: Family<ServedLabels, Counter>,
     pub(crate) chunks: Family<ServedLabels, Counter>,
+    /// Requests waiting for a free node now.
+    pub(crate) queue_depth: Gauge,
+    /// How long requests waited for a node (0 when one was free).
+    pub(crate) queue_wait: Histogram,
 }
 
 /// Bucket of the first-byte histogram: 1 ms doubling to about 65 s.
@@ -54,6 +59,12 @@ impl GatewayMetrics {
             }),
             bytes: Family::default(),
             chunks: Family::default(),
+            queue_depth: Gauge::default(),
+            queue_wait: Histogram::new(exponential_buckets(
+                FIRST_BYTE_BUCKET_START_SECONDS,
+                2.0,
+                FIRST_BYTE_BUCKETS,
+            )),
         }
     }
 
@@ -79,6 +90,16 @@ impl GatewayMetrics {
             "streamed_bytes",
             "Bytes of answers streamed to clients, by model and serving peer",
             self.bytes.clone(),
+        );
+        gateway.register(
+            "queue_depth",
+            "Requests waiting for a free node with their model",
+            self.queue_depth.clone(),
+        );
+        gateway.register(
+            "queue_wait_seconds",
+            "Time requests waited for a free node",
+            self.queue_wait.clone(),
         );
         gateway.register(
             "streamed_chunks",
