@@ -46,6 +46,9 @@ pub struct StandInModels {
     pub cancelled: usize,
     /// Every POST body that arrived, in order.
     pub bodies: Vec<ReceivedBody>,
+    /// A model asked for on `/api/generate` or `/api/chat` is then listed
+    /// as loaded, as Ollama loads it.
+    pub load_on_use: bool,
 }
 
 /// A request body as the stand-in received it.
@@ -355,6 +358,12 @@ async fn generate(
     let (failing, die, stall, pacing) = {
         let mut m = s.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
         m.generate_calls += 1;
+        if let Some(name) = body["model"].as_str()
+            && m.load_on_use
+            && !m.loaded.iter().any(|l| l == name)
+        {
+            m.loaded.push(name.to_owned());
+        }
         (
             m.failing || m.failing_inference,
             m.die_mid_stream,

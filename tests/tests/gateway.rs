@@ -396,3 +396,101 @@ async fn a_full_queue_and_a_long_wait_answer_503_with_retry_after() {
     );
     assert_eq!(c.ollama.models().generate_calls, 0, "refused before Ollama");
 }
+
+/// Whether `node` sees `model` loaded on `peer`.
+async fn loaded_on(node: &ollamacron_node_core::NodeHandle, peer: &str, model: &str) -> bool {
+    let query = ollamacron_node_core::registry::ServiceQuery {
+        service_type: Some("llm".into()),
+        ..Default::default()
+    };
+    node.find_services(query).await.is_ok_and(|found| {
+        found.iter().any(|s| {
+            s.service.peer_id == peer
+                && s.service.name == model
+                && s.service.metadata.get("loaded").map(String::as_str) == Some("true")
+        })
+    })
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn warm_nodes_are_preferred_and_a_cold_one_serves_once_they_are_full() {
+    let a = member(&[], None).await;
+    let a_addr = a.bootstrap_addr().await;
+    let mut warm = models(&["chat:8b"]);
+    warm.loaded = vec!["chat:8b".into()];
+    // The cold node sorts first by peer id half the time: only "loaded"
+    // can make the choice every run.
+    let b = member_with(warm, Some(&a_addr), taking(1)).await;
+    let mut cold = models(&["chat:8b"]);
+    cold.load_on_use = true;
+    let c = member_with(cold, Some(&a_addr), taking(1)).await;
+    let (b_id, c_id) = (b.node.peer_id().to_string(), c.node.peer_id().to_string());
+    eventually("both nodes with their limits and B warm", || {
+        let (node, b_id) = (a.node.clone(), b_id.clone());
+        async move {
+            let query = ollamacron_node_core::registry::ServiceQuery {
+                service_type: Some("llm".into()),
+                ..Default::default()
+            };
+            let found = node.find_services(query).await.ok()?;
+            (found.len() == 2
+                && found
+                    .iter()
+                    .all(|s| s.service.metadata.contains_key("max_concurrent_per_peer"))
+                && loaded_on(&node, &b_id, "chat:8b").await)
+                .then_some(())
+        }
+    })
+    .await
+    .unwrap();
+    let gw = gateway(&a).await;
+    let body = br#"{"model": "chat:8b", "prompt": "hi", "stream": false}"#;
+    for _ in 0..3 {
+        let response = http_request(gw, "POST", "/api/generate", Some(body))
+            .await
+            .unwrap();
+        assert_eq!(response.status, 200, "{}", response.body);
+    }
+    assert_eq!(
+        (
+            b.ollama.models().generate_calls,
+            c.ollama.models().generate_calls
+        ),
+        (3, 0),
+        "the warm node serves while it has room"
+    );
+    // B full (its one slot held by a stalled request): C serves, cold.
+    b.ollama.models().stall = true;
+    let held = tokio::spawn(async move {
+        http_request(
+            gw,
+            "POST",
+            "/api/generate",
+            Some(br#"{"model": "chat:8b", "prompt": "think"}"#),
+        )
+        .await
+    });
+    eventually("B holds the stalled request", || {
+        let calls = b.ollama.models().generate_calls;
+        async move { (calls == 4).then_some(()) }
+    })
+    .await
+    .unwrap();
+    let response = http_request(gw, "POST", "/api/generate", Some(body))
+        .await
+        .unwrap();
+    assert_eq!(response.status, 200, "{}", response.body);
+    assert_eq!(
+        c.ollama.models().generate_calls,
+        1,
+        "the cold node once the warm one is full"
+    );
+    // Serving loaded the model on C, and the mesh hears of it.
+    eventually("C's model advertised as loaded", || {
+        let (node, c_id) = (a.node.clone(), c_id.clone());
+        async move { loaded_on(&node, &c_id, "chat:8b").await.then_some(()) }
+    })
+    .await
+    .unwrap();
+    held.abort();
+}

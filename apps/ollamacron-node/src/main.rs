@@ -376,11 +376,9 @@ async fn serve(config: NodeConfig) -> anyhow::Result<()> {
     // Advertise the local Ollama's models and serve peers' requests to
     // it; all of it stops with the node.
     let load = InferenceLoad::default();
-    let local = ollama.as_ref().map(|(client, _)| {
-        LocalOllama::new(client.endpoint().clone(), gateway_config.first_byte_timeout)
-    });
-    let _ollama = ollama.map(|(client, config)| {
+    let watched = ollama.map(|(client, config)| {
         tracing::info!(url = %client.endpoint(), "advertising the local Ollama's models");
+        let endpoint = client.endpoint().clone();
         let watcher = OllamaWatcher::spawn(client, config);
         tokio::spawn(
             OllamaAdvertiser::new(node.clone())
@@ -388,8 +386,12 @@ async fn serve(config: NodeConfig) -> anyhow::Result<()> {
                 .with_limits(serve_limits)
                 .run(watcher.subscribe()),
         );
-        watcher
+        // Each request it serves re-reads which models are loaded.
+        let local = LocalOllama::new(endpoint, gateway_config.first_byte_timeout)
+            .with_refresh(watcher.refresher());
+        (watcher, local)
     });
+    let local = watched.as_ref().map(|(_, local)| local.clone());
     if let Some(local) = local.clone() {
         let control = node.stream_control();
         tokio::spawn(async move {

@@ -436,20 +436,27 @@ async fn infer(State(gateway): State<Gateway>, request: axum::extract::Request) 
         .into_iter()
         .filter(|s| same_model(&s.service.name, &model))
         .collect();
-    // Busy nodes yield to idle ones: fewer requests in flight first (ours
+    // Nodes with the model loaded first (a cold load costs seconds), then
+    // busy nodes yield to idle ones: fewer requests in flight first (ours
     // to it now, plus what it last advertised serving for others), the
-    // scorer's order among equals (the sort is stable).
+    // scorer's order among equals (the sort is stable). The queue takes
+    // the first of these with room, so a cold node serves once the warm
+    // ones are full.
     candidates.sort_by_key(|c| {
+        let cold = c.service.metadata.get("loaded").is_none_or(|l| l != "true");
         let advertised: usize = c
             .service
             .metadata
             .get("in_flight")
             .and_then(|v| v.parse().ok())
             .unwrap_or(0);
-        gateway
-            .queue
-            .in_flight(&c.service.peer_id)
-            .saturating_add(advertised)
+        (
+            cold,
+            gateway
+                .queue
+                .in_flight(&c.service.peer_id)
+                .saturating_add(advertised),
+        )
     });
     let count = |peer: &str, outcome| {
         gateway

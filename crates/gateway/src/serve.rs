@@ -17,7 +17,7 @@ use hyper_util::client::legacy::Client;
 use hyper_util::client::legacy::connect::HttpConnector;
 use ollamacron_node_core::libp2p::{PeerId, Stream, StreamProtocol};
 use ollamacron_node_core::libp2p_stream::Control;
-use ollamacron_ollama::OllamaEndpoint;
+use ollamacron_ollama::{OllamaEndpoint, OllamaRefresh};
 use tokio::sync::{Semaphore, mpsc};
 
 use crate::frame::{
@@ -66,6 +66,7 @@ pub struct LocalOllama {
     endpoint: OllamaEndpoint,
     http: Client<HttpConnector, ForwardBody>,
     first_byte_timeout: Duration,
+    refresh: Option<OllamaRefresh>,
 }
 
 /// What the local Ollama answered: status, content type, and the body.
@@ -87,7 +88,16 @@ impl LocalOllama {
             endpoint,
             http: ollamacron_http::http_client(),
             first_byte_timeout,
+            refresh: None,
         }
+    }
+
+    /// After each request Ollama answers, ask `refresh`'s watcher to read
+    /// Ollama again: the model is loaded now, and the record says so.
+    #[must_use]
+    pub fn with_refresh(mut self, refresh: OllamaRefresh) -> Self {
+        self.refresh = Some(refresh);
+        self
     }
 
     /// POST `body` (all of it at hand) to `path` on the local Ollama.
@@ -129,6 +139,9 @@ impl LocalOllama {
                 )
             })?
             .map_err(|e| format!("Ollama at {} is unreachable: {e}", self.endpoint))?;
+        if let Some(refresh) = &self.refresh {
+            refresh.now();
+        }
         let content_type = response
             .headers()
             .get("content-type")

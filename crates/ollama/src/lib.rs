@@ -220,16 +220,43 @@ impl Default for WatchConfig {
 #[derive(Debug)]
 pub struct OllamaWatcher {
     state: watch::Receiver<OllamaState>,
+    refresh: OllamaRefresh,
     task: JoinHandle<()>,
 }
+
+/// Asks an [`OllamaWatcher`] to read its Ollama again soon (at most once
+/// per [`MIN_REFRESH_GAP`]), e.g. after a request loaded a model.
+#[derive(Debug, Clone, Default)]
+pub struct OllamaRefresh(std::sync::Arc<tokio::sync::Notify>);
+
+impl OllamaRefresh {
+    /// Read again now (or at the end of the current gap).
+    pub fn now(&self) {
+        self.0.notify_one();
+    }
+}
+
+/// Shortest time between two reads of Ollama that [`OllamaRefresh`] asks for.
+pub const MIN_REFRESH_GAP: Duration = Duration::from_secs(1);
 
 impl OllamaWatcher {
     /// Start watching (needs a tokio runtime).
     #[must_use]
     pub fn spawn(client: OllamaClient, config: WatchConfig) -> Self {
         let (tx, state) = watch::channel(OllamaState::Unknown);
-        let task = tokio::spawn(watch_loop(client, config, tx));
-        Self { state, task }
+        let refresh = OllamaRefresh::default();
+        let task = tokio::spawn(watch_loop(client, config, tx, refresh.clone()));
+        Self {
+            state,
+            refresh,
+            task,
+        }
+    }
+
+    /// A handle that makes the watcher read Ollama again soon.
+    #[must_use]
+    pub fn refresher(&self) -> OllamaRefresh {
+        self.refresh.clone()
     }
 
     /// A receiver of the state; `changed()` wakes on every change.
@@ -245,7 +272,12 @@ impl Drop for OllamaWatcher {
     }
 }
 
-async fn watch_loop(client: OllamaClient, config: WatchConfig, tx: watch::Sender<OllamaState>) {
+async fn watch_loop(
+    client: OllamaClient,
+    config: WatchConfig,
+    tx: watch::Sender<OllamaState>,
+    refresh: OllamaRefresh,
+) {
     let mut shown = HashMap::new();
     let mut failures: u32 = 0;
     let mut last_models: Vec<LocalModel> = Vec::new();
@@ -296,6 +328,11 @@ async fn watch_loop(client: OllamaClient, config: WatchConfig, tx: watch::Sender
         if tx.is_closed() {
             return;
         }
-        tokio::time::sleep(delay).await;
+        let next = tokio::time::Instant::now() + delay;
+        tokio::time::sleep(MIN_REFRESH_GAP.min(delay)).await;
+        tokio::select! {
+            () = tokio::time::sleep_until(next) => {}
+            () = refresh.0.notified() => {}
+        }
     }
 }
