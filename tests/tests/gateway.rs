@@ -494,3 +494,82 @@ async fn warm_nodes_are_preferred_and_a_cold_one_serves_once_they_are_full() {
     .unwrap();
     held.abort();
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_node_failing_live_requests_is_cooled_down_and_probed_back() {
+    let a = member(&[], None).await;
+    let a_addr = a.bootstrap_addr().await;
+    // B ranks first (warm) but its Ollama fails every inference while its
+    // /api/tags is fine; C is cold and healthy.
+    let mut warm = models(&["flaky:1b"]);
+    warm.loaded = vec!["flaky:1b".into()];
+    warm.failing_inference = true;
+    let b = member_with(warm, Some(&a_addr), taking(8)).await;
+    let c = member_with(models(&["flaky:1b"]), Some(&a_addr), taking(8)).await;
+    let b_id = b.node.peer_id().to_string();
+    eventually("B warm and C seen", || {
+        let (node, b_id) = (a.node.clone(), b_id.clone());
+        async move {
+            let query = ollamacron_node_core::registry::ServiceQuery {
+                service_type: Some("llm".into()),
+                ..Default::default()
+            };
+            let found = node.find_services(query).await.ok()?;
+            (found.len() == 2 && loaded_on(&node, &b_id, "flaky:1b").await).then_some(())
+        }
+    })
+    .await
+    .unwrap();
+    let gw = gateway(&a).await;
+    let body = br#"{"model": "flaky:1b", "prompt": "hi", "stream": false}"#;
+    let ask = || async move {
+        let response = http_request(gw, "POST", "/api/generate", Some(body))
+            .await
+            .unwrap();
+        assert_eq!(response.status, 200, "{}", response.body);
+    };
+    for _ in 0..3 {
+        ask().await;
+    }
+    assert_eq!(
+        b.ollama.models().generate_calls,
+        3,
+        "tried first three times, failed"
+    );
+    let breaker = format!("ollamacron_gateway_breaker_state{{peer=\"{b_id}\"}}");
+    assert_eq!(metric_value(&a.node, &breaker), 2.0, "open");
+    // While it cools down, requests go straight to C.
+    for _ in 0..5 {
+        ask().await;
+    }
+    assert_eq!(
+        b.ollama.models().generate_calls,
+        3,
+        "not tried while cooling down"
+    );
+    assert_eq!(c.ollama.models().generate_calls, 8);
+    // B heals; after the cool-down one request probes it, and it is back.
+    b.ollama.models().failing_inference = false;
+    eventually("a probe to B", || {
+        let tried = b.ollama.models().generate_calls > 3;
+        async move {
+            if tried {
+                return Some(());
+            }
+            ask().await;
+            None
+        }
+    })
+    .await
+    .unwrap();
+    assert_eq!(metric_value(&a.node, &breaker), 0.0, "closed again");
+    let before = b.ollama.models().generate_calls;
+    ask().await;
+    assert_eq!(
+        b.ollama.models().generate_calls,
+        before + 1,
+        "B serves again"
+    );
+    let trips = format!("ollamacron_gateway_breaker_trips_total{{peer=\"{b_id}\"}}");
+    assert_eq!(metric_value(&a.node, &trips), 1.0);
+}

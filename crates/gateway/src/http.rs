@@ -21,10 +21,12 @@ use ollamacron_node_core::registry::{RankedService, ServiceQuery};
 use ollamacron_node_core::{NodeError, NodeHandle, libp2p_stream};
 use serde_json::{Value, json};
 
+use crate::breaker::{BreakerState, Breakers};
 use crate::frame::{
     COALESCE_BYTES, FrameKind, InferHead, InferRequest, InferRequestHead, REQUEST_CHUNK_BYTES,
     decode, encode_frame, read_frame, write_frame,
 };
+use crate::metrics::PeerLabel;
 use crate::metrics::{GatewayMetrics, ModelLabel, RequestLabels, ServedLabels};
 use crate::queue::{Choice, QueueRefusal, RequestQueue, Slot};
 use crate::serve::{FORWARDED_PATHS, INFER_PROTOCOL, INFER_PROTOCOL_V1, LocalOllama};
@@ -128,6 +130,8 @@ struct Gateway {
     /// This gateway's requests in flight per serving node, and those
     /// waiting for one.
     queue: Arc<RequestQueue>,
+    /// Each serving node's breaker.
+    breakers: Arc<Breakers>,
 }
 
 /// The gateway's routes. `local` is this node's Ollama (none on a client
@@ -142,6 +146,7 @@ pub fn router(node: NodeHandle, local: Option<LocalOllama>, config: GatewayConfi
         node,
         local,
         queue: RequestQueue::new(config.queue_max),
+        breakers: Arc::default(),
         config,
         metrics,
     };
@@ -255,6 +260,16 @@ fn same_model(a: &str, b: &str) -> bool {
 }
 
 impl Gateway {
+    /// Show `peer`'s breaker in the metrics.
+    fn show_breaker(&self, peer: &str, state: BreakerState) {
+        self.metrics
+            .breaker_state
+            .get_or_create(&PeerLabel {
+                peer: peer.to_owned(),
+            })
+            .set(state.gauge());
+    }
+
     /// Every service of the mesh that is an Ollama model, best first.
     async fn models(&self) -> Vec<RankedService> {
         let mut all = Vec::new();
@@ -481,9 +496,18 @@ async fn infer(State(gateway): State<Gateway>, request: axum::extract::Request) 
     // the last pause.
     let mut busy: Vec<String> = Vec::new();
     loop {
-        let choices: Vec<Choice> = candidates
+        let open: Vec<&RankedService> = candidates
             .iter()
             .filter(|c| !failed.contains(&c.service.peer_id) && !busy.contains(&c.service.peer_id))
+            .collect();
+        // Nodes whose breaker is open wait while another can serve.
+        let admitted: Vec<&RankedService> = open
+            .iter()
+            .copied()
+            .filter(|c| gateway.breakers.admits(&c.service.peer_id))
+            .collect();
+        let choices: Vec<Choice> = if admitted.is_empty() { open } else { admitted }
+            .into_iter()
             .map(|c| Choice {
                 key: c.service.peer_id.clone(),
                 limit: if c.local {
@@ -523,6 +547,7 @@ async fn infer(State(gateway): State<Gateway>, request: axum::extract::Request) 
         let Some(candidate) = candidates.iter().find(|c| c.service.peer_id == slot.key()) else {
             break;
         };
+        gateway.breakers.sending(&candidate.service.peer_id);
         let started = Instant::now();
         let peer_label = if candidate.local {
             "local".to_owned()
@@ -549,6 +574,8 @@ async fn infer(State(gateway): State<Gateway>, request: axum::extract::Request) 
                     .get_or_create(&labels)
                     .observe(started.elapsed().as_secs_f64());
                 count(&peer_label, "ok");
+                let state = gateway.breakers.succeeded(&candidate.service.peer_id);
+                gateway.show_breaker(&candidate.service.peer_id, state);
                 return counted(response, &gateway.metrics, &labels, slot);
             }
             Err(Failure { reason, status }) => {
@@ -559,6 +586,18 @@ async fn infer(State(gateway): State<Gateway>, request: axum::extract::Request) 
                     continue;
                 }
                 tracing::info!(%model, peer = %candidate.service.peer_id, %reason, "failing over to the next node");
+                let (state, opened) = gateway.breakers.failed(&candidate.service.peer_id);
+                gateway.show_breaker(&candidate.service.peer_id, state);
+                if opened {
+                    tracing::warn!(peer = %candidate.service.peer_id, %reason, "a serving node failed requests in a row: cooling it down");
+                    gateway
+                        .metrics
+                        .breaker_trips
+                        .get_or_create(&PeerLabel {
+                            peer: candidate.service.peer_id.clone(),
+                        })
+                        .inc();
+                }
                 failed.push(candidate.service.peer_id.clone());
                 gateway
                     .metrics

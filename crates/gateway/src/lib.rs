@@ -1,6 +1,7 @@
 #![doc = include_str!("../README.md")]
 
 mod advertise;
+mod breaker;
 pub mod frame;
 mod http;
 mod in_flight;

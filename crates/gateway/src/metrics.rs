@@ -27,6 +27,12 @@ pub(crate) struct ModelLabel {
     pub(crate) model: String,
 }
 
+#[derive(Debug, Clone, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub(crate) struct PeerLabel {
+    /// The serving peer.
+    pub(crate) peer: String,
+}
+
 /// Counters and histograms of the gateway.
 #[derive(Debug, Clone)]
 pub(crate) struct GatewayMetrics {
@@ -39,6 +45,10 @@ pub(crate) struct GatewayMetrics {
     pub(crate) queue_depth: Gauge,
     /// How long requests waited for a node (0 when one was free).
     pub(crate) queue_wait: Histogram,
+    /// Each serving node's breaker: 0 closed, 1 half open, 2 open.
+    pub(crate) breaker_state: Family<PeerLabel, Gauge>,
+    /// Times a node's breaker opened.
+    pub(crate) breaker_trips: Family<PeerLabel, Counter>,
 }
 
 /// Bucket of the first-byte histogram: 1 ms doubling to about 65 s.
@@ -60,6 +70,8 @@ impl GatewayMetrics {
             bytes: Family::default(),
             chunks: Family::default(),
             queue_depth: Gauge::default(),
+            breaker_state: Family::default(),
+            breaker_trips: Family::default(),
             queue_wait: Histogram::new(exponential_buckets(
                 FIRST_BYTE_BUCKET_START_SECONDS,
                 2.0,
@@ -90,6 +102,16 @@ impl GatewayMetrics {
             "streamed_bytes",
             "Bytes of answers streamed to clients, by model and serving peer",
             self.bytes.clone(),
+        );
+        gateway.register(
+            "breaker_state",
+            "Each serving node's breaker, fed by live requests: 0 closed, 1 half open (probing), 2 open (cooling down)",
+            self.breaker_state.clone(),
+        );
+        gateway.register(
+            "breaker_trips",
+            "Times a serving node's breaker opened after failed requests",
+            self.breaker_trips.clone(),
         );
         gateway.register(
             "queue_depth",
