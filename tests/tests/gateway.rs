@@ -573,3 +573,94 @@ async fn a_node_failing_live_requests_is_cooled_down_and_probed_back() {
     let trips = format!("ollamacron_gateway_breaker_trips_total{{peer=\"{b_id}\"}}");
     assert_eq!(metric_value(&a.node, &trips), 1.0);
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_conversation_stays_on_its_node_while_a_new_one_goes_by_load() {
+    let a = member(&[], None).await;
+    let a_addr = a.bootstrap_addr().await;
+    let b = member_with(models(&["talk:1b"]), Some(&a_addr), taking(8)).await;
+    let c = member_with(models(&["talk:1b"]), Some(&a_addr), taking(8)).await;
+    eventually("both nodes seen", || {
+        let node = a.node.clone();
+        async move {
+            let query = ollamacron_node_core::registry::ServiceQuery {
+                service_type: Some("llm".into()),
+                ..Default::default()
+            };
+            (node.find_services(query).await.ok()?.len() == 2).then_some(())
+        }
+    })
+    .await
+    .unwrap();
+    let gw = gateway(&a).await;
+    let turn = |messages: &[&str]| {
+        let messages: Vec<_> = messages
+            .iter()
+            .enumerate()
+            .map(|(i, m)| serde_json::json!({"role": if i % 2 == 0 { "user" } else { "assistant" }, "content": m}))
+            .collect();
+        serde_json::json!({"model": "talk:1b", "messages": messages, "stream": false})
+            .to_string()
+            .into_bytes()
+    };
+    let calls = |m: &ollamacron_tests::pool::Member| m.ollama.models().generate_calls;
+    let chat = |body: Vec<u8>| async move {
+        let response = http_request(gw, "POST", "/api/chat", Some(&body))
+            .await
+            .unwrap();
+        assert_eq!(response.status, 200, "{}", response.body);
+    };
+    // The first turn of the first conversation lands on one node, X.
+    chat(turn(&["why is the sky blue?"])).await;
+    let (x, y) = if calls(&b) == 1 { (&b, &c) } else { (&c, &b) };
+    assert_eq!((calls(x), calls(y)), (1, 0));
+    // X gets busier than Y: a streamed request it holds.
+    x.ollama.models().stall = true;
+    let held = tokio::spawn(async move {
+        http_request(
+            gw,
+            "POST",
+            "/api/generate",
+            Some(br#"{"model": "talk:1b", "prompt": "think"}"#),
+        )
+        .await
+    });
+    eventually("X holds the stalled request", || {
+        let n = calls(x);
+        async move { (n == 2).then_some(()) }
+    })
+    .await
+    .unwrap();
+    // A new conversation goes by load, to Y; each conversation's later
+    // turns stay on its node, X's although it is busier.
+    chat(turn(&["what is rust?"])).await;
+    assert_eq!(
+        (calls(x), calls(y)),
+        (2, 1),
+        "a new conversation goes to the idle node"
+    );
+    let first = [
+        "why is the sky blue?",
+        "Rayleigh scattering.",
+        "and at sunset?",
+        "A longer path.",
+        "and on Mars?",
+    ];
+    let second = [
+        "what is rust?",
+        "A language.",
+        "who made it?",
+        "Graydon Hoare.",
+        "when?",
+    ];
+    for turns in [3, 5] {
+        chat(turn(&first[..turns])).await;
+        chat(turn(&second[..turns])).await;
+    }
+    assert_eq!(
+        (calls(x), calls(y)),
+        (4, 3),
+        "every later turn on its conversation's node"
+    );
+    held.abort();
+}

@@ -21,6 +21,7 @@ use ollamacron_node_core::registry::{RankedService, ServiceQuery};
 use ollamacron_node_core::{NodeError, NodeHandle, libp2p_stream};
 use serde_json::{Value, json};
 
+use crate::affinity::{ConversationAffinity, TurnKeys};
 use crate::breaker::{BreakerState, Breakers};
 use crate::frame::{
     COALESCE_BYTES, FrameKind, InferHead, InferRequest, InferRequestHead, REQUEST_CHUNK_BYTES,
@@ -132,6 +133,8 @@ struct Gateway {
     queue: Arc<RequestQueue>,
     /// Each serving node's breaker.
     breakers: Arc<Breakers>,
+    /// Which node served which conversation.
+    affinity: Arc<ConversationAffinity>,
 }
 
 /// The gateway's routes. `local` is this node's Ollama (none on a client
@@ -147,6 +150,7 @@ pub fn router(node: NodeHandle, local: Option<LocalOllama>, config: GatewayConfi
         local,
         queue: RequestQueue::new(config.queue_max),
         breakers: Arc::default(),
+        affinity: Arc::default(),
         config,
         metrics,
     };
@@ -473,6 +477,15 @@ async fn infer(State(gateway): State<Gateway>, request: axum::extract::Request) 
                 .saturating_add(advertised),
         )
     });
+    // A later turn of a conversation goes first to the node that served
+    // the earlier ones (its prompt cache), while it has room.
+    let turn = TurnKeys::of(&model, &body);
+    if let Some(node) = gateway.affinity.node_for(&turn)
+        && let Some(at) = candidates.iter().position(|c| c.service.peer_id == node)
+    {
+        let earlier = candidates.remove(at);
+        candidates.insert(0, earlier);
+    }
     let count = |peer: &str, outcome| {
         gateway
             .metrics
@@ -574,6 +587,7 @@ async fn infer(State(gateway): State<Gateway>, request: axum::extract::Request) 
                     .get_or_create(&labels)
                     .observe(started.elapsed().as_secs_f64());
                 count(&peer_label, "ok");
+                gateway.affinity.remember(&turn, &candidate.service.peer_id);
                 let state = gateway.breakers.succeeded(&candidate.service.peer_id);
                 gateway.show_breaker(&candidate.service.peer_id, state);
                 return counted(response, &gateway.metrics, &labels, slot);

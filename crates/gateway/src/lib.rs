@@ -1,6 +1,7 @@
 #![doc = include_str!("../README.md")]
 
 mod advertise;
+mod affinity;
 mod breaker;
 pub mod frame;
 mod http;
