@@ -538,6 +538,20 @@ async fn a_node_failing_live_requests_is_cooled_down_and_probed_back() {
     );
     let breaker = format!("ollamacron_gateway_breaker_state{{peer=\"{b_id}\"}}");
     assert_eq!(metric_value(&a.node, &breaker), 2.0, "open");
+    let shown = |node: ollamacron_node_core::NodeHandle, peer: String| async move {
+        node.peers()
+            .await
+            .unwrap()
+            .into_iter()
+            .find(|p| p.peer_id.to_string() == peer)
+            .map(|p| p.breaker)
+    };
+    eventually("GET /v1/peers shows B open", || {
+        let (node, peer) = (a.node.clone(), b_id.clone());
+        async move { (shown(node, peer).await == Some("open")).then_some(()) }
+    })
+    .await
+    .unwrap();
     // While it cools down, requests go straight to C.
     for _ in 0..5 {
         ask().await;
@@ -563,6 +577,12 @@ async fn a_node_failing_live_requests_is_cooled_down_and_probed_back() {
     .await
     .unwrap();
     assert_eq!(metric_value(&a.node, &breaker), 0.0, "closed again");
+    eventually("GET /v1/peers shows B closed", || {
+        let (node, peer) = (a.node.clone(), b_id.clone());
+        async move { (shown(node, peer).await == Some("closed")).then_some(()) }
+    })
+    .await
+    .unwrap();
     let before = b.ollama.models().generate_calls;
     ask().await;
     assert_eq!(

@@ -94,14 +94,17 @@ impl Breakers {
         }
     }
 
-    /// `key` answered: its breaker closes. The state now.
-    pub(crate) fn succeeded(&self, key: &str) -> BreakerState {
-        self.lock().remove(key);
-        BreakerState::Closed
+    /// `key` answered: its breaker closes. Whether it was open or half
+    /// open before.
+    pub(crate) fn succeeded(&self, key: &str) -> bool {
+        self.lock()
+            .remove(key)
+            .is_some_and(|b| b.open_until.is_some())
     }
 
-    /// `key` failed a request: the state now, and whether this opened it.
-    pub(crate) fn failed(&self, key: &str) -> (BreakerState, bool) {
+    /// `key` failed a request: the state now, and until when it cools
+    /// down when this opened it.
+    pub(crate) fn failed(&self, key: &str) -> (BreakerState, Option<Instant>) {
         let now = Instant::now();
         let mut breakers = self.lock();
         let b = breakers.entry(key.to_owned()).or_default();
@@ -123,7 +126,7 @@ impl Breakers {
             b.open_until = Some(now + b.cool_down);
             b.probing = false;
         }
-        (b.state(now), opened)
+        (b.state(now), b.open_until.filter(|_| opened))
     }
 }
 
@@ -136,16 +139,18 @@ mod tests {
         let breakers = Breakers::default();
         assert!(breakers.admits("a"));
         for _ in 1..TRIP_AFTER_FAILURES {
-            assert_eq!(breakers.failed("a"), (BreakerState::Closed, false));
+            assert_eq!(breakers.failed("a"), (BreakerState::Closed, None));
         }
-        assert_eq!(breakers.failed("a"), (BreakerState::Open, true));
+        let (state, until) = breakers.failed("a");
+        assert_eq!(state, BreakerState::Open);
+        assert!(until.is_some());
         assert!(!breakers.admits("a"));
         assert!(breakers.admits("b"), "one node's breaker only");
-        assert_eq!(breakers.succeeded("a"), BreakerState::Closed);
+        assert!(breakers.succeeded("a"), "it was open");
         assert!(breakers.admits("a"));
         // A success in between starts the count again.
         breakers.failed("a");
-        breakers.succeeded("a");
+        assert!(!breakers.succeeded("a"), "it was closed");
         for _ in 1..TRIP_AFTER_FAILURES {
             breakers.failed("a");
         }
@@ -169,7 +174,7 @@ mod tests {
         assert!(breakers.admits("a"));
         breakers.sending("a");
         assert!(!breakers.admits("a"), "one probe at a time");
-        assert_eq!(breakers.failed("a"), (BreakerState::Open, true));
+        assert_eq!(breakers.failed("a").0, BreakerState::Open);
         let cool_down = breakers.lock().get("a").map(|b| b.cool_down);
         assert_eq!(cool_down, Some(FIRST_COOL_DOWN * 2));
     }

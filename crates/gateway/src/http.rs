@@ -264,14 +264,20 @@ fn same_model(a: &str, b: &str) -> bool {
 }
 
 impl Gateway {
-    /// Show `peer`'s breaker in the metrics.
-    fn show_breaker(&self, peer: &str, state: BreakerState) {
+    /// Show `peer`'s breaker in the metrics, and in `GET /v1/peers` when
+    /// it opened (cooling down until `opened`) or closed.
+    fn show_breaker(&self, peer: &str, state: BreakerState, opened: Option<Instant>) {
         self.metrics
             .breaker_state
             .get_or_create(&PeerLabel {
                 peer: peer.to_owned(),
             })
             .set(state.gauge());
+        if (opened.is_some() || state == BreakerState::Closed)
+            && let Ok(id) = peer.parse::<PeerId>()
+        {
+            self.node.report_breaker(id, opened);
+        }
     }
 
     /// Every service of the mesh that is an Ollama model, best first.
@@ -588,8 +594,9 @@ async fn infer(State(gateway): State<Gateway>, request: axum::extract::Request) 
                     .observe(started.elapsed().as_secs_f64());
                 count(&peer_label, "ok");
                 gateway.affinity.remember(&turn, &candidate.service.peer_id);
-                let state = gateway.breakers.succeeded(&candidate.service.peer_id);
-                gateway.show_breaker(&candidate.service.peer_id, state);
+                if gateway.breakers.succeeded(&candidate.service.peer_id) {
+                    gateway.show_breaker(&candidate.service.peer_id, BreakerState::Closed, None);
+                }
                 return counted(response, &gateway.metrics, &labels, slot);
             }
             Err(Failure { reason, status }) => {
@@ -601,8 +608,8 @@ async fn infer(State(gateway): State<Gateway>, request: axum::extract::Request) 
                 }
                 tracing::info!(%model, peer = %candidate.service.peer_id, %reason, "failing over to the next node");
                 let (state, opened) = gateway.breakers.failed(&candidate.service.peer_id);
-                gateway.show_breaker(&candidate.service.peer_id, state);
-                if opened {
+                gateway.show_breaker(&candidate.service.peer_id, state, opened);
+                if opened.is_some() {
                     tracing::warn!(peer = %candidate.service.peer_id, %reason, "a serving node failed requests in a row: cooling it down");
                     gateway
                         .metrics

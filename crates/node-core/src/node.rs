@@ -242,6 +242,7 @@ impl Node {
             connections: HashMap::new(),
             peers: HashMap::new(),
             pending_dials: HashMap::new(),
+            breakers: HashMap::new(),
             closing: HashSet::new(),
             started: Some(started_tx),
             trim,
@@ -566,9 +567,17 @@ pub struct PeerInfo {
     pub agent_version: Option<String>,
     /// Consecutive failed dials.
     pub failures: u32,
+    /// This node's gateway's breaker for it: `closed`, `open` (cooling
+    /// down after failed requests) or `half_open` (cooled down, the next
+    /// request probes it).
+    pub breaker: &'static str,
 }
 
 enum Command {
+    ReportBreaker {
+        peer: PeerId,
+        cooling_until: Option<Instant>,
+    },
     Status {
         reply: oneshot::Sender<NodeStatus>,
     },
@@ -823,6 +832,16 @@ impl NodeHandle {
         self.request(|reply| Command::Peers { reply }).await
     }
 
+    /// Tell the node that its gateway's breaker for `peer` opened (cooling
+    /// down until `cooling_until`) or closed (`None`), for `GET /v1/peers`.
+    /// Dropped when the command queue is full: it is only shown.
+    pub fn report_breaker(&self, peer: PeerId, cooling_until: Option<Instant>) {
+        let _ = self.commands.try_send(Command::ReportBreaker {
+            peer,
+            cooling_until,
+        });
+    }
+
     /// Offer a service (or replace the one with the same id): it is signed
     /// into this node's record and published at once.
     ///
@@ -1018,6 +1037,8 @@ struct SwarmTask {
     connections: HashMap<ConnectionId, ConnectionEntry>,
     peers: HashMap<PeerId, PeerEntry>,
     pending_dials: HashMap<ConnectionId, PendingDial>,
+    /// Peers whose breaker the gateway opened, until when they cool down.
+    breakers: HashMap<PeerId, Instant>,
     /// Connections the trimming policy closed that have not reported closed yet.
     closing: HashSet<ConnectionId>,
     started: Option<oneshot::Sender<Result<(), NodeError>>>,
@@ -1189,6 +1210,17 @@ impl SwarmTask {
             Command::Peers { reply } => {
                 let _ = reply.send(self.peer_infos());
             }
+            Command::ReportBreaker {
+                peer,
+                cooling_until,
+            } => match cooling_until {
+                Some(until) => {
+                    self.breakers.insert(peer, until);
+                }
+                None => {
+                    self.breakers.remove(&peer);
+                }
+            },
             Command::KnownPeers { reply } => {
                 let _ = reply.send(self.table.snapshot());
             }
@@ -1347,6 +1379,11 @@ impl SwarmTask {
                     last_seen_ms: unix_ms(p.last_seen),
                     agent_version: entry.and_then(|e| e.agent_version.clone()),
                     failures: p.failures,
+                    breaker: match self.breakers.get(&p.peer_id) {
+                        None => "closed",
+                        Some(until) if Instant::now() < *until => "open",
+                        Some(_) => "half_open",
+                    },
                 }
             })
             .collect()
