@@ -49,6 +49,9 @@ pub struct StandInModels {
     /// A model asked for on `/api/generate` or `/api/chat` is then listed
     /// as loaded, as Ollama loads it.
     pub load_on_use: bool,
+    /// Serve at most this many `/api/generate` and `/api/chat` requests at
+    /// once; more wait (Ollama's `OLLAMA_NUM_PARALLEL` and its queue).
+    pub parallel: Option<Arc<tokio::sync::Semaphore>>,
 }
 
 /// A request body as the stand-in received it.
@@ -378,6 +381,16 @@ async fn generate(
         )
             .into_response();
     }
+    let parallel = s
+        .lock()
+        .unwrap_or_else(std::sync::PoisonError::into_inner)
+        .parallel
+        .clone();
+    // Held until the answer is complete (or dropped).
+    let permit = match parallel {
+        Some(slots) => slots.acquire_owned().await.ok(),
+        None => None,
+    };
     let model = body["model"].as_str().unwrap_or_default().to_owned();
     let chat = uri.path() == "/api/chat";
     let answer = Answer::to(&body, chat);
@@ -441,13 +454,13 @@ async fn generate(
         (p.first_token, p.between_tokens)
     });
     let stream = futures::stream::unfold(
-        (lines.into_iter(), watch, stall, first),
-        move |(mut lines, mut watch, stall, delay)| async move {
+        (lines.into_iter(), (watch, permit), stall, first),
+        move |(mut lines, (mut watch, permit), stall, delay)| async move {
             if !delay.is_zero() {
                 tokio::time::sleep(delay).await;
             }
             match lines.next() {
-                Some(line) => Some((line, (lines, watch, stall, between))),
+                Some(line) => Some((line, (lines, (watch, permit), stall, between))),
                 None if stall => futures::future::pending().await,
                 None => {
                     watch.state.take();

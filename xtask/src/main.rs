@@ -46,6 +46,10 @@ enum Task {
         /// Measure the gateway against a stand-in Ollama instead.
         #[arg(long)]
         gateway: bool,
+        /// With --gateway: 200 concurrent requests over four serving nodes
+        /// against the capacity-bound ideal, healthy and with one failing.
+        #[arg(long, requires = "gateway")]
+        load: bool,
     },
     /// Two nodes behind their own NAT routers and a public relay, in
     /// network namespaces: AutoNAT, relaying, DCUtR over TCP and QUIC, and
@@ -64,8 +68,15 @@ fn main() -> ExitCode {
                 .and_then(|()| build_node())
                 .and_then(|binary| mesh::mesh(&binary, &args)),
         },
-        Task::Bench { gateway: false } => bench(),
-        Task::Bench { gateway: true } => gateway_bench(),
+        Task::Bench { gateway: false, .. } => bench(),
+        Task::Bench {
+            gateway: true,
+            load,
+        } => gateway_bench(if load {
+            "gateway_load_bench"
+        } else {
+            "gateway_bench"
+        }),
         Task::NatTest(args) => match &args.binary {
             Some(binary) => nat_test::nat_test(binary, &args),
             None => build_debug_node().and_then(|binary| nat_test::nat_test(&binary, &args)),
@@ -300,7 +311,7 @@ fn build_node() -> anyhow::Result<std::path::PathBuf> {
 
 /// Time to first token, tokens/s and added latency through the gateway
 /// (release build).
-fn gateway_bench() -> anyhow::Result<()> {
+fn gateway_bench(example: &str) -> anyhow::Result<()> {
     let mut command = cargo();
     command.args([
         "run",
@@ -309,7 +320,7 @@ fn gateway_bench() -> anyhow::Result<()> {
         "--package",
         "ollamacron-tests",
         "--example",
-        "gateway_bench",
+        example,
     ]);
     if run_step("gateway bench", &mut command) {
         Ok(())
