@@ -546,12 +546,14 @@ async fn infer(State(gateway): State<Gateway>, request: axum::extract::Request) 
             tokio::time::sleep(BUSY_RETRY_DELAY.min(deadline - Instant::now())).await;
             continue;
         }
-        gateway.metrics.queue_depth.inc();
-        let slot = gateway
-            .queue
-            .acquire(choices, deadline.saturating_duration_since(Instant::now()))
-            .await;
-        gateway.metrics.queue_depth.dec();
+        let slot = {
+            // Counted while waiting, however the wait ends.
+            let _waiting = Waiting::new(&gateway.metrics.queue_depth);
+            gateway
+                .queue
+                .acquire(choices, deadline.saturating_duration_since(Instant::now()))
+                .await
+        };
         gateway
             .metrics
             .queue_wait
@@ -643,6 +645,22 @@ async fn infer(State(gateway): State<Gateway>, request: axum::extract::Request) 
         StatusCode::BAD_GATEWAY,
         format!("no node could serve '{model}': {last_failure}"),
     )
+}
+
+/// One request in the queue-depth gauge until dropped.
+struct Waiting<'a>(&'a prometheus_client::metrics::gauge::Gauge);
+
+impl<'a> Waiting<'a> {
+    fn new(gauge: &'a prometheus_client::metrics::gauge::Gauge) -> Self {
+        gauge.inc();
+        Self(gauge)
+    }
+}
+
+impl Drop for Waiting<'_> {
+    fn drop(&mut self) {
+        self.0.dec();
+    }
 }
 
 /// Pause before asking again nodes that all answered 429.

@@ -75,6 +75,21 @@ impl Drop for Slot {
     }
 }
 
+/// A request's place in the queue, left when dropped.
+struct Place<'a> {
+    queue: &'a RequestQueue,
+    ticket: u64,
+}
+
+impl Drop for Place<'_> {
+    fn drop(&mut self) {
+        self.queue
+            .lock()
+            .waiting
+            .retain(|w| w.ticket != self.ticket);
+    }
+}
+
 impl QueueState {
     /// The first of `choices` with a free slot.
     fn free(&self, choices: &[Choice]) -> Option<String> {
@@ -155,6 +170,12 @@ impl RequestQueue {
                 grant,
             });
             (ticket, granted)
+        };
+        // Leaves the queue however the wait ends, the client going away
+        // (this future dropped) included.
+        let _place = Place {
+            queue: self,
+            ticket,
         };
         let mut granted = granted;
         match tokio::time::timeout(timeout, &mut granted).await {
@@ -252,6 +273,28 @@ mod tests {
             0,
             "dropped at the end of the statement"
         );
+    }
+
+    #[tokio::test]
+    async fn a_request_that_goes_away_leaves_the_queue() {
+        let queue = RequestQueue::new(1);
+        let only = vec![choice("a", 1)];
+        let held = queue
+            .acquire(only.clone(), Duration::from_secs(5))
+            .await
+            .unwrap();
+        let q = queue.clone();
+        let c = only.clone();
+        let gone = tokio::spawn(async move { q.acquire(c, Duration::from_secs(5)).await });
+        while queue.waiting() < 1 {
+            tokio::task::yield_now().await;
+        }
+        gone.abort();
+        let _ = gone.await;
+        assert_eq!(queue.waiting(), 0, "its place is free");
+        drop(held);
+        assert_eq!(queue.in_flight("a"), 0);
+        assert!(queue.acquire(only, Duration::from_secs(5)).await.is_ok());
     }
 
     #[tokio::test]
