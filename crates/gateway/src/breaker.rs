@@ -43,10 +43,21 @@ struct Breaker {
     failures_in_row: u32,
     open_until: Option<Instant>,
     cool_down: Duration,
-    probing: bool,
+    /// When the probe on its way was sent; one older than
+    /// [`PROBE_GIVEN_UP_AFTER`] (busy, or its client went away) no longer
+    /// holds the node back.
+    probing_since: Option<Instant>,
 }
 
+/// How long a probe may be out before another request may probe.
+const PROBE_GIVEN_UP_AFTER: Duration = Duration::from_secs(30);
+
 impl Breaker {
+    fn probing(&self, now: Instant) -> bool {
+        self.probing_since
+            .is_some_and(|since| now.duration_since(since) < PROBE_GIVEN_UP_AFTER)
+    }
+
     fn state(&self, now: Instant) -> BreakerState {
         match self.open_until {
             None => BreakerState::Closed,
@@ -76,30 +87,52 @@ impl Breakers {
     /// Whether a request may go to `key` now: closed, or half open with
     /// no probe on its way.
     pub(crate) fn admits(&self, key: &str) -> bool {
-        self.lock()
-            .get(key)
-            .is_none_or(|b| match b.state(Instant::now()) {
-                BreakerState::Closed => true,
-                BreakerState::Open => false,
-                BreakerState::HalfOpen => !b.probing,
-            })
+        let now = Instant::now();
+        self.lock().get(key).is_none_or(|b| match b.state(now) {
+            BreakerState::Closed => true,
+            BreakerState::Open => false,
+            BreakerState::HalfOpen => !b.probing(now),
+        })
     }
 
-    /// A request is going to `key`: when it is half open, this is its probe.
-    pub(crate) fn sending(&self, key: &str) {
-        if let Some(b) = self.lock().get_mut(key)
-            && b.state(Instant::now()) == BreakerState::HalfOpen
-        {
-            b.probing = true;
+    /// A request is about to go to `key` (it waited for a slot, and the
+    /// breaker may have moved since it was admitted): whether it may, now.
+    /// When half open, this request becomes the probe. `fallback`: no
+    /// other node can serve, so it goes regardless.
+    pub(crate) fn sending(&self, key: &str, fallback: bool) -> bool {
+        let now = Instant::now();
+        let mut breakers = self.lock();
+        let Some(b) = breakers.get_mut(key) else {
+            return true;
+        };
+        match b.state(now) {
+            BreakerState::Closed => true,
+            BreakerState::Open => fallback,
+            BreakerState::HalfOpen if b.probing(now) => fallback,
+            BreakerState::HalfOpen => {
+                b.probing_since = Some(now);
+                true
+            }
         }
     }
 
-    /// `key` answered: its breaker closes. Whether it was open or half
-    /// open before.
+    /// `key` answered: a closed or probed breaker closes (a late answer to
+    /// a request sent before it opened leaves it cooling down). Whether it
+    /// was open or half open before.
     pub(crate) fn succeeded(&self, key: &str) -> bool {
-        self.lock()
-            .remove(key)
-            .is_some_and(|b| b.open_until.is_some())
+        let now = Instant::now();
+        let mut breakers = self.lock();
+        match breakers.get(key).map(|b| b.state(now)) {
+            None | Some(BreakerState::Open) => false,
+            Some(BreakerState::Closed) => {
+                breakers.remove(key);
+                false
+            }
+            Some(BreakerState::HalfOpen) => {
+                breakers.remove(key);
+                true
+            }
+        }
     }
 
     /// `key` failed a request: the state now, and until when it cools
@@ -124,7 +157,7 @@ impl Breakers {
         };
         if opened {
             b.open_until = Some(now + b.cool_down);
-            b.probing = false;
+            b.probing_since = None;
         }
         (b.state(now), b.open_until.filter(|_| opened))
     }
@@ -134,8 +167,16 @@ impl Breakers {
 mod tests {
     use super::*;
 
+    /// Pretend `key`'s cool-down has passed.
+    fn cooled(breakers: &Breakers, key: &str) {
+        let past = Instant::now().checked_sub(Duration::from_millis(1));
+        if let Some(b) = breakers.lock().get_mut(key) {
+            b.open_until = past;
+        }
+    }
+
     #[test]
-    fn failures_in_a_row_open_and_a_success_closes() {
+    fn failures_in_a_row_open_and_a_probe_closes() {
         let breakers = Breakers::default();
         assert!(breakers.admits("a"));
         for _ in 1..TRIP_AFTER_FAILURES {
@@ -146,7 +187,13 @@ mod tests {
         assert!(until.is_some());
         assert!(!breakers.admits("a"));
         assert!(breakers.admits("b"), "one node's breaker only");
-        assert!(breakers.succeeded("a"), "it was open");
+        assert!(!breakers.sending("a", false), "not sent while cooling down");
+        assert!(breakers.sending("a", true), "unless nothing else can serve");
+        assert!(!breakers.succeeded("a"), "a late answer leaves it cooling");
+        assert_eq!(breakers.state("a"), BreakerState::Open);
+        cooled(&breakers, "a");
+        assert!(breakers.sending("a", false), "the probe");
+        assert!(breakers.succeeded("a"), "it was half open");
         assert!(breakers.admits("a"));
         // A success in between starts the count again.
         breakers.failed("a");
@@ -163,19 +210,29 @@ mod tests {
         for _ in 0..TRIP_AFTER_FAILURES {
             breakers.failed("a");
         }
-        // Pretend the cool-down has passed.
-        let past = Instant::now().checked_sub(Duration::from_millis(1));
-        breakers
-            .lock()
-            .get_mut("a")
-            .unwrap_or_else(|| unreachable!())
-            .open_until = past;
+        cooled(&breakers, "a");
         assert_eq!(breakers.state("a"), BreakerState::HalfOpen);
         assert!(breakers.admits("a"));
-        breakers.sending("a");
+        assert!(breakers.sending("a", false));
         assert!(!breakers.admits("a"), "one probe at a time");
+        assert!(!breakers.sending("a", false));
         assert_eq!(breakers.failed("a").0, BreakerState::Open);
         let cool_down = breakers.lock().get("a").map(|b| b.cool_down);
         assert_eq!(cool_down, Some(FIRST_COOL_DOWN * 2));
+    }
+
+    #[test]
+    fn a_probe_that_never_reports_is_given_up() {
+        let breakers = Breakers::default();
+        for _ in 0..TRIP_AFTER_FAILURES {
+            breakers.failed("a");
+        }
+        cooled(&breakers, "a");
+        assert!(breakers.sending("a", false));
+        assert!(!breakers.admits("a"));
+        if let Some(b) = breakers.lock().get_mut("a") {
+            b.probing_since = Instant::now().checked_sub(PROBE_GIVEN_UP_AFTER);
+        }
+        assert!(breakers.admits("a"), "another request may probe");
     }
 }

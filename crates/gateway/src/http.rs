@@ -525,7 +525,8 @@ async fn infer(State(gateway): State<Gateway>, request: axum::extract::Request) 
             .copied()
             .filter(|c| gateway.breakers.admits(&c.service.peer_id))
             .collect();
-        let choices: Vec<Choice> = if admitted.is_empty() { open } else { admitted }
+        let fallback = admitted.is_empty();
+        let choices: Vec<Choice> = if fallback { open } else { admitted }
             .into_iter()
             .map(|c| Choice {
                 key: c.service.peer_id.clone(),
@@ -568,7 +569,14 @@ async fn infer(State(gateway): State<Gateway>, request: axum::extract::Request) 
         let Some(candidate) = candidates.iter().find(|c| c.service.peer_id == slot.key()) else {
             break;
         };
-        gateway.breakers.sending(&candidate.service.peer_id);
+        if !gateway
+            .breakers
+            .sending(&candidate.service.peer_id, fallback)
+        {
+            // Its breaker opened (or another request probes it) while
+            // this one waited: choose again.
+            continue;
+        }
         let started = Instant::now();
         let peer_label = if candidate.local {
             "local".to_owned()
@@ -610,7 +618,9 @@ async fn infer(State(gateway): State<Gateway>, request: axum::extract::Request) 
                 }
                 tracing::info!(%model, peer = %candidate.service.peer_id, %reason, "failing over to the next node");
                 let (state, opened) = gateway.breakers.failed(&candidate.service.peer_id);
-                gateway.show_breaker(&candidate.service.peer_id, state, opened);
+                if opened.is_some() {
+                    gateway.show_breaker(&candidate.service.peer_id, state, opened);
+                }
                 if opened.is_some() {
                     tracing::warn!(peer = %candidate.service.peer_id, %reason, "a serving node failed requests in a row: cooling it down");
                     gateway

@@ -147,14 +147,10 @@ impl RequestQueue {
     ) -> Result<Slot, QueueRefusal> {
         let (ticket, granted) = {
             let mut state = self.lock();
-            // Only when nobody earlier waits for one of the same nodes:
-            // arrival order holds.
-            let ahead = state.waiting.iter().any(|w| {
-                w.choices
-                    .iter()
-                    .any(|c| choices.iter().any(|d| d.key == c.key))
-            });
-            if !ahead && let Some(key) = state.free(&choices) {
+            // A free slot is one no earlier waiter can use (each release
+            // hands slots to the waiters first), so taking it keeps
+            // arrival order.
+            if let Some(key) = state.free(&choices) {
                 state.take(&key);
                 return Ok(self.slot(key));
             }
