@@ -8,6 +8,8 @@
 use std::time::Duration;
 
 use ollamacron_gateway::ServeLimits;
+use ollamacron_node_core::NodeHandle;
+use ollamacron_node_core::registry::{RankedService, ServiceQuery};
 use ollamacron_tests::ollama_standin::TOKENS;
 use ollamacron_tests::pool::{Member, member, member_with, models, sees, serve_gateway};
 use ollamacron_tests::{eventually, http_request, metric_value};
@@ -238,6 +240,63 @@ async fn a_request_is_served_by_the_node_that_has_the_model_and_streamed_back() 
     );
 }
 
+/// The `llm` services `node` finds now (none when the lookup fails).
+async fn llm_services(node: &NodeHandle) -> Vec<RankedService> {
+    let query = ServiceQuery {
+        service_type: Some("llm".into()),
+        ..ServiceQuery::default()
+    };
+    node.find_services(query).await.unwrap_or_default()
+}
+
+/// Wait until the `llm` services `node` finds are `ready`.
+async fn until_services(node: &NodeHandle, what: &str, ready: impl Fn(&[RankedService]) -> bool) {
+    let ready = &ready;
+    eventually(what, move || async move {
+        ready(&llm_services(node).await).then_some(())
+    })
+    .await
+    .unwrap();
+}
+
+/// Whether every one of `found` advertises how many requests it takes.
+fn all_limited(found: &[RankedService]) -> bool {
+    found
+        .iter()
+        .all(|s| s.service.metadata.contains_key("max_concurrent_per_peer"))
+}
+
+/// Whether `found` has `model` loaded on `peer`.
+fn loaded_on(found: &[RankedService], peer: &str, model: &str) -> bool {
+    found.iter().any(|s| {
+        s.service.peer_id == peer
+            && s.service.name == model
+            && s.service.metadata.get("loaded").map(String::as_str) == Some("true")
+    })
+}
+
+/// Make `serving`'s Ollama stall streamed answers and send it one through
+/// `gateway`, held until aborted; once it has `calls` requests in all.
+async fn hold_stalled(
+    gateway: std::net::SocketAddr,
+    serving: &Member,
+    model: &str,
+    calls: usize,
+) -> tokio::task::JoinHandle<Result<ollamacron_tests::HttpResponse, String>> {
+    serving.ollama.models().stall = true;
+    let body = format!(r#"{{"model": "{model}", "prompt": "think"}}"#);
+    let held = tokio::spawn(async move {
+        http_request(gateway, "POST", "/api/generate", Some(body.as_bytes())).await
+    });
+    eventually("the stalled request held", || {
+        let n = serving.ollama.models().generate_calls;
+        async move { (n == calls).then_some(()) }
+    })
+    .await
+    .unwrap();
+    held
+}
+
 /// Limits of a serving node that takes `per_peer` requests of a gateway.
 fn taking(per_peer: usize) -> ServeLimits {
     ServeLimits {
@@ -266,27 +325,17 @@ async fn a_burst_of_three_times_the_capacity_is_queued_and_all_succeed() {
     let b = member_with(slow(&["burst:1b"], think), Some(&a_addr), taking(2)).await;
     let c = member_with(slow(&["burst:1b"], think), Some(&a_addr), taking(2)).await;
     // Both advertise that they take 2 of A's requests at once.
-    eventually("both nodes' limits advertised", || {
-        let node = a.node.clone();
-        async move {
-            let query = ollamacron_node_core::registry::ServiceQuery {
-                service_type: Some("llm".into()),
-                ..Default::default()
-            };
-            let found = node.find_services(query).await.ok()?;
-            (found.len() == 2
-                && found.iter().all(|s| {
-                    s.service
-                        .metadata
-                        .get("max_concurrent_per_peer")
-                        .map(String::as_str)
-                        == Some("2")
-                }))
-            .then_some(())
-        }
+    until_services(&a.node, "both nodes' limits advertised", |found| {
+        found.len() == 2
+            && found.iter().all(|s| {
+                s.service
+                    .metadata
+                    .get("max_concurrent_per_peer")
+                    .map(String::as_str)
+                    == Some("2")
+            })
     })
-    .await
-    .unwrap();
+    .await;
     let gw = gateway(&a).await;
     let body = br#"{"model": "burst:1b", "prompt": "go"}"#;
     let burst: Vec<_> = (0..12)
@@ -320,19 +369,10 @@ async fn a_full_queue_and_a_long_wait_answer_503_with_retry_after() {
     let a_addr = a.bootstrap_addr().await;
     let b = member_with(models(&["one:1b"]), Some(&a_addr), taking(1)).await;
     sees(&a.node, &["one:1b"]).await;
-    eventually("B's limit advertised", || {
-        let node = a.node.clone();
-        async move {
-            let query = ollamacron_node_core::registry::ServiceQuery::default();
-            let found = node.find_services(query).await.ok()?;
-            found
-                .iter()
-                .any(|s| s.service.metadata.contains_key("max_concurrent_per_peer"))
-                .then_some(())
-        }
+    until_services(&a.node, "B's limit advertised", |found| {
+        !found.is_empty() && all_limited(found)
     })
-    .await
-    .unwrap();
+    .await;
     b.ollama.models().stall = true;
     let gw = serve_gateway(
         &a.node,
@@ -397,21 +437,6 @@ async fn a_full_queue_and_a_long_wait_answer_503_with_retry_after() {
     assert_eq!(c.ollama.models().generate_calls, 0, "refused before Ollama");
 }
 
-/// Whether `node` sees `model` loaded on `peer`.
-async fn loaded_on(node: &ollamacron_node_core::NodeHandle, peer: &str, model: &str) -> bool {
-    let query = ollamacron_node_core::registry::ServiceQuery {
-        service_type: Some("llm".into()),
-        ..Default::default()
-    };
-    node.find_services(query).await.is_ok_and(|found| {
-        found.iter().any(|s| {
-            s.service.peer_id == peer
-                && s.service.name == model
-                && s.service.metadata.get("loaded").map(String::as_str) == Some("true")
-        })
-    })
-}
-
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn warm_nodes_are_preferred_and_a_cold_one_serves_once_they_are_full() {
     let a = member(&[], None).await;
@@ -425,24 +450,12 @@ async fn warm_nodes_are_preferred_and_a_cold_one_serves_once_they_are_full() {
     cold.load_on_use = true;
     let c = member_with(cold, Some(&a_addr), taking(1)).await;
     let (b_id, c_id) = (b.node.peer_id().to_string(), c.node.peer_id().to_string());
-    eventually("both nodes with their limits and B warm", || {
-        let (node, b_id) = (a.node.clone(), b_id.clone());
-        async move {
-            let query = ollamacron_node_core::registry::ServiceQuery {
-                service_type: Some("llm".into()),
-                ..Default::default()
-            };
-            let found = node.find_services(query).await.ok()?;
-            (found.len() == 2
-                && found
-                    .iter()
-                    .all(|s| s.service.metadata.contains_key("max_concurrent_per_peer"))
-                && loaded_on(&node, &b_id, "chat:8b").await)
-                .then_some(())
-        }
-    })
-    .await
-    .unwrap();
+    until_services(
+        &a.node,
+        "both nodes with their limits and B warm",
+        |found| found.len() == 2 && all_limited(found) && loaded_on(found, &b_id, "chat:8b"),
+    )
+    .await;
     let gw = gateway(&a).await;
     let body = br#"{"model": "chat:8b", "prompt": "hi", "stream": false}"#;
     for _ in 0..3 {
@@ -460,22 +473,7 @@ async fn warm_nodes_are_preferred_and_a_cold_one_serves_once_they_are_full() {
         "the warm node serves while it has room"
     );
     // B full (its one slot held by a stalled request): C serves, cold.
-    b.ollama.models().stall = true;
-    let held = tokio::spawn(async move {
-        http_request(
-            gw,
-            "POST",
-            "/api/generate",
-            Some(br#"{"model": "chat:8b", "prompt": "think"}"#),
-        )
-        .await
-    });
-    eventually("B holds the stalled request", || {
-        let calls = b.ollama.models().generate_calls;
-        async move { (calls == 4).then_some(()) }
-    })
-    .await
-    .unwrap();
+    let held = hold_stalled(gw, &b, "chat:8b", 4).await;
     let response = http_request(gw, "POST", "/api/generate", Some(body))
         .await
         .unwrap();
@@ -486,12 +484,10 @@ async fn warm_nodes_are_preferred_and_a_cold_one_serves_once_they_are_full() {
         "the cold node once the warm one is full"
     );
     // Serving loaded the model on C, and the mesh hears of it.
-    eventually("C's model advertised as loaded", || {
-        let (node, c_id) = (a.node.clone(), c_id.clone());
-        async move { loaded_on(&node, &c_id, "chat:8b").await.then_some(()) }
+    until_services(&a.node, "C's model advertised as loaded", |found| {
+        loaded_on(found, &c_id, "chat:8b")
     })
-    .await
-    .unwrap();
+    .await;
     held.abort();
 }
 
@@ -507,19 +503,10 @@ async fn a_node_failing_live_requests_is_cooled_down_and_probed_back() {
     let b = member_with(warm, Some(&a_addr), taking(8)).await;
     let c = member_with(models(&["flaky:1b"]), Some(&a_addr), taking(8)).await;
     let b_id = b.node.peer_id().to_string();
-    eventually("B warm and C seen", || {
-        let (node, b_id) = (a.node.clone(), b_id.clone());
-        async move {
-            let query = ollamacron_node_core::registry::ServiceQuery {
-                service_type: Some("llm".into()),
-                ..Default::default()
-            };
-            let found = node.find_services(query).await.ok()?;
-            (found.len() == 2 && loaded_on(&node, &b_id, "flaky:1b").await).then_some(())
-        }
+    until_services(&a.node, "B warm and C seen", |found| {
+        found.len() == 2 && loaded_on(found, &b_id, "flaky:1b")
     })
-    .await
-    .unwrap();
+    .await;
     let gw = gateway(&a).await;
     let body = br#"{"model": "flaky:1b", "prompt": "hi", "stream": false}"#;
     let ask = || async move {
@@ -538,7 +525,7 @@ async fn a_node_failing_live_requests_is_cooled_down_and_probed_back() {
     );
     let breaker = format!("ollamacron_gateway_breaker_state{{peer=\"{b_id}\"}}");
     assert_eq!(metric_value(&a.node, &breaker), 2.0, "open");
-    let shown = |node: ollamacron_node_core::NodeHandle, peer: String| async move {
+    let shown = |node: NodeHandle, peer: String| async move {
         node.peers()
             .await
             .unwrap()
@@ -600,18 +587,7 @@ async fn a_conversation_stays_on_its_node_while_a_new_one_goes_by_load() {
     let a_addr = a.bootstrap_addr().await;
     let b = member_with(models(&["talk:1b"]), Some(&a_addr), taking(8)).await;
     let c = member_with(models(&["talk:1b"]), Some(&a_addr), taking(8)).await;
-    eventually("both nodes seen", || {
-        let node = a.node.clone();
-        async move {
-            let query = ollamacron_node_core::registry::ServiceQuery {
-                service_type: Some("llm".into()),
-                ..Default::default()
-            };
-            (node.find_services(query).await.ok()?.len() == 2).then_some(())
-        }
-    })
-    .await
-    .unwrap();
+    until_services(&a.node, "both nodes seen", |found| found.len() == 2).await;
     let gw = gateway(&a).await;
     let turn = |messages: &[&str]| {
         let messages: Vec<_> = messages
@@ -635,22 +611,7 @@ async fn a_conversation_stays_on_its_node_while_a_new_one_goes_by_load() {
     let (x, y) = if calls(&b) == 1 { (&b, &c) } else { (&c, &b) };
     assert_eq!((calls(x), calls(y)), (1, 0));
     // X gets busier than Y: a streamed request it holds.
-    x.ollama.models().stall = true;
-    let held = tokio::spawn(async move {
-        http_request(
-            gw,
-            "POST",
-            "/api/generate",
-            Some(br#"{"model": "talk:1b", "prompt": "think"}"#),
-        )
-        .await
-    });
-    eventually("X holds the stalled request", || {
-        let n = calls(x);
-        async move { (n == 2).then_some(()) }
-    })
-    .await
-    .unwrap();
+    let held = hold_stalled(gw, x, "talk:1b", 2).await;
     // A new conversation goes by load, to Y; each conversation's later
     // turns stay on its node, X's although it is busier.
     chat(turn(&["what is rust?"])).await;
