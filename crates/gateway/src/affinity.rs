@@ -62,7 +62,7 @@ impl TurnKeys {
         };
         let mut chain: Vec<Key> = Vec::new();
         let mut hash: Key = Sha256::digest(model.as_bytes()).into();
-        if let Some(messages) = turn.messages {
+        let own = if let Some(messages) = turn.messages {
             for message in &messages {
                 let mut h = Sha256::new();
                 h.update(hash);
@@ -72,6 +72,9 @@ impl TurnKeys {
                 hash = h.finalize().into();
                 chain.push(hash);
             }
+            // A chat is remembered under all its messages; its earlier
+            // turns are the chains of its leading ones.
+            chain.pop()
         } else if let Some(prompt) = turn.prompt {
             let text: String = serde_json::from_str(prompt.get()).unwrap_or_default();
             for block in text.as_bytes().chunks_exact(PROMPT_BLOCK_BYTES) {
@@ -84,16 +87,10 @@ impl TurnKeys {
             }
             // A prompt is remembered at its last whole block, which a
             // longer prompt that starts with it also passes.
-            let own = chain.last().copied();
-            let earlier = chain
-                .iter()
-                .rev()
-                .take(MAX_PREFIX_LOOKUPS)
-                .copied()
-                .collect();
-            return Self { own, earlier };
-        }
-        let own = chain.pop();
+            chain.last().copied()
+        } else {
+            None
+        };
         let earlier = chain
             .iter()
             .rev()
