@@ -3,11 +3,11 @@
 //! (and when) to dial them.
 
 use std::collections::HashMap;
-use std::fmt;
 use std::time::{Duration, Instant, SystemTime};
 
 use libp2p::{Multiaddr, PeerId};
-use serde::Serialize;
+
+use crate::status::{DiscoverySource, KnownPeer};
 
 /// Most peers the table remembers; beyond it the longest-unseen
 /// disconnected peer is forgotten.
@@ -17,63 +17,6 @@ pub(crate) const MAX_ADDRESSES_PER_PEER: usize = 16;
 /// A discovered (non-bootstrap) peer that failed this many dials in a row
 /// is forgotten and reported lost.
 pub(crate) const MAX_DIAL_FAILURES: u32 = 8;
-
-/// How a peer was learned.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize)]
-#[serde(rename_all = "lowercase")]
-pub enum DiscoverySource {
-    /// Local-network multicast.
-    Mdns,
-    /// The Kademlia DHT (namespace providers, routing table).
-    Dht,
-    /// A configured bootstrap peer.
-    Bootstrap,
-    /// A peer's identify information (it connected to us, or told us its addresses).
-    Identify,
-}
-
-impl DiscoverySource {
-    /// Every source, in a fixed order.
-    pub const ALL: [Self; 4] = [Self::Mdns, Self::Dht, Self::Bootstrap, Self::Identify];
-
-    /// Lower-case name, as in metrics and the API.
-    #[must_use]
-    pub fn as_str(self) -> &'static str {
-        match self {
-            Self::Mdns => "mdns",
-            Self::Dht => "dht",
-            Self::Bootstrap => "bootstrap",
-            Self::Identify => "identify",
-        }
-    }
-}
-
-impl fmt::Display for DiscoverySource {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.write_str(self.as_str())
-    }
-}
-
-/// One known peer, as `NodeHandle::known_peers` reports it.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
-pub struct KnownPeer {
-    /// The peer.
-    pub peer_id: PeerId,
-    /// Addresses we know for it, newest last.
-    pub addresses: Vec<Multiaddr>,
-    /// Every source that reported it.
-    pub sources: Vec<DiscoverySource>,
-    /// When it was first reported.
-    pub first_seen: SystemTime,
-    /// When it was last reported or connected.
-    pub last_seen: SystemTime,
-    /// Whether a connection is open.
-    pub connected: bool,
-    /// Consecutive failed dials.
-    pub failures: u32,
-    /// Whether identify showed it is not an Ollamacron node.
-    pub foreign: bool,
-}
 
 #[derive(Debug)]
 struct PeerEntry {
@@ -330,47 +273,6 @@ fn add_address(list: &mut Vec<Multiaddr>, addr: &Multiaddr) {
         list.remove(0);
     }
     list.push(addr.clone());
-}
-
-/// Whether a discovery source is on and working, for `status`.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
-pub struct SourceStatus {
-    /// The source.
-    pub source: DiscoverySource,
-    /// Turned on by configuration.
-    pub enabled: bool,
-    /// Running (enabled and able to work).
-    pub active: bool,
-    /// What it is doing or why it is not.
-    pub detail: String,
-}
-
-/// Counters of one discovery source.
-#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize)]
-pub struct SourceStats {
-    /// Peers this source reported for the first time.
-    pub peers_discovered: u64,
-    /// Dials of peers from this source that failed.
-    pub connection_failures: u64,
-    /// Dials of peers from this source that succeeded.
-    pub successful_connections: u64,
-    /// Peers this source reported gone.
-    pub peers_lost: u64,
-}
-
-/// Discovery as a whole, from `NodeHandle::discovery`.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
-pub struct DiscoveryStatus {
-    /// Each source's state.
-    pub sources: Vec<SourceStatus>,
-    /// Each source's counters.
-    pub stats: Vec<(DiscoverySource, SourceStats)>,
-    /// Peers in the known-peer table.
-    pub known_peers: usize,
-    /// Peers in the Kademlia routing table.
-    pub dht_routing_table_size: usize,
-    /// Namespace providers found through the DHT.
-    pub dht_providers: usize,
 }
 
 #[cfg(test)]

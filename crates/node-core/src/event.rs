@@ -3,8 +3,8 @@
 use libp2p::{Multiaddr, PeerId};
 use serde::Serialize;
 
-use crate::discovery::DiscoverySource;
 use crate::state::NodeState;
+use crate::status::DiscoverySource;
 
 /// Which side opened a connection.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize)]

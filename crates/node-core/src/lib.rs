@@ -1,6 +1,7 @@
 #![doc = include_str!("../README.md")]
 
 mod behaviour;
+mod configs;
 mod discovery;
 mod error;
 mod event;
@@ -9,11 +10,11 @@ mod identity;
 mod metrics;
 mod node;
 mod state;
+mod status;
 mod transport;
 pub mod trim;
 
 pub use behaviour::{PROTOCOL_VERSION, SERVICES_TOPIC, agent_version};
-pub use discovery::{DiscoverySource, DiscoveryStatus, KnownPeer, SourceStats, SourceStatus};
 pub use error::NodeError;
 pub use event::{Direction, NodeEvent, RecordVia};
 pub use http::{
@@ -22,12 +23,14 @@ pub use http::{
 };
 pub use identity::{IdentityError, load_or_create_identity};
 pub use metrics::MetricsSnapshot;
-pub use node::{
-    ConnectedPeer, ConnectionCounts, ConnectionKind, HolePunchCounts, HttpServerStatus, HttpStatus,
-    Node, NodeHandle, NodeStatus, PeerInfo, Reachability, ServiceCounts, TraversalStatus,
-};
+pub use node::{Node, NodeHandle};
 pub use ollamacron_http as http_server;
 pub use state::{NodeState, StateError};
+pub use status::{
+    ConnectedPeer, ConnectionCounts, ConnectionKind, DiscoverySource, DiscoveryStatus,
+    HolePunchCounts, HttpServerStatus, HttpStatus, KnownPeer, NodeStatus, PeerInfo, Reachability,
+    ServiceCounts, SourceStats, SourceStatus, TraversalStatus,
+};
 
 /// Re-exported so users name the same types we do.
 pub use libp2p;

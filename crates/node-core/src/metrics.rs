@@ -11,9 +11,9 @@ use prometheus_client::metrics::family::Family;
 use prometheus_client::metrics::gauge::Gauge;
 use serde::Serialize;
 
-use crate::discovery::{DiscoverySource, SourceStats};
 use crate::event::Direction;
 use crate::state::NodeState;
+use crate::status::{DiscoverySource, SourceStats};
 
 #[derive(Debug, Clone, Hash, PartialEq, Eq, EncodeLabelSet)]
 struct DirectionLabel {

@@ -18,19 +18,22 @@ use libp2p::swarm::dial_opts::{DialOpts, PeerCondition};
 use libp2p::swarm::{ConnectionId, DialError, ListenError, SwarmEvent};
 use libp2p::{Multiaddr, PeerId, Swarm, identify, ping};
 use ollamacron_config::NodeConfig;
-use serde::Serialize;
 use tokio::sync::{broadcast, mpsc, oneshot, watch};
 
-use crate::behaviour::{NodeBehaviour, NodeBehaviourEvent, PROTOCOL_VERSION, nat_config};
-use crate::discovery::{
-    DialOutcome, DiscoverySource, DiscoveryStatus, KnownPeer, PeerTable, SourceStatus,
-};
+use crate::behaviour::{NodeBehaviour, NodeBehaviourEvent, PROTOCOL_VERSION};
+use crate::configs::nat_config;
+use crate::discovery::{DialOutcome, PeerTable};
 use crate::error::NodeError;
 use crate::event::{Direction, NodeEvent};
 use crate::identity::load_or_create_identity;
 use crate::metrics::DiscoveryCounter;
 use crate::metrics::{MetricsEndpoint, MetricsSnapshot, NodeMetrics};
 use crate::state::NodeState;
+use crate::status::{
+    ConnectedPeer, ConnectionCounts, ConnectionKind, DiscoverySource, DiscoveryStatus,
+    HolePunchCounts, HttpStatus, KnownPeer, NodeStatus, PeerInfo, ServiceCounts, SourceStatus,
+    TraversalStatus,
+};
 use crate::transport::build_transport;
 use crate::trim::{TrimCandidate, TrimPolicy};
 use ollamacron_discovery_bootstrap::BootstrapEvent;
@@ -360,217 +363,6 @@ pub(crate) fn with_peer(addr: Multiaddr, peer: PeerId) -> Multiaddr {
     } else {
         addr.with(Protocol::P2p(peer))
     }
-}
-
-/// One connected peer, as `NodeHandle::connected_peers` reports it.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
-pub struct ConnectedPeer {
-    /// The peer.
-    pub peer_id: PeerId,
-    /// Its address on each open connection.
-    pub addresses: Vec<Multiaddr>,
-    /// Who dialed the oldest open connection.
-    pub direction: Direction,
-    /// How long the oldest open connection has been up.
-    pub connected_for: Duration,
-    /// Identify protocol version, once the peer has identified itself.
-    pub protocol_version: Option<String>,
-    /// Identify agent version, once the peer has identified itself.
-    pub agent_version: Option<String>,
-    /// Latest ping round-trip time.
-    pub rtt: Option<Duration>,
-}
-
-/// Whether peers can reach this node directly.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
-#[serde(rename_all = "lowercase")]
-pub enum Reachability {
-    /// Reachable from the internet.
-    Public,
-    /// Behind NAT or a firewall.
-    Private,
-    /// Not known (not forced, and not detected yet).
-    Unknown,
-}
-
-impl From<ollamacron_nat::Reachability> for Reachability {
-    fn from(r: ollamacron_nat::Reachability) -> Self {
-        match r {
-            ollamacron_nat::Reachability::Public => Self::Public,
-            ollamacron_nat::Reachability::Private => Self::Private,
-            ollamacron_nat::Reachability::Unknown => Self::Unknown,
-        }
-    }
-}
-
-/// How we are connected to a peer, in [`PeerInfo`].
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
-#[serde(rename_all = "lowercase")]
-pub enum ConnectionKind {
-    /// At least one direct connection (it wins over relayed ones).
-    Direct,
-    /// Only through a relay.
-    Relayed,
-    /// Not connected.
-    None,
-}
-
-/// NAT traversal at a glance, in [`NodeStatus`].
-#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize)]
-pub struct TraversalStatus {
-    /// Relays holding a reservation of ours (peers reach us through them).
-    pub relays: Vec<PeerId>,
-    /// Whether we serve as a relay right now (public, relay service on).
-    pub relay_service: bool,
-    /// Circuits our relay service opened for other peers.
-    pub circuits_served: u64,
-    /// Hole punching (DCUtR) since start.
-    pub hole_punch: HolePunchCounts,
-}
-
-/// DCUtR outcomes since start, in [`TraversalStatus`].
-#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize)]
-pub struct HolePunchCounts {
-    /// Relayed connections on which hole punching started.
-    pub attempts: u64,
-    /// Punches that produced a direct connection.
-    pub succeeded: u64,
-    /// Punches that failed (the connection stays relayed).
-    pub failed: u64,
-}
-
-/// Connection counts in [`NodeStatus`].
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
-pub struct ConnectionCounts {
-    /// Peers with at least one connection.
-    pub peers: usize,
-    /// Connections the peers opened.
-    pub inbound: usize,
-    /// Connections we opened.
-    pub outbound: usize,
-}
-
-/// Service counts in [`NodeStatus`].
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
-pub struct ServiceCounts {
-    /// Services this node offers.
-    pub local: usize,
-    /// Services of other nodes, from verified records.
-    pub remote: usize,
-    /// Other nodes whose verified record we hold.
-    pub nodes: usize,
-}
-
-/// The node at a glance, from [`NodeHandle::status`] (and `GET /v1/status`).
-#[derive(Debug, Clone, PartialEq, Serialize)]
-pub struct NodeStatus {
-    /// Our peer id.
-    pub peer_id: PeerId,
-    /// Lifecycle state.
-    pub state: NodeState,
-    /// `ollamacron-node` version.
-    pub version: String,
-    /// Seconds since start.
-    pub uptime_secs: f64,
-    /// Addresses we listen on.
-    pub listen_addrs: Vec<Multiaddr>,
-    /// Addresses peers see us at (observed and confirmed).
-    pub external_addrs: Vec<Multiaddr>,
-    /// Whether peers can reach us directly.
-    pub reachability: Reachability,
-    /// Relays, hole punching and relay service.
-    pub nat: TraversalStatus,
-    /// Open connections.
-    pub connections: ConnectionCounts,
-    /// Discovery sources and their counters.
-    pub discovery: DiscoveryStatus,
-    /// Services known.
-    pub services: ServiceCounts,
-    /// The gateway and the API, and who can reach them.
-    pub http: HttpStatus,
-}
-
-/// The node's HTTP servers as `GET /v1/status` shows them.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
-pub struct HttpStatus {
-    /// The Ollama-compatible gateway, when it runs.
-    pub gateway: Option<HttpServerStatus>,
-    /// The local API, when it runs.
-    pub api: Option<HttpServerStatus>,
-}
-
-/// One HTTP server of the node.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
-pub struct HttpServerStatus {
-    /// Its configured address.
-    pub listen: std::net::SocketAddr,
-    /// It listens beyond loopback.
-    pub beyond_loopback: bool,
-    /// Every request needs a bearer key.
-    pub requires_key: bool,
-    /// Anyone who reaches it may use it: beyond loopback with no key.
-    pub open_to_network: bool,
-}
-
-impl HttpServerStatus {
-    fn new(listen: std::net::SocketAddr, requires_key: bool) -> Self {
-        let beyond_loopback = !listen.ip().is_loopback();
-        Self {
-            listen,
-            beyond_loopback,
-            requires_key,
-            open_to_network: beyond_loopback && !requires_key,
-        }
-    }
-}
-
-impl HttpStatus {
-    /// What `config` runs.
-    #[must_use]
-    pub fn of(config: &NodeConfig) -> Self {
-        Self {
-            gateway: config.enable_gateway.then(|| {
-                HttpServerStatus::new(
-                    config.gateway_listen,
-                    !config.gateway_api_keys.is_empty() || config.gateway_api_key_file.is_some(),
-                )
-            }),
-            api: config.enable_metrics.then(|| {
-                HttpServerStatus::new(
-                    config.api_listen,
-                    !config.api_keys.is_empty() || config.api_key_file.is_some(),
-                )
-            }),
-        }
-    }
-}
-
-/// One known peer as `GET /v1/peers` shows it.
-#[derive(Debug, Clone, PartialEq, Serialize)]
-pub struct PeerInfo {
-    /// The peer.
-    pub peer_id: PeerId,
-    /// Discovery sources that reported it.
-    pub sources: Vec<DiscoverySource>,
-    /// Addresses we know for it.
-    pub addresses: Vec<Multiaddr>,
-    /// Whether a connection is open.
-    pub connected: bool,
-    /// Direct, relayed (only through a relay) or none.
-    pub connection: ConnectionKind,
-    /// Latest ping round trip, in milliseconds: of a direct connection
-    /// when there is one, else of the relay path.
-    pub latency_ms: Option<f64>,
-    /// When it was last seen (reported or connected), Unix milliseconds.
-    pub last_seen_ms: u64,
-    /// Its identify agent, once it identified itself.
-    pub agent_version: Option<String>,
-    /// Consecutive failed dials.
-    pub failures: u32,
-    /// This node's gateway's breaker for it: `closed`, `open` (cooling
-    /// down after failed requests) or `half_open` (cooled down, the next
-    /// request probes it).
-    pub breaker: &'static str,
 }
 
 enum Command {

@@ -8,7 +8,7 @@ use libp2p::swarm::ConnectionDenied;
 use ollamacron_nat::{NatEvent, RELAY_HOP_PROTOCOL, RelayServerEvent, is_relayed};
 
 use super::{Direction, SwarmTask};
-use crate::behaviour::dht_mode;
+use crate::configs::dht_mode;
 use crate::event::NodeEvent;
 use crate::metrics::{HolePunchOutcome, RefusalReason, RelayOutcome};
 

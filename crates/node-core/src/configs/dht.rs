@@ -1,0 +1,36 @@
+//! `NodeConfig` onto `ollamacron_discovery_dht`'s config.
+
+use ollamacron_config::{DhtMode as ConfigDhtMode, NodeConfig};
+use ollamacron_discovery_dht::{DhtConfig, DhtMode};
+use ollamacron_nat as nat;
+
+/// The DHT's settings for a node that is `reachability` now.
+pub(crate) fn dht_config(config: &NodeConfig, reachability: nat::Reachability) -> DhtConfig {
+    DhtConfig {
+        mode: dht_mode(config, reachability),
+        bootstrap_interval: config.dht_bootstrap_interval,
+        provide_interval: config.dht_provide_interval,
+        discovery_interval: config.dht_discovery_interval,
+        query_timeout: config.dht_query_timeout,
+        max_records: usize::try_from(config.dht_max_records).unwrap_or(usize::MAX),
+        max_providers_per_key: usize::try_from(config.dht_max_providers_per_key)
+            .unwrap_or(usize::MAX),
+        max_value_bytes: usize::try_from(config.dht_max_value_size.bytes()).unwrap_or(usize::MAX),
+        max_record_ttl: ollamacron_config::MAX_RECORD_TTL,
+        advertise_namespace: true,
+    }
+}
+
+/// The Kademlia mode for a reachability: `auto` follows it (client while
+/// private, server otherwise, so a lone LAN whose reachability stays
+/// unknown still has servers); `server` and `client` are fixed.
+pub(crate) fn dht_mode(config: &NodeConfig, reachability: nat::Reachability) -> DhtMode {
+    match config.dht_mode {
+        ConfigDhtMode::Server => DhtMode::Server,
+        ConfigDhtMode::Client => DhtMode::Client,
+        ConfigDhtMode::Auto => match reachability {
+            nat::Reachability::Private => DhtMode::Client,
+            nat::Reachability::Public | nat::Reachability::Unknown => DhtMode::Server,
+        },
+    }
+}
