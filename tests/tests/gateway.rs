@@ -531,7 +531,7 @@ async fn a_node_failing_live_requests_is_cooled_down_and_probed_back() {
             .unwrap()
             .into_iter()
             .find(|p| p.peer_id.to_string() == peer)
-            .map(|p| p.breaker)
+            .map(|p| p.breaker.as_str())
     };
     eventually("GET /v1/peers shows B open", || {
         let (node, peer) = (a.node.clone(), b_id.clone());

@@ -27,9 +27,9 @@ pub use node::{Node, NodeHandle};
 pub use ollamacron_http as http_server;
 pub use state::{NodeState, StateError};
 pub use status::{
-    ConnectedPeer, ConnectionCounts, ConnectionKind, DiscoverySource, DiscoveryStatus,
-    HolePunchCounts, HttpServerStatus, HttpStatus, KnownPeer, NodeStatus, PeerInfo, Reachability,
-    ServiceCounts, SourceStats, SourceStatus, TraversalStatus,
+    BreakerState, ConnectedPeer, ConnectionCounts, ConnectionKind, DiscoverySource,
+    DiscoveryStatus, HolePunchCounts, HttpServerStatus, HttpStatus, KnownPeer, NodeStatus,
+    PeerInfo, Reachability, ServiceCounts, SourceStats, SourceStatus, TraversalStatus,
 };
 
 /// Re-exported so users name the same types we do.

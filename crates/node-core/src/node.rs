@@ -30,9 +30,9 @@ use crate::metrics::DiscoveryCounter;
 use crate::metrics::{MetricsEndpoint, MetricsSnapshot, NodeMetrics};
 use crate::state::NodeState;
 use crate::status::{
-    ConnectedPeer, ConnectionCounts, ConnectionKind, DiscoverySource, DiscoveryStatus,
-    HolePunchCounts, HttpStatus, KnownPeer, NodeStatus, PeerInfo, ServiceCounts, SourceStatus,
-    TraversalStatus,
+    BreakerState, ConnectedPeer, ConnectionCounts, ConnectionKind, DiscoverySource,
+    DiscoveryStatus, HolePunchCounts, HttpStatus, KnownPeer, NodeStatus, PeerInfo, ServiceCounts,
+    SourceStatus, TraversalStatus,
 };
 use crate::transport::build_transport;
 use crate::trim::{TrimCandidate, TrimPolicy};
@@ -1172,9 +1172,9 @@ impl SwarmTask {
                     agent_version: entry.and_then(|e| e.agent_version.clone()),
                     failures: p.failures,
                     breaker: match self.breakers.get(&p.peer_id) {
-                        None => "closed",
-                        Some(until) if Instant::now() < *until => "open",
-                        Some(_) => "half_open",
+                        None => BreakerState::Closed,
+                        Some(until) if Instant::now() < *until => BreakerState::Open,
+                        Some(_) => BreakerState::HalfOpen,
                     },
                 }
             })

@@ -277,7 +277,7 @@ pub struct PeerInfo {
     /// This node's gateway's breaker for it: `closed`, `open` (cooling
     /// down after failed requests) or `half_open` (cooled down, the next
     /// request probes it).
-    pub breaker: &'static str,
+    pub breaker: BreakerState,
 }
 
 /// Whether a discovery source is on and working, for `status`.
@@ -319,4 +319,29 @@ pub struct DiscoveryStatus {
     pub dht_routing_table_size: usize,
     /// Namespace providers found through the DHT.
     pub dht_providers: usize,
+}
+
+/// Where a gateway's breaker for a serving node stands, in [`PeerInfo`].
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "snake_case")]
+pub enum BreakerState {
+    /// Requests go to it.
+    Closed,
+    /// Cooling down after failed requests: not chosen while another node
+    /// can serve.
+    Open,
+    /// Cooled down: the next request probes it.
+    HalfOpen,
+}
+
+impl BreakerState {
+    /// As the API shows it: `closed`, `open` or `half_open`.
+    #[must_use]
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Self::Closed => "closed",
+            Self::Open => "open",
+            Self::HalfOpen => "half_open",
+        }
+    }
 }
