@@ -25,8 +25,22 @@ use tokio::time::{Instant, Sleep};
 pub const STABLE_CONNECTION: Duration = Duration::from_secs(30);
 
 /// How [`Behaviour`] keeps bootstrap connections.
+///
+/// Start from [`Config::default`] and change what you need with the
+/// `with_*` setters; new settings can be added without breaking callers.
+///
+/// ```
+/// use std::time::Duration;
+/// use ollamacron_discovery_bootstrap::Config;
+///
+/// let config = Config::default()
+///     .with_min_connections(1)
+///     .with_backoff_max(Duration::from_secs(60));
+/// assert!(config.peers.is_empty());
+/// ```
 #[derive(Debug, Clone, PartialEq, Eq)]
-pub struct BootstrapConfig {
+#[non_exhaustive]
+pub struct Config {
     /// Bootstrap peers; each address must end in `/p2p/<peer id>` (others
     /// are ignored with a warning). Several addresses of one peer are fine.
     pub peers: Vec<Multiaddr>,
@@ -42,7 +56,7 @@ pub struct BootstrapConfig {
     pub backoff_max: Duration,
 }
 
-impl Default for BootstrapConfig {
+impl Default for Config {
     fn default() -> Self {
         Self {
             peers: Vec::new(),
@@ -55,9 +69,64 @@ impl Default for BootstrapConfig {
     }
 }
 
+impl Config {
+    /// The bootstrap peers, each address ending in `/p2p/<peer id>`. See
+    /// [`Config::peers`].
+    #[must_use]
+    pub fn with_peers(mut self, peers: Vec<Multiaddr>) -> Self {
+        self.peers = peers;
+        self
+    }
+
+    /// Keep at least this many bootstrap peers connected. See
+    /// [`Config::min_connections`].
+    #[must_use]
+    pub fn with_min_connections(mut self, min_connections: usize) -> Self {
+        self.min_connections = min_connections;
+        self
+    }
+
+    /// Dial no more peers once this many are connected or being dialed.
+    /// See [`Config::max_connections`].
+    #[must_use]
+    pub fn with_max_connections(mut self, max_connections: usize) -> Self {
+        self.max_connections = max_connections;
+        self
+    }
+
+    /// How often the connections are checked. See
+    /// [`Config::check_interval`].
+    #[must_use]
+    pub fn with_check_interval(mut self, interval: Duration) -> Self {
+        self.check_interval = interval;
+        self
+    }
+
+    /// Retry delay after the first failure (doubling with each further
+    /// one). See [`Config::backoff_initial`].
+    #[must_use]
+    pub fn with_backoff_initial(mut self, delay: Duration) -> Self {
+        self.backoff_initial = delay;
+        self
+    }
+
+    /// Longest retry delay. See [`Config::backoff_max`].
+    #[must_use]
+    pub fn with_backoff_max(mut self, delay: Duration) -> Self {
+        self.backoff_max = delay;
+        self
+    }
+}
+
+/// The former name of [`Config`].
+pub type BootstrapConfig = Config;
+
+/// The former name of [`Event`].
+pub type BootstrapEvent = Event;
+
 /// What happened to a bootstrap peer.
 #[derive(Debug, Clone, PartialEq, Eq)]
-pub enum BootstrapEvent {
+pub enum Event {
     /// A dial to the peer started.
     Dialing {
         /// The peer.
@@ -121,11 +190,11 @@ struct BootstrapPeer {
 /// unreachable ones with exponential backoff and jitter. Add it to your own
 /// `#[derive(NetworkBehaviour)]`; it opens no streams.
 pub struct Behaviour {
-    config: BootstrapConfig,
+    config: Config,
     peers: HashMap<PeerId, BootstrapPeer>,
     /// Configured order, so dials are tried in the order the operator wrote.
     order: Vec<PeerId>,
-    events: VecDeque<ToSwarm<BootstrapEvent, Infallible>>,
+    events: VecDeque<ToSwarm<Event, Infallible>>,
     timer: Pin<Box<Sleep>>,
     next_check: Instant,
     started: bool,
@@ -145,7 +214,7 @@ impl Behaviour {
     /// A behaviour for `local_peer` (its own addresses among `config.peers`
     /// are skipped). Must be created inside a tokio runtime.
     #[must_use]
-    pub fn new(local_peer: PeerId, config: BootstrapConfig) -> Self {
+    pub fn new(local_peer: PeerId, config: Config) -> Self {
         let mut peers: HashMap<PeerId, BootstrapPeer> = HashMap::new();
         let mut order = Vec::new();
         for addr in &config.peers {
@@ -274,7 +343,7 @@ impl Behaviour {
             peer.dialing = Some(opts.connection_id());
             tracing::debug!(peer = %id, failures = peer.failures, "dialing bootstrap peer");
             self.events
-                .push_back(ToSwarm::GenerateEvent(BootstrapEvent::Dialing {
+                .push_back(ToSwarm::GenerateEvent(Event::Dialing {
                     peer: *id,
                     failures: peer.failures,
                 }));
@@ -306,7 +375,7 @@ impl Behaviour {
 
 impl NetworkBehaviour for Behaviour {
     type ConnectionHandler = dummy::ConnectionHandler;
-    type ToSwarm = BootstrapEvent;
+    type ToSwarm = Event;
 
     fn handle_established_inbound_connection(
         &mut self,
@@ -357,9 +426,7 @@ impl NetworkBehaviour for Behaviour {
                 if peer.connections == 1 {
                     peer.connected_at = Some(Instant::now());
                     self.events
-                        .push_back(ToSwarm::GenerateEvent(BootstrapEvent::Connected {
-                            peer: e.peer_id,
-                        }));
+                        .push_back(ToSwarm::GenerateEvent(Event::Connected { peer: e.peer_id }));
                 }
             }
             FromSwarm::ConnectionClosed(e) => {
@@ -381,7 +448,7 @@ impl NetworkBehaviour for Behaviour {
                         }
                     }
                     self.events
-                        .push_back(ToSwarm::GenerateEvent(BootstrapEvent::Disconnected {
+                        .push_back(ToSwarm::GenerateEvent(Event::Disconnected {
                             peer: e.peer_id,
                         }));
                     self.check_now = true;
@@ -407,7 +474,7 @@ impl NetworkBehaviour for Behaviour {
                 peer.retry_at = Some(Instant::now() + retry_in);
                 tracing::debug!(peer = %id, failures, ?retry_in, error = %e.error, "bootstrap dial failed");
                 self.events
-                    .push_back(ToSwarm::GenerateEvent(BootstrapEvent::DialFailed {
+                    .push_back(ToSwarm::GenerateEvent(Event::DialFailed {
                         peer: id,
                         error: e.error.to_string(),
                         failures,
@@ -462,12 +529,35 @@ mod tests {
     fn behaviour(initial_ms: u64, max_ms: u64) -> Behaviour {
         Behaviour::new(
             PeerId::random(),
-            BootstrapConfig {
-                backoff_initial: Duration::from_millis(initial_ms),
-                backoff_max: Duration::from_millis(max_ms),
-                ..BootstrapConfig::default()
-            },
+            Config::default()
+                .with_backoff_initial(Duration::from_millis(initial_ms))
+                .with_backoff_max(Duration::from_millis(max_ms)),
         )
+    }
+
+    #[test]
+    fn setters_change_only_their_field() {
+        let peer: Multiaddr = format!("/ip4/127.0.0.1/tcp/1/p2p/{}", PeerId::random())
+            .parse()
+            .unwrap();
+        let config = Config::default()
+            .with_peers(vec![peer.clone()])
+            .with_min_connections(1)
+            .with_max_connections(2)
+            .with_check_interval(Duration::from_secs(3))
+            .with_backoff_initial(Duration::from_secs(4))
+            .with_backoff_max(Duration::from_secs(5));
+        assert_eq!(config.peers, vec![peer]);
+        assert_eq!(config.min_connections, 1);
+        assert_eq!(config.max_connections, 2);
+        assert_eq!(config.check_interval, Duration::from_secs(3));
+        assert_eq!(config.backoff_initial, Duration::from_secs(4));
+        assert_eq!(config.backoff_max, Duration::from_secs(5));
+        let default = Config::default();
+        assert_eq!(
+            Config::default().with_min_connections(1).max_connections,
+            default.max_connections
+        );
     }
 
     #[tokio::test]
@@ -494,15 +584,12 @@ mod tests {
         let other = PeerId::random();
         let b = Behaviour::new(
             me,
-            BootstrapConfig {
-                peers: vec![
-                    format!("/ip4/127.0.0.1/tcp/1/p2p/{me}").parse().unwrap(),
-                    "/ip4/127.0.0.1/tcp/2".parse().unwrap(),
-                    format!("/ip4/127.0.0.1/tcp/3/p2p/{other}").parse().unwrap(),
-                    format!("/ip4/127.0.0.2/tcp/3/p2p/{other}").parse().unwrap(),
-                ],
-                ..BootstrapConfig::default()
-            },
+            Config::default().with_peers(vec![
+                format!("/ip4/127.0.0.1/tcp/1/p2p/{me}").parse().unwrap(),
+                "/ip4/127.0.0.1/tcp/2".parse().unwrap(),
+                format!("/ip4/127.0.0.1/tcp/3/p2p/{other}").parse().unwrap(),
+                format!("/ip4/127.0.0.2/tcp/3/p2p/{other}").parse().unwrap(),
+            ]),
         );
         let peers = b.peers();
         assert_eq!(peers.len(), 1);

@@ -9,7 +9,7 @@ use futures::StreamExt;
 use libp2p::connection_limits::{self, ConnectionLimits};
 use libp2p::swarm::SwarmEvent;
 use libp2p::{SwarmBuilder, noise, tcp, yamux};
-use ollamacron_discovery_bootstrap::{Behaviour, BootstrapConfig, BootstrapEvent};
+use ollamacron_discovery_bootstrap::{Behaviour, Config, Event};
 
 const BACKOFF_INITIAL: Duration = Duration::from_millis(200);
 const TEST_TIMEOUT: Duration = Duration::from_secs(30);
@@ -57,14 +57,13 @@ async fn a_peer_that_drops_us_at_once_is_retried_with_backoff() {
         .with_behaviour(|key| {
             Behaviour::new(
                 key.public().to_peer_id(),
-                BootstrapConfig {
-                    peers: vec![addr.with_p2p(seed_id).unwrap()],
-                    min_connections: 1,
-                    max_connections: 1,
-                    check_interval: Duration::from_secs(60),
-                    backoff_initial: BACKOFF_INITIAL,
-                    backoff_max: Duration::from_secs(10),
-                },
+                Config::default()
+                    .with_peers(vec![addr.with_p2p(seed_id).unwrap()])
+                    .with_min_connections(1)
+                    .with_max_connections(1)
+                    .with_check_interval(Duration::from_secs(60))
+                    .with_backoff_initial(BACKOFF_INITIAL)
+                    .with_backoff_max(Duration::from_secs(10)),
             )
         })
         .unwrap()
@@ -78,16 +77,16 @@ async fn a_peer_that_drops_us_at_once_is_retried_with_backoff() {
         while dials.len() < 3 {
             if let SwarmEvent::Behaviour(event) = node.select_next_some().await {
                 match event {
-                    BootstrapEvent::Dialing { failures, .. } => {
+                    Event::Dialing { failures, .. } => {
                         if let Some(dropped) = last_drop {
                             gaps.push(dropped.elapsed());
                         }
                         dials.push((Instant::now(), failures));
                     }
-                    BootstrapEvent::Disconnected { .. } | BootstrapEvent::DialFailed { .. } => {
+                    Event::Disconnected { .. } | Event::DialFailed { .. } => {
                         last_drop = Some(Instant::now());
                     }
-                    BootstrapEvent::Connected { .. } => {}
+                    Event::Connected { .. } => {}
                 }
             }
         }

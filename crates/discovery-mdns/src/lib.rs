@@ -13,8 +13,21 @@ use libp2p::swarm::{
 use libp2p::{PeerId, mdns};
 
 /// mDNS settings.
+///
+/// Start from [`Config::default`] and change what you need with the
+/// `with_*` setters; new settings can be added without breaking callers.
+///
+/// ```
+/// use std::time::Duration;
+/// use ollamacron_discovery_mdns::Config;
+///
+/// let config = Config::default().with_query_interval(Duration::from_secs(5));
+/// assert_eq!(config.query_interval, Duration::from_secs(5));
+/// assert!(!config.enable_ipv6);
+/// ```
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub struct MdnsConfig {
+#[non_exhaustive]
+pub struct Config {
     /// Interval of mDNS queries.
     pub query_interval: Duration,
     /// How long an answer stays valid without being refreshed.
@@ -23,7 +36,7 @@ pub struct MdnsConfig {
     pub enable_ipv6: bool,
 }
 
-impl Default for MdnsConfig {
+impl Default for Config {
     fn default() -> Self {
         Self {
             query_interval: Duration::from_secs(10),
@@ -33,6 +46,36 @@ impl Default for MdnsConfig {
     }
 }
 
+impl Config {
+    /// Interval of mDNS queries. See [`Config::query_interval`].
+    #[must_use]
+    pub fn with_query_interval(mut self, interval: Duration) -> Self {
+        self.query_interval = interval;
+        self
+    }
+
+    /// How long an answer stays valid without being refreshed. See
+    /// [`Config::ttl`].
+    #[must_use]
+    pub fn with_ttl(mut self, ttl: Duration) -> Self {
+        self.ttl = ttl;
+        self
+    }
+
+    /// Use IPv6 multicast instead of IPv4. See [`Config::enable_ipv6`].
+    #[must_use]
+    pub fn with_enable_ipv6(mut self, enable_ipv6: bool) -> Self {
+        self.enable_ipv6 = enable_ipv6;
+        self
+    }
+}
+
+/// The former name of [`Config`].
+pub type MdnsConfig = Config;
+
+/// The former name of [`Event`].
+pub type MdnsEvent = Event;
+
 /// Why mDNS could not start.
 #[derive(Debug, thiserror::Error)]
 #[error("cannot start mDNS (multicast on UDP port 5353): {0}")]
@@ -40,7 +83,7 @@ pub struct MdnsError(#[from] std::io::Error);
 
 /// A peer seen or lost on the local network.
 #[derive(Debug, Clone, PartialEq, Eq)]
-pub enum MdnsEvent {
+pub enum Event {
     /// A peer answered, with these addresses.
     Discovered {
         /// The peer.
@@ -57,11 +100,11 @@ pub enum MdnsEvent {
     },
 }
 
-/// libp2p's tokio mDNS behaviour with per-peer [`MdnsEvent`]s.
+/// libp2p's tokio mDNS behaviour with per-peer [`Event`]s.
 pub struct Behaviour {
     inner: mdns::tokio::Behaviour,
     local_peer: PeerId,
-    events: VecDeque<MdnsEvent>,
+    events: VecDeque<Event>,
 }
 
 impl std::fmt::Debug for Behaviour {
@@ -77,7 +120,7 @@ impl Behaviour {
     ///
     /// # Errors
     /// [`MdnsError`] when the multicast socket cannot be opened.
-    pub fn new(config: MdnsConfig, local_peer: PeerId) -> Result<Self, MdnsError> {
+    pub fn new(config: Config, local_peer: PeerId) -> Result<Self, MdnsError> {
         let inner = mdns::tokio::Behaviour::new(
             mdns::Config {
                 ttl: config.ttl,
@@ -99,26 +142,36 @@ impl Behaviour {
     }
 
     fn group(&mut self, pairs: Vec<(PeerId, Multiaddr)>, expired: bool) {
-        let mut by_peer: BTreeMap<PeerId, Vec<Multiaddr>> = BTreeMap::new();
-        for (peer, addr) in pairs {
-            if peer != self.local_peer {
-                by_peer.entry(peer).or_default().push(addr);
-            }
-        }
         self.events
-            .extend(by_peer.into_iter().map(|(peer, addresses)| {
-                if expired {
-                    MdnsEvent::Expired { peer, addresses }
-                } else {
-                    MdnsEvent::Discovered { peer, addresses }
-                }
-            }));
+            .extend(per_peer(self.local_peer, pairs, expired));
     }
+}
+
+/// libp2p's `(peer, address)` pairs as one event per peer with all its
+/// addresses (in the order given), peers in id order, without `local_peer`.
+fn per_peer(
+    local_peer: PeerId,
+    pairs: Vec<(PeerId, Multiaddr)>,
+    expired: bool,
+) -> impl Iterator<Item = Event> {
+    let mut by_peer: BTreeMap<PeerId, Vec<Multiaddr>> = BTreeMap::new();
+    for (peer, addr) in pairs {
+        if peer != local_peer {
+            by_peer.entry(peer).or_default().push(addr);
+        }
+    }
+    by_peer.into_iter().map(move |(peer, addresses)| {
+        if expired {
+            Event::Expired { peer, addresses }
+        } else {
+            Event::Discovered { peer, addresses }
+        }
+    })
 }
 
 impl NetworkBehaviour for Behaviour {
     type ConnectionHandler = <mdns::tokio::Behaviour as NetworkBehaviour>::ConnectionHandler;
-    type ToSwarm = MdnsEvent;
+    type ToSwarm = Event;
 
     fn handle_established_inbound_connection(
         &mut self,
@@ -205,5 +258,74 @@ impl NetworkBehaviour for Behaviour {
                 Poll::Pending => return Poll::Pending,
             }
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn addr(port: u16) -> Multiaddr {
+        format!("/ip4/127.0.0.1/tcp/{port}").parse().unwrap()
+    }
+
+    #[test]
+    fn setters_change_only_their_field() {
+        let config = Config::default()
+            .with_query_interval(Duration::from_secs(1))
+            .with_ttl(Duration::from_secs(2))
+            .with_enable_ipv6(true);
+        assert_eq!(config.query_interval, Duration::from_secs(1));
+        assert_eq!(config.ttl, Duration::from_secs(2));
+        assert!(config.enable_ipv6);
+        let ttl_only = Config::default().with_ttl(Duration::from_secs(2));
+        assert_eq!(ttl_only.query_interval, Config::default().query_interval);
+    }
+
+    #[test]
+    fn pairs_become_one_event_per_peer_without_the_local_peer() {
+        let local = PeerId::random();
+        let (a, b) = (PeerId::random(), PeerId::random());
+        let pairs = vec![(a, addr(1)), (local, addr(2)), (b, addr(3)), (a, addr(4))];
+        let mut expected = vec![
+            Event::Discovered {
+                peer: a,
+                addresses: vec![addr(1), addr(4)],
+            },
+            Event::Discovered {
+                peer: b,
+                addresses: vec![addr(3)],
+            },
+        ];
+        expected.sort_by_key(|e| match e {
+            Event::Discovered { peer, .. } | Event::Expired { peer, .. } => *peer,
+        });
+        assert_eq!(
+            per_peer(local, pairs.clone(), false).collect::<Vec<_>>(),
+            expected
+        );
+
+        let expired: Vec<Event> = per_peer(local, pairs, true).collect();
+        assert_eq!(expired.len(), 2);
+        for (event, discovered) in expired.iter().zip(&expected) {
+            let (
+                Event::Expired { peer, addresses },
+                Event::Discovered {
+                    peer: p,
+                    addresses: a,
+                },
+            ) = (event, discovered)
+            else {
+                panic!("expected expiries, got {event:?}");
+            };
+            assert_eq!((peer, addresses), (p, a));
+        }
+    }
+
+    #[test]
+    fn only_the_local_peer_makes_no_event() {
+        let local = PeerId::random();
+        assert_eq!(per_peer(local, vec![(local, addr(1))], false).count(), 0);
+        assert_eq!(per_peer(local, Vec::new(), true).count(), 0);
     }
 }

@@ -2,7 +2,8 @@
 
 mod config;
 mod inner;
-mod reservations;
+#[doc(hidden)]
+pub mod reservations;
 
 use std::collections::{HashMap, HashSet, VecDeque};
 use std::fmt;
@@ -21,7 +22,7 @@ use libp2p::swarm::{
 use libp2p::{PeerId, autonat, dcutr, relay, upnp};
 use tokio::time::{Instant, Sleep};
 
-pub use config::{NatConfig, RelayLimits};
+pub use config::{Config, RelayLimits};
 use inner::{Inner, InnerEvent};
 use reservations::{ReservationAction, Reservations};
 
@@ -29,8 +30,17 @@ use reservations::{ReservationAction, Reservations};
 /// lists it in identify can be reserved on.
 pub const RELAY_HOP_PROTOCOL: libp2p::StreamProtocol = relay::HOP_PROTOCOL_NAME;
 
+/// The former name of [`Config`].
+pub type NatConfig = Config;
+
+/// The former name of [`Event`].
+pub type NatEvent = Event;
+
 /// Whether peers can dial this node directly.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+///
+/// Serialised as `public`, `private` or `unknown` (as [`Reachability::as_str`]).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, serde::Serialize, serde::Deserialize)]
+#[serde(rename_all = "lowercase")]
 pub enum Reachability {
     /// Peers can dial us (AutoNAT dial-backs succeed, or forced).
     Public,
@@ -109,7 +119,7 @@ impl RelayedPeers {
 
 /// What the NAT behaviour reports.
 #[derive(Debug)]
-pub enum NatEvent {
+pub enum Event {
     /// Our reachability changed (detected by AutoNAT).
     ReachabilityChanged {
         /// The new value.
@@ -245,7 +255,7 @@ pub struct Behaviour {
     /// Open (direct, relayed) connections per peer.
     connection_kinds: HashMap<PeerId, (usize, usize)>,
     relayed_peers: RelayedPeers,
-    queued: VecDeque<ToSwarm<NatEvent, THandlerInEvent<Inner>>>,
+    queued: VecDeque<ToSwarm<Event, THandlerInEvent<Inner>>>,
 }
 
 impl fmt::Debug for Behaviour {
@@ -264,7 +274,7 @@ impl Behaviour {
     /// with the same security and muxer) so `/p2p-circuit` addresses can be
     /// dialed and listened on.
     #[must_use]
-    pub fn new(local_peer: PeerId, config: &NatConfig) -> (Self, relay::client::Transport) {
+    pub fn new(local_peer: PeerId, config: &Config) -> (Self, relay::client::Transport) {
         let (relay_transport, relay_client) = relay::client::new(local_peer);
         (
             Self::with_relay_client(local_peer, config, relay_client),
@@ -277,7 +287,7 @@ impl Behaviour {
     #[must_use]
     pub fn with_relay_client(
         local_peer: PeerId,
-        config: &NatConfig,
+        config: &Config,
         relay_client: relay::client::Behaviour,
     ) -> Self {
         let autonat = autonat::Behaviour::new(
@@ -418,7 +428,7 @@ impl Behaviour {
             // libp2p reports no status change for a status set by hand.
             self.serving = serve;
             if serve != was_serving {
-                self.emit(NatEvent::RelayServer(RelayServerEvent::Serving(serve)));
+                self.emit(Event::RelayServer(RelayServerEvent::Serving(serve)));
             }
         }
         let wanted = self.auto_relay && reachability == Reachability::Private;
@@ -429,7 +439,7 @@ impl Behaviour {
         }
     }
 
-    fn emit(&mut self, event: NatEvent) {
+    fn emit(&mut self, event: Event) {
         self.queued.push_back(ToSwarm::GenerateEvent(event));
     }
 
@@ -447,7 +457,7 @@ impl Behaviour {
                 };
                 if reachability != self.reachability {
                     self.apply(reachability);
-                    self.emit(NatEvent::ReachabilityChanged {
+                    self.emit(Event::ReachabilityChanged {
                         reachability,
                         address,
                     });
@@ -461,7 +471,7 @@ impl Behaviour {
             }
             InnerEvent::RelayServer(event) => {
                 if let Some(event) = server_event(event) {
-                    self.emit(NatEvent::RelayServer(event));
+                    self.emit(Event::RelayServer(event));
                 }
             }
             InnerEvent::RelayClient(relay::client::Event::ReservationReqAccepted {
@@ -470,7 +480,7 @@ impl Behaviour {
                 ..
             }) => {
                 self.reservations.accepted(&relay_peer_id);
-                self.emit(NatEvent::ReservationAccepted {
+                self.emit(Event::ReservationAccepted {
                     relay: relay_peer_id,
                     renewal,
                 });
@@ -478,21 +488,21 @@ impl Behaviour {
             InnerEvent::RelayClient(relay::client::Event::OutboundCircuitEstablished {
                 relay_peer_id,
                 ..
-            }) => self.emit(NatEvent::RelayedConnection {
+            }) => self.emit(Event::RelayedConnection {
                 peer: relay_peer_id,
                 inbound: false,
             }),
             InnerEvent::RelayClient(relay::client::Event::InboundCircuitEstablished {
                 src_peer_id,
                 ..
-            }) => self.emit(NatEvent::RelayedConnection {
+            }) => self.emit(Event::RelayedConnection {
                 peer: src_peer_id,
                 inbound: true,
             }),
             InnerEvent::Dcutr(dcutr::Event {
                 remote_peer_id,
                 result,
-            }) => self.emit(NatEvent::HolePunch {
+            }) => self.emit(Event::HolePunch {
                 peer: remote_peer_id,
                 result: result.map_err(|e| e.to_string()),
             }),
@@ -500,20 +510,20 @@ impl Behaviour {
                 upnp::Event::NewExternalAddr {
                     local_addr,
                     external_addr,
-                } => self.emit(NatEvent::PortMapped {
+                } => self.emit(Event::PortMapped {
                     local: local_addr,
                     external: external_addr,
                 }),
                 upnp::Event::ExpiredExternalAddr { external_addr, .. } => {
-                    self.emit(NatEvent::PortMappingExpired {
+                    self.emit(Event::PortMappingExpired {
                         external: external_addr,
                     });
                 }
-                upnp::Event::GatewayNotFound => self.emit(NatEvent::PortMappingUnavailable {
+                upnp::Event::GatewayNotFound => self.emit(Event::PortMappingUnavailable {
                     reason: "no UPnP gateway answered on the local network",
                 }),
                 upnp::Event::NonRoutableGateway => {
-                    self.emit(NatEvent::PortMappingUnavailable {
+                    self.emit(Event::PortMappingUnavailable {
                         reason: "the UPnP gateway is itself behind another NAT",
                     });
                 }
@@ -532,7 +542,7 @@ impl Behaviour {
                     self.reservations.listening(&relay, opts.listener_id());
                     tracing::debug!(%relay, %address, "requesting a relay reservation");
                     self.queued.push_back(ToSwarm::ListenOn { opts });
-                    self.emit(NatEvent::ReservationRequested { relay, address });
+                    self.emit(Event::ReservationRequested { relay, address });
                 }
                 ReservationAction::Close { id } => {
                     self.queued.push_back(ToSwarm::RemoveListener { id });
@@ -602,7 +612,7 @@ fn server_event(event: relay::Event) -> Option<RelayServerEvent> {
 
 impl NetworkBehaviour for Behaviour {
     type ConnectionHandler = THandler<Inner>;
-    type ToSwarm = NatEvent;
+    type ToSwarm = Event;
 
     fn handle_pending_inbound_connection(
         &mut self,
@@ -668,7 +678,7 @@ impl NetworkBehaviour for Behaviour {
                     self.reservations.closed(closed.listener_id, Instant::now())
                 {
                     let reason = closed.reason.err().map(|e| error_chain(e));
-                    self.emit(NatEvent::ReservationClosed {
+                    self.emit(Event::ReservationClosed {
                         relay,
                         reason,
                         retry_in,
@@ -767,4 +777,87 @@ fn error_chain(e: &dyn std::error::Error) -> String {
         source = s.source();
     }
     out
+}
+
+#[cfg(test)]
+#[allow(clippy::unwrap_used)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn reachability_serialises_as_its_lowercase_name() {
+        for reachability in [
+            Reachability::Public,
+            Reachability::Private,
+            Reachability::Unknown,
+        ] {
+            let json = serde_json::to_string(&reachability).unwrap();
+            assert_eq!(json, format!("\"{}\"", reachability.as_str()));
+            let back: Reachability = serde_json::from_str(&json).unwrap();
+            assert_eq!(back, reachability);
+        }
+        assert!(serde_json::from_str::<Reachability>("\"Public\"").is_err());
+    }
+
+    #[test]
+    fn setters_change_only_their_field() {
+        let limits = RelayLimits::default()
+            .with_max_reservations(1)
+            .with_max_reservations_per_peer(2)
+            .with_reservation_duration(Duration::from_secs(3))
+            .with_max_circuits(4)
+            .with_max_circuits_per_peer(5)
+            .with_max_circuit_duration(Duration::from_secs(6))
+            .with_max_circuit_bytes(7);
+        assert_eq!(limits.max_reservations, 1);
+        assert_eq!(limits.max_reservations_per_peer, 2);
+        assert_eq!(limits.reservation_duration, Duration::from_secs(3));
+        assert_eq!(limits.max_circuits, 4);
+        assert_eq!(limits.max_circuits_per_peer, 5);
+        assert_eq!(limits.max_circuit_duration, Duration::from_secs(6));
+        assert_eq!(limits.max_circuit_bytes, 7);
+        assert_eq!(
+            RelayLimits::default().with_max_circuits(4).max_reservations,
+            RelayLimits::default().max_reservations
+        );
+
+        let relay: Multiaddr = format!("/ip4/203.0.113.1/tcp/4001/p2p/{}", PeerId::random())
+            .parse()
+            .unwrap();
+        let config = Config::default()
+            .with_force_reachability(Some(Reachability::Private))
+            .with_autonat_only_global_ips(false)
+            .with_autonat_boot_delay(Duration::from_secs(11))
+            .with_autonat_retry_interval(Duration::from_secs(12))
+            .with_autonat_refresh_interval(Duration::from_secs(13))
+            .with_autonat_timeout(Duration::from_secs(14))
+            .with_relay_server(Some(limits))
+            .with_auto_relay(false)
+            .with_relay_nodes(vec![relay.clone()])
+            .with_max_discovered_relays(15)
+            .with_reservation_backoff_initial(Duration::from_secs(16))
+            .with_reservation_backoff_max(Duration::from_secs(17))
+            .with_max_discovered_relay_failures(18)
+            .with_hole_punch(false)
+            .with_upnp(true);
+        assert_eq!(config.force_reachability, Some(Reachability::Private));
+        assert!(!config.autonat_only_global_ips);
+        assert_eq!(config.autonat_boot_delay, Duration::from_secs(11));
+        assert_eq!(config.autonat_retry_interval, Duration::from_secs(12));
+        assert_eq!(config.autonat_refresh_interval, Duration::from_secs(13));
+        assert_eq!(config.autonat_timeout, Duration::from_secs(14));
+        assert_eq!(config.relay_server, Some(limits));
+        assert!(!config.auto_relay);
+        assert_eq!(config.relay_nodes, vec![relay]);
+        assert_eq!(config.max_discovered_relays, 15);
+        assert_eq!(config.reservation_backoff_initial, Duration::from_secs(16));
+        assert_eq!(config.reservation_backoff_max, Duration::from_secs(17));
+        assert_eq!(config.max_discovered_relay_failures, 18);
+        assert!(!config.hole_punch);
+        assert!(config.upnp);
+        assert_eq!(
+            Config::default().with_upnp(true).hole_punch,
+            Config::default().hole_punch
+        );
+    }
 }

@@ -2,6 +2,10 @@
 //!
 //! Plain state, no I/O: the behaviour turns its decisions into
 //! `ToSwarm::ListenOn` / `RemoveListener` and feeds back listener events.
+//!
+//! Public (and hidden from the docs) only so that `benches/reservations.rs`
+//! can measure it: not part of the crate's API, and it may change in any
+//! release. Use [`Behaviour`](crate::Behaviour).
 
 use std::collections::HashMap;
 use std::time::Duration;
@@ -34,16 +38,24 @@ enum TargetState {
 
 /// What the behaviour should do next.
 #[derive(Debug, PartialEq, Eq)]
-pub(crate) enum ReservationAction {
+pub enum ReservationAction {
     /// Open a circuit listener on this relay address (`…/p2p/<relay>/p2p-circuit`).
-    Listen { relay: PeerId, address: Multiaddr },
+    Listen {
+        /// The relay.
+        relay: PeerId,
+        /// Its address, ending in `/p2p/<relay>`.
+        address: Multiaddr,
+    },
     /// Close this circuit listener.
-    Close { id: ListenerId },
+    Close {
+        /// The listener.
+        id: ListenerId,
+    },
 }
 
 /// Reservations on relays, with backoff.
 #[derive(Debug)]
-pub(crate) struct Reservations {
+pub struct Reservations {
     targets: HashMap<PeerId, RelayTarget>,
     /// Discovered relays not (yet) used, with an address each.
     candidates: HashMap<PeerId, Multiaddr>,
@@ -71,7 +83,14 @@ pub(crate) fn peer_of(address: &Multiaddr) -> Option<PeerId> {
 }
 
 impl Reservations {
-    pub(crate) fn new(
+    /// Reservations on the `configured` relays (addresses that do not end
+    /// in `/p2p/<relay>` are skipped) or, with none configured, on up to
+    /// `max_discovered` discovered ones, each dropped after
+    /// `max_discovered_failures` failures in a row. Retries wait
+    /// `backoff_initial`, doubled per failure up to `backoff_max`. Nothing
+    /// is requested until [`Reservations::set_wanted`].
+    #[must_use]
+    pub fn new(
         configured: &[Multiaddr],
         max_discovered: usize,
         max_discovered_failures: u32,
@@ -110,7 +129,7 @@ impl Reservations {
     }
 
     /// Whether reservations should be held (the node is private).
-    pub(crate) fn set_wanted(&mut self, wanted: bool) -> Vec<ReservationAction> {
+    pub fn set_wanted(&mut self, wanted: bool) -> Vec<ReservationAction> {
         self.wanted = wanted;
         if wanted {
             return Vec::new();
@@ -129,7 +148,7 @@ impl Reservations {
     /// A connected peer speaks the relay (hop) protocol at `address`.
     /// Only a direct address is taken: no `/p2p-circuit`, and `/p2p` (if
     /// any) only at the end, naming the relay.
-    pub(crate) fn add_candidate(&mut self, relay: PeerId, address: Multiaddr, now: Instant) {
+    pub fn add_candidate(&mut self, relay: PeerId, address: Multiaddr, now: Instant) {
         if self.targets.contains_key(&relay) {
             return;
         }
@@ -158,15 +177,12 @@ impl Reservations {
     }
 
     /// A peer disconnected: a discovered candidate that is not in use goes.
-    pub(crate) fn remove_candidate(&mut self, relay: &PeerId) {
+    pub fn remove_candidate(&mut self, relay: &PeerId) {
         self.candidates.remove(relay);
     }
 
     /// Listeners to open now; when to ask again (the earliest backoff).
-    pub(crate) fn poll_actions(
-        &mut self,
-        now: Instant,
-    ) -> (Vec<ReservationAction>, Option<Instant>) {
+    pub fn poll_actions(&mut self, now: Instant) -> (Vec<ReservationAction>, Option<Instant>) {
         if !self.wanted {
             return (Vec::new(), None);
         }
@@ -215,7 +231,7 @@ impl Reservations {
     }
 
     /// The behaviour opened a listener for `relay`.
-    pub(crate) fn listening(&mut self, relay: &PeerId, id: ListenerId) {
+    pub fn listening(&mut self, relay: &PeerId, id: ListenerId) {
         if let Some(target) = self.targets.get_mut(relay) {
             target.state = TargetState::Listening {
                 id,
@@ -225,7 +241,7 @@ impl Reservations {
     }
 
     /// The relay accepted (or renewed) our reservation.
-    pub(crate) fn accepted(&mut self, relay: &PeerId) {
+    pub fn accepted(&mut self, relay: &PeerId) {
         if let Some(target) = self.targets.get_mut(relay) {
             target.failures = 0;
             if let TargetState::Listening { id, .. } = target.state {
@@ -242,7 +258,7 @@ impl Reservations {
     }
 
     /// Relays holding an accepted reservation of ours.
-    pub(crate) fn active(&self) -> Vec<PeerId> {
+    pub fn active(&self) -> Vec<PeerId> {
         let mut relays: Vec<PeerId> = self
             .targets
             .iter()
@@ -257,11 +273,7 @@ impl Reservations {
     /// renewal, or the relay went away). Returns the relay and how long
     /// until the next attempt, or `None` for the delay when a discovered
     /// relay was given up.
-    pub(crate) fn closed(
-        &mut self,
-        id: ListenerId,
-        now: Instant,
-    ) -> Option<(PeerId, Option<Duration>)> {
+    pub fn closed(&mut self, id: ListenerId, now: Instant) -> Option<(PeerId, Option<Duration>)> {
         let relay = self.relay_of(id)?;
         let target = self.targets.get_mut(&relay)?;
         target.failures = target.failures.saturating_add(1);

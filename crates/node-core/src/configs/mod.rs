@@ -11,6 +11,8 @@ pub(crate) use nat::nat_config;
 #[cfg(test)]
 mod tests {
     use super::*;
+    use std::time::Duration;
+
     use ollamacron_config::{DhtMode as ConfigDhtMode, NodeConfig, NodeType};
     use ollamacron_discovery_dht::DhtMode;
     use ollamacron_nat::{self as nat, RelayLimits};
@@ -31,6 +33,36 @@ mod tests {
             ..NodeConfig::default()
         };
         assert!(nat_config(&relay).relay_server.is_some());
+    }
+
+    #[test]
+    fn node_settings_reach_the_nat_and_discovery_configs() {
+        let node = NodeConfig {
+            enable_nat_service: true,
+            relay_max_reservations: 7,
+            enable_hole_punch: false,
+            bootstrap_min_connections: 3,
+            bootstrap_check_interval: Duration::from_secs(9),
+            mdns_query_interval: Duration::from_secs(4),
+            ..NodeConfig::default()
+        };
+        let nat = nat_config(&node);
+        assert_eq!(nat.relay_server.map(|l| l.max_reservations), Some(7));
+        assert!(!nat.hole_punch);
+        assert!(nat.autonat_timeout > node.dial_timeout);
+        // What the node does not set keeps the NAT crate's default.
+        let defaults = nat::Config::default();
+        assert_eq!(
+            nat.reservation_backoff_max,
+            defaults.reservation_backoff_max
+        );
+        let bootstrap = bootstrap_config(&node);
+        assert_eq!(bootstrap.min_connections, 3);
+        assert_eq!(bootstrap.check_interval, Duration::from_secs(9));
+        assert_eq!(bootstrap.peers, node.bootstrap);
+        let mdns = mdns_config(&node);
+        assert_eq!(mdns.query_interval, Duration::from_secs(4));
+        assert_eq!(mdns.ttl, ollamacron_discovery_mdns::Config::default().ttl);
     }
 
     #[test]

@@ -1,40 +1,43 @@
-//! `NodeConfig` onto `ollamacron_nat::NatConfig`.
+//! `NodeConfig` onto `ollamacron_nat::Config`.
 
 use std::time::Duration;
 
 use ollamacron_config::{NodeConfig, NodeType, Reachability};
-use ollamacron_nat::{self as nat, NatConfig, RelayLimits};
+use ollamacron_nat::{self as nat, RelayLimits};
 
 /// Extra time an AutoNAT dial-back request gets over `dial_timeout`, so the
 /// server gives up dialing an unreachable address before we stop waiting.
 const AUTONAT_TIMEOUT_MARGIN: Duration = Duration::from_secs(15);
 
 /// The NAT traversal settings of a node configuration.
-pub(crate) fn nat_config(config: &NodeConfig) -> NatConfig {
+pub(crate) fn nat_config(config: &NodeConfig) -> nat::Config {
     let relay_server =
-        (config.enable_nat_service || config.node_type == NodeType::Relay).then(|| RelayLimits {
-            max_reservations: usize::try_from(config.relay_max_reservations).unwrap_or(usize::MAX),
-            max_reservations_per_peer: usize::try_from(config.relay_max_reservations_per_peer)
-                .unwrap_or(usize::MAX),
-            reservation_duration: config.relay_reservation_duration,
-            max_circuits: usize::try_from(config.relay_max_circuits).unwrap_or(usize::MAX),
-            max_circuits_per_peer: usize::try_from(config.relay_max_circuits_per_peer)
-                .unwrap_or(usize::MAX),
-            max_circuit_duration: config.relay_max_circuit_duration,
-            max_circuit_bytes: config.relay_max_circuit_bytes.bytes(),
+        (config.enable_nat_service || config.node_type == NodeType::Relay).then(|| {
+            RelayLimits::default()
+                .with_max_reservations(
+                    usize::try_from(config.relay_max_reservations).unwrap_or(usize::MAX),
+                )
+                .with_max_reservations_per_peer(
+                    usize::try_from(config.relay_max_reservations_per_peer).unwrap_or(usize::MAX),
+                )
+                .with_reservation_duration(config.relay_reservation_duration)
+                .with_max_circuits(usize::try_from(config.relay_max_circuits).unwrap_or(usize::MAX))
+                .with_max_circuits_per_peer(
+                    usize::try_from(config.relay_max_circuits_per_peer).unwrap_or(usize::MAX),
+                )
+                .with_max_circuit_duration(config.relay_max_circuit_duration)
+                .with_max_circuit_bytes(config.relay_max_circuit_bytes.bytes())
         });
-    NatConfig {
-        force_reachability: config.force_reachability.map(|r| match r {
+    nat::Config::default()
+        .with_force_reachability(config.force_reachability.map(|r| match r {
             Reachability::Public => nat::Reachability::Public,
             Reachability::Private => nat::Reachability::Private,
-        }),
-        autonat_only_global_ips: config.autonat_only_global_ips,
-        autonat_timeout: config.dial_timeout.saturating_add(AUTONAT_TIMEOUT_MARGIN),
-        relay_server,
-        auto_relay: config.enable_auto_relay,
-        relay_nodes: config.relay_nodes.clone(),
-        hole_punch: config.enable_hole_punch,
-        upnp: config.enable_upnp,
-        ..NatConfig::default()
-    }
+        }))
+        .with_autonat_only_global_ips(config.autonat_only_global_ips)
+        .with_autonat_timeout(config.dial_timeout.saturating_add(AUTONAT_TIMEOUT_MARGIN))
+        .with_relay_server(relay_server)
+        .with_auto_relay(config.enable_auto_relay)
+        .with_relay_nodes(config.relay_nodes.clone())
+        .with_hole_punch(config.enable_hole_punch)
+        .with_upnp(config.enable_upnp)
 }
