@@ -6,10 +6,12 @@ use std::path::PathBuf;
 
 use anyhow::Context;
 use clap::{Args, Subcommand};
-use ollamacron_node_core::registry::ServiceInfo;
+use ollamacron_node_core::registry::{ScoreBreakdown, ServiceInfo, ServiceStatus};
+use ollamacron_node_core::{HttpServerStatus, NodeStatus, PeerInfo};
 use serde_json::Value;
+use serde_json::value::RawValue;
 
-use crate::client::ApiClient;
+use crate::client::{ApiClient, ParseError, read_json};
 
 /// Output format of an API command.
 #[derive(Debug, Args, Clone, Copy, Default)]
@@ -132,49 +134,136 @@ fn print_table(header: &[&str], rows: &[Vec<String>]) {
     }
 }
 
-fn text(v: &Value) -> String {
-    match v {
-        Value::String(s) => s.clone(),
-        Value::Null => "-".to_owned(),
-        Value::Array(items) if items.is_empty() => "-".to_owned(),
-        Value::Array(items) => items.iter().map(text).collect::<Vec<_>>().join(","),
-        other => other.to_string(),
+/// Items joined by commas, `-` for none.
+fn list<T: AsRef<str>>(items: &[T]) -> String {
+    if items.is_empty() {
+        "-".to_owned()
+    } else {
+        items
+            .iter()
+            .map(AsRef::as_ref)
+            .collect::<Vec<_>>()
+            .join(",")
     }
 }
 
 /// `12D3KooWAbCd…wXyZ`: enough of a peer id to tell peers apart.
-fn short_peer(v: &Value) -> String {
-    let id = text(v);
-    if id.len() > 20 {
-        format!("{}…{}", &id[..12], &id[id.len() - 6..])
+fn short_peer(id: &str) -> String {
+    let chars: Vec<char> = id.chars().collect();
+    if chars.len() > 20 {
+        let head: String = chars[..12].iter().collect();
+        let tail: String = chars[chars.len() - 6..].iter().collect();
+        format!("{head}…{tail}")
     } else {
-        id
+        id.to_owned()
+    }
+}
+
+/// As the API names it.
+fn service_status(status: ServiceStatus) -> &'static str {
+    match status {
+        ServiceStatus::Available => "available",
+        ServiceStatus::Busy => "busy",
+        ServiceStatus::Unavailable => "unavailable",
+        ServiceStatus::Maintenance => "maintenance",
+    }
+}
+
+/// One answer of `GET /v1/services`: a `RankedService` as it serialises.
+/// (`RankedService` derives no `Deserialize`, so this reads its fields.)
+struct Ranked {
+    service: ServiceInfo,
+    region: Option<String>,
+    score: ScoreBreakdown,
+    local: bool,
+}
+
+/// `GET /v1/services`'s answer, each field of each entry read as its type.
+fn read_ranked(json: &[u8]) -> Result<Vec<Ranked>, ParseError> {
+    let entries: Vec<BTreeMap<String, Box<RawValue>>> =
+        read_json("", json, |json| serde_json::from_slice(json))?;
+    entries
+        .into_iter()
+        .enumerate()
+        .map(|(i, mut fields)| {
+            let mut field = |name: &str| {
+                let at = format!("[{i}].{name}");
+                match fields.remove(name) {
+                    Some(raw) => Ok((at, raw)),
+                    None => Err(ParseError {
+                        path: format!("[{i}]"),
+                        message: format!("missing field `{name}`"),
+                    }),
+                }
+            };
+            let (at, raw) = field("service")?;
+            let service = read_json(&at, raw.get().as_bytes(), |json| {
+                serde_json::from_slice(json)
+            })?;
+            let (at, raw) = field("region")?;
+            let region = read_json(&at, raw.get().as_bytes(), |json| {
+                serde_json::from_slice(json)
+            })?;
+            let (at, raw) = field("score")?;
+            let score = read_json(&at, raw.get().as_bytes(), |json| {
+                serde_json::from_slice(json)
+            })?;
+            let (at, raw) = field("local")?;
+            let local = read_json(&at, raw.get().as_bytes(), |json| {
+                serde_json::from_slice(json)
+            })?;
+            Ok(Ranked {
+                service,
+                region,
+                score,
+                local,
+            })
+        })
+        .collect()
+}
+
+/// What `status` shows for the gateway or the API: its address and who
+/// can reach it, or `off`.
+fn server_state(server: Option<&HttpServerStatus>, setting: &str) -> String {
+    match server {
+        None => "off".to_owned(),
+        Some(server) => {
+            let who = match (server.open_to_network, server.requires_key) {
+                (true, _) => {
+                    format!("OPEN TO THE NETWORK: beyond loopback with no key (set {setting})")
+                }
+                (false, true) => "key required".to_owned(),
+                (false, false) => "loopback only, no key".to_owned(),
+            };
+            format!("{}  {who}", server.listen)
+        }
     }
 }
 
 #[allow(clippy::print_stdout)]
 pub(crate) async fn status(api: &ApiClient, output: OutputArgs) -> anyhow::Result<()> {
-    let s = api.call("GET", "/v1/status", None).await?;
+    let answer = api.send("GET", "/v1/status", None).await?;
     if output.json {
-        return print_json(&s);
+        return print_json(&answer.json()?);
     }
-    let uptime = s["uptime_secs"].as_f64().unwrap_or_default();
+    let s: NodeStatus = answer.parse("a node status", |json| serde_json::from_slice(json))?;
     let uptime = humantime::format_duration(std::time::Duration::from_secs(
         // Whole seconds are enough for a status line.
         #[allow(clippy::cast_possible_truncation, clippy::cast_sign_loss)]
         {
-            uptime as u64
+            s.uptime_secs as u64
         },
     ));
     let mut rows: Vec<(String, String)> = vec![
-        ("peer id".into(), text(&s["peer_id"])),
-        ("state".into(), text(&s["state"])),
-        ("version".into(), text(&s["version"])),
+        ("peer id".into(), s.peer_id.to_string()),
+        ("state".into(), s.state.to_string()),
+        ("version".into(), s.version.clone()),
         ("uptime".into(), uptime.to_string()),
-        ("reachability".into(), text(&s["reachability"])),
+        ("reachability".into(), s.reachability.to_string()),
     ];
-    let list = |key: &str, label: &str, rows: &mut Vec<(String, String)>| {
-        let items = s[key].as_array().cloned().unwrap_or_default();
+    let addrs = |items: &[ollamacron_node_core::libp2p::Multiaddr],
+                 label: &str,
+                 rows: &mut Vec<(String, String)>| {
         if items.is_empty() {
             rows.push((label.to_owned(), "-".to_owned()));
         }
@@ -185,65 +274,62 @@ pub(crate) async fn status(api: &ApiClient, output: OutputArgs) -> anyhow::Resul
                 } else {
                     String::new()
                 },
-                text(a),
+                a.to_string(),
             ));
         }
     };
-    list("listen_addrs", "listening", &mut rows);
-    list("external_addrs", "external", &mut rows);
-    let nat = &s["nat"];
-    let relays = nat["relays"].as_array().cloned().unwrap_or_default();
+    addrs(&s.listen_addrs, "listening", &mut rows);
+    addrs(&s.external_addrs, "external", &mut rows);
+    let nat = &s.nat;
     rows.push((
         "relays".into(),
-        if relays.is_empty() {
+        if nat.relays.is_empty() {
             "none (not reserved on any relay)".to_owned()
         } else {
-            relays.iter().map(text).collect::<Vec<_>>().join(", ")
+            nat.relays
+                .iter()
+                .map(ToString::to_string)
+                .collect::<Vec<_>>()
+                .join(", ")
         },
     ));
     rows.push((
         "relay service".into(),
-        if nat["relay_service"] == true {
-            format!("on, {} circuits served", nat["circuits_served"])
+        if nat.relay_service {
+            format!("on, {} circuits served", nat.circuits_served)
         } else {
             "off".to_owned()
         },
     ));
-    let punch = &nat["hole_punch"];
+    let punch = &nat.hole_punch;
     rows.push((
         "hole punching".into(),
         format!(
             "{} attempts, {} direct, {} failed",
-            punch["attempts"], punch["succeeded"], punch["failed"]
+            punch.attempts, punch.succeeded, punch.failed
         ),
     ));
-    let c = &s["connections"];
+    let c = &s.connections;
     rows.push((
         "connections".into(),
         format!(
             "{} peers ({} inbound, {} outbound)",
-            c["peers"], c["inbound"], c["outbound"]
+            c.peers, c.inbound, c.outbound
         ),
     ));
-    let sv = &s["services"];
+    let sv = &s.services;
     rows.push((
         "services".into(),
         format!(
             "{} local, {} remote from {} nodes",
-            sv["local"], sv["remote"], sv["nodes"]
+            sv.local, sv.remote, sv.nodes
         ),
     ));
-    for (i, source) in s["discovery"]["sources"]
-        .as_array()
-        .cloned()
-        .unwrap_or_default()
-        .iter()
-        .enumerate()
-    {
-        let state = match (source["enabled"].as_bool(), source["active"].as_bool()) {
-            (Some(true), Some(true)) => "working",
-            (Some(true), _) => "NOT WORKING",
-            _ => "off",
+    for (i, source) in s.discovery.sources.iter().enumerate() {
+        let state = match (source.enabled, source.active) {
+            (true, true) => "working",
+            (true, false) => "NOT WORKING",
+            (false, _) => "off",
         };
         rows.push((
             if i == 0 {
@@ -253,34 +339,17 @@ pub(crate) async fn status(api: &ApiClient, output: OutputArgs) -> anyhow::Resul
             },
             format!(
                 "{:<9} {:<11} {}",
-                text(&source["source"]),
+                source.source.as_str(),
                 state,
-                text(&source["detail"])
+                source.detail
             ),
         ));
     }
-    for (key, label, setting) in [
-        ("gateway", "gateway", "gateway_api_keys"),
-        ("api", "api", "api_keys"),
-    ] {
-        let server = &s["http"][key];
-        let state = if server.is_null() {
-            "off".to_owned()
-        } else {
-            let who = match (
-                server["open_to_network"] == true,
-                server["requires_key"] == true,
-            ) {
-                (true, _) => {
-                    format!("OPEN TO THE NETWORK: beyond loopback with no key (set {setting})")
-                }
-                (false, true) => "key required".to_owned(),
-                (false, false) => "loopback only, no key".to_owned(),
-            };
-            format!("{}  {who}", text(&server["listen"]))
-        };
-        rows.push((label.to_owned(), state));
-    }
+    rows.push((
+        "gateway".into(),
+        server_state(s.http.gateway.as_ref(), "gateway_api_keys"),
+    ));
+    rows.push(("api".into(), server_state(s.http.api.as_ref(), "api_keys")));
     let width = rows.iter().map(|(k, _)| k.len()).max().unwrap_or(0);
     for (k, v) in rows {
         println!("{k:<width$}  {v}");
@@ -289,32 +358,30 @@ pub(crate) async fn status(api: &ApiClient, output: OutputArgs) -> anyhow::Resul
 }
 
 pub(crate) async fn peers(api: &ApiClient, output: OutputArgs) -> anyhow::Result<()> {
-    let peers = api.call("GET", "/v1/peers", None).await?;
+    let answer = api.send("GET", "/v1/peers", None).await?;
     if output.json {
-        return print_json(&peers);
+        return print_json(&answer.json()?);
     }
+    let peers: Vec<PeerInfo> =
+        answer.parse("a list of peers", |json| serde_json::from_slice(json))?;
     let now_ms = std::time::SystemTime::now()
         .duration_since(std::time::UNIX_EPOCH)
         .map_or(0, |d| u64::try_from(d.as_millis()).unwrap_or(u64::MAX));
     let rows: Vec<Vec<String>> = peers
-        .as_array()
-        .cloned()
-        .unwrap_or_default()
         .iter()
         .map(|p| {
-            let ago = now_ms.saturating_sub(p["last_seen_ms"].as_u64().unwrap_or(now_ms)) / 1000;
+            let ago = now_ms.saturating_sub(p.last_seen_ms) / 1000;
+            let sources: Vec<&str> = p.sources.iter().map(|s| s.as_str()).collect();
             vec![
-                text(&p["peer_id"]),
-                text(&p["connection"]),
-                p["latency_ms"]
-                    .as_f64()
+                p.peer_id.to_string(),
+                p.connection.to_string(),
+                p.latency_ms
                     .map_or_else(|| "-".to_owned(), |ms| format!("{ms:.1} ms")),
-                text(&p["sources"]),
+                list(&sources),
                 format!("{ago}s ago"),
-                p["addresses"]
-                    .as_array()
-                    .and_then(|a| a.last())
-                    .map_or_else(|| "-".to_owned(), text),
+                p.addresses
+                    .last()
+                    .map_or_else(|| "-".to_owned(), ToString::to_string),
             ]
         })
         .collect();
@@ -379,30 +446,28 @@ pub(crate) async fn services(api: &ApiClient, command: ServicesCommand) -> anyho
             } else {
                 format!("/v1/services?{}", query.join("&"))
             };
-            let found = api.call("GET", &path, None).await?;
+            let answer = api.send("GET", &path, None).await?;
             if output.json {
-                return print_json(&found);
+                return print_json(&answer.json()?);
             }
+            let found = answer.read("a list of ranked services", read_ranked)?;
             let rows: Vec<Vec<String>> = found
-                .as_array()
-                .cloned()
-                .unwrap_or_default()
                 .iter()
                 .map(|r| {
-                    let s = &r["service"];
+                    let s = &r.service;
                     vec![
-                        format!("{:.3}", r["score"]["total"].as_f64().unwrap_or_default()),
-                        text(&s["type"]),
-                        text(&s["name"]),
-                        text(&s["id"]),
-                        if r["local"] == true {
+                        format!("{:.3}", r.score.total),
+                        s.service_type.clone(),
+                        s.name.clone(),
+                        s.id.clone(),
+                        if r.local {
                             "(this node)".to_owned()
                         } else {
-                            short_peer(&s["peer_id"])
+                            short_peer(&s.peer_id)
                         },
-                        text(&r["region"]),
-                        text(&s["tags"]),
-                        text(&s["capabilities"]),
+                        r.region.clone().unwrap_or_else(|| "-".to_owned()),
+                        list(&s.tags),
+                        list(&s.capabilities),
                     ]
                 })
                 .collect();
@@ -475,25 +540,28 @@ pub(crate) async fn services(api: &ApiClient, command: ServicesCommand) -> anyho
             if service.id.is_empty() {
                 service.id.clone_from(&service.name);
             }
-            let (status, stored) = api
-                .call_with_status(
+            let answer = api
+                .send(
                     "POST",
                     "/v1/services",
                     Some(serde_json::to_value(&service)?),
                 )
                 .await?;
             // The API answers 201 for a new service, 200 for a replaced one.
-            let replacing = status == hyper::StatusCode::OK;
+            let replacing = answer.status == hyper::StatusCode::OK;
             if output.json {
-                return print_json(&stored);
+                return print_json(&answer.json()?);
             }
+            // The service as stored (`null` should it be gone already).
+            let stored: Option<ServiceInfo> =
+                answer.parse("a service", |json| serde_json::from_slice(json))?;
             #[allow(clippy::print_stdout)]
             {
                 println!(
                     "{} {} ({}) on this node; peers see it within seconds",
                     if replacing { "replaced" } else { "registered" },
-                    text(&stored["id"]),
-                    text(&stored["type"])
+                    stored.as_ref().map_or("-", |s| s.id.as_str()),
+                    stored.as_ref().map_or("-", |s| s.service_type.as_str())
                 );
             }
             Ok(())
@@ -512,23 +580,22 @@ pub(crate) async fn services(api: &ApiClient, command: ServicesCommand) -> anyho
             Ok(())
         }
         ServicesCommand::List { output } => {
-            let local = api.call("GET", "/v1/services/local", None).await?;
+            let answer = api.send("GET", "/v1/services/local", None).await?;
             if output.json {
-                return print_json(&local);
+                return print_json(&answer.json()?);
             }
+            let local: Vec<ServiceInfo> =
+                answer.parse("a list of services", |json| serde_json::from_slice(json))?;
             let rows: Vec<Vec<String>> = local
-                .as_array()
-                .cloned()
-                .unwrap_or_default()
                 .iter()
                 .map(|s| {
                     vec![
-                        text(&s["id"]),
-                        text(&s["name"]),
-                        text(&s["type"]),
-                        text(&s["status"]),
-                        text(&s["tags"]),
-                        text(&s["capabilities"]),
+                        s.id.clone(),
+                        s.name.clone(),
+                        s.service_type.clone(),
+                        service_status(s.status).to_owned(),
+                        list(&s.tags),
+                        list(&s.capabilities),
                     ]
                 })
                 .collect();

@@ -7,7 +7,7 @@ use crate::state::NodeState;
 use crate::status::DiscoverySource;
 
 /// Which side opened a connection.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, serde::Deserialize)]
 #[serde(rename_all = "lowercase")]
 pub enum Direction {
     /// The remote dialed us.

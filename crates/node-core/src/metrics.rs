@@ -543,7 +543,7 @@ impl MetricsEndpoint {
 }
 
 /// A point-in-time summary of the node, from `NodeHandle::metrics`.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, serde::Deserialize)]
 pub struct MetricsSnapshot {
     /// Lifecycle state.
     pub state: NodeState,

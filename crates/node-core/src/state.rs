@@ -5,7 +5,7 @@ use std::fmt;
 use serde::Serialize;
 
 /// Where a node is in its lifecycle.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, serde::Deserialize)]
 #[serde(rename_all = "lowercase")]
 pub enum NodeState {
     /// Configuration loaded, identity being prepared.

@@ -7,13 +7,13 @@ use std::time::{Duration, SystemTime};
 
 use libp2p::{Multiaddr, PeerId};
 use ollamacron_config::NodeConfig;
-use serde::Serialize;
+use serde::{Deserialize, Serialize};
 
 use crate::event::Direction;
 use crate::state::NodeState;
 
 /// How a peer was learned.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize, Deserialize)]
 #[serde(rename_all = "lowercase")]
 pub enum DiscoverySource {
     /// Local-network multicast.
@@ -49,7 +49,7 @@ impl fmt::Display for DiscoverySource {
 }
 
 /// One known peer, as `NodeHandle::known_peers` reports it.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct KnownPeer {
     /// The peer.
     pub peer_id: PeerId,
@@ -70,7 +70,7 @@ pub struct KnownPeer {
 }
 
 /// One connected peer, as `NodeHandle::connected_peers` reports it.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct ConnectedPeer {
     /// The peer.
     pub peer_id: PeerId,
@@ -89,7 +89,7 @@ pub struct ConnectedPeer {
 }
 
 /// Whether peers can reach this node directly.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "lowercase")]
 pub enum Reachability {
     /// Reachable from the internet.
@@ -98,6 +98,24 @@ pub enum Reachability {
     Private,
     /// Not known (not forced, and not detected yet).
     Unknown,
+}
+
+impl Reachability {
+    /// Lower-case name, as in the API.
+    #[must_use]
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Self::Public => "public",
+            Self::Private => "private",
+            Self::Unknown => "unknown",
+        }
+    }
+}
+
+impl fmt::Display for Reachability {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(self.as_str())
+    }
 }
 
 impl From<ollamacron_nat::Reachability> for Reachability {
@@ -111,7 +129,7 @@ impl From<ollamacron_nat::Reachability> for Reachability {
 }
 
 /// How we are connected to a peer, in [`PeerInfo`].
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "lowercase")]
 pub enum ConnectionKind {
     /// At least one direct connection (it wins over relayed ones).
@@ -122,8 +140,26 @@ pub enum ConnectionKind {
     None,
 }
 
+impl ConnectionKind {
+    /// Lower-case name, as in the API.
+    #[must_use]
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Self::Direct => "direct",
+            Self::Relayed => "relayed",
+            Self::None => "none",
+        }
+    }
+}
+
+impl fmt::Display for ConnectionKind {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(self.as_str())
+    }
+}
+
 /// NAT traversal at a glance, in [`NodeStatus`].
-#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize)]
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
 pub struct TraversalStatus {
     /// Relays holding a reservation of ours (peers reach us through them).
     pub relays: Vec<PeerId>,
@@ -136,7 +172,7 @@ pub struct TraversalStatus {
 }
 
 /// DCUtR outcomes since start, in [`TraversalStatus`].
-#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize)]
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
 pub struct HolePunchCounts {
     /// Relayed connections on which hole punching started.
     pub attempts: u64,
@@ -147,7 +183,7 @@ pub struct HolePunchCounts {
 }
 
 /// Connection counts in [`NodeStatus`].
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
 pub struct ConnectionCounts {
     /// Peers with at least one connection.
     pub peers: usize,
@@ -158,7 +194,7 @@ pub struct ConnectionCounts {
 }
 
 /// Service counts in [`NodeStatus`].
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
 pub struct ServiceCounts {
     /// Services this node offers.
     pub local: usize,
@@ -169,7 +205,7 @@ pub struct ServiceCounts {
 }
 
 /// The node at a glance, from [`NodeHandle::status`] (and `GET /v1/status`).
-#[derive(Debug, Clone, PartialEq, Serialize)]
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct NodeStatus {
     /// Our peer id.
     pub peer_id: PeerId,
@@ -198,7 +234,7 @@ pub struct NodeStatus {
 }
 
 /// The node's HTTP servers as `GET /v1/status` shows them.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct HttpStatus {
     /// The Ollama-compatible gateway, when it runs.
     pub gateway: Option<HttpServerStatus>,
@@ -207,7 +243,7 @@ pub struct HttpStatus {
 }
 
 /// One HTTP server of the node.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct HttpServerStatus {
     /// Its configured address.
     pub listen: std::net::SocketAddr,
@@ -253,7 +289,7 @@ impl HttpStatus {
 }
 
 /// One known peer as `GET /v1/peers` shows it.
-#[derive(Debug, Clone, PartialEq, Serialize)]
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct PeerInfo {
     /// The peer.
     pub peer_id: PeerId,
@@ -281,7 +317,7 @@ pub struct PeerInfo {
 }
 
 /// Whether a discovery source is on and working, for `status`.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct SourceStatus {
     /// The source.
     pub source: DiscoverySource,
@@ -294,7 +330,7 @@ pub struct SourceStatus {
 }
 
 /// Counters of one discovery source.
-#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize)]
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
 pub struct SourceStats {
     /// Peers this source reported for the first time.
     pub peers_discovered: u64,
@@ -307,7 +343,7 @@ pub struct SourceStats {
 }
 
 /// Discovery as a whole, from `NodeHandle::discovery`.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct DiscoveryStatus {
     /// Each source's state.
     pub sources: Vec<SourceStatus>,
@@ -322,7 +358,7 @@ pub struct DiscoveryStatus {
 }
 
 /// Where a gateway's breaker for a serving node stands, in [`PeerInfo`].
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "snake_case")]
 pub enum BreakerState {
     /// Requests go to it.
@@ -343,5 +379,304 @@ impl BreakerState {
             Self::Open => "open",
             Self::HalfOpen => "half_open",
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::fmt::Debug;
+
+    use serde::de::DeserializeOwned;
+
+    use super::*;
+    use crate::metrics::MetricsSnapshot;
+
+    /// `value` to JSON and back: equal, and the second JSON is the first.
+    fn round_trip<T: Serialize + DeserializeOwned + PartialEq + Debug>(value: &T) {
+        let json = serde_json::to_string(value).unwrap();
+        let back: T = serde_json::from_str(&json)
+            .unwrap_or_else(|e| panic!("{e} in {json} ({})", std::any::type_name::<T>()));
+        assert_eq!(&back, value, "{json}");
+        assert_eq!(serde_json::to_string(&back).unwrap(), json);
+    }
+
+    fn peer() -> PeerId {
+        libp2p::identity::Keypair::generate_ed25519()
+            .public()
+            .to_peer_id()
+    }
+
+    fn addr(s: &str) -> Multiaddr {
+        s.parse().unwrap()
+    }
+
+    fn discovery(relay: PeerId) -> DiscoveryStatus {
+        DiscoveryStatus {
+            sources: vec![
+                SourceStatus {
+                    source: DiscoverySource::Mdns,
+                    enabled: true,
+                    active: false,
+                    detail: "unavailable: no multicast interface".to_owned(),
+                },
+                SourceStatus {
+                    source: DiscoverySource::Dht,
+                    enabled: true,
+                    active: true,
+                    detail: format!("12 peers in the routing table, bootstrapped via {relay}"),
+                },
+                SourceStatus {
+                    source: DiscoverySource::Bootstrap,
+                    enabled: false,
+                    active: false,
+                    detail: "off (no bootstrap peers)".to_owned(),
+                },
+            ],
+            stats: DiscoverySource::ALL
+                .iter()
+                .zip(1..)
+                .map(|(s, n)| {
+                    (
+                        *s,
+                        SourceStats {
+                            peers_discovered: 10 * n,
+                            connection_failures: n,
+                            successful_connections: 9 * n,
+                            peers_lost: n / 2,
+                        },
+                    )
+                })
+                .collect(),
+            known_peers: 17,
+            dht_routing_table_size: 12,
+            dht_providers: 3,
+        }
+    }
+
+    // Floats here have few digits: serde_json parses one with 16 or 17
+    // significant digits (`121.06226000000001`) to a neighbouring f64
+    // unless its `float_roundtrip` feature is on, which it is not.
+    #[test]
+    fn node_status_round_trips() {
+        let (me, relay) = (peer(), peer());
+        let mut status = NodeStatus {
+            peer_id: me,
+            state: NodeState::Running,
+            version: "0.1.0".to_owned(),
+            uptime_secs: 3723.25,
+            listen_addrs: vec![
+                addr("/ip4/0.0.0.0/tcp/4001"),
+                addr("/ip4/0.0.0.0/udp/4001/quic-v1"),
+                addr("/ip6/::/tcp/4001"),
+            ],
+            external_addrs: vec![
+                addr("/ip4/203.0.113.7/tcp/4001"),
+                addr(&format!(
+                    "/ip4/198.51.100.2/tcp/4001/p2p/{relay}/p2p-circuit"
+                )),
+                addr("/dns4/node.example.org/tcp/443/wss"),
+            ],
+            reachability: Reachability::Private,
+            nat: TraversalStatus {
+                relays: vec![relay],
+                relay_service: false,
+                circuits_served: 0,
+                hole_punch: HolePunchCounts {
+                    attempts: 5,
+                    succeeded: 3,
+                    failed: 2,
+                },
+            },
+            connections: ConnectionCounts {
+                peers: 4,
+                inbound: 3,
+                outbound: 2,
+            },
+            discovery: discovery(relay),
+            services: ServiceCounts {
+                local: 2,
+                remote: 9,
+                nodes: 3,
+            },
+            http: HttpStatus {
+                gateway: Some(HttpServerStatus::new(
+                    "0.0.0.0:11434".parse().unwrap(),
+                    false,
+                )),
+                api: Some(HttpServerStatus::new("[::1]:9090".parse().unwrap(), true)),
+            },
+        };
+        round_trip(&status);
+        status.state = NodeState::Stopping;
+        status.reachability = Reachability::Public;
+        status.listen_addrs.clear();
+        status.external_addrs.clear();
+        status.nat = TraversalStatus::default();
+        status.http = HttpStatus {
+            gateway: None,
+            api: Some(HttpServerStatus::new(
+                "[fe80::1%3]:9090".parse().unwrap(),
+                false,
+            )),
+        };
+        round_trip(&status);
+    }
+
+    #[test]
+    fn peer_infos_round_trip() {
+        let (a, b, relay) = (peer(), peer(), peer());
+        let peers = vec![
+            PeerInfo {
+                peer_id: a,
+                sources: vec![DiscoverySource::Mdns, DiscoverySource::Identify],
+                addresses: vec![
+                    addr("/ip4/192.168.1.20/tcp/4001"),
+                    addr(&format!("/ip4/192.168.1.20/udp/4001/quic-v1/p2p/{a}")),
+                ],
+                connected: true,
+                connection: ConnectionKind::Direct,
+                latency_ms: Some(12.5),
+                last_seen_ms: 1_700_000_000_123,
+                agent_version: Some("ollamacron-node/0.1.0".to_owned()),
+                failures: 0,
+                breaker: BreakerState::HalfOpen,
+            },
+            PeerInfo {
+                peer_id: b,
+                sources: vec![DiscoverySource::Dht],
+                addresses: vec![addr(&format!(
+                    "/ip4/198.51.100.2/tcp/4001/p2p/{relay}/p2p-circuit/p2p/{b}"
+                ))],
+                connected: true,
+                connection: ConnectionKind::Relayed,
+                latency_ms: Some(187.25),
+                last_seen_ms: 1_700_000_004_000,
+                agent_version: None,
+                failures: 2,
+                breaker: BreakerState::Open,
+            },
+            PeerInfo {
+                peer_id: relay,
+                sources: vec![],
+                addresses: vec![],
+                connected: false,
+                connection: ConnectionKind::None,
+                latency_ms: None,
+                last_seen_ms: 0,
+                agent_version: None,
+                failures: 7,
+                breaker: BreakerState::Closed,
+            },
+        ];
+        round_trip(&peers);
+    }
+
+    #[test]
+    fn peer_tables_and_discovery_round_trip() {
+        let (a, b) = (peer(), peer());
+        let seen = SystemTime::UNIX_EPOCH + Duration::from_nanos(1_700_000_000_123_456_789);
+        round_trip(&KnownPeer {
+            peer_id: a,
+            addresses: vec![
+                addr("/ip4/10.0.0.5/tcp/4001"),
+                addr("/ip6/fe80::2/tcp/4001"),
+            ],
+            sources: vec![DiscoverySource::Bootstrap, DiscoverySource::Dht],
+            first_seen: seen,
+            last_seen: seen + Duration::from_millis(90_500),
+            connected: true,
+            failures: 1,
+            foreign: false,
+        });
+        round_trip(&KnownPeer {
+            peer_id: b,
+            addresses: vec![],
+            sources: vec![],
+            first_seen: SystemTime::UNIX_EPOCH,
+            last_seen: SystemTime::UNIX_EPOCH,
+            connected: false,
+            failures: 0,
+            foreign: true,
+        });
+        round_trip(&ConnectedPeer {
+            peer_id: a,
+            addresses: vec![addr("/ip4/10.0.0.5/tcp/4001")],
+            direction: Direction::Inbound,
+            connected_for: Duration::new(754, 120_000_017),
+            protocol_version: Some(crate::PROTOCOL_VERSION.to_owned()),
+            agent_version: Some("ollamacron-node/0.1.0".to_owned()),
+            rtt: Some(Duration::from_micros(12_345)),
+        });
+        round_trip(&ConnectedPeer {
+            peer_id: b,
+            addresses: vec![],
+            direction: Direction::Outbound,
+            connected_for: Duration::ZERO,
+            protocol_version: None,
+            agent_version: None,
+            rtt: None,
+        });
+        let discovery = discovery(a);
+        round_trip(&discovery);
+        round_trip(&discovery.sources[0]);
+        round_trip(&discovery.stats[1].1);
+        round_trip(&SourceStats::default());
+        round_trip(&MetricsSnapshot {
+            state: NodeState::Running,
+            uptime: Duration::new(86_400, 999_999_999),
+            peers_connected: 4,
+            connections_inbound: 3,
+            connections_outbound: 2,
+            connections_trimmed: 11,
+            listen_addrs: 3,
+        });
+    }
+
+    /// `as_str` (what the CLI prints) is the name the API serialises.
+    #[test]
+    fn enums_round_trip_under_their_names() {
+        fn check<T: Serialize + DeserializeOwned + PartialEq + Debug>(value: &T, name: &str) {
+            assert_eq!(
+                serde_json::to_value(value).unwrap(),
+                serde_json::Value::from(name)
+            );
+            round_trip(value);
+        }
+        for s in DiscoverySource::ALL {
+            check(&s, s.as_str());
+            assert_eq!(s.to_string(), s.as_str());
+        }
+        for r in [
+            Reachability::Public,
+            Reachability::Private,
+            Reachability::Unknown,
+        ] {
+            check(&r, r.as_str());
+            assert_eq!(r.to_string(), r.as_str());
+        }
+        for c in [
+            ConnectionKind::Direct,
+            ConnectionKind::Relayed,
+            ConnectionKind::None,
+        ] {
+            check(&c, c.as_str());
+            assert_eq!(c.to_string(), c.as_str());
+        }
+        for b in [
+            BreakerState::Closed,
+            BreakerState::Open,
+            BreakerState::HalfOpen,
+        ] {
+            check(&b, b.as_str());
+        }
+        for s in NodeState::ALL {
+            check(&s, s.as_str());
+            assert_eq!(s.to_string(), s.as_str());
+        }
+        for d in [Direction::Inbound, Direction::Outbound] {
+            check(&d, d.as_str());
+        }
+        let unknown: Result<Reachability, _> = serde_json::from_str("\"sideways\"");
+        assert!(unknown.is_err());
     }
 }
