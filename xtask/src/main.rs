@@ -329,54 +329,422 @@ fn gateway_bench(example: &str) -> anyhow::Result<()> {
     }
 }
 
-/// Run the benches, then print each benchmark's median time.
+/// A criterion bench of the workspace that `cargo xtask bench` runs.
+struct CriterionBench {
+    /// Its package.
+    package: &'static str,
+    /// Its `[[bench]]` target.
+    name: &'static str,
+}
+
+/// Every criterion bench `cargo xtask bench` runs, in this order. One
+/// whose package or `[[bench]]` target is not in the workspace (not
+/// written yet) is skipped with a note, not an error.
+const CRITERION_BENCHES: [CriterionBench; 6] = [
+    CriterionBench {
+        package: "ollamacron-scoring",
+        name: "rank",
+    },
+    CriterionBench {
+        package: "ollamacron-service-registry",
+        name: "records",
+    },
+    CriterionBench {
+        package: "ollamacron-gateway",
+        name: "frame_codec",
+    },
+    CriterionBench {
+        package: "ollamacron-config",
+        name: "config_load",
+    },
+    CriterionBench {
+        package: "ollamacron-nat",
+        name: "reservations",
+    },
+    CriterionBench {
+        package: "ollamacron-discovery-dht",
+        name: "dht_store",
+    },
+];
+
+/// Criterion's warm-up per benchmark id, in seconds (its default is 3).
+const BENCH_WARM_UP_SECS: &str = "1";
+/// Criterion's measurement per benchmark id, in seconds (its default is
+/// 5): with the warm-up, a few seconds an id, so the whole run stays a few
+/// minutes on a 2-core machine.
+const BENCH_MEASUREMENT_SECS: &str = "2";
+/// Samples per benchmark id (criterion's default is 100): fewer samples
+/// need fewer iterations, so a slow id (tens of ms an iteration) also
+/// finishes close to the measurement time.
+const BENCH_SAMPLE_SIZE: &str = "30";
+
+/// Run the criterion benches one by one (those missing from the workspace
+/// are skipped), then print each benchmark's median time, and throughput
+/// where the bench declares it.
 fn bench() -> anyhow::Result<()> {
-    let mut command = cargo();
-    command.args([
-        "bench",
-        "--locked",
-        "--package",
-        "ollamacron-scoring",
-        "--package",
-        "ollamacron-service-registry",
-    ]);
-    println!("==> bench: {}", describe(&command));
-    let output = command
-        .stderr(std::process::Stdio::inherit())
-        .output()
-        .context("cannot run cargo bench")?;
-    let text = String::from_utf8_lossy(&output.stdout);
-    print!("{text}");
-    if !output.status.success() {
-        bail!("cargo bench failed ({})", output.status);
-    }
-    // Criterion prints `name  time: [low median high]`, the name sometimes
-    // on the line before.
-    println!("\n==> summary (median time per iteration)");
-    let mut name = String::new();
-    for line in text.lines() {
-        let trimmed = line.trim();
-        if let Some((before, times)) = trimmed.split_once("time:") {
-            if !before.trim().is_empty() {
-                name = before.trim().to_owned();
+    let workspace = workspace_benches()?;
+    let mut ids: Vec<PrintedResult> = Vec::new();
+    let mut skipped: Vec<String> = Vec::new();
+    let mut failed: Vec<String> = Vec::new();
+    for bench in &CRITERION_BENCHES {
+        let label = format!("{}/{}", bench.package, bench.name);
+        if let Some(why) = workspace.missing(bench) {
+            println!("==> bench {label}: skipped: {why}");
+            skipped.push(format!("{label} ({why})"));
+            continue;
+        }
+        let mut command = cargo();
+        command.args([
+            "bench",
+            "--locked",
+            "--package",
+            bench.package,
+            "--bench",
+            bench.name,
+            "--",
+            "--warm-up-time",
+            BENCH_WARM_UP_SECS,
+            "--measurement-time",
+            BENCH_MEASUREMENT_SECS,
+            "--sample-size",
+            BENCH_SAMPLE_SIZE,
+            "--noplot",
+        ]);
+        println!("==> bench: {}", describe(&command));
+        match run_echoing_stdout(&mut command) {
+            Ok((status, text)) => {
+                ids.extend(printed_results(&text));
+                if !status.success() {
+                    eprintln!("==> bench {label}: FAILED ({status})");
+                    failed.push(label);
+                }
             }
-            let parts: Vec<&str> = times
-                .trim()
-                .trim_matches(['[', ']'])
-                .split_whitespace()
-                .collect();
-            if let [_, _, median, unit, ..] = parts.as_slice() {
-                println!("{name:<50} {median} {unit}");
+            Err(e) => {
+                eprintln!("==> bench {label}: cannot run: {e:#}");
+                failed.push(label);
             }
-        } else if !trimmed.is_empty()
-            && !trimmed.starts_with("Benchmarking")
-            && !trimmed.contains(':')
-            && !trimmed.starts_with("Found")
-        {
-            name = trimmed.to_owned();
         }
     }
-    Ok(())
+
+    let saved = saved_estimates(&workspace.criterion_dir);
+    println!("\n==> summary (median time per iteration; throughput at the median)");
+    for printed in &ids {
+        let (median, throughput) = match saved.get(&printed.id) {
+            Some(estimate) => (
+                format_nanos(estimate.median_ns),
+                estimate
+                    .throughput
+                    .as_ref()
+                    .and_then(|t| format_throughput(t, estimate.median_ns)),
+            ),
+            // No saved estimates (CRITERION_HOME elsewhere?): criterion's
+            // printed estimate instead.
+            None => (
+                format!("{} (estimate)", printed.time),
+                printed.throughput.clone(),
+            ),
+        };
+        let throughput = throughput.unwrap_or_default();
+        println!("{:<50} {median:>12}  {throughput}", printed.id);
+    }
+    for note in &skipped {
+        println!("skipped: {note}");
+    }
+    if failed.is_empty() {
+        Ok(())
+    } else {
+        bail!("benches failed: {}", failed.join(", "))
+    }
+}
+
+/// The workspace's bench targets (by package) and where criterion saves
+/// its results.
+struct WorkspaceBenches {
+    /// Each workspace package, with its bench targets.
+    packages: std::collections::HashMap<String, Vec<String>>,
+    criterion_dir: std::path::PathBuf,
+}
+
+impl WorkspaceBenches {
+    /// Why `bench` cannot run here, if it cannot.
+    fn missing(&self, bench: &CriterionBench) -> Option<String> {
+        match self.packages.get(bench.package) {
+            None => Some(format!("no package {} in the workspace", bench.package)),
+            Some(targets) if !targets.iter().any(|t| t == bench.name) => Some(format!(
+                "{} declares no [[bench]] named {}",
+                bench.package, bench.name
+            )),
+            Some(_) => None,
+        }
+    }
+}
+
+/// The bench targets of the workspace, as `cargo metadata` sees them.
+fn workspace_benches() -> anyhow::Result<WorkspaceBenches> {
+    let output = cargo()
+        .args(["metadata", "--no-deps", "--format-version", "1", "--locked"])
+        .stderr(std::process::Stdio::inherit())
+        .output()
+        .context("cannot run cargo metadata")?;
+    if !output.status.success() {
+        bail!(
+            "the workspace does not load (`cargo metadata` failed, {}): no bench can run",
+            output.status
+        );
+    }
+    let metadata: serde_json::Value =
+        serde_json::from_slice(&output.stdout).context("cargo metadata's output is not JSON")?;
+    let mut packages = std::collections::HashMap::new();
+    for package in metadata["packages"].as_array().into_iter().flatten() {
+        let Some(name) = package["name"].as_str() else {
+            continue;
+        };
+        let benches: Vec<String> = package["targets"]
+            .as_array()
+            .into_iter()
+            .flatten()
+            .filter(|t| {
+                t["kind"]
+                    .as_array()
+                    .is_some_and(|kinds| kinds.iter().any(|k| k == "bench"))
+            })
+            .filter_map(|t| t["name"].as_str().map(str::to_owned))
+            .collect();
+        packages.insert(name.to_owned(), benches);
+    }
+    // Where criterion writes, as it decides: CRITERION_HOME, else the
+    // target directory's `criterion`.
+    let criterion_dir = std::env::var_os("CRITERION_HOME").map_or_else(
+        || {
+            metadata["target_directory"]
+                .as_str()
+                .map_or_else(target_dir, std::path::PathBuf::from)
+                .join("criterion")
+        },
+        std::path::PathBuf::from,
+    );
+    Ok(WorkspaceBenches {
+        packages,
+        criterion_dir,
+    })
+}
+
+/// Run `command`, echoing its stdout line by line as it comes (stderr
+/// goes straight through); its status and the stdout.
+fn run_echoing_stdout(command: &mut Command) -> anyhow::Result<(std::process::ExitStatus, String)> {
+    use std::io::BufRead;
+    let mut child = command
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::inherit())
+        .spawn()
+        .context("cannot start cargo bench")?;
+    let mut text = String::new();
+    if let Some(stdout) = child.stdout.take() {
+        for line in std::io::BufReader::new(stdout).lines() {
+            let line = line.context("reading cargo bench's output")?;
+            println!("{line}");
+            text.push_str(&line);
+            text.push('\n');
+        }
+    }
+    let status = child.wait().context("waiting for cargo bench")?;
+    Ok((status, text))
+}
+
+/// A benchmark as criterion printed it: its id, the middle of its time
+/// estimate (`1.2345 µs`) and of its throughput, if any.
+#[derive(Debug, PartialEq)]
+struct PrintedResult {
+    id: String,
+    time: String,
+    throughput: Option<String>,
+}
+
+/// The benchmarks in criterion's output. It prints `id  time: [low
+/// estimate high]` (a long id on the line before, alone), then `thrpt:
+/// [...]` when the bench declares a throughput, then, against the last
+/// run, a `change:` section whose own `time:`/`thrpt:` lines are
+/// percentages, and outliers.
+fn printed_results(text: &str) -> Vec<PrintedResult> {
+    let mut results: Vec<PrintedResult> = Vec::new();
+    let mut pending_id: Option<String> = None;
+    // Inside the `change:` section, until the next id.
+    let mut in_change = false;
+    for line in text.lines() {
+        let trimmed = line.trim();
+        if trimmed.is_empty() {
+            continue;
+        }
+        if trimmed.starts_with("change:") {
+            in_change = true;
+            continue;
+        }
+        if let Some((before, values)) = trimmed.split_once("time:") {
+            let before = before.trim();
+            if in_change && before.is_empty() {
+                continue;
+            }
+            let id = if before.is_empty() {
+                pending_id.take()
+            } else {
+                Some(before.to_owned())
+            };
+            if let (Some(id), Some(time)) = (id, middle_estimate(values)) {
+                results.push(PrintedResult {
+                    id,
+                    time,
+                    throughput: None,
+                });
+            }
+            in_change = false;
+        } else if let Some((_, values)) = trimmed.split_once("thrpt:") {
+            if !in_change
+                && let Some(last) = results.last_mut()
+                && last.throughput.is_none()
+            {
+                last.throughput = middle_estimate(values);
+            }
+        } else if !line.starts_with(char::is_whitespace)
+            && !trimmed.starts_with("Found ")
+            && !trimmed.starts_with("Benchmarking ")
+            && !trimmed.starts_with("Warning")
+        {
+            // An id too long for the `time:` line, on its own.
+            pending_id = Some(trimmed.to_owned());
+            in_change = false;
+        }
+    }
+    results
+}
+
+/// The middle value of `[low unit estimate unit high unit]` (none for a
+/// change in percent).
+fn middle_estimate(values: &str) -> Option<String> {
+    let inner = values.trim().strip_prefix('[')?;
+    let inner = inner.split(']').next()?;
+    match inner.split_whitespace().collect::<Vec<_>>().as_slice() {
+        [_, _, estimate, unit, _, _] => Some(format!("{estimate} {unit}")),
+        _ => None,
+    }
+}
+
+/// What criterion saved of one benchmark's last run.
+#[derive(Debug)]
+struct SavedEstimate {
+    median_ns: f64,
+    /// Its `Throughput` as criterion serialises it (`{"Bytes": 1048576}`).
+    throughput: Option<serde_json::Value>,
+}
+
+/// Directories below the criterion directory searched for saved runs
+/// (`<group>/<function>/<value>/new`, and one more to spare).
+const CRITERION_DIR_DEPTH: usize = 5;
+
+/// Every benchmark criterion saved under `dir`, by the id it prints:
+/// `new/benchmark.json` (its id and throughput) and `new/estimates.json`
+/// beside it (the median, in ns).
+fn saved_estimates(dir: &std::path::Path) -> std::collections::HashMap<String, SavedEstimate> {
+    let mut found = std::collections::HashMap::new();
+    let mut pending = vec![(dir.to_path_buf(), 0usize)];
+    while let Some((dir, depth)) = pending.pop() {
+        let Ok(entries) = std::fs::read_dir(&dir) else {
+            continue;
+        };
+        for entry in entries.flatten() {
+            let path = entry.path();
+            if !path.is_dir() {
+                continue;
+            }
+            if entry.file_name() == "new" {
+                if let Some((id, estimate)) = read_saved_estimate(&path) {
+                    found.insert(id, estimate);
+                }
+            } else if depth < CRITERION_DIR_DEPTH {
+                pending.push((path, depth + 1));
+            }
+        }
+    }
+    found
+}
+
+/// One saved run in a criterion `new` directory: its printed id and its
+/// estimate.
+fn read_saved_estimate(new_dir: &std::path::Path) -> Option<(String, SavedEstimate)> {
+    let read = |name: &str| -> Option<serde_json::Value> {
+        let text = std::fs::read_to_string(new_dir.join(name)).ok()?;
+        serde_json::from_str(&text).ok()
+    };
+    let benchmark = read("benchmark.json")?;
+    let estimates = read("estimates.json")?;
+    let id = benchmark["title"].as_str()?.to_owned();
+    let median_ns = estimates["median"]["point_estimate"].as_f64()?;
+    let throughput = Some(benchmark["throughput"].clone()).filter(|t| !t.is_null());
+    Some((
+        id,
+        SavedEstimate {
+            median_ns,
+            throughput,
+        },
+    ))
+}
+
+const NANOS_PER_SEC: f64 = 1e9;
+
+/// A time in nanoseconds as criterion prints one: `1.2345 µs`.
+fn format_nanos(ns: f64) -> String {
+    const UNITS: [&str; 4] = ["ns", "µs", "ms", "s"];
+    const STEP: f64 = 1000.0;
+    scaled(ns, STEP, &UNITS)
+}
+
+/// A throughput of `throughput` (criterion's serialised `Throughput`) per
+/// iteration of `ns` nanoseconds, in criterion's units.
+fn format_throughput(throughput: &serde_json::Value, ns: f64) -> Option<String> {
+    const BINARY: f64 = 1024.0;
+    const DECIMAL: f64 = 1000.0;
+    const BYTES_BINARY: [&str; 5] = ["B/s", "KiB/s", "MiB/s", "GiB/s", "TiB/s"];
+    const BYTES_DECIMAL: [&str; 5] = ["B/s", "KB/s", "MB/s", "GB/s", "TB/s"];
+    const BITS: [&str; 5] = ["b/s", "Kb/s", "Mb/s", "Gb/s", "Tb/s"];
+    const ELEMENTS: [&str; 5] = ["elem/s", "Kelem/s", "Melem/s", "Gelem/s", "Telem/s"];
+    if ns <= 0.0 {
+        return None;
+    }
+    #[allow(clippy::cast_precision_loss)] // a count per iteration, shown to 4 digits
+    let per_sec = |count: &serde_json::Value| Some(count.as_u64()? as f64 * NANOS_PER_SEC / ns);
+    let object = throughput.as_object()?;
+    let (kind, count) = object.iter().next()?;
+    Some(match kind.as_str() {
+        "Bytes" => scaled(per_sec(count)?, BINARY, &BYTES_BINARY),
+        "BytesDecimal" => scaled(per_sec(count)?, DECIMAL, &BYTES_DECIMAL),
+        "Bits" => scaled(per_sec(count)?, DECIMAL, &BITS),
+        "Elements" => scaled(per_sec(count)?, DECIMAL, &ELEMENTS),
+        "ElementsAndBytes" => format!(
+            "{} {}",
+            scaled(per_sec(&count["elements"])?, DECIMAL, &ELEMENTS),
+            scaled(per_sec(&count["bytes"])?, BINARY, &BYTES_BINARY)
+        ),
+        _ => return None,
+    })
+}
+
+/// `value` in the largest of `units` (each `step` times the one before)
+/// that keeps it at 1 or more, to 4 significant digits or so.
+fn scaled(mut value: f64, step: f64, units: &[&str]) -> String {
+    let mut unit = 0;
+    while value >= step && unit + 1 < units.len() {
+        value /= step;
+        unit += 1;
+    }
+    let decimals = match value {
+        v if v < 10.0 => 4,
+        v if v < 100.0 => 3,
+        v if v < 1000.0 => 2,
+        _ => 1,
+    };
+    format!(
+        "{value:.decimals$} {}",
+        units.get(unit).copied().unwrap_or_default()
+    )
 }
 
 fn run_step(name: &str, command: &mut Command) -> bool {
@@ -403,4 +771,68 @@ fn describe(command: &Command) -> String {
         .map(|a| a.to_string_lossy().into_owned())
         .collect();
     format!("cargo {}", args.join(" "))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn criterion_output_gives_each_id_once_with_its_throughput() {
+        let text = "\
+rank/top10/10000        time:   [1.0000 ms 1.1000 ms 1.2000 ms]
+                        change: [-1.2000% +0.3000% +2.0000%] (p = 0.50 > 0.05)
+                        No change in performance detected.
+Found 3 outliers among 30 measurements (10.00%)
+  2 (6.67%) high mild
+frame_codec/decode/1MiB_body
+                        time:   [100.00 µs 110.00 µs 120.00 µs]
+                        thrpt:  [8.1380 GiB/s 8.8778 GiB/s 9.7656 GiB/s]
+                 change:
+                        time:   [-5.0000% -1.0000% +1.0000%] (p = 0.10 > 0.05)
+                        thrpt:  [-1.0000% +1.0000% +5.0000%]
+                        Change within noise threshold.
+config_load/validate/example_yaml
+                        time:   [2.0000 µs 2.1000 µs 2.2000 µs]
+";
+        assert_eq!(
+            printed_results(text),
+            [
+                PrintedResult {
+                    id: "rank/top10/10000".into(),
+                    time: "1.1000 ms".into(),
+                    throughput: None,
+                },
+                PrintedResult {
+                    id: "frame_codec/decode/1MiB_body".into(),
+                    time: "110.00 µs".into(),
+                    throughput: Some("8.8778 GiB/s".into()),
+                },
+                PrintedResult {
+                    id: "config_load/validate/example_yaml".into(),
+                    time: "2.1000 µs".into(),
+                    throughput: None,
+                },
+            ]
+        );
+    }
+
+    #[test]
+    fn times_and_throughputs_print_in_criterion_units() {
+        assert_eq!(format_nanos(850.0), "850.00 ns");
+        assert_eq!(format_nanos(1_234.5), "1.2345 µs");
+        assert_eq!(format_nanos(12_345_678.0), "12.346 ms");
+        let mib = serde_json::json!({ "Bytes": 1_048_576 });
+        // 1 MiB in 1 ms.
+        assert_eq!(
+            format_throughput(&mib, 1e6).as_deref(),
+            Some("1000.0 MiB/s")
+        );
+        let elements = serde_json::json!({ "Elements": 10 });
+        assert_eq!(
+            format_throughput(&elements, 1e3).as_deref(),
+            Some("10.000 Melem/s")
+        );
+        assert_eq!(format_throughput(&serde_json::Value::Null, 1e3), None);
+    }
 }

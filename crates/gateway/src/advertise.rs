@@ -7,6 +7,9 @@ use ollamacron_node_core::{NodeError, NodeHandle};
 use ollamacron_ollama::{LocalModel, OllamaState};
 use tokio::sync::watch;
 
+use crate::metadata::{
+    METADATA_IN_FLIGHT, METADATA_LOADED, METADATA_MAX_CONCURRENT, METADATA_MAX_CONCURRENT_PER_PEER,
+};
 use crate::serve::{InferenceLoad, ServeLimits};
 
 /// Every service made from an Ollama model has an id `ollama/<model>`, so
@@ -33,7 +36,7 @@ pub fn model_service(
     if let Some(context) = model.context_length {
         metadata.insert("context_length".to_owned(), context.to_string());
     }
-    metadata.insert("loaded".to_owned(), model.loaded.to_string());
+    metadata.insert(METADATA_LOADED.to_owned(), model.loaded.to_string());
     metadata.insert("size_bytes".to_owned(), model.size_bytes.to_string());
     if !ollama_version.is_empty() {
         metadata.insert("ollama_version".to_owned(), ollama_version.to_owned());
@@ -97,7 +100,7 @@ impl OllamaAdvertiser {
     }
 
     /// Also advertise `load` (requests in flight for peers) as each
-    /// service's `in_flight` metadata, refreshed every
+    /// service's [`METADATA_IN_FLIGHT`] metadata, refreshed every
     /// [`LOAD_REFRESH_INTERVAL`] when it changed.
     #[must_use]
     pub fn with_load(mut self, load: InferenceLoad) -> Self {
@@ -106,7 +109,7 @@ impl OllamaAdvertiser {
     }
 
     /// Also advertise how many requests this node serves for peers at
-    /// once (`max_concurrent`, `max_concurrent_per_peer`), so gateways
+    /// once ([`METADATA_MAX_CONCURRENT`], [`METADATA_MAX_CONCURRENT_PER_PEER`]), so gateways
     /// queue instead of sending what it would refuse.
     #[must_use]
     pub fn with_limits(mut self, limits: ServeLimits) -> Self {
@@ -137,13 +140,13 @@ impl OllamaAdvertiser {
                 .map(|mut s| {
                     if let Some(load) = &self.load {
                         s.metadata
-                            .insert("in_flight".to_owned(), load.current().to_string());
+                            .insert(METADATA_IN_FLIGHT.to_owned(), load.current().to_string());
                     }
                     if let Some(limits) = &self.limits {
                         s.metadata
-                            .insert("max_concurrent".to_owned(), limits.total.to_string());
+                            .insert(METADATA_MAX_CONCURRENT.to_owned(), limits.total.to_string());
                         s.metadata.insert(
-                            "max_concurrent_per_peer".to_owned(),
+                            METADATA_MAX_CONCURRENT_PER_PEER.to_owned(),
                             limits.per_peer.to_string(),
                         );
                     }

@@ -4,10 +4,15 @@
 //! from [`FIRST_COOL_DOWN`] to [`LONGEST_COOL_DOWN`] while its probes fail,
 //! and is not chosen while another node can serve; after the cool-down
 //! one request probes it back. Being busy (429) is no failure.
+//!
+//! Its states are node-core's [`BreakerState`], as `GET /v1/peers` shows
+//! them.
 
 use std::collections::HashMap;
 use std::sync::{Mutex, MutexGuard, PoisonError};
 use std::time::{Duration, Instant};
+
+use ollamacron_node_core::BreakerState;
 
 /// Failures in a row that open a node's breaker.
 pub(crate) const TRIP_AFTER_FAILURES: u32 = 3;
@@ -15,28 +20,6 @@ pub(crate) const TRIP_AFTER_FAILURES: u32 = 3;
 pub(crate) const FIRST_COOL_DOWN: Duration = Duration::from_secs(1);
 /// The longest cool-down.
 pub(crate) const LONGEST_COOL_DOWN: Duration = Duration::from_secs(60);
-
-/// Where a node's breaker stands.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub(crate) enum BreakerState {
-    /// Requests go to it.
-    Closed,
-    /// Cooling down: not chosen while another node can serve.
-    Open,
-    /// Cooled down: the next request probes it.
-    HalfOpen,
-}
-
-impl BreakerState {
-    /// As the metric shows it: 0 closed, 1 half open, 2 open.
-    pub(crate) fn gauge(self) -> i64 {
-        match self {
-            Self::Closed => 0,
-            Self::HalfOpen => 1,
-            Self::Open => 2,
-        }
-    }
-}
 
 #[derive(Debug, Default)]
 struct Breaker {

@@ -1,5 +1,6 @@
 //! The gateway's metrics, in the node's registry (`ollamacron_gateway_*`).
 
+use ollamacron_node_core::BreakerState;
 use prometheus_client::encoding::EncodeLabelSet;
 use prometheus_client::metrics::counter::Counter;
 use prometheus_client::metrics::family::Family;
@@ -128,5 +129,15 @@ impl GatewayMetrics {
             "Chunks of answers streamed to clients (one token each when Ollama streams)",
             self.chunks.clone(),
         );
+    }
+}
+
+/// A breaker's state as the `breaker_state` gauge shows it: 0 closed,
+/// 1 half open, 2 open.
+pub(crate) fn breaker_gauge(state: BreakerState) -> i64 {
+    match state {
+        BreakerState::Closed => 0,
+        BreakerState::HalfOpen => 1,
+        BreakerState::Open => 2,
     }
 }
