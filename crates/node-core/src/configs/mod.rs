@@ -12,7 +12,7 @@ pub(crate) use nat::nat_config;
 mod tests {
     use super::*;
     use ollamacron_config::{DhtMode as ConfigDhtMode, NodeConfig, NodeType};
-    use ollamacron_discovery_dht::DhtMode;
+    use ollamacron_discovery_dht::Mode as DhtMode;
     use ollamacron_nat::{self as nat, RelayLimits};
 
     #[test]
