@@ -370,7 +370,7 @@ pub fn http_limits(config: &NodeConfig) -> HttpLimits {
         header_read_timeout: config.http_header_read_timeout,
         body_read_timeout: config.http_body_read_timeout,
         idle_timeout: config.http_idle_timeout,
-        max_connections: usize::try_from(config.http_max_connections).unwrap_or(usize::MAX),
+        max_connections: config.http_max_connections,
     }
 }
 

@@ -16,10 +16,8 @@ pub(crate) fn dht_config(config: &NodeConfig, reachability: nat::Reachability) -
         .with_provide_interval(config.dht_provide_interval)
         .with_discovery_interval(config.dht_discovery_interval)
         .with_query_timeout(config.dht_query_timeout)
-        .with_max_records(usize::try_from(config.dht_max_records).unwrap_or(usize::MAX))
-        .with_max_providers_per_key(
-            usize::try_from(config.dht_max_providers_per_key).unwrap_or(usize::MAX),
-        )
+        .with_max_records(config.dht_max_records)
+        .with_max_providers_per_key(config.dht_max_providers_per_key)
         .with_max_value_bytes(
             usize::try_from(config.dht_max_value_size.bytes()).unwrap_or(usize::MAX),
         )

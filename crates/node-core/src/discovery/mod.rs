@@ -133,7 +133,7 @@ impl Behaviour {
             auto_dials: HashMap::new(),
             auto_dialed: HashSet::new(),
             connected: HashSet::new(),
-            dial_below_peers: usize::try_from(config.conn_mgr_low).unwrap_or(usize::MAX),
+            dial_below_peers: config.conn_mgr_low,
             running: false,
             enable_mdns: config.enable_mdns,
             enable_dht: config.enable_dht,

@@ -177,7 +177,9 @@ impl Behaviour {
             list
         });
         let limits = connection_limits::ConnectionLimits::default()
-            .with_max_established(Some(config.conn_mgr_high))
+            .with_max_established(Some(
+                u32::try_from(config.conn_mgr_high).unwrap_or(u32::MAX),
+            ))
             .with_max_established_per_peer(Some(MAX_CONNECTIONS_PER_PEER))
             .with_max_pending_incoming(Some(MAX_PENDING_INCOMING));
         let memory_limits = config.max_memory.map(|max| {
@@ -199,8 +201,8 @@ impl Behaviour {
             peers: HashMap::new(),
             protected,
             trim: TrimPolicy {
-                low: usize::try_from(config.conn_mgr_low).unwrap_or(usize::MAX),
-                high: usize::try_from(config.conn_mgr_high).unwrap_or(usize::MAX),
+                low: config.conn_mgr_low,
+                high: config.conn_mgr_high,
                 grace: config.conn_mgr_grace,
             },
             trim_tick,

@@ -201,12 +201,11 @@ impl Behaviour {
         loopback_only: bool,
     ) -> Result<Self, NodeError> {
         let peer = keypair.public().to_peer_id();
-        let to_usize = |v: u32| usize::try_from(v).unwrap_or(usize::MAX);
         let limits = RecordLimits {
             max_record_bytes: usize::try_from(config.max_record_size.bytes()).unwrap_or(usize::MAX),
-            max_services: to_usize(config.max_services_per_record),
-            max_string_bytes: to_usize(config.max_string_length),
-            max_list_items: to_usize(config.max_list_items),
+            max_services: config.max_services_per_record,
+            max_string_bytes: config.max_string_length,
+            max_list_items: config.max_list_items,
             min_ttl: MIN_RECORD_TTL,
             max_ttl: MAX_RECORD_TTL,
         };
@@ -263,7 +262,7 @@ impl Behaviour {
             running: false,
             loopback_only,
             local,
-            cache: RecordCache::new(to_usize(config.dht_max_records)),
+            cache: RecordCache::new(config.dht_max_records),
             limits,
             weights: ScoreWeights {
                 reliability: w.reliability,
