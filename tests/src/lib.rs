@@ -50,10 +50,20 @@ pub fn loopback_config(listen: &str, overrides: &[(&str, &str)]) -> NodeConfig {
 /// # Errors
 /// Whatever `Node::start` returns.
 pub async fn start(config: NodeConfig) -> Result<NodeHandle, NodeError> {
-    Node::new(config)
+    let api = config.enable_metrics.then(|| config.clone());
+    let node = Node::new(config)
         .with_keypair(Keypair::generate_ed25519())
         .start()
-        .await
+        .await?;
+    // The API sits on top of the node, started by whoever starts it (as
+    // the binary does).
+    if let Some(config) = api
+        && let Err(e) = ollamacron_node_core::start_api(&node, &config).await
+    {
+        let _ = node.shutdown().await;
+        return Err(e);
+    }
+    Ok(node)
 }
 
 /// Wait for the first event matching `pred`, for at most [`EVENT_TIMEOUT`].

@@ -365,6 +365,8 @@ async fn serve(config: NodeConfig) -> anyhow::Result<()> {
     let gateway_config = GatewayConfig::from_config(&config);
     let serve_limits = ServeLimits::from_config(&config);
     let gateway_settings = config.clone();
+    let enable_api = config.enable_metrics;
+    let api_settings = config.clone();
     let node = tokio::select! {
         node = Node::new(config).start() => node?,
         signal = &mut signal => {
@@ -372,6 +374,13 @@ async fn serve(config: NodeConfig) -> anyhow::Result<()> {
             return Ok(());
         }
     };
+    if enable_api {
+        // The API sits on top of the node, as the gateway does.
+        if let Err(e) = ollamacron_node_core::start_api(&node, &api_settings).await {
+            let _ = node.shutdown().await;
+            return Err(e.into());
+        }
+    }
     tracing::info!(peer_id = %node.peer_id(), "ollamacron-node {} started", env!("CARGO_PKG_VERSION"));
     // Advertise the local Ollama's models and serve peers' requests to
     // it; all of it stops with the node.

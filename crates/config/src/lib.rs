@@ -64,9 +64,9 @@ pub struct NodeConfig {
     #[serde(deserialize_with = "multiaddrs::deserialize")]
     pub bootstrap: Vec<Multiaddr>,
     /// Keep at least this many bootstrap peers connected.
-    pub bootstrap_min_connections: u32,
+    pub bootstrap_min_connections: usize,
     /// Dial no more bootstrap peers once this many are connected.
-    pub bootstrap_max_connections: u32,
+    pub bootstrap_max_connections: usize,
     /// How often the bootstrap connections are checked.
     #[serde(with = "duration")]
     pub bootstrap_check_interval: Duration,
@@ -101,9 +101,9 @@ pub struct NodeConfig {
     #[serde(with = "duration")]
     pub dht_query_timeout: Duration,
     /// Most records the local DHT store holds.
-    pub dht_max_records: u32,
+    pub dht_max_records: usize,
     /// Most providers the local DHT store keeps per key.
-    pub dht_max_providers_per_key: u32,
+    pub dht_max_providers_per_key: usize,
     /// Largest DHT record value accepted.
     pub dht_max_value_size: ByteSize,
     /// Spread service records with gossipsub.
@@ -123,16 +123,16 @@ pub struct NodeConfig {
     /// Ask the local gateway for port mappings with UPnP.
     pub enable_upnp: bool,
     /// Relay service: most reservations held at once (more are refused).
-    pub relay_max_reservations: u32,
+    pub relay_max_reservations: usize,
     /// Relay service: most reservations one peer may hold.
-    pub relay_max_reservations_per_peer: u32,
+    pub relay_max_reservations_per_peer: usize,
     /// Relay service: how long a reservation lasts before it must be renewed.
     #[serde(with = "duration")]
     pub relay_reservation_duration: Duration,
     /// Relay service: most relayed circuits open at once.
-    pub relay_max_circuits: u32,
+    pub relay_max_circuits: usize,
     /// Relay service: most relayed circuits one peer may have open.
-    pub relay_max_circuits_per_peer: u32,
+    pub relay_max_circuits_per_peer: usize,
     /// Relay service: a circuit is closed after this long.
     #[serde(with = "duration")]
     pub relay_max_circuit_duration: Duration,
@@ -141,9 +141,9 @@ pub struct NodeConfig {
     /// Also offer WebSocket (TCP) transport; `/ws` listen addresses need it.
     pub enable_websocket: bool,
     /// Connection trimming keeps at least this many connections.
-    pub conn_mgr_low: u32,
+    pub conn_mgr_low: usize,
     /// Hard limit of established connections; trimming starts here.
-    pub conn_mgr_high: u32,
+    pub conn_mgr_high: usize,
     /// Connections younger than this are never trimmed.
     #[serde(with = "duration")]
     pub conn_mgr_grace: Duration,
@@ -196,22 +196,22 @@ pub struct NodeConfig {
     /// Address of the gateway; loopback by default.
     pub gateway_listen: SocketAddr,
     /// Nodes tried for one request when the first fails before answering.
-    pub gateway_failover_attempts: u32,
+    pub gateway_failover_attempts: usize,
     /// Longest wait for a serving node to start answering (a request that
     /// does not stream starts answering when it is complete).
     #[serde(with = "duration")]
     pub gateway_first_byte_timeout: Duration,
     /// Most inference requests this node serves for peers at once; more are
     /// refused (HTTP 429) so the asking gateway tries another node.
-    pub gateway_max_concurrent: u32,
+    pub gateway_max_concurrent: usize,
     /// Most inference requests this node serves for one peer at once.
-    pub gateway_max_concurrent_per_peer: u32,
+    pub gateway_max_concurrent_per_peer: usize,
     /// Largest request body the gateway takes (and a serving node takes
     /// from a peer); larger ones get a JSON 413.
     pub gateway_max_request_bytes: ByteSize,
     /// Requests the gateway holds while every node with their model is at
     /// its limit; one more gets 503, as from a full Ollama.
-    pub gateway_queue_max: u32,
+    pub gateway_queue_max: usize,
     /// Longest a request waits in that queue before a 503.
     #[serde(with = "duration")]
     pub gateway_queue_timeout: Duration,
@@ -248,11 +248,11 @@ pub struct NodeConfig {
     /// Largest signed record accepted from a peer (and published).
     pub max_record_size: ByteSize,
     /// Most services in one node record.
-    pub max_services_per_record: u32,
+    pub max_services_per_record: usize,
     /// Longest string in a record, in bytes.
-    pub max_string_length: u32,
+    pub max_string_length: usize,
     /// Most tags, capabilities, protocols, addresses or metadata entries per service.
-    pub max_list_items: u32,
+    pub max_list_items: usize,
     /// Weights of the quality score.
     pub score_weights: ScoreWeightsConfig,
     /// Serve Prometheus metrics on `api_listen`.
@@ -282,7 +282,7 @@ pub struct NodeConfig {
     pub http_idle_timeout: Duration,
     /// Most connections each of the gateway and the API keeps open; one
     /// more is answered 503.
-    pub http_max_connections: u32,
+    pub http_max_connections: usize,
     /// Log span timings (span close events) along with events.
     pub enable_tracing: bool,
     /// Write logs to standard error.

@@ -54,9 +54,9 @@ pub const MAX_RECORD_TTL: Duration = Duration::from_secs(3600);
 /// Smallest `max_record_size`.
 pub const MIN_RECORD_SIZE: ByteSize = ByteSize::from_bytes(1024);
 /// Smallest `max_string_length`: peer ids (52 bytes) and addresses must fit.
-pub const MIN_RECORD_STRING_LENGTH: u32 = 64;
+pub const MIN_RECORD_STRING_LENGTH: usize = 64;
 /// Largest `max_services_per_record`, `max_string_length` and `max_list_items`.
-pub const MAX_RECORD_COUNT_LIMIT: u32 = 4096;
+pub const MAX_RECORD_COUNT_LIMIT: usize = 4096;
 /// Smallest accepted `relay_max_circuit_bytes`: room for the handshakes
 /// before DCUtR upgrades a relayed connection.
 pub const MIN_RELAY_CIRCUIT_BYTES: ByteSize = ByteSize::from_bytes(16 * 1024);
@@ -603,7 +603,7 @@ impl NodeConfig {
             }
         }
 
-        let max_items = usize::try_from(self.max_list_items).unwrap_or(usize::MAX);
+        let max_items = self.max_list_items;
         if self.tags.len() > max_items {
             fail(
                 "tags",
@@ -613,7 +613,7 @@ impl NodeConfig {
                 ),
             );
         }
-        let max_services = usize::try_from(self.max_services_per_record).unwrap_or(usize::MAX);
+        let max_services = self.max_services_per_record;
         if self.services.len() > max_services {
             fail(
                 "services",
@@ -621,7 +621,7 @@ impl NodeConfig {
                 format!("must hold at most max_services_per_record ({max_services})"),
             );
         }
-        let max_string = usize::try_from(self.max_string_length).unwrap_or(usize::MAX);
+        let max_string = self.max_string_length;
         let mut ids = std::collections::HashSet::new();
         for (i, service) in self.services.iter().enumerate() {
             let at = |field: &str| format!("services[{i}].{field}");

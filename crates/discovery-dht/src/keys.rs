@@ -1,11 +1,7 @@
-//! The DHT keys of the wire contract.
+//! Provider keys.
 
-use libp2p::PeerId;
 use libp2p::kad::RecordKey;
 use sha2::{Digest, Sha256};
-
-/// The namespace every Ollamacron node provides.
-pub const NAMESPACE: &str = "/ollamacron";
 
 /// multihash code of sha2-256.
 const SHA2_256_CODE: u8 = 0x12;
@@ -25,42 +21,6 @@ pub fn provider_key(name: &str) -> RecordKey {
     RecordKey::new(&bytes)
 }
 
-/// The provider key of the namespace, [`NAMESPACE`].
-#[must_use]
-pub fn namespace_key() -> RecordKey {
-    provider_key(NAMESPACE)
-}
-
-/// The provider key of a service type: `/ollamacron/services/<type>`.
-#[must_use]
-pub fn service_type_key(service_type: &str) -> RecordKey {
-    provider_key(&format!("{NAMESPACE}/services/{service_type}"))
-}
-
-/// The provider key of a capability: `/ollamacron/capabilities/<capability>`.
-#[must_use]
-pub fn capability_key(capability: &str) -> RecordKey {
-    provider_key(&format!("{NAMESPACE}/capabilities/{capability}"))
-}
-
-/// The key of a node's record: the UTF-8 bytes of `/ollamacron/node/<base58 peer id>`.
-#[must_use]
-pub fn node_record_key(peer: &PeerId) -> RecordKey {
-    RecordKey::new(&format!("{NAMESPACE}/node/{peer}"))
-}
-
-/// The peer whose record `key` names, if `key` is a node record key
-/// (`/ollamacron/node/<base58 peer id>`, exactly).
-#[must_use]
-pub fn node_record_peer(key: &RecordKey) -> Option<PeerId> {
-    let text = std::str::from_utf8(key.as_ref()).ok()?;
-    let peer: PeerId = text.strip_prefix(NODE_RECORD_PREFIX)?.parse().ok()?;
-    // Exactly the canonical form, so one peer has one key.
-    (node_record_key(&peer) == *key).then_some(peer)
-}
-
-const NODE_RECORD_PREFIX: &str = "/ollamacron/node/";
-
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -70,46 +30,26 @@ mod tests {
     }
 
     #[test]
-    fn namespace_key_is_the_sha256_multihash_of_the_string() {
+    fn provider_key_is_the_sha256_multihash_of_the_string() {
         // sha256("/ollamacron"), computed independently with `printf %s /ollamacron | sha256sum`.
-        let key = namespace_key();
+        let key = provider_key("/ollamacron");
         assert_eq!(key.as_ref().len(), 34);
         assert_eq!(&key.as_ref()[..2], &[0x12, 0x20]);
-        assert_eq!(hex(&key.as_ref()[2..]), NAMESPACE_SHA256_HEX);
+        assert_eq!(hex(&key.as_ref()[2..]), OLLAMACRON_SHA256_HEX);
         // It parses as a multihash, as a CID's would.
         let mh = libp2p::multihash::Multihash::<64>::from_bytes(key.as_ref()).unwrap();
         assert_eq!(mh.code(), 0x12);
+        assert_eq!(mh.digest().len(), 32);
     }
 
     /// Filled in from `sha256sum`, see the test above.
-    const NAMESPACE_SHA256_HEX: &str =
+    const OLLAMACRON_SHA256_HEX: &str =
         "8d36a9d81f16978a23c3e43e62d2a15f35d148a29b100fc7c67108479925d9be";
 
     #[test]
-    fn other_keys_follow_the_contract() {
-        assert_eq!(
-            service_type_key("llm"),
-            provider_key("/ollamacron/services/llm")
-        );
-        assert_eq!(
-            capability_key("vision"),
-            provider_key("/ollamacron/capabilities/vision")
-        );
-        assert_ne!(service_type_key("llm"), service_type_key("embedding"));
-        let peer = PeerId::random();
-        assert_eq!(
-            node_record_key(&peer).as_ref(),
-            format!("/ollamacron/node/{peer}").as_bytes()
-        );
-        assert_eq!(node_record_peer(&node_record_key(&peer)), Some(peer));
-        for bad in [
-            "/ollamacron/node/".to_owned(),
-            format!("/ollamacron/node/{peer}/x"),
-            format!("/ollamacron/nodes/{peer}"),
-            "/ollamacron/node/not-a-peer".to_owned(),
-        ] {
-            assert_eq!(node_record_peer(&RecordKey::new(&bad)), None, "{bad}");
-        }
-        assert_eq!(node_record_peer(&RecordKey::new(&[0xff, 0xfe])), None);
+    fn different_names_have_different_keys() {
+        assert_ne!(provider_key("/my-app"), provider_key("/my-app/"));
+        assert_ne!(provider_key(""), provider_key("/my-app"));
+        assert_eq!(provider_key("/my-app"), provider_key("/my-app"));
     }
 }

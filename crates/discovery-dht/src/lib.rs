@@ -1,5 +1,6 @@
 #![doc = include_str!("../README.md")]
 
+mod config;
 mod keys;
 mod store;
 
@@ -13,7 +14,7 @@ use libp2p::core::transport::PortUse;
 use libp2p::core::{Endpoint, Multiaddr};
 use libp2p::kad::store::MemoryStoreConfig;
 use libp2p::kad::store::RecordStore;
-use libp2p::kad::{self, GetClosestPeersOk, GetProvidersOk, QueryId, QueryResult, RecordKey};
+use libp2p::kad::{self, GetClosestPeersOk, GetProvidersOk, GetRecordOk, QueryResult};
 use libp2p::swarm::{
     ConnectionDenied, ConnectionId, FromSwarm, NetworkBehaviour, THandler, THandlerInEvent,
     THandlerOutEvent, ToSwarm,
@@ -21,14 +22,10 @@ use libp2p::swarm::{
 use libp2p::{PeerId, StreamProtocol};
 use tokio::time::{Instant, Interval, MissedTickBehavior, Sleep};
 
-pub use keys::{
-    NAMESPACE, capability_key, namespace_key, node_record_key, node_record_peer, provider_key,
-    service_type_key,
-};
+pub use config::{Config, Mode};
+pub use keys::provider_key;
+pub use libp2p::kad::{QueryId, Record, RecordKey};
 pub use store::DhtStore;
-
-/// The Kademlia protocol of the private Ollamacron DHT (never the IPFS one).
-pub const KAD_PROTOCOL: StreamProtocol = StreamProtocol::new("/ollamacron/kad/1.0.0");
 
 /// After the routing table grows, wait this long for more peers before
 /// re-advertising, so a burst of new peers costs one announcement.
@@ -47,60 +44,12 @@ const MAX_ADDRESS_QUERIES: usize = 4;
 /// a provider that stops re-announcing is forgotten after missing two.
 const PROVIDER_TTL_INTERVALS: u32 = 3;
 
-/// Whether this node answers DHT queries.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum DhtMode {
-    /// Answer queries and store records (publicly reachable or on a LAN).
-    Server,
-    /// Only ask (behind NAT).
-    Client,
-}
-
-/// How the DHT is run.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub struct DhtConfig {
-    /// Server or client mode.
-    pub mode: DhtMode,
-    /// Interval of Kademlia bootstrap (routing table refresh).
-    pub bootstrap_interval: Duration,
-    /// Interval of re-announcing the namespace provider record.
-    pub provide_interval: Duration,
-    /// Interval of looking up the namespace's providers.
-    pub discovery_interval: Duration,
-    /// Longest a query may run.
-    pub query_timeout: Duration,
-    /// Most records the local store holds.
-    pub max_records: usize,
-    /// Most providers the local store keeps per key.
-    pub max_providers_per_key: usize,
-    /// Largest record value accepted.
-    pub max_value_bytes: usize,
-    /// Longest a stored record lives when it comes without an expiry.
-    pub max_record_ttl: Duration,
-    /// Announce this node as a provider of the namespace.
-    pub advertise_namespace: bool,
-}
-
-impl Default for DhtConfig {
-    fn default() -> Self {
-        Self {
-            mode: DhtMode::Server,
-            bootstrap_interval: Duration::from_secs(300),
-            provide_interval: Duration::from_secs(300),
-            discovery_interval: Duration::from_secs(30),
-            query_timeout: Duration::from_secs(30),
-            max_records: 1024,
-            max_providers_per_key: 256,
-            max_value_bytes: 64 * 1024,
-            max_record_ttl: Duration::from_secs(3600),
-            advertise_namespace: true,
-        }
-    }
-}
-
-/// What the DHT learned.
+/// What the DHT learned, and the results of the queries started with
+/// [`Behaviour::get_providers`], [`Behaviour::get_record`],
+/// [`Behaviour::put_record`] and [`Behaviour::put_record_to`].
 #[derive(Debug)]
-pub enum DhtEvent {
+#[non_exhaustive]
+pub enum Event {
     /// A provider of the namespace, reported once per peer.
     ProviderFound {
         /// The provider.
@@ -136,29 +85,65 @@ pub enum DhtEvent {
         /// Whether it was stored on at least one peer.
         ok: bool,
     },
-    /// A [`Behaviour::publish_record`] put finished.
-    RecordPublished {
-        /// The record's key.
-        key: RecordKey,
-        /// Whether at least one peer stored it.
-        ok: bool,
-    },
     /// The Kademlia mode changed.
     ModeChanged {
         /// The new mode.
-        mode: kad::Mode,
+        mode: Mode,
     },
-    /// Any other Kademlia event (results of queries started through
-    /// [`Behaviour::kad_mut`], inbound requests, …).
-    Kad(Box<kad::Event>),
+    /// The DHT re-announced its keys (provide tick, [`Behaviour::refresh_now`],
+    /// routing-table growth): a good moment to re-put the records you keep
+    /// published.
+    Advertising,
+    /// Progress of a query started with [`Behaviour::get_providers`]: one
+    /// per step that found providers. The providers may include the local
+    /// peer when it provides the key itself.
+    ProvidersFound {
+        /// The query.
+        query: QueryId,
+        /// Providers found in this step.
+        providers: HashSet<PeerId>,
+    },
+    /// A record found by a query started with [`Behaviour::get_record`].
+    RecordFound {
+        /// The query.
+        query: QueryId,
+        /// The record.
+        record: Record,
+        /// The peer that had it; `None` for the local store.
+        peer: Option<PeerId>,
+    },
+    /// A query started with [`Behaviour::get_providers`],
+    /// [`Behaviour::get_record`], [`Behaviour::put_record`] or
+    /// [`Behaviour::put_record_to`] ended (its last step): exactly once per
+    /// such query, after its `ProvidersFound` / `RecordFound`.
+    QueryFinished {
+        /// The query.
+        query: QueryId,
+        /// `get_providers`: finished without error (finding none is still
+        /// ok). `get_record`: finished without error; finding nothing
+        /// (Kademlia's `NotFound`) is not ok. Puts: stored on at least one
+        /// peer.
+        ok: bool,
+    },
+    /// A peer asked us to store `record` (an inbound PUT). It is **not**
+    /// stored: verify it and call [`Behaviour::store_record`] to keep it.
+    InboundRecord {
+        /// The peer that sent it.
+        source: PeerId,
+        /// The record, its expiry already bounded by
+        /// [`Config::max_record_ttl`].
+        record: Record,
+    },
 }
 
-/// Kademlia on [`KAD_PROTOCOL`] with a bounded memory store, plus the
+/// Kademlia on [`Config::protocol`] with a bounded memory store, plus the
 /// timers that advertise the node under the namespace key and look up the
 /// other providers. Add it to your own `#[derive(NetworkBehaviour)]`.
 pub struct Behaviour {
     kad: kad::Behaviour<DhtStore>,
-    config: DhtConfig,
+    /// A read view of the store `kad` owns.
+    store: DhtStore,
+    config: Config,
     local_peer: PeerId,
     namespace: RecordKey,
     provide_tick: Interval,
@@ -177,25 +162,18 @@ pub struct Behaviour {
     advertised_at_size: usize,
     /// In-flight announcements, by key: one per key at a time.
     provide_queries: HashMap<QueryId, RecordKey>,
-    /// Keys announced besides the namespace (service types, capabilities).
+    /// Keys announced besides the namespace.
     provided_keys: HashSet<RecordKey>,
-    /// The record re-put on every refresh, and its in-flight put.
-    own_record: Option<kad::Record>,
-    record_query: Option<QueryId>,
-    /// The own record changed while its put was running.
-    record_outdated: bool,
-    /// Direct pushes of the own record to connected peers, in flight.
-    push_queries: HashSet<QueryId>,
+    /// Queries the user started, reported as events; until their last step.
+    user_queries: HashSet<QueryId>,
     /// Peers with at least one open connection.
     connected: HashSet<PeerId>,
-    /// Connected peers that have the current version of our record.
-    pushed: HashSet<PeerId>,
     discovery_queries: HashSet<QueryId>,
     address_queries: HashMap<QueryId, PeerId>,
     bootstrap_reported: bool,
     routing: HashMap<PeerId, Vec<Multiaddr>>,
     providers: HashSet<PeerId>,
-    events: VecDeque<DhtEvent>,
+    events: VecDeque<Event>,
 }
 
 impl std::fmt::Debug for Behaviour {
@@ -204,6 +182,7 @@ impl std::fmt::Debug for Behaviour {
             .field("config", &self.config)
             .field("routing_table_size", &self.routing.len())
             .field("providers", &self.providers.len())
+            .field("user_queries", &self.user_queries.len())
             .finish_non_exhaustive()
     }
 }
@@ -211,8 +190,8 @@ impl std::fmt::Debug for Behaviour {
 impl Behaviour {
     /// The DHT of `local_peer`. Must be created inside a tokio runtime.
     #[must_use]
-    pub fn new(local_peer: PeerId, config: DhtConfig) -> Self {
-        let mut kad_config = kad::Config::new(KAD_PROTOCOL);
+    pub fn new(local_peer: PeerId, config: Config) -> Self {
+        let mut kad_config = kad::Config::new(config.protocol.clone());
         kad_config
             .set_query_timeout(config.query_timeout)
             .set_max_packet_size(config.max_value_bytes + PACKET_OVERHEAD_BYTES)
@@ -220,7 +199,7 @@ impl Behaviour {
             // Inbound records and provider announcements come to us first:
             // we see who announces the namespace the moment they do, and an
             // inbound record is stored only by whoever verifies it (it
-            // reaches the user as `DhtEvent::Kad`, never the store).
+            // reaches the user as `Event::InboundRecord`, never the store).
             // Re-announcing is ours (`provide_interval`), not Kademlia's.
             .set_record_filtering(kad::StoreInserts::FilterBoth)
             .set_provider_publication_interval(None)
@@ -229,7 +208,7 @@ impl Behaviour {
                     .provide_interval
                     .saturating_mul(PROVIDER_TTL_INTERVALS),
             ))
-            // Our own record is re-put by `publish_record` and every refresh.
+            // The user re-puts its records (on `Event::Advertising`).
             .set_publication_interval(None)
             .set_record_ttl(Some(config.max_record_ttl));
         let store = DhtStore::new(
@@ -241,18 +220,17 @@ impl Behaviour {
                 max_provided_keys: config.max_records,
             },
         );
+        let store_view = store.share();
+        let namespace = provider_key(&config.namespace);
         let mut kad = kad::Behaviour::with_config(local_peer, store, kad_config);
-        kad.set_mode(Some(match config.mode {
-            DhtMode::Server => kad::Mode::Server,
-            DhtMode::Client => kad::Mode::Client,
-        }));
+        kad.set_mode(Some(config.mode.into()));
         // Store our own provider record at once, so a peer that asks us
         // directly finds us even before the routing table fills.
         let mut provide_queries = HashMap::new();
         if config.advertise_namespace {
-            match kad.start_providing(namespace_key()) {
+            match kad.start_providing(namespace.clone()) {
                 Ok(id) => {
-                    provide_queries.insert(id, namespace_key());
+                    provide_queries.insert(id, namespace.clone());
                 }
                 Err(e) => tracing::warn!(error = %e, "cannot store the namespace provider record"),
             }
@@ -267,9 +245,10 @@ impl Behaviour {
         bootstrap_tick.set_missed_tick_behavior(MissedTickBehavior::Delay);
         Self {
             kad,
+            store: store_view,
             config,
             local_peer,
-            namespace: namespace_key(),
+            namespace,
             provide_tick,
             bootstrap_tick,
             discovery_timer: Box::pin(tokio::time::sleep_until(now + discovery_interval)),
@@ -279,12 +258,8 @@ impl Behaviour {
             advertised_at_size: 0,
             provide_queries,
             provided_keys: HashSet::new(),
-            own_record: None,
-            record_query: None,
-            record_outdated: false,
-            push_queries: HashSet::new(),
+            user_queries: HashSet::new(),
             connected: HashSet::new(),
-            pushed: HashSet::new(),
             discovery_queries: HashSet::new(),
             address_queries: HashMap::new(),
             bootstrap_reported: false,
@@ -294,30 +269,49 @@ impl Behaviour {
         }
     }
 
-    /// The Kademlia behaviour, for queries of your own (records, other keys).
-    pub fn kad_mut(&mut self) -> &mut kad::Behaviour<DhtStore> {
-        &mut self.kad
-    }
-
     /// The mode Kademlia runs in now.
     #[must_use]
-    pub fn mode(&self) -> DhtMode {
+    pub fn mode(&self) -> Mode {
         self.config.mode
     }
 
     /// Switch between server and client mode.
-    pub fn set_mode(&mut self, mode: DhtMode) {
+    pub fn set_mode(&mut self, mode: Mode) {
         self.config.mode = mode;
-        self.kad.set_mode(Some(match mode {
-            DhtMode::Server => kad::Mode::Server,
-            DhtMode::Client => kad::Mode::Client,
-        }));
+        self.kad.set_mode(Some(mode.into()));
     }
 
-    /// Peers in the routing table.
+    /// The Kademlia protocol id, [`Config::protocol`].
+    #[must_use]
+    pub fn protocol(&self) -> &StreamProtocol {
+        &self.config.protocol
+    }
+
+    /// The provider key of the namespace: `provider_key(&config.namespace)`.
+    #[must_use]
+    pub fn namespace_key(&self) -> &RecordKey {
+        &self.namespace
+    }
+
+    /// Peers in the routing table, as reported by [`Event::RoutingUpdated`]
+    /// so far (a peer given to [`Behaviour::add_address`] counts once its
+    /// event has been polled).
     #[must_use]
     pub fn routing_table_size(&self) -> usize {
         self.routing.len()
+    }
+
+    /// Whether `peer` is in the routing table (as [`Event::RoutingUpdated`]
+    /// reported it).
+    #[must_use]
+    pub fn is_in_routing_table(&self, peer: &PeerId) -> bool {
+        self.routing.contains_key(peer)
+    }
+
+    /// The peers of the routing table (as [`Event::RoutingUpdated`]
+    /// reported them), in no particular order.
+    pub fn routing_peers(&self) -> impl Iterator<Item = &PeerId> {
+        self.routing.keys()
     }
 
     /// Providers of the namespace found so far.
@@ -326,19 +320,11 @@ impl Behaviour {
         &self.providers
     }
 
-    /// Tell the DHT where a peer that speaks [`KAD_PROTOCOL`] listens (from
-    /// identify, mDNS or a bootstrap address). Addresses of peers that do
-    /// not speak it are ignored by the caller, not here.
+    /// Tell the DHT where a peer that speaks [`Config::protocol`] listens
+    /// (from identify, mDNS or a bootstrap address). Addresses of peers that
+    /// do not speak it are ignored by the caller, not here.
     pub fn add_address(&mut self, peer: &PeerId, address: Multiaddr) {
         self.kad.add_address(peer, address);
-    }
-
-    /// A connected peer was confirmed to speak [`KAD_PROTOCOL`] (identify):
-    /// give it our record now, without waiting for the routing table.
-    pub fn peer_speaks_dht(&mut self, peer: PeerId) {
-        if self.connected.contains(&peer) {
-            self.push_own_record(vec![peer]);
-        }
     }
 
     /// Announce the namespace and look up its providers now, and start a
@@ -357,65 +343,6 @@ impl Behaviour {
         self.look_again_soon();
     }
 
-    /// Announce the namespace (when configured) and every provided key,
-    /// and re-put the own record. One query per key at a time: a burst of
-    /// triggers costs one walk each.
-    fn advertise(&mut self) {
-        let mut keys: Vec<RecordKey> = self.provided_keys.iter().cloned().collect();
-        if self.config.advertise_namespace {
-            keys.push(self.namespace.clone());
-        }
-        for key in keys {
-            self.provide(key);
-        }
-        self.put_own_record();
-    }
-
-    fn provide(&mut self, key: RecordKey) {
-        if self.provide_queries.values().any(|k| *k == key) {
-            return;
-        }
-        match self.kad.start_providing(key.clone()) {
-            Ok(id) => {
-                self.provide_queries.insert(id, key);
-            }
-            Err(e) => tracing::warn!(error = %e, "cannot store a provider record"),
-        }
-    }
-
-    /// PUT the own record to `peers` directly (not a walk).
-    fn push_own_record(&mut self, peers: Vec<PeerId>) {
-        let Some(record) = self.own_record.clone() else {
-            return;
-        };
-        // Each connected peer gets each version of the record once.
-        let peers: Vec<PeerId> = peers
-            .into_iter()
-            .filter(|p| self.pushed.insert(*p))
-            .collect();
-        if peers.is_empty() {
-            return;
-        }
-        tracing::debug!(?peers, "pushing our record");
-        let id = self
-            .kad
-            .put_record_to(record, peers.into_iter(), kad::Quorum::One);
-        self.push_queries.insert(id);
-    }
-
-    fn put_own_record(&mut self) {
-        let Some(record) = self.own_record.clone() else {
-            return;
-        };
-        if self.record_query.is_some() {
-            return;
-        }
-        match self.kad.put_record(record, kad::Quorum::One) {
-            Ok(id) => self.record_query = Some(id),
-            Err(e) => tracing::warn!(error = %e, "cannot store our own record"),
-        }
-    }
-
     /// Provide exactly `keys` besides the namespace: announce new ones now
     /// (and on every refresh), stop providing the ones no longer listed.
     pub fn set_provided_keys(&mut self, keys: HashSet<RecordKey>) {
@@ -430,35 +357,108 @@ impl Behaviour {
         }
     }
 
-    /// Store `record` (our own) locally and on the peers closest to its
-    /// key now, and again whenever the routing table grows and every
-    /// `provide_interval`, until replaced. A put still running is not
-    /// interrupted; its successor starts at the next refresh.
+    /// Look up the providers of `key`: [`Event::ProvidersFound`] for each
+    /// step that finds some, then one [`Event::QueryFinished`].
+    pub fn get_providers(&mut self, key: RecordKey) -> QueryId {
+        let id = self.kad.get_providers(key);
+        self.user_queries.insert(id);
+        id
+    }
+
+    /// Look up the record of `key` (the local store first, then the peers
+    /// closest to it): [`Event::RecordFound`] for each copy found, then one
+    /// [`Event::QueryFinished`].
+    pub fn get_record(&mut self, key: RecordKey) -> QueryId {
+        let id = self.kad.get_record(key);
+        self.user_queries.insert(id);
+        id
+    }
+
+    /// Store `record` locally (as its publisher) and on the peers closest to
+    /// its key, with [`kad::Quorum::One`]: [`Event::QueryFinished`] tells
+    /// whether at least one peer stored it. Fails, without a query, if the
+    /// local store refuses the record (too large, store full).
     ///
-    /// Besides the closest peers, every connected peer of the routing table
-    /// gets the record directly now, and every peer that joins the routing
-    /// table later gets it when it does: in a small mesh every node holds
-    /// every record without a lookup.
-    pub fn publish_record(&mut self, record: kad::Record) {
-        self.own_record = Some(record.clone());
-        self.pushed.clear();
-        let connected: Vec<PeerId> = self
-            .routing
-            .keys()
-            .filter(|p| self.connected.contains(p))
-            .copied()
-            .collect();
-        self.push_own_record(connected);
-        if self.record_query.is_some() {
-            // Store the newest one locally at once; peers get it as soon
-            // as the running put finishes.
-            if let Err(e) = self.kad.store_mut().put(record) {
-                tracing::warn!(error = %e, "cannot store our own record");
+    /// Records are not re-published by the DHT: put them again on
+    /// [`Event::Advertising`].
+    pub fn put_record(&mut self, record: Record) -> Result<QueryId, kad::store::Error> {
+        let id = self.kad.put_record(record, kad::Quorum::One)?;
+        self.user_queries.insert(id);
+        Ok(id)
+    }
+
+    /// Send `record` to exactly `peers` (no walk, not stored locally), with
+    /// [`kad::Quorum::One`]: [`Event::QueryFinished`] tells whether at least
+    /// one of them stored it. With no peers the query fails at once.
+    pub fn put_record_to(
+        &mut self,
+        record: Record,
+        peers: impl IntoIterator<Item = PeerId>,
+    ) -> QueryId {
+        let peers: Vec<PeerId> = peers.into_iter().collect();
+        let id = self
+            .kad
+            .put_record_to(record, peers.into_iter(), kad::Quorum::One);
+        self.user_queries.insert(id);
+        id
+    }
+
+    /// Stop a query started with this API early (Kademlia's
+    /// `query_mut(id).finish()`): it still reports its
+    /// [`Event::QueryFinished`]. `false` if it is not running (finished, or
+    /// not one of the user's queries).
+    pub fn finish_query(&mut self, query: QueryId) -> bool {
+        if !self.user_queries.contains(&query) {
+            return false;
+        }
+        match self.kad.query_mut(&query) {
+            Some(mut running) => {
+                running.finish();
+                true
             }
-            self.record_outdated = true;
+            None => false,
+        }
+    }
+
+    /// A record of the local store (cloned); `None` if there is none or it
+    /// has expired.
+    #[must_use]
+    pub fn stored_record(&self, key: &RecordKey) -> Option<Record> {
+        let record = self.store.get(key)?.into_owned();
+        (!record.is_expired(std::time::Instant::now())).then_some(record)
+    }
+
+    /// Put `record` into the local store only (as it is: no publisher or
+    /// expiry is set), e.g. an [`Event::InboundRecord`] that passed your
+    /// checks. Peers that ask for its key get it from us.
+    pub fn store_record(&mut self, record: Record) -> Result<(), kad::store::Error> {
+        self.kad.store_mut().put(record)
+    }
+
+    /// Announce the namespace (when configured) and every provided key,
+    /// then tell the user ([`Event::Advertising`]). One query per key at a
+    /// time: a burst of triggers costs one walk each.
+    fn advertise(&mut self) {
+        let mut keys: Vec<RecordKey> = self.provided_keys.iter().cloned().collect();
+        if self.config.advertise_namespace {
+            keys.push(self.namespace.clone());
+        }
+        for key in keys {
+            self.provide(key);
+        }
+        self.events.push_back(Event::Advertising);
+    }
+
+    fn provide(&mut self, key: RecordKey) {
+        if self.provide_queries.values().any(|k| *k == key) {
             return;
         }
-        self.put_own_record();
+        match self.kad.start_providing(key.clone()) {
+            Ok(id) => {
+                self.provide_queries.insert(id, key);
+            }
+            Err(e) => tracing::warn!(error = %e, "cannot store a provider record"),
+        }
     }
 
     fn discover(&mut self) {
@@ -494,12 +494,12 @@ impl Behaviour {
                 self.address_queries.insert(id, peer);
             }
             self.events
-                .push_back(DhtEvent::ProviderFound { peer, addresses });
+                .push_back(Event::ProviderFound { peer, addresses });
         }
     }
 
-    /// Handle a Kademlia event; `Some` if it should go to the user as is.
-    fn on_kad_event(&mut self, event: kad::Event) -> Option<DhtEvent> {
+    /// Handle a Kademlia event: what the user should see goes to `events`.
+    fn on_kad_event(&mut self, event: kad::Event) {
         if let kad::Event::InboundRequest { request } = &event {
             let kind = match request {
                 kad::InboundRequest::FindNode { .. } => "find_node",
@@ -549,9 +549,6 @@ impl Behaviour {
                 }
                 self.routing.insert(peer, addresses.clone());
                 if is_new_peer {
-                    if self.connected.contains(&peer) {
-                        self.push_own_record(vec![peer]);
-                    }
                     if self.routing.len() == 1 {
                         // The first peer: walk towards ourselves to fill the table.
                         if let Err(e) = self.kad.bootstrap() {
@@ -562,18 +559,15 @@ impl Behaviour {
                         self.schedule_readvertise();
                     }
                 }
-                Some(DhtEvent::RoutingUpdated {
+                self.events.push_back(Event::RoutingUpdated {
                     peer,
                     addresses,
                     is_new_peer,
-                })
+                });
             }
             kad::Event::OutboundQueryProgressed {
-                id,
-                result,
-                step,
-                stats,
-            } => self.on_query_progressed(id, result, step, stats),
+                id, result, step, ..
+            } => self.on_query_progressed(id, result, &step),
             kad::Event::InboundRequest {
                 request:
                     kad::InboundRequest::AddProvider {
@@ -584,25 +578,32 @@ impl Behaviour {
                 let namespace = record.key == self.namespace;
                 if let Err(e) = self.kad.store_mut().add_provider(record) {
                     tracing::debug!(%provider, error = %e, "provider record not stored");
-                    return None;
+                    return;
                 }
                 if namespace {
                     self.on_providers(HashSet::from([provider]));
                 }
-                None
             }
-            kad::Event::ModeChanged { new_mode } => Some(DhtEvent::ModeChanged { mode: new_mode }),
-            other => Some(DhtEvent::Kad(Box::new(other))),
+            kad::Event::InboundRequest {
+                request:
+                    kad::InboundRequest::PutRecord {
+                        source,
+                        record: Some(record),
+                        ..
+                    },
+            } => self
+                .events
+                .push_back(Event::InboundRecord { source, record }),
+            kad::Event::ModeChanged { new_mode } => self.events.push_back(Event::ModeChanged {
+                mode: new_mode.into(),
+            }),
+            // Inbound requests Kademlia answers itself (logged above),
+            // routability notices, results of its own jobs.
+            other => tracing::trace!(event = ?other, "DHT event not reported"),
         }
     }
 
-    fn on_query_progressed(
-        &mut self,
-        id: QueryId,
-        result: QueryResult,
-        step: kad::ProgressStep,
-        stats: kad::QueryStats,
-    ) -> Option<DhtEvent> {
+    fn on_query_progressed(&mut self, id: QueryId, result: QueryResult, step: &kad::ProgressStep) {
         if self.discovery_queries.contains(&id) {
             if let QueryResult::GetProviders(Ok(GetProvidersOk::FoundProviders {
                 providers, ..
@@ -613,46 +614,25 @@ impl Behaviour {
             if step.last {
                 self.discovery_queries.remove(&id);
             }
-            return None;
+            return;
         }
         if self.provide_queries.contains_key(&id) {
             if !step.last {
-                return None;
+                return;
             }
-            let key = self.provide_queries.remove(&id)?;
+            let Some(key) = self.provide_queries.remove(&id) else {
+                return;
+            };
             let ok = matches!(result, QueryResult::StartProviding(Ok(_)));
             if key != self.namespace {
                 tracing::debug!(ok, "announced a provider key");
-                return None;
+                return;
             }
             if !ok {
                 tracing::debug!(?result, "namespace announcement did not complete");
             }
-            return Some(DhtEvent::Advertised { ok });
-        }
-        if self.push_queries.contains(&id) {
-            if let QueryResult::PutRecord(Err(e)) = &result {
-                tracing::debug!(error = %e, "a direct push of our record failed");
-            }
-            if step.last {
-                self.push_queries.remove(&id);
-            }
-            return None;
-        }
-        if self.record_query == Some(id) {
-            if !step.last {
-                return None;
-            }
-            self.record_query = None;
-            if std::mem::take(&mut self.record_outdated) {
-                self.put_own_record();
-            }
-            let (key, ok) = match result {
-                QueryResult::PutRecord(Ok(kad::PutRecordOk { key })) => (key, true),
-                QueryResult::PutRecord(Err(e)) => (e.key().clone(), false),
-                _ => return None,
-            };
-            return Some(DhtEvent::RecordPublished { key, ok });
+            self.events.push_back(Event::Advertised { ok });
+            return;
         }
         if let Some(wanted) = self.address_queries.get(&id).copied() {
             if step.last {
@@ -664,43 +644,81 @@ impl Behaviour {
                 ..
             }))) = result
             else {
-                return None;
+                return;
             };
-            return peers
+            if let Some(found) = peers
                 .into_iter()
                 .find(|p| p.peer_id == wanted && !p.addrs.is_empty())
-                .map(|p| DhtEvent::PeerAddresses {
-                    peer: p.peer_id,
-                    addresses: p.addrs,
+            {
+                self.events.push_back(Event::PeerAddresses {
+                    peer: found.peer_id,
+                    addresses: found.addrs,
                 });
+            }
+            return;
+        }
+        if self.user_queries.contains(&id) {
+            if step.last {
+                self.user_queries.remove(&id);
+            }
+            self.on_user_query_progressed(id, result, step.last);
+            return;
         }
         if let QueryResult::Bootstrap(bootstrap) = &result {
             let done = step.last
                 || bootstrap.is_err()
                 || matches!(bootstrap, Ok(ok) if ok.num_remaining == 0);
             if !done {
-                return None;
+                return;
             }
             let ok = bootstrap.is_ok();
+            self.events.push_back(Event::BootstrapFinished {
+                ok,
+                routing_table_size: self.routing.len(),
+            });
             if ok && !self.bootstrap_reported {
                 // The first successful bootstrap: advertise and look up at
                 // once rather than at the next tick.
                 self.bootstrap_reported = true;
                 self.refresh_now();
             }
-            return Some(DhtEvent::BootstrapFinished {
-                ok,
-                routing_table_size: self.routing.len(),
-            });
+            return;
         }
-        Some(DhtEvent::Kad(Box::new(
-            kad::Event::OutboundQueryProgressed {
-                id,
-                result,
-                stats,
-                step,
-            },
-        )))
+        // Kademlia's own jobs (record replication): nothing to report.
+        tracing::trace!(?result, "DHT query progress not reported");
+    }
+
+    /// Report a step of a query of the user's: what it found, and on its
+    /// last step, how it ended.
+    fn on_user_query_progressed(&mut self, query: QueryId, result: QueryResult, last: bool) {
+        let ok = match &result {
+            QueryResult::GetProviders(r) => r.is_ok(),
+            QueryResult::GetRecord(r) => r.is_ok(),
+            QueryResult::PutRecord(r) => r.is_ok(),
+            _ => false,
+        };
+        match result {
+            QueryResult::GetProviders(Ok(GetProvidersOk::FoundProviders { providers, .. }))
+                if !providers.is_empty() =>
+            {
+                self.events
+                    .push_back(Event::ProvidersFound { query, providers });
+            }
+            QueryResult::GetRecord(Ok(GetRecordOk::FoundRecord(found))) => {
+                self.events.push_back(Event::RecordFound {
+                    query,
+                    record: found.record,
+                    peer: found.peer,
+                });
+            }
+            QueryResult::PutRecord(Err(e)) if last => {
+                tracing::debug!(error = %e, "a put of the user's did not complete");
+            }
+            _ => {}
+        }
+        if last {
+            self.events.push_back(Event::QueryFinished { query, ok });
+        }
     }
 
     /// Restart the lookup ramp: the next lookup in `FIRST_FOLLOW_UP_LOOKUP`
@@ -726,7 +744,7 @@ impl Behaviour {
 
 impl NetworkBehaviour for Behaviour {
     type ConnectionHandler = <kad::Behaviour<DhtStore> as NetworkBehaviour>::ConnectionHandler;
-    type ToSwarm = DhtEvent;
+    type ToSwarm = Event;
 
     fn handle_pending_inbound_connection(
         &mut self,
@@ -785,15 +803,9 @@ impl NetworkBehaviour for Behaviour {
         match &event {
             FromSwarm::ConnectionEstablished(e) => {
                 self.connected.insert(e.peer_id);
-                // A peer the routing table learned from a query, now
-                // connected: it gets our record as a new peer would.
-                if e.other_established == 0 && self.routing.contains_key(&e.peer_id) {
-                    self.push_own_record(vec![e.peer_id]);
-                }
             }
             FromSwarm::ConnectionClosed(e) if e.remaining_established == 0 => {
                 self.connected.remove(&e.peer_id);
-                self.pushed.remove(&e.peer_id);
             }
             _ => {}
         }
@@ -855,11 +867,7 @@ impl NetworkBehaviour for Behaviour {
                 self.refresh_now();
             }
             match self.kad.poll(cx) {
-                Poll::Ready(ToSwarm::GenerateEvent(event)) => {
-                    if let Some(out) = self.on_kad_event(event) {
-                        self.events.push_back(out);
-                    }
-                }
+                Poll::Ready(ToSwarm::GenerateEvent(event)) => self.on_kad_event(event),
                 Poll::Ready(other) => {
                     // Proven invariant: generated events are matched above.
                     return Poll::Ready(

@@ -2,6 +2,7 @@
 //! out in random order.
 
 use std::borrow::Cow;
+use std::sync::{Arc, Mutex, MutexGuard, PoisonError};
 
 use libp2p::PeerId;
 use libp2p::kad::store::{MemoryStore, MemoryStoreConfig, RecordStore, Result};
@@ -16,8 +17,13 @@ use rand::seq::SliceRandom;
 /// a fixed order would hide the same providers from every lookup, forever.
 /// Shuffled, each answer is a fresh sample, and a lookup that asks a
 /// handful of peers sees all of them.
+///
+/// The records live behind an uncontended lock, so that
+/// [`Behaviour::stored_record`](crate::Behaviour::stored_record) can read
+/// them through `&self` (Kademlia lends its store out only mutably). Every
+/// method takes the lock once and never calls out while holding it.
 pub struct DhtStore {
-    inner: MemoryStore,
+    inner: Arc<Mutex<MemoryStore>>,
 }
 
 impl std::fmt::Debug for DhtStore {
@@ -31,47 +37,75 @@ impl DhtStore {
     #[must_use]
     pub fn new(local_peer: PeerId, config: MemoryStoreConfig) -> Self {
         Self {
-            inner: MemoryStore::with_config(local_peer, config),
+            inner: Arc::new(Mutex::new(MemoryStore::with_config(local_peer, config))),
         }
+    }
+
+    /// A second handle on the same records (the behaviour's read view).
+    pub(crate) fn share(&self) -> Self {
+        Self {
+            inner: Arc::clone(&self.inner),
+        }
+    }
+
+    fn lock(&self) -> MutexGuard<'_, MemoryStore> {
+        // Nothing panics while holding the lock; if something ever did, the
+        // store is still a consistent `MemoryStore`.
+        self.inner.lock().unwrap_or_else(PoisonError::into_inner)
     }
 }
 
 impl RecordStore for DhtStore {
-    type RecordsIter<'a> = <MemoryStore as RecordStore>::RecordsIter<'a>;
-    type ProvidedIter<'a> = <MemoryStore as RecordStore>::ProvidedIter<'a>;
+    type RecordsIter<'a> = std::vec::IntoIter<Cow<'a, Record>>;
+    type ProvidedIter<'a> = std::vec::IntoIter<Cow<'a, ProviderRecord>>;
 
+    // Kademlia turns the records it gets into owned ones at once (to answer
+    // a request, to start a lookup, to republish), so handing out owned
+    // copies costs no extra clone on any path that matters.
     fn get(&self, key: &RecordKey) -> Option<Cow<'_, Record>> {
-        self.inner.get(key)
+        self.lock()
+            .get(key)
+            .map(|record| Cow::Owned(record.into_owned()))
     }
 
     fn put(&mut self, record: Record) -> Result<()> {
-        self.inner.put(record)
+        self.lock().put(record)
     }
 
     fn remove(&mut self, key: &RecordKey) {
-        self.inner.remove(key);
+        self.lock().remove(key);
     }
 
     fn records(&self) -> Self::RecordsIter<'_> {
-        self.inner.records()
+        let records: Vec<Cow<'_, Record>> = self
+            .lock()
+            .records()
+            .map(|record| Cow::Owned(record.into_owned()))
+            .collect();
+        records.into_iter()
     }
 
     fn add_provider(&mut self, record: ProviderRecord) -> Result<()> {
-        self.inner.add_provider(record)
+        self.lock().add_provider(record)
     }
 
     fn providers(&self, key: &RecordKey) -> Vec<ProviderRecord> {
-        let mut providers = self.inner.providers(key);
+        let mut providers = self.lock().providers(key);
         providers.shuffle(&mut rand::thread_rng());
         providers
     }
 
     fn provided(&self) -> Self::ProvidedIter<'_> {
-        self.inner.provided()
+        let provided: Vec<Cow<'_, ProviderRecord>> = self
+            .lock()
+            .provided()
+            .map(|record| Cow::Owned(record.into_owned()))
+            .collect();
+        provided.into_iter()
     }
 
     fn remove_provider(&mut self, key: &RecordKey, provider: &PeerId) {
-        self.inner.remove_provider(key, provider);
+        self.lock().remove_provider(key, provider);
     }
 }
 
@@ -101,5 +135,18 @@ mod tests {
             5,
             "with 500 draws every provider leads at least once"
         );
+    }
+
+    #[test]
+    fn a_shared_handle_sees_the_same_records() {
+        let mut store = DhtStore::new(PeerId::random(), MemoryStoreConfig::default());
+        let view = store.share();
+        let key = RecordKey::new(&"k");
+        assert!(view.get(&key).is_none());
+        store.put(Record::new(key.clone(), b"v".to_vec())).unwrap();
+        assert_eq!(view.get(&key).unwrap().value, b"v");
+        assert_eq!(view.records().count(), 1);
+        store.remove(&key);
+        assert!(view.get(&key).is_none());
     }
 }

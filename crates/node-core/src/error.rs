@@ -120,3 +120,18 @@ impl From<ollamacron_service_registry::RecordError> for NodeError {
         }
     }
 }
+
+/// An error and its sources, joined: libp2p errors often say little at the top.
+pub(crate) fn error_chain(e: &dyn std::error::Error) -> String {
+    let mut out = e.to_string();
+    let mut source = e.source();
+    while let Some(s) = source {
+        let text = s.to_string();
+        if !out.contains(&text) {
+            out.push_str(": ");
+            out.push_str(&text);
+        }
+        source = s.source();
+    }
+    out
+}

@@ -370,7 +370,7 @@ pub fn http_limits(config: &NodeConfig) -> HttpLimits {
         header_read_timeout: config.http_header_read_timeout,
         body_read_timeout: config.http_body_read_timeout,
         idle_timeout: config.http_idle_timeout,
-        max_connections: usize::try_from(config.http_max_connections).unwrap_or(usize::MAX),
+        max_connections: config.http_max_connections,
     }
 }
 
@@ -441,56 +441,44 @@ fn access(settings: AccessSettings<'_>) -> Result<AccessPolicy, NodeError> {
         .with_open_paths(&[settings.open_path]))
 }
 
-/// The API, bound and checked, ready to serve.
-pub(crate) struct ApiServer {
-    listener: TcpListener,
-    policy: AccessPolicy,
-    limits: HttpLimits,
-}
-
-impl ApiServer {
-    /// Check the API's settings for `listener`.
-    ///
-    /// # Errors
-    /// `api_key_file` cannot be read or holds a line that is no key.
-    pub(crate) fn new(listener: TcpListener, config: &NodeConfig) -> Result<Self, NodeError> {
-        let local = listener
-            .local_addr()
-            .map_err(|source| NodeError::ApiListen {
-                addr: config.api_listen,
-                source,
-            })?;
-        let policy = api_access(config, local)?;
-        if policy.beyond_loopback() && !policy.requires_key() {
-            tracing::warn!(api_listen = %local, "the HTTP API listens beyond loopback without a key: anyone who reaches it can register services; set api_keys");
-        }
-        Ok(Self {
-            listener,
-            policy,
-            limits: http_limits(config),
-        })
+/// Bind `api_listen`, check the API's access settings, and serve
+/// `node`'s HTTP API (status, peers, services, lookups, `/metrics`) until
+/// the node stops. Returns the bound address, also shown by
+/// [`NodeHandle::api_addr`]. Whoever starts the node starts its API: the
+/// API sits on top of the handle.
+///
+/// # Errors
+/// [`NodeError::ApiListen`] when the address cannot be bound;
+/// `api_key_file` cannot be read or holds a line that is no key.
+pub async fn start_api(node: &NodeHandle, config: &NodeConfig) -> Result<SocketAddr, NodeError> {
+    let addr = config.api_listen;
+    let listener = TcpListener::bind(addr)
+        .await
+        .map_err(|source| NodeError::ApiListen { addr, source })?;
+    let local = listener
+        .local_addr()
+        .map_err(|source| NodeError::ApiListen { addr, source })?;
+    let policy = api_access(config, local)?;
+    if policy.beyond_loopback() && !policy.requires_key() {
+        tracing::warn!(api_listen = %local, "the HTTP API listens beyond loopback without a key: anyone who reaches it can register services; set api_keys");
     }
-
-    /// Serve until the node reaches a terminal state.
-    pub(crate) fn spawn(
-        self,
-        metrics: MetricsEndpoint,
-        state: watch::Receiver<NodeState>,
-        node: WeakNodeHandle,
-    ) {
-        let mut until = state.clone();
-        let app = self.policy.apply(router(ApiState {
-            metrics,
-            state,
-            node,
-        }));
-        tokio::spawn(async move {
-            let stopped = async move {
-                let _ = until.wait_for(|s| s.is_terminal()).await;
-            };
-            ollamacron_http::serve(self.listener, app, self.limits, stopped).await;
-        });
-    }
+    let state = node.state_watch();
+    let mut until = state.clone();
+    let app = policy.apply(router(ApiState {
+        metrics: node.metrics_endpoint(),
+        state,
+        node: node.downgrade(),
+    }));
+    let limits = http_limits(config);
+    tokio::spawn(async move {
+        let stopped = async move {
+            let _ = until.wait_for(|s| s.is_terminal()).await;
+        };
+        ollamacron_http::serve(listener, app, limits, stopped).await;
+    });
+    node.set_api_addr(local);
+    tracing::info!(addr = %local, "serving the HTTP API at http://{local}/v1/status (metrics at /metrics)");
+    Ok(local)
 }
 
 #[cfg(test)]

@@ -1,5 +1,9 @@
 #![doc = include_str!("../README.md")]
 
+#[macro_use]
+mod delegate;
+
+mod addr;
 mod behaviour;
 mod configs;
 mod discovery;
@@ -9,22 +13,25 @@ mod http;
 mod identity;
 mod metrics;
 mod node;
+mod peers;
+pub mod registry;
 mod state;
 mod status;
 mod transport;
 pub mod trim;
 
-pub use behaviour::{PROTOCOL_VERSION, SERVICES_TOPIC, agent_version};
+pub use behaviour::{PROTOCOL_VERSION, agent_version};
 pub use error::NodeError;
 pub use event::{Direction, NodeEvent, RecordVia};
 pub use http::{
     MAX_BODY_BYTES, MAX_LOOKUP_LIMIT, MAX_QUERY_VALUE_BYTES, MAX_QUERY_VALUES, gateway_access,
-    http_limits,
+    http_limits, start_api,
 };
 pub use identity::{IdentityError, load_or_create_identity};
 pub use metrics::MetricsSnapshot;
 pub use node::{Node, NodeHandle};
 pub use ollamacron_http as http_server;
+pub use registry::SERVICES_TOPIC;
 pub use state::{NodeState, StateError};
 pub use status::{
     BreakerState, ConnectedPeer, ConnectionCounts, ConnectionKind, DiscoverySource,
@@ -37,4 +44,3 @@ pub use libp2p;
 /// Re-exported: [`NodeHandle::stream_control`] hands out its `Control`.
 pub use libp2p_stream;
 pub use ollamacron_config as config;
-pub use ollamacron_service_registry as registry;

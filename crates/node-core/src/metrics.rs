@@ -496,6 +496,52 @@ impl NodeMetrics {
 
 /// Renders the registry as Prometheus text; cheap to clone, shared by the
 /// HTTP server and every `NodeHandle`.
+/// The metrics of each peer behaviour event, in one place.
+impl libp2p::metrics::Recorder<crate::peers::Event> for NodeMetrics {
+    fn record(&self, event: &crate::peers::Event) {
+        use crate::peers::{Event, Refusal};
+        match event {
+            Event::Trimmed { closed } => self.add_trimmed(*closed),
+            Event::Refused { reason } => self.connection_refused(match reason {
+                Refusal::NotAllowed => RefusalReason::NotAllowed,
+                Refusal::Handshake => RefusalReason::Handshake,
+            }),
+            Event::Pinged(_) | Event::PathChanged { .. } => {}
+        }
+    }
+}
+
+/// The metrics of each discovery event, in one place.
+impl libp2p::metrics::Recorder<crate::discovery::Event> for NodeMetrics {
+    fn record(&self, event: &crate::discovery::Event) {
+        use crate::discovery::Event;
+        match event {
+            Event::Discovered { source, .. } => self.count(DiscoveryCounter::Discovered, *source),
+            Event::Lost { source, .. } => self.count(DiscoveryCounter::Lost, *source),
+            Event::DialSucceeded { source } => self.count(DiscoveryCounter::DialSuccess, *source),
+            Event::DialFailed { source, .. } => self.count(DiscoveryCounter::DialFailure, *source),
+            Event::TableChanged { .. } => {}
+        }
+    }
+}
+
+/// The metrics of each registry event, in one place.
+impl libp2p::metrics::Recorder<crate::registry::Event> for NodeMetrics {
+    fn record(&self, event: &crate::registry::Event) {
+        use crate::registry::Event;
+        match event {
+            Event::Published => self.record_published(),
+            Event::Accepted { via, .. } => self.record_accepted(via.as_str()),
+            Event::Rejected { via, reason, .. } => {
+                self.record_rejected(reason.as_str(), via.as_str());
+            }
+            Event::ServiceCounts { local, remote } => self.set_service_counts(*local, *remote),
+            Event::LookupAnswered { how } => self.lookup_answered(how),
+            Event::LocalChanged(_) | Event::Expired(_) | Event::Dht(_) | Event::Gossip(_) => {}
+        }
+    }
+}
+
 #[derive(Clone)]
 pub(crate) struct MetricsEndpoint {
     registry: Arc<Mutex<Registry>>,

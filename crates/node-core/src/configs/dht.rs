@@ -1,24 +1,28 @@
 //! `NodeConfig` onto `ollamacron_discovery_dht`'s config.
 
 use ollamacron_config::{DhtMode as ConfigDhtMode, NodeConfig};
-use ollamacron_discovery_dht::{DhtConfig, DhtMode};
+use ollamacron_discovery_dht::{self as dht, Mode as DhtMode};
 use ollamacron_nat as nat;
 
-/// The DHT's settings for a node that is `reachability` now.
-pub(crate) fn dht_config(config: &NodeConfig, reachability: nat::Reachability) -> DhtConfig {
-    DhtConfig {
-        mode: dht_mode(config, reachability),
-        bootstrap_interval: config.dht_bootstrap_interval,
-        provide_interval: config.dht_provide_interval,
-        discovery_interval: config.dht_discovery_interval,
-        query_timeout: config.dht_query_timeout,
-        max_records: usize::try_from(config.dht_max_records).unwrap_or(usize::MAX),
-        max_providers_per_key: usize::try_from(config.dht_max_providers_per_key)
-            .unwrap_or(usize::MAX),
-        max_value_bytes: usize::try_from(config.dht_max_value_size.bytes()).unwrap_or(usize::MAX),
-        max_record_ttl: ollamacron_config::MAX_RECORD_TTL,
-        advertise_namespace: true,
-    }
+use crate::registry::keys::{KAD_PROTOCOL, NAMESPACE};
+
+/// The DHT's settings for a node that is `reachability` now: Ollamacron's
+/// protocol id and namespace (the wire contract), the configured timers
+/// and limits.
+pub(crate) fn dht_config(config: &NodeConfig, reachability: nat::Reachability) -> dht::Config {
+    dht::Config::new(KAD_PROTOCOL, NAMESPACE)
+        .with_mode(dht_mode(config, reachability))
+        .with_bootstrap_interval(config.dht_bootstrap_interval)
+        .with_provide_interval(config.dht_provide_interval)
+        .with_discovery_interval(config.dht_discovery_interval)
+        .with_query_timeout(config.dht_query_timeout)
+        .with_max_records(config.dht_max_records)
+        .with_max_providers_per_key(config.dht_max_providers_per_key)
+        .with_max_value_bytes(
+            usize::try_from(config.dht_max_value_size.bytes()).unwrap_or(usize::MAX),
+        )
+        .with_max_record_ttl(ollamacron_config::MAX_RECORD_TTL)
+        .with_advertise_namespace(true)
 }
 
 /// The Kademlia mode for a reachability: `auto` follows it (client while

@@ -14,7 +14,7 @@ mod tests {
     use std::time::Duration;
 
     use ollamacron_config::{DhtMode as ConfigDhtMode, NodeConfig, NodeType};
-    use ollamacron_discovery_dht::DhtMode;
+    use ollamacron_discovery_dht::Mode as DhtMode;
     use ollamacron_nat::{self as nat, RelayLimits};
 
     #[test]

@@ -1,20 +1,13 @@
-//! NAT traversal and private networks in the swarm task: reachability,
-//! relay reservations, hole punching, relay service, UPnP, and refused
-//! connections.
+//! NAT traversal events in the swarm task: reachability (which sets the
+//! DHT's mode), relay reservations, hole punching, relay service, UPnP.
 
 use libp2p::PeerId;
-use libp2p::allow_block_list::NotAllowed;
-use libp2p::swarm::ConnectionDenied;
 use ollamacron_nat::{NatEvent, RELAY_HOP_PROTOCOL, RelayServerEvent, is_relayed};
 
-use super::{Direction, SwarmTask};
+use super::task::SwarmTask;
 use crate::configs::dht_mode;
 use crate::event::NodeEvent;
-use crate::metrics::{HolePunchOutcome, RefusalReason, RelayOutcome};
-
-/// At most one warning per this interval for refused private-network
-/// handshakes.
-const REFUSAL_WARNING_INTERVAL: std::time::Duration = std::time::Duration::from_secs(60);
+use crate::metrics::{HolePunchOutcome, RelayOutcome};
 
 /// Most addresses of a relay candidate handed to the NAT behaviour.
 const MAX_RELAY_CANDIDATE_ADDRESSES: usize = 8;
@@ -34,9 +27,7 @@ impl SwarmTask {
                 }
                 self.metrics.set_reachability(reachability.as_str());
                 let mode = dht_mode(&self.config, reachability);
-                if let Some(dht) = self.swarm.behaviour_mut().dht.as_mut() {
-                    dht.set_mode(mode);
-                }
+                self.swarm.behaviour_mut().registry.set_dht_mode(mode);
                 self.emit(NodeEvent::ReachabilityChanged {
                     reachability: reachability.into(),
                     address,
@@ -85,13 +76,13 @@ impl SwarmTask {
                 let error = match result {
                     Ok(_) => {
                         self.metrics.hole_punch(HolePunchOutcome::Success);
-                        self.hole_punch.succeeded += 1;
+                        self.traversal.hole_punch.succeeded += 1;
                         tracing::info!(%peer, "hole punch succeeded: direct connection");
                         None
                     }
                     Err(reason) => {
                         self.metrics.hole_punch(HolePunchOutcome::Failure);
-                        self.hole_punch.failed += 1;
+                        self.traversal.hole_punch.failed += 1;
                         tracing::info!(%peer, %reason, "hole punch failed: staying on the relay");
                         Some(reason)
                     }
@@ -130,7 +121,7 @@ impl SwarmTask {
             }
             RelayServerEvent::CircuitAccepted { src, dst } => {
                 self.metrics.relay_served(RelayOutcome::Accepted, true);
-                self.circuits_served += 1;
+                self.traversal.circuits_served += 1;
                 tracing::debug!(%src, %dst, "relay: circuit opened");
             }
             RelayServerEvent::CircuitDenied { src, dst, status } => {
@@ -158,16 +149,11 @@ impl SwarmTask {
         }
         // Addresses we dialed it at first; then what it says it listens
         // on, if usable (the NAT behaviour takes only direct ones).
-        let mut addresses: Vec<_> = self
-            .connections
-            .values()
-            .filter(|c| c.peer == peer && c.direction == Direction::Outbound && !c.relayed)
-            .map(|c| c.remote.clone())
-            .collect();
+        let mut addresses = self.swarm.behaviour().peers.dialed_addresses(&peer);
         addresses.extend(
             info.listen_addrs
                 .iter()
-                .filter(|a| self.usable_remote(a))
+                .filter(|a| self.loopback_only || !crate::addr::is_loopback(a))
                 .cloned(),
         );
         addresses.retain(|a| !is_relayed(a));
@@ -176,44 +162,5 @@ impl SwarmTask {
             .behaviour_mut()
             .nat
             .add_relay_candidate(peer, &addresses);
-    }
-
-    /// A connection was refused by a behaviour: count and log the ones the
-    /// allow-list refused.
-    pub(super) fn on_connection_denied(
-        &mut self,
-        peer: Option<PeerId>,
-        remote: &str,
-        cause: &ConnectionDenied,
-    ) {
-        if cause.downcast_ref::<NotAllowed>().is_some() {
-            self.metrics.connection_refused(RefusalReason::NotAllowed);
-            tracing::warn!(peer = ?peer, %remote, "disconnected a peer that is not in allowed_peers");
-        }
-    }
-
-    /// An inbound connection failed before it was established. On a private
-    /// network a failed handshake is most often a peer without the key.
-    /// Anyone can cause these, so at most one warning per
-    /// [`REFUSAL_WARNING_INTERVAL`]; the metric counts them all.
-    pub(super) fn on_handshake_failed(&mut self, remote: &str, error: &str) {
-        if !self.config.require_auth {
-            return;
-        }
-        self.metrics.connection_refused(RefusalReason::Handshake);
-        let now = std::time::Instant::now();
-        if self
-            .handshake_refusal_warned
-            .is_some_and(|at| now.duration_since(at) < REFUSAL_WARNING_INTERVAL)
-        {
-            tracing::debug!(%remote, %error, "refused a connection: private-network handshake failed");
-            return;
-        }
-        self.handshake_refusal_warned = Some(now);
-        tracing::warn!(
-            %remote,
-            %error,
-            "refused a connection: the private-network handshake failed (the peer lacks our network key, require_auth); further refusals this minute are logged at debug and counted in ollamacron_connections_refused_total"
-        );
     }
 }

@@ -1,6 +1,5 @@
-//! The discovery engine's table of known peers: who we know, from which
-//! sources, at which addresses, whether we are connected, and whether
-//! (and when) to dial them.
+//! The table of known peers: who we know, from which sources, at which
+//! addresses, whether we are connected, and whether (and when) to dial them.
 
 use std::collections::HashMap;
 use std::time::{Duration, Instant, SystemTime};

@@ -1,0 +1,1 @@
+//! Behaviour-level tests of the discovery behaviour on the memory transport.

@@ -1,0 +1,270 @@
+//! Starting a node: [`Node`] builds the swarm and spawns the task that
+//! owns it ([`task`]); everything else talks to it through the
+//! [`NodeHandle`] ([`handle`]).
+
+mod events;
+mod handle;
+mod nat;
+mod task;
+
+use std::collections::HashMap;
+use std::net::SocketAddr;
+use std::sync::{Arc, OnceLock};
+use std::time::Duration;
+
+use libp2p::identity::Keypair;
+use libp2p::metrics::Registry;
+use libp2p::multiaddr::Protocol;
+use libp2p::{Multiaddr, Swarm};
+use ollamacron_config::NodeConfig;
+use tokio::sync::{broadcast, mpsc, oneshot, watch};
+
+use crate::behaviour::NodeBehaviour;
+use crate::configs::nat_config;
+use crate::error::{NodeError, error_chain};
+use crate::event::NodeEvent;
+use crate::identity::load_or_create_identity;
+use crate::metrics::NodeMetrics;
+use crate::state::NodeState;
+use crate::transport::build_transport;
+
+pub use self::handle::NodeHandle;
+pub(crate) use self::handle::WeakNodeHandle;
+use self::handle::{HandleShared, StreamControl};
+use self::task::{ListenerStatus, SwarmTask, TraversalCounters};
+
+/// Commands waiting for the swarm task.
+const COMMAND_QUEUE_LEN: usize = 64;
+/// Events kept for slow subscribers before the oldest are dropped.
+const EVENT_BUS_LEN: usize = 1024;
+/// Longest `Node::start` waits for every listener to come up.
+const START_TIMEOUT: Duration = Duration::from_secs(10);
+
+/// Builds and starts a node.
+///
+/// ```no_run
+/// # async fn run() -> Result<(), ollamacron_node_core::NodeError> {
+/// let config = ollamacron_config::NodeConfig::default();
+/// let node = ollamacron_node_core::Node::new(config).start().await?;
+/// println!("{} is {}", node.peer_id(), node.state());
+/// node.shutdown().await?;
+/// # Ok(()) }
+/// ```
+#[derive(Debug)]
+pub struct Node {
+    config: NodeConfig,
+    keypair: Option<Keypair>,
+    events: broadcast::Sender<NodeEvent>,
+}
+
+impl Node {
+    /// A node with this configuration; its key is loaded from (or created
+    /// at) `private_key_path` unless [`Node::with_keypair`] supplies one.
+    #[must_use]
+    pub fn new(config: NodeConfig) -> Self {
+        let (events, _) = broadcast::channel(EVENT_BUS_LEN);
+        Self {
+            config,
+            keypair: None,
+            events,
+        }
+    }
+
+    /// Subscribe to the node's events before it starts, to see `Started`
+    /// and everything on the way there.
+    #[must_use]
+    pub fn subscribe(&self) -> broadcast::Receiver<NodeEvent> {
+        self.events.subscribe()
+    }
+
+    /// Use this identity instead of the key file.
+    #[must_use]
+    pub fn with_keypair(mut self, keypair: Keypair) -> Self {
+        self.keypair = Some(keypair);
+        self
+    }
+
+    /// Load the identity, build the swarm, open the listeners, and spawn
+    /// the swarm task on the current tokio runtime. Returns once the node
+    /// is `Running`. The HTTP API is not part of the node: start it on the
+    /// handle with [`start_api`](crate::start_api).
+    ///
+    /// # Errors
+    /// The configuration breaks a rule, the identity cannot be loaded or
+    /// does not match `node_id`, a transport cannot be built, an address
+    /// cannot be bound, or the listeners do not come up within
+    /// `START_TIMEOUT`.
+    pub async fn start(self) -> Result<NodeHandle, NodeError> {
+        let (state_tx, state_rx) = watch::channel(NodeState::Initializing);
+        let fail = |e: NodeError| {
+            state_tx.send_replace(NodeState::Error);
+            e
+        };
+        self.config
+            .validate()
+            .map_err(|errors| fail(NodeError::Config(errors)))?;
+        let keypair = match self.keypair {
+            Some(k) => k,
+            None => {
+                let path = self.config.private_key_path();
+                let (keypair, _created) =
+                    load_or_create_identity(&path).map_err(|e| fail(e.into()))?;
+                if let Some(expected) = self.config.expected_peer_id() {
+                    let actual = keypair.public().to_peer_id();
+                    if actual != expected {
+                        return Err(fail(NodeError::WrongIdentity {
+                            path,
+                            expected: expected.to_string(),
+                            actual: actual.to_string(),
+                        }));
+                    }
+                }
+                keypair
+            }
+        };
+        let peer_id = keypair.public().to_peer_id();
+        state_tx.send_replace(NodeState::Starting);
+
+        let psk = if self.config.require_auth {
+            let path = self.config.psk_path();
+            let key = ollamacron_config::read_network_key(&path)
+                .map_err(|e| fail(NodeError::NetworkKey(e.to_string())))?;
+            tracing::info!(path = %path.display(), fingerprint = %key.fingerprint(), "private network: only peers holding this network key can connect (TCP only)");
+            Some(key)
+        } else {
+            None
+        };
+        let (nat, relay_transport) =
+            ollamacron_nat::Behaviour::new(peer_id, &nat_config(&self.config));
+        let mut registry = Registry::default();
+        let transport = build_transport(
+            &keypair,
+            &self.config,
+            &mut registry,
+            relay_transport,
+            nat.relayed_peers(),
+            psk,
+        )
+        .map_err(fail)?;
+        log_inactive_settings(&self.config);
+        let loopback_only = self.config.listen.iter().all(crate::addr::is_loopback);
+        let behaviour =
+            NodeBehaviour::new(&keypair, &self.config, nat, loopback_only).map_err(&fail)?;
+        let swarm_config = libp2p::swarm::Config::with_tokio_executor()
+            .with_idle_connection_timeout(self.config.idle_connection_timeout);
+        let mut swarm = Swarm::new(transport, behaviour, peer_id, swarm_config);
+        let metrics = NodeMetrics::new(registry);
+        metrics.set_state(NodeState::Starting);
+        metrics.set_reachability(swarm.behaviour().nat.reachability().as_str());
+
+        let mut listeners = HashMap::new();
+        if self.config.listen.is_empty() {
+            tracing::warn!(
+                "listen is empty: this node dials out but no peer can dial it (unless a relay reservation gives it an address)"
+            );
+        }
+        for addr in &self.config.listen {
+            ensure_tcp_port_free(addr).map_err(&fail)?;
+            let id = swarm.listen_on(addr.clone()).map_err(|e| {
+                fail(NodeError::Listen {
+                    addr: addr.clone(),
+                    reason: transport_error_reason(&e),
+                })
+            })?;
+            listeners.insert(id, ListenerStatus::new(addr.clone()));
+        }
+
+        let (command_tx, command_rx) = mpsc::channel(COMMAND_QUEUE_LEN);
+        let event_tx = self.events;
+        let (started_tx, started_rx) = oneshot::channel();
+        let handle = NodeHandle {
+            commands: command_tx,
+            shared: HandleShared {
+                peer_id,
+                events: event_tx.clone(),
+                state: state_rx,
+                metrics: metrics.endpoint.clone(),
+                api_addr: Arc::new(OnceLock::new()),
+                streams: StreamControl(swarm.behaviour().streams.new_control()),
+            },
+        };
+        let task = SwarmTask {
+            swarm,
+            commands: command_rx,
+            events: event_tx,
+            state: state_tx,
+            metrics,
+            listeners,
+            listen_addrs: Vec::new(),
+            started: Some(started_tx),
+            shutdown_waiters: Vec::new(),
+            traversal: TraversalCounters::default(),
+            loopback_only,
+            config: self.config,
+        };
+        tokio::spawn(task.run());
+
+        match tokio::time::timeout(START_TIMEOUT, started_rx).await {
+            Ok(Ok(Ok(()))) => Ok(handle),
+            Ok(Ok(Err(e))) => Err(e),
+            Ok(Err(_)) => Err(NodeError::Failed),
+            Err(_) => {
+                let _ = handle.shutdown().await;
+                Err(NodeError::StartTimeout(START_TIMEOUT))
+            }
+        }
+    }
+}
+
+/// Say which configured features this version does not run yet, so that
+/// nobody believes a setting is in force when it is not.
+fn log_inactive_settings(config: &NodeConfig) {
+    let mut inactive = Vec::new();
+    if config.max_bandwidth.is_some() {
+        inactive.push("max_bandwidth");
+    }
+    if !inactive.is_empty() {
+        tracing::info!(
+            settings = %inactive.join(", "),
+            "set but not active in this version (bandwidth limits come later)"
+        );
+    }
+}
+
+/// libp2p's TCP listeners set `SO_REUSEPORT` (for hole punching), so a
+/// second node on the same fixed port would bind too and the kernel would
+/// split inbound connections between the two. Binding the port once
+/// without that option first turns the clash into a clear error.
+fn ensure_tcp_port_free(addr: &Multiaddr) -> Result<(), NodeError> {
+    let mut ip = None;
+    let mut port = None;
+    for protocol in addr.iter() {
+        match protocol {
+            Protocol::Ip4(a) => ip = Some(std::net::IpAddr::V4(a)),
+            Protocol::Ip6(a) => ip = Some(std::net::IpAddr::V6(a)),
+            Protocol::Tcp(p) => port = Some(p),
+            _ => {}
+        }
+    }
+    let (Some(ip), Some(port)) = (ip, port) else {
+        return Ok(());
+    };
+    if port == 0 {
+        return Ok(());
+    }
+    std::net::TcpListener::bind(SocketAddr::new(ip, port))
+        .map(drop)
+        .map_err(|e| NodeError::Listen {
+            addr: addr.clone(),
+            reason: format!("{e} (is another node already listening on it?)"),
+        })
+}
+
+fn transport_error_reason<E: std::error::Error>(e: &libp2p::TransportError<E>) -> String {
+    match e {
+        libp2p::TransportError::MultiaddrNotSupported(addr) => {
+            format!("no transport of this node supports {addr}")
+        }
+        libp2p::TransportError::Other(inner) => error_chain(inner),
+    }
+}

@@ -1,0 +1,677 @@
+//! The peer behaviour: who we are connected to and how. It owns the
+//! connections and their kinds (direct or relayed), per-connection round
+//! trips, the allow-list and connection limits, closing redundant relayed
+//! connections, trimming with its own timer, and dials someone awaits.
+//! It sees every connection through `FromSwarm` and closes connections
+//! with `ToSwarm::CloseConnection`; the swarm task only reads it.
+
+mod dials;
+
+use std::collections::{HashMap, HashSet, VecDeque};
+use std::task::{Context, Poll};
+use std::time::{Duration, Instant};
+
+use libp2p::allow_block_list::{self, AllowedPeers, NotAllowed};
+use libp2p::core::ConnectedPoint;
+use libp2p::swarm::behaviour::toggle::Toggle;
+use libp2p::swarm::dial_opts::{DialOpts, PeerCondition};
+use libp2p::swarm::{
+    CloseConnection, ConnectionDenied, ConnectionId, DialError, FromSwarm, ListenError,
+    NetworkBehaviour, THandlerInEvent, ToSwarm,
+};
+use libp2p::{Multiaddr, PeerId, connection_limits, memory_connection_limits, ping};
+use ollamacron_config::NodeConfig;
+use tokio::sync::oneshot;
+
+use crate::error::NodeError;
+use crate::event::Direction;
+use crate::status::{BreakerState, ConnectedPeer, ConnectionKind};
+use crate::trim::{TrimCandidate, TrimPolicy};
+
+use self::dials::{PendingDial, dial_error_reason};
+
+/// Most connections kept to a single peer (simultaneous dials make two).
+const MAX_CONNECTIONS_PER_PEER: u32 = 4;
+/// Most inbound connections still negotiating at once.
+const MAX_PENDING_INCOMING: u32 = 128;
+/// How often the trimming policy runs besides on each new connection.
+const TRIM_CHECK_INTERVAL: Duration = Duration::from_secs(5);
+/// At most one warning per this interval for refused private-network
+/// handshakes.
+const REFUSAL_WARNING_INTERVAL: Duration = Duration::from_secs(60);
+
+/// The libp2p behaviours whose state is the peer behaviour's. Limits come
+/// first so they can deny a connection before anything else sees it.
+#[derive(libp2p::swarm::NetworkBehaviour)]
+pub(crate) struct Inner {
+    allowed_peers: Toggle<allow_block_list::Behaviour<AllowedPeers>>,
+    connection_limits: connection_limits::Behaviour,
+    memory_limits: Toggle<memory_connection_limits::Behaviour>,
+    ping: ping::Behaviour,
+}
+
+/// Why a connection was refused, in [`Event::Refused`].
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum Refusal {
+    /// The peer is not in `allowed_peers`.
+    NotAllowed,
+    /// The private-network handshake failed (no or another network key).
+    Handshake,
+}
+
+/// What the peer behaviour reports.
+#[derive(Debug)]
+pub(crate) enum Event {
+    /// A ping finished (for metrics).
+    Pinged(ping::Event),
+    /// The trimming policy closed connections.
+    Trimmed { closed: usize },
+    /// A connection was refused before it was established.
+    Refused { reason: Refusal },
+    /// The round trip a peer is scored on changed (a ping, or its last
+    /// direct connection closed): `None` once nothing is measured.
+    PathChanged {
+        peer: PeerId,
+        path: Option<(Duration, bool)>,
+    },
+}
+
+struct Connection {
+    peer: PeerId,
+    remote: Multiaddr,
+    direction: Direction,
+    established: Instant,
+    /// Through a relay (`/p2p-circuit`).
+    relayed: bool,
+}
+
+/// What we know of one connected peer.
+#[derive(Debug, Default)]
+pub(crate) struct PeerEntry {
+    protocol_version: Option<String>,
+    agent_version: Option<String>,
+    /// Latest ping RTT on a direct connection.
+    direct_rtt: Option<Duration>,
+    /// Latest ping RTT through a relay: the relay path's, not the peer's.
+    relayed_rtt: Option<Duration>,
+    /// Open direct connections.
+    direct: usize,
+    /// Open relayed connections.
+    relayed: usize,
+}
+
+impl PeerEntry {
+    /// The RTT to score the peer on: the direct one once a direct
+    /// connection exists, else the relay path's.
+    pub(crate) fn rtt(&self) -> Option<Duration> {
+        if self.direct > 0 {
+            self.direct_rtt.or(self.relayed_rtt)
+        } else {
+            self.relayed_rtt.or(self.direct_rtt)
+        }
+    }
+
+    /// Whether the RTT of [`PeerEntry::rtt`] is a relay path's.
+    pub(crate) fn rtt_via_relay(&self) -> bool {
+        !(self.direct > 0 && self.direct_rtt.is_some()) && self.relayed_rtt.is_some()
+    }
+
+    /// The scored round trip and whether it is a relay path's.
+    fn path(&self) -> Option<(Duration, bool)> {
+        self.rtt().map(|rtt| (rtt, self.rtt_via_relay()))
+    }
+
+    /// Direct, relayed or none.
+    pub(crate) fn connection(&self) -> ConnectionKind {
+        if self.direct > 0 {
+            ConnectionKind::Direct
+        } else if self.relayed > 0 {
+            ConnectionKind::Relayed
+        } else {
+            ConnectionKind::None
+        }
+    }
+
+    /// Its identify agent, once it identified itself.
+    pub(crate) fn agent_version(&self) -> Option<&str> {
+        self.agent_version.as_deref()
+    }
+}
+
+/// The peer behaviour (see the module docs).
+pub(crate) struct Behaviour {
+    inner: Inner,
+    local_peer: PeerId,
+    connections: HashMap<ConnectionId, Connection>,
+    peers: HashMap<PeerId, PeerEntry>,
+    /// Peers trimming never disconnects (the bootstrap peers).
+    protected: HashSet<PeerId>,
+    trim: TrimPolicy,
+    trim_tick: tokio::time::Interval,
+    /// Connections trimming closed that have not reported closed yet.
+    closing: HashSet<ConnectionId>,
+    trimmed_total: u64,
+    dials: HashMap<ConnectionId, PendingDial>,
+    /// Dials that finished, answered once the events queued before them
+    /// are out (so a refusal is counted before its dial returns).
+    finished_dials: VecDeque<(PendingDial, Result<PeerId, String>)>,
+    /// Peers whose breaker the gateway opened, until when they cool down.
+    breakers: HashMap<PeerId, Instant>,
+    /// Failed handshakes are refusals (a private network).
+    require_auth: bool,
+    /// When a refused handshake was last logged as a warning.
+    refusal_warned: Option<Instant>,
+    queued: VecDeque<ToSwarm<Event, THandlerInEvent<Inner>>>,
+}
+
+impl Behaviour {
+    /// The peer behaviour of `local_peer` as `config` describes it;
+    /// trimming never closes connections to `protected` peers.
+    pub(crate) fn new(local_peer: PeerId, config: &NodeConfig, protected: HashSet<PeerId>) -> Self {
+        let allowed = config.allowed_peer_ids();
+        let allowed_peers = (!allowed.is_empty()).then(|| {
+            let mut list = allow_block_list::Behaviour::<AllowedPeers>::default();
+            for peer in allowed {
+                list.allow_peer(peer);
+            }
+            list
+        });
+        let limits = connection_limits::ConnectionLimits::default()
+            .with_max_established(Some(
+                u32::try_from(config.conn_mgr_high).unwrap_or(u32::MAX),
+            ))
+            .with_max_established_per_peer(Some(MAX_CONNECTIONS_PER_PEER))
+            .with_max_pending_incoming(Some(MAX_PENDING_INCOMING));
+        let memory_limits = config.max_memory.map(|max| {
+            memory_connection_limits::Behaviour::with_max_bytes(
+                usize::try_from(max.bytes()).unwrap_or(usize::MAX),
+            )
+        });
+        let mut trim_tick = tokio::time::interval(TRIM_CHECK_INTERVAL);
+        trim_tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        Self {
+            inner: Inner {
+                allowed_peers: allowed_peers.into(),
+                connection_limits: connection_limits::Behaviour::new(limits),
+                memory_limits: memory_limits.into(),
+                ping: ping::Behaviour::new(ping::Config::new().with_interval(config.ping_interval)),
+            },
+            local_peer,
+            connections: HashMap::new(),
+            peers: HashMap::new(),
+            protected,
+            trim: TrimPolicy {
+                low: config.conn_mgr_low,
+                high: config.conn_mgr_high,
+                grace: config.conn_mgr_grace,
+            },
+            trim_tick,
+            closing: HashSet::new(),
+            trimmed_total: 0,
+            dials: HashMap::new(),
+            finished_dials: VecDeque::new(),
+            breakers: HashMap::new(),
+            require_auth: config.require_auth,
+            refusal_warned: None,
+            queued: VecDeque::new(),
+        }
+    }
+
+    /// Peers with at least one open connection.
+    pub(crate) fn peer_count(&self) -> usize {
+        self.peers.len()
+    }
+
+    /// Open connections in `direction`.
+    pub(crate) fn count(&self, direction: Direction) -> usize {
+        self.connections
+            .values()
+            .filter(|c| c.direction == direction)
+            .count()
+    }
+
+    /// Open connections.
+    pub(crate) fn connection_count(&self) -> usize {
+        self.connections.len()
+    }
+
+    /// Connections trimming closed since start.
+    pub(crate) fn trimmed_total(&self) -> u64 {
+        self.trimmed_total
+    }
+
+    /// What we know of a connected peer.
+    pub(crate) fn entry(&self, peer: &PeerId) -> Option<&PeerEntry> {
+        self.peers.get(peer)
+    }
+
+    /// Addresses we dialed `peer` at directly, on open connections.
+    pub(crate) fn dialed_addresses(&self, peer: &PeerId) -> Vec<Multiaddr> {
+        self.connections
+            .values()
+            .filter(|c| c.peer == *peer && c.direction == Direction::Outbound && !c.relayed)
+            .map(|c| c.remote.clone())
+            .collect()
+    }
+
+    /// The gateway's breaker for `peer`.
+    pub(crate) fn breaker(&self, peer: &PeerId) -> BreakerState {
+        match self.breakers.get(peer) {
+            None => BreakerState::Closed,
+            Some(until) if Instant::now() < *until => BreakerState::Open,
+            Some(_) => BreakerState::HalfOpen,
+        }
+    }
+
+    /// The gateway's breaker for `peer` opened (cooling down until
+    /// `cooling_until`) or closed (`None`).
+    pub(crate) fn report_breaker(&mut self, peer: PeerId, cooling_until: Option<Instant>) {
+        match cooling_until {
+            Some(until) => {
+                self.breakers.insert(peer, until);
+            }
+            None => {
+                self.breakers.remove(&peer);
+            }
+        }
+    }
+
+    /// A peer identified itself; `true` if its versions changed.
+    pub(crate) fn identified(
+        &mut self,
+        peer: PeerId,
+        protocol_version: &str,
+        agent_version: &str,
+    ) -> bool {
+        let entry = self.peers.entry(peer).or_default();
+        let changed = entry.protocol_version.as_deref() != Some(protocol_version)
+            || entry.agent_version.as_deref() != Some(agent_version);
+        entry.protocol_version = Some(protocol_version.to_owned());
+        entry.agent_version = Some(agent_version.to_owned());
+        changed
+    }
+
+    /// Every peer with at least one open connection, by peer id.
+    pub(crate) fn connected_peers(&self) -> Vec<ConnectedPeer> {
+        let mut by_peer: HashMap<PeerId, Vec<&Connection>> = HashMap::new();
+        for c in self.connections.values() {
+            by_peer.entry(c.peer).or_default().push(c);
+        }
+        let mut peers: Vec<ConnectedPeer> = by_peer
+            .into_iter()
+            .filter_map(|(peer_id, mut conns)| {
+                conns.sort_by_key(|c| c.established);
+                let oldest = conns.first()?;
+                let info = self.peers.get(&peer_id);
+                Some(ConnectedPeer {
+                    peer_id,
+                    addresses: conns.iter().map(|c| c.remote.clone()).collect(),
+                    direction: oldest.direction,
+                    connected_for: oldest.established.elapsed(),
+                    protocol_version: info.and_then(|i| i.protocol_version.clone()),
+                    agent_version: info.and_then(|i| i.agent_version.clone()),
+                    rtt: info.and_then(PeerEntry::rtt),
+                })
+            })
+            .collect();
+        peers.sort_by_key(|p| p.peer_id);
+        peers
+    }
+
+    /// Dial `addr` for someone awaiting `reply`: a peer already connected
+    /// answers at once, and a second dial of a peer being dialed joins
+    /// the first.
+    pub(crate) fn dial(
+        &mut self,
+        addr: Multiaddr,
+        reply: oneshot::Sender<Result<PeerId, NodeError>>,
+    ) {
+        let target = addr.to_string();
+        let peer = match addr.iter().last() {
+            Some(libp2p::multiaddr::Protocol::P2p(peer)) => Some(peer),
+            _ => None,
+        };
+        if let Some(peer) = peer {
+            if self
+                .peers
+                .get(&peer)
+                .is_some_and(|e| e.direct + e.relayed > 0)
+            {
+                let _ = reply.send(Ok(peer));
+                return;
+            }
+            if let Some(pending) = self.dials.values_mut().find(|d| d.peer == Some(peer)) {
+                pending.replies.push(reply);
+                return;
+            }
+        }
+        let opts = match peer {
+            Some(peer) => DialOpts::peer_id(peer)
+                .addresses(vec![addr])
+                .condition(PeerCondition::DisconnectedAndNotDialing)
+                .build(),
+            None => DialOpts::unknown_peer_id().address(addr).build(),
+        };
+        self.dials.insert(
+            opts.connection_id(),
+            PendingDial {
+                target,
+                peer,
+                replies: vec![reply],
+            },
+        );
+        self.queued.push_back(ToSwarm::Dial { opts });
+    }
+
+    /// Answer every awaited dial with `reason` (the node is stopping).
+    pub(crate) fn fail_dials(&mut self, reason: &str) {
+        for (pending, result) in self.finished_dials.drain(..) {
+            match result {
+                Ok(peer) => pending.succeed(peer),
+                Err(reason) => pending.fail(&reason),
+            }
+        }
+        for (_, pending) in self.dials.drain() {
+            pending.fail(reason);
+        }
+    }
+
+    /// Two nodes that dial each other through a relay at once end up with
+    /// two circuits, and two hole punches that fight over the same ports.
+    /// Both sides keep the circuit the smaller peer id dialed (the oldest
+    /// one, if several) and close the others.
+    fn close_redundant_relayed(&mut self, peer: PeerId) {
+        let keep_direction = if self.local_peer < peer {
+            Direction::Outbound
+        } else {
+            Direction::Inbound
+        };
+        let mut relayed: Vec<(ConnectionId, Direction, Instant)> = self
+            .connections
+            .iter()
+            .filter(|(_, c)| c.peer == peer && c.relayed)
+            .map(|(id, c)| (*id, c.direction, c.established))
+            .collect();
+        relayed.sort_by_key(|(_, direction, established)| {
+            (*direction != keep_direction, *established)
+        });
+        let Some((keep, direction, _)) = relayed.first().copied() else {
+            return;
+        };
+        if direction != keep_direction {
+            // The circuit to keep has not arrived (yet): wait for it.
+            return;
+        }
+        for (id, _, _) in relayed.into_iter().filter(|(id, _, _)| *id != keep) {
+            tracing::debug!(%peer, connection = ?id, "closing a redundant relayed connection");
+            self.queued.push_back(ToSwarm::CloseConnection {
+                peer_id: peer,
+                connection: CloseConnection::One(id),
+            });
+        }
+    }
+
+    fn trim_connections(&mut self) {
+        let candidates: Vec<TrimCandidate> = self
+            .connections
+            .iter()
+            .map(|(id, c)| TrimCandidate {
+                id: *id,
+                peer: c.peer,
+                established: c.established,
+                protected: self.protected.contains(&c.peer),
+            })
+            .collect();
+        let chosen = self.trim.connections_to_close(&candidates, Instant::now());
+        if chosen.is_empty() {
+            return;
+        }
+        let mut closed = 0;
+        for id in chosen {
+            let Some(connection) = self.connections.get(&id) else {
+                continue;
+            };
+            if !self.closing.insert(id) {
+                // Chosen before and still closing: counted once.
+                continue;
+            }
+            self.queued.push_back(ToSwarm::CloseConnection {
+                peer_id: connection.peer,
+                connection: CloseConnection::One(id),
+            });
+            closed += 1;
+        }
+        if closed > 0 {
+            tracing::info!(
+                closed,
+                connections = self.connections.len(),
+                low = self.trim.low,
+                high = self.trim.high,
+                "trimmed connections"
+            );
+            self.trimmed_total += closed as u64;
+            self.queued
+                .push_back(ToSwarm::GenerateEvent(Event::Trimmed { closed }));
+        }
+    }
+
+    fn on_established(
+        &mut self,
+        peer: PeerId,
+        connection_id: ConnectionId,
+        endpoint: &ConnectedPoint,
+    ) {
+        let (remote, direction) = match endpoint {
+            ConnectedPoint::Dialer { address, .. } => (address.clone(), Direction::Outbound),
+            ConnectedPoint::Listener { send_back_addr, .. } => {
+                (send_back_addr.clone(), Direction::Inbound)
+            }
+        };
+        let relayed = endpoint.is_relayed();
+        tracing::debug!(peer_id = %peer, %remote, ?direction, relayed, "connection established");
+        self.connections.insert(
+            connection_id,
+            Connection {
+                peer,
+                remote,
+                direction,
+                established: Instant::now(),
+                relayed,
+            },
+        );
+        let entry = self.peers.entry(peer).or_default();
+        if relayed {
+            entry.relayed += 1;
+            if entry.relayed > 1 {
+                self.close_redundant_relayed(peer);
+            }
+        } else {
+            entry.direct += 1;
+        }
+        if let Some(pending) = self.dials.remove(&connection_id) {
+            self.finished_dials.push_back((pending, Ok(peer)));
+        }
+        self.trim_connections();
+    }
+
+    fn on_closed(&mut self, peer: PeerId, connection_id: ConnectionId, remaining: usize) {
+        if let Some(closed) = self.connections.remove(&connection_id)
+            && let Some(entry) = self.peers.get_mut(&peer)
+        {
+            let before = entry.path();
+            if closed.relayed {
+                entry.relayed = entry.relayed.saturating_sub(1);
+            } else {
+                entry.direct = entry.direct.saturating_sub(1);
+                if entry.direct == 0 {
+                    entry.direct_rtt = None;
+                }
+            }
+            let after = entry.path();
+            if remaining > 0 && after != before {
+                self.queued
+                    .push_back(ToSwarm::GenerateEvent(Event::PathChanged {
+                        peer,
+                        path: after,
+                    }));
+            }
+        }
+        self.closing.remove(&connection_id);
+        if remaining == 0 && self.peers.remove(&peer).is_some() {
+            self.queued
+                .push_back(ToSwarm::GenerateEvent(Event::PathChanged {
+                    peer,
+                    path: None,
+                }));
+        }
+    }
+
+    fn on_ping(&mut self, event: ping::Event) {
+        let mut path = None;
+        match &event.result {
+            Ok(rtt) => {
+                let relayed = self
+                    .connections
+                    .get(&event.connection)
+                    .is_some_and(|c| c.relayed);
+                if let Some(entry) = self.peers.get_mut(&event.peer) {
+                    if relayed {
+                        entry.relayed_rtt = Some(*rtt);
+                    } else {
+                        entry.direct_rtt = Some(*rtt);
+                    }
+                    path = entry.path();
+                }
+            }
+            Err(e) => tracing::debug!(peer = %event.peer, error = %e, "ping failed"),
+        }
+        if path.is_some() {
+            self.queued
+                .push_back(ToSwarm::GenerateEvent(Event::PathChanged {
+                    peer: event.peer,
+                    path,
+                }));
+        }
+        self.queued
+            .push_back(ToSwarm::GenerateEvent(Event::Pinged(event)));
+    }
+
+    /// A connection a behaviour denied: the allow-list's are refusals.
+    fn on_denied(&mut self, peer: Option<PeerId>, remote: &str, cause: &ConnectionDenied) {
+        if cause.downcast_ref::<NotAllowed>().is_some() {
+            tracing::warn!(peer = ?peer, %remote, "disconnected a peer that is not in allowed_peers");
+            self.queued
+                .push_back(ToSwarm::GenerateEvent(Event::Refused {
+                    reason: Refusal::NotAllowed,
+                }));
+        }
+    }
+
+    /// An inbound connection failed before it was established. On a private
+    /// network a failed handshake is most often a peer without the key.
+    /// Anyone can cause these, so at most one warning per
+    /// [`REFUSAL_WARNING_INTERVAL`]; the metric counts them all.
+    fn on_handshake_failed(&mut self, remote: &str, error: &str) {
+        if !self.require_auth {
+            return;
+        }
+        self.queued
+            .push_back(ToSwarm::GenerateEvent(Event::Refused {
+                reason: Refusal::Handshake,
+            }));
+        let now = Instant::now();
+        if self
+            .refusal_warned
+            .is_some_and(|at| now.duration_since(at) < REFUSAL_WARNING_INTERVAL)
+        {
+            tracing::debug!(%remote, %error, "refused a connection: private-network handshake failed");
+            return;
+        }
+        self.refusal_warned = Some(now);
+        tracing::warn!(
+            %remote,
+            %error,
+            "refused a connection: the private-network handshake failed (the peer lacks our network key, require_auth); further refusals this minute are logged at debug and counted in ollamacron_connections_refused_total"
+        );
+    }
+}
+
+impl NetworkBehaviour for Behaviour {
+    type ToSwarm = Event;
+
+    delegate_connections_to_inner!();
+
+    fn on_swarm_event(&mut self, event: FromSwarm<'_>) {
+        match &event {
+            FromSwarm::ConnectionEstablished(e) => {
+                self.on_established(e.peer_id, e.connection_id, e.endpoint);
+            }
+            FromSwarm::ConnectionClosed(e) => {
+                self.on_closed(e.peer_id, e.connection_id, e.remaining_established);
+            }
+            FromSwarm::DialFailure(e) => {
+                let reason = dial_error_reason(e.error);
+                tracing::debug!(peer = ?e.peer_id, %reason, "outgoing connection failed");
+                if let DialError::Denied { cause } = e.error {
+                    self.on_denied(e.peer_id, "(outbound)", cause);
+                }
+                if let Some(pending) = self.dials.remove(&e.connection_id) {
+                    self.finished_dials.push_back((pending, Err(reason)));
+                }
+            }
+            FromSwarm::ListenFailure(e) => {
+                let remote = e.send_back_addr.to_string();
+                let error = crate::error::error_chain(e.error);
+                match e.error {
+                    ListenError::Denied { cause } => self.on_denied(e.peer_id, &remote, cause),
+                    ListenError::Transport(_) => self.on_handshake_failed(&remote, &error),
+                    _ => {}
+                }
+                tracing::debug!(%remote, %error, "incoming connection failed");
+            }
+            _ => {}
+        }
+        self.inner.on_swarm_event(event);
+    }
+
+    fn poll(
+        &mut self,
+        cx: &mut Context<'_>,
+    ) -> Poll<ToSwarm<Self::ToSwarm, THandlerInEvent<Self>>> {
+        loop {
+            if let Some(event) = self.queued.pop_front() {
+                return Poll::Ready(event);
+            }
+            if let Some((pending, result)) = self.finished_dials.pop_front() {
+                match result {
+                    Ok(peer) => pending.succeed(peer),
+                    Err(reason) => pending.fail(&reason),
+                }
+                continue;
+            }
+            if self.trim_tick.poll_tick(cx).is_ready() {
+                self.trim_connections();
+                continue;
+            }
+            match self.inner.poll(cx) {
+                Poll::Ready(ToSwarm::GenerateEvent(InnerEvent::Ping(event))) => {
+                    self.on_ping(event);
+                }
+                Poll::Ready(ToSwarm::GenerateEvent(
+                    InnerEvent::AllowedPeers(never)
+                    | InnerEvent::ConnectionLimits(never)
+                    | InnerEvent::MemoryLimits(never),
+                )) => match never {},
+                Poll::Ready(other) => {
+                    return Poll::Ready(other.map_out(|_| {
+                        unreachable!("generated events are matched in the arms above")
+                    }));
+                }
+                Poll::Pending => return Poll::Pending,
+            }
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests;

@@ -1,0 +1,1 @@
+//! Behaviour-level tests of the peers behaviour on the memory transport.

@@ -1,0 +1,589 @@
+//! Services on the network: the record and query types (re-exported from
+//! `ollamacron-service-registry`), the DHT keys of the wire contract
+//! ([`keys`]), and — inside the node — the registry behaviour: our signed record and its publication
+//! ([`publish`]), verification of every record that comes in, at every
+//! entry point ([`verify`]), ranked lookups with the DHT walks and record
+//! fetches behind them ([`lookup`]), and health checks ([`health`]). It
+//! owns the Kademlia DHT and gossipsub as inner behaviours and tracks the
+//! queries it starts itself; what the DHT learns about peers goes out as
+//! [`Event::Dht`] for discovery.
+
+mod health;
+pub mod keys;
+mod lookup;
+mod publish;
+mod verify;
+
+pub use ollamacron_service_registry::*;
+
+use std::collections::{HashMap, HashSet, VecDeque};
+use std::pin::Pin;
+use std::task::{Context, Poll};
+use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
+
+use libp2p::gossipsub;
+use libp2p::identity::Keypair;
+use libp2p::swarm::behaviour::toggle::Toggle;
+use libp2p::swarm::{
+    ConnectionId, DialError, FromSwarm, NetworkBehaviour, THandlerInEvent, ToSwarm,
+};
+use libp2p::{Multiaddr, PeerId, identify};
+use ollamacron_config::{MAX_RECORD_TTL, MIN_RECORD_TTL, NodeConfig};
+use ollamacron_discovery_dht::{self as dht, QueryId, Record, RecordKey};
+use tokio::sync::mpsc;
+
+use crate::behaviour::PROTOCOL_VERSION;
+use crate::error::NodeError;
+use crate::event::RecordVia;
+
+use self::health::{Health, ProbeResult};
+use self::lookup::PendingLookup;
+pub(crate) use self::publish::service_from_config;
+
+/// The gossipsub topic that carries signed node records (when pubsub is on).
+pub const SERVICES_TOPIC: &str = "/ollamacron/services/1";
+/// Room for gossipsub framing around the largest record.
+const GOSSIP_OVERHEAD_BYTES: usize = 4 * 1024;
+/// Most of a peer's identify listen addresses passed to Kademlia.
+const MAX_IDENTIFY_ADDRESSES: usize = 8;
+/// How often expired records are dropped (their services leave answers at
+/// once; this tells subscribers).
+const EXPIRY_CHECK_INTERVAL: Duration = Duration::from_secs(5);
+/// The deadline timer's resting point when nothing is due.
+const IDLE_DEADLINE: Duration = Duration::from_secs(3600);
+
+/// Milliseconds since the Unix epoch.
+pub(crate) fn unix_ms() -> u64 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map_or(0, |d| u64::try_from(d.as_millis()).unwrap_or(u64::MAX))
+}
+
+/// The DHT and gossipsub, whose queries and messages the registry drives.
+#[derive(libp2p::swarm::NetworkBehaviour)]
+pub(crate) struct Inner {
+    dht: Toggle<dht::Behaviour>,
+    gossip: Toggle<gossipsub::Behaviour>,
+}
+
+/// What the registry reports.
+#[derive(Debug)]
+pub(crate) enum Event {
+    /// We signed and published a new record of our services.
+    Published,
+    /// A peer's record was verified and stored; `changes` are what it
+    /// changed (including services of peers evicted to make room).
+    Accepted {
+        via: RecordVia,
+        changes: Vec<ServiceChange>,
+    },
+    /// A record was refused: `peer` handed it to us.
+    Rejected {
+        peer: Option<PeerId>,
+        via: RecordVia,
+        reason: RejectReason,
+    },
+    /// One of our own services was added, updated or removed.
+    LocalChanged(ServiceChange),
+    /// Records expired, with the services they took along.
+    Expired(Vec<ServiceChange>),
+    /// Services known now: ours, and of other nodes.
+    ServiceCounts { local: usize, remote: usize },
+    /// A lookup was answered: from the cache, after the walk, at its
+    /// first match, or at its deadline.
+    LookupAnswered { how: &'static str },
+    /// What the DHT learned of peers and of itself (never a raw Kademlia
+    /// event): providers, addresses, routing, bootstrap, mode.
+    Dht(dht::Event),
+    /// A gossipsub event, after the registry acted on it (for metrics).
+    Gossip(Box<gossipsub::Event>),
+}
+
+/// The registry behaviour (see the module docs).
+pub(crate) struct Behaviour {
+    inner: Inner,
+    keypair: Keypair,
+    local_peer: PeerId,
+    /// Publication starts once the node runs.
+    running: bool,
+    /// Loopback addresses are ours to announce and usable to dial.
+    loopback_only: bool,
+    local: LocalServices,
+    cache: RecordCache,
+    limits: RecordLimits,
+    weights: ScoreWeights,
+    ttl: Duration,
+    lookup_timeout: Duration,
+    lookup_cache_fresh: Duration,
+    refresh_interval: Duration,
+    region: Option<String>,
+    node_tags: Vec<String>,
+    /// Our latest signed record and its sequence.
+    own: Option<(Vec<u8>, u64)>,
+    /// Whether the last published record had services (an empty one is
+    /// published once, to withdraw them, then no more).
+    advertising: bool,
+    /// The DHT copy of our record, re-put on every DHT refresh, and its
+    /// put in flight (one at a time; `outdated` when it changed meanwhile).
+    own_dht: Option<Record>,
+    own_put: Option<QueryId>,
+    own_outdated: bool,
+    /// Direct pushes of our record to connected peers, in flight.
+    pushes: HashSet<QueryId>,
+    /// Connected peers that have the current version of our record.
+    pushed: HashSet<PeerId>,
+    /// Our listen and confirmed external addresses.
+    listen_addrs: Vec<Multiaddr>,
+    external_addrs: Vec<Multiaddr>,
+    /// Open connections: peer and remote address.
+    connections: HashMap<ConnectionId, (PeerId, Multiaddr)>,
+    connected: HashSet<PeerId>,
+    /// Each connected peer's scored round trip, and whether it is a relay
+    /// path's (from the peer behaviour).
+    paths: HashMap<PeerId, (Duration, bool)>,
+    peer_health: HashMap<PeerId, Health>,
+    service_health: HashMap<(PeerId, String), Health>,
+    walks: HashMap<QueryId, RecordKey>,
+    walked_at: HashMap<RecordKey, Instant>,
+    fetches: HashMap<QueryId, PeerId>,
+    /// Records to fetch once a running fetch finishes.
+    fetch_queue: VecDeque<PeerId>,
+    fetch_queued: HashSet<PeerId>,
+    lookups: Vec<PendingLookup>,
+    health_dials: HashMap<ConnectionId, PeerId>,
+    probes_in_flight: usize,
+    probe_tx: mpsc::Sender<ProbeResult>,
+    probe_rx: mpsc::Receiver<ProbeResult>,
+    gossip_republish_at: Option<Instant>,
+    gossip_republished: Option<Instant>,
+    refresh_tick: tokio::time::Interval,
+    health_tick: tokio::time::Interval,
+    expiry_tick: tokio::time::Interval,
+    deadline: Pin<Box<tokio::time::Sleep>>,
+    queued: VecDeque<ToSwarm<Event, THandlerInEvent<Inner>>>,
+    /// Answers to commands, sent once the events they caused are out (so
+    /// a publication is counted before `register_service` returns).
+    answers: VecDeque<Box<dyn FnOnce() + Send>>,
+}
+
+/// Gossipsub for node records: every message is signed by its author and
+/// held back until the registry has verified the record in it.
+fn gossip(key: &Keypair, config: &NodeConfig) -> Result<gossipsub::Behaviour, String> {
+    let max_record = usize::try_from(config.max_record_size.bytes()).unwrap_or(usize::MAX);
+    let gossip_config = gossipsub::ConfigBuilder::default()
+        .validation_mode(gossipsub::ValidationMode::Strict)
+        .validate_messages()
+        .max_transmit_size(max_record.saturating_add(GOSSIP_OVERHEAD_BYTES))
+        .build()
+        .map_err(|e| e.to_string())?;
+    let mut behaviour = gossipsub::Behaviour::new(
+        gossipsub::MessageAuthenticity::Signed(key.clone()),
+        gossip_config,
+    )
+    .map_err(str::to_owned)?;
+    behaviour
+        .subscribe(&gossipsub::IdentTopic::new(SERVICES_TOPIC))
+        .map_err(|e| e.to_string())?;
+    Ok(behaviour)
+}
+
+impl Behaviour {
+    /// The registry of `keypair`'s node as `config` describes it, with the
+    /// services the config declares; the DHT starts in the mode that
+    /// `reachability` calls for.
+    ///
+    /// # Errors
+    /// The configured services are invalid or do not fit in a record.
+    pub(crate) fn new(
+        keypair: &Keypair,
+        config: &NodeConfig,
+        reachability: ollamacron_nat::Reachability,
+        loopback_only: bool,
+    ) -> Result<Self, NodeError> {
+        let peer = keypair.public().to_peer_id();
+        let limits = RecordLimits {
+            max_record_bytes: usize::try_from(config.max_record_size.bytes()).unwrap_or(usize::MAX),
+            max_services: config.max_services_per_record,
+            max_string_bytes: config.max_string_length,
+            max_list_items: config.max_list_items,
+            min_ttl: MIN_RECORD_TTL,
+            max_ttl: MAX_RECORD_TTL,
+        };
+        let w = config.score_weights;
+        let mut local = LocalServices::new(peer, limits.max_services);
+        let now = unix_ms();
+        for service in &config.services {
+            local
+                .register(service_from_config(service), now)
+                .map_err(NodeError::from)?;
+        }
+        // The services must make a record every peer accepts: refuse to
+        // start rather than run without advertising them.
+        let trial = local.clone().next_record(
+            now,
+            config.record_ttl,
+            config.region.as_deref(),
+            &config.tags,
+            &[],
+        );
+        sign_record(&trial, keypair, &limits).map_err(|e| NodeError::Service {
+            message: format!("the configured services do not fit in a record: {e}"),
+            field: None,
+        })?;
+        let dht = config
+            .enable_dht
+            .then(|| dht::Behaviour::new(peer, crate::configs::dht_config(config, reachability)));
+        let gossip = if config.enable_pubsub {
+            match gossip(keypair, config) {
+                Ok(b) => Some(b),
+                Err(reason) => {
+                    tracing::error!(%reason, "cannot start gossipsub; records spread through the DHT only");
+                    None
+                }
+            }
+        } else {
+            None
+        };
+        let periodic = |period: Duration| {
+            let mut tick = tokio::time::interval_at(tokio::time::Instant::now() + period, period);
+            tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+            tick
+        };
+        let mut expiry_tick = tokio::time::interval(EXPIRY_CHECK_INTERVAL);
+        expiry_tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        let (probe_tx, probe_rx) = mpsc::channel(health::PROBE_QUEUE_LEN);
+        Ok(Self {
+            inner: Inner {
+                dht: dht.into(),
+                gossip: gossip.into(),
+            },
+            keypair: keypair.clone(),
+            local_peer: peer,
+            running: false,
+            loopback_only,
+            local,
+            cache: RecordCache::new(config.dht_max_records),
+            limits,
+            weights: ScoreWeights {
+                reliability: w.reliability,
+                latency: w.latency,
+                throughput: w.throughput,
+                availability: w.availability,
+            },
+            ttl: config.record_ttl,
+            lookup_timeout: config.lookup_timeout,
+            lookup_cache_fresh: config.lookup_cache_fresh,
+            refresh_interval: config.record_refresh_interval,
+            region: config.region.clone(),
+            node_tags: config.tags.clone(),
+            own: None,
+            advertising: false,
+            own_dht: None,
+            own_put: None,
+            own_outdated: false,
+            pushes: HashSet::new(),
+            pushed: HashSet::new(),
+            listen_addrs: Vec::new(),
+            external_addrs: Vec::new(),
+            connections: HashMap::new(),
+            connected: HashSet::new(),
+            paths: HashMap::new(),
+            peer_health: HashMap::new(),
+            service_health: HashMap::new(),
+            walks: HashMap::new(),
+            walked_at: HashMap::new(),
+            fetches: HashMap::new(),
+            fetch_queue: VecDeque::new(),
+            fetch_queued: HashSet::new(),
+            lookups: Vec::new(),
+            health_dials: HashMap::new(),
+            probes_in_flight: 0,
+            probe_tx,
+            probe_rx,
+            gossip_republish_at: None,
+            gossip_republished: None,
+            refresh_tick: periodic(config.record_refresh_interval),
+            health_tick: periodic(config.health_check_interval),
+            expiry_tick,
+            deadline: Box::pin(tokio::time::sleep(IDLE_DEADLINE)),
+            queued: VecDeque::new(),
+            answers: VecDeque::new(),
+        })
+    }
+
+    fn emit(&mut self, event: Event) {
+        self.queued.push_back(ToSwarm::GenerateEvent(event));
+    }
+
+    /// Send `value` on `reply` once the events queued so far are out.
+    pub(crate) fn answer_after_events<T: Send + 'static>(
+        &mut self,
+        reply: tokio::sync::oneshot::Sender<T>,
+        value: T,
+    ) {
+        self.answers.push_back(Box::new(move || {
+            let _ = reply.send(value);
+        }));
+    }
+
+    /// Send every answer still waiting (the node stops).
+    pub(crate) fn flush_answers(&mut self) {
+        for answer in self.answers.drain(..) {
+            answer();
+        }
+    }
+
+    /// The DHT, when it runs.
+    pub(crate) fn dht(&self) -> Option<&dht::Behaviour> {
+        self.inner.dht.as_ref()
+    }
+
+    /// Switch the DHT between server and client mode.
+    pub(crate) fn set_dht_mode(&mut self, mode: dht::Mode) {
+        if let Some(dht) = self.inner.dht.as_mut() {
+            dht.set_mode(mode);
+        }
+    }
+
+    /// The peer behaviour measured `peer`'s round trip anew (`None`: no
+    /// longer connected or measured).
+    pub(crate) fn set_path(&mut self, peer: PeerId, path: Option<(Duration, bool)>) {
+        match path {
+            Some(path) => {
+                self.paths.insert(peer, path);
+            }
+            None => {
+                self.paths.remove(&peer);
+            }
+        }
+    }
+
+    /// Whether a peer's address is worth dialing: a loopback address of
+    /// another host only leads back to ourselves.
+    fn usable_remote(&self, addr: &Multiaddr) -> bool {
+        self.loopback_only || !ollamacron_nat::is_loopback(addr)
+    }
+
+    /// A peer identified itself: an Ollamacron node that speaks our DHT
+    /// gets its addresses into the routing table and our record at once.
+    pub(crate) fn on_identified(&mut self, peer: PeerId, info: &identify::Info) {
+        if info.protocol_version != PROTOCOL_VERSION
+            || !info.protocols.contains(&keys::KAD_PROTOCOL)
+        {
+            return;
+        }
+        let addresses: Vec<Multiaddr> = info
+            .listen_addrs
+            .iter()
+            .filter(|a| self.usable_remote(a))
+            .take(MAX_IDENTIFY_ADDRESSES)
+            .cloned()
+            .collect();
+        let Some(dht) = self.inner.dht.as_mut() else {
+            return;
+        };
+        for addr in addresses {
+            dht.add_address(&peer, addr);
+        }
+        if self.connected.contains(&peer) {
+            self.push_own_record(vec![peer]);
+        }
+    }
+
+    fn on_dht(&mut self, event: dht::Event) {
+        match event {
+            dht::Event::Advertising => self.put_own_record(),
+            dht::Event::RoutingUpdated {
+                peer, is_new_peer, ..
+            } => {
+                if is_new_peer && self.connected.contains(&peer) {
+                    self.push_own_record(vec![peer]);
+                }
+                self.emit(Event::Dht(event));
+            }
+            dht::Event::ProvidersFound { query, providers } => {
+                if let Some(key) = self.walks.get(&query).cloned() {
+                    self.on_walk_progress(&key, providers);
+                }
+            }
+            dht::Event::RecordFound {
+                query,
+                record,
+                peer,
+            } => {
+                if let Some(owner) = self.fetches.get(&query).copied() {
+                    self.on_fetch_progress(query, owner, &record, peer);
+                }
+            }
+            dht::Event::QueryFinished { query, ok } => self.on_query_finished(query, ok),
+            dht::Event::InboundRecord { source, record } => self.on_inbound_put(source, record),
+            other => self.emit(Event::Dht(other)),
+        }
+    }
+
+    fn on_query_finished(&mut self, query: QueryId, ok: bool) {
+        if let Some(key) = self.walks.remove(&query) {
+            self.on_walk_done(&key);
+        } else if let Some(owner) = self.fetches.remove(&query) {
+            self.on_fetch_done(owner);
+            self.fetch_next();
+        } else if self.pushes.remove(&query) {
+            if !ok {
+                tracing::debug!("a direct push of our record failed");
+            }
+        } else if self.own_put == Some(query) {
+            self.own_put = None;
+            tracing::debug!(ok, "stored our service record in the DHT");
+            if std::mem::take(&mut self.own_outdated) {
+                self.put_own_record();
+            }
+        }
+    }
+
+    /// The earliest moment the registry has something to do.
+    fn next_deadline(&self) -> Option<Instant> {
+        self.lookups
+            .iter()
+            .map(|l| l.deadline)
+            .chain(self.gossip_republish_at)
+            .min()
+    }
+
+    /// Timers: lookup deadlines and the gossip re-publication.
+    fn on_deadline(&mut self) {
+        if self
+            .gossip_republish_at
+            .is_some_and(|at| at <= Instant::now())
+        {
+            self.gossip_republish_at = None;
+            self.gossip_republished = Some(Instant::now());
+            if let Some((envelope, _)) = self.own.clone() {
+                self.gossip_publish(envelope);
+            }
+        }
+        self.answer_lookups(false);
+    }
+
+    /// Poll the registry's own timers and probe results; `true` if one
+    /// fired (there may be more to do).
+    fn poll_timers(&mut self, cx: &mut Context<'_>) -> bool {
+        if self.refresh_tick.poll_tick(cx).is_ready() {
+            self.publish_record();
+            return true;
+        }
+        if self.health_tick.poll_tick(cx).is_ready() {
+            self.run_health_checks();
+            return true;
+        }
+        if self.expiry_tick.poll_tick(cx).is_ready() {
+            self.expire_records();
+            return true;
+        }
+        if let Poll::Ready(Some(result)) = self.probe_rx.poll_recv(cx) {
+            self.on_probe_result(result);
+            return true;
+        }
+        let due = self
+            .next_deadline()
+            .unwrap_or_else(|| Instant::now() + IDLE_DEADLINE);
+        let due = tokio::time::Instant::from_std(due);
+        if self.deadline.deadline() != due {
+            self.deadline.as_mut().reset(due);
+        }
+        if self.deadline.as_mut().poll(cx).is_ready() {
+            self.on_deadline();
+            // Rest until the next deadline is set.
+            self.deadline
+                .as_mut()
+                .reset(tokio::time::Instant::now() + IDLE_DEADLINE);
+            return true;
+        }
+        false
+    }
+}
+
+impl NetworkBehaviour for Behaviour {
+    type ToSwarm = Event;
+
+    delegate_connections_to_inner!();
+
+    fn on_swarm_event(&mut self, event: FromSwarm<'_>) {
+        match &event {
+            FromSwarm::ConnectionEstablished(e) => {
+                let remote = e.endpoint.get_remote_address().clone();
+                self.connections
+                    .insert(e.connection_id, (e.peer_id, remote));
+                self.connected.insert(e.peer_id);
+                // A peer of the routing table, now connected: it gets our
+                // record as a new peer of the table would.
+                if e.other_established == 0
+                    && self
+                        .dht()
+                        .is_some_and(|d| d.is_in_routing_table(&e.peer_id))
+                {
+                    self.push_own_record(vec![e.peer_id]);
+                }
+                self.on_health_dial(e.connection_id, true);
+            }
+            FromSwarm::ConnectionClosed(e) => {
+                self.connections.remove(&e.connection_id);
+                if e.remaining_established == 0 {
+                    self.connected.remove(&e.peer_id);
+                    self.pushed.remove(&e.peer_id);
+                }
+            }
+            FromSwarm::DialFailure(e) => {
+                if matches!(e.error, DialError::DialPeerConditionFalse(_)) {
+                    // Another dial is under way or we are connected.
+                    self.health_dials.remove(&e.connection_id);
+                } else {
+                    self.on_health_dial(e.connection_id, false);
+                }
+            }
+            FromSwarm::NewListenAddr(e) if !self.listen_addrs.contains(e.addr) => {
+                self.listen_addrs.push(e.addr.clone());
+            }
+            FromSwarm::ExpiredListenAddr(e) => self.listen_addrs.retain(|a| a != e.addr),
+            FromSwarm::ExternalAddrConfirmed(e) if !self.external_addrs.contains(e.addr) => {
+                self.external_addrs.push(e.addr.clone());
+            }
+            FromSwarm::ExternalAddrExpired(e) => self.external_addrs.retain(|a| a != e.addr),
+            _ => {}
+        }
+        self.inner.on_swarm_event(event);
+    }
+
+    fn poll(
+        &mut self,
+        cx: &mut Context<'_>,
+    ) -> Poll<ToSwarm<Self::ToSwarm, THandlerInEvent<Self>>> {
+        loop {
+            if let Some(event) = self.queued.pop_front() {
+                return Poll::Ready(event);
+            }
+            if let Some(answer) = self.answers.pop_front() {
+                answer();
+                continue;
+            }
+            if self.poll_timers(cx) {
+                continue;
+            }
+            match self.inner.poll(cx) {
+                Poll::Ready(ToSwarm::GenerateEvent(InnerEvent::Dht(event))) => self.on_dht(event),
+                Poll::Ready(ToSwarm::GenerateEvent(InnerEvent::Gossip(event))) => {
+                    self.on_gossip(&event);
+                    self.emit(Event::Gossip(Box::new(event)));
+                }
+                Poll::Ready(other) => {
+                    return Poll::Ready(other.map_out(|_| {
+                        unreachable!("generated events are matched in the arms above")
+                    }));
+                }
+                Poll::Pending => return Poll::Pending,
+            }
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests;

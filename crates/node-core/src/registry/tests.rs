@@ -1,0 +1,1 @@
+//! Behaviour-level tests of the registry behaviour on the memory transport.

@@ -1,0 +1,210 @@
+//! Every record that comes in — a Kademlia PUT, a record a lookup
+//! fetched, a gossip message — is verified here before it is stored,
+//! forwarded or used; expired records leave here too.
+
+use std::collections::HashSet;
+use std::time::{Duration, Instant};
+
+use libp2p::PeerId;
+use libp2p::gossipsub::{self, MessageAcceptance};
+use ollamacron_discovery_dht::Record;
+use ollamacron_service_registry::{Accepted, RejectReason, verify_record};
+
+use super::keys::node_record_peer;
+use super::{Behaviour, Event, unix_ms};
+use crate::event::RecordVia;
+
+/// A burst of peers subscribing to the topic costs one re-publication.
+const GOSSIP_REPUBLISH_DEBOUNCE: Duration = Duration::from_millis(200);
+/// Re-publications for new subscribers are at least this far apart, so a
+/// peer that keeps re-subscribing cannot make every node flood the topic
+/// (a newcomer also gets our record by a direct DHT put).
+const GOSSIP_REPUBLISH_MIN_INTERVAL: Duration = Duration::from_secs(5);
+
+impl Behaviour {
+    /// Verify `envelope` as `owner`'s record and hold it; report what
+    /// changed, or the rejection. `from` is who handed it to us; `floor` a
+    /// sequence the record must reach (a copy we already hold elsewhere).
+    pub(super) fn accept_record(
+        &mut self,
+        owner: PeerId,
+        envelope: &[u8],
+        via: RecordVia,
+        from: Option<PeerId>,
+        floor: Option<u64>,
+    ) -> Result<Accepted, RejectReason> {
+        let now = unix_ms();
+        let result = if owner == self.local_peer {
+            // Only we sign our records: anything but our latest is stale or forged.
+            match &self.own {
+                Some((own, _)) if own == envelope => Ok(Accepted::Unchanged),
+                own => verify_record(
+                    envelope,
+                    &owner,
+                    now,
+                    own.as_ref().map(|(_, seq)| seq.saturating_add(1)),
+                    &self.limits,
+                )
+                .map(|_| Accepted::Unchanged),
+            }
+        } else {
+            self.cache
+                .accept_at_least(owner, envelope, now, &self.limits, floor)
+        };
+        match &result {
+            Ok(Accepted::Stored { changes }) => {
+                tracing::debug!(%owner, peer = ?from, via = via.as_str(), "record accepted");
+                let first = !self.peer_health.contains_key(&owner);
+                for change in changes {
+                    if change.peer != owner {
+                        // Evicted to make room: forget what we measured of it.
+                        self.peer_health.remove(&change.peer);
+                        self.service_health.retain(|(p, _), _| *p != change.peer);
+                    }
+                }
+                self.emit(Event::Accepted {
+                    via,
+                    changes: changes.clone(),
+                });
+                self.emit_counts();
+                if first {
+                    // A first sign of the peer: check it now, not in a minute.
+                    self.check_peer(owner);
+                }
+            }
+            Ok(Accepted::Unchanged) => {}
+            Err(reason) => {
+                tracing::debug!(peer = ?from, %owner, via = via.as_str(), %reason, "record rejected");
+                self.emit(Event::Rejected {
+                    peer: from,
+                    via,
+                    reason: reason.clone(),
+                });
+            }
+        }
+        result
+    }
+
+    /// A peer asks us to store a record: only a verified node record for
+    /// the peer its key names is stored.
+    pub(super) fn on_inbound_put(&mut self, source: PeerId, record: Record) {
+        let Some(owner) = node_record_peer(&record.key) else {
+            let reason = RejectReason::Malformed(format!(
+                "key {:?} is not /ollamacron/node/<peer id>",
+                String::from_utf8_lossy(record.key.as_ref())
+            ));
+            tracing::debug!(peer = %source, %reason, "record rejected");
+            self.emit(Event::Rejected {
+                peer: Some(source),
+                via: RecordVia::Put,
+                reason,
+            });
+            return;
+        };
+        if owner == self.local_peer {
+            // Our own key: we hold our latest record; check and count the rest.
+            let _ = self.accept_record(owner, &record.value, RecordVia::Put, Some(source), None);
+            return;
+        }
+        // The copy in the DHT store counts too: the cache may have evicted it.
+        let stored_sequence = self
+            .dht()
+            .and_then(|dht| dht.stored_record(&record.key))
+            .and_then(|stored| {
+                verify_record(&stored.value, &owner, unix_ms(), None, &self.limits)
+                    .ok()
+                    .map(|r| r.sequence)
+            });
+        if self
+            .accept_record(
+                owner,
+                &record.value,
+                RecordVia::Put,
+                Some(source),
+                stored_sequence,
+            )
+            .is_err()
+        {
+            return;
+        }
+        // Kept in the store exactly as long as the record itself is valid.
+        let expires_at = self.cache.get(&owner).map_or(0, |c| c.record.expires_at);
+        let lifetime = Duration::from_millis(expires_at.saturating_sub(unix_ms()));
+        let record = Record {
+            expires: Some(Instant::now() + lifetime),
+            ..record
+        };
+        if let Some(dht) = self.inner.dht.as_mut()
+            && let Err(e) = dht.store_record(record)
+        {
+            tracing::debug!(%owner, error = %e, "verified record not stored in the DHT");
+        }
+    }
+
+    /// A gossiped record: verified like any other before gossipsub may
+    /// forward it. A new subscriber gets our record soon (debounced).
+    pub(super) fn on_gossip(&mut self, event: &gossipsub::Event) {
+        match event {
+            gossipsub::Event::Message {
+                propagation_source,
+                message_id,
+                message,
+            } => {
+                let acceptance = match message.source {
+                    Some(author) => {
+                        match self.accept_record(
+                            author,
+                            &message.data,
+                            RecordVia::Gossip,
+                            Some(author),
+                            None,
+                        ) {
+                            Ok(Accepted::Stored { .. }) => MessageAcceptance::Accept,
+                            Ok(Accepted::Unchanged) | Err(RejectReason::StaleSequence { .. }) => {
+                                MessageAcceptance::Ignore
+                            }
+                            Err(_) => MessageAcceptance::Reject,
+                        }
+                    }
+                    None => MessageAcceptance::Reject,
+                };
+                if let Some(gossip) = self.inner.gossip.as_mut() {
+                    gossip.report_message_validation_result(
+                        message_id,
+                        propagation_source,
+                        acceptance,
+                    );
+                }
+            }
+            gossipsub::Event::Subscribed { peer_id, .. } => {
+                tracing::debug!(%peer_id, "peer subscribed to service records");
+                if self.own.is_some() && self.gossip_republish_at.is_none() {
+                    let earliest = self
+                        .gossip_republished
+                        .map_or(Instant::now(), |at| at + GOSSIP_REPUBLISH_MIN_INTERVAL);
+                    self.gossip_republish_at =
+                        Some(earliest.max(Instant::now() + GOSSIP_REPUBLISH_DEBOUNCE));
+                }
+            }
+            _ => {}
+        }
+    }
+
+    /// Drop expired records (their services leave every answer at once;
+    /// this tells subscribers).
+    pub(super) fn expire_records(&mut self) {
+        let gone = self.cache.expire(unix_ms());
+        if gone.is_empty() {
+            return;
+        }
+        let peers: HashSet<PeerId> = gone.iter().map(|c| c.peer).collect();
+        for peer in peers {
+            if self.cache.get(&peer).is_none() {
+                self.peer_health.remove(&peer);
+                self.service_health.retain(|(p, _), _| *p != peer);
+            }
+        }
+        self.emit(Event::Expired(gone));
+        self.emit_counts();
+    }
+}
