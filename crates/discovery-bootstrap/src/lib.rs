@@ -118,12 +118,6 @@ impl Config {
     }
 }
 
-/// The former name of [`Config`].
-pub type BootstrapConfig = Config;
-
-/// The former name of [`Event`].
-pub type BootstrapEvent = Event;
-
 /// What happened to a bootstrap peer.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Event {

@@ -70,12 +70,6 @@ impl Config {
     }
 }
 
-/// The former name of [`Config`].
-pub type MdnsConfig = Config;
-
-/// The former name of [`Event`].
-pub type MdnsEvent = Event;
-
 /// Why mDNS could not start.
 #[derive(Debug, thiserror::Error)]
 #[error("cannot start mDNS (multicast on UDP port 5353): {0}")]

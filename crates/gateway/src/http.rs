@@ -60,12 +60,12 @@ impl GatewayConfig {
     #[must_use]
     pub fn from_config(config: &NodeConfig) -> Self {
         Self {
-            max_attempts: usize::try_from(config.gateway_failover_attempts).unwrap_or(usize::MAX),
+            max_attempts: config.gateway_failover_attempts,
             first_byte_timeout: config.gateway_first_byte_timeout,
             max_request_bytes: config.gateway_max_request_bytes.bytes(),
-            queue_max: usize::try_from(config.gateway_queue_max).unwrap_or(usize::MAX),
+            queue_max: config.gateway_queue_max,
             queue_timeout: config.gateway_queue_timeout,
-            local_limit: usize::try_from(config.gateway_max_concurrent).unwrap_or(usize::MAX),
+            local_limit: config.gateway_max_concurrent,
         }
     }
 }

@@ -200,8 +200,8 @@ impl ServeLimits {
     #[must_use]
     pub fn from_config(config: &ollamacron_node_core::config::NodeConfig) -> Self {
         Self {
-            total: usize::try_from(config.gateway_max_concurrent).unwrap_or(usize::MAX),
-            per_peer: usize::try_from(config.gateway_max_concurrent_per_peer).unwrap_or(usize::MAX),
+            total: config.gateway_max_concurrent,
+            per_peer: config.gateway_max_concurrent_per_peer,
             max_request_bytes: config.gateway_max_request_bytes.bytes(),
         }
     }

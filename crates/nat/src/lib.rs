@@ -30,12 +30,6 @@ use reservations::{ReservationAction, Reservations};
 /// lists it in identify can be reserved on.
 pub const RELAY_HOP_PROTOCOL: libp2p::StreamProtocol = relay::HOP_PROTOCOL_NAME;
 
-/// The former name of [`Config`].
-pub type NatConfig = Config;
-
-/// The former name of [`Event`].
-pub type NatEvent = Event;
-
 /// Whether peers can dial this node directly.
 ///
 /// Serialised as `public`, `private` or `unknown` (as [`Reachability::as_str`]).

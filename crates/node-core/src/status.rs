@@ -88,45 +88,9 @@ pub struct ConnectedPeer {
     pub rtt: Option<Duration>,
 }
 
-/// Whether peers can reach this node directly.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
-#[serde(rename_all = "lowercase")]
-pub enum Reachability {
-    /// Reachable from the internet.
-    Public,
-    /// Behind NAT or a firewall.
-    Private,
-    /// Not known (not forced, and not detected yet).
-    Unknown,
-}
-
-impl Reachability {
-    /// Lower-case name, as in the API.
-    #[must_use]
-    pub fn as_str(self) -> &'static str {
-        match self {
-            Self::Public => "public",
-            Self::Private => "private",
-            Self::Unknown => "unknown",
-        }
-    }
-}
-
-impl fmt::Display for Reachability {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.write_str(self.as_str())
-    }
-}
-
-impl From<ollamacron_nat::Reachability> for Reachability {
-    fn from(r: ollamacron_nat::Reachability) -> Self {
-        match r {
-            ollamacron_nat::Reachability::Public => Self::Public,
-            ollamacron_nat::Reachability::Private => Self::Private,
-            ollamacron_nat::Reachability::Unknown => Self::Unknown,
-        }
-    }
-}
+/// Whether peers can reach this node directly: the NAT crate's, the one
+/// type for it (serialised `public`, `private`, `unknown`).
+pub use ollamacron_nat::Reachability;
 
 /// How we are connected to a peer, in [`PeerInfo`].
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]

@@ -8,12 +8,8 @@ use ollamacron_discovery_mdns as mdns;
 pub(crate) fn bootstrap_config(config: &NodeConfig) -> bootstrap::Config {
     bootstrap::Config::default()
         .with_peers(config.bootstrap.clone())
-        .with_min_connections(
-            usize::try_from(config.bootstrap_min_connections).unwrap_or(usize::MAX),
-        )
-        .with_max_connections(
-            usize::try_from(config.bootstrap_max_connections).unwrap_or(usize::MAX),
-        )
+        .with_min_connections(config.bootstrap_min_connections)
+        .with_max_connections(config.bootstrap_max_connections)
         .with_check_interval(config.bootstrap_check_interval)
         .with_backoff_initial(config.bootstrap_backoff_initial)
         .with_backoff_max(config.bootstrap_backoff_max)

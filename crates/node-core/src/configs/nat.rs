@@ -14,17 +14,11 @@ pub(crate) fn nat_config(config: &NodeConfig) -> nat::Config {
     let relay_server =
         (config.enable_nat_service || config.node_type == NodeType::Relay).then(|| {
             RelayLimits::default()
-                .with_max_reservations(
-                    usize::try_from(config.relay_max_reservations).unwrap_or(usize::MAX),
-                )
-                .with_max_reservations_per_peer(
-                    usize::try_from(config.relay_max_reservations_per_peer).unwrap_or(usize::MAX),
-                )
+                .with_max_reservations(config.relay_max_reservations)
+                .with_max_reservations_per_peer(config.relay_max_reservations_per_peer)
                 .with_reservation_duration(config.relay_reservation_duration)
-                .with_max_circuits(usize::try_from(config.relay_max_circuits).unwrap_or(usize::MAX))
-                .with_max_circuits_per_peer(
-                    usize::try_from(config.relay_max_circuits_per_peer).unwrap_or(usize::MAX),
-                )
+                .with_max_circuits(config.relay_max_circuits)
+                .with_max_circuits_per_peer(config.relay_max_circuits_per_peer)
                 .with_max_circuit_duration(config.relay_max_circuit_duration)
                 .with_max_circuit_bytes(config.relay_max_circuit_bytes.bytes())
         });

@@ -17,8 +17,8 @@ use libp2p::swarm::{
 };
 use libp2p::{Multiaddr, PeerId, identify};
 use ollamacron_config::NodeConfig;
-use ollamacron_discovery_bootstrap::{self as bootstrap, BootstrapEvent};
-use ollamacron_discovery_mdns::{self as mdns, MdnsEvent};
+use ollamacron_discovery_bootstrap as bootstrap;
+use ollamacron_discovery_mdns as mdns;
 
 use crate::behaviour::PROTOCOL_VERSION;
 use crate::error::error_chain;
@@ -287,12 +287,12 @@ impl Behaviour {
         }
     }
 
-    fn on_bootstrap(&mut self, event: BootstrapEvent) {
+    fn on_bootstrap(&mut self, event: bootstrap::Event) {
         match event {
-            BootstrapEvent::Dialing { peer, failures } => {
+            bootstrap::Event::Dialing { peer, failures } => {
                 tracing::debug!(%peer, failures, "dialing bootstrap peer");
             }
-            BootstrapEvent::Connected { peer } => {
+            bootstrap::Event::Connected { peer } => {
                 tracing::info!(%peer, "connected to bootstrap peer");
                 self.discovered(peer, &[], DiscoverySource::Bootstrap);
                 self.table.set_connected(&peer, true);
@@ -300,10 +300,10 @@ impl Behaviour {
                     source: DiscoverySource::Bootstrap,
                 });
             }
-            BootstrapEvent::Disconnected { peer } => {
+            bootstrap::Event::Disconnected { peer } => {
                 tracing::debug!(%peer, "bootstrap peer disconnected");
             }
-            BootstrapEvent::DialFailed {
+            bootstrap::Event::DialFailed {
                 peer,
                 error,
                 failures,
@@ -327,14 +327,14 @@ impl Behaviour {
         }
     }
 
-    fn on_mdns(&mut self, event: MdnsEvent) {
+    fn on_mdns(&mut self, event: mdns::Event) {
         match event {
-            MdnsEvent::Discovered { peer, addresses } => {
+            mdns::Event::Discovered { peer, addresses } => {
                 self.mdns_found_any = true;
                 self.discovered(peer, &addresses, DiscoverySource::Mdns);
                 self.auto_dial(peer, DiscoverySource::Mdns);
             }
-            MdnsEvent::Expired { peer, .. } => {
+            mdns::Event::Expired { peer, .. } => {
                 // Only some of its addresses may have expired.
                 let still_seen = self
                     .inner

@@ -2,7 +2,7 @@
 //! DHT's mode), relay reservations, hole punching, relay service, UPnP.
 
 use libp2p::PeerId;
-use ollamacron_nat::{NatEvent, RELAY_HOP_PROTOCOL, RelayServerEvent, is_relayed};
+use ollamacron_nat::{self as nat, RELAY_HOP_PROTOCOL, RelayServerEvent, is_relayed};
 
 use super::task::SwarmTask;
 use crate::configs::dht_mode;
@@ -13,9 +13,9 @@ use crate::metrics::{HolePunchOutcome, RelayOutcome};
 const MAX_RELAY_CANDIDATE_ADDRESSES: usize = 8;
 
 impl SwarmTask {
-    pub(super) fn on_nat(&mut self, event: NatEvent) {
+    pub(super) fn on_nat(&mut self, event: nat::Event) {
         match event {
-            NatEvent::ReachabilityChanged {
+            nat::Event::ReachabilityChanged {
                 reachability,
                 address,
             } => {
@@ -29,14 +29,14 @@ impl SwarmTask {
                 let mode = dht_mode(&self.config, reachability);
                 self.swarm.behaviour_mut().registry.set_dht_mode(mode);
                 self.emit(NodeEvent::ReachabilityChanged {
-                    reachability: reachability.into(),
+                    reachability,
                     address,
                 });
             }
-            NatEvent::ReservationRequested { relay, address } => {
+            nat::Event::ReservationRequested { relay, address } => {
                 tracing::debug!(%relay, %address, "asking a relay for a reservation");
             }
-            NatEvent::ReservationAccepted { relay, renewal } => {
+            nat::Event::ReservationAccepted { relay, renewal } => {
                 self.metrics.relay_reservation(RelayOutcome::Accepted);
                 if !renewal {
                     tracing::info!(%relay, "relay reservation accepted: peers can reach us through it");
@@ -46,7 +46,7 @@ impl SwarmTask {
                     });
                 }
             }
-            NatEvent::ReservationClosed {
+            nat::Event::ReservationClosed {
                 relay,
                 reason,
                 retry_in,
@@ -69,10 +69,10 @@ impl SwarmTask {
                     active: false,
                 });
             }
-            NatEvent::RelayedConnection { peer, inbound } => {
+            nat::Event::RelayedConnection { peer, inbound } => {
                 tracing::debug!(%peer, inbound, "relayed connection established");
             }
-            NatEvent::HolePunch { peer, result } => {
+            nat::Event::HolePunch { peer, result } => {
                 let error = match result {
                     Ok(_) => {
                         self.metrics.hole_punch(HolePunchOutcome::Success);
@@ -93,14 +93,14 @@ impl SwarmTask {
                     error,
                 });
             }
-            NatEvent::RelayServer(event) => self.on_relay_server(event),
-            NatEvent::PortMapped { local, external } => {
+            nat::Event::RelayServer(event) => self.on_relay_server(event),
+            nat::Event::PortMapped { local, external } => {
                 tracing::info!(%local, %external, "UPnP port mapping added");
             }
-            NatEvent::PortMappingExpired { external } => {
+            nat::Event::PortMappingExpired { external } => {
                 tracing::warn!(%external, "UPnP port mapping could not be renewed");
             }
-            NatEvent::PortMappingUnavailable { reason } => {
+            nat::Event::PortMappingUnavailable { reason } => {
                 tracing::warn!(%reason, "UPnP port mapping unavailable; continuing without it");
             }
         }

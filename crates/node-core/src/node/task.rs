@@ -208,7 +208,7 @@ impl SwarmTask {
             uptime_secs: self.metrics.endpoint.uptime().as_secs_f64(),
             listen_addrs: self.listen_addrs.clone(),
             external_addrs: self.swarm.external_addresses().cloned().collect(),
-            reachability: nat.reachability().into(),
+            reachability: nat.reachability(),
             nat: TraversalStatus {
                 relays: nat.active_relays(),
                 relay_service: nat.is_relaying(),
