@@ -38,7 +38,8 @@ enum Task {
     /// register services, and measure convergence, lookup latency, memory
     /// and start-up; optionally churn.
     Mesh(mesh::MeshArgs),
-    /// Run the criterion benches (scoring, records, ranking) and summarise;
+    /// Run the criterion benches (ranking, records, the DHT store, the frame
+    /// codec, config loading, the reservation state machine) and summarise;
     /// `--gateway` measures the gateway instead (time to first token and
     /// tokens/s, and the latency it adds to streamed, non-streamed and
     /// embedding requests at 1 and 64 at once: direct, local, one hop).

@@ -6,10 +6,9 @@ use std::path::PathBuf;
 
 use anyhow::Context;
 use clap::{Args, Subcommand};
-use ollamacron_node_core::registry::{ScoreBreakdown, ServiceInfo, ServiceStatus};
+use ollamacron_node_core::registry::{RankedService, ServiceInfo, ServiceStatus};
 use ollamacron_node_core::{HttpServerStatus, NodeStatus, PeerInfo};
 use serde_json::Value;
-use serde_json::value::RawValue;
 
 use crate::client::{ApiClient, ParseError, read_json};
 
@@ -169,57 +168,9 @@ fn service_status(status: ServiceStatus) -> &'static str {
     }
 }
 
-/// One answer of `GET /v1/services`: a `RankedService` as it serialises.
-/// (`RankedService` derives no `Deserialize`, so this reads its fields.)
-struct Ranked {
-    service: ServiceInfo,
-    region: Option<String>,
-    score: ScoreBreakdown,
-    local: bool,
-}
-
-/// `GET /v1/services`'s answer, each field of each entry read as its type.
-fn read_ranked(json: &[u8]) -> Result<Vec<Ranked>, ParseError> {
-    let entries: Vec<BTreeMap<String, Box<RawValue>>> =
-        read_json("", json, |json| serde_json::from_slice(json))?;
-    entries
-        .into_iter()
-        .enumerate()
-        .map(|(i, mut fields)| {
-            let mut field = |name: &str| {
-                let at = format!("[{i}].{name}");
-                match fields.remove(name) {
-                    Some(raw) => Ok((at, raw)),
-                    None => Err(ParseError {
-                        path: format!("[{i}]"),
-                        message: format!("missing field `{name}`"),
-                    }),
-                }
-            };
-            let (at, raw) = field("service")?;
-            let service = read_json(&at, raw.get().as_bytes(), |json| {
-                serde_json::from_slice(json)
-            })?;
-            let (at, raw) = field("region")?;
-            let region = read_json(&at, raw.get().as_bytes(), |json| {
-                serde_json::from_slice(json)
-            })?;
-            let (at, raw) = field("score")?;
-            let score = read_json(&at, raw.get().as_bytes(), |json| {
-                serde_json::from_slice(json)
-            })?;
-            let (at, raw) = field("local")?;
-            let local = read_json(&at, raw.get().as_bytes(), |json| {
-                serde_json::from_slice(json)
-            })?;
-            Ok(Ranked {
-                service,
-                region,
-                score,
-                local,
-            })
-        })
-        .collect()
+/// `GET /v1/services`'s answer, read as the node's own type.
+fn read_ranked(json: &[u8]) -> Result<Vec<RankedService>, ParseError> {
+    read_json("", json, |json| serde_json::from_slice(json))
 }
 
 /// What `status` shows for the gateway or the API: its address and who

@@ -417,9 +417,18 @@ mod tests {
         }
     }
 
-    // Floats here have few digits: serde_json parses one with 16 or 17
-    // significant digits (`121.06226000000001`) to a neighbouring f64
-    // unless its `float_roundtrip` feature is on, which it is not.
+    // serde_json's `float_roundtrip` feature is on (workspace), so a float
+    // of 16 or 17 significant digits comes back exactly too: see
+    // `latencies_round_trip_exactly`.
+    #[test]
+    fn latencies_round_trip_exactly() {
+        for latency in [121.062_260_000_000_01_f64, 0.1 + 0.2, 1.0 / 3.0] {
+            let text = serde_json::to_string(&latency).unwrap();
+            let back: f64 = serde_json::from_str(&text).unwrap();
+            assert_eq!(back.to_bits(), latency.to_bits(), "{text}");
+        }
+    }
+
     #[test]
     fn node_status_round_trips() {
         let (me, relay) = (peer(), peer());

@@ -19,7 +19,7 @@ pub struct Candidate {
 }
 
 /// One answer to a query: the service, its score and the score's parts.
-#[derive(Debug, Clone, PartialEq, Serialize)]
+#[derive(Debug, Clone, PartialEq, Serialize, serde::Deserialize)]
 pub struct RankedService {
     /// The service.
     pub service: ServiceInfo,
