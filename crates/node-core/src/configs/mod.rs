@@ -3,10 +3,12 @@
 mod dht;
 mod discovery;
 mod nat;
+mod registry;
 
 pub(crate) use dht::{dht_config, dht_mode};
 pub(crate) use discovery::{bootstrap_config, mdns_config};
 pub(crate) use nat::nat_config;
+pub(crate) use registry::{gossip, record_limits, score_weights};
 
 #[cfg(test)]
 mod tests {

@@ -28,7 +28,7 @@ use libp2p::swarm::{
     ConnectionId, DialError, FromSwarm, NetworkBehaviour, THandlerInEvent, ToSwarm,
 };
 use libp2p::{Multiaddr, PeerId, identify};
-use ollamacron_config::{MAX_RECORD_TTL, MIN_RECORD_TTL, NodeConfig};
+use ollamacron_config::NodeConfig;
 use ollamacron_discovery_dht::{self as dht, QueryId, Record, RecordKey};
 use tokio::sync::mpsc;
 
@@ -42,8 +42,6 @@ pub(crate) use self::publish::service_from_config;
 
 /// The gossipsub topic that carries signed node records (when pubsub is on).
 pub const SERVICES_TOPIC: &str = "/ollamacron/services/1";
-/// Room for gossipsub framing around the largest record.
-const GOSSIP_OVERHEAD_BYTES: usize = 4 * 1024;
 /// Most of a peer's identify listen addresses passed to Kademlia.
 const MAX_IDENTIFY_ADDRESSES: usize = 8;
 /// How often expired records are dropped (their services leave answers at
@@ -166,27 +164,6 @@ pub(crate) struct Behaviour {
     answers: VecDeque<Box<dyn FnOnce() + Send>>,
 }
 
-/// Gossipsub for node records: every message is signed by its author and
-/// held back until the registry has verified the record in it.
-fn gossip(key: &Keypair, config: &NodeConfig) -> Result<gossipsub::Behaviour, String> {
-    let max_record = usize::try_from(config.max_record_size.bytes()).unwrap_or(usize::MAX);
-    let gossip_config = gossipsub::ConfigBuilder::default()
-        .validation_mode(gossipsub::ValidationMode::Strict)
-        .validate_messages()
-        .max_transmit_size(max_record.saturating_add(GOSSIP_OVERHEAD_BYTES))
-        .build()
-        .map_err(|e| e.to_string())?;
-    let mut behaviour = gossipsub::Behaviour::new(
-        gossipsub::MessageAuthenticity::Signed(key.clone()),
-        gossip_config,
-    )
-    .map_err(str::to_owned)?;
-    behaviour
-        .subscribe(&gossipsub::IdentTopic::new(SERVICES_TOPIC))
-        .map_err(|e| e.to_string())?;
-    Ok(behaviour)
-}
-
 impl Behaviour {
     /// The registry of `keypair`'s node as `config` describes it, with the
     /// services the config declares; the DHT starts in the mode that
@@ -201,15 +178,7 @@ impl Behaviour {
         loopback_only: bool,
     ) -> Result<Self, NodeError> {
         let peer = keypair.public().to_peer_id();
-        let limits = RecordLimits {
-            max_record_bytes: usize::try_from(config.max_record_size.bytes()).unwrap_or(usize::MAX),
-            max_services: config.max_services_per_record,
-            max_string_bytes: config.max_string_length,
-            max_list_items: config.max_list_items,
-            min_ttl: MIN_RECORD_TTL,
-            max_ttl: MAX_RECORD_TTL,
-        };
-        let w = config.score_weights;
+        let limits = crate::configs::record_limits(config);
         let mut local = LocalServices::new(peer, limits.max_services);
         let now = unix_ms();
         for service in &config.services {
@@ -234,7 +203,7 @@ impl Behaviour {
             .enable_dht
             .then(|| dht::Behaviour::new(peer, crate::configs::dht_config(config, reachability)));
         let gossip = if config.enable_pubsub {
-            match gossip(keypair, config) {
+            match crate::configs::gossip(keypair, config, SERVICES_TOPIC) {
                 Ok(b) => Some(b),
                 Err(reason) => {
                     tracing::error!(%reason, "cannot start gossipsub; records spread through the DHT only");
@@ -264,12 +233,7 @@ impl Behaviour {
             local,
             cache: RecordCache::new(config.dht_max_records),
             limits,
-            weights: ScoreWeights {
-                reliability: w.reliability,
-                latency: w.latency,
-                throughput: w.throughput,
-                availability: w.availability,
-            },
+            weights: crate::configs::score_weights(config),
             ttl: config.record_ttl,
             lookup_timeout: config.lookup_timeout,
             lookup_cache_fresh: config.lookup_cache_fresh,
