@@ -1,26 +1,21 @@
-//! The bootstrap behaviour between swarms on libp2p's in-memory transport
-//! (noise + yamux): connecting to configured peers, backing off from
-//! unreachable ones, and the min/max connection policy.
+//! The bootstrap behaviour between swarms of `libp2p-swarm-test` (memory
+//! transport): connecting to configured peers, backing off from unreachable
+//! ones, and the min/max connection policy.
 
 #![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)] // test code: failing loudly is the point
 
-use std::future::Future;
 use std::time::Duration;
 
-use futures::StreamExt;
-use libp2p::core::transport::MemoryTransport;
-use libp2p::core::{Endpoint, Transport, upgrade};
-use libp2p::identity::Keypair;
+use libp2p::core::Endpoint;
 use libp2p::multiaddr::Protocol;
-use libp2p::swarm::{ConnectionId, NetworkBehaviour, SwarmEvent, dummy};
-use libp2p::{Multiaddr, PeerId, Swarm, noise, yamux};
+use libp2p::swarm::{ConnectionId, NetworkBehaviour, dummy};
+use libp2p::{Multiaddr, PeerId, Swarm};
+use libp2p_swarm_test::SwarmExt;
 use ollamacron_discovery_bootstrap::{Behaviour, Config, Event};
-use tokio::time::Instant;
+use tokio::time::{Instant, timeout};
 
 /// Bound on every test; a hang is a failure, not a stuck CI run.
 const TEST_TIMEOUT: Duration = Duration::from_secs(20);
-/// Connections stay open for the whole test (both sides' handlers are idle).
-const IDLE_CONNECTION_TIMEOUT: Duration = Duration::from_secs(60);
 /// Longer than any test: only dial failures and disconnections trigger dials.
 const CHECK_INTERVAL: Duration = Duration::from_secs(60);
 /// A memory "port" nobody listens on: dials to it fail at once. Listeners
@@ -32,79 +27,16 @@ const TIMER_SLACK: Duration = Duration::from_millis(5);
 const JITTER_MIN: f64 = 0.75;
 const JITTER_MAX: f64 = 1.25;
 
-// --- A small harness in the style of `libp2p-swarm-test` ---------------
-//
-// The workspace's `libp2p-swarm-test` 0.6 is built on `libp2p-swarm` 0.47
-// (libp2p 0.56), whose `Swarm` and `NetworkBehaviour` are other types than
-// libp2p 0.57's; these few helpers do what its `SwarmExt` does.
-
-/// A swarm with a fresh identity on the memory transport.
-fn memory_swarm<B: NetworkBehaviour>(behaviour: impl FnOnce(PeerId) -> B) -> Swarm<B> {
-    let key = Keypair::generate_ed25519();
-    let peer = key.public().to_peer_id();
-    let transport = MemoryTransport::default()
-        .upgrade(upgrade::Version::V1)
-        .authenticate(noise::Config::new(&key).unwrap())
-        .multiplex(yamux::Config::default())
-        .boxed();
-    Swarm::new(
-        transport,
-        behaviour(peer),
-        peer,
-        libp2p::swarm::Config::with_tokio_executor()
-            .with_idle_connection_timeout(IDLE_CONNECTION_TIMEOUT),
-    )
-}
-
 /// A peer that only accepts connections, listening on a fresh memory
-/// address and running in the background; its address, with `/p2p`.
+/// address (and, unused, on 127.0.0.1) and running in the background; its
+/// memory address, with `/p2p`. Its idle connections close after
+/// swarm-test's default 10 s, longer than any test here.
 async fn spawn_seed() -> Multiaddr {
-    let mut seed = memory_swarm(|_| dummy::Behaviour);
-    seed.listen_on(Multiaddr::empty().with(Protocol::Memory(0)))
-        .unwrap();
-    let address = wait(&mut seed, |event| match event {
-        SwarmEvent::NewListenAddr { address, .. } => Some(address),
-        _ => None,
-    })
-    .await;
-    let id = *seed.local_peer_id();
-    tokio::spawn(async move {
-        loop {
-            seed.select_next_some().await;
-        }
-    });
-    address.with_p2p(id).unwrap()
-}
-
-/// Drive `swarm` until `predicate` picks an event.
-async fn wait<B, E>(
-    swarm: &mut Swarm<B>,
-    mut predicate: impl FnMut(SwarmEvent<B::ToSwarm>) -> Option<E>,
-) -> E
-where
-    B: NetworkBehaviour,
-{
-    loop {
-        let event = swarm.select_next_some().await;
-        if let Some(found) = predicate(event) {
-            return found;
-        }
-    }
-}
-
-/// The next event of the behaviour itself.
-async fn next_behaviour_event<B: NetworkBehaviour>(swarm: &mut Swarm<B>) -> B::ToSwarm {
-    wait(swarm, |event| match event {
-        SwarmEvent::Behaviour(event) => Some(event),
-        _ => None,
-    })
-    .await
-}
-
-async fn bounded<T>(test: impl Future<Output = T>) -> T {
-    tokio::time::timeout(TEST_TIMEOUT, test)
-        .await
-        .expect("test timed out")
+    let mut seed = Swarm::new_ephemeral_tokio(|_| dummy::Behaviour);
+    let (memory, _) = seed.listen().await;
+    let address = memory.with_p2p(*seed.local_peer_id()).unwrap();
+    tokio::spawn(seed.loop_on_next());
+    address
 }
 
 fn peer_of(address: &Multiaddr) -> PeerId {
@@ -115,14 +47,14 @@ fn peer_of(address: &Multiaddr) -> PeerId {
 }
 
 fn node(config: Config) -> Swarm<Behaviour> {
-    memory_swarm(|peer| Behaviour::new(peer, config))
+    Swarm::new_ephemeral_tokio(|key| Behaviour::new(key.public().to_peer_id(), config))
 }
 
 // --- Tests -------------------------------------------------------------
 
 #[tokio::test]
 async fn a_configured_listening_peer_is_dialed_and_connected() {
-    bounded(async {
+    timeout(TEST_TIMEOUT, async {
         let seed_address = spawn_seed().await;
         let seed = peer_of(&seed_address);
         let mut node = node(
@@ -144,14 +76,14 @@ async fn a_configured_listening_peer_is_dialed_and_connected() {
         assert_eq!(offered, vec![seed_address.clone()]);
 
         assert_eq!(
-            next_behaviour_event(&mut node).await,
+            node.next_behaviour_event().await,
             Event::Dialing {
                 peer: seed,
                 failures: 0
             }
         );
         assert_eq!(
-            next_behaviour_event(&mut node).await,
+            node.next_behaviour_event().await,
             Event::Connected { peer: seed }
         );
         assert_eq!(node.behaviour().connected_count(), 1);
@@ -163,7 +95,8 @@ async fn a_configured_listening_peer_is_dialed_and_connected() {
         assert!(!status[0].dialing);
         assert_eq!(status[0].failures, 0);
     })
-    .await;
+    .await
+    .expect("test timed out");
 }
 
 #[tokio::test]
@@ -171,7 +104,7 @@ async fn an_unreachable_peer_fails_with_growing_backoff_and_is_retried() {
     const BACKOFF_INITIAL: Duration = Duration::from_millis(40);
     const BACKOFF_MAX: Duration = Duration::from_secs(10);
     const FAILURES: u32 = 4;
-    bounded(async {
+    timeout(TEST_TIMEOUT, async {
         let nobody = PeerId::random();
         let address = Multiaddr::empty()
             .with(Protocol::Memory(UNUSED_MEMORY_PORT))
@@ -189,7 +122,7 @@ async fn an_unreachable_peer_fails_with_growing_backoff_and_is_retried() {
         let mut failed_at: Option<(Instant, Duration)> = None;
         let mut dials = Vec::new();
         while retries.len() < FAILURES as usize {
-            match next_behaviour_event(&mut node).await {
+            match node.next_behaviour_event().await {
                 Event::Dialing { peer, failures } => {
                     assert_eq!(peer, nobody);
                     if let Some((at, retry_in)) = failed_at.take() {
@@ -233,7 +166,8 @@ async fn an_unreachable_peer_fails_with_growing_backoff_and_is_retried() {
         assert!(status[0].retry_at.is_some(), "in backoff");
         assert_eq!(node.behaviour().connected_count(), 0);
     })
-    .await;
+    .await
+    .expect("test timed out");
 }
 
 #[tokio::test]
@@ -245,7 +179,7 @@ async fn below_min_connections_no_more_than_max_connections_are_redialed() {
     const BACKOFF: Duration = Duration::from_millis(20);
     /// Many backoffs long: a third dial would have happened by then.
     const QUIET_WINDOW: Duration = Duration::from_millis(300);
-    bounded(async {
+    timeout(TEST_TIMEOUT, async {
         let mut addresses = Vec::new();
         for _ in 0..PEERS {
             addresses.push(spawn_seed().await);
@@ -264,7 +198,7 @@ async fn below_min_connections_no_more_than_max_connections_are_redialed() {
         // On start every configured peer is dialed, whatever the limits.
         let mut connected = Vec::new();
         while connected.len() < PEERS {
-            if let Event::Connected { peer } = next_behaviour_event(&mut node).await {
+            if let Event::Connected { peer } = node.next_behaviour_event().await {
                 connected.push(peer);
             }
         }
@@ -282,7 +216,7 @@ async fn below_min_connections_no_more_than_max_connections_are_redialed() {
         let mut redialed = Vec::new();
         let mut reconnected = 0;
         while disconnected < PEERS || reconnected < MAX_CONNECTIONS {
-            match next_behaviour_event(&mut node).await {
+            match node.next_behaviour_event().await {
                 Event::Disconnected { .. } => disconnected += 1,
                 Event::Dialing { peer, .. } => redialed.push(peer),
                 Event::Connected { .. } => reconnected += 1,
@@ -294,9 +228,10 @@ async fn below_min_connections_no_more_than_max_connections_are_redialed() {
 
         // The minimum is met: the third peer stays unconnected after its
         // backoff has long passed.
-        let more = tokio::time::timeout(QUIET_WINDOW, next_behaviour_event(&mut node)).await;
+        let more = timeout(QUIET_WINDOW, node.next_behaviour_event()).await;
         assert!(more.is_err(), "unexpected {more:?}");
         assert_eq!(node.behaviour().connected_count(), MIN_CONNECTIONS);
     })
-    .await;
+    .await
+    .expect("test timed out");
 }

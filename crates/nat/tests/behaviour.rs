@@ -1,28 +1,27 @@
 //! The NAT behaviour between swarms on libp2p's in-memory transport: a
 //! forced-public relay server and forced-private clients behind it, each
 //! client's transport being the relay client transport in front of the
-//! memory transport (noise + yamux on both), as a node builds it.
+//! memory transport (noise + yamux on both), as a node builds it. The swarms
+//! are driven with `libp2p-swarm-test`'s `SwarmExt`.
 //!
 //! AutoNAT detection, DCUtR and UPnP need real networks (global IP
 //! addresses, two NATs, a gateway) and are not exercised here.
 
 #![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)] // test code: failing loudly is the point
 
-use std::future::Future;
 use std::time::Duration;
 
-use futures::StreamExt;
-use futures::channel::mpsc;
 use libp2p::core::transport::MemoryTransport;
 use libp2p::core::{Transport, upgrade};
 use libp2p::identity::Keypair;
 use libp2p::multiaddr::Protocol;
-use libp2p::swarm::{NetworkBehaviour, SwarmEvent};
+use libp2p::swarm::SwarmEvent;
 use libp2p::{Multiaddr, PeerId, Swarm, noise, yamux};
+use libp2p_swarm_test::SwarmExt;
 use ollamacron_nat::{
     Behaviour, Config, Event, Reachability, RelayLimits, RelayServerEvent, is_relayed,
 };
-use tokio::time::Instant;
+use tokio::time::{Instant, timeout};
 
 /// Bound on every test; a hang is a failure, not a stuck CI run.
 const TEST_TIMEOUT: Duration = Duration::from_secs(20);
@@ -35,14 +34,10 @@ const UNUSED_MEMORY_PORT: u64 = 4001;
 /// Slack for timer granularity when comparing measured gaps with delays.
 const TIMER_SLACK: Duration = Duration::from_millis(5);
 
-// --- A small harness in the style of `libp2p-swarm-test` ---------------
-//
-// The workspace's `libp2p-swarm-test` 0.6 is built on `libp2p-swarm` 0.47
-// (libp2p 0.56), whose `Swarm` and `NetworkBehaviour` are other types than
-// libp2p 0.57's; these few helpers do what its `SwarmExt` does.
-
 /// A swarm with a fresh identity running the NAT behaviour with `config`,
-/// on relay client transport + memory transport, noise and yamux.
+/// on relay client transport + memory transport, noise and yamux: what
+/// `Swarm::new_ephemeral_tokio` cannot build (the `SwarmExt` methods still
+/// drive it).
 fn nat_swarm(config: &Config) -> Swarm<Behaviour> {
     let key = Keypair::generate_ed25519();
     let peer = key.public().to_peer_id();
@@ -62,68 +57,6 @@ fn nat_swarm(config: &Config) -> Swarm<Behaviour> {
     )
 }
 
-/// Drive `swarm` until `predicate` picks an event.
-async fn wait<B, E>(
-    swarm: &mut Swarm<B>,
-    mut predicate: impl FnMut(SwarmEvent<B::ToSwarm>) -> Option<E>,
-) -> E
-where
-    B: NetworkBehaviour,
-{
-    loop {
-        let event = swarm.select_next_some().await;
-        if let Some(found) = predicate(event) {
-            return found;
-        }
-    }
-}
-
-/// The next event of the behaviour itself.
-async fn next_behaviour_event<B: NetworkBehaviour>(swarm: &mut Swarm<B>) -> B::ToSwarm {
-    wait(swarm, |event| match event {
-        SwarmEvent::Behaviour(event) => Some(event),
-        _ => None,
-    })
-    .await
-}
-
-/// Run `swarm` in the background, handing its behaviour events over.
-fn spawn_forwarding<B>(mut swarm: Swarm<B>) -> mpsc::UnboundedReceiver<B::ToSwarm>
-where
-    B: NetworkBehaviour + Send + 'static,
-    B::ToSwarm: Send,
-{
-    let (tx, rx) = mpsc::unbounded();
-    tokio::spawn(async move {
-        loop {
-            if let SwarmEvent::Behaviour(event) = swarm.select_next_some().await {
-                // The test may have stopped listening; keep serving anyway.
-                let _ = tx.unbounded_send(event);
-            }
-        }
-    });
-    rx
-}
-
-/// The next event `pick` accepts from a forwarded stream.
-async fn next_matching<T, E>(
-    events: &mut mpsc::UnboundedReceiver<T>,
-    mut pick: impl FnMut(T) -> Option<E>,
-) -> E {
-    loop {
-        let event = events.next().await.expect("the swarm task ended");
-        if let Some(found) = pick(event) {
-            return found;
-        }
-    }
-}
-
-async fn bounded<T>(test: impl Future<Output = T>) -> T {
-    tokio::time::timeout(TEST_TIMEOUT, test)
-        .await
-        .expect("test timed out")
-}
-
 // --- Configurations ------------------------------------------------------
 
 /// A relay that knows it is public.
@@ -141,10 +74,10 @@ fn private_config(relays: Vec<Multiaddr>) -> Config {
         .with_relay_nodes(relays)
 }
 
-/// A listening relay server, running in the background: its address
-/// (with `/p2p`), its id, and its events. It says it serves before anything
-/// else.
-async fn spawn_relay(limits: RelayLimits) -> (Multiaddr, PeerId, mpsc::UnboundedReceiver<Event>) {
+/// A relay server listening on a memory address: the swarm, its address
+/// (with `/p2p`) and its id. It says it serves before anything else. The
+/// tests drive it alongside its clients (or run it in the background).
+async fn listening_relay(limits: RelayLimits) -> (Swarm<Behaviour>, Multiaddr, PeerId) {
     let mut relay = nat_swarm(&relay_config(limits));
     assert_eq!(relay.behaviour().reachability(), Reachability::Public);
     assert!(relay.behaviour().is_forced());
@@ -158,7 +91,7 @@ async fn spawn_relay(limits: RelayLimits) -> (Multiaddr, PeerId, mpsc::Unbounded
     let mut address = None;
     let mut serving = false;
     while address.is_none() || !serving {
-        match relay.select_next_some().await {
+        match relay.next_swarm_event().await {
             SwarmEvent::NewListenAddr { address: a, .. } => address = Some(a),
             SwarmEvent::Behaviour(Event::RelayServer(RelayServerEvent::Serving(true))) => {
                 serving = true;
@@ -171,15 +104,15 @@ async fn spawn_relay(limits: RelayLimits) -> (Multiaddr, PeerId, mpsc::Unbounded
     // The relay hands out its confirmed addresses in reservations.
     relay.add_external_address(address.clone());
     let id = *relay.local_peer_id();
-    (address.with_p2p(id).unwrap(), id, spawn_forwarding(relay))
+    (relay, address.with_p2p(id).unwrap(), id)
 }
 
 // --- Tests -------------------------------------------------------------
 
 #[tokio::test]
 async fn a_private_node_gets_a_reservation_on_its_configured_relay() {
-    bounded(async {
-        let (relay_address, relay_id, mut relay_events) = spawn_relay(RelayLimits::default()).await;
+    timeout(TEST_TIMEOUT, async {
+        let (mut relay, relay_address, relay_id) = listening_relay(RelayLimits::default()).await;
         let mut client = nat_swarm(&private_config(vec![relay_address.clone()]));
         let client_id = *client.local_peer_id();
         assert_eq!(client.behaviour().reachability(), Reachability::Private);
@@ -190,34 +123,46 @@ async fn a_private_node_gets_a_reservation_on_its_configured_relay() {
         );
         assert!(client.behaviour().active_relays().is_empty());
 
-        match next_behaviour_event(&mut client).await {
-            Event::ReservationRequested { relay, address } => {
-                assert_eq!(relay, relay_id);
-                assert_eq!(address, relay_address);
-            }
-            other => panic!("expected a reservation request, got {other:?}"),
-        }
-        // The acceptance, and the circuit address confirmed as external
-        // (for identify and the DHT to announce), in either order.
-        let mut accepted = false;
-        let mut confirmed = None;
-        while !accepted || confirmed.is_none() {
-            match client.select_next_some().await {
-                SwarmEvent::Behaviour(Event::ReservationAccepted { relay, renewal }) => {
+        let client_side = async {
+            match client.next_behaviour_event().await {
+                Event::ReservationRequested { relay, address } => {
                     assert_eq!(relay, relay_id);
-                    assert!(!renewal);
-                    accepted = true;
+                    assert_eq!(address, relay_address);
                 }
-                SwarmEvent::Behaviour(Event::ReservationClosed { reason, .. }) => {
-                    panic!("reservation closed: {reason:?}");
-                }
-                SwarmEvent::ExternalAddrConfirmed { address } if is_relayed(&address) => {
-                    confirmed = Some(address);
-                }
-                _ => {}
+                other => panic!("expected a reservation request, got {other:?}"),
             }
-        }
-        let confirmed = confirmed.unwrap();
+            // The acceptance, and the circuit address confirmed as external
+            // (for identify and the DHT to announce), in either order.
+            let mut accepted = false;
+            let mut confirmed = None;
+            while !accepted || confirmed.is_none() {
+                match client.next_swarm_event().await {
+                    SwarmEvent::Behaviour(Event::ReservationAccepted { relay, renewal }) => {
+                        assert_eq!(relay, relay_id);
+                        assert!(!renewal);
+                        accepted = true;
+                    }
+                    SwarmEvent::Behaviour(Event::ReservationClosed { reason, .. }) => {
+                        panic!("reservation closed: {reason:?}");
+                    }
+                    SwarmEvent::ExternalAddrConfirmed { address } if is_relayed(&address) => {
+                        confirmed = Some(address);
+                    }
+                    _ => {}
+                }
+            }
+            confirmed.unwrap()
+        };
+        // The relay says so too.
+        let relay_side = relay.wait(|event| match event {
+            SwarmEvent::Behaviour(Event::RelayServer(RelayServerEvent::ReservationAccepted {
+                peer,
+                renewed,
+            })) => Some((peer, renewed)),
+            _ => None,
+        });
+        let (confirmed, (peer, renewed)) = tokio::join!(client_side, relay_side);
+
         assert!(
             confirmed
                 .to_string()
@@ -225,35 +170,31 @@ async fn a_private_node_gets_a_reservation_on_its_configured_relay() {
             "{confirmed} is reached through {relay_address}"
         );
         assert_eq!(client.behaviour().active_relays(), vec![relay_id]);
-
-        // The relay says so too.
-        let (peer, renewed) = next_matching(&mut relay_events, |event| match event {
-            Event::RelayServer(RelayServerEvent::ReservationAccepted { peer, renewed }) => {
-                Some((peer, renewed))
-            }
-            _ => None,
-        })
-        .await;
         assert_eq!(peer, client_id);
         assert!(!renewed);
     })
-    .await;
+    .await
+    .expect("test timed out");
 }
 
 #[tokio::test]
 async fn a_relay_candidate_is_reserved_on_when_no_relay_is_configured() {
-    bounded(async {
-        let (relay_address, relay_id, _relay_events) = spawn_relay(RelayLimits::default()).await;
+    timeout(TEST_TIMEOUT, async {
+        let (relay, relay_address, relay_id) = listening_relay(RelayLimits::default()).await;
+        tokio::spawn(relay.loop_on_next());
         let mut client = nat_swarm(&private_config(Vec::new()));
         client.dial(relay_address.clone()).unwrap();
-        wait(&mut client, |event| match event {
-            SwarmEvent::ConnectionEstablished { peer_id, .. } if peer_id == relay_id => Some(()),
-            SwarmEvent::Behaviour(Event::ReservationRequested { relay, .. }) => {
-                panic!("requested a reservation on {relay} before any relay was known")
-            }
-            _ => None,
-        })
-        .await;
+        client
+            .wait(|event| match event {
+                SwarmEvent::ConnectionEstablished { peer_id, .. } if peer_id == relay_id => {
+                    Some(())
+                }
+                SwarmEvent::Behaviour(Event::ReservationRequested { relay, .. }) => {
+                    panic!("requested a reservation on {relay} before any relay was known")
+                }
+                _ => None,
+            })
+            .await;
 
         // As identify would report it: a circuit address (never used for a
         // reservation) before the direct one.
@@ -266,29 +207,32 @@ async fn a_relay_candidate_is_reserved_on_when_no_relay_is_configured() {
             .behaviour_mut()
             .add_relay_candidate(relay_id, &[circuit, direct]);
 
-        let address = wait(&mut client, |event| match event {
-            SwarmEvent::Behaviour(Event::ReservationRequested { relay, address }) => {
-                assert_eq!(relay, relay_id);
-                Some(address)
-            }
-            _ => None,
-        })
-        .await;
+        let address = client
+            .wait(|event| match event {
+                SwarmEvent::Behaviour(Event::ReservationRequested { relay, address }) => {
+                    assert_eq!(relay, relay_id);
+                    Some(address)
+                }
+                _ => None,
+            })
+            .await;
         assert_eq!(address, relay_address, "the direct address, with /p2p");
-        wait(&mut client, |event| match event {
-            SwarmEvent::Behaviour(Event::ReservationAccepted { relay, .. }) => {
-                assert_eq!(relay, relay_id);
-                Some(())
-            }
-            SwarmEvent::Behaviour(Event::ReservationClosed { reason, .. }) => {
-                panic!("reservation closed: {reason:?}")
-            }
-            _ => None,
-        })
-        .await;
+        client
+            .wait(|event| match event {
+                SwarmEvent::Behaviour(Event::ReservationAccepted { relay, .. }) => {
+                    assert_eq!(relay, relay_id);
+                    Some(())
+                }
+                SwarmEvent::Behaviour(Event::ReservationClosed { reason, .. }) => {
+                    panic!("reservation closed: {reason:?}")
+                }
+                _ => None,
+            })
+            .await;
         assert_eq!(client.behaviour().active_relays(), vec![relay_id]);
     })
-    .await;
+    .await
+    .expect("test timed out");
 }
 
 #[tokio::test]
@@ -296,7 +240,7 @@ async fn an_unreachable_relay_is_retried_with_doubling_backoff_up_to_the_cap() {
     const BACKOFF_INITIAL: Duration = Duration::from_millis(40);
     const BACKOFF_MAX: Duration = Duration::from_millis(160);
     const ATTEMPTS: usize = 4;
-    bounded(async {
+    timeout(TEST_TIMEOUT, async {
         let nobody = Multiaddr::empty()
             .with(Protocol::Memory(UNUSED_MEMORY_PORT))
             .with(Protocol::P2p(PeerId::random()));
@@ -309,7 +253,7 @@ async fn an_unreachable_relay_is_retried_with_doubling_backoff_up_to_the_cap() {
         let mut closed_at: Option<(Instant, Duration)> = None;
         let mut requests = 0;
         while delays.len() < ATTEMPTS {
-            match next_behaviour_event(&mut client).await {
+            match client.next_behaviour_event().await {
                 Event::ReservationRequested { address, .. } => {
                     assert_eq!(address, nobody);
                     if let Some((at, delay)) = closed_at.take() {
@@ -342,31 +286,44 @@ async fn an_unreachable_relay_is_retried_with_doubling_backoff_up_to_the_cap() {
         assert_eq!(requests, ATTEMPTS, "one request per attempt");
         assert!(client.behaviour().active_relays().is_empty());
     })
-    .await;
+    .await
+    .expect("test timed out");
 }
 
 #[tokio::test]
 async fn a_relay_at_its_reservation_limit_refuses_the_next_client() {
-    bounded(async {
-        let (relay_address, relay_id, mut relay_events) =
-            spawn_relay(RelayLimits::default().with_max_reservations(1)).await;
+    timeout(TEST_TIMEOUT, async {
+        let (mut relay, relay_address, relay_id) =
+            listening_relay(RelayLimits::default().with_max_reservations(1)).await;
 
         let mut first = nat_swarm(&private_config(vec![relay_address.clone()]));
         let first_id = *first.local_peer_id();
-        wait(&mut first, |event| match event {
+        let first_side = first.wait(|event| match event {
             SwarmEvent::Behaviour(Event::ReservationAccepted { relay, .. }) => {
                 assert_eq!(relay, relay_id);
                 Some(())
             }
             _ => None,
-        })
-        .await;
+        });
+        // The relay accepts the first client before it denies anyone.
+        let relay_side =
+            relay.wait(|event| match event {
+                SwarmEvent::Behaviour(Event::RelayServer(
+                    RelayServerEvent::ReservationAccepted { peer, .. },
+                )) => Some(peer),
+                SwarmEvent::Behaviour(Event::RelayServer(
+                    RelayServerEvent::ReservationDenied { peer, .. },
+                )) => panic!("denied {peer} before the second client came"),
+                _ => None,
+            });
+        let ((), accepted) = tokio::join!(first_side, relay_side);
+        assert_eq!(accepted, first_id);
         // Keep it connected (and its reservation held) in the background.
-        let _first_events = spawn_forwarding(first);
+        tokio::spawn(first.loop_on_next());
 
         let mut second = nat_swarm(&private_config(vec![relay_address]));
         let second_id = *second.local_peer_id();
-        let (reason, retry_in) = wait(&mut second, |event| match event {
+        let second_side = second.wait(|event| match event {
             SwarmEvent::Behaviour(Event::ReservationClosed {
                 relay,
                 reason,
@@ -379,30 +336,27 @@ async fn a_relay_at_its_reservation_limit_refuses_the_next_client() {
                 panic!("the relay holds one reservation at most")
             }
             _ => None,
-        })
-        .await;
+        });
+        let relay_side =
+            relay.wait(|event| match event {
+                SwarmEvent::Behaviour(Event::RelayServer(
+                    RelayServerEvent::ReservationAccepted { peer, .. },
+                )) => panic!("accepted {peer} beyond the limit"),
+                SwarmEvent::Behaviour(Event::RelayServer(
+                    RelayServerEvent::ReservationDenied { peer, status },
+                )) => Some((peer, status)),
+                _ => None,
+            });
+        let ((reason, retry_in), denied) = tokio::join!(second_side, relay_side);
         assert!(reason.is_some(), "a refusal carries its reason");
         assert_eq!(
             retry_in,
             Some(Config::default().reservation_backoff_initial)
         );
         assert!(second.behaviour().active_relays().is_empty());
-
-        let mut accepted = Vec::new();
-        let denied = next_matching(&mut relay_events, |event| match event {
-            Event::RelayServer(RelayServerEvent::ReservationAccepted { peer, .. }) => {
-                accepted.push(peer);
-                None
-            }
-            Event::RelayServer(RelayServerEvent::ReservationDenied { peer, status }) => {
-                Some((peer, status))
-            }
-            _ => None,
-        })
-        .await;
-        assert_eq!(accepted, vec![first_id]);
         assert_eq!(denied.0, second_id);
         assert_eq!(denied.1, "ResourceLimitExceeded");
     })
-    .await;
+    .await
+    .expect("test timed out");
 }

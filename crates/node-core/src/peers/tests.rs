@@ -1,1 +1,460 @@
 //! Behaviour-level tests of the peers behaviour on the memory transport.
+//!
+//! Each node is a `Swarm` running only [`Behaviour`], driven by the test as
+//! the swarm task would: its methods are called directly, its events read
+//! from the swarm.
+
+use std::task::Poll;
+
+use futures::StreamExt;
+use libp2p::Swarm;
+use libp2p::multiaddr::Protocol;
+use libp2p::swarm::SwarmEvent;
+use libp2p_swarm_test::SwarmExt;
+use tokio::sync::oneshot::error::TryRecvError;
+
+use super::*;
+
+/// Longest any expected outcome may take.
+const LIMIT: Duration = Duration::from_secs(20);
+/// How long a node is watched for events that must not come.
+const QUIET: Duration = Duration::from_millis(700);
+
+type Reply = oneshot::Receiver<Result<PeerId, NodeError>>;
+
+/// A config with mDNS off, memory addresses only and a short ping interval.
+fn config() -> NodeConfig {
+    NodeConfig {
+        enable_mdns: false,
+        listen: vec![Protocol::Memory(0).into()],
+        ping_interval: Duration::from_millis(200),
+        ..NodeConfig::default()
+    }
+}
+
+fn node(config: &NodeConfig, protected: HashSet<PeerId>) -> Swarm<Behaviour> {
+    Swarm::new_ephemeral_tokio(|key| Behaviour::new(key.public().to_peer_id(), config, protected))
+}
+
+fn peer(swarm: &Swarm<Behaviour>) -> PeerId {
+    *swarm.local_peer_id()
+}
+
+/// An address on the memory transport nobody listens on.
+fn unused_address() -> Multiaddr {
+    Protocol::Memory(rand::random::<u64>() | (1 << 63)).into()
+}
+
+/// Drive every swarm for at most `limit`. `step` sees each event
+/// (`Some((index, event))`) and, after every pass over the swarms, `None`
+/// (to check conditions no event announces, like a reply). The first
+/// `Some` it returns ends the drive; `None` if none came in time.
+async fn drive<T>(
+    swarms: &mut [Swarm<Behaviour>],
+    limit: Duration,
+    mut step: impl FnMut(&mut [Swarm<Behaviour>], Option<(usize, SwarmEvent<Event>)>) -> Option<T>,
+) -> Option<T> {
+    let run = std::future::poll_fn(|cx| {
+        loop {
+            let mut progressed = false;
+            for index in 0..swarms.len() {
+                if let Poll::Ready(Some(event)) = swarms[index].poll_next_unpin(cx) {
+                    progressed = true;
+                    if let Some(out) = step(swarms, Some((index, event))) {
+                        return Poll::Ready(out);
+                    }
+                }
+            }
+            if let Some(out) = step(swarms, None) {
+                return Poll::Ready(out);
+            }
+            if !progressed {
+                return Poll::Pending;
+            }
+        }
+    });
+    tokio::time::timeout(limit, run).await.ok()
+}
+
+/// [`drive`] that must succeed within [`LIMIT`].
+async fn until<T>(
+    swarms: &mut [Swarm<Behaviour>],
+    what: &str,
+    step: impl FnMut(&mut [Swarm<Behaviour>], Option<(usize, SwarmEvent<Event>)>) -> Option<T>,
+) -> T {
+    drive(swarms, LIMIT, step)
+        .await
+        .unwrap_or_else(|| panic!("timed out waiting for {what}"))
+}
+
+/// Listen on a fresh memory address (also made external) and return it.
+async fn listen(swarm: &mut Swarm<Behaviour>) -> Multiaddr {
+    let listener = swarm.listen_on(Protocol::Memory(0).into()).unwrap();
+    let address = until(
+        std::slice::from_mut(swarm),
+        "a listen address",
+        |_, event| match event {
+            Some((
+                _,
+                SwarmEvent::NewListenAddr {
+                    listener_id,
+                    address,
+                },
+            )) if listener_id == listener => Some(address),
+            _ => None,
+        },
+    )
+    .await;
+    swarm.add_external_address(address.clone());
+    address
+}
+
+/// Swarm `from` dials `to` at `addr`; driven until both see the connection.
+async fn connect(swarms: &mut [Swarm<Behaviour>], from: usize, to: usize, addr: &Multiaddr) {
+    let (from_peer, to_peer) = (peer(&swarms[from]), peer(&swarms[to]));
+    swarms[from].dial(addr.clone()).unwrap();
+    let mut seen = [false, false];
+    until(swarms, "the connection on both sides", |_, event| {
+        if let Some((i, SwarmEvent::ConnectionEstablished { peer_id, .. })) = event {
+            if i == from && peer_id == to_peer {
+                seen[0] = true;
+            }
+            if i == to && peer_id == from_peer {
+                seen[1] = true;
+            }
+        }
+        (seen == [true, true]).then_some(())
+    })
+    .await;
+}
+
+/// The answer on `reply`, once there is one (driving every swarm meanwhile).
+async fn answer(swarms: &mut [Swarm<Behaviour>], reply: &mut Reply) -> Result<PeerId, NodeError> {
+    until(swarms, "the dial's answer", |_, _| reply.try_recv().ok()).await
+}
+
+#[tokio::test]
+async fn connected_swarms_agree_on_peers_directions_and_counts() {
+    let a = node(&config(), HashSet::new());
+    let mut b = node(&config(), HashSet::new());
+    let b_addr = listen(&mut b).await;
+    let (a_peer, b_peer) = (peer(&a), peer(&b));
+    for swarm in [&a, &b] {
+        assert_eq!(swarm.behaviour().peer_count(), 0);
+        assert!(swarm.behaviour().connected_peers().is_empty());
+    }
+    let mut swarms = vec![a, b];
+    connect(&mut swarms, 0, 1, &b_addr).await;
+
+    let (a, b) = (swarms[0].behaviour(), swarms[1].behaviour());
+    assert_eq!((a.peer_count(), b.peer_count()), (1, 1));
+    assert_eq!((a.connection_count(), b.connection_count()), (1, 1));
+    assert_eq!(a.count(Direction::Outbound), 1);
+    assert_eq!(a.count(Direction::Inbound), 0);
+    assert_eq!(b.count(Direction::Inbound), 1);
+    assert_eq!(b.count(Direction::Outbound), 0);
+
+    let a_sees = a.connected_peers();
+    assert_eq!(a_sees.len(), 1, "{a_sees:?}");
+    assert_eq!(a_sees[0].peer_id, b_peer);
+    assert_eq!(a_sees[0].direction, Direction::Outbound);
+    assert_eq!(a_sees[0].addresses, std::slice::from_ref(&b_addr));
+    let b_sees = b.connected_peers();
+    assert_eq!(b_sees.len(), 1, "{b_sees:?}");
+    assert_eq!(b_sees[0].peer_id, a_peer);
+    assert_eq!(b_sees[0].direction, Direction::Inbound);
+
+    assert_eq!(a.dialed_addresses(&b_peer), [b_addr]);
+    assert!(b.dialed_addresses(&a_peer).is_empty(), "b dialed nobody");
+    for (behaviour, other) in [(a, b_peer), (b, a_peer)] {
+        let entry = behaviour
+            .entry(&other)
+            .expect("an entry per connected peer");
+        assert_eq!(entry.connection(), ConnectionKind::Direct);
+    }
+
+    // The last connection closing empties both sides, each reporting that
+    // nothing is measured any more.
+    assert!(swarms[0].disconnect_peer_id(b_peer).is_ok());
+    let mut unmeasured = [false, false];
+    until(
+        &mut swarms,
+        "both sides to forget the peer",
+        |swarms, event| {
+            if let Some((i, SwarmEvent::Behaviour(Event::PathChanged { path: None, peer }))) = event
+            {
+                assert_eq!(peer, [b_peer, a_peer][i]);
+                unmeasured[i] = true;
+            }
+            (unmeasured == [true, true]
+                && swarms.iter().all(|s| s.behaviour().connection_count() == 0))
+            .then_some(())
+        },
+    )
+    .await;
+    for (swarm, other) in swarms.iter().zip([b_peer, a_peer]) {
+        let behaviour = swarm.behaviour();
+        assert_eq!(behaviour.peer_count(), 0);
+        assert_eq!(behaviour.count(Direction::Inbound), 0);
+        assert_eq!(behaviour.count(Direction::Outbound), 0);
+        assert!(behaviour.connected_peers().is_empty());
+        assert!(behaviour.entry(&other).is_none());
+    }
+}
+
+#[tokio::test]
+async fn a_ping_reports_the_path_and_sets_the_round_trip() {
+    let a = node(&config(), HashSet::new());
+    let mut b = node(&config(), HashSet::new());
+    let b_addr = listen(&mut b).await;
+    let peers = [peer(&b), peer(&a)];
+    let mut swarms = vec![a, b];
+    connect(&mut swarms, 0, 1, &b_addr).await;
+    assert!(
+        swarms[0]
+            .behaviour()
+            .entry(&peers[0])
+            .unwrap()
+            .rtt()
+            .is_none(),
+        "nothing measured before a ping"
+    );
+
+    let mut measured: [Option<Duration>; 2] = [None, None];
+    until(&mut swarms, "a path on both sides", |swarms, event| {
+        if let Some((i, SwarmEvent::Behaviour(Event::PathChanged { peer, path }))) = event {
+            assert_eq!(peer, peers[i]);
+            let (rtt, via_relay) = path.expect("a ping measures the path");
+            assert!(!via_relay, "a direct connection");
+            // What the event reports is what the entry holds now.
+            let entry = swarms[i].behaviour().entry(&peer).unwrap();
+            assert_eq!(entry.rtt(), Some(rtt));
+            assert!(!entry.rtt_via_relay());
+            measured[i] = Some(rtt);
+        }
+        measured.iter().all(Option::is_some).then_some(())
+    })
+    .await;
+    for (i, swarm) in swarms.iter().enumerate() {
+        let listed = swarm.behaviour().connected_peers();
+        assert_eq!(listed.len(), 1);
+        assert!(listed[0].rtt.is_some(), "connected_peers shows the RTT");
+        assert!(swarm.behaviour().entry(&peers[i]).unwrap().rtt().is_some());
+    }
+}
+
+#[tokio::test]
+async fn dial_answers_with_the_peer_once_connected() {
+    let mut a = node(&config(), HashSet::new());
+    let mut b = node(&config(), HashSet::new());
+    let b_addr = listen(&mut b).await;
+    let b_peer = peer(&b);
+    let target = b_addr.clone().with(Protocol::P2p(b_peer));
+    let (tx1, mut rx1) = oneshot::channel();
+    let (tx2, mut rx2) = oneshot::channel();
+    a.behaviour_mut().dial(target.clone(), tx1);
+    a.behaviour_mut().dial(target.clone(), tx2);
+    assert_eq!(
+        a.behaviour().dials.len(),
+        1,
+        "the second dial joins the first"
+    );
+    assert_eq!(
+        rx1.try_recv().unwrap_err(),
+        TryRecvError::Empty,
+        "not before connecting"
+    );
+    let mut swarms = vec![a, b];
+
+    assert_eq!(answer(&mut swarms, &mut rx1).await.unwrap(), b_peer);
+    assert_eq!(answer(&mut swarms, &mut rx2).await.unwrap(), b_peer);
+    assert_eq!(swarms[0].behaviour().peer_count(), 1);
+    assert_eq!(swarms[0].behaviour().connection_count(), 1, "one dial");
+
+    // A connected peer is answered at once, without a dial.
+    let (tx, mut rx) = oneshot::channel();
+    swarms[0].behaviour_mut().dial(target, tx);
+    assert_eq!(rx.try_recv().unwrap().unwrap(), b_peer);
+    assert!(swarms[0].behaviour().dials.is_empty());
+
+    // An address without a peer id is dialed, and answered with who answered.
+    let (tx, mut rx) = oneshot::channel();
+    swarms[0].behaviour_mut().dial(b_addr, tx);
+    assert_eq!(answer(&mut swarms, &mut rx).await.unwrap(), b_peer);
+    assert_eq!(swarms[0].behaviour().connection_count(), 2);
+    assert_eq!(swarms[0].behaviour().peer_count(), 1);
+}
+
+#[tokio::test]
+async fn dial_of_an_address_nobody_listens_on_fails_naming_it() {
+    let a = node(&config(), HashSet::new());
+    let mut swarms = vec![a];
+    for addr in [
+        unused_address(),
+        unused_address().with(Protocol::P2p(PeerId::random())),
+    ] {
+        let (tx, mut rx) = oneshot::channel();
+        swarms[0].behaviour_mut().dial(addr.clone(), tx);
+        let error = answer(&mut swarms, &mut rx).await.unwrap_err();
+        let NodeError::Dial { target, reason } = &error else {
+            panic!("expected a dial error, got {error:?}");
+        };
+        assert_eq!(*target, addr.to_string());
+        assert!(!reason.is_empty());
+        assert!(error.to_string().contains(&addr.to_string()), "{error}");
+        assert!(swarms[0].behaviour().dials.is_empty());
+        assert_eq!(swarms[0].behaviour().peer_count(), 0);
+    }
+}
+
+#[tokio::test]
+async fn a_peer_outside_allowed_peers_is_refused_and_not_kept() {
+    let member = node(&config(), HashSet::new());
+    let mut outsider = node(&config(), HashSet::new());
+    let outsider_addr = listen(&mut outsider).await;
+    let (member_peer, outsider_peer) = (peer(&member), peer(&outsider));
+    let mut strict = node(
+        &NodeConfig {
+            allowed_peers: vec![member_peer.to_string()],
+            ..config()
+        },
+        HashSet::new(),
+    );
+    let strict_addr = listen(&mut strict).await;
+    let mut swarms = vec![strict, member, outsider];
+
+    // The listed peer gets in.
+    connect(&mut swarms, 1, 0, &strict_addr).await;
+    assert_eq!(swarms[0].behaviour().peer_count(), 1);
+
+    // The outsider dials in: refused before it is established, and its
+    // side ends too.
+    swarms[2].dial(strict_addr.clone()).unwrap();
+    let mut refused = 0;
+    let mut outsider_done = false;
+    until(&mut swarms, "the refusal on both sides", |swarms, event| {
+        match event {
+            Some((0, SwarmEvent::Behaviour(Event::Refused { reason }))) => {
+                assert_eq!(reason, Refusal::NotAllowed);
+                refused += 1;
+            }
+            Some((0, SwarmEvent::ConnectionEstablished { peer_id, .. })) => {
+                assert_ne!(peer_id, outsider_peer, "the outsider was let in");
+            }
+            Some((
+                2,
+                SwarmEvent::OutgoingConnectionError { .. } | SwarmEvent::ConnectionClosed { .. },
+            )) => outsider_done = true,
+            _ => {}
+        }
+        (refused == 1 && outsider_done && swarms[2].behaviour().connection_count() == 0)
+            .then_some(())
+    })
+    .await;
+    let strict = swarms[0].behaviour();
+    assert_eq!(strict.peer_count(), 1);
+    assert!(strict.entry(&outsider_peer).is_none());
+    let listed: Vec<PeerId> = strict.connected_peers().iter().map(|p| p.peer_id).collect();
+    assert_eq!(listed, [member_peer]);
+
+    // Dialing the outsider is refused too, and the dial says so.
+    let (tx, mut rx) = oneshot::channel();
+    swarms[0]
+        .behaviour_mut()
+        .dial(outsider_addr.with(Protocol::P2p(outsider_peer)), tx);
+    let mut refused = false;
+    let error = until(&mut swarms, "the refused dial", |_, event| {
+        if let Some((0, SwarmEvent::Behaviour(Event::Refused { reason }))) = event {
+            assert_eq!(reason, Refusal::NotAllowed);
+            refused = true;
+        }
+        rx.try_recv().ok()
+    })
+    .await
+    .unwrap_err();
+    assert!(refused, "the refusal is reported before the dial returns");
+    assert!(matches!(error, NodeError::Dial { .. }), "{error:?}");
+    assert_eq!(swarms[0].behaviour().peer_count(), 1);
+}
+
+#[tokio::test]
+async fn trimming_closes_down_to_low_and_never_a_protected_peer() {
+    const SPOKES: usize = 6;
+    let spokes: Vec<Swarm<Behaviour>> = (0..SPOKES)
+        .map(|_| node(&config(), HashSet::new()))
+        .collect();
+    let spoke_peers: Vec<PeerId> = spokes.iter().map(peer).collect();
+    // The fourth spoke reaches `high` and is the youngest connection then:
+    // the first to go, were it not protected.
+    let protected = spoke_peers[3];
+    let mut hub = node(
+        &NodeConfig {
+            conn_mgr_low: 2,
+            conn_mgr_high: 4,
+            conn_mgr_grace: Duration::ZERO,
+            ..config()
+        },
+        HashSet::from([protected]),
+    );
+    let hub_addr = listen(&mut hub).await;
+    let mut swarms = vec![hub];
+    swarms.extend(spokes);
+
+    let mut trimmed = 0;
+    for spoke in 1..=SPOKES {
+        let spoke_peer = spoke_peers[spoke - 1];
+        // The connection that makes `high` (4) is trimmed down to `low` (2).
+        let expect_trim = swarms[0].behaviour().connection_count() + 1 == 4;
+        let want = if expect_trim { 2 } else { spoke - trimmed };
+        swarms[spoke].dial(hub_addr.clone()).unwrap();
+        let mut established = false;
+        let mut reported = false;
+        until(
+            &mut swarms,
+            "the connection (and the trim)",
+            |swarms, event| {
+                match event {
+                    Some((0, SwarmEvent::ConnectionEstablished { peer_id, .. })) => {
+                        assert_eq!(peer_id, spoke_peer);
+                        established = true;
+                    }
+                    Some((0, SwarmEvent::Behaviour(Event::Trimmed { closed }))) => {
+                        assert!(expect_trim, "trimmed below high");
+                        assert_eq!(closed, 2, "from high (4) down to low (2)");
+                        reported = true;
+                    }
+                    Some((0, SwarmEvent::ConnectionClosed { peer_id, .. })) => {
+                        assert!(expect_trim, "a connection closed below high");
+                        assert_ne!(peer_id, protected, "a protected peer was trimmed");
+                    }
+                    _ => {}
+                }
+                (established
+                    && reported == expect_trim
+                    && swarms[0].behaviour().connection_count() == want)
+                    .then_some(())
+            },
+        )
+        .await;
+        if expect_trim {
+            trimmed += 2;
+        }
+    }
+
+    let hub = swarms[0].behaviour();
+    assert_eq!(trimmed, 4, "trimmed twice");
+    assert_eq!(hub.trimmed_total(), 4);
+    assert_eq!(hub.connection_count(), 2, "ends at low");
+    let mut kept: Vec<PeerId> = hub.connected_peers().iter().map(|p| p.peer_id).collect();
+    let mut expected = vec![spoke_peers[0], protected];
+    kept.sort();
+    expected.sort();
+    assert_eq!(kept, expected, "the oldest and the protected one stay");
+    // Nothing else is closed afterwards (the periodic check agrees).
+    let late = drive(&mut swarms, QUIET, |_, event| match event {
+        Some((0, SwarmEvent::ConnectionClosed { peer_id, .. })) => Some(peer_id),
+        _ => None,
+    })
+    .await;
+    assert_eq!(late, None);
+}
