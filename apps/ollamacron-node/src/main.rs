@@ -25,7 +25,7 @@ use ollamacron_gateway::{
     serve_inference,
 };
 use ollamacron_node_core::http_server::OLLAMA_ORIGINS_VAR;
-use ollamacron_node_core::{Node, NodeError, NodeState, load_or_create_identity};
+use ollamacron_node_core::{ApiListener, Node, NodeError, NodeState, load_or_create_identity};
 use ollamacron_ollama::{OllamaClient, OllamaEndpoint, OllamaWatcher, WatchConfig};
 use tracing_subscriber::EnvFilter;
 use tracing_subscriber::fmt::format::FmtSpan;
@@ -365,8 +365,11 @@ async fn serve(config: NodeConfig) -> anyhow::Result<()> {
     let gateway_config = GatewayConfig::from_config(&config);
     let serve_limits = ServeLimits::from_config(&config);
     let gateway_settings = config.clone();
-    let enable_api = config.enable_metrics;
-    let api_settings = config.clone();
+    let api = if config.enable_metrics {
+        Some(ApiListener::bind(&config).await?)
+    } else {
+        None
+    };
     let node = tokio::select! {
         node = Node::new(config).start() => node?,
         signal = &mut signal => {
@@ -374,12 +377,10 @@ async fn serve(config: NodeConfig) -> anyhow::Result<()> {
             return Ok(());
         }
     };
-    if enable_api {
-        // The API sits on top of the node, as the gateway does.
-        if let Err(e) = ollamacron_node_core::start_api(&node, &api_settings).await {
-            let _ = node.shutdown().await;
-            return Err(e.into());
-        }
+    // The API sits on top of the node, as the gateway does: bound before
+    // the node starts, served once it runs.
+    if let Some(api) = api {
+        api.serve(&node);
     }
     tracing::info!(peer_id = %node.peer_id(), "ollamacron-node {} started", env!("CARGO_PKG_VERSION"));
     // Advertise the local Ollama's models and serve peers' requests to

@@ -441,44 +441,86 @@ fn access(settings: AccessSettings<'_>) -> Result<AccessPolicy, NodeError> {
         .with_open_paths(&[settings.open_path]))
 }
 
-/// Bind `api_listen`, check the API's access settings, and serve
-/// `node`'s HTTP API (status, peers, services, lookups, `/metrics`) until
-/// the node stops. Returns the bound address, also shown by
-/// [`NodeHandle::api_addr`]. Whoever starts the node starts its API: the
-/// API sits on top of the handle.
+/// The node's HTTP API (status, peers, services, lookups, `/metrics`),
+/// bound and checked, ready to serve a node. It sits on top of the
+/// handle: whoever starts the node binds it (before the node starts, so a
+/// client that sees the node running finds the API's port open) and
+/// serves it once the node runs.
+#[derive(Debug)]
+pub struct ApiListener {
+    listener: TcpListener,
+    policy: AccessPolicy,
+    limits: HttpLimits,
+    local: SocketAddr,
+}
+
+impl ApiListener {
+    /// Bind `api_listen` and check the API's access settings.
+    ///
+    /// # Errors
+    /// [`NodeError::ApiListen`] when the address cannot be bound;
+    /// `api_key_file` cannot be read or holds a line that is no key.
+    pub async fn bind(config: &NodeConfig) -> Result<Self, NodeError> {
+        let addr = config.api_listen;
+        let listener = TcpListener::bind(addr)
+            .await
+            .map_err(|source| NodeError::ApiListen { addr, source })?;
+        let local = listener
+            .local_addr()
+            .map_err(|source| NodeError::ApiListen { addr, source })?;
+        let policy = api_access(config, local)?;
+        if policy.beyond_loopback() && !policy.requires_key() {
+            tracing::warn!(api_listen = %local, "the HTTP API listens beyond loopback without a key: anyone who reaches it can register services; set api_keys");
+        }
+        Ok(Self {
+            listener,
+            policy,
+            limits: http_limits(config),
+            local,
+        })
+    }
+
+    /// The bound address.
+    #[must_use]
+    pub fn local_addr(&self) -> SocketAddr {
+        self.local
+    }
+
+    /// Serve `node`'s API until the node stops; returns the bound address,
+    /// also shown by [`NodeHandle::api_addr`] from now on.
+    pub fn serve(self, node: &NodeHandle) -> SocketAddr {
+        let Self {
+            listener,
+            policy,
+            limits,
+            local,
+        } = self;
+        let state = node.state_watch();
+        let mut until = state.clone();
+        let app = policy.apply(router(ApiState {
+            metrics: node.metrics_endpoint(),
+            state,
+            node: node.downgrade(),
+        }));
+        tokio::spawn(async move {
+            let stopped = async move {
+                let _ = until.wait_for(|s| s.is_terminal()).await;
+            };
+            ollamacron_http::serve(listener, app, limits, stopped).await;
+        });
+        node.set_api_addr(local);
+        tracing::info!(addr = %local, "serving the HTTP API at http://{local}/v1/status (metrics at /metrics)");
+        local
+    }
+}
+
+/// Bind `api_listen` and serve `node`'s HTTP API until the node stops
+/// ([`ApiListener::bind`], then [`ApiListener::serve`]).
 ///
 /// # Errors
-/// [`NodeError::ApiListen`] when the address cannot be bound;
-/// `api_key_file` cannot be read or holds a line that is no key.
+/// As [`ApiListener::bind`].
 pub async fn start_api(node: &NodeHandle, config: &NodeConfig) -> Result<SocketAddr, NodeError> {
-    let addr = config.api_listen;
-    let listener = TcpListener::bind(addr)
-        .await
-        .map_err(|source| NodeError::ApiListen { addr, source })?;
-    let local = listener
-        .local_addr()
-        .map_err(|source| NodeError::ApiListen { addr, source })?;
-    let policy = api_access(config, local)?;
-    if policy.beyond_loopback() && !policy.requires_key() {
-        tracing::warn!(api_listen = %local, "the HTTP API listens beyond loopback without a key: anyone who reaches it can register services; set api_keys");
-    }
-    let state = node.state_watch();
-    let mut until = state.clone();
-    let app = policy.apply(router(ApiState {
-        metrics: node.metrics_endpoint(),
-        state,
-        node: node.downgrade(),
-    }));
-    let limits = http_limits(config);
-    tokio::spawn(async move {
-        let stopped = async move {
-            let _ = until.wait_for(|s| s.is_terminal()).await;
-        };
-        ollamacron_http::serve(listener, app, limits, stopped).await;
-    });
-    node.set_api_addr(local);
-    tracing::info!(addr = %local, "serving the HTTP API at http://{local}/v1/status (metrics at /metrics)");
-    Ok(local)
+    Ok(ApiListener::bind(config).await?.serve(node))
 }
 
 #[cfg(test)]

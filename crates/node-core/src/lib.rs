@@ -24,8 +24,8 @@ pub use behaviour::{PROTOCOL_VERSION, agent_version};
 pub use error::NodeError;
 pub use event::{Direction, NodeEvent, RecordVia};
 pub use http::{
-    MAX_BODY_BYTES, MAX_LOOKUP_LIMIT, MAX_QUERY_VALUE_BYTES, MAX_QUERY_VALUES, gateway_access,
-    http_limits, start_api,
+    ApiListener, MAX_BODY_BYTES, MAX_LOOKUP_LIMIT, MAX_QUERY_VALUE_BYTES, MAX_QUERY_VALUES,
+    gateway_access, http_limits, start_api,
 };
 pub use identity::{IdentityError, load_or_create_identity};
 pub use metrics::MetricsSnapshot;
