@@ -135,3 +135,67 @@ async fn dialing_a_connected_peer_again_reuses_the_connection() {
     a.shutdown().await.unwrap();
     b.shutdown().await.unwrap();
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_dual_stack_node_is_reached_over_ipv4_and_ipv6_at_once() {
+    // A host without IPv6 cannot run this test; the node itself copes (it
+    // listens on IPv4 only), which the unit tests of the listen split show.
+    if std::net::TcpListener::bind("[::1]:0").is_err() {
+        eprintln!("SKIPPED: this host has no IPv6 loopback");
+        return;
+    }
+    let dual = start(loopback_config(
+        "/ip4/127.0.0.1/tcp/0,/ip6/::1/tcp/0,/ip4/127.0.0.1/udp/0/quic-v1,/ip6/::1/udp/0/quic-v1",
+        &[],
+    ))
+    .await
+    .unwrap();
+    let addrs = dual.dialable_addrs().await.unwrap();
+    let pick = |v6: bool, quic: bool| {
+        addrs
+            .iter()
+            .find(|a| {
+                let s = a.to_string();
+                s.starts_with(if v6 { "/ip6/" } else { "/ip4/" }) && s.contains("quic-v1") == quic
+            })
+            .cloned()
+            .unwrap_or_else(|| panic!("no {v6} {quic} address in {addrs:?}"))
+    };
+    for (v6, quic) in [(false, false), (true, false), (false, true), (true, true)] {
+        let listen = match (v6, quic) {
+            (false, false) => "/ip4/127.0.0.1/tcp/0",
+            (true, false) => "/ip6/::1/tcp/0",
+            (false, true) => "/ip4/127.0.0.1/udp/0/quic-v1",
+            (true, true) => "/ip6/::1/udp/0/quic-v1",
+        };
+        let peer = start(loopback_config(listen, &[])).await.unwrap();
+        assert_eq!(
+            peer.dial(pick(v6, quic)).await.unwrap(),
+            dual.peer_id(),
+            "over {listen}"
+        );
+        let connected = dual.connected_peers().await.unwrap();
+        let seen = connected
+            .iter()
+            .find(|p| p.peer_id == peer.peer_id())
+            .map(|p| p.addresses.clone());
+        // The listener may list the connection a moment after the dialer.
+        if seen.is_none() {
+            ollamacron_tests::eventually("the dual-stack node to list the peer", || {
+                let (dual, id) = (dual.clone(), peer.peer_id());
+                async move {
+                    dual.connected_peers()
+                        .await
+                        .unwrap()
+                        .iter()
+                        .any(|p| p.peer_id == id)
+                        .then_some(())
+                }
+            })
+            .await
+            .unwrap();
+        }
+        peer.shutdown().await.unwrap();
+    }
+    dual.shutdown().await.unwrap();
+}

@@ -403,14 +403,24 @@ impl Default for NodeConfig {
     }
 }
 
+/// TCP and QUIC on every IPv4 and IPv6 address, on the same port (a host
+/// without IPv6 listens on IPv4 only, and says so).
 fn default_listen() -> Vec<Multiaddr> {
     use libp2p::multiaddr::Protocol;
-    let any = Multiaddr::empty().with(Protocol::Ip4(Ipv4Addr::UNSPECIFIED));
-    vec![
-        any.clone().with(Protocol::Tcp(DEFAULT_P2P_PORT)),
-        any.with(Protocol::Udp(DEFAULT_P2P_PORT))
-            .with(Protocol::QuicV1),
+    [
+        Protocol::Ip4(Ipv4Addr::UNSPECIFIED),
+        Protocol::Ip6(std::net::Ipv6Addr::UNSPECIFIED),
     ]
+    .into_iter()
+    .flat_map(|ip| {
+        let any = Multiaddr::empty().with(ip);
+        [
+            any.clone().with(Protocol::Tcp(DEFAULT_P2P_PORT)),
+            any.with(Protocol::Udp(DEFAULT_P2P_PORT))
+                .with(Protocol::QuicV1),
+        ]
+    })
+    .collect()
 }
 
 impl NodeConfig {

@@ -25,7 +25,7 @@ const FIELD_DOCS: &[(&str, &str, Option<&str>)] = &[
     ),
     (
         "listen",
-        "Addresses to listen on: TCP, QUIC-v1 (UDP), and /ws with enable_websocket. Port 0 lets the OS choose.",
+        "Addresses to listen on: TCP, QUIC-v1 (UDP), and /ws with enable_websocket; IPv4 and IPv6 by default (a host without IPv6 listens on IPv4 only, and says so). Port 0 lets the OS choose.",
         None,
     ),
     (

@@ -35,7 +35,11 @@ fn no_layers_gives_the_defaults_and_they_are_valid() {
     let config = ConfigLoader::new().load().unwrap();
     assert_eq!(config, NodeConfig::default());
     assert!(config.enable_mdns && config.enable_dht);
-    assert_eq!(config.listen.len(), 2, "TCP and QUIC by default");
+    assert_eq!(
+        config.listen.len(),
+        4,
+        "TCP and QUIC, on IPv4 and IPv6, by default"
+    );
     assert!(config.api_listen.ip().is_loopback());
 }
 

@@ -163,7 +163,12 @@ impl Node {
                 "listen is empty: this node dials out but no peer can dial it (unless a relay reservation gives it an address)"
             );
         }
-        for addr in &self.config.listen {
+        let (listen, without_ipv6) = usable_listen_addrs(&self.config.listen, ipv6_available());
+        if !without_ipv6.is_empty() {
+            let skipped: Vec<String> = without_ipv6.iter().map(ToString::to_string).collect();
+            tracing::info!(skipped = %skipped.join(", "), "this host has no IPv6: listening on IPv4 only");
+        }
+        for addr in &listen {
             ensure_tcp_port_free(addr).map_err(&fail)?;
             let id = swarm.listen_on(addr.clone()).map_err(|e| {
                 fail(NodeError::Listen {
@@ -252,12 +257,48 @@ fn ensure_tcp_port_free(addr: &Multiaddr) -> Result<(), NodeError> {
     if port == 0 {
         return Ok(());
     }
-    std::net::TcpListener::bind(SocketAddr::new(ip, port))
-        .map(drop)
-        .map_err(|e| NodeError::Listen {
-            addr: addr.clone(),
-            reason: format!("{e} (is another node already listening on it?)"),
-        })
+    let in_use = |e: std::io::Error| NodeError::Listen {
+        addr: addr.clone(),
+        reason: format!("{e} (is another node already listening on it?)"),
+    };
+    let socket_addr = SocketAddr::new(ip, port);
+    let socket = socket2::Socket::new(
+        socket2::Domain::for_address(socket_addr),
+        socket2::Type::STREAM,
+        None,
+    )
+    .map_err(in_use)?;
+    // As std's `TcpListener::bind`: a port left in TIME_WAIT is free.
+    socket.set_reuse_address(true).map_err(in_use)?;
+    if ip.is_ipv6() {
+        // As libp2p binds it: IPv6 only, so the IPv4 listener on the same
+        // port is no clash.
+        socket.set_only_v6(true).map_err(in_use)?;
+    }
+    socket.bind(&socket_addr.into()).map_err(in_use)
+}
+
+fn is_ipv6(addr: &Multiaddr) -> bool {
+    matches!(addr.iter().next(), Some(Protocol::Ip6(_)))
+}
+
+/// Whether this host has IPv6 at all: an address in `/proc/net/if_inet6`
+/// (Linux), else a socket bound to `::1`.
+fn ipv6_available() -> bool {
+    match std::fs::read_to_string("/proc/net/if_inet6") {
+        Ok(addresses) => !addresses.trim().is_empty(),
+        Err(_) => std::net::UdpSocket::bind((std::net::Ipv6Addr::LOCALHOST, 0)).is_ok(),
+    }
+}
+
+/// The listen addresses to open, and the IPv6 ones left out: on a host
+/// without IPv6 those are skipped, as long as an IPv4 one remains (with
+/// only IPv6 ones, they are tried and fail with their reason).
+fn usable_listen_addrs(listen: &[Multiaddr], ipv6: bool) -> (Vec<Multiaddr>, Vec<Multiaddr>) {
+    if ipv6 || listen.iter().all(is_ipv6) {
+        return (listen.to_vec(), Vec::new());
+    }
+    listen.iter().cloned().partition(|a| !is_ipv6(a))
 }
 
 fn transport_error_reason<E: std::error::Error>(e: &libp2p::TransportError<E>) -> String {
@@ -266,5 +307,39 @@ fn transport_error_reason<E: std::error::Error>(e: &libp2p::TransportError<E>) -
             format!("no transport of this node supports {addr}")
         }
         libp2p::TransportError::Other(inner) => error_chain(inner),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn without_ipv6_only_the_ipv6_listen_addresses_are_left_out() {
+        let listen = ollamacron_config::NodeConfig::default().listen;
+        let (open, skipped) = usable_listen_addrs(&listen, false);
+        assert_eq!(open.len(), 2, "{open:?}");
+        assert!(open.iter().all(|a| !is_ipv6(a)));
+        assert_eq!(skipped.len(), 2);
+        assert!(skipped.iter().all(is_ipv6));
+        assert_eq!(usable_listen_addrs(&listen, true), (listen, Vec::new()));
+        let only_v6: Vec<Multiaddr> = vec!["/ip6/::1/tcp/0".parse().unwrap()];
+        assert_eq!(
+            usable_listen_addrs(&only_v6, false),
+            (only_v6, Vec::new()),
+            "tried, to fail with the reason"
+        );
+    }
+
+    #[test]
+    fn the_port_check_sees_ipv4_and_ipv6_listeners_apart() {
+        let v4 = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        let port = v4.local_addr().unwrap().port();
+        let same_v4: Multiaddr = format!("/ip4/127.0.0.1/tcp/{port}").parse().unwrap();
+        assert!(ensure_tcp_port_free(&same_v4).is_err());
+        if ipv6_available() {
+            let v6: Multiaddr = format!("/ip6/::/tcp/{port}").parse().unwrap();
+            assert!(ensure_tcp_port_free(&v6).is_ok(), "IPv6 only: no clash");
+        }
     }
 }

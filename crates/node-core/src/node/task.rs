@@ -15,7 +15,7 @@ use tokio::sync::{broadcast, oneshot, watch};
 
 use super::events;
 use super::handle::Command;
-use crate::addr::{is_loopback, is_relayed, with_peer};
+use crate::addr::{is_link_local, is_loopback, is_relayed, with_peer};
 use crate::behaviour::{NodeBehaviour, NodeBehaviourEvent};
 use crate::discovery::{self, DhtSummary};
 use crate::error::{NodeError, error_chain};
@@ -426,7 +426,7 @@ impl SwarmTask {
         // client confirms the one we reserved through (and expires it with
         // the reservation): the others are the relay's to claim, not ours
         // to announce.
-        if !relayed && (self.loopback_only || !is_loopback(&address)) {
+        if !relayed && !is_link_local(&address) && (self.loopback_only || !is_loopback(&address)) {
             self.swarm.add_external_address(address.clone());
         }
         if let Some(l) = self.listeners.get_mut(&listener_id) {

@@ -64,6 +64,7 @@ impl Behaviour {
                     .filter(|a| !ollamacron_nat::is_relayed(a)),
             )
             .filter(|a| self.loopback_only || !ollamacron_nat::is_loopback(a))
+            .filter(|a| !crate::addr::is_link_local(a))
             .filter(|a| {
                 !a.iter().any(|p| match p {
                     Protocol::Ip4(ip) => ip.is_unspecified(),
