@@ -312,3 +312,53 @@ async fn without_configured_relays_a_private_node_reserves_on_a_discovered_one()
             .any(|s| s.detail.starts_with("server mode"))
     );
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_node_of_unknown_reachability_reserves_on_its_relay_and_is_dialed_through_it() {
+    let (relay, relay_addr) = relay(&[]).await;
+    // Not forced: on loopback AutoNAT (global addresses only) never
+    // decides, so the node stays `unknown`, as one behind a NAT does in
+    // its first seconds. It reserves anyway.
+    let relays = format!("[{relay_addr}]");
+    let node = start(loopback_config(
+        TCP_ONLY,
+        &[("relay_nodes", relays.as_str()), ("ping_interval", "1s")],
+    ))
+    .await
+    .unwrap();
+    let circuit = eventually("a reservation while reachability is unknown", || {
+        let node = node.clone();
+        async move { circuit_addrs(&node).await.into_iter().next() }
+    })
+    .await
+    .unwrap();
+    assert_eq!(
+        node.status().await.unwrap().reachability,
+        Reachability::Unknown
+    );
+    assert_eq!(
+        node.status().await.unwrap().nat.relays,
+        [relay.peer_id()],
+        "the reservation is held"
+    );
+    assert!(circuit.to_string().contains(&relay.peer_id().to_string()));
+    // A peer dials it through the relay.
+    let other = start(loopback_config(
+        TCP_ONLY,
+        &[("enable_hole_punch", "false"), ("enable_dht", "false")],
+    ))
+    .await
+    .unwrap();
+    assert_eq!(other.dial(circuit).await.unwrap(), node.peer_id());
+    let (kind, _) = eventually("the relayed connection", || {
+        let other = other.clone();
+        let peer = node.peer_id();
+        async move {
+            let found = connection_to(&other, peer).await;
+            (found.0 != ConnectionKind::None).then_some(found)
+        }
+    })
+    .await
+    .unwrap();
+    assert_eq!(kind, ConnectionKind::Relayed);
+}

@@ -331,9 +331,10 @@ impl Behaviour {
             relayed_peers: RelayedPeers::default(),
             queued: VecDeque::new(),
         };
-        if let Some(forced) = config.force_reachability {
-            behaviour.apply(forced);
-        }
+        // Until AutoNAT decides, reachability is unknown: reservations are
+        // wanted from the start (a node behind NAT is dialable through its
+        // relay in its first seconds, as go-libp2p's autorelay does).
+        behaviour.apply(config.force_reachability.unwrap_or(Reachability::Unknown));
         behaviour
     }
 
@@ -408,7 +409,7 @@ impl Behaviour {
     }
 
     /// Set the reachability and act on it: relay service only while
-    /// public, reservations only while private.
+    /// public, reservations while not public (private or unknown).
     fn apply(&mut self, reachability: Reachability) {
         self.reachability = reachability;
         if let Some(server) = self.inner.relay_server.as_mut() {
@@ -425,7 +426,8 @@ impl Behaviour {
                 self.emit(Event::RelayServer(RelayServerEvent::Serving(serve)));
             }
         }
-        let wanted = self.auto_relay && reachability == Reachability::Private;
+        // Reserve while private and while unknown; only a public node needs none.
+        let wanted = self.auto_relay && reachability != Reachability::Public;
         for action in self.reservations.set_wanted(wanted) {
             if let ReservationAction::Close { id } = action {
                 self.queued.push_back(ToSwarm::RemoveListener { id });
