@@ -336,10 +336,25 @@ async fn a_node_of_unknown_reachability_reserves_on_its_relay_and_is_dialed_thro
         node.status().await.unwrap().reachability,
         Reachability::Unknown
     );
+    let status = node.status().await.unwrap();
     assert_eq!(
-        node.status().await.unwrap().nat.relays,
+        status.nat.relays,
         [relay.peer_id()],
         "the reservation is held"
+    );
+    // The status says why, in words an operator can act on.
+    assert!(
+        status
+            .nat
+            .why
+            .starts_with("unknown: AutoNAT has not decided")
+            && status.nat.why.contains("autonat_only_global_ips")
+            && status
+                .nat
+                .why
+                .contains("reachable through 1 relay reservation"),
+        "{}",
+        status.nat.why
     );
     assert!(circuit.to_string().contains(&relay.peer_id().to_string()));
     // A peer dials it through the relay.

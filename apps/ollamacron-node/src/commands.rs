@@ -211,6 +211,7 @@ pub(crate) async fn status(api: &ApiClient, output: OutputArgs) -> anyhow::Resul
         ("version".into(), s.version.clone()),
         ("uptime".into(), uptime.to_string()),
         ("reachability".into(), s.reachability.to_string()),
+        ("why".into(), s.nat.why.clone()),
     ];
     let addrs = |items: &[ollamacron_node_core::libp2p::Multiaddr],
                  label: &str,

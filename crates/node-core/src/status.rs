@@ -133,6 +133,9 @@ pub struct TraversalStatus {
     pub circuits_served: u64,
     /// Hole punching (DCUtR) since start.
     pub hole_punch: HolePunchCounts,
+    /// Why the node is or is not reachable, in words an operator can act
+    /// on: the verdict and its source, the reservations held, what to do.
+    pub why: String,
 }
 
 /// DCUtR outcomes since start, in [`TraversalStatus`].
@@ -459,6 +462,7 @@ mod tests {
                     succeeded: 3,
                     failed: 2,
                 },
+                why: "private: AutoNAT peers could not dial us back".to_owned(),
             },
             connections: ConnectionCounts {
                 peers: 4,

@@ -2,7 +2,7 @@
 //! DHT's mode), relay reservations, hole punching, relay service, UPnP.
 
 use libp2p::PeerId;
-use ollamacron_nat::{self as nat, RELAY_HOP_PROTOCOL, RelayServerEvent, is_relayed};
+use ollamacron_nat::{self as nat, RELAY_HOP_PROTOCOL, Reachability, RelayServerEvent, is_relayed};
 
 use super::task::SwarmTask;
 use crate::configs::dht_mode;
@@ -19,13 +19,14 @@ impl SwarmTask {
                 reachability,
                 address,
             } => {
-                match &address {
-                    Some(address) => {
-                        tracing::info!(%reachability, %address, "reachability changed: peers dialed us back");
-                    }
-                    None => tracing::info!(%reachability, "reachability changed"),
-                }
                 self.metrics.set_reachability(reachability.as_str());
+                self.traversal.confirmed_at = address.clone();
+                let why = reachability_reason(
+                    &self.swarm.behaviour().nat,
+                    &self.config,
+                    address.as_ref(),
+                );
+                tracing::info!(%reachability, %why, "reachability changed");
                 let mode = dht_mode(&self.config, reachability);
                 self.swarm.behaviour_mut().registry.set_dht_mode(mode);
                 self.emit(NodeEvent::ReachabilityChanged {
@@ -162,5 +163,59 @@ impl SwarmTask {
             .behaviour_mut()
             .nat
             .add_relay_candidate(peer, &addresses);
+    }
+}
+
+/// Why a node is or is not reachable, for `status`: the verdict and where
+/// it comes from, the reservations held, and what an operator can do.
+pub(super) fn reachability_reason(
+    nat: &ollamacron_nat::Behaviour,
+    config: &ollamacron_config::NodeConfig,
+    confirmed_at: Option<&libp2p::Multiaddr>,
+) -> String {
+    let relays = nat.active_relays().len();
+    let through = match relays {
+        0 => None,
+        1 => Some("reachable through 1 relay reservation".to_owned()),
+        n => Some(format!("reachable through {n} relay reservations")),
+    };
+    let reservations = || {
+        through.clone().unwrap_or_else(|| {
+            if !config.enable_auto_relay {
+                "no relay reservation (enable_auto_relay is off)".to_owned()
+            } else if config.relay_nodes.is_empty() {
+                "no relay reservation yet: set relay_nodes, or connect to a public relay".to_owned()
+            } else {
+                "no relay reservation yet (asking the configured relay_nodes)".to_owned()
+            }
+        })
+    };
+    let reachability = nat.reachability();
+    if nat.is_forced() {
+        return match reachability {
+            Reachability::Public => {
+                "public (force_reachability): peers dial this node directly".to_owned()
+            }
+            _ => format!("{reachability} (force_reachability); {}", reservations()),
+        };
+    }
+    match reachability {
+        Reachability::Public => match confirmed_at {
+            Some(address) => format!("public: AutoNAT peers dialed this node back at {address}"),
+            None => "public: AutoNAT peers dialed this node back".to_owned(),
+        },
+        Reachability::Private => format!(
+            "private: AutoNAT peers could not dial this node back (behind NAT or a firewall); {}",
+            reservations()
+        ),
+        Reachability::Unknown => {
+            let undecided = if config.autonat_only_global_ips {
+                "AutoNAT has not decided (it asks peers on global addresses only; \
+                 autonat_only_global_ips)"
+            } else {
+                "AutoNAT has not decided yet (it needs connected peers to dial it back)"
+            };
+            format!("unknown: {undecided}; {}", reservations())
+        }
     }
 }

@@ -49,6 +49,8 @@ impl ListenerStatus {
 pub(super) struct TraversalCounters {
     pub(super) hole_punch: HolePunchCounts,
     pub(super) circuits_served: u64,
+    /// The address AutoNAT's peers dialed us back at, when public.
+    pub(super) confirmed_at: Option<Multiaddr>,
 }
 
 /// Owns the swarm; the only code that touches it.
@@ -214,6 +216,11 @@ impl SwarmTask {
                 relay_service: nat.is_relaying(),
                 circuits_served: self.traversal.circuits_served,
                 hole_punch: self.traversal.hole_punch,
+                why: super::nat::reachability_reason(
+                    nat,
+                    &self.config,
+                    self.traversal.confirmed_at.as_ref(),
+                ),
             },
             connections: ConnectionCounts {
                 peers: peers.peer_count(),
