@@ -211,8 +211,10 @@ pub(crate) async fn status(api: &ApiClient, output: OutputArgs) -> anyhow::Resul
         ("version".into(), s.version.clone()),
         ("uptime".into(), uptime.to_string()),
         ("reachability".into(), s.reachability.to_string()),
-        ("why".into(), s.nat.why.clone()),
     ];
+    if !s.nat.why.is_empty() {
+        rows.push(("why".into(), s.nat.why.clone()));
+    }
     let addrs = |items: &[ollamacron_node_core::libp2p::Multiaddr],
                  label: &str,
                  rows: &mut Vec<(String, String)>| {

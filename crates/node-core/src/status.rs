@@ -135,6 +135,8 @@ pub struct TraversalStatus {
     pub hole_punch: HolePunchCounts,
     /// Why the node is or is not reachable, in words an operator can act
     /// on: the verdict and its source, the reservations held, what to do.
+    /// (Empty from a node older than this field.)
+    #[serde(default)]
     pub why: String,
 }
 
