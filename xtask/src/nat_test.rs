@@ -65,8 +65,9 @@ pub(crate) enum NodeSettings {
     /// reachability stays unknown, and the nodes must still reserve, find
     /// each other and go direct.
     Defaults,
-    /// `autonat_only_global_ips: false` and a short `dial_timeout`: both
-    /// nodes detect they are private first.
+    /// `autonat_only_global_ips: false` (the lab's addresses count as
+    /// global), every other setting default: both nodes detect they are
+    /// private first.
     Tuned,
     /// Both, one after the other.
     Both,
@@ -435,14 +436,15 @@ impl Scenario {
         // `NAT_TEST_LOG=<filter>` gives the nodes another log filter.
         let log_level = std::env::var("NAT_TEST_LOG")
             .unwrap_or_else(|_| "info,ollamacron_nat=debug".to_owned());
-        // The relay always runs tuned (its settings are not under test).
+        // The relay always runs tuned: it is the AutoNAT server of the
+        // lab, and its dial-backs go to documentation addresses.
         let common = |label: &str, tuned: bool| {
             format!(
                 "data_dir: {}\nenable_mdns: false\nenable_ollama: false\nenable_gateway: false\napi_listen: {API}\n{}\
                  ping_interval: 2s\nlog_level: \"{log_level}\"\n",
                 dir.join(label).display(),
                 if tuned {
-                    "autonat_only_global_ips: false\ndial_timeout: 5s\n"
+                    "autonat_only_global_ips: false\n"
                 } else {
                     ""
                 }

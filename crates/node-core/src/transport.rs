@@ -3,6 +3,7 @@
 //! of them, the private-network (pnet) handshake when a network key is set,
 //! and bandwidth metrics.
 
+use std::future::Future;
 use std::iter::{Chain, Map};
 use std::time::Duration;
 
@@ -33,6 +34,11 @@ use crate::error::NodeError;
 
 /// Longest a TCP connection may take to negotiate security and muxing.
 const UPGRADE_TIMEOUT: Duration = Duration::from_secs(20);
+/// Longest this node, as an AutoNAT server, tries to dial a peer back. A
+/// peer behind a NAT that drops unsolicited packets never answers; with
+/// the whole `dial_timeout` (30 s) its private verdict would wait for it.
+/// A reachable peer answers a dial-back well within this.
+const AUTONAT_DIAL_BACK_TIMEOUT: Duration = Duration::from_secs(8);
 
 /// The node's authenticated, multiplexed transport.
 pub(crate) type NodeTransport = Boxed<(PeerId, StreamMuxerBox)>;
@@ -118,8 +124,13 @@ pub(crate) fn build_transport(
     };
 
     // The whole outgoing dial (DNS, connect, security, muxer) is bounded by
-    // `dial_timeout`.
-    let bounded = TransportTimeout::with_outgoing_timeout(resolved, config.dial_timeout).boxed();
+    // `dial_timeout`; an AutoNAT dial-back by a shorter one of its own.
+    let dial_back = DialBackTimeout {
+        inner: resolved,
+        timeout: config.dial_timeout.min(AUTONAT_DIAL_BACK_TIMEOUT),
+    }
+    .boxed();
+    let bounded = TransportTimeout::with_outgoing_timeout(dial_back, config.dial_timeout).boxed();
     Ok(BandwidthTransport::new(bounded, registry)
         .map(|(peer, conn), _| (peer, StreamMuxerBox::new(conn)))
         .boxed())
@@ -178,6 +189,65 @@ impl<T: Transport + Unpin> Transport for FreshSourcePort<T> {
             opts.port_use = PortUse::New;
         }
         self.inner.dial(addr, opts)
+    }
+
+    fn poll(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+    ) -> Poll<TransportEvent<Self::ListenerUpgrade, Self::Error>> {
+        Pin::new(&mut self.inner).poll(cx)
+    }
+}
+
+/// AutoNAT's dial-backs get their own timeout: they are the only dials
+/// for which libp2p asks the transport for a new port (`PortUse::New`
+/// from the swarm; every behaviour of ours and libp2p's others reuse).
+struct DialBackTimeout {
+    inner: Boxed<(PeerId, StreamMuxerBox)>,
+    timeout: Duration,
+}
+
+impl Transport for DialBackTimeout {
+    type Output = (PeerId, StreamMuxerBox);
+    type Error = std::io::Error;
+    type ListenerUpgrade = <Boxed<(PeerId, StreamMuxerBox)> as Transport>::ListenerUpgrade;
+    type Dial = Pin<Box<dyn Future<Output = Result<Self::Output, Self::Error>> + Send>>;
+
+    fn listen_on(
+        &mut self,
+        id: ListenerId,
+        addr: Multiaddr,
+    ) -> Result<(), TransportError<Self::Error>> {
+        self.inner.listen_on(id, addr)
+    }
+
+    fn remove_listener(&mut self, id: ListenerId) -> bool {
+        self.inner.remove_listener(id)
+    }
+
+    fn dial(
+        &mut self,
+        addr: Multiaddr,
+        opts: TransportDialOpts,
+    ) -> Result<Self::Dial, TransportError<Self::Error>> {
+        let dial_back = opts.port_use == PortUse::New;
+        let dial = self.inner.dial(addr, opts)?;
+        if !dial_back {
+            return Ok(dial);
+        }
+        let timeout = self.timeout;
+        Ok(Box::pin(async move {
+            match tokio::time::timeout(timeout, dial).await {
+                Ok(result) => result,
+                Err(_) => Err(std::io::Error::new(
+                    std::io::ErrorKind::TimedOut,
+                    format!(
+                        "AutoNAT dial-back gave up after {}",
+                        humantime::format_duration(timeout)
+                    ),
+                )),
+            }
+        }))
     }
 
     fn poll(
