@@ -38,7 +38,7 @@ const UPGRADE_TIMEOUT: Duration = Duration::from_secs(20);
 /// peer behind a NAT that drops unsolicited packets never answers; with
 /// the whole `dial_timeout` (30 s) its private verdict would wait for it.
 /// A reachable peer answers a dial-back well within this.
-const AUTONAT_DIAL_BACK_TIMEOUT: Duration = Duration::from_secs(8);
+const AUTONAT_DIAL_BACK_TIMEOUT: Duration = Duration::from_secs(5);
 
 /// The node's authenticated, multiplexed transport.
 pub(crate) type NodeTransport = Boxed<(PeerId, StreamMuxerBox)>;
