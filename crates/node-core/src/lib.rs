@@ -17,6 +17,8 @@ mod peers;
 pub mod registry;
 mod state;
 mod status;
+#[cfg(test)]
+mod test_swarms;
 mod transport;
 pub mod trim;
 

@@ -4,9 +4,6 @@
 //! methods the swarm task calls (`set_running`, `on_dht_provider`,
 //! `on_identified`) and reads the events the swarm reports.
 
-use std::task::Poll;
-
-use futures::StreamExt;
 use libp2p::Swarm;
 use libp2p::identity::Keypair;
 use libp2p::multiaddr::Protocol;
@@ -14,9 +11,9 @@ use libp2p::swarm::SwarmEvent;
 use libp2p_swarm_test::SwarmExt;
 
 use super::*;
+use crate::test_swarms::{drive, until, unused_address};
 
 /// Longest any expected outcome may take.
-const LIMIT: Duration = Duration::from_secs(20);
 /// How long a node is watched for events that must not come.
 const QUIET: Duration = Duration::from_millis(700);
 
@@ -40,11 +37,6 @@ fn node(config: &NodeConfig) -> (Swarm<Behaviour>, Keypair) {
 
 fn peer(swarm: &Swarm<Behaviour>) -> PeerId {
     *swarm.local_peer_id()
-}
-
-/// An address on the memory transport nobody listens on.
-fn unused_address() -> Multiaddr {
-    Protocol::Memory(rand::random::<u64>() | (1 << 63)).into()
 }
 
 /// What identify would tell of `key`'s node.
@@ -84,51 +76,10 @@ fn dialing(swarm: &Swarm<Behaviour>) -> bool {
             .any(|e| matches!(e, ToSwarm::Dial { .. }))
 }
 
-/// Drive every swarm for at most `limit`. `step` sees each event
-/// (`Some((index, event))`) and, after every pass over the swarms, `None`.
-/// The first `Some` it returns ends the drive; `None` if none came in time.
-async fn drive<T>(
-    swarms: &mut [Swarm<Behaviour>],
-    limit: Duration,
-    mut step: impl FnMut(&mut [Swarm<Behaviour>], Option<(usize, SwarmEvent<Event>)>) -> Option<T>,
-) -> Option<T> {
-    let run = std::future::poll_fn(|cx| {
-        loop {
-            let mut progressed = false;
-            for index in 0..swarms.len() {
-                if let Poll::Ready(Some(event)) = swarms[index].poll_next_unpin(cx) {
-                    progressed = true;
-                    if let Some(out) = step(swarms, Some((index, event))) {
-                        return Poll::Ready(out);
-                    }
-                }
-            }
-            if let Some(out) = step(swarms, None) {
-                return Poll::Ready(out);
-            }
-            if !progressed {
-                return Poll::Pending;
-            }
-        }
-    });
-    tokio::time::timeout(limit, run).await.ok()
-}
-
-/// [`drive`] that must succeed within [`LIMIT`].
-async fn until<T>(
-    swarms: &mut [Swarm<Behaviour>],
-    what: &str,
-    step: impl FnMut(&mut [Swarm<Behaviour>], Option<(usize, SwarmEvent<Event>)>) -> Option<T>,
-) -> T {
-    drive(swarms, LIMIT, step)
-        .await
-        .unwrap_or_else(|| panic!("timed out waiting for {what}"))
-}
-
 /// Drive `swarms` for [`QUIET`] and fail if swarm 0 dials, connects or
 /// closes a connection meanwhile.
 async fn no_connection_changes(swarms: &mut [Swarm<Behaviour>]) {
-    let late = drive(swarms, QUIET, |_, event| match event {
+    let late = drive(swarms, QUIET, &mut |_, event| match event {
         Some((
             0,
             event @ (SwarmEvent::Dialing { .. }

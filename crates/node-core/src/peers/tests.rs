@@ -4,9 +4,6 @@
 //! the swarm task would: its methods are called directly, its events read
 //! from the swarm.
 
-use std::task::Poll;
-
-use futures::StreamExt;
 use libp2p::Swarm;
 use libp2p::multiaddr::Protocol;
 use libp2p::swarm::SwarmEvent;
@@ -14,9 +11,9 @@ use libp2p_swarm_test::SwarmExt;
 use tokio::sync::oneshot::error::TryRecvError;
 
 use super::*;
+use crate::test_swarms::{drive, until, unused_address};
 
 /// Longest any expected outcome may take.
-const LIMIT: Duration = Duration::from_secs(20);
 /// How long a node is watched for events that must not come.
 const QUIET: Duration = Duration::from_millis(700);
 
@@ -38,53 +35,6 @@ fn node(config: &NodeConfig, protected: HashSet<PeerId>) -> Swarm<Behaviour> {
 
 fn peer(swarm: &Swarm<Behaviour>) -> PeerId {
     *swarm.local_peer_id()
-}
-
-/// An address on the memory transport nobody listens on.
-fn unused_address() -> Multiaddr {
-    Protocol::Memory(rand::random::<u64>() | (1 << 63)).into()
-}
-
-/// Drive every swarm for at most `limit`. `step` sees each event
-/// (`Some((index, event))`) and, after every pass over the swarms, `None`
-/// (to check conditions no event announces, like a reply). The first
-/// `Some` it returns ends the drive; `None` if none came in time.
-async fn drive<T>(
-    swarms: &mut [Swarm<Behaviour>],
-    limit: Duration,
-    mut step: impl FnMut(&mut [Swarm<Behaviour>], Option<(usize, SwarmEvent<Event>)>) -> Option<T>,
-) -> Option<T> {
-    let run = std::future::poll_fn(|cx| {
-        loop {
-            let mut progressed = false;
-            for index in 0..swarms.len() {
-                if let Poll::Ready(Some(event)) = swarms[index].poll_next_unpin(cx) {
-                    progressed = true;
-                    if let Some(out) = step(swarms, Some((index, event))) {
-                        return Poll::Ready(out);
-                    }
-                }
-            }
-            if let Some(out) = step(swarms, None) {
-                return Poll::Ready(out);
-            }
-            if !progressed {
-                return Poll::Pending;
-            }
-        }
-    });
-    tokio::time::timeout(limit, run).await.ok()
-}
-
-/// [`drive`] that must succeed within [`LIMIT`].
-async fn until<T>(
-    swarms: &mut [Swarm<Behaviour>],
-    what: &str,
-    step: impl FnMut(&mut [Swarm<Behaviour>], Option<(usize, SwarmEvent<Event>)>) -> Option<T>,
-) -> T {
-    drive(swarms, LIMIT, step)
-        .await
-        .unwrap_or_else(|| panic!("timed out waiting for {what}"))
 }
 
 /// Listen on a fresh memory address (also made external) and return it.
@@ -451,7 +401,7 @@ async fn trimming_closes_down_to_low_and_never_a_protected_peer() {
     expected.sort();
     assert_eq!(kept, expected, "the oldest and the protected one stay");
     // Nothing else is closed afterwards (the periodic check agrees).
-    let late = drive(&mut swarms, QUIET, |_, event| match event {
+    let late = drive(&mut swarms, QUIET, &mut |_, event| match event {
         Some((0, SwarmEvent::ConnectionClosed { peer_id, .. })) => Some(peer_id),
         _ => None,
     })

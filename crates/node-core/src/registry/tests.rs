@@ -6,9 +6,6 @@
 //! registry's methods (answering through `answer_after_events`) and reads
 //! the events.
 
-use std::task::Poll;
-
-use futures::StreamExt;
 use libp2p::Swarm;
 use libp2p::multiaddr::Protocol;
 use libp2p::swarm::SwarmEvent;
@@ -18,9 +15,9 @@ use tokio::sync::oneshot;
 use tokio::sync::oneshot::error::TryRecvError;
 
 use super::*;
+use crate::test_swarms::{drive, until};
 
 /// Longest any expected outcome may take.
-const LIMIT: Duration = Duration::from_secs(20);
 /// How long a node is watched for events that must not come.
 const QUIET: Duration = Duration::from_millis(700);
 const SERVICE_ID: &str = "llama3";
@@ -105,51 +102,6 @@ fn llm_query() -> ServiceQuery {
         service_type: Some("llm".to_owned()),
         ..ServiceQuery::default()
     }
-}
-
-type Step<'a, T> =
-    dyn FnMut(&mut [Swarm<Behaviour>], Option<(usize, SwarmEvent<Event>)>) -> Option<T> + 'a;
-
-/// Drive every swarm for at most `limit`. `step` sees each event
-/// (`Some((index, event))`) and, after every pass over the swarms, `None`
-/// (to check what no event announces, like a reply). The first `Some` it
-/// returns ends the drive; `None` if none came in time.
-async fn drive<T>(
-    swarms: &mut [Swarm<Behaviour>],
-    limit: Duration,
-    step: &mut Step<'_, T>,
-) -> Option<T> {
-    let run = std::future::poll_fn(|cx| {
-        loop {
-            let mut progressed = false;
-            for index in 0..swarms.len() {
-                if let Poll::Ready(Some(event)) = swarms[index].poll_next_unpin(cx) {
-                    progressed = true;
-                    if let Some(out) = step(swarms, Some((index, event))) {
-                        return Poll::Ready(out);
-                    }
-                }
-            }
-            if let Some(out) = step(swarms, None) {
-                return Poll::Ready(out);
-            }
-            if !progressed {
-                return Poll::Pending;
-            }
-        }
-    });
-    tokio::time::timeout(limit, run).await.ok()
-}
-
-/// [`drive`] that must succeed within [`LIMIT`].
-async fn until<T>(
-    swarms: &mut [Swarm<Behaviour>],
-    what: &str,
-    mut step: impl FnMut(&mut [Swarm<Behaviour>], Option<(usize, SwarmEvent<Event>)>) -> Option<T>,
-) -> T {
-    drive(swarms, LIMIT, &mut step)
-        .await
-        .unwrap_or_else(|| panic!("timed out waiting for {what}"))
 }
 
 /// The value on `reply` once there is one, driving every swarm meanwhile.
