@@ -145,14 +145,6 @@ impl Behaviour {
     /// good; otherwise dial it, and the dial's outcome counts. Whether it
     /// has spare capacity plays no part.
     pub(super) fn check_peer(&mut self, peer: PeerId) {
-        self.dial_for_health(peer, true);
-    }
-
-    /// Dial `peer` for a health check. With `prefer_direct`, when both
-    /// sides have a global IPv6 address, the first dial leaves relays out
-    /// (a relay is for peers that cannot be reached directly); if it fails,
-    /// the peer is dialed again with every address.
-    fn dial_for_health(&mut self, peer: PeerId, prefer_direct: bool) {
         let now = unix_ms();
         if self.connected.contains(&peer) {
             self.peer_health.entry(peer).or_default().record(true, now);
@@ -174,39 +166,21 @@ impl Behaviour {
             .into_iter()
             .take(MAX_HEALTH_DIAL_ADDRESSES)
             .collect();
-        let direct_v6 =
-            prefer_direct && self.has_global_ipv6() && addresses.iter().any(is_global_ipv6);
-        let opts = if direct_v6 {
-            DialOpts::peer_id(peer)
-                .addresses(addresses.into_iter().filter(is_global_ipv6).collect())
-                .condition(PeerCondition::Disconnected)
-                .build()
-        } else {
-            DialOpts::peer_id(peer)
-                .addresses(addresses)
-                .extend_addresses_through_behaviour()
-                // Not blocked by a dial already under way: discovery may be
-                // stuck on an address that never answers (a LAN address behind
-                // another NAT) while this dial has the relay address.
-                .condition(PeerCondition::Disconnected)
-                .build()
-        };
-        if direct_v6 {
-            self.direct_first.insert(opts.connection_id());
-        }
+        let opts = DialOpts::peer_id(peer)
+            .addresses(addresses)
+            .extend_addresses_through_behaviour()
+            // Not blocked by a dial already under way: discovery may be
+            // stuck on an address that never answers (a LAN address behind
+            // another NAT) while this dial has the relay address.
+            .condition(PeerCondition::Disconnected)
+            .build();
         self.health_dials.insert(opts.connection_id(), peer);
         self.queued.push_back(ToSwarm::Dial { opts });
     }
 
     /// A health-check dial finished.
     pub(super) fn on_health_dial(&mut self, connection: libp2p::swarm::ConnectionId, ok: bool) {
-        let direct_first = self.direct_first.remove(&connection);
         if let Some(peer) = self.health_dials.remove(&connection) {
-            if direct_first && !ok {
-                // Its IPv6 address did not answer: every address, relays too.
-                self.dial_for_health(peer, false);
-                return;
-            }
             if !ok {
                 tracing::debug!(%peer, "health check cannot dial");
             }
@@ -215,29 +189,6 @@ impl Behaviour {
                 .or_default()
                 .record(ok, unix_ms());
         }
-    }
-}
-
-/// A global unicast IPv6 address (not loopback, link-local, unique-local
-/// or documentation), not through a relay.
-fn is_global_ipv6(addr: &Multiaddr) -> bool {
-    let Some(Protocol::Ip6(ip)) = addr.iter().next() else {
-        return false;
-    };
-    let segments = ip.segments();
-    // 2000::/3 is global unicast; 2001:db8::/32 is for documentation.
-    (segments[0] & 0xe000) == 0x2000
-        && !(segments[0] == 0x2001 && segments[1] == 0x0db8)
-        && !ollamacron_nat::is_relayed(addr)
-}
-
-impl Behaviour {
-    /// Whether this node has a global IPv6 address of its own.
-    fn has_global_ipv6(&self) -> bool {
-        self.external_addrs
-            .iter()
-            .chain(&self.listen_addrs)
-            .any(is_global_ipv6)
     }
 }
 
@@ -285,25 +236,6 @@ mod tests {
             [w.reliability, w.latency, w.throughput, w.availability],
             [d.reliability, d.latency, d.throughput, d.availability]
         );
-    }
-
-    #[test]
-    fn only_global_ipv6_addresses_count_as_global() {
-        let global: Multiaddr =
-            "/ip6/2a01:4f8::1/tcp/1/p2p/12D3KooWAf3JtkEWALnUhiyWVZFspkm78WeUM8vCWLBD72EQovKZ"
-                .parse()
-                .unwrap();
-        assert!(is_global_ipv6(&global));
-        for not in [
-            "/ip6/::1/tcp/1",
-            "/ip6/fe80::1/tcp/1",
-            "/ip6/fd00::2/tcp/1",
-            "/ip6/2001:db8::1/tcp/1",
-            "/ip4/8.8.8.8/tcp/1",
-            "/ip6/2a01:4f8::1/tcp/1/p2p/12D3KooWAf3JtkEWALnUhiyWVZFspkm78WeUM8vCWLBD72EQovKZ/p2p-circuit",
-        ] {
-            assert!(!is_global_ipv6(&not.parse().unwrap()), "{not}");
-        }
     }
 
     #[test]

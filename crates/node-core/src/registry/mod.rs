@@ -149,9 +149,6 @@ pub(crate) struct Behaviour {
     fetch_queued: HashSet<PeerId>,
     lookups: Vec<PendingLookup>,
     health_dials: HashMap<ConnectionId, PeerId>,
-    /// Health dials over global IPv6 only, redialed with every address
-    /// when they fail.
-    direct_first: HashSet<ConnectionId>,
     probes_in_flight: usize,
     probe_tx: mpsc::Sender<ProbeResult>,
     probe_rx: mpsc::Receiver<ProbeResult>,
@@ -264,7 +261,6 @@ impl Behaviour {
             fetch_queued: HashSet::new(),
             lookups: Vec::new(),
             health_dials: HashMap::new(),
-            direct_first: HashSet::new(),
             probes_in_flight: 0,
             probe_tx,
             probe_rx,
@@ -504,7 +500,6 @@ impl NetworkBehaviour for Behaviour {
                 if matches!(e.error, DialError::DialPeerConditionFalse(_)) {
                     // Another dial is under way or we are connected.
                     self.health_dials.remove(&e.connection_id);
-                    self.direct_first.remove(&e.connection_id);
                 } else {
                     self.on_health_dial(e.connection_id, false);
                 }
