@@ -236,6 +236,8 @@ pub enum RelayServerEvent {
 /// Build it with [`Behaviour::new`], which also returns the relay client
 /// transport to put in front of the node's transport.
 pub struct Behaviour {
+    /// This node (never a relay of its own).
+    local_peer: PeerId,
     inner: Inner,
     forced: Option<Reachability>,
     reachability: Reachability,
@@ -244,6 +246,11 @@ pub struct Behaviour {
     retry: Option<Pin<Box<Sleep>>>,
     retry_at: Option<Instant>,
     listens_beyond_loopback: bool,
+    /// We listen on an IPv4 address beyond loopback.
+    listens_ipv4: bool,
+    /// The last public verdict was confirmed over IPv6 only: IPv4 peers
+    /// may still need a relay (IPv4 behind NAT, IPv6 open).
+    public_over_ipv6: bool,
     /// The relay service is offered now.
     serving: bool,
     /// Open (direct, relayed) connections per peer.
@@ -312,12 +319,20 @@ impl Behaviour {
             upnp: config.upnp.then(upnp::tokio::Behaviour::default).into(),
         };
         let mut behaviour = Self {
+            local_peer,
             inner,
             forced: config.force_reachability,
             reachability: Reachability::Unknown,
             auto_relay: config.auto_relay,
             reservations: Reservations::new(
-                &config.relay_nodes,
+                // A fleet-wide config may list this node among its relays:
+                // it never reserves on itself.
+                &config
+                    .relay_nodes
+                    .iter()
+                    .filter(|a| reservations::peer_of(a) != Some(local_peer))
+                    .cloned()
+                    .collect::<Vec<_>>(),
                 config.max_discovered_relays,
                 config.max_discovered_relay_failures,
                 config.reservation_backoff_initial,
@@ -326,6 +341,8 @@ impl Behaviour {
             retry: None,
             retry_at: None,
             listens_beyond_loopback: false,
+            listens_ipv4: false,
+            public_over_ipv6: false,
             serving: false,
             connection_kinds: HashMap::new(),
             relayed_peers: RelayedPeers::default(),
@@ -402,6 +419,9 @@ impl Behaviour {
     /// on when no relay is configured. The first address that is not
     /// itself relayed is used.
     pub fn add_relay_candidate(&mut self, peer: PeerId, addresses: &[Multiaddr]) {
+        if peer == self.local_peer {
+            return;
+        }
         if let Some(address) = addresses.iter().find(|a| !is_relayed(a)) {
             self.reservations
                 .add_candidate(peer, address.clone(), Instant::now());
@@ -426,8 +446,15 @@ impl Behaviour {
                 self.emit(Event::RelayServer(RelayServerEvent::Serving(serve)));
             }
         }
-        // Reserve while private and while unknown; only a public node needs none.
-        let wanted = self.auto_relay && reachability != Reachability::Public;
+        // Reserve while private and while unknown; only a public node needs
+        // none, unless it was found public over IPv6 only while it also
+        // listens on IPv4 (IPv4 behind NAT, IPv6 open: IPv4 peers need the relay).
+        let wanted = wants_reservations(
+            self.auto_relay,
+            reachability,
+            self.public_over_ipv6,
+            self.listens_ipv4,
+        );
         for action in self.reservations.set_wanted(wanted) {
             if let ReservationAction::Close { id } = action {
                 self.queued.push_back(ToSwarm::RemoveListener { id });
@@ -451,6 +478,16 @@ impl Behaviour {
                     autonat::NatStatus::Private => (Reachability::Private, None),
                     autonat::NatStatus::Unknown => (Reachability::Unknown, None),
                 };
+                let over_ipv6 = address
+                    .as_ref()
+                    .is_some_and(|a| matches!(a.iter().next(), Some(Protocol::Ip6(_))));
+                if over_ipv6 != self.public_over_ipv6 {
+                    // Same verdict, another family: the reservations may change.
+                    self.public_over_ipv6 = over_ipv6;
+                    if reachability == self.reachability {
+                        self.apply(reachability);
+                    }
+                }
                 if reachability != self.reachability {
                     self.apply(reachability);
                     self.emit(Event::ReachabilityChanged {
@@ -550,6 +587,19 @@ impl Behaviour {
             self.retry = next.map(|at| Box::pin(tokio::time::sleep_until(at)));
         }
     }
+}
+
+/// Whether to hold relay reservations: with auto relay on, unless public
+/// everywhere (public, and not only over IPv6 while also on IPv4).
+fn wants_reservations(
+    auto_relay: bool,
+    reachability: Reachability,
+    public_over_ipv6: bool,
+    listens_ipv4: bool,
+) -> bool {
+    let public_everywhere =
+        reachability == Reachability::Public && !(public_over_ipv6 && listens_ipv4);
+    auto_relay && !public_everywhere
 }
 
 /// The relay server events worth reporting (the deprecated ones are logged
@@ -694,6 +744,9 @@ impl NetworkBehaviour for Behaviour {
                 if !is_relayed(listen.addr) && !is_loopback(listen.addr) =>
             {
                 self.listens_beyond_loopback = true;
+                if matches!(listen.addr.iter().next(), Some(Protocol::Ip4(_))) {
+                    self.listens_ipv4 = true;
+                }
             }
             // A loopback address only helps a peer on the same host: it is
             // a candidate only for a node that listens on nothing else.
@@ -779,6 +832,29 @@ fn error_chain(e: &dyn std::error::Error) -> String {
 #[allow(clippy::unwrap_used)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn reservations_are_held_unless_public_everywhere() {
+        use Reachability::{Private, Public, Unknown};
+        assert!(wants_reservations(true, Private, false, true));
+        assert!(
+            wants_reservations(true, Unknown, false, true),
+            "while unknown too"
+        );
+        assert!(!wants_reservations(true, Public, false, true));
+        assert!(
+            wants_reservations(true, Public, true, true),
+            "public over IPv6 only, IPv4 may be behind NAT"
+        );
+        assert!(
+            !wants_reservations(true, Public, true, false),
+            "an IPv6-only node public over IPv6 is public"
+        );
+        assert!(
+            !wants_reservations(false, Private, false, true),
+            "auto relay off"
+        );
+    }
 
     #[test]
     fn reachability_serialises_as_its_lowercase_name() {

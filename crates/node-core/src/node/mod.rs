@@ -259,7 +259,11 @@ fn ensure_tcp_port_free(addr: &Multiaddr) -> Result<(), NodeError> {
     }
     let in_use = |e: std::io::Error| NodeError::Listen {
         addr: addr.clone(),
-        reason: format!("{e} (is another node already listening on it?)"),
+        reason: if e.kind() == std::io::ErrorKind::AddrInUse {
+            format!("{e} (is another node already listening on it?)")
+        } else {
+            e.to_string()
+        },
     };
     let socket_addr = SocketAddr::new(ip, port);
     let socket = socket2::Socket::new(
@@ -268,7 +272,9 @@ fn ensure_tcp_port_free(addr: &Multiaddr) -> Result<(), NodeError> {
         None,
     )
     .map_err(in_use)?;
-    // As std's `TcpListener::bind`: a port left in TIME_WAIT is free.
+    // As std's `TcpListener::bind`: a port left in TIME_WAIT is free
+    // (on Windows the option would let it bind over a live listener).
+    #[cfg(not(windows))]
     socket.set_reuse_address(true).map_err(in_use)?;
     if ip.is_ipv6() {
         // As libp2p binds it: IPv6 only, so the IPv4 listener on the same
@@ -282,13 +288,13 @@ fn is_ipv6(addr: &Multiaddr) -> bool {
     matches!(addr.iter().next(), Some(Protocol::Ip6(_)))
 }
 
-/// Whether this host has IPv6 at all: an address in `/proc/net/if_inet6`
-/// (Linux), else a socket bound to `::1`.
+/// Whether this node can use IPv6: the host has an IPv6 address (in
+/// `/proc/net/if_inet6`, on Linux) and an IPv6 socket can be bound (a
+/// sandbox may forbid the address family while the host has addresses).
 fn ipv6_available() -> bool {
-    match std::fs::read_to_string("/proc/net/if_inet6") {
-        Ok(addresses) => !addresses.trim().is_empty(),
-        Err(_) => std::net::UdpSocket::bind((std::net::Ipv6Addr::LOCALHOST, 0)).is_ok(),
-    }
+    let has_address = std::fs::read_to_string("/proc/net/if_inet6")
+        .map_or(true, |addresses| !addresses.trim().is_empty());
+    has_address && std::net::TcpListener::bind((std::net::Ipv6Addr::UNSPECIFIED, 0)).is_ok()
 }
 
 /// The listen addresses to open, and the IPv6 ones left out: on a host

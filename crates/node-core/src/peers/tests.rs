@@ -13,7 +13,6 @@ use tokio::sync::oneshot::error::TryRecvError;
 use super::*;
 use crate::test_swarms::{drive, until, unused_address};
 
-/// Longest any expected outcome may take.
 /// How long a node is watched for events that must not come.
 const QUIET: Duration = Duration::from_millis(700);
 

@@ -166,6 +166,12 @@ impl Behaviour {
             .into_iter()
             .take(MAX_HEALTH_DIAL_ADDRESSES)
             .collect();
+        // A global IPv6 address first: when both sides have one, the
+        // direct path is dialed before anything else (a relay is for peers
+        // that cannot be reached directly). All are dialed at once, so a
+        // firewalled IPv6 path costs nothing.
+        let mut addresses = addresses;
+        addresses.sort_by_key(|a| !is_global_ipv6(a));
         let opts = DialOpts::peer_id(peer)
             .addresses(addresses)
             .extend_addresses_through_behaviour()
@@ -190,6 +196,19 @@ impl Behaviour {
                 .record(ok, unix_ms());
         }
     }
+}
+
+/// A global unicast IPv6 address (not loopback, link-local, unique-local
+/// or documentation), not through a relay.
+fn is_global_ipv6(addr: &Multiaddr) -> bool {
+    let Some(Protocol::Ip6(ip)) = addr.iter().next() else {
+        return false;
+    };
+    let segments = ip.segments();
+    // 2000::/3 is global unicast; 2001:db8::/32 is for documentation.
+    (segments[0] & 0xe000) == 0x2000
+        && !(segments[0] == 0x2001 && segments[1] == 0x0db8)
+        && !ollamacron_nat::is_relayed(addr)
 }
 
 /// The host of an `http://host[:port]/…` URL (brackets of IPv6 removed).
@@ -236,6 +255,22 @@ mod tests {
             [w.reliability, w.latency, w.throughput, w.availability],
             [d.reliability, d.latency, d.throughput, d.availability]
         );
+    }
+
+    #[test]
+    fn only_global_ipv6_addresses_count_as_global() {
+        let global: Multiaddr = "/ip6/2a01:4f8::1/tcp/1".parse().unwrap();
+        assert!(is_global_ipv6(&global));
+        for not in [
+            "/ip6/::1/tcp/1",
+            "/ip6/fe80::1/tcp/1",
+            "/ip6/fd00::2/tcp/1",
+            "/ip6/2001:db8::1/tcp/1",
+            "/ip4/8.8.8.8/tcp/1",
+            "/ip6/2a01:4f8::1/tcp/1/p2p/12D3KooWAf3JtkEWALnUhiyWVZFspkm78WeUM8vCWLBD72EQovKZ/p2p-circuit",
+        ] {
+            assert!(!is_global_ipv6(&not.parse().unwrap()), "{not}");
+        }
     }
 
     #[test]
