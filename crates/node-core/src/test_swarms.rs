@@ -70,3 +70,27 @@ pub(crate) async fn until<B: NetworkBehaviour, T>(
         .await
         .unwrap_or_else(|| panic!("timed out waiting for {what}"))
 }
+
+/// Listen on a fresh memory address (also made external) and return it.
+pub(crate) async fn listen<B: NetworkBehaviour>(swarm: &mut Swarm<B>) -> Multiaddr {
+    let Ok(listener) = swarm.listen_on(Protocol::Memory(0).into()) else {
+        panic!("the memory transport refused to listen");
+    };
+    let address = until(
+        std::slice::from_mut(swarm),
+        "a listen address",
+        |_, event| match event {
+            Some((
+                _,
+                SwarmEvent::NewListenAddr {
+                    listener_id,
+                    address,
+                },
+            )) if listener_id == listener => Some(address),
+            _ => None,
+        },
+    )
+    .await;
+    swarm.add_external_address(address.clone());
+    address
+}

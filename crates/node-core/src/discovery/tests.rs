@@ -11,7 +11,7 @@ use libp2p::swarm::SwarmEvent;
 use libp2p_swarm_test::SwarmExt;
 
 use super::*;
-use crate::test_swarms::{drive, until, unused_address};
+use crate::test_swarms::{drive, listen, until, unused_address};
 
 /// How long a node is watched for events that must not come.
 const QUIET: Duration = Duration::from_millis(700);
@@ -90,28 +90,6 @@ async fn no_connection_changes(swarms: &mut [Swarm<Behaviour>]) {
     })
     .await;
     assert_eq!(late, None, "nothing was to happen");
-}
-
-/// Listen on a fresh memory address (also made external) and return it.
-async fn listen(swarm: &mut Swarm<Behaviour>) -> Multiaddr {
-    let listener = swarm.listen_on(Protocol::Memory(0).into()).unwrap();
-    let address = until(
-        std::slice::from_mut(swarm),
-        "a listen address",
-        |_, event| match event {
-            Some((
-                _,
-                SwarmEvent::NewListenAddr {
-                    listener_id,
-                    address,
-                },
-            )) if listener_id == listener => Some(address),
-            _ => None,
-        },
-    )
-    .await;
-    swarm.add_external_address(address.clone());
-    address
 }
 
 /// Drive until swarm 0 reports a successful dial of `source`'s peer and

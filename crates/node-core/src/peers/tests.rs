@@ -11,7 +11,7 @@ use libp2p_swarm_test::SwarmExt;
 use tokio::sync::oneshot::error::TryRecvError;
 
 use super::*;
-use crate::test_swarms::{drive, until, unused_address};
+use crate::test_swarms::{drive, listen, until, unused_address};
 
 /// How long a node is watched for events that must not come.
 const QUIET: Duration = Duration::from_millis(700);
@@ -34,28 +34,6 @@ fn node(config: &NodeConfig, protected: HashSet<PeerId>) -> Swarm<Behaviour> {
 
 fn peer(swarm: &Swarm<Behaviour>) -> PeerId {
     *swarm.local_peer_id()
-}
-
-/// Listen on a fresh memory address (also made external) and return it.
-async fn listen(swarm: &mut Swarm<Behaviour>) -> Multiaddr {
-    let listener = swarm.listen_on(Protocol::Memory(0).into()).unwrap();
-    let address = until(
-        std::slice::from_mut(swarm),
-        "a listen address",
-        |_, event| match event {
-            Some((
-                _,
-                SwarmEvent::NewListenAddr {
-                    listener_id,
-                    address,
-                },
-            )) if listener_id == listener => Some(address),
-            _ => None,
-        },
-    )
-    .await;
-    swarm.add_external_address(address.clone());
-    address
 }
 
 /// Swarm `from` dials `to` at `addr`; driven until both see the connection.

@@ -15,7 +15,7 @@ use tokio::sync::oneshot;
 use tokio::sync::oneshot::error::TryRecvError;
 
 use super::*;
-use crate::test_swarms::{drive, until};
+use crate::test_swarms::{drive, listen, until};
 
 /// How long a node is watched for events that must not come.
 const QUIET: Duration = Duration::from_millis(700);
@@ -49,23 +49,7 @@ async fn node() -> Node {
         Behaviour::new(&key, &config, ollamacron_nat::Reachability::Unknown, false)
             .expect("a registry of no services")
     });
-    let listener = swarm.listen_on(Protocol::Memory(0).into()).unwrap();
-    let addr = until(
-        std::slice::from_mut(&mut swarm),
-        "a listen address",
-        |_, event| match event {
-            Some((
-                _,
-                SwarmEvent::NewListenAddr {
-                    listener_id,
-                    address,
-                },
-            )) if listener_id == listener => Some(address),
-            _ => None,
-        },
-    )
-    .await;
-    swarm.add_external_address(addr.clone());
+    let addr = listen(&mut swarm).await;
     Node {
         swarm,
         key: keypair.expect("the swarm's key"),
