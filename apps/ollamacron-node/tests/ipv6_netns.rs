@@ -24,24 +24,7 @@ const REQUIRE_VAR: &str = "IPV6_NETNS_REQUIRED";
 /// From spawn to "node running" and a moment after, for the log line.
 const START_TIMEOUT: Duration = Duration::from_secs(30);
 
-/// Run a command; the error names it and what it said.
-fn run(program: &str, args: &[&str]) -> Result<(), String> {
-    let shown = format!("`{program} {}`", args.join(" "));
-    let out = Command::new(program)
-        .args(args)
-        .stdin(Stdio::null())
-        .output()
-        .map_err(|e| format!("{shown}: {e}"))?;
-    if out.status.success() {
-        Ok(())
-    } else {
-        Err(format!(
-            "{shown} failed ({}): {}",
-            out.status,
-            String::from_utf8_lossy(&out.stderr).trim()
-        ))
-    }
-}
+use common::run;
 
 /// The namespace, deleted when dropped (also while unwinding).
 struct Netns(String);
@@ -55,18 +38,14 @@ impl Drop for Netns {
 }
 
 fn skip(reason: &str) {
-    let message = format!(
-        "SKIPPED ipv6_netns: cannot create a network namespace: {reason}; \
-         starting on a host without IPv6 is NOT tested on this machine \
-         (needs root and iproute2; set {REQUIRE_VAR}=1 to make this a failure)"
+    common::skip_without_namespaces(
+        &format!(
+            "SKIPPED ipv6_netns: cannot create a network namespace: {reason}; \
+             starting on a host without IPv6 is NOT tested on this machine \
+             (needs root and iproute2; set {REQUIRE_VAR}=1 to make this a failure)"
+        ),
+        REQUIRE_VAR,
     );
-    let required = std::env::var_os(REQUIRE_VAR).is_some_and(|v| v == "1")
-        || std::env::var("CI").is_ok_and(|v| v == "true");
-    if required {
-        panic!("{message}");
-    }
-    let bar = "!".repeat(78);
-    eprintln!("\n{bar}\n{message}\n{bar}\n");
 }
 
 #[test]

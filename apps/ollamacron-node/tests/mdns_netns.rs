@@ -35,21 +35,7 @@ const EXIT_TIMEOUT: Duration = Duration::from_secs(30);
 
 /// Run `ip ARGS`; the error names the command and what `ip` said.
 fn ip(args: &[&str]) -> Result<(), String> {
-    let shown = format!("`ip {}`", args.join(" "));
-    let out = Command::new("ip")
-        .args(args)
-        .stdin(Stdio::null())
-        .output()
-        .map_err(|e| format!("{shown}: {e}"))?;
-    if out.status.success() {
-        Ok(())
-    } else {
-        Err(format!(
-            "{shown} failed ({}): {}",
-            out.status,
-            String::from_utf8_lossy(&out.stderr).trim()
-        ))
-    }
+    common::run("ip", args)
 }
 
 fn must_ip(args: &[&str]) {
@@ -273,19 +259,14 @@ impl Lab {
 }
 
 fn skip(reason: &str) {
-    let message = format!(
-        "SKIPPED mdns_netns: cannot create network namespaces: {reason}; \
-         mDNS is NOT tested on this machine (needs root and iproute2; \
-         set {REQUIRE_VAR}=1 to make this a failure)"
+    common::skip_without_namespaces(
+        &format!(
+            "SKIPPED mdns_netns: cannot create network namespaces: {reason}; \
+             mDNS is NOT tested on this machine (needs root and iproute2; \
+             set {REQUIRE_VAR}=1 to make this a failure)"
+        ),
+        REQUIRE_VAR,
     );
-    // CI runs as root with iproute2: there a skip would hide a broken setup.
-    let required = std::env::var_os(REQUIRE_VAR).is_some_and(|v| v == "1")
-        || std::env::var("CI").is_ok_and(|v| v == "true");
-    if required {
-        panic!("{message}");
-    }
-    let bar = "!".repeat(78);
-    eprintln!("\n{bar}\n{message}\n{bar}\n");
 }
 
 /// The inode of a network namespace: equal inodes, same namespace.

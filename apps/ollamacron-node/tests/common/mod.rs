@@ -3,7 +3,7 @@
 #![allow(clippy::expect_used)] // test code: failing loudly is the point
 
 use std::io::{BufRead, BufReader};
-use std::process::Child;
+use std::process::{Child, Command, Stdio};
 use std::sync::mpsc;
 
 /// Read the child's stderr line by line on a thread of its own; the lines
@@ -22,4 +22,41 @@ pub(crate) fn stderr_lines(child: &mut Child) -> mpsc::Receiver<String> {
         }
     });
     lines
+}
+
+/// Run `program ARGS`; the error names the command and what it said.
+#[allow(dead_code)] // the network-namespace tests use it, the CLI tests do not
+pub(crate) fn run(program: &str, args: &[&str]) -> Result<(), String> {
+    let shown = format!("`{program} {}`", args.join(" "));
+    let out = Command::new(program)
+        .args(args)
+        .stdin(Stdio::null())
+        .output()
+        .map_err(|e| format!("{shown}: {e}"))?;
+    if out.status.success() {
+        Ok(())
+    } else {
+        Err(format!(
+            "{shown} failed ({}): {}",
+            out.status,
+            String::from_utf8_lossy(&out.stderr).trim()
+        ))
+    }
+}
+
+/// A test that needs network namespaces cannot make them here: a loud
+/// banner, or, under `CI=true` or `<require_var>=1` (where a skip would
+/// hide a broken setup), a failure.
+///
+/// # Panics
+/// When the skip is not allowed.
+#[allow(clippy::print_stderr, clippy::panic, dead_code)] // a skip must be seen; the CLI tests do not use it
+pub(crate) fn skip_without_namespaces(message: &str, require_var: &str) {
+    let required = std::env::var_os(require_var).is_some_and(|v| v == "1")
+        || std::env::var("CI").is_ok_and(|v| v == "true");
+    if required {
+        panic!("{message}");
+    }
+    let bar = "!".repeat(78);
+    eprintln!("\n{bar}\n{message}\n{bar}\n");
 }
