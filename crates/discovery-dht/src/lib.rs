@@ -173,6 +173,8 @@ pub struct Behaviour {
     bootstrap_reported: bool,
     routing: HashMap<PeerId, Vec<Multiaddr>>,
     providers: HashSet<PeerId>,
+    /// Kademlia requests sent by the queries that finished.
+    requests_sent: u64,
     events: VecDeque<Event>,
 }
 
@@ -265,6 +267,7 @@ impl Behaviour {
             bootstrap_reported: false,
             routing: HashMap::new(),
             providers: HashSet::new(),
+            requests_sent: 0,
             events: VecDeque::new(),
         }
     }
@@ -312,6 +315,13 @@ impl Behaviour {
     /// reported them), in no particular order.
     pub fn routing_peers(&self) -> impl Iterator<Item = &PeerId> {
         self.routing.keys()
+    }
+
+    /// Kademlia requests this node sent, counted as each query finishes
+    /// (every kind: walks, bootstrap, announcements, puts).
+    #[must_use]
+    pub fn requests_sent(&self) -> u64 {
+        self.requests_sent
     }
 
     /// Providers of the namespace found so far.
@@ -528,6 +538,9 @@ impl Behaviour {
                 QueryResult::PutRecord(_) => "put_record",
                 QueryResult::RepublishRecord(_) => "republish_record",
             };
+            self.requests_sent = self
+                .requests_sent
+                .saturating_add(u64::from(stats.num_requests()));
             tracing::trace!(
                 query = kind,
                 requests = stats.num_requests(),

@@ -324,6 +324,9 @@ pub struct DiscoveryStatus {
     pub dht_routing_table_size: usize,
     /// Namespace providers found through the DHT.
     pub dht_providers: usize,
+    /// Kademlia requests this node has sent (counted as its queries finish).
+    #[serde(default)]
+    pub dht_requests_sent: u64,
 }
 
 /// Where a gateway's breaker for a serving node stands, in [`PeerInfo`].
@@ -419,6 +422,7 @@ mod tests {
             known_peers: 17,
             dht_routing_table_size: 12,
             dht_providers: 3,
+            dht_requests_sent: 40,
         }
     }
 

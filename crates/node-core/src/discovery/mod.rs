@@ -77,6 +77,8 @@ pub(crate) struct DhtSummary {
     pub(crate) routing_table_size: usize,
     /// Namespace providers found.
     pub(crate) providers: usize,
+    /// Kademlia requests sent so far.
+    pub(crate) requests_sent: u64,
 }
 
 /// The discovery behaviour (see the module docs).
@@ -477,6 +479,7 @@ impl Behaviour {
             known_peers: self.table.len(),
             dht_routing_table_size: dht.map_or(0, |d| d.routing_table_size),
             dht_providers: dht.map_or(0, |d| d.providers),
+            dht_requests_sent: dht.map_or(0, |d| d.requests_sent),
         }
     }
 }

@@ -270,6 +270,7 @@ impl SwarmTask {
             server: dht.mode() == ollamacron_discovery_dht::Mode::Server,
             routing_table_size: dht.routing_table_size(),
             providers: dht.providers().len(),
+            requests_sent: dht.requests_sent(),
         })
     }
 
