@@ -65,6 +65,16 @@ pub struct Config {
     pub max_record_ttl: Duration,
     /// Announce this node as a provider of the namespace.
     pub advertise_namespace: bool,
+    /// How long after the first peer enters the routing table the DHT
+    /// waits before it announces its keys and looks up the namespace: by
+    /// then the table holds the peers closest to each key, so provider
+    /// records land where lookups will look, and a joining node sends no
+    /// announcement walk while it has one peer.
+    pub announce_delay: Duration,
+    /// Look up the namespace again soon (then at doubling intervals) when a
+    /// peer we do not know as a provider connects, to find nodes that just
+    /// joined within a second. Off, lookups run every `discovery_interval`.
+    pub eager_discovery: bool,
 }
 
 impl Config {
@@ -72,7 +82,8 @@ impl Config {
     /// everything else at its default: server mode, bootstrap and provide
     /// every 5 min, namespace lookups at most 30 s apart, 30 s query
     /// timeout, 1024 records of up to 64 KiB living at most 1 h, 256
-    /// providers per key, and the namespace advertised.
+    /// providers per key, the namespace advertised, announcements 5 s after
+    /// the first peer, and eager discovery.
     #[must_use]
     pub fn new(protocol: StreamProtocol, namespace: impl Into<String>) -> Self {
         Self {
@@ -88,6 +99,8 @@ impl Config {
             max_value_bytes: 64 * 1024,
             max_record_ttl: Duration::from_secs(3600),
             advertise_namespace: true,
+            announce_delay: Duration::from_secs(5),
+            eager_discovery: true,
         }
     }
 
@@ -160,6 +173,20 @@ impl Config {
         self.advertise_namespace = advertise;
         self
     }
+
+    /// Sets [`Config::announce_delay`].
+    #[must_use]
+    pub fn with_announce_delay(mut self, delay: Duration) -> Self {
+        self.announce_delay = delay;
+        self
+    }
+
+    /// Sets [`Config::eager_discovery`].
+    #[must_use]
+    pub fn with_eager_discovery(mut self, eager: bool) -> Self {
+        self.eager_discovery = eager;
+        self
+    }
 }
 
 #[cfg(test)]
@@ -183,7 +210,9 @@ mod tests {
             .with_max_providers_per_key(6)
             .with_max_value_bytes(7)
             .with_max_record_ttl(Duration::from_secs(8))
-            .with_advertise_namespace(false);
+            .with_advertise_namespace(false)
+            .with_announce_delay(Duration::from_secs(9))
+            .with_eager_discovery(false);
         let expected = Config {
             mode: Mode::Client,
             bootstrap_interval: Duration::from_secs(1),
@@ -195,6 +224,8 @@ mod tests {
             max_value_bytes: 7,
             max_record_ttl: Duration::from_secs(8),
             advertise_namespace: false,
+            announce_delay: Duration::from_secs(9),
+            eager_discovery: false,
             ..base
         };
         assert_eq!(changed, expected);

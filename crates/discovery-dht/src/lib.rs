@@ -30,6 +30,10 @@ pub use store::DhtStore;
 /// After the routing table grows, wait this long for more peers before
 /// re-advertising, so a burst of new peers costs one announcement.
 const READVERTISE_DEBOUNCE: Duration = Duration::from_millis(150);
+/// The routing table must grow this many times over since the last
+/// announcement before the keys are announced again (besides
+/// `provide_interval`): a growing network costs log4(N) rounds.
+const REANNOUNCE_GROWTH_FACTOR: usize = 4;
 /// Delay of the first lookup after a refresh; later ones double.
 const FIRST_FOLLOW_UP_LOOKUP: Duration = Duration::from_millis(250);
 /// Room for framing around the largest record value in one Kademlia message.
@@ -40,6 +44,9 @@ pub const MAX_ADDRESSES_PER_PEER: usize = 8;
 const MAX_TRACKED_PROVIDERS: usize = 100_000;
 /// Most walks for providers' addresses at once.
 const MAX_ADDRESS_QUERIES: usize = 4;
+/// Most announcements (walks) at once; more keys wait their turn, so a
+/// node with hundreds of models announces them at a bounded pace.
+const MAX_CONCURRENT_PROVIDES: usize = 8;
 /// Provider records we store for others live this many provide intervals:
 /// a provider that stops re-announcing is forgotten after missing two.
 const PROVIDER_TTL_INTERVALS: u32 = 3;
@@ -102,6 +109,9 @@ pub enum Event {
         query: QueryId,
         /// Providers found in this step.
         providers: HashSet<PeerId>,
+        /// Requests the query had sent when this step came (a bound on
+        /// the hops it took to get here: each hop is at least one).
+        requests: u32,
     },
     /// A record found by a query started with [`Behaviour::get_record`].
     RecordFound {
@@ -124,6 +134,8 @@ pub enum Event {
         /// (Kademlia's `NotFound`) is not ok. Puts: stored on at least one
         /// peer.
         ok: bool,
+        /// Requests the query sent in all.
+        requests: u32,
     },
     /// A peer asked us to store `record` (an inbound PUT). It is **not**
     /// stored: verify it and call [`Behaviour::store_record`] to keep it.
@@ -156,6 +168,11 @@ pub struct Behaviour {
     ramp: Duration,
     readvertise: Pin<Box<Sleep>>,
     readvertise_pending: bool,
+    /// The first announcement, `announce_delay` after the first peer.
+    announce_timer: Pin<Box<Sleep>>,
+    announce_pending: bool,
+    /// When the keys were last announced (`None`: not yet).
+    announced_at: Option<Instant>,
     /// Routing table size at the last re-advertisement: the next one waits
     /// until the table has doubled, so a growing network costs log2(N)
     /// rounds of announcements, not one per new peer.
@@ -164,6 +181,8 @@ pub struct Behaviour {
     provide_queries: HashMap<QueryId, RecordKey>,
     /// Keys announced besides the namespace.
     provided_keys: HashSet<RecordKey>,
+    /// Keys waiting for an announcement slot.
+    provide_backlog: VecDeque<RecordKey>,
     /// Queries the user started, reported as events; until their last step.
     user_queries: HashSet<QueryId>,
     /// Peers with at least one open connection.
@@ -257,9 +276,13 @@ impl Behaviour {
             ramp: discovery_interval,
             readvertise: Box::pin(tokio::time::sleep_until(now)),
             readvertise_pending: false,
+            announce_timer: Box::pin(tokio::time::sleep_until(now)),
+            announce_pending: false,
+            announced_at: None,
             advertised_at_size: 0,
             provide_queries,
             provided_keys: HashSet::new(),
+            provide_backlog: VecDeque::new(),
             user_queries: HashSet::new(),
             connected: HashSet::new(),
             discovery_queries: HashSet::new(),
@@ -317,11 +340,14 @@ impl Behaviour {
         self.routing.keys()
     }
 
-    /// Kademlia requests this node sent, counted as each query finishes
-    /// (every kind: walks, bootstrap, announcements, puts).
+    /// Kademlia requests this node has sent, by queries of every kind
+    /// (walks, bootstrap, announcements, puts), finished or running.
     #[must_use]
     pub fn requests_sent(&self) -> u64 {
-        self.requests_sent
+        self.kad
+            .iter_queries()
+            .map(|q| u64::from(q.stats().num_requests()))
+            .fold(self.requests_sent, u64::saturating_add)
     }
 
     /// Providers of the namespace found so far.
@@ -337,20 +363,34 @@ impl Behaviour {
         self.kad.add_address(peer, address);
     }
 
-    /// Announce the namespace and look up its providers now, and start a
-    /// bootstrap if the routing table has peers. Called on start and by the
-    /// debounce after the routing table grows.
+    /// Announce every key and look up the namespace's providers now (for
+    /// example after our addresses changed). Before the first announcement
+    /// (`announce_delay` after the first peer) this waits for it instead.
     pub fn refresh_now(&mut self) {
-        if self.routing.is_empty() {
+        if self.routing.is_empty() || self.announced_at.is_none() {
             return;
         }
+        self.announce();
+    }
+
+    /// Whether the keys have been announced (the first announcement comes
+    /// [`Config::announce_delay`] after the first peer).
+    #[must_use]
+    pub fn has_announced(&self) -> bool {
+        self.announced_at.is_some()
+    }
+
+    fn announce(&mut self) {
+        self.announced_at = Some(Instant::now());
         self.advertised_at_size = self.routing.len();
         self.advertise();
         self.discover();
-        // Look again soon, then less and less often: peers that joined just
-        // after us are found within a second, and a quiet network costs one
-        // lookup per `discovery_interval`.
-        self.look_again_soon();
+        if self.config.eager_discovery {
+            // Look again soon, then less and less often: peers that joined
+            // just after us are found within a second, and a quiet network
+            // costs one lookup per `discovery_interval`.
+            self.look_again_soon();
+        }
     }
 
     /// Provide exactly `keys` besides the namespace: announce new ones now
@@ -360,10 +400,17 @@ impl Behaviour {
         for key in gone {
             self.kad.stop_providing(&key);
         }
+        self.provide_backlog.retain(|k| keys.contains(k));
         let new: Vec<RecordKey> = keys.difference(&self.provided_keys).cloned().collect();
         self.provided_keys = keys;
         for key in new {
-            self.provide(key);
+            if self.announced_at.is_some() {
+                self.provide(key);
+            } else {
+                // The walk that stores it on the closest peers goes out
+                // with the first announcement.
+                self.store_local_provider(key);
+            }
         }
     }
 
@@ -459,8 +506,24 @@ impl Behaviour {
         self.events.push_back(Event::Advertising);
     }
 
+    /// Store our provider record of `key` locally (no walk): peers that
+    /// ask us directly find it at once.
+    fn store_local_provider(&mut self, key: RecordKey) {
+        let record = kad::ProviderRecord::new(key, self.local_peer, Vec::new());
+        if let Err(e) = self.kad.store_mut().add_provider(record) {
+            tracing::warn!(error = %e, "cannot store a provider record");
+        }
+    }
+
     fn provide(&mut self, key: RecordKey) {
         if self.provide_queries.values().any(|k| *k == key) {
+            return;
+        }
+        if self.provide_queries.len() >= MAX_CONCURRENT_PROVIDES {
+            if !self.provide_backlog.contains(&key) {
+                self.store_local_provider(key.clone());
+                self.provide_backlog.push_back(key);
+            }
             return;
         }
         match self.kad.start_providing(key.clone()) {
@@ -561,15 +624,25 @@ impl Behaviour {
                     self.routing.remove(&old);
                 }
                 self.routing.insert(peer, addresses.clone());
+                // Kademlia bootstraps by itself while the table is small.
                 if is_new_peer {
-                    if self.routing.len() == 1 {
-                        // The first peer: walk towards ourselves to fill the table.
-                        if let Err(e) = self.kad.bootstrap() {
-                            tracing::debug!(error = %e, "cannot bootstrap the DHT");
+                    match self.announced_at {
+                        None if !self.announce_pending => {
+                            self.announce_pending = true;
+                            self.announce_timer
+                                .as_mut()
+                                .reset(Instant::now() + self.config.announce_delay);
                         }
-                    }
-                    if self.routing.len() >= self.advertised_at_size.saturating_mul(2) {
-                        self.schedule_readvertise();
+                        Some(at)
+                            if at.elapsed() >= self.config.announce_delay
+                                && self.routing.len()
+                                    >= self
+                                        .advertised_at_size
+                                        .saturating_mul(REANNOUNCE_GROWTH_FACTOR) =>
+                        {
+                            self.schedule_readvertise();
+                        }
+                        _ => {}
                     }
                 }
                 self.events.push_back(Event::RoutingUpdated {
@@ -579,8 +652,11 @@ impl Behaviour {
                 });
             }
             kad::Event::OutboundQueryProgressed {
-                id, result, step, ..
-            } => self.on_query_progressed(id, result, &step),
+                id,
+                result,
+                step,
+                stats,
+            } => self.on_query_progressed(id, result, &step, stats.num_requests()),
             kad::Event::InboundRequest {
                 request:
                     kad::InboundRequest::AddProvider {
@@ -616,7 +692,13 @@ impl Behaviour {
         }
     }
 
-    fn on_query_progressed(&mut self, id: QueryId, result: QueryResult, step: &kad::ProgressStep) {
+    fn on_query_progressed(
+        &mut self,
+        id: QueryId,
+        result: QueryResult,
+        step: &kad::ProgressStep,
+        requests: u32,
+    ) {
         if self.discovery_queries.contains(&id) {
             if let QueryResult::GetProviders(Ok(GetProvidersOk::FoundProviders {
                 providers, ..
@@ -636,6 +718,9 @@ impl Behaviour {
             let Some(key) = self.provide_queries.remove(&id) else {
                 return;
             };
+            if let Some(next) = self.provide_backlog.pop_front() {
+                self.provide(next);
+            }
             let ok = matches!(result, QueryResult::StartProviding(Ok(_)));
             if key != self.namespace {
                 tracing::debug!(ok, "announced a provider key");
@@ -674,7 +759,7 @@ impl Behaviour {
             if step.last {
                 self.user_queries.remove(&id);
             }
-            self.on_user_query_progressed(id, result, step.last);
+            self.on_user_query_progressed(id, result, step.last, requests);
             return;
         }
         if let QueryResult::Bootstrap(bootstrap) = &result {
@@ -703,7 +788,13 @@ impl Behaviour {
 
     /// Report a step of a query of the user's: what it found, and on its
     /// last step, how it ended.
-    fn on_user_query_progressed(&mut self, query: QueryId, result: QueryResult, last: bool) {
+    fn on_user_query_progressed(
+        &mut self,
+        query: QueryId,
+        result: QueryResult,
+        last: bool,
+        requests: u32,
+    ) {
         let ok = match &result {
             QueryResult::GetProviders(r) => r.is_ok(),
             QueryResult::GetRecord(r) => r.is_ok(),
@@ -714,8 +805,11 @@ impl Behaviour {
             QueryResult::GetProviders(Ok(GetProvidersOk::FoundProviders { providers, .. }))
                 if !providers.is_empty() =>
             {
-                self.events
-                    .push_back(Event::ProvidersFound { query, providers });
+                self.events.push_back(Event::ProvidersFound {
+                    query,
+                    providers,
+                    requests,
+                });
             }
             QueryResult::GetRecord(Ok(GetRecordOk::FoundRecord(found))) => {
                 self.events.push_back(Event::RecordFound {
@@ -730,7 +824,11 @@ impl Behaviour {
             _ => {}
         }
         if last {
-            self.events.push_back(Event::QueryFinished { query, ok });
+            self.events.push_back(Event::QueryFinished {
+                query,
+                ok,
+                requests,
+            });
         }
     }
 
@@ -829,7 +927,9 @@ impl NetworkBehaviour for Behaviour {
         {
             // A peer we do not know as a provider connected: likely a node
             // that just joined and found us. Look for its announcement soon.
-            self.look_again_soon();
+            if self.config.eager_discovery && self.announced_at.is_some() {
+                self.look_again_soon();
+            }
         }
         self.kad.on_swarm_event(event);
     }
@@ -858,11 +958,20 @@ impl NetworkBehaviour for Behaviour {
             {
                 tracing::debug!(error = %e, "cannot bootstrap the DHT");
             }
-            if self.provide_tick.poll_tick(cx).is_ready() && !self.routing.is_empty() {
+            if self.provide_tick.poll_tick(cx).is_ready()
+                && !self.routing.is_empty()
+                && self.announced_at.is_some()
+            {
                 self.advertise();
             }
-            if self.discovery_timer.as_mut().poll(cx).is_ready() {
+            if self.announce_pending && self.announce_timer.as_mut().poll(cx).is_ready() {
+                self.announce_pending = false;
                 if !self.routing.is_empty() {
+                    self.announce();
+                }
+            }
+            if self.discovery_timer.as_mut().poll(cx).is_ready() {
+                if !self.routing.is_empty() && self.announced_at.is_some() {
                     self.discover();
                 }
                 self.ramp = self

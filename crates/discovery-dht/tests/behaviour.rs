@@ -26,13 +26,18 @@ const QUIET: Duration = Duration::from_millis(1500);
 fn config(protocol: &'static str) -> Config {
     Config::new(StreamProtocol::new(protocol), NAMESPACE)
         .with_discovery_interval(Duration::from_secs(1))
+        .with_announce_delay(Duration::ZERO)
         .with_query_timeout(Duration::from_secs(10))
 }
 
 /// A node on `protocol` listening on a memory address (also its external
 /// address, so its provider announcements carry it).
 async fn node(protocol: &'static str) -> (Swarm<Behaviour>, Multiaddr) {
-    let config = config(protocol);
+    node_with(config(protocol)).await
+}
+
+/// [`node`] with its own config.
+async fn node_with(config: Config) -> (Swarm<Behaviour>, Multiaddr) {
     let mut swarm =
         Swarm::new_ephemeral_tokio(|key| Behaviour::new(key.public().to_peer_id(), config));
     let listener = swarm.listen_on(Protocol::Memory(0).into()).unwrap();
@@ -197,7 +202,7 @@ async fn put_record_to_arrives_as_inbound_record_and_is_kept_only_when_stored() 
                     assert!(inbound.is_none(), "one inbound record");
                     inbound = Some((source, record));
                 }
-                (0, Event::QueryFinished { query: q, ok }) if q == query => {
+                (0, Event::QueryFinished { query: q, ok, .. }) if q == query => {
                     assert!(finished.is_none(), "one QueryFinished");
                     finished = Some(ok);
                 }
@@ -255,7 +260,7 @@ async fn put_record_stores_locally_and_on_the_closest_peer() {
                 (1, Event::InboundRecord { record, .. }) if record.key == sent.key => {
                     inbound = true;
                 }
-                (0, Event::QueryFinished { query: q, ok }) if q == query => {
+                (0, Event::QueryFinished { query: q, ok, .. }) if q == query => {
                     assert!(finished.is_none(), "one QueryFinished");
                     finished = Some(ok);
                 }
@@ -304,7 +309,9 @@ async fn get_record_finds_a_stored_record_then_finishes_once() {
             record,
             peer,
         },
-        Event::QueryFinished { query: ended, ok },
+        Event::QueryFinished {
+            query: ended, ok, ..
+        },
     ] = seen.as_slice()
     else {
         panic!("expected RecordFound then QueryFinished, got {seen:?}");
@@ -342,7 +349,7 @@ async fn get_record_looks_in_the_local_store_first() {
             seen.as_slice(),
             [
                 Event::RecordFound { query: q1, peer: None, record },
-                Event::QueryFinished { query: q2, ok: true },
+                Event::QueryFinished { query: q2, ok: true, .. },
             ] if *q1 == query && *q2 == query && record.value == b"mine"
         ),
         "{seen:?}"
@@ -361,7 +368,7 @@ async fn get_record_of_a_missing_key_finishes_not_ok() {
         .get_record(RecordKey::new(&"/my-app/info/nobody"));
     let ok = until(&mut swarms, "the query's end", |i, _, event| match event {
         Event::RecordFound { .. } => panic!("nothing to find"),
-        Event::QueryFinished { query: q, ok } if i == 0 && q == query => Some(ok),
+        Event::QueryFinished { query: q, ok, .. } if i == 0 && q == query => Some(ok),
         _ => None,
     })
     .await;
@@ -388,13 +395,15 @@ async fn get_providers_finds_a_provided_key() {
             Event::ProvidersFound {
                 query: q,
                 providers: found,
+                requests,
             } if q == query => {
                 assert_eq!(i, 0);
                 assert!(!found.is_empty(), "only steps that found some");
+                assert!(requests >= 1, "b answered a request");
                 steps += 1;
                 providers.extend(found);
             }
-            Event::QueryFinished { query: q, ok } if q == query => return Some(ok),
+            Event::QueryFinished { query: q, ok, .. } if q == query => return Some(ok),
             _ => {}
         }
         None
@@ -467,7 +476,7 @@ async fn nodes_on_different_protocols_exchange_no_dht_traffic() {
     };
     until(&mut swarms, "both queries to fail", |i, _, event| {
         check(i, &event);
-        if let Event::QueryFinished { query, ok } = event {
+        if let Event::QueryFinished { query, ok, .. } = event {
             assert!(ended.insert(query, ok).is_none(), "one QueryFinished");
         }
         (ended.len() == 2).then_some(())
@@ -484,4 +493,48 @@ async fn nodes_on_different_protocols_exchange_no_dht_traffic() {
     assert_eq!(swarms[1].behaviour().routing_table_size(), 0);
     assert!(swarms[0].behaviour().providers().is_empty());
     assert!(swarms[1].behaviour().providers().is_empty());
+}
+
+/// Paused time: the clock jumps to the next timer whenever nothing else
+/// can happen, so a minute-long delay is checked exactly and at once.
+#[tokio::test(start_paused = true)]
+async fn keys_are_announced_only_after_the_announce_delay() {
+    const DELAY: Duration = Duration::from_secs(60);
+    let (a, _) = node_with(config(PROTOCOL).with_announce_delay(DELAY)).await;
+    let (b, b_addr) = node_with(config(PROTOCOL).with_announce_delay(DELAY)).await;
+    let mut swarms = vec![a, b];
+    let b_peer = peer(&swarms[1]);
+    let key = provider_key("/my-app/services/llm");
+    swarms[0]
+        .behaviour_mut()
+        .set_provided_keys(HashSet::from([key.clone()]));
+    let start = tokio::time::Instant::now();
+    swarms[0].behaviour_mut().add_address(&b_peer, b_addr);
+    let mut routed_at = None;
+    drive(&mut swarms, DELAY * 3, |i, behaviour, event| {
+        match event {
+            Event::RoutingUpdated { .. } if i == 0 => {
+                routed_at.get_or_insert_with(tokio::time::Instant::now);
+            }
+            Event::Advertising if i == 0 => {
+                assert!(behaviour.has_announced());
+                return Some(());
+            }
+            _ => assert!(!swarms_announced(i, behaviour), "announced early"),
+        }
+        None
+    })
+    .await
+    .expect("the announcement comes after the delay");
+    let routed_at = routed_at.expect("b entered a's routing table first");
+    assert!(routed_at - start < DELAY, "routing is not delayed");
+    assert!(
+        tokio::time::Instant::now() - routed_at >= DELAY,
+        "announced {:?} after the first peer, before the {DELAY:?} delay",
+        tokio::time::Instant::now() - routed_at
+    );
+}
+
+fn swarms_announced(index: usize, behaviour: &Behaviour) -> bool {
+    index == 0 && behaviour.has_announced()
 }
