@@ -194,6 +194,8 @@ pub enum RecordVia {
     Get,
     /// A gossipsub message.
     Gossip,
+    /// Record sync with a neighbour (`/ollamacron/records/1.0.0`).
+    Sync,
 }
 
 impl RecordVia {
@@ -204,6 +206,7 @@ impl RecordVia {
             Self::Put => "put",
             Self::Get => "get",
             Self::Gossip => "gossip",
+            Self::Sync => "sync",
         }
     }
 }

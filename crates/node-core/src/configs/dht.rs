@@ -23,6 +23,9 @@ pub(crate) fn dht_config(config: &NodeConfig, reachability: nat::Reachability) -
         )
         .with_max_record_ttl(ollamacron_config::MAX_RECORD_TTL)
         .with_advertise_namespace(true)
+        // Records spread by sync between neighbours; the namespace lookup
+        // only finds nodes, every `dht_discovery_interval`.
+        .with_eager_discovery(false)
 }
 
 /// The Kademlia mode for a reachability: `auto` follows it (client while

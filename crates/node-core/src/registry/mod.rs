@@ -12,8 +12,10 @@ mod health;
 pub mod keys;
 mod lookup;
 mod publish;
+mod sync;
 mod verify;
 
+pub use self::sync::SYNC_PROTOCOL;
 pub use ollamacron_service_registry::*;
 
 use std::collections::{HashMap, HashSet, VecDeque};
@@ -62,6 +64,7 @@ pub(crate) fn unix_ms() -> u64 {
 pub(crate) struct Inner {
     dht: Toggle<dht::Behaviour>,
     gossip: Toggle<gossipsub::Behaviour>,
+    sync: libp2p::request_response::Behaviour<sync::SyncCodec>,
 }
 
 /// What the registry reports.
@@ -97,6 +100,25 @@ pub(crate) enum Event {
     Gossip(Box<gossipsub::Event>),
 }
 
+/// Who provides a model in the DHT, from one exact query of its key
+/// (the cache is not consulted), and what the query cost.
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+pub struct ModelProviders {
+    /// The providers found (this node too, when it serves the model).
+    pub providers: Vec<PeerId>,
+    /// Requests sent before the first provider was found: a bound on the
+    /// hops the query took (each hop is at least one request).
+    pub requests_to_first: Option<u32>,
+    /// Requests the query sent in all.
+    pub requests: u32,
+}
+
+struct PendingProviders {
+    found: HashSet<PeerId>,
+    requests_to_first: Option<u32>,
+    reply: tokio::sync::oneshot::Sender<ModelProviders>,
+}
+
 /// The registry behaviour (see the module docs).
 pub(crate) struct Behaviour {
     inner: Inner,
@@ -126,6 +148,9 @@ pub(crate) struct Behaviour {
     own_dht: Option<Record>,
     own_put: Option<QueryId>,
     own_outdated: bool,
+    /// When our record was last put, and when the next put is due.
+    own_put_at: Option<Instant>,
+    own_put_due: Option<Instant>,
     /// Direct pushes of our record to connected peers, in flight.
     pushes: HashSet<QueryId>,
     /// Connected peers that have the current version of our record.
@@ -142,6 +167,8 @@ pub(crate) struct Behaviour {
     peer_health: HashMap<PeerId, Health>,
     service_health: HashMap<(PeerId, String), Health>,
     walks: HashMap<QueryId, RecordKey>,
+    /// Exact provider queries of models ([`Behaviour::find_model_providers`]).
+    provider_queries: HashMap<QueryId, PendingProviders>,
     walked_at: HashMap<RecordKey, Instant>,
     fetches: HashMap<QueryId, PeerId>,
     /// Records to fetch once a running fetch finishes.
@@ -154,6 +181,9 @@ pub(crate) struct Behaviour {
     probe_rx: mpsc::Receiver<ProbeResult>,
     gossip_republish_at: Option<Instant>,
     gossip_republished: Option<Instant>,
+    /// Record sync with neighbours.
+    sync: sync::SyncState,
+    sync_tick: tokio::time::Interval,
     refresh_tick: tokio::time::Interval,
     health_tick: tokio::time::Interval,
     expiry_tick: tokio::time::Interval,
@@ -225,6 +255,7 @@ impl Behaviour {
             inner: Inner {
                 dht: dht.into(),
                 gossip: gossip.into(),
+                sync: sync::behaviour(),
             },
             keypair: keypair.clone(),
             local_peer: peer,
@@ -245,6 +276,8 @@ impl Behaviour {
             own_dht: None,
             own_put: None,
             own_outdated: false,
+            own_put_at: None,
+            own_put_due: None,
             pushes: HashSet::new(),
             pushed: HashSet::new(),
             listen_addrs: Vec::new(),
@@ -255,6 +288,7 @@ impl Behaviour {
             peer_health: HashMap::new(),
             service_health: HashMap::new(),
             walks: HashMap::new(),
+            provider_queries: HashMap::new(),
             walked_at: HashMap::new(),
             fetches: HashMap::new(),
             fetch_queue: VecDeque::new(),
@@ -266,6 +300,8 @@ impl Behaviour {
             probe_rx,
             gossip_republish_at: None,
             gossip_republished: None,
+            sync: sync::SyncState::default(),
+            sync_tick: periodic(sync::SYNC_INTERVAL),
             refresh_tick: periodic(config.record_refresh_interval),
             health_tick: periodic(config.health_check_interval),
             expiry_tick,
@@ -295,6 +331,32 @@ impl Behaviour {
         for answer in self.answers.drain(..) {
             answer();
         }
+    }
+
+    /// Look up the providers of `model`'s key in the DHT, whatever the
+    /// cache holds; the answer comes when the query ends (no DHT: none).
+    pub(crate) fn find_model_providers(
+        &mut self,
+        model: &str,
+        reply: tokio::sync::oneshot::Sender<ModelProviders>,
+    ) {
+        let Some(dht) = self.inner.dht.as_mut() else {
+            let _ = reply.send(ModelProviders {
+                providers: Vec::new(),
+                requests_to_first: None,
+                requests: 0,
+            });
+            return;
+        };
+        let id = dht.get_providers(keys::model_key(model));
+        self.provider_queries.insert(
+            id,
+            PendingProviders {
+                found: HashSet::new(),
+                requests_to_first: None,
+                reply,
+            },
+        );
     }
 
     /// The DHT, when it runs.
@@ -331,9 +393,13 @@ impl Behaviour {
     /// A peer identified itself: an Ollamacron node that speaks our DHT
     /// gets its addresses into the routing table and our record at once.
     pub(crate) fn on_identified(&mut self, peer: PeerId, info: &identify::Info) {
-        if info.protocol_version != PROTOCOL_VERSION
-            || !info.protocols.contains(&keys::KAD_PROTOCOL)
-        {
+        if info.protocol_version != PROTOCOL_VERSION {
+            return;
+        }
+        if info.protocols.contains(&SYNC_PROTOCOL) && self.connected.contains(&peer) {
+            self.on_sync_peer(peer);
+        }
+        if !info.protocols.contains(&keys::KAD_PROTOCOL) {
             return;
         }
         let addresses: Vec<Multiaddr> = info
@@ -349,7 +415,7 @@ impl Behaviour {
         for addr in addresses {
             dht.add_address(&peer, addr);
         }
-        if self.connected.contains(&peer) {
+        if self.connected.contains(&peer) && !self.sync.peers.contains(&peer) {
             self.push_own_record(vec![peer]);
         }
     }
@@ -360,13 +426,21 @@ impl Behaviour {
             dht::Event::RoutingUpdated {
                 peer, is_new_peer, ..
             } => {
-                if is_new_peer && self.connected.contains(&peer) {
+                if is_new_peer && self.connected.contains(&peer) && !self.sync.peers.contains(&peer)
+                {
                     self.push_own_record(vec![peer]);
                 }
                 self.emit(Event::Dht(event));
             }
-            dht::Event::ProvidersFound { query, providers } => {
-                if let Some(key) = self.walks.get(&query).cloned() {
+            dht::Event::ProvidersFound {
+                query,
+                providers,
+                requests,
+            } => {
+                if let Some(pending) = self.provider_queries.get_mut(&query) {
+                    pending.requests_to_first.get_or_insert(requests);
+                    pending.found.extend(providers);
+                } else if let Some(key) = self.walks.get(&query).cloned() {
                     self.on_walk_progress(&key, providers);
                 }
             }
@@ -379,7 +453,21 @@ impl Behaviour {
                     self.on_fetch_progress(query, owner, &record, peer);
                 }
             }
-            dht::Event::QueryFinished { query, ok } => self.on_query_finished(query, ok),
+            dht::Event::QueryFinished {
+                query,
+                ok,
+                requests,
+            } => {
+                if let Some(pending) = self.provider_queries.remove(&query) {
+                    let _ = pending.reply.send(ModelProviders {
+                        providers: pending.found.into_iter().collect(),
+                        requests_to_first: pending.requests_to_first,
+                        requests,
+                    });
+                } else {
+                    self.on_query_finished(query, ok);
+                }
+            }
             dht::Event::InboundRecord { source, record } => self.on_inbound_put(source, record),
             other => self.emit(Event::Dht(other)),
         }
@@ -399,7 +487,10 @@ impl Behaviour {
             self.own_put = None;
             tracing::debug!(ok, "stored our service record in the DHT");
             if std::mem::take(&mut self.own_outdated) {
-                self.put_own_record();
+                let due = self
+                    .own_put_at
+                    .map_or_else(Instant::now, |at| at + publish::MIN_DHT_PUT_INTERVAL);
+                self.own_put_due = Some(due);
             }
         }
     }
@@ -410,6 +501,8 @@ impl Behaviour {
             .iter()
             .map(|l| l.deadline)
             .chain(self.gossip_republish_at)
+            .chain(self.sync.deadline())
+            .chain(self.own_put_due)
             .min()
     }
 
@@ -425,6 +518,15 @@ impl Behaviour {
                 self.gossip_publish(envelope);
             }
         }
+        self.flush_outbox();
+        if self.own_put_due.is_some_and(|at| at <= Instant::now()) {
+            self.own_put_due = None;
+            if self.own_put.is_some() {
+                self.own_outdated = true;
+            } else {
+                self.put_own_record();
+            }
+        }
         self.answer_lookups(false);
     }
 
@@ -437,6 +539,10 @@ impl Behaviour {
         }
         if self.health_tick.poll_tick(cx).is_ready() {
             self.run_health_checks();
+            return true;
+        }
+        if self.sync_tick.poll_tick(cx).is_ready() {
+            self.on_sync_tick();
             return true;
         }
         if self.expiry_tick.poll_tick(cx).is_ready() {
@@ -478,15 +584,6 @@ impl NetworkBehaviour for Behaviour {
                 self.connections
                     .insert(e.connection_id, (e.peer_id, remote));
                 self.connected.insert(e.peer_id);
-                // A peer of the routing table, now connected: it gets our
-                // record as a new peer of the table would.
-                if e.other_established == 0
-                    && self
-                        .dht()
-                        .is_some_and(|d| d.is_in_routing_table(&e.peer_id))
-                {
-                    self.push_own_record(vec![e.peer_id]);
-                }
                 self.on_health_dial(e.connection_id, true);
             }
             FromSwarm::ConnectionClosed(e) => {
@@ -494,6 +591,7 @@ impl NetworkBehaviour for Behaviour {
                 if e.remaining_established == 0 {
                     self.connected.remove(&e.peer_id);
                     self.pushed.remove(&e.peer_id);
+                    self.on_sync_peer_gone(&e.peer_id);
                 }
             }
             FromSwarm::DialFailure(e) => {
@@ -534,6 +632,9 @@ impl NetworkBehaviour for Behaviour {
             }
             match self.inner.poll(cx) {
                 Poll::Ready(ToSwarm::GenerateEvent(InnerEvent::Dht(event))) => self.on_dht(event),
+                Poll::Ready(ToSwarm::GenerateEvent(InnerEvent::Sync(event))) => {
+                    self.on_sync_event(event);
+                }
                 Poll::Ready(ToSwarm::GenerateEvent(InnerEvent::Gossip(event))) => {
                     self.on_gossip(&event);
                     self.emit(Event::Gossip(Box::new(event)));

@@ -1,6 +1,6 @@
 //! Our own record: the services we offer, signed into a record and
-//! published in the DHT (under our node key, as provider of each type and
-//! capability key, pushed to every connected peer of the routing table)
+//! published in the DHT (under our node key, as provider of each type,
+//! capability and model key, pushed to every connected peer of the routing table)
 //! and on the gossip topic.
 
 use std::collections::{BTreeSet, HashSet};
@@ -13,11 +13,16 @@ use ollamacron_config::ServiceConfig;
 use ollamacron_discovery_dht::{Record, RecordKey};
 use ollamacron_service_registry::{ServiceChange, ServiceInfo, ServiceStatus, sign_record};
 
-use super::keys::{capability_key, node_record_key, service_type_key};
+use super::keys::{capability_key, is_model, model_key, node_record_key, service_type_key};
 use super::{Behaviour, Event, SERVICES_TOPIC, unix_ms};
 use crate::addr::with_peer;
 use crate::error::NodeError;
 use crate::status::ServiceCounts;
+
+/// Our record is put on the peers closest to its key at most this often
+/// (besides the DHT's announcements); its neighbours get every version at
+/// once through record sync.
+pub(super) const MIN_DHT_PUT_INTERVAL: std::time::Duration = std::time::Duration::from_secs(30);
 
 /// A service declared in the config file, as the registry holds it.
 pub(crate) fn service_from_config(config: &ServiceConfig) -> ServiceInfo {
@@ -124,6 +129,7 @@ impl Behaviour {
             .flat_map(|s| {
                 std::iter::once(service_type_key(&s.service_type))
                     .chain(s.capabilities.iter().map(|c| capability_key(c)))
+                    .chain(is_model(s).then(|| model_key(&s.name)))
             })
             .collect();
         if let Some(dht) = self.inner.dht.as_mut() {
@@ -135,6 +141,7 @@ impl Behaviour {
                 expires: Some(Instant::now() + self.ttl),
             });
         }
+        self.push_own_record_to_all();
         self.gossip_publish(envelope);
         tracing::debug!(
             sequence = record.sequence,
@@ -159,21 +166,33 @@ impl Behaviour {
             .dht()
             .map(|dht| {
                 dht.routing_peers()
-                    .filter(|p| self.connected.contains(p))
+                    .filter(|p| self.connected.contains(p) && !self.sync.peers.contains(p))
                     .copied()
                     .collect()
             })
             .unwrap_or_default();
         self.push_own_record(connected);
+        // The newest one is stored locally at once (peers asking us get
+        // it); the walk to the closest peers waits for the DHT's first
+        // announcement, for a put still running, and for
+        // `MIN_DHT_PUT_INTERVAL` since the last one.
+        let Some(dht) = self.inner.dht.as_mut() else {
+            return;
+        };
+        if let Err(e) = dht.store_record(record) {
+            tracing::warn!(error = %e, "cannot store our own record");
+        }
+        if !dht.has_announced() {
+            return;
+        }
         if self.own_put.is_some() {
-            // Store the newest one locally at once; peers get it as soon
-            // as the running put finishes.
-            if let Some(dht) = self.inner.dht.as_mut()
-                && let Err(e) = dht.store_record(record)
-            {
-                tracing::warn!(error = %e, "cannot store our own record");
-            }
             self.own_outdated = true;
+            return;
+        }
+        if let Some(at) = self.own_put_at
+            && at.elapsed() < MIN_DHT_PUT_INTERVAL
+        {
+            self.own_put_due = Some(at + MIN_DHT_PUT_INTERVAL);
             return;
         }
         self.put_own_record();
@@ -190,6 +209,8 @@ impl Behaviour {
         let Some(dht) = self.inner.dht.as_mut() else {
             return;
         };
+        self.own_put_due = None;
+        self.own_put_at = Some(Instant::now());
         match dht.put_record(record) {
             Ok(id) => self.own_put = Some(id),
             Err(e) => tracing::warn!(error = %e, "cannot store our own record"),

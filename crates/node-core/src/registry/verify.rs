@@ -51,6 +51,13 @@ impl Behaviour {
             self.cache
                 .accept_at_least(owner, envelope, now, &self.limits, floor)
         };
+        if let Ok(accepted) = &result
+            && super::sync::passes_on(via, accepted)
+            && let Some(held) = self.cache.get(&owner)
+        {
+            let sequence = held.record.sequence;
+            self.pass_on(owner, sequence, envelope);
+        }
         match &result {
             Ok(Accepted::Stored { changes }) => {
                 tracing::debug!(%owner, peer = ?from, via = via.as_str(), "record accepted");

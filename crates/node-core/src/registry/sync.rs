@@ -1,0 +1,568 @@
+//! Record sync between neighbours, `/ollamacron/records/1.0.0`: how node
+//! records spread without a DHT walk per provider.
+//!
+//! - **Pull** (anti-entropy): a node sends a neighbour the list of records
+//!   it holds — owner, page and sequence of each, no contents — and gets
+//!   back the records the neighbour holds that are missing from the list or
+//!   newer, up to a byte budget (`more` says ask again). A node pulls from
+//!   its first neighbours when it joins, from one random neighbour every
+//!   [`SYNC_INTERVAL`], and from a neighbour whose list shows records it
+//!   lacks.
+//! - **Push**: our own record, whenever it changes, goes to every
+//!   neighbour at once; a record that is new to us goes on, batched, to
+//!   [`PUSH_FANOUT`] random neighbours (an epidemic: every node has it
+//!   after about log(N) steps; pulls repair what a push missed).
+//!
+//! Every record is verified like any other before it is stored or passed
+//! on. The owner, page and sequence sent beside a record are unverified
+//! hints, used only to skip what we already hold (cheaply, before any
+//! signature check); a lying hint can make us skip a record, never accept
+//! one.
+
+use std::collections::{HashMap, HashSet, VecDeque};
+use std::io;
+use std::time::{Duration, Instant};
+
+use futures::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
+use libp2p::request_response::{self, OutboundRequestId, ProtocolSupport, ResponseChannel};
+use libp2p::{PeerId, StreamProtocol};
+use rand::seq::SliceRandom;
+use serde::{Deserialize, Serialize};
+
+use super::{Behaviour, Event, unix_ms};
+use crate::event::RecordVia;
+use ollamacron_service_registry::{Accepted, RejectReason};
+
+/// The record sync protocol (wire contract).
+pub const SYNC_PROTOCOL: StreamProtocol = StreamProtocol::new("/ollamacron/records/1.0.0");
+/// Largest sync message read, in bytes (its 4-byte length prefix excluded).
+const MAX_SYNC_MESSAGE_BYTES: usize = 2 * 1024 * 1024;
+/// Record bytes one pull answer carries at most; the rest is `more`.
+const MAX_ANSWER_RECORD_BYTES: usize = 1024 * 1024;
+/// Most entries in a pull's list of held records.
+const MAX_DIGEST_ENTRIES: usize = 16 * 1024;
+/// Neighbours each batch of newly learned records is passed on to.
+pub(super) const PUSH_FANOUT: usize = 6;
+/// Newly learned records wait this long to be passed on in one batch.
+const PUSH_BATCH_DELAY: Duration = Duration::from_millis(20);
+/// Most records waiting to be passed on (older ones are left to pulls).
+const MAX_OUTBOX_RECORDS: usize = 4096;
+/// Neighbours a joining node pulls from (one after the other).
+const JOIN_PULLS: usize = 2;
+/// How often a node pulls from one random neighbour.
+pub(super) const SYNC_INTERVAL: Duration = Duration::from_secs(30);
+/// Longest a sync request may take.
+const SYNC_REQUEST_TIMEOUT: Duration = Duration::from_secs(10);
+/// Sync streams one connection may have open at once.
+const MAX_SYNC_STREAMS: usize = 8;
+
+/// One record a node holds, without its contents.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub(crate) struct RecordRef {
+    /// The owner's peer id (its bytes).
+    owner: Vec<u8>,
+    /// The page of the owner's record.
+    page: u16,
+    /// The page's sequence.
+    sequence: u64,
+}
+
+/// A record with its (unverified) owner, page and sequence.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub(crate) struct SyncedRecord {
+    owner: Vec<u8>,
+    page: u16,
+    sequence: u64,
+    /// The signed envelope.
+    envelope: Vec<u8>,
+}
+
+/// A sync request.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub(crate) enum SyncRequest {
+    /// "These are the records I hold: send me what I lack."
+    Pull(Vec<RecordRef>),
+    /// "These records are new to me; perhaps to you too."
+    Push(Vec<SyncedRecord>),
+}
+
+/// A sync answer.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub(crate) enum SyncResponse {
+    /// The records the puller lacks; `more` when the budget ran out.
+    Records {
+        records: Vec<SyncedRecord>,
+        more: bool,
+    },
+    /// A push was taken.
+    Taken,
+}
+
+/// Postcard messages behind a 4-byte big-endian length.
+#[derive(Debug, Clone, Copy, Default)]
+pub(crate) struct SyncCodec;
+
+async fn read_message<T, M>(io: &mut T) -> io::Result<M>
+where
+    T: AsyncRead + Unpin + Send,
+    M: for<'de> Deserialize<'de>,
+{
+    let mut len = [0u8; 4];
+    io.read_exact(&mut len).await?;
+    let len = usize::try_from(u32::from_be_bytes(len)).unwrap_or(usize::MAX);
+    if len > MAX_SYNC_MESSAGE_BYTES {
+        return Err(io::Error::new(
+            io::ErrorKind::InvalidData,
+            format!("sync message of {len} bytes, over the {MAX_SYNC_MESSAGE_BYTES}-byte limit"),
+        ));
+    }
+    let mut bytes = vec![0; len];
+    io.read_exact(&mut bytes).await?;
+    postcard::from_bytes(&bytes).map_err(|e| {
+        io::Error::new(
+            io::ErrorKind::InvalidData,
+            format!("sync message does not decode: {e}"),
+        )
+    })
+}
+
+async fn write_message<T, M>(io: &mut T, message: &M) -> io::Result<()>
+where
+    T: AsyncWrite + Unpin + Send,
+    M: Serialize,
+{
+    let bytes = postcard::to_allocvec(message)
+        .map_err(|e| io::Error::other(format!("cannot encode a sync message: {e}")))?;
+    if bytes.len() > MAX_SYNC_MESSAGE_BYTES {
+        return Err(io::Error::other(format!(
+            "sync message of {} bytes, over the {MAX_SYNC_MESSAGE_BYTES}-byte limit",
+            bytes.len()
+        )));
+    }
+    let len = u32::try_from(bytes.len()).map_err(io::Error::other)?;
+    io.write_all(&len.to_be_bytes()).await?;
+    io.write_all(&bytes).await?;
+    io.close().await
+}
+
+impl request_response::Codec for SyncCodec {
+    type Protocol = StreamProtocol;
+    type Request = SyncRequest;
+    type Response = SyncResponse;
+
+    async fn read_request<T>(&mut self, _: &StreamProtocol, io: &mut T) -> io::Result<SyncRequest>
+    where
+        T: AsyncRead + Unpin + Send,
+    {
+        read_message(io).await
+    }
+
+    async fn read_response<T>(&mut self, _: &StreamProtocol, io: &mut T) -> io::Result<SyncResponse>
+    where
+        T: AsyncRead + Unpin + Send,
+    {
+        read_message(io).await
+    }
+
+    async fn write_request<T>(
+        &mut self,
+        _: &StreamProtocol,
+        io: &mut T,
+        request: SyncRequest,
+    ) -> io::Result<()>
+    where
+        T: AsyncWrite + Unpin + Send,
+    {
+        write_message(io, &request).await
+    }
+
+    async fn write_response<T>(
+        &mut self,
+        _: &StreamProtocol,
+        io: &mut T,
+        response: SyncResponse,
+    ) -> io::Result<()>
+    where
+        T: AsyncWrite + Unpin + Send,
+    {
+        write_message(io, &response).await
+    }
+}
+
+/// The request-response behaviour that carries sync messages.
+pub(crate) fn behaviour() -> request_response::Behaviour<SyncCodec> {
+    request_response::Behaviour::with_codec(
+        SyncCodec,
+        [(SYNC_PROTOCOL, ProtocolSupport::Full)],
+        request_response::Config::default()
+            .with_request_timeout(SYNC_REQUEST_TIMEOUT)
+            .with_max_concurrent_streams(MAX_SYNC_STREAMS),
+    )
+}
+
+/// The sync state of the registry.
+#[derive(Debug, Default)]
+pub(super) struct SyncState {
+    /// Connected peers that speak the sync protocol.
+    pub(super) peers: HashSet<PeerId>,
+    /// Neighbours that have the current version of our record.
+    pushed: HashSet<PeerId>,
+    /// The pull in flight (one at a time: each pull's list includes what
+    /// the previous one brought).
+    pull: Option<(OutboundRequestId, PeerId)>,
+    /// Pulls waiting their turn.
+    pull_queue: VecDeque<PeerId>,
+    /// Join pulls started so far.
+    join_pulls: usize,
+    /// Records new to us, to pass on.
+    outbox: Vec<SyncedRecord>,
+    outbox_due: Option<Instant>,
+}
+
+impl SyncState {
+    /// When the next batch of records is due to go out.
+    pub(super) fn deadline(&self) -> Option<Instant> {
+        self.outbox_due
+    }
+}
+
+fn peer_of(bytes: &[u8]) -> Option<PeerId> {
+    PeerId::from_bytes(bytes).ok()
+}
+
+impl Behaviour {
+    /// A connected peer speaks the sync protocol: it gets our record, and
+    /// a joining node pulls from it.
+    pub(super) fn on_sync_peer(&mut self, peer: PeerId) {
+        if !self.sync.peers.insert(peer) {
+            return;
+        }
+        self.push_own_record_to([peer]);
+        if self.sync.join_pulls < JOIN_PULLS {
+            self.sync.join_pulls += 1;
+            self.queue_pull(peer);
+        }
+    }
+
+    /// The last connection to `peer` closed.
+    pub(super) fn on_sync_peer_gone(&mut self, peer: &PeerId) {
+        self.sync.peers.remove(peer);
+        self.sync.pushed.remove(peer);
+        self.sync.pull_queue.retain(|p| p != peer);
+    }
+
+    /// Our record changed: every neighbour gets the new one.
+    pub(super) fn push_own_record_to_all(&mut self) {
+        self.sync.pushed.clear();
+        let peers: Vec<PeerId> = self.sync.peers.iter().copied().collect();
+        self.push_own_record_to(peers);
+    }
+
+    fn push_own_record_to(&mut self, peers: impl IntoIterator<Item = PeerId>) {
+        let Some((envelope, sequence)) = self.own.clone() else {
+            return;
+        };
+        let record = SyncedRecord {
+            owner: self.local_peer.to_bytes(),
+            page: 0,
+            sequence,
+            envelope,
+        };
+        for peer in peers {
+            if self.sync.peers.contains(&peer) && self.sync.pushed.insert(peer) {
+                self.inner
+                    .sync
+                    .send_request(&peer, SyncRequest::Push(vec![record.clone()]));
+            }
+        }
+    }
+
+    fn queue_pull(&mut self, peer: PeerId) {
+        let busy = self.sync.pull.is_some_and(|(_, p)| p == peer);
+        if !busy && !self.sync.pull_queue.contains(&peer) {
+            self.sync.pull_queue.push_back(peer);
+        }
+        self.pull_next();
+    }
+
+    fn pull_next(&mut self) {
+        while self.sync.pull.is_none() {
+            let Some(peer) = self.sync.pull_queue.pop_front() else {
+                return;
+            };
+            if !self.sync.peers.contains(&peer) {
+                continue;
+            }
+            let list = self.held_records();
+            let id = self.inner.sync.send_request(&peer, SyncRequest::Pull(list));
+            self.sync.pull = Some((id, peer));
+        }
+    }
+
+    /// Every sync tick: pull from one random neighbour.
+    pub(super) fn on_sync_tick(&mut self) {
+        let peers: Vec<PeerId> = self.sync.peers.iter().copied().collect();
+        if let Some(peer) = peers.choose(&mut rand::thread_rng()) {
+            self.queue_pull(*peer);
+        }
+    }
+
+    /// What we hold, as a pull lists it: our record and every unexpired
+    /// record of the cache.
+    fn held_records(&self) -> Vec<RecordRef> {
+        let now = unix_ms();
+        let own = self.own.as_ref().map(|(_, sequence)| RecordRef {
+            owner: self.local_peer.to_bytes(),
+            page: 0,
+            sequence: *sequence,
+        });
+        own.into_iter()
+            .chain(
+                self.cache
+                    .iter()
+                    .filter(|(_, c)| c.record.expires_at > now)
+                    .map(|(peer, c)| RecordRef {
+                        owner: peer.to_bytes(),
+                        page: 0,
+                        sequence: c.record.sequence,
+                    }),
+            )
+            .take(MAX_DIGEST_ENTRIES)
+            .collect()
+    }
+
+    /// The records we hold, ours included, that `theirs` lacks or has
+    /// older, up to the byte budget; and whether `theirs` lists records
+    /// that we lack or hold older.
+    fn answer_pull(&self, theirs: &[RecordRef]) -> (Vec<SyncedRecord>, bool, bool) {
+        let now = unix_ms();
+        let listed: HashMap<(&[u8], u16), u64> = theirs
+            .iter()
+            .map(|r| ((r.owner.as_slice(), r.page), r.sequence))
+            .collect();
+        let own = self
+            .own
+            .as_ref()
+            .map(|(envelope, sequence)| (self.local_peer, *sequence, envelope));
+        let cached = self
+            .cache
+            .iter()
+            .filter(|(_, c)| c.record.expires_at > now)
+            .map(|(peer, c)| (*peer, c.record.sequence, &c.envelope));
+        let mut records = Vec::new();
+        let mut bytes = 0usize;
+        let mut more = false;
+        for (owner, sequence, envelope) in own.into_iter().chain(cached) {
+            let owner_bytes = owner.to_bytes();
+            let wanted = listed
+                .get(&(owner_bytes.as_slice(), 0))
+                .is_none_or(|held| *held < sequence);
+            if !wanted {
+                continue;
+            }
+            if bytes.saturating_add(envelope.len()) > MAX_ANSWER_RECORD_BYTES && !records.is_empty()
+            {
+                more = true;
+                break;
+            }
+            bytes = bytes.saturating_add(envelope.len());
+            records.push(SyncedRecord {
+                owner: owner_bytes,
+                page: 0,
+                sequence,
+                envelope: envelope.clone(),
+            });
+        }
+        let they_have_more = theirs.iter().any(|r| {
+            let Some(owner) = peer_of(&r.owner) else {
+                return false;
+            };
+            if owner == self.local_peer {
+                return false;
+            }
+            self.cache
+                .held_sequence(&owner)
+                .is_none_or(|held| held < r.sequence)
+        });
+        (records, more, they_have_more)
+    }
+
+    /// A record from a neighbour: skipped when its hint says we hold it
+    /// already, else verified and, when new, passed on.
+    fn take_synced(&mut self, from: PeerId, record: &SyncedRecord) {
+        let Some(owner) = peer_of(&record.owner) else {
+            self.emit(Event::Rejected {
+                peer: Some(from),
+                via: RecordVia::Sync,
+                reason: RejectReason::Malformed("the owner is not a peer id".to_owned()),
+            });
+            return;
+        };
+        let held = if owner == self.local_peer {
+            self.own.as_ref().map(|(_, s)| *s)
+        } else {
+            self.cache.held_sequence(&owner)
+        };
+        if held.is_some_and(|held| held >= record.sequence) {
+            return;
+        }
+        let _ = self.accept_record(owner, &record.envelope, RecordVia::Sync, Some(from), None);
+    }
+
+    /// A record new to us (verified and stored): pass it on in the next
+    /// batch.
+    pub(super) fn pass_on(&mut self, owner: PeerId, sequence: u64, envelope: &[u8]) {
+        if self.sync.peers.is_empty() || self.sync.outbox.len() >= MAX_OUTBOX_RECORDS {
+            return;
+        }
+        self.sync.outbox.push(SyncedRecord {
+            owner: owner.to_bytes(),
+            page: 0,
+            sequence,
+            envelope: envelope.to_vec(),
+        });
+        self.sync
+            .outbox_due
+            .get_or_insert_with(|| Instant::now() + PUSH_BATCH_DELAY);
+    }
+
+    /// The batch is due: to [`PUSH_FANOUT`] random neighbours.
+    pub(super) fn flush_outbox(&mut self) {
+        if self.sync.outbox_due.is_none_or(|due| due > Instant::now()) {
+            return;
+        }
+        self.sync.outbox_due = None;
+        let batch = std::mem::take(&mut self.sync.outbox);
+        let mut peers: Vec<PeerId> = self.sync.peers.iter().copied().collect();
+        peers.shuffle(&mut rand::thread_rng());
+        for peer in peers.into_iter().take(PUSH_FANOUT) {
+            // Not back to the owners: they hold their own records.
+            let records: Vec<SyncedRecord> = batch
+                .iter()
+                .filter(|r| peer_of(&r.owner) != Some(peer))
+                .cloned()
+                .collect();
+            if !records.is_empty() {
+                self.inner
+                    .sync
+                    .send_request(&peer, SyncRequest::Push(records));
+            }
+        }
+    }
+
+    pub(super) fn on_sync_event(
+        &mut self,
+        event: request_response::Event<SyncRequest, SyncResponse>,
+    ) {
+        match event {
+            request_response::Event::Message { peer, message, .. } => match message {
+                request_response::Message::Request {
+                    request, channel, ..
+                } => self.on_sync_request(peer, request, channel),
+                request_response::Message::Response {
+                    request_id,
+                    response,
+                } => self.on_sync_response(peer, request_id, response),
+            },
+            request_response::Event::OutboundFailure {
+                peer,
+                request_id,
+                error,
+                ..
+            } => {
+                tracing::debug!(%peer, %error, "sync request failed");
+                if self.sync.pull.is_some_and(|(id, _)| id == request_id) {
+                    self.sync.pull = None;
+                    self.pull_next();
+                }
+            }
+            request_response::Event::InboundFailure { peer, error, .. } => {
+                tracing::debug!(%peer, %error, "sync request from a peer failed");
+            }
+            request_response::Event::ResponseSent { .. } => {}
+        }
+    }
+
+    fn on_sync_request(
+        &mut self,
+        peer: PeerId,
+        request: SyncRequest,
+        channel: ResponseChannel<SyncResponse>,
+    ) {
+        let response = match request {
+            SyncRequest::Pull(theirs) => {
+                let (records, more, they_have_more) = self.answer_pull(&theirs);
+                if they_have_more {
+                    self.queue_pull(peer);
+                }
+                SyncResponse::Records { records, more }
+            }
+            SyncRequest::Push(records) => {
+                for record in records {
+                    self.take_synced(peer, &record);
+                }
+                SyncResponse::Taken
+            }
+        };
+        if self.inner.sync.send_response(channel, response).is_err() {
+            tracing::debug!(%peer, "sync answer not sent: the stream closed");
+        }
+    }
+
+    fn on_sync_response(&mut self, peer: PeerId, id: OutboundRequestId, response: SyncResponse) {
+        let SyncResponse::Records { records, more } = response else {
+            return;
+        };
+        for record in records {
+            self.take_synced(peer, &record);
+        }
+        if self.sync.pull.is_some_and(|(pull, _)| pull == id) {
+            self.sync.pull = None;
+            if more {
+                self.sync.pull_queue.push_front(peer);
+            }
+            self.pull_next();
+        }
+    }
+}
+
+/// Whether a record accepted via `via` is passed on by sync (gossip
+/// spreads its own).
+pub(super) fn passes_on(via: RecordVia, accepted: &Accepted) -> bool {
+    via != RecordVia::Gossip && matches!(accepted, Accepted::Stored { .. })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use futures::io::Cursor;
+
+    #[tokio::test]
+    async fn messages_round_trip_and_oversized_ones_are_refused() {
+        let request = SyncRequest::Pull(vec![RecordRef {
+            owner: PeerId::random().to_bytes(),
+            page: 0,
+            sequence: 7,
+        }]);
+        let mut buffer = Cursor::new(Vec::new());
+        write_message(&mut buffer, &request).await.unwrap();
+        let mut reader = Cursor::new(buffer.into_inner());
+        let back: SyncRequest = read_message(&mut reader).await.unwrap();
+        assert_eq!(back, request);
+
+        let mut huge = (u32::try_from(MAX_SYNC_MESSAGE_BYTES).unwrap() + 1)
+            .to_be_bytes()
+            .to_vec();
+        huge.extend_from_slice(&[0; 16]);
+        let err = read_message::<_, SyncRequest>(&mut Cursor::new(huge))
+            .await
+            .unwrap_err();
+        assert!(err.to_string().contains("over the"), "{err}");
+
+        let garbage = [0, 0, 0, 3, 0xff, 0xff, 0xff];
+        let err = read_message::<_, SyncRequest>(&mut Cursor::new(garbage.to_vec()))
+            .await
+            .unwrap_err();
+        assert!(err.to_string().contains("does not decode"), "{err}");
+    }
+}
