@@ -18,6 +18,11 @@ use super::{Behaviour, unix_ms};
 const MAX_HEALTH_DIAL_ADDRESSES: usize = 4;
 /// Longest an HTTP health probe may take.
 const HTTP_PROBE_TIMEOUT: Duration = Duration::from_secs(5);
+/// Most health-check dials in flight at once: in a large mesh every node
+/// holds the records of every other, and a check round must not dial them
+/// all at once. Peers least recently seen well go first; the rest wait for
+/// the next round.
+const MAX_HEALTH_DIALS_IN_FLIGHT: usize = 8;
 /// Most HTTP probes in flight at once.
 const MAX_CONCURRENT_PROBES: usize = 16;
 /// Probe results waiting for the registry.
@@ -50,8 +55,14 @@ impl Behaviour {
     /// Check every node we hold services of (connection and ping; dial it
     /// when not connected) and probe every `health_check_url` we may.
     pub(super) fn run_health_checks(&mut self) {
-        let peers: Vec<PeerId> = self.cache.iter().map(|(p, _)| *p).collect();
-        for peer in peers {
+        let mut peers: Vec<(Option<u64>, PeerId)> = self
+            .cache
+            .iter()
+            .map(|(p, _)| (self.peer_health.get(p).and_then(|h| h.last_good_ms), *p))
+            .collect();
+        // Never seen well first, then the longest ago.
+        peers.sort_unstable();
+        for (_, peer) in peers {
             self.check_peer(peer);
         }
         let me = self.local_peer;
@@ -148,6 +159,11 @@ impl Behaviour {
         let now = unix_ms();
         if self.connected.contains(&peer) {
             self.peer_health.entry(peer).or_default().record(true, now);
+            return;
+        }
+        if self.health_dials.len() >= MAX_HEALTH_DIALS_IN_FLIGHT
+            || self.health_dials.values().any(|p| *p == peer)
+        {
             return;
         }
         // By peer id: the DHT and identify know its addresses. From its own
