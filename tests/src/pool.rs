@@ -31,7 +31,8 @@ pub struct Member {
     pub node: NodeHandle,
     /// Its Ollama.
     pub ollama: StandInOllama,
-    _watcher: OllamaWatcher,
+    /// Watches its Ollama, as the node binary's does.
+    watcher: OllamaWatcher,
 }
 
 impl Member {
@@ -42,6 +43,7 @@ impl Member {
     #[must_use]
     pub fn local(&self) -> LocalOllama {
         LocalOllama::new(endpoint(&self.ollama), FIRST_BYTE_TIMEOUT)
+            .with_models(self.watcher.subscribe())
     }
 
     /// The first address peers can dial it at, for `bootstrap`.
@@ -120,7 +122,7 @@ pub async fn member_with(
     Member {
         node,
         ollama,
-        _watcher: watcher,
+        watcher,
     }
 }
 

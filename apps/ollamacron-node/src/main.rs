@@ -397,8 +397,11 @@ async fn serve(config: NodeConfig) -> anyhow::Result<()> {
                 .run(watcher.subscribe()),
         );
         // Each request it serves re-reads which models are loaded.
+        // Its gateway routes to every model of its Ollama, whatever the
+        // record holds.
         let local = LocalOllama::new(endpoint, gateway_config.first_byte_timeout)
-            .with_refresh(watcher.refresher());
+            .with_refresh(watcher.refresher())
+            .with_models(watcher.subscribe());
         (watcher, local)
     });
     let local = watched.as_ref().map(|(_, local)| local.clone());

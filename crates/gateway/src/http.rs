@@ -254,7 +254,42 @@ fn error(status: StatusCode, message: impl Into<String>) -> Response {
 }
 
 impl Gateway {
-    /// Every service of the mesh that is an Ollama model, best first.
+    /// The local Ollama's `model` as a candidate of `query`, scored as a
+    /// local service is (this node's record may not hold it: the gateway
+    /// routes to everything its own Ollama has).
+    fn local_model(&self, model: &str, query: &ServiceQuery) -> Option<RankedService> {
+        let (found, version) = self.local.as_ref()?.model(model)?;
+        let mut service = crate::advertise::model_service(
+            &found,
+            ollamacron_node_core::registry::ServiceStatus::Available,
+            &version,
+        );
+        service.peer_id = self.node.peer_id().to_string();
+        let candidate = ollamacron_node_core::registry::Candidate {
+            service,
+            region: None,
+            inputs: ollamacron_node_core::registry::QualityInputs {
+                measured_rtt: Some(Duration::ZERO),
+                since_last_good_check: Some(Duration::ZERO),
+                ..ollamacron_node_core::registry::QualityInputs::default()
+            },
+            local: true,
+        };
+        let query = ServiceQuery {
+            region: None,
+            ..query.clone()
+        };
+        ollamacron_node_core::registry::rank_services(
+            vec![candidate],
+            &query,
+            &ollamacron_node_core::registry::ScoreWeights::default(),
+        )
+        .into_iter()
+        .next()
+    }
+
+    /// Every service of the mesh that is an Ollama model, best first, and
+    /// every model of the local Ollama.
     async fn models(&self) -> Vec<RankedService> {
         let mut all = Vec::new();
         for kind in ["llm", "embedding"] {
@@ -268,6 +303,20 @@ impl Gateway {
                         .into_iter()
                         .filter(|s| s.service.protocols.iter().any(|p| p == "ollama")),
                 );
+            }
+        }
+        let local_names: Vec<String> = self
+            .local
+            .as_ref()
+            .and_then(LocalOllama::models)
+            .map(|snapshot| snapshot.models.into_iter().map(|m| m.name).collect())
+            .unwrap_or_default();
+        for name in local_names {
+            let advertised = all.iter().any(|s| {
+                s.local && ollamacron_node_core::registry::same_model(&s.service.name, &name)
+            });
+            if !advertised && let Some(local) = self.local_model(&name, &ServiceQuery::default()) {
+                all.push(local);
             }
         }
         all

@@ -67,6 +67,7 @@ pub struct LocalOllama {
     http: Client<HttpConnector, ForwardBody>,
     first_byte_timeout: Duration,
     refresh: Option<OllamaRefresh>,
+    models: Option<tokio::sync::watch::Receiver<ollamacron_ollama::OllamaState>>,
 }
 
 /// What the local Ollama answered: status, content type, and the body.
@@ -89,6 +90,43 @@ impl LocalOllama {
             http: ollamacron_http::http_client(),
             first_byte_timeout,
             refresh: None,
+            models: None,
+        }
+    }
+
+    /// Know the local Ollama's models from `state` (its watcher's), so
+    /// the gateway routes to every one of them, whether or not the node's
+    /// record advertises it.
+    #[must_use]
+    pub fn with_models(
+        mut self,
+        state: tokio::sync::watch::Receiver<ollamacron_ollama::OllamaState>,
+    ) -> Self {
+        self.models = Some(state);
+        self
+    }
+
+    /// The local Ollama's model `name` (`name` = `name:latest`) as last
+    /// read, with Ollama's version.
+    #[must_use]
+    pub fn model(&self, name: &str) -> Option<(ollamacron_ollama::LocalModel, String)> {
+        match &*self.models.as_ref()?.borrow() {
+            ollamacron_ollama::OllamaState::Up(snapshot) => snapshot
+                .models
+                .iter()
+                .find(|m| ollamacron_node_core::registry::same_model(&m.name, name))
+                .map(|m| (m.clone(), snapshot.version.clone())),
+            _ => None,
+        }
+    }
+
+    /// The local Ollama's models as last read, with its version (none
+    /// while it is down or unknown, or without [`LocalOllama::with_models`]).
+    #[must_use]
+    pub fn models(&self) -> Option<ollamacron_ollama::OllamaSnapshot> {
+        match &*self.models.as_ref()?.borrow() {
+            ollamacron_ollama::OllamaState::Up(snapshot) => Some(snapshot.clone()),
+            _ => None,
         }
     }
 

@@ -233,6 +233,10 @@ fn parse_service_query(raw: Option<&str>) -> Result<ServiceQuery, ApiError> {
                 single(*count, &name)?;
                 query.service_type = Some(value);
             }
+            "model" => {
+                single(*count, &name)?;
+                query.model = Some(value);
+            }
             "tag" | "capability" => {
                 if *count > MAX_QUERY_VALUES {
                     return Err(ApiError::bad_request(
@@ -280,7 +284,7 @@ fn parse_service_query(raw: Option<&str>) -> Result<ServiceQuery, ApiError> {
                 return Err(ApiError::bad_request(
                     name.clone(),
                     format!(
-                        "unknown query parameter `{name}`; use type, tag, capability, region, \
+                        "unknown query parameter `{name}`; use type, model, tag, capability, region, \
                          min_reliability, max_latency, limit"
                     ),
                 ));
@@ -530,10 +534,11 @@ mod tests {
     #[test]
     fn queries_parse_and_refuse_by_name() {
         let q = parse_service_query(Some(
-            "type=llm&tag=gpu&tag=fast&capability=tools&region=eu&min_reliability=0.5&max_latency=200&limit=3",
+            "type=llm&model=llama3:8b&tag=gpu&tag=fast&capability=tools&region=eu&min_reliability=0.5&max_latency=200&limit=3",
         ))
         .unwrap();
         assert_eq!(q.service_type.as_deref(), Some("llm"));
+        assert_eq!(q.model.as_deref(), Some("llama3:8b"));
         assert_eq!(q.tags, ["gpu", "fast"]);
         assert_eq!(q.capabilities, ["tools"]);
         assert_eq!(q.limit, Some(3));

@@ -14,4 +14,4 @@ pub use record::{
     MAX_CLOCK_SKEW, NODE_RECORD_DOMAIN, NODE_RECORD_PAYLOAD_TYPE, NodeRecord, RECORD_VERSION,
     RecordError, RecordLimits, RejectReason, sign_record, verify_record,
 };
-pub use service::{ServiceInfo, ServiceQuery, ServiceStatus};
+pub use service::{ServiceInfo, ServiceQuery, ServiceStatus, model_with_tag, same_model};

@@ -69,6 +69,25 @@ pub struct ServiceInfo {
     pub expires_at: u64,
 }
 
+/// A model name with its tag: `llama3` is `llama3:latest`, as Ollama
+/// names it; a name whose last path segment has a tag keeps it
+/// (`registry.local:5000/team/llama3` is `…/llama3:latest`).
+#[must_use]
+pub fn model_with_tag(name: &str) -> std::borrow::Cow<'_, str> {
+    let last_segment = name.rsplit('/').next().unwrap_or(name);
+    if last_segment.contains(':') {
+        std::borrow::Cow::Borrowed(name)
+    } else {
+        std::borrow::Cow::Owned(format!("{name}:latest"))
+    }
+}
+
+/// Whether two model names are one model (`name` = `name:latest`).
+#[must_use]
+pub fn same_model(a: &str, b: &str) -> bool {
+    model_with_tag(a) == model_with_tag(b)
+}
+
 /// A request for services: every set field must match.
 #[derive(Debug, Clone, PartialEq, Default, Serialize, Deserialize)]
 #[serde(default, deny_unknown_fields)]
@@ -76,6 +95,9 @@ pub struct ServiceQuery {
     /// Service type, exactly.
     #[serde(rename = "type")]
     pub service_type: Option<String>,
+    /// The model the service serves: its `name`, where `name` and
+    /// `name:latest` are one model (see [`model_with_tag`]).
+    pub model: Option<String>,
     /// Tags the service must all carry.
     pub tags: Vec<String>,
     /// Capabilities the service must all have.
@@ -101,13 +123,17 @@ impl ServiceQuery {
             .service_type
             .as_ref()
             .is_none_or(|t| *t == service.service_type);
+        let model_ok = self
+            .model
+            .as_deref()
+            .is_none_or(|m| same_model(m, &service.name));
         let tags_ok = self.tags.iter().all(|t| service.tags.contains(t));
         let caps_ok = self
             .capabilities
             .iter()
             .all(|c| service.capabilities.contains(c));
         let region_ok = self.region.as_deref().is_none_or(|r| region == Some(r));
-        type_ok && tags_ok && caps_ok && region_ok
+        type_ok && model_ok && tags_ok && caps_ok && region_ok
     }
 
     /// Whether a reliability in [0, 1] and a latency in milliseconds (as
@@ -172,6 +198,28 @@ mod tests {
             ..ServiceQuery::default()
         };
         assert!(!missing_tag.matches(&service, None));
+    }
+
+    #[test]
+    fn a_model_query_matches_the_name_with_or_without_latest() {
+        let named = |name: &str| ServiceInfo {
+            name: name.into(),
+            ..ServiceInfo::default()
+        };
+        let q = ServiceQuery {
+            model: Some("llama3".into()),
+            ..ServiceQuery::default()
+        };
+        assert!(q.matches(&named("llama3"), None));
+        assert!(q.matches(&named("llama3:latest"), None));
+        assert!(!q.matches(&named("llama3:8b"), None));
+        assert!(!q.matches(&named("llama3.1"), None));
+        assert_eq!(model_with_tag("llama3:8b"), "llama3:8b");
+        assert_eq!(
+            model_with_tag("registry.local:5000/team/llama3"),
+            "registry.local:5000/team/llama3:latest"
+        );
+        assert!(same_model("hf.co/x/y:Q4", "hf.co/x/y:Q4"));
     }
 
     #[test]

@@ -16,7 +16,7 @@ use bytes::Bytes;
 use futures::StreamExt;
 use ollamacron_node_core::BreakerState;
 use ollamacron_node_core::libp2p::PeerId;
-use ollamacron_node_core::registry::RankedService;
+use ollamacron_node_core::registry::{RankedService, ServiceQuery};
 
 use super::forward::{Failure, local_attempt, remote_attempt};
 use super::{Gateway, error};
@@ -208,14 +208,27 @@ pub(super) async fn route(gateway: &Gateway, path: &str, model: &str, body: Byte
 }
 
 /// The nodes that have `model`, in the order they are tried (before
-/// conversation affinity).
+/// conversation affinity): one exact lookup of the model. The local
+/// Ollama's copy is among them whenever it has the model, advertised in
+/// the node's record or not.
 async fn ranked_candidates(gateway: &Gateway, model: &str) -> Vec<RankedService> {
+    let query = ServiceQuery {
+        model: Some(model.to_owned()),
+        ..ServiceQuery::default()
+    };
     let mut candidates: Vec<RankedService> = gateway
-        .models()
+        .node
+        .find_services(query.clone())
         .await
+        .unwrap_or_default()
         .into_iter()
-        .filter(|s| same_model(&s.service.name, model))
+        .filter(|s| s.service.protocols.iter().any(|p| p == "ollama"))
         .collect();
+    if !candidates.iter().any(|c| c.local)
+        && let Some(local) = gateway.local_model(model, &query)
+    {
+        candidates.push(local);
+    }
     // Nodes with the model loaded first (a cold load costs seconds), then
     // busy nodes yield to idle ones: fewer requests in flight first (ours
     // to it now, plus what it last advertised serving for others), the
@@ -243,18 +256,6 @@ async fn ranked_candidates(gateway: &Gateway, model: &str) -> Vec<RankedService>
         )
     });
     candidates
-}
-
-/// `name` and `name:latest` are the same model.
-fn same_model(a: &str, b: &str) -> bool {
-    let full = |n: &str| {
-        if n.contains(':') {
-            n.to_owned()
-        } else {
-            format!("{n}:latest")
-        }
-    };
-    full(a) == full(b)
 }
 
 impl Gateway {

@@ -7,6 +7,8 @@ use std::time::Instant;
 
 use libp2p::{Multiaddr, PeerId};
 use ollamacron_service_registry::{RankedService, ServiceInfo, ServiceQuery};
+
+use crate::registry::ModelProviders;
 use tokio::sync::{broadcast, mpsc, oneshot, watch};
 
 use crate::addr::with_peer;
@@ -66,6 +68,10 @@ pub(super) enum Command {
     FindServices {
         query: ServiceQuery,
         reply: oneshot::Sender<Vec<RankedService>>,
+    },
+    FindModelProviders {
+        model: String,
+        reply: oneshot::Sender<ModelProviders>,
     },
     Shutdown {
         reply: oneshot::Sender<()>,
@@ -367,6 +373,20 @@ impl NodeHandle {
         query: ServiceQuery,
     ) -> Result<Vec<RankedService>, NodeError> {
         self.request(|reply| Command::FindServices { query, reply })
+            .await
+    }
+
+    /// The providers of `model` (`name` = `name:latest`) in the DHT, from
+    /// one exact query of its key (`/ollamacron/models/<name:tag>`) that
+    /// bypasses the cache, with the requests it took. For diagnostics and
+    /// measurements; [`NodeHandle::find_services`] with
+    /// [`ServiceQuery::model`] is the ranked, verified answer.
+    ///
+    /// # Errors
+    /// [`NodeError::NotRunning`] once the node has stopped.
+    pub async fn find_model_providers(&self, model: &str) -> Result<ModelProviders, NodeError> {
+        let model = model.to_owned();
+        self.request(|reply| Command::FindModelProviders { model, reply })
             .await
     }
 

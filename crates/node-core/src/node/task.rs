@@ -183,6 +183,9 @@ impl SwarmTask {
             Command::FindServices { query, reply } => {
                 behaviour.registry.find_services(query, reply);
             }
+            Command::FindModelProviders { model, reply } => {
+                behaviour.registry.find_model_providers(&model, reply);
+            }
             Command::Status { reply } => {
                 let _ = reply.send(self.status());
             }

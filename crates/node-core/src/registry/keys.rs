@@ -28,6 +28,30 @@ pub fn capability_key(capability: &str) -> RecordKey {
     provider_key(&format!("{NAMESPACE}/capabilities/{capability}"))
 }
 
+/// The provider key of a model: `/ollamacron/models/<name with tag>`
+/// (`llama3` and `llama3:latest` are one key). Every node that serves the
+/// model provides it, so "who serves llama3:8b" is one exact query.
+#[must_use]
+pub fn model_key(model: &str) -> RecordKey {
+    provider_key(&format!(
+        "{NAMESPACE}/models/{}",
+        ollamacron_service_registry::model_with_tag(model)
+    ))
+}
+
+/// Service types that are models: their names get a [`model_key`].
+pub const MODEL_SERVICE_TYPES: [&str; 2] = ["llm", "embedding"];
+
+/// Whether `service` is a model, provided under its [`model_key`]: a
+/// service of a [`MODEL_SERVICE_TYPES`] type, or one that speaks the
+/// `ollama` protocol, with a name.
+#[must_use]
+pub fn is_model(service: &ollamacron_service_registry::ServiceInfo) -> bool {
+    !service.name.is_empty()
+        && (MODEL_SERVICE_TYPES.contains(&service.service_type.as_str())
+            || service.protocols.iter().any(|p| p == "ollama"))
+}
+
 /// The key of a node's record: the UTF-8 bytes of `/ollamacron/node/<base58 peer id>`.
 #[must_use]
 pub fn node_record_key(peer: &PeerId) -> RecordKey {
@@ -81,6 +105,12 @@ mod tests {
             provider_key("/ollamacron/capabilities/vision")
         );
         assert_ne!(service_type_key("llm"), service_type_key("embedding"));
+        assert_eq!(
+            model_key("llama3:8b"),
+            provider_key("/ollamacron/models/llama3:8b")
+        );
+        assert_eq!(model_key("llama3"), model_key("llama3:latest"));
+        assert_ne!(model_key("llama3"), model_key("llama3:8b"));
         let peer = PeerId::random();
         assert_eq!(
             node_record_key(&peer).as_ref(),

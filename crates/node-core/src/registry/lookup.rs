@@ -12,7 +12,7 @@ use ollamacron_service_registry::{
 };
 use tokio::sync::oneshot;
 
-use super::keys::{capability_key, namespace_key, node_record_key, service_type_key};
+use super::keys::{capability_key, model_key, namespace_key, node_record_key, service_type_key};
 use super::{Behaviour, Event, unix_ms};
 use crate::event::RecordVia;
 
@@ -40,9 +40,12 @@ pub(super) struct PendingLookup {
     outstanding: HashSet<PeerId>,
 }
 
-/// The DHT key a lookup walks: the type's, else the first capability's,
-/// else the namespace (every node).
+/// The DHT key a lookup walks: the model's (exact), else the type's, else
+/// the first capability's, else the namespace (every node).
 fn lookup_key(query: &ServiceQuery) -> RecordKey {
+    if let Some(model) = &query.model {
+        return model_key(model);
+    }
     match (&query.service_type, query.capabilities.first()) {
         (Some(t), _) => service_type_key(t),
         (None, Some(c)) => capability_key(c),
@@ -302,5 +305,10 @@ mod tests {
         };
         assert_eq!(lookup_key(&by_capability), capability_key("vision"));
         assert_eq!(lookup_key(&ServiceQuery::default()), namespace_key());
+        let by_model = ServiceQuery {
+            model: Some("llama3".into()),
+            ..by_type
+        };
+        assert_eq!(lookup_key(&by_model), model_key("llama3:latest"));
     }
 }
