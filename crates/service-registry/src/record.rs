@@ -583,6 +583,17 @@ pub fn sign_record_pages(
             .into());
         }
     }
+    sign_paged(record, keypair, limits, PAGE_MARGIN)
+}
+
+/// The services of `record` in version-2 pages, packed against the
+/// envelope of an empty page plus `margin` bytes.
+fn sign_paged(
+    record: &NodeRecord,
+    keypair: &Keypair,
+    limits: &RecordLimits,
+    margin: usize,
+) -> Result<Vec<SignedPage>, RecordError> {
     let addresses = pageable_addresses(record)?;
     let services: Vec<ServiceV2<'_>> = record.services.iter().map(ServiceV2::from).collect();
     let sign_page = |page: u16, pages: u16, range: Range<usize>| {
@@ -597,7 +608,7 @@ pub fn sign_record_pages(
         }
         .into());
     }
-    let overhead = sign_page(0, 1, 0..0)?.len() + PAGE_MARGIN;
+    let overhead = sign_page(0, 1, 0..0)?.len() + margin;
     let budget = limits.max_record_bytes.saturating_sub(overhead);
     let mut ranges: Vec<Range<usize>> = Vec::new();
     let (mut start, mut bytes) = (0, 0usize);
@@ -1092,6 +1103,50 @@ mod tests {
                 expires_at: 0,
                 ..service.clone()
             }
+        );
+    }
+
+    #[test]
+    fn a_page_over_the_limit_after_signing_is_split_further() {
+        let key = Keypair::generate_ed25519();
+        let peer = key.public().to_peer_id();
+        let mut record = record(&key, 40);
+        for (i, s) in record.services.iter_mut().enumerate() {
+            s.id = format!("s{i:02}"); // all of one size
+        }
+        let services: Vec<ServiceV2<'_>> = record.services.iter().map(ServiceV2::from).collect();
+        let addresses = record.node_addresses();
+        let sign = |range: Range<usize>| {
+            let wire = WireV2::of(&record, addresses, 0, 1, &services[range]);
+            sign_payload(encode(&wire).unwrap(), &key).unwrap().len()
+        };
+        let empty = sign(0..0);
+        let size = postcard::experimental::serialized_size(&services[0]).unwrap();
+        // Without a margin, 16 services seem to fit exactly; the varints of
+        // the payload length and the service count make them a little more.
+        let limits = RecordLimits {
+            max_record_bytes: empty + 16 * size,
+            ..RecordLimits::default()
+        };
+        assert!(sign(0..16) > limits.max_record_bytes);
+        let pages = sign_paged(&record, &key, &limits, 0).unwrap();
+        // Packed 16 + 16 + 8, the first two split in halves.
+        assert_eq!(pages.len(), 5);
+        let mut back = Vec::new();
+        for page in &pages {
+            assert!(page.envelope.len() <= limits.max_record_bytes);
+            assert_eq!(usize::from(page.pages), pages.len());
+            let page =
+                verify_record(&page.envelope, &peer, record.issued_at, None, &limits).unwrap();
+            back.extend(page.services);
+        }
+        assert_eq!(back, record.services);
+        // With the margin, the packing is right the first time.
+        let packed = sign_paged(&record, &key, &limits, PAGE_MARGIN).unwrap();
+        assert!(
+            packed
+                .iter()
+                .all(|p| p.envelope.len() <= limits.max_record_bytes)
         );
     }
 
