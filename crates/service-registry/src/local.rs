@@ -21,8 +21,8 @@ pub enum RegisterError {
         /// The service.
         id: String,
     },
-    /// One more service would exceed the per-record limit.
-    #[error("cannot add service {id}: the record already holds the maximum of {max} services")]
+    /// One more service would exceed the node's limit.
+    #[error("cannot add service {id}: this node already offers the maximum of {max} services")]
     TooMany {
         /// The service.
         id: String,
@@ -33,19 +33,33 @@ pub enum RegisterError {
 
 /// This node's services, and the sequence of its record.
 ///
+/// [`LocalServices::next_record`] makes one record of all of them;
+/// [`sign_record_pages`](crate::sign_record_pages) splits it into as many
+/// pages as it needs.
+///
 /// ```
 /// use std::time::Duration;
-/// use libp2p::PeerId;
-/// use ollamacron_service_registry::{LocalServices, ServiceInfo};
+/// use libp2p::identity::Keypair;
+/// use ollamacron_service_registry::{LocalServices, RecordLimits, ServiceInfo, sign_record_pages};
 ///
-/// let me = PeerId::random();
-/// let mut local = LocalServices::new(me, 64);
-/// local.register(ServiceInfo { id: "a".into(), service_type: "llm".into(), ..ServiceInfo::default() }, 1_000)?;
+/// let key = Keypair::generate_ed25519();
+/// let me = key.public().to_peer_id();
+/// let limits = RecordLimits::default();
+/// // Up to 64 services a page, 16 pages.
+/// let mut local = LocalServices::new(me, limits.max_paged_services());
+/// for i in 0..100 {
+///     let model = ServiceInfo { id: format!("m{i}"), service_type: "llm".into(), ..ServiceInfo::default() };
+///     local.register(model, 1_000)?;
+/// }
 /// let first = local.next_record(1_000, Duration::from_secs(300), None, &[], &[]);
 /// let second = local.next_record(1_000, Duration::from_secs(300), None, &[], &[]);
 /// assert!(second.sequence > first.sequence);
+/// assert_eq!(first.services.len(), 100);
 /// assert_eq!(first.services[0].peer_id, me.to_string());
-/// # Ok::<(), ollamacron_service_registry::RegisterError>(())
+/// // 100 services are more than one page holds.
+/// let pages = sign_record_pages(&second, &key, &limits)?;
+/// assert_eq!(pages.len(), 2);
+/// # Ok::<(), Box<dyn std::error::Error>>(())
 /// ```
 #[derive(Debug, Clone)]
 pub struct LocalServices {
@@ -56,7 +70,12 @@ pub struct LocalServices {
 }
 
 impl LocalServices {
-    /// No services yet, for node `peer`, holding at most `max_services`.
+    /// No services yet, for node `peer`, holding at most `max_services` in
+    /// all. A node that pages its record passes the per-page limit times
+    /// [`MAX_RECORD_PAGES`](crate::MAX_RECORD_PAGES)
+    /// ([`RecordLimits::max_paged_services`](crate::RecordLimits::max_paged_services));
+    /// one that signs a single record with
+    /// [`sign_record`](crate::sign_record), the per-page limit itself.
     #[must_use]
     pub fn new(peer: PeerId, max_services: usize) -> Self {
         Self {
@@ -147,7 +166,10 @@ impl LocalServices {
     /// The next record: a sequence above every earlier one (and, being at
     /// least the time in milliseconds, above those of an earlier run of the
     /// node), issued now, expiring after `ttl`, with every service stamped
-    /// with the node's `addresses` and the expiry.
+    /// with the node's `addresses` and the expiry. It holds every service,
+    /// as page 0 of 1 in format [`RECORD_VERSION`]; sign it with
+    /// [`sign_record_pages`](crate::sign_record_pages) to split it into
+    /// pages when it is more than one page holds.
     pub fn next_record(
         &mut self,
         now_ms: u64,
@@ -177,6 +199,8 @@ impl LocalServices {
             region: region.map(str::to_owned),
             node_tags: node_tags.to_vec(),
             services,
+            page: 0,
+            pages: 1,
         }
     }
 }

@@ -6,7 +6,8 @@
 use libp2p::PeerId;
 use libp2p::identity::Keypair;
 use ollamacron_service_registry::{
-    NodeRecord, RECORD_VERSION, RecordLimits, RejectReason, ServiceInfo, sign_record, verify_record,
+    MAX_RECORD_PAGES, NodeRecord, RECORD_VERSION, RECORD_VERSION_PAGED, RecordLimits, RejectReason,
+    ServiceInfo, sign_record, verify_record,
 };
 use proptest::prelude::*;
 
@@ -32,6 +33,8 @@ fn record_for(key: &Keypair, sequence: u64) -> NodeRecord {
             capabilities: vec!["completion".into(), "tools".into()],
             ..ServiceInfo::default()
         }],
+        page: 0,
+        pages: 1,
     }
 }
 
@@ -161,7 +164,7 @@ fn garbage_is_malformed() {
 fn a_future_version_is_refused_by_name() {
     let key = Keypair::generate_ed25519();
     let mut record = record_for(&key, 1);
-    record.version = RECORD_VERSION + 1;
+    record.version = RECORD_VERSION_PAGED + 1;
     // Signing checks contents, not the version: peers of a later release may write it.
     let bytes = sign_record(&record, &key, &RecordLimits::default()).unwrap();
     assert_eq!(reason(&bytes, &peer(&key), None), "unsupported_version");
@@ -201,6 +204,12 @@ fn every_reason_has_a_distinct_label() {
         RejectReason::OverLimit {
             field: "x",
             detail: String::new(),
+        }
+        .as_str(),
+        RejectReason::BadPage {
+            page: 1,
+            pages: 1,
+            max: MAX_RECORD_PAGES,
         }
         .as_str(),
     ];
