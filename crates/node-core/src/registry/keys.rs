@@ -58,14 +58,45 @@ pub fn node_record_key(peer: &PeerId) -> RecordKey {
     RecordKey::new(&format!("{NAMESPACE}/node/{peer}"))
 }
 
-/// The peer whose record `key` names, if `key` is a node record key
-/// (`/ollamacron/node/<base58 peer id>`, exactly).
+/// The key of page `page` of a node's record: page 0 is the node record
+/// key itself (so a reader of one-page records finds it), page `n` >= 1
+/// is `/ollamacron/node/<base58 peer id>/<n>`.
+#[must_use]
+pub fn node_record_page_key(peer: &PeerId, page: u16) -> RecordKey {
+    if page == 0 {
+        node_record_key(peer)
+    } else {
+        RecordKey::new(&format!("{NAMESPACE}/node/{peer}/{page}"))
+    }
+}
+
+/// The peer and page whose record `key` names, if `key` is a node record
+/// key or a page key of one, exactly in the canonical form (pages below
+/// [`MAX_RECORD_PAGES`](ollamacron_service_registry::MAX_RECORD_PAGES)).
+#[must_use]
+pub fn node_record_page(key: &RecordKey) -> Option<(PeerId, u16)> {
+    let text = std::str::from_utf8(key.as_ref()).ok()?;
+    let rest = text.strip_prefix(NODE_RECORD_PREFIX)?;
+    let (peer, page) = match rest.split_once('/') {
+        Some((peer, page)) => (peer, page.parse::<u16>().ok()?),
+        None => (rest, 0),
+    };
+    let peer: PeerId = peer.parse().ok()?;
+    if page >= ollamacron_service_registry::MAX_RECORD_PAGES {
+        return None;
+    }
+    // Exactly the canonical form, so one page has one key.
+    (node_record_page_key(&peer, page) == *key).then_some((peer, page))
+}
+
+/// The peer whose record `key` names, if `key` is the key of page 0 of a
+/// node record (`/ollamacron/node/<base58 peer id>`, exactly).
 #[must_use]
 pub fn node_record_peer(key: &RecordKey) -> Option<PeerId> {
-    let text = std::str::from_utf8(key.as_ref()).ok()?;
-    let peer: PeerId = text.strip_prefix(NODE_RECORD_PREFIX)?.parse().ok()?;
-    // Exactly the canonical form, so one peer has one key.
-    (node_record_key(&peer) == *key).then_some(peer)
+    match node_record_page(key)? {
+        (peer, 0) => Some(peer),
+        _ => None,
+    }
 }
 
 const NODE_RECORD_PREFIX: &str = "/ollamacron/node/";
@@ -126,5 +157,20 @@ mod tests {
             assert_eq!(node_record_peer(&RecordKey::new(&bad)), None, "{bad}");
         }
         assert_eq!(node_record_peer(&RecordKey::new(&[0xff, 0xfe])), None);
+        assert_eq!(
+            node_record_page_key(&peer, 3).as_ref(),
+            format!("/ollamacron/node/{peer}/3").as_bytes()
+        );
+        assert_eq!(node_record_page(&node_record_page_key(&peer, 3)), Some((peer, 3)));
+        assert_eq!(node_record_page(&node_record_key(&peer)), Some((peer, 0)));
+        for bad in [
+            format!("/ollamacron/node/{peer}/0"),
+            format!("/ollamacron/node/{peer}/03"),
+            format!("/ollamacron/node/{peer}/16"),
+            format!("/ollamacron/node/{peer}/-1"),
+            format!("/ollamacron/node/{peer}/1/2"),
+        ] {
+            assert_eq!(node_record_page(&RecordKey::new(&bad)), None, "{bad}");
+        }
     }
 }

@@ -12,7 +12,7 @@ use ollamacron_service_registry::{
 };
 use tokio::sync::oneshot;
 
-use super::keys::{capability_key, model_key, namespace_key, node_record_key, service_type_key};
+use super::keys::{capability_key, model_key, namespace_key, node_record_page_key, service_type_key};
 use super::{Behaviour, Event, unix_ms};
 use crate::event::RecordVia;
 
@@ -37,7 +37,8 @@ pub(super) struct PendingLookup {
     reply: oneshot::Sender<Vec<RankedService>>,
     pub(super) deadline: Instant,
     walk_done: bool,
-    outstanding: HashSet<PeerId>,
+    /// Record pages being fetched for it.
+    outstanding: HashSet<(PeerId, u16)>,
 }
 
 /// The DHT key a lookup walks: the model's (exact), else the type's, else
@@ -210,34 +211,42 @@ impl Behaviour {
             if current {
                 continue;
             }
-            let pending = self.fetch_queued.contains(&provider)
-                || self.fetches.values().any(|p| *p == provider);
-            if !pending {
-                if self.fetch_queue.len() >= MAX_FETCH_QUEUE {
-                    continue;
+            if self.queue_fetch(provider, 0) {
+                for lookup in self.lookups.iter_mut().filter(|l| l.key == *key) {
+                    lookup.outstanding.insert((provider, 0));
                 }
-                self.fetch_queue.push_back(provider);
-                self.fetch_queued.insert(provider);
-                self.fetch_next();
-            }
-            for lookup in self.lookups.iter_mut().filter(|l| l.key == *key) {
-                lookup.outstanding.insert(provider);
             }
         }
+    }
+
+    /// Fetch page `page` of `owner`'s record (queued); false when the
+    /// queue is full.
+    fn queue_fetch(&mut self, owner: PeerId, page: u16) -> bool {
+        let pending = self.fetch_queued.contains(&(owner, page))
+            || self.fetches.values().any(|f| *f == (owner, page));
+        if !pending {
+            if self.fetch_queue.len() >= MAX_FETCH_QUEUE {
+                return false;
+            }
+            self.fetch_queue.push_back((owner, page));
+            self.fetch_queued.insert((owner, page));
+            self.fetch_next();
+        }
+        true
     }
 
     /// Start queued fetches while fewer than `MAX_CONCURRENT_FETCHES` run.
     pub(super) fn fetch_next(&mut self) {
         while self.fetches.len() < MAX_CONCURRENT_FETCHES {
-            let Some(provider) = self.fetch_queue.pop_front() else {
+            let Some((owner, page)) = self.fetch_queue.pop_front() else {
                 return;
             };
-            self.fetch_queued.remove(&provider);
+            self.fetch_queued.remove(&(owner, page));
             let Some(dht) = self.inner.dht.as_mut() else {
                 return;
             };
-            let id = dht.get_record(node_record_key(&provider));
-            self.fetches.insert(id, provider);
+            let id = dht.get_record(node_record_page_key(&owner, page));
+            self.fetches.insert(id, (owner, page));
         }
     }
 
@@ -260,11 +269,11 @@ impl Behaviour {
     pub(super) fn on_fetch_progress(
         &mut self,
         query: QueryId,
-        owner: PeerId,
+        (owner, page): (PeerId, u16),
         record: &Record,
         from: Option<PeerId>,
     ) {
-        if record.key != node_record_key(&owner) {
+        if record.key != node_record_page_key(&owner, page) {
             return;
         }
         let newer = matches!(
@@ -275,13 +284,37 @@ impl Behaviour {
             if let Some(dht) = self.inner.dht.as_mut() {
                 dht.finish_query(query);
             }
-            self.on_fetch_done(owner);
+            self.on_fetch_done(owner, page);
         }
     }
 
-    pub(super) fn on_fetch_done(&mut self, owner: PeerId) {
+    /// A fetch of `owner`'s page ended. After page 0, the other pages of
+    /// its record that we hold older (or not at all) are fetched too, and
+    /// the lookups waiting for page 0 wait for them.
+    pub(super) fn on_fetch_done(&mut self, owner: PeerId, page: u16) {
+        if page == 0
+            && let Some(held) = self.cache.get(&owner)
+        {
+            let sequence = held.record.sequence;
+            let missing: Vec<u16> = (1..held.record.pages)
+                .filter(|p| {
+                    self.cache
+                        .held_page_sequence(&owner, *p)
+                        .is_none_or(|s| s < sequence)
+                })
+                .collect();
+            for more in missing {
+                if self.queue_fetch(owner, more) {
+                    for lookup in &mut self.lookups {
+                        if lookup.outstanding.contains(&(owner, 0)) {
+                            lookup.outstanding.insert((owner, more));
+                        }
+                    }
+                }
+            }
+        }
         for lookup in &mut self.lookups {
-            lookup.outstanding.remove(&owner);
+            lookup.outstanding.remove(&(owner, page));
         }
         self.answer_lookups(false);
     }

@@ -100,6 +100,13 @@ pub(crate) enum Event {
     Gossip(Box<gossipsub::Event>),
 }
 
+/// Our latest record: its signed pages and their common sequence.
+#[derive(Debug, Clone)]
+pub(crate) struct OwnRecord {
+    sequence: u64,
+    pages: Vec<SignedPage>,
+}
+
 /// Who provides a model in the DHT, from one exact query of its key
 /// (the cache is not consulted), and what the query cost.
 #[derive(Debug, Clone, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
@@ -138,15 +145,16 @@ pub(crate) struct Behaviour {
     refresh_interval: Duration,
     region: Option<String>,
     node_tags: Vec<String>,
-    /// Our latest signed record and its sequence.
-    own: Option<(Vec<u8>, u64)>,
+    /// Our latest signed record.
+    own: Option<OwnRecord>,
     /// Whether the last published record had services (an empty one is
     /// published once, to withdraw them, then no more).
     advertising: bool,
-    /// The DHT copy of our record, re-put on every DHT refresh, and its
-    /// put in flight (one at a time; `outdated` when it changed meanwhile).
-    own_dht: Option<Record>,
-    own_put: Option<QueryId>,
+    /// The DHT copies of our record's pages, re-put on every DHT refresh,
+    /// and their puts in flight (one round at a time; `outdated` when it
+    /// changed meanwhile).
+    own_dht: Vec<Record>,
+    own_puts: HashSet<QueryId>,
     own_outdated: bool,
     /// When our record was last put, and when the next put is due.
     own_put_at: Option<Instant>,
@@ -170,10 +178,11 @@ pub(crate) struct Behaviour {
     /// Exact provider queries of models ([`Behaviour::find_model_providers`]).
     provider_queries: HashMap<QueryId, PendingProviders>,
     walked_at: HashMap<RecordKey, Instant>,
-    fetches: HashMap<QueryId, PeerId>,
-    /// Records to fetch once a running fetch finishes.
-    fetch_queue: VecDeque<PeerId>,
-    fetch_queued: HashSet<PeerId>,
+    /// Record pages being fetched: owner and page.
+    fetches: HashMap<QueryId, (PeerId, u16)>,
+    /// Pages to fetch once a running fetch finishes.
+    fetch_queue: VecDeque<(PeerId, u16)>,
+    fetch_queued: HashSet<(PeerId, u16)>,
     lookups: Vec<PendingLookup>,
     health_dials: HashMap<ConnectionId, PeerId>,
     probes_in_flight: usize,
@@ -209,7 +218,7 @@ impl Behaviour {
     ) -> Result<Self, NodeError> {
         let peer = keypair.public().to_peer_id();
         let limits = crate::configs::record_limits(config);
-        let mut local = LocalServices::new(peer, limits.max_services);
+        let mut local = LocalServices::new(peer, limits.max_paged_services());
         let now = unix_ms();
         for service in &config.services {
             local
@@ -225,7 +234,7 @@ impl Behaviour {
             &config.tags,
             &[],
         );
-        sign_record(&trial, keypair, &limits).map_err(|e| NodeError::Service {
+        sign_record_pages(&trial, keypair, &limits).map_err(|e| NodeError::Service {
             message: format!("the configured services do not fit in a record: {e}"),
             field: None,
         })?;
@@ -273,8 +282,8 @@ impl Behaviour {
             node_tags: config.tags.clone(),
             own: None,
             advertising: false,
-            own_dht: None,
-            own_put: None,
+            own_dht: Vec::new(),
+            own_puts: HashSet::new(),
             own_outdated: false,
             own_put_at: None,
             own_put_due: None,
@@ -357,6 +366,14 @@ impl Behaviour {
                 reply,
             },
         );
+    }
+
+    /// The envelopes of our record's pages.
+    fn own_envelopes(&self) -> Vec<Vec<u8>> {
+        self.own
+            .iter()
+            .flat_map(|own| own.pages.iter().map(|p| p.envelope.clone()))
+            .collect()
     }
 
     /// The DHT, when it runs.
@@ -476,17 +493,16 @@ impl Behaviour {
     fn on_query_finished(&mut self, query: QueryId, ok: bool) {
         if let Some(key) = self.walks.remove(&query) {
             self.on_walk_done(&key);
-        } else if let Some(owner) = self.fetches.remove(&query) {
-            self.on_fetch_done(owner);
+        } else if let Some((owner, page)) = self.fetches.remove(&query) {
+            self.on_fetch_done(owner, page);
             self.fetch_next();
         } else if self.pushes.remove(&query) {
             if !ok {
                 tracing::debug!("a direct push of our record failed");
             }
-        } else if self.own_put == Some(query) {
-            self.own_put = None;
-            tracing::debug!(ok, "stored our service record in the DHT");
-            if std::mem::take(&mut self.own_outdated) {
+        } else if self.own_puts.remove(&query) {
+            tracing::debug!(ok, "stored a page of our service record in the DHT");
+            if self.own_puts.is_empty() && std::mem::take(&mut self.own_outdated) {
                 let due = self
                     .own_put_at
                     .map_or_else(Instant::now, |at| at + publish::MIN_DHT_PUT_INTERVAL);
@@ -514,17 +530,17 @@ impl Behaviour {
         {
             self.gossip_republish_at = None;
             self.gossip_republished = Some(Instant::now());
-            if let Some((envelope, _)) = self.own.clone() {
+            for envelope in self.own_envelopes() {
                 self.gossip_publish(envelope);
             }
         }
         self.flush_outbox();
         if self.own_put_due.is_some_and(|at| at <= Instant::now()) {
             self.own_put_due = None;
-            if self.own_put.is_some() {
-                self.own_outdated = true;
-            } else {
+            if self.own_puts.is_empty() {
                 self.put_own_record();
+            } else {
+                self.own_outdated = true;
             }
         }
         self.answer_lookups(false);

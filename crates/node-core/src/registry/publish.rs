@@ -11,10 +11,10 @@ use libp2p::gossipsub::IdentTopic;
 use libp2p::multiaddr::Protocol;
 use ollamacron_config::ServiceConfig;
 use ollamacron_discovery_dht::{Record, RecordKey};
-use ollamacron_service_registry::{ServiceChange, ServiceInfo, ServiceStatus, sign_record};
+use ollamacron_service_registry::{ServiceChange, ServiceInfo, ServiceStatus, sign_record_pages};
 
-use super::keys::{capability_key, is_model, model_key, node_record_key, service_type_key};
-use super::{Behaviour, Event, SERVICES_TOPIC, unix_ms};
+use super::keys::{capability_key, is_model, model_key, node_record_page_key, service_type_key};
+use super::{Behaviour, Event, OwnRecord, SERVICES_TOPIC, unix_ms};
 use crate::addr::with_peer;
 use crate::error::NodeError;
 use crate::status::ServiceCounts;
@@ -114,15 +114,18 @@ impl Behaviour {
             &self.node_tags,
             &addresses,
         );
-        let envelope = match sign_record(&record, &self.keypair, &self.limits) {
-            Ok(bytes) => bytes,
+        let pages = match sign_record_pages(&record, &self.keypair, &self.limits) {
+            Ok(pages) => pages,
             Err(e) => {
                 tracing::error!(error = %e, "cannot sign our service record; not published");
                 return;
             }
         };
         self.advertising = !record.services.is_empty();
-        self.own = Some((envelope.clone(), record.sequence));
+        self.own = Some(OwnRecord {
+            sequence: record.sequence,
+            pages: pages.clone(),
+        });
         let keys: HashSet<RecordKey> = record
             .services
             .iter()
@@ -134,18 +137,26 @@ impl Behaviour {
             .collect();
         if let Some(dht) = self.inner.dht.as_mut() {
             dht.set_provided_keys(keys);
-            self.publish_in_dht(Record {
-                key: node_record_key(&self.local_peer),
-                value: envelope.clone(),
-                publisher: Some(self.local_peer),
-                expires: Some(Instant::now() + self.ttl),
-            });
+            let expires = Some(Instant::now() + self.ttl);
+            let records = pages
+                .iter()
+                .map(|page| Record {
+                    key: node_record_page_key(&self.local_peer, page.page),
+                    value: page.envelope.clone(),
+                    publisher: Some(self.local_peer),
+                    expires,
+                })
+                .collect();
+            self.publish_in_dht(records);
         }
         self.push_own_record_to_all();
-        self.gossip_publish(envelope);
+        for page in &pages {
+            self.gossip_publish(page.envelope.clone());
+        }
         tracing::debug!(
             sequence = record.sequence,
             services = record.services.len(),
+            pages = pages.len(),
             "published our service record"
         );
         self.emit(Event::Published);
@@ -159,8 +170,8 @@ impl Behaviour {
     /// table gets the record directly now, and every peer that joins the
     /// routing table later gets it when it does: in a small mesh every
     /// node holds every record without a lookup.
-    fn publish_in_dht(&mut self, record: Record) {
-        self.own_dht = Some(record.clone());
+    fn publish_in_dht(&mut self, records: Vec<Record>) {
+        self.own_dht.clone_from(&records);
         self.pushed.clear();
         let connected: Vec<PeerId> = self
             .dht()
@@ -179,13 +190,15 @@ impl Behaviour {
         let Some(dht) = self.inner.dht.as_mut() else {
             return;
         };
-        if let Err(e) = dht.store_record(record) {
-            tracing::warn!(error = %e, "cannot store our own record");
+        for record in records {
+            if let Err(e) = dht.store_record(record) {
+                tracing::warn!(error = %e, "cannot store our own record");
+            }
         }
         if !dht.has_announced() {
             return;
         }
-        if self.own_put.is_some() {
+        if !self.own_puts.is_empty() {
             self.own_outdated = true;
             return;
         }
@@ -198,12 +211,10 @@ impl Behaviour {
         self.put_own_record();
     }
 
-    /// PUT our record on the peers closest to its key (one put at a time).
+    /// PUT every page of our record on the peers closest to its key (one
+    /// round at a time).
     pub(super) fn put_own_record(&mut self) {
-        let Some(record) = self.own_dht.clone() else {
-            return;
-        };
-        if self.own_put.is_some() {
+        if self.own_dht.is_empty() || !self.own_puts.is_empty() {
             return;
         }
         let Some(dht) = self.inner.dht.as_mut() else {
@@ -211,18 +222,22 @@ impl Behaviour {
         };
         self.own_put_due = None;
         self.own_put_at = Some(Instant::now());
-        match dht.put_record(record) {
-            Ok(id) => self.own_put = Some(id),
-            Err(e) => tracing::warn!(error = %e, "cannot store our own record"),
+        for record in self.own_dht.clone() {
+            match dht.put_record(record) {
+                Ok(id) => {
+                    self.own_puts.insert(id);
+                }
+                Err(e) => tracing::warn!(error = %e, "cannot store our own record"),
+            }
         }
     }
 
     /// PUT our record to `peers` directly (not a walk); each connected
     /// peer gets each version once.
     pub(super) fn push_own_record(&mut self, peers: Vec<PeerId>) {
-        let Some(record) = self.own_dht.clone() else {
+        if self.own_dht.is_empty() {
             return;
-        };
+        }
         let peers: Vec<PeerId> = peers
             .into_iter()
             .filter(|p| self.pushed.insert(*p))
@@ -234,8 +249,10 @@ impl Behaviour {
             return;
         };
         tracing::debug!(?peers, "pushing our record");
-        let id = dht.put_record_to(record, peers);
-        self.pushes.insert(id);
+        for record in self.own_dht.clone() {
+            let id = dht.put_record_to(record, peers.iter().copied());
+            self.pushes.insert(id);
+        }
     }
 
     pub(super) fn gossip_publish(&mut self, envelope: Vec<u8>) {
@@ -273,7 +290,7 @@ impl Behaviour {
             &self.node_tags,
             &addresses,
         );
-        sign_record(&record, &self.keypair, &self.limits).map_err(NodeError::from)?;
+        sign_record_pages(&record, &self.keypair, &self.limits).map_err(NodeError::from)?;
         self.local = trial;
         Ok(change)
     }

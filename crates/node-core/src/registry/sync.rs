@@ -259,22 +259,46 @@ impl Behaviour {
     }
 
     fn push_own_record_to(&mut self, peers: impl IntoIterator<Item = PeerId>) {
-        let Some((envelope, sequence)) = self.own.clone() else {
+        let Some(own) = &self.own else {
             return;
         };
-        let record = SyncedRecord {
-            owner: self.local_peer.to_bytes(),
-            page: 0,
-            sequence,
-            envelope,
-        };
+        let owner = self.local_peer.to_bytes();
+        let records: Vec<SyncedRecord> = own
+            .pages
+            .iter()
+            .map(|page| SyncedRecord {
+                owner: owner.clone(),
+                page: page.page,
+                sequence: own.sequence,
+                envelope: page.envelope.clone(),
+            })
+            .collect();
         for peer in peers {
             if self.sync.peers.contains(&peer) && self.sync.pushed.insert(peer) {
                 self.inner
                     .sync
-                    .send_request(&peer, SyncRequest::Push(vec![record.clone()]));
+                    .send_request(&peer, SyncRequest::Push(records.clone()));
             }
         }
+    }
+
+    /// Every page we hold, ours first: owner, page, sequence, envelope.
+    fn held_pages(&self) -> impl Iterator<Item = (PeerId, u16, u64, &[u8])> {
+        let now = unix_ms();
+        let own = self.own.iter().flat_map(move |own| {
+            own.pages
+                .iter()
+                .map(move |p| (self.local_peer, p.page, own.sequence, p.envelope.as_slice()))
+        });
+        let cached = self
+            .cache
+            .iter()
+            .filter(move |(_, c)| c.record.expires_at > now)
+            .flat_map(|(peer, c)| {
+                c.page_envelopes()
+                    .map(move |(page, sequence, envelope)| (*peer, page, sequence, envelope))
+            });
+        own.chain(cached)
     }
 
     fn queue_pull(&mut self, peer: PeerId) {
@@ -310,23 +334,12 @@ impl Behaviour {
     /// What we hold, as a pull lists it: our record and every unexpired
     /// record of the cache.
     fn held_records(&self) -> Vec<RecordRef> {
-        let now = unix_ms();
-        let own = self.own.as_ref().map(|(_, sequence)| RecordRef {
-            owner: self.local_peer.to_bytes(),
-            page: 0,
-            sequence: *sequence,
-        });
-        own.into_iter()
-            .chain(
-                self.cache
-                    .iter()
-                    .filter(|(_, c)| c.record.expires_at > now)
-                    .map(|(peer, c)| RecordRef {
-                        owner: peer.to_bytes(),
-                        page: 0,
-                        sequence: c.record.sequence,
-                    }),
-            )
+        self.held_pages()
+            .map(|(owner, page, sequence, _)| RecordRef {
+                owner: owner.to_bytes(),
+                page,
+                sequence,
+            })
             .take(MAX_DIGEST_ENTRIES)
             .collect()
     }
@@ -335,27 +348,17 @@ impl Behaviour {
     /// older, up to the byte budget; and whether `theirs` lists records
     /// that we lack or hold older.
     fn answer_pull(&self, theirs: &[RecordRef]) -> (Vec<SyncedRecord>, bool, bool) {
-        let now = unix_ms();
         let listed: HashMap<(&[u8], u16), u64> = theirs
             .iter()
             .map(|r| ((r.owner.as_slice(), r.page), r.sequence))
             .collect();
-        let own = self
-            .own
-            .as_ref()
-            .map(|(envelope, sequence)| (self.local_peer, *sequence, envelope));
-        let cached = self
-            .cache
-            .iter()
-            .filter(|(_, c)| c.record.expires_at > now)
-            .map(|(peer, c)| (*peer, c.record.sequence, &c.envelope));
         let mut records = Vec::new();
         let mut bytes = 0usize;
         let mut more = false;
-        for (owner, sequence, envelope) in own.into_iter().chain(cached) {
+        for (owner, page, sequence, envelope) in self.held_pages() {
             let owner_bytes = owner.to_bytes();
             let wanted = listed
-                .get(&(owner_bytes.as_slice(), 0))
+                .get(&(owner_bytes.as_slice(), page))
                 .is_none_or(|held| *held < sequence);
             if !wanted {
                 continue;
@@ -368,9 +371,9 @@ impl Behaviour {
             bytes = bytes.saturating_add(envelope.len());
             records.push(SyncedRecord {
                 owner: owner_bytes,
-                page: 0,
+                page,
                 sequence,
-                envelope: envelope.clone(),
+                envelope: envelope.to_vec(),
             });
         }
         let they_have_more = theirs.iter().any(|r| {
@@ -381,7 +384,7 @@ impl Behaviour {
                 return false;
             }
             self.cache
-                .held_sequence(&owner)
+                .held_page_sequence(&owner, r.page)
                 .is_none_or(|held| held < r.sequence)
         });
         (records, more, they_have_more)
@@ -399,9 +402,9 @@ impl Behaviour {
             return;
         };
         let held = if owner == self.local_peer {
-            self.own.as_ref().map(|(_, s)| *s)
+            self.own.as_ref().map(|own| own.sequence)
         } else {
-            self.cache.held_sequence(&owner)
+            self.cache.held_page_sequence(&owner, record.page)
         };
         if held.is_some_and(|held| held >= record.sequence) {
             return;
@@ -411,13 +414,19 @@ impl Behaviour {
 
     /// A record new to us (verified and stored): pass it on in the next
     /// batch.
-    pub(super) fn pass_on(&mut self, owner: PeerId, sequence: u64, envelope: &[u8]) {
+    pub(super) fn pass_on(&mut self, owner: PeerId, envelope: &[u8]) {
         if self.sync.peers.is_empty() || self.sync.outbox.len() >= MAX_OUTBOX_RECORDS {
             return;
         }
+        let Some((page, sequence, _)) = self.cache.get(&owner).and_then(|held| {
+            held.page_envelopes()
+                .find(|(_, _, stored)| *stored == envelope)
+        }) else {
+            return;
+        };
         self.sync.outbox.push(SyncedRecord {
             owner: owner.to_bytes(),
-            page: 0,
+            page,
             sequence,
             envelope: envelope.to_vec(),
         });

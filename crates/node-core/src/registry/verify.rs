@@ -10,7 +10,7 @@ use libp2p::gossipsub::{self, MessageAcceptance};
 use ollamacron_discovery_dht::Record;
 use ollamacron_service_registry::{Accepted, RejectReason, verify_record};
 
-use super::keys::node_record_peer;
+use super::keys::node_record_page;
 use super::{Behaviour, Event, unix_ms};
 use crate::event::RecordVia;
 
@@ -37,12 +37,14 @@ impl Behaviour {
         let result = if owner == self.local_peer {
             // Only we sign our records: anything but our latest is stale or forged.
             match &self.own {
-                Some((own, _)) if own == envelope => Ok(Accepted::Unchanged),
+                Some(own) if own.pages.iter().any(|p| p.envelope == envelope) => {
+                    Ok(Accepted::Unchanged)
+                }
                 own => verify_record(
                     envelope,
                     &owner,
                     now,
-                    own.as_ref().map(|(_, seq)| seq.saturating_add(1)),
+                    own.as_ref().map(|own| own.sequence.saturating_add(1)),
                     &self.limits,
                 )
                 .map(|_| Accepted::Unchanged),
@@ -53,10 +55,8 @@ impl Behaviour {
         };
         if let Ok(accepted) = &result
             && super::sync::passes_on(via, accepted)
-            && let Some(held) = self.cache.get(&owner)
         {
-            let sequence = held.record.sequence;
-            self.pass_on(owner, sequence, envelope);
+            self.pass_on(owner, envelope);
         }
         match &result {
             Ok(Accepted::Stored { changes }) => {
@@ -95,9 +95,9 @@ impl Behaviour {
     /// A peer asks us to store a record: only a verified node record for
     /// the peer its key names is stored.
     pub(super) fn on_inbound_put(&mut self, source: PeerId, record: Record) {
-        let Some(owner) = node_record_peer(&record.key) else {
+        let Some((owner, page)) = node_record_page(&record.key) else {
             let reason = RejectReason::Malformed(format!(
-                "key {:?} is not /ollamacron/node/<peer id>",
+                "key {:?} is not /ollamacron/node/<peer id>[/<page>]",
                 String::from_utf8_lossy(record.key.as_ref())
             ));
             tracing::debug!(peer = %source, %reason, "record rejected");
@@ -135,7 +135,17 @@ impl Behaviour {
             return;
         }
         // Kept in the store exactly as long as the record itself is valid.
-        let expires_at = self.cache.get(&owner).map_or(0, |c| c.record.expires_at);
+        // Only under its own page's key.
+        let Some(expires_at) = self
+            .cache
+            .get(&owner)
+            .and_then(|c| c.page(page))
+            .filter(|p| p.envelope == record.value)
+            .map(|p| p.record.expires_at)
+        else {
+            tracing::debug!(%owner, page, "a page put under another page's key is not stored");
+            return;
+        };
         let lifetime = Duration::from_millis(expires_at.saturating_sub(unix_ms()));
         let record = Record {
             expires: Some(Instant::now() + lifetime),
