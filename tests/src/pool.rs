@@ -92,9 +92,22 @@ pub async fn member_with(
     bootstrap: Option<&str>,
     limits: ServeLimits,
 ) -> Member {
+    member_with_settings(models, bootstrap, limits, &[]).await
+}
+
+/// [`member_with`] with `settings` of the node's config (`KEY`, `VALUE`).
+///
+/// # Panics
+/// If the node cannot start.
+pub async fn member_with_settings(
+    models: StandInModels,
+    bootstrap: Option<&str>,
+    limits: ServeLimits,
+    settings: &[(&str, &str)],
+) -> Member {
     let ollama = StandInOllama::start(models).await;
     let list = bootstrap.map(|b| format!("[{b}]"));
-    let mut overrides = vec![];
+    let mut overrides = settings.to_vec();
     if let Some(list) = &list {
         overrides.push(("bootstrap", list.as_str()));
     }

@@ -159,20 +159,10 @@ async fn a_private_node_is_reached_through_its_relay_reported_relayed_and_never_
     .await
     .unwrap();
     assert!(circuit.to_string().contains(&relay.peer_id().to_string()));
-    private
-        .register_service(ServiceInfo {
-            id: "behind-nat".into(),
-            name: "behind-nat".into(),
-            service_type: "llm".into(),
-            ..ServiceInfo::default()
-        })
-        .await
-        .unwrap();
 
     // Hole punching off on the dialer: the connection stays relayed. On
     // loopback every address works, so DHT discovery would dial the node
-    // directly: the dialer stays out of the DHT and learns the record by
-    // gossip over the relayed connection.
+    // directly: the dialer stays out of the DHT.
     let other = start(loopback_config(
         TCP_ONLY,
         &[
@@ -197,6 +187,18 @@ async fn a_private_node_is_reached_through_its_relay_reported_relayed_and_never_
     .unwrap();
     assert_eq!(kind, ConnectionKind::Relayed);
     assert!(latency.is_finite() && latency >= 0.0, "{latency}");
+    // Its service comes once the relayed connection is up: the record
+    // reaches `other` over it (sync and gossip) and by way of the relay,
+    // and a node already connected is not dialed for a health check.
+    private
+        .register_service(ServiceInfo {
+            id: "behind-nat".into(),
+            name: "behind-nat".into(),
+            service_type: "llm".into(),
+            ..ServiceInfo::default()
+        })
+        .await
+        .unwrap();
 
     // Its service is found, scored on the relay path's RTT, and not hidden
     // by a latency bound (the relay path is not the peer's latency).

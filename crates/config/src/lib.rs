@@ -21,11 +21,11 @@ pub use service::{ScoreWeightsConfig, ServiceConfig};
 pub use size::{ByteSize, ByteSizeParseError};
 pub use template::{default_config_yaml, field_docs};
 pub use validate::{
-    MAX_CPU_CORES, MAX_DHT_VALUE_SIZE, MAX_DURATION, MAX_KEY_BYTES, MAX_LABEL_BYTES,
-    MAX_RECORD_COUNT_LIMIT, MAX_RECORD_TTL, MAX_SHUTDOWN_TIMEOUT, MAX_TAGS, MIN_DHT_VALUE_SIZE,
-    MIN_KEY_BYTES, MIN_MAX_MEMORY, MIN_PROBE_INTERVAL, MIN_RECORD_SIZE, MIN_RECORD_STRING_LENGTH,
-    MIN_RECORD_TTL, MIN_RELAY_CIRCUIT_BYTES, MIN_REQUEST_BYTES, MIN_TIMER_INTERVAL,
-    ValidationError,
+    MAX_CPU_CORES, MAX_DHT_ANNOUNCE_DELAY, MAX_DHT_VALUE_SIZE, MAX_DURATION, MAX_KEY_BYTES,
+    MAX_LABEL_BYTES, MAX_RECORD_COUNT_LIMIT, MAX_RECORD_PAGES, MAX_RECORD_TTL,
+    MAX_SHUTDOWN_TIMEOUT, MAX_TAGS, MIN_DHT_VALUE_SIZE, MIN_KEY_BYTES, MIN_MAX_MEMORY,
+    MIN_PROBE_INTERVAL, MIN_RECORD_SIZE, MIN_RECORD_STRING_LENGTH, MIN_RECORD_TTL,
+    MIN_RELAY_CIRCUIT_BYTES, MIN_REQUEST_BYTES, MIN_TIMER_INTERVAL, ValidationError,
 };
 
 /// The TCP and UDP port a node listens on by default.
@@ -91,12 +91,19 @@ pub struct NodeConfig {
     /// Interval of Kademlia bootstrap (routing table refresh).
     #[serde(with = "duration")]
     pub dht_bootstrap_interval: Duration,
-    /// Interval of re-announcing this node as a provider of the namespace.
+    /// Interval of re-announcing this node's provider keys (the namespace,
+    /// its service types, capabilities and models).
     #[serde(with = "duration")]
     pub dht_provide_interval: Duration,
     /// Interval of looking up the namespace's providers (peer discovery).
     #[serde(with = "duration")]
     pub dht_discovery_interval: Duration,
+    /// How long after its first DHT peer a node waits before announcing
+    /// its keys (provider records) and putting its record in the DHT, so
+    /// they land on the peers closest to each key; its neighbours get its
+    /// record at once by record sync.
+    #[serde(with = "duration")]
+    pub dht_announce_delay: Duration,
     /// Longest a DHT query may run.
     #[serde(with = "duration")]
     pub dht_query_timeout: Duration,
@@ -321,6 +328,7 @@ impl Default for NodeConfig {
             dht_bootstrap_interval: Duration::from_secs(300),
             dht_provide_interval: Duration::from_secs(300),
             dht_discovery_interval: Duration::from_secs(30),
+            dht_announce_delay: Duration::from_secs(5),
             dht_query_timeout: Duration::from_secs(30),
             dht_max_records: 1024,
             dht_max_providers_per_key: 256,

@@ -86,12 +86,17 @@ const FIELD_DOCS: &[(&str, &str, Option<&str>)] = &[
     ),
     (
         "dht_provide_interval",
-        "Interval of re-announcing this node as a provider of the /ollamacron namespace.",
+        "Interval of re-announcing this node's provider keys (the /ollamacron namespace, its service types, capabilities and models).",
         None,
     ),
     (
         "dht_discovery_interval",
-        "Interval of looking up the namespace's providers (also done at once when the routing table grows).",
+        "Interval of looking up the namespace's providers (peer discovery).",
+        None,
+    ),
+    (
+        "dht_announce_delay",
+        "How long after its first DHT peer the node announces its keys and puts its record in the DHT (so they land on the peers closest to each key); neighbours get the record at once by record sync.",
         None,
     ),
     ("dht_query_timeout", "Longest a DHT query may run.", None),
@@ -374,12 +379,12 @@ const FIELD_DOCS: &[(&str, &str, Option<&str>)] = &[
     ),
     (
         "max_record_size",
-        "Largest signed service record accepted from a peer or published; at most dht_max_value_size.",
+        "Largest signed service record page accepted from a peer or published; at most dht_max_value_size.",
         None,
     ),
     (
         "max_services_per_record",
-        "Most services in one node record.",
+        "Most services in one page of the node record (a record has up to 16 pages).",
         None,
     ),
     (

@@ -47,6 +47,12 @@ pub const MAX_DHT_VALUE_SIZE: ByteSize = ByteSize::from_mib(1);
 /// Longest accepted period or timeout of any duration field: longer ones
 /// overflow timers, and nobody means them.
 pub const MAX_DURATION: Duration = Duration::from_secs(30 * 24 * 3600);
+/// Longest accepted `dht_announce_delay`.
+pub const MAX_DHT_ANNOUNCE_DELAY: Duration = Duration::from_secs(600);
+/// Pages a node record may have: a node offers up to this many times
+/// `max_services_per_record` services (the record format's limit, as in
+/// `ollamacron_service_registry::MAX_RECORD_PAGES`).
+pub const MAX_RECORD_PAGES: usize = 16;
 /// Shortest `record_ttl` (and the shortest lifetime accepted from a peer).
 pub const MIN_RECORD_TTL: Duration = Duration::from_secs(10);
 /// Longest `record_ttl` (and the longest lifetime accepted from a peer).
@@ -293,6 +299,16 @@ impl NodeConfig {
             if let Some(rule) = bound {
                 fail(name, &humantime::format_duration(value), rule);
             }
+        }
+        if self.dht_announce_delay > MAX_DHT_ANNOUNCE_DELAY {
+            fail(
+                "dht_announce_delay",
+                &humantime::format_duration(self.dht_announce_delay),
+                format!(
+                    "must be at most {} (0s announces with the first peer)",
+                    humantime::format_duration(MAX_DHT_ANNOUNCE_DELAY)
+                ),
+            );
         }
         for (name, value) in [
             ("dht_max_records", self.dht_max_records),
@@ -613,12 +629,16 @@ impl NodeConfig {
                 ),
             );
         }
-        let max_services = self.max_services_per_record;
+        let max_services = self
+            .max_services_per_record
+            .saturating_mul(MAX_RECORD_PAGES);
         if self.services.len() > max_services {
             fail(
                 "services",
                 &format!("{} services", self.services.len()),
-                format!("must hold at most max_services_per_record ({max_services})"),
+                format!(
+                    "must hold at most {MAX_RECORD_PAGES} x max_services_per_record ({max_services}): a record has at most {MAX_RECORD_PAGES} pages"
+                ),
             );
         }
         let max_string = self.max_string_length;

@@ -83,6 +83,9 @@ pub struct OllamaAdvertiser {
     limits: Option<ServeLimits>,
 }
 
+/// Models named in the warning about models left out of the record.
+const MODELS_NAMED_IN_A_WARNING: usize = 5;
+
 /// How often the advertised load is brought up to date (only when it
 /// changed: each update re-signs and re-publishes the record).
 pub const LOAD_REFRESH_INTERVAL: std::time::Duration = std::time::Duration::from_secs(10);
@@ -187,21 +190,35 @@ impl OllamaAdvertiser {
         for id in &gone {
             self.advertised.remove(id);
         }
+        let mut not_advertised = Vec::new();
         for service in changed {
             match refused.iter().find(|(id, _)| *id == service.id) {
                 // One model that does not fit the record limits must not
                 // keep the others from being advertised.
-                Some((_, e)) => {
-                    let field = match e {
-                        NodeError::Service { field, .. } => *field,
-                        _ => None,
-                    };
-                    tracing::warn!(model = %service.name, error = %e, field = ?field, "cannot advertise an Ollama model");
-                }
+                Some((_, e)) => not_advertised.push((service.name, e)),
                 None => {
                     self.advertised.insert(service.id.clone(), service);
                 }
             }
+        }
+        // One line for all of them, naming the first few and the reason.
+        if let Some((_, first_error)) = not_advertised.first() {
+            let field = match first_error {
+                NodeError::Service { field, .. } => *field,
+                _ => None,
+            };
+            let names: Vec<&str> = not_advertised
+                .iter()
+                .take(MODELS_NAMED_IN_A_WARNING)
+                .map(|(name, _)| name.as_str())
+                .collect();
+            tracing::warn!(
+                count = not_advertised.len(),
+                models = %names.join(", "),
+                error = %first_error,
+                field = ?field,
+                "cannot advertise some Ollama models in the node record (this node's gateway still serves them)"
+            );
         }
         Ok(())
     }

@@ -15,6 +15,7 @@ pub(crate) fn dht_config(config: &NodeConfig, reachability: nat::Reachability) -
         .with_bootstrap_interval(config.dht_bootstrap_interval)
         .with_provide_interval(config.dht_provide_interval)
         .with_discovery_interval(config.dht_discovery_interval)
+        .with_announce_delay(config.dht_announce_delay)
         .with_query_timeout(config.dht_query_timeout)
         .with_max_records(config.dht_max_records)
         .with_max_providers_per_key(config.dht_max_providers_per_key)

@@ -126,6 +126,14 @@ mod tests {
         "8d36a9d81f16978a23c3e43e62d2a15f35d148a29b100fc7c67108479925d9be";
 
     #[test]
+    fn the_config_and_the_record_format_agree_on_pages() {
+        assert_eq!(
+            ollamacron_config::MAX_RECORD_PAGES,
+            usize::from(ollamacron_service_registry::MAX_RECORD_PAGES)
+        );
+    }
+
+    #[test]
     fn other_keys_follow_the_contract() {
         assert_eq!(
             service_type_key("llm"),
@@ -161,7 +169,10 @@ mod tests {
             node_record_page_key(&peer, 3).as_ref(),
             format!("/ollamacron/node/{peer}/3").as_bytes()
         );
-        assert_eq!(node_record_page(&node_record_page_key(&peer, 3)), Some((peer, 3)));
+        assert_eq!(
+            node_record_page(&node_record_page_key(&peer, 3)),
+            Some((peer, 3))
+        );
         assert_eq!(node_record_page(&node_record_key(&peer)), Some((peer, 0)));
         for bad in [
             format!("/ollamacron/node/{peer}/0"),

@@ -12,7 +12,9 @@ use ollamacron_service_registry::{
 };
 use tokio::sync::oneshot;
 
-use super::keys::{capability_key, model_key, namespace_key, node_record_page_key, service_type_key};
+use super::keys::{
+    capability_key, model_key, namespace_key, node_record_page_key, service_type_key,
+};
 use super::{Behaviour, Event, unix_ms};
 use crate::event::RecordVia;
 

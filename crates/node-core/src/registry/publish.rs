@@ -295,6 +295,29 @@ impl Behaviour {
         Ok(change)
     }
 
+    /// Add or replace every one of `services` if the record stays valid
+    /// with all of them (one trial signature); `None`, changing nothing,
+    /// if any one is refused.
+    fn try_register_all(&mut self, services: &[ServiceInfo]) -> Option<Vec<ServiceChange>> {
+        let mut trial = self.local.clone();
+        let now = unix_ms();
+        let changes = services
+            .iter()
+            .map(|s| trial.register(s.clone(), now).ok())
+            .collect::<Option<Vec<_>>>()?;
+        let addresses = self.record_addresses();
+        let record = trial.next_record(
+            now,
+            self.ttl,
+            self.region.as_deref(),
+            &self.node_tags,
+            &addresses,
+        );
+        sign_record_pages(&record, &self.keypair, &self.limits).ok()?;
+        self.local = trial;
+        Some(changes)
+    }
+
     /// Remove the services with the ids in `remove`, add or replace each of
     /// `add`, and publish one record for all of it. A service of `add` that
     /// would make the record invalid is left out; those come back with
@@ -313,14 +336,27 @@ impl Behaviour {
             }
         }
         let mut refused = Vec::new();
-        for service in add {
-            let id = service.id.clone();
-            match self.try_register(service) {
-                Ok(change) => {
+        // All at once on a trial copy, signed once; only when that record
+        // would be refused is each service tried on its own (each trial
+        // signs every page).
+        match self.try_register_all(&add) {
+            Some(changes) => {
+                for change in changes {
                     self.emit(Event::LocalChanged(change));
                     changed = true;
                 }
-                Err(e) => refused.push((id, e)),
+            }
+            None => {
+                for service in add {
+                    let id = service.id.clone();
+                    match self.try_register(service) {
+                        Ok(change) => {
+                            self.emit(Event::LocalChanged(change));
+                            changed = true;
+                        }
+                        Err(e) => refused.push((id, e)),
+                    }
+                }
             }
         }
         if changed {

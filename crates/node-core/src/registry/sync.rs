@@ -44,7 +44,7 @@ const MAX_DIGEST_ENTRIES: usize = 16 * 1024;
 /// Neighbours each batch of newly learned records is passed on to.
 pub(super) const PUSH_FANOUT: usize = 6;
 /// Newly learned records wait this long to be passed on in one batch.
-const PUSH_BATCH_DELAY: Duration = Duration::from_millis(20);
+const PUSH_BATCH_DELAY: Duration = Duration::from_millis(2);
 /// Most records waiting to be passed on (older ones are left to pulls).
 const MAX_OUTBOX_RECORDS: usize = 4096;
 /// Neighbours a joining node pulls from (one after the other).
