@@ -194,6 +194,9 @@ pub struct Behaviour {
     providers: HashSet<PeerId>,
     /// Kademlia requests sent by the queries that finished.
     requests_sent: u64,
+    /// Our periodic bootstraps, which refresh every bucket (Kademlia's
+    /// automatic ones stop after the lookup of our own key).
+    full_bootstraps: HashSet<QueryId>,
     events: VecDeque<Event>,
 }
 
@@ -291,6 +294,7 @@ impl Behaviour {
             routing: HashMap::new(),
             providers: HashSet::new(),
             requests_sent: 0,
+            full_bootstraps: HashSet::new(),
             events: VecDeque::new(),
         }
     }
@@ -583,13 +587,16 @@ impl Behaviour {
             };
             tracing::trace!(kind, "inbound DHT request");
         }
+        // Each step of a bootstrap is a query of its own (its stats are
+        // that step's); other queries report cumulative stats, counted at
+        // their last step.
         if let kad::Event::OutboundQueryProgressed {
             result,
             stats,
             step,
             ..
         } = &event
-            && step.last
+            && (step.last || matches!(result, QueryResult::Bootstrap(_)))
         {
             let kind = match result {
                 QueryResult::Bootstrap(_) => "bootstrap",
@@ -767,8 +774,21 @@ impl Behaviour {
                 || bootstrap.is_err()
                 || matches!(bootstrap, Ok(ok) if ok.num_remaining == 0);
             if !done {
+                // Kademlia bootstraps by itself while the routing table has
+                // fewer than 20 peers: a lookup of our own key, then a walk
+                // to a random key of every bucket beyond the closest one.
+                // The lookup is what a joining node needs; the bucket walks
+                // (most of the cost) are left to our own periodic bootstrap
+                // (`bootstrap_interval`): the far buckets fill from the peers
+                // we meet. Finished here, a walk sends nothing.
+                if !self.full_bootstraps.contains(&id)
+                    && let Some(mut query) = self.kad.query_mut(&id)
+                {
+                    query.finish();
+                }
                 return;
             }
+            self.full_bootstraps.remove(&id);
             let ok = bootstrap.is_ok();
             self.events.push_back(Event::BootstrapFinished {
                 ok,
@@ -952,11 +972,13 @@ impl NetworkBehaviour for Behaviour {
             if let Some(event) = self.events.pop_front() {
                 return Poll::Ready(ToSwarm::GenerateEvent(event));
             }
-            if self.bootstrap_tick.poll_tick(cx).is_ready()
-                && !self.routing.is_empty()
-                && let Err(e) = self.kad.bootstrap()
-            {
-                tracing::debug!(error = %e, "cannot bootstrap the DHT");
+            if self.bootstrap_tick.poll_tick(cx).is_ready() && !self.routing.is_empty() {
+                match self.kad.bootstrap() {
+                    Ok(id) => {
+                        self.full_bootstraps.insert(id);
+                    }
+                    Err(e) => tracing::debug!(error = %e, "cannot bootstrap the DHT"),
+                }
             }
             if self.provide_tick.poll_tick(cx).is_ready()
                 && !self.routing.is_empty()

@@ -166,22 +166,7 @@ impl Behaviour {
         {
             return;
         }
-        // By peer id: the DHT and identify know its addresses. From its own
-        // record only a few that name it, so a record cannot make every
-        // node connect to addresses of a third party.
-        let addresses: Vec<Multiaddr> = self
-            .cache
-            .get(&peer)
-            .into_iter()
-            .flat_map(|c| c.record.services.iter())
-            .flat_map(|s| s.addresses.iter())
-            .filter_map(|a| a.parse::<Multiaddr>().ok())
-            .filter(|a| matches!(a.iter().last(), Some(Protocol::P2p(p)) if p == peer))
-            .filter(|a| self.usable_remote(a))
-            .collect::<HashSet<_>>()
-            .into_iter()
-            .take(MAX_HEALTH_DIAL_ADDRESSES)
-            .collect();
+        let addresses = self.record_addresses_of(&peer);
         // A global IPv6 address first: when both sides have one, the
         // direct path is dialed before anything else (a relay is for peers
         // that cannot be reached directly). All are dialed at once, so a
@@ -198,6 +183,25 @@ impl Behaviour {
             .build();
         self.health_dials.insert(opts.connection_id(), peer);
         self.queued.push_back(ToSwarm::Dial { opts });
+    }
+
+    /// Addresses of `peer` from its own record: by peer id the DHT and
+    /// identify know its addresses; from its record only a few that name
+    /// it, so a record cannot make every node connect to addresses of a
+    /// third party.
+    pub(super) fn record_addresses_of(&self, peer: &PeerId) -> Vec<Multiaddr> {
+        self.cache
+            .get(peer)
+            .into_iter()
+            .flat_map(|c| c.record.services.iter())
+            .flat_map(|s| s.addresses.iter())
+            .filter_map(|a| a.parse::<Multiaddr>().ok())
+            .filter(|a| matches!(a.iter().last(), Some(Protocol::P2p(p)) if p == *peer))
+            .filter(|a| self.usable_remote(a))
+            .collect::<HashSet<_>>()
+            .into_iter()
+            .take(MAX_HEALTH_DIAL_ADDRESSES)
+            .collect()
     }
 
     /// A health-check dial finished.

@@ -6,7 +6,7 @@ use std::collections::HashSet;
 use std::time::{Duration, Instant};
 
 use libp2p::PeerId;
-use ollamacron_discovery_dht::{QueryId, Record, RecordKey};
+use ollamacron_discovery_dht::{self as dht, QueryId, Record, RecordKey};
 use ollamacron_service_registry::{
     Accepted, Candidate, QualityInputs, RankedService, ServiceQuery, rank_services,
 };
@@ -19,8 +19,10 @@ use super::{Behaviour, Event, unix_ms};
 use crate::event::RecordVia;
 
 /// A lookup answered from the cache starts a walk in the background when
-/// the last walk for its key is this old (or `lookup_cache_fresh`, if shorter).
-const REVALIDATE_AFTER: Duration = Duration::from_secs(2);
+/// the last walk for its key is this old (or `lookup_cache_fresh`, if
+/// shorter): record sync keeps the cache current, and the walk finds what
+/// sync missed.
+const REVALIDATE_AFTER: Duration = Duration::from_secs(30);
 /// Most providers of one walk whose records are fetched.
 const MAX_PROVIDERS_PER_WALK: usize = 256;
 /// Most records waiting to be fetched.
@@ -81,7 +83,10 @@ impl Behaviour {
             || !answer.is_empty()
             || self.lookups.len() >= MAX_PENDING_LOOKUPS
         {
-            if age.is_none_or(|a| a >= revalidate_after) {
+            // Not while the DHT is settling: a joining node learns the
+            // records of the mesh from its neighbours then.
+            let settled = self.dht().is_some_and(dht::Behaviour::has_announced);
+            if settled && age.is_none_or(|a| a >= revalidate_after) {
                 self.start_walk(&key);
             }
             self.emit(Event::LookupAnswered { how: "cache" });

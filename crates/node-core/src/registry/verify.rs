@@ -77,6 +77,7 @@ impl Behaviour {
                 if first {
                     // A first sign of the peer: check it now, not in a minute.
                     self.check_peer(owner);
+                    self.route_to(owner);
                 }
             }
             Ok(Accepted::Unchanged) => {}
@@ -90,6 +91,30 @@ impl Behaviour {
             }
         }
         result
+    }
+
+    /// The DHT learns the addresses of a node whose record we hold: its
+    /// routing table fills from the records of the mesh, with no walk.
+    fn route_to(&mut self, owner: PeerId) {
+        if self.dht().is_none_or(|d| d.is_in_routing_table(&owner)) {
+            return;
+        }
+        let addresses: Vec<libp2p::Multiaddr> = self
+            .record_addresses_of(&owner)
+            .into_iter()
+            .map(|mut a| {
+                // The routing table holds addresses without the peer id.
+                if matches!(a.iter().last(), Some(libp2p::multiaddr::Protocol::P2p(_))) {
+                    a.pop();
+                }
+                a
+            })
+            .collect();
+        if let Some(dht) = self.inner.dht.as_mut() {
+            for address in addresses {
+                dht.add_address(&owner, address);
+            }
+        }
     }
 
     /// A peer asks us to store a record: only a verified node record for
