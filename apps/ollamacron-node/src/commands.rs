@@ -28,6 +28,10 @@ pub(crate) enum ServicesCommand {
         /// Service type (`llm`, `embedding`, …).
         #[arg(long = "type", value_name = "TYPE")]
         service_type: Option<String>,
+        /// The model it serves (`llama3:8b`; `llama3` is `llama3:latest`):
+        /// one exact lookup of the model's key.
+        #[arg(long, value_name = "MODEL")]
+        model: Option<String>,
         /// A tag the service must carry (repeatable; all required).
         #[arg(long = "tag", value_name = "TAG")]
         tags: Vec<String>,
@@ -364,6 +368,7 @@ pub(crate) async fn services(api: &ApiClient, command: ServicesCommand) -> anyho
     match command {
         ServicesCommand::Find {
             service_type,
+            model,
             tags,
             capabilities,
             region,
@@ -376,6 +381,9 @@ pub(crate) async fn services(api: &ApiClient, command: ServicesCommand) -> anyho
             let mut add = |k: &str, v: String| query.push(format!("{k}={}", encode(&v)));
             if let Some(t) = service_type {
                 add("type", t);
+            }
+            if let Some(m) = model {
+                add("model", m);
             }
             for t in tags {
                 add("tag", t);

@@ -407,6 +407,24 @@ fn a_service_registered_through_the_cli_is_found_from_another_node() {
     assert_eq!(json[0]["service"]["name"], "llama3:8b");
     assert!(a_addr.ends_with(json[0]["service"]["peer_id"].as_str().unwrap()));
     assert!(json[0]["score"]["total"].is_number());
+    // By model, with or without the `:latest` tag.
+    for (model, count) in [("llama3:8b", 1), ("llama3", 0)] {
+        let out = node(
+            &[
+                "services",
+                "find",
+                "--model",
+                model,
+                "--json",
+                "--api-listen",
+                &api_b,
+            ],
+            dir_b.path(),
+        );
+        assert!(out.status.success(), "{}", text(&out.stderr));
+        let json: Vec<serde_json::Value> = serde_json::from_slice(&out.stdout).unwrap();
+        assert_eq!(json.len(), count, "{model}: {}", text(&out.stdout));
+    }
 
     let status = node(&["status", "--json", "--api-listen", &api_b], dir_b.path());
     let status: serde_json::Value = serde_json::from_slice(&status.stdout).unwrap();

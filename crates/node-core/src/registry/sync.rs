@@ -45,6 +45,8 @@ const MAX_DIGEST_ENTRIES: usize = 16 * 1024;
 pub(super) const PUSH_FANOUT: usize = 6;
 /// Newly learned records wait this long to be passed on in one batch.
 const PUSH_BATCH_DELAY: Duration = Duration::from_millis(2);
+/// Pushes of ours one neighbour may have unanswered at once.
+const MAX_PUSHES_IN_FLIGHT: usize = 2;
 /// Most records waiting to be passed on (older ones are left to pulls).
 const MAX_OUTBOX_RECORDS: usize = 4096;
 /// Neighbours a joining node pulls from (one after the other).
@@ -217,6 +219,11 @@ pub(super) struct SyncState {
     /// Records new to us, to pass on.
     outbox: Vec<SyncedRecord>,
     outbox_due: Option<Instant>,
+    /// The batch waits for a neighbour with room.
+    outbox_waits: bool,
+    /// Our pushes in flight, and how many each neighbour has.
+    pushes: HashMap<OutboundRequestId, PeerId>,
+    pushes_to: HashMap<PeerId, usize>,
 }
 
 impl SyncState {
@@ -247,6 +254,8 @@ impl Behaviour {
     /// The last connection to `peer` closed.
     pub(super) fn on_sync_peer_gone(&mut self, peer: &PeerId) {
         self.sync.peers.remove(peer);
+        self.sync.pushes_to.remove(peer);
+        self.sync.pushes.retain(|_, p| p != peer);
         self.sync.pushed.remove(peer);
         self.sync.pull_queue.retain(|p| p != peer);
     }
@@ -274,10 +283,9 @@ impl Behaviour {
             })
             .collect();
         for peer in peers {
+            // Always sent (our own record is never held back), counted.
             if self.sync.peers.contains(&peer) && self.sync.pushed.insert(peer) {
-                self.inner
-                    .sync
-                    .send_request(&peer, SyncRequest::Push(records.clone()));
+                self.send_push(peer, records.clone());
             }
         }
     }
@@ -435,14 +443,46 @@ impl Behaviour {
             .get_or_insert_with(|| Instant::now() + PUSH_BATCH_DELAY);
     }
 
-    /// The batch is due: to [`PUSH_FANOUT`] random neighbours.
+    /// The batch is due: to [`PUSH_FANOUT`] random neighbours that have
+    /// fewer than [`MAX_PUSHES_IN_FLIGHT`] of our pushes unanswered. When
+    /// none has room, the batch waits (and grows) until a push is answered:
+    /// a slow link gets fewer, larger batches instead of a pile of streams.
     pub(super) fn flush_outbox(&mut self) {
         if self.sync.outbox_due.is_none_or(|due| due > Instant::now()) {
             return;
         }
+        let mut peers: Vec<PeerId> = self
+            .sync
+            .peers
+            .iter()
+            .filter(|p| self.sync.pushes_to.get(p).copied().unwrap_or(0) < MAX_PUSHES_IN_FLIGHT)
+            .copied()
+            .collect();
+        if peers.is_empty() {
+            // Sent when a push is answered.
+            self.sync.outbox_due = None;
+            self.sync.outbox_waits = true;
+            return;
+        }
         self.sync.outbox_due = None;
-        let batch = std::mem::take(&mut self.sync.outbox);
-        let mut peers: Vec<PeerId> = self.sync.peers.iter().copied().collect();
+        self.sync.outbox_waits = false;
+        // At most a message's worth; the rest goes in the next batch.
+        let mut bytes = 0usize;
+        let fits = self
+            .sync
+            .outbox
+            .iter()
+            .take_while(|r| {
+                bytes = bytes.saturating_add(r.envelope.len());
+                bytes <= MAX_ANSWER_RECORD_BYTES
+            })
+            .count()
+            .max(1);
+        let rest = self.sync.outbox.split_off(fits.min(self.sync.outbox.len()));
+        let batch = std::mem::replace(&mut self.sync.outbox, rest);
+        if !self.sync.outbox.is_empty() {
+            self.sync.outbox_due = Some(Instant::now());
+        }
         peers.shuffle(&mut rand::thread_rng());
         for peer in peers.into_iter().take(PUSH_FANOUT) {
             // Not back to the owners: they hold their own records.
@@ -452,10 +492,34 @@ impl Behaviour {
                 .cloned()
                 .collect();
             if !records.is_empty() {
-                self.inner
-                    .sync
-                    .send_request(&peer, SyncRequest::Push(records));
+                self.send_push(peer, records);
             }
+        }
+    }
+
+    fn send_push(&mut self, peer: PeerId, records: Vec<SyncedRecord>) {
+        let id = self
+            .inner
+            .sync
+            .send_request(&peer, SyncRequest::Push(records));
+        self.sync.pushes.insert(id, peer);
+        *self.sync.pushes_to.entry(peer).or_default() += 1;
+    }
+
+    /// A push of ours was answered or failed: the peer has room again, and
+    /// a waiting batch goes out.
+    fn on_push_done(&mut self, id: OutboundRequestId) {
+        let Some(peer) = self.sync.pushes.remove(&id) else {
+            return;
+        };
+        if let Some(count) = self.sync.pushes_to.get_mut(&peer) {
+            *count = count.saturating_sub(1);
+            if *count == 0 {
+                self.sync.pushes_to.remove(&peer);
+            }
+        }
+        if std::mem::take(&mut self.sync.outbox_waits) && !self.sync.outbox.is_empty() {
+            self.sync.outbox_due = Some(Instant::now());
         }
     }
 
@@ -480,6 +544,7 @@ impl Behaviour {
                 ..
             } => {
                 tracing::debug!(%peer, %error, "sync request failed");
+                self.on_push_done(request_id);
                 if self.sync.pull.is_some_and(|(id, _)| id == request_id) {
                     self.sync.pull = None;
                     self.pull_next();
@@ -519,6 +584,7 @@ impl Behaviour {
     }
 
     fn on_sync_response(&mut self, peer: PeerId, id: OutboundRequestId, response: SyncResponse) {
+        self.on_push_done(id);
         let SyncResponse::Records { records, more } = response else {
             return;
         };
