@@ -1,7 +1,8 @@
 //! The peer behaviour: who we are connected to and how. It owns the
 //! connections and their kinds (direct or relayed), per-connection round
 //! trips, the allow-list and connection limits, closing redundant relayed
-//! connections, trimming with its own timer, and dials someone awaits.
+//! connections and duplicate direct ones (a tie-break both sides agree
+//! on), trimming with its own timer, and dials someone awaits.
 //! It sees every connection through `FromSwarm` and closes connections
 //! with `ToSwarm::CloseConnection`; the swarm task only reads it.
 
@@ -12,7 +13,7 @@ use std::task::{Context, Poll};
 use std::time::{Duration, Instant};
 
 use libp2p::allow_block_list::{self, AllowedPeers, NotAllowed};
-use libp2p::core::ConnectedPoint;
+use libp2p::core::{ConnectedPoint, Endpoint};
 use libp2p::swarm::behaviour::toggle::Toggle;
 use libp2p::swarm::dial_opts::{DialOpts, PeerCondition};
 use libp2p::swarm::{
@@ -66,6 +67,8 @@ pub(crate) enum Event {
     Pinged(ping::Event),
     /// The trimming policy closed connections.
     Trimmed { closed: usize },
+    /// The tie-break closed a duplicate direct connection.
+    DuplicateClosed,
     /// A connection was refused before it was established.
     Refused { reason: Refusal },
     /// The round trip a peer is scored on changed (a ping, or its last
@@ -80,6 +83,10 @@ struct Connection {
     peer: PeerId,
     remote: Multiaddr,
     direction: Direction,
+    /// Whether we dialed it as far as the two ends agree: the role we
+    /// took in the upgrade. It differs from `direction` only on a hole
+    /// punch, where both ends dial and one overrides its role to listener.
+    dialed_by_us: bool,
     established: Instant,
     /// Through a relay (`/p2p-circuit`).
     relayed: bool,
@@ -151,6 +158,12 @@ pub(crate) struct Behaviour {
     /// Connections trimming closed that have not reported closed yet.
     closing: HashSet<ConnectionId>,
     trimmed_total: u64,
+    /// Duplicate direct connections the tie-break closed that have not
+    /// reported closed yet.
+    duplicates: HashSet<ConnectionId>,
+    duplicates_closed_total: u64,
+    /// Connections established since start.
+    established_total: u64,
     dials: HashMap<ConnectionId, PendingDial>,
     /// Dials that finished, answered once the events queued before them
     /// are out (so a refusal is counted before its dial returns).
@@ -208,6 +221,9 @@ impl Behaviour {
             trim_tick,
             closing: HashSet::new(),
             trimmed_total: 0,
+            duplicates: HashSet::new(),
+            duplicates_closed_total: 0,
+            established_total: 0,
             dials: HashMap::new(),
             finished_dials: VecDeque::new(),
             breakers: HashMap::new(),
@@ -238,6 +254,20 @@ impl Behaviour {
     /// Connections trimming closed since start.
     pub(crate) fn trimmed_total(&self) -> u64 {
         self.trimmed_total
+    }
+
+    /// Duplicate direct connections this node closed since start (see
+    /// [`Behaviour::close_duplicate_direct`]): a cross-dial's duplicate is
+    /// closed, and counted, by both ends; a second dial of the same side
+    /// by its dialer only.
+    pub(crate) fn duplicates_closed_total(&self) -> u64 {
+        self.duplicates_closed_total
+    }
+
+    /// Connections (direct and relayed, either direction) established
+    /// since start.
+    pub(crate) fn established_total(&self) -> u64 {
+        self.established_total
     }
 
     /// What we know of a connected peer.
@@ -411,10 +441,85 @@ impl Behaviour {
         }
     }
 
+    /// Two nodes that dial each other at once (or one that dials a peer
+    /// twice: TCP and QUIC, a health dial racing a discovery dial) end up
+    /// with two direct connections. Exactly one survives, and both ends
+    /// agree which without talking, whatever order they saw them in:
+    ///
+    /// - the connections the smaller peer id (by `to_bytes()`) dialed win
+    ///   over those the other one dialed: the smaller end closes its
+    ///   inbound ones, the other end its outbound ones, which are the same
+    ///   connections;
+    /// - among several the same end dialed, only that end closes, all but
+    ///   the oldest; the listener never does (each end may see them in
+    ///   another order, and two choices could close them all).
+    ///
+    /// "Dialed" is the role in the upgrade, so a hole punch (both ends
+    /// dial, one as listener) counts once, for the same end on both sides.
+    /// Relayed connections are left to [`Behaviour::close_redundant_relayed`];
+    /// ones already closing (trimmed, or closed here) are not counted.
+    ///
+    /// It runs when a connection is established, so little has run on the
+    /// loser yet; what has is cut off: the loser's streams are reset when it
+    /// closes. The remote sees an error for a request it sent on it; an
+    /// identify exchange is repeated on the survivor anyway; a Kademlia
+    /// request of ours on it is dropped without a report (Kademlia fails a
+    /// query's peer only when its last connection closes), so that query
+    /// waits for that peer until its per-peer timeout. A dial someone awaits
+    /// was answered with success at `ConnectionEstablished`, before any of
+    /// this, even when its connection loses: the peer is connected.
+    fn close_duplicate_direct(&mut self, peer: PeerId) {
+        let mut ours: Vec<(Instant, ConnectionId)> = Vec::new();
+        let mut theirs: Vec<(Instant, ConnectionId)> = Vec::new();
+        for (id, c) in &self.connections {
+            if c.peer != peer
+                || c.relayed
+                || self.duplicates.contains(id)
+                || self.closing.contains(id)
+            {
+                continue;
+            }
+            if c.dialed_by_us {
+                ours.push((c.established, *id));
+            } else {
+                theirs.push((c.established, *id));
+            }
+        }
+        if ours.len() + theirs.len() < 2 {
+            return;
+        }
+        ours.sort_unstable();
+        let smaller = self.local_peer.to_bytes() < peer.to_bytes();
+        let mut close: Vec<ConnectionId> = Vec::new();
+        // Their dials lose to ours when we are the smaller id (else they
+        // win, or they are all theirs and theirs to choose from).
+        if smaller && !ours.is_empty() {
+            close.extend(theirs.iter().map(|(_, id)| *id));
+        }
+        // Ours lose to theirs when they are the smaller id; else we keep
+        // the oldest of ours.
+        let keep_ours = usize::from(smaller || theirs.is_empty());
+        close.extend(ours.iter().skip(keep_ours).map(|(_, id)| *id));
+        for id in close {
+            self.duplicates.insert(id);
+            self.duplicates_closed_total += 1;
+            tracing::debug!(%peer, connection = ?id, "closing a duplicate direct connection");
+            self.queued.push_back(ToSwarm::CloseConnection {
+                peer_id: peer,
+                connection: CloseConnection::One(id),
+            });
+            self.queued
+                .push_back(ToSwarm::GenerateEvent(Event::DuplicateClosed));
+        }
+    }
+
     fn trim_connections(&mut self) {
         let candidates: Vec<TrimCandidate> = self
             .connections
             .iter()
+            // Duplicates are on their way out: trimming neither counts them
+            // nor, choosing the newer of two, closes the one kept instead.
+            .filter(|(id, _)| !self.duplicates.contains(id))
             .map(|(id, c)| TrimCandidate {
                 id: *id,
                 peer: c.peer,
@@ -468,6 +573,13 @@ impl Behaviour {
             }
         };
         let relayed = endpoint.is_relayed();
+        let dialed_by_us = matches!(
+            endpoint,
+            ConnectedPoint::Dialer {
+                role_override: Endpoint::Dialer,
+                ..
+            }
+        );
         tracing::debug!(peer_id = %peer, %remote, ?direction, relayed, "connection established");
         self.connections.insert(
             connection_id,
@@ -475,10 +587,12 @@ impl Behaviour {
                 peer,
                 remote,
                 direction,
+                dialed_by_us,
                 established: Instant::now(),
                 relayed,
             },
         );
+        self.established_total += 1;
         let entry = self.peers.entry(peer).or_default();
         if relayed {
             entry.relayed += 1;
@@ -487,6 +601,9 @@ impl Behaviour {
             }
         } else {
             entry.direct += 1;
+            if entry.direct > 1 {
+                self.close_duplicate_direct(peer);
+            }
         }
         if let Some(pending) = self.dials.remove(&connection_id) {
             self.finished_dials.push_back((pending, Ok(peer)));
@@ -517,6 +634,7 @@ impl Behaviour {
             }
         }
         self.closing.remove(&connection_id);
+        self.duplicates.remove(&connection_id);
         if remaining == 0 && self.peers.remove(&peer).is_some() {
             self.queued
                 .push_back(ToSwarm::GenerateEvent(Event::PathChanged {
