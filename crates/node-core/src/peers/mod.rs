@@ -734,7 +734,14 @@ impl NetworkBehaviour for Behaviour {
                     self.on_denied(e.peer_id, "(outbound)", cause);
                 }
                 if let Some(pending) = self.dials.remove(&e.connection_id) {
-                    self.finished_dials.push_back((pending, Err(reason)));
+                    // Connected anyway (its dial raced theirs, which won):
+                    // what the waiter wanted.
+                    let connected = pending
+                        .peer
+                        .or(e.peer_id)
+                        .filter(|p| self.peers.get(p).is_some_and(|e| e.direct + e.relayed > 0));
+                    let result = connected.ok_or(reason);
+                    self.finished_dials.push_back((pending, result));
                 }
             }
             FromSwarm::ListenFailure(e) => {

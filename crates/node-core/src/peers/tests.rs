@@ -569,3 +569,38 @@ async fn a_cross_dial_at_conn_mgr_high_is_not_trimmed_as_well() {
         }
     }
 }
+
+#[tokio::test]
+async fn an_awaited_dial_that_fails_while_the_peer_is_connected_answers_with_the_peer() {
+    let a = node(&config(), HashSet::new());
+    let mut b = node(&config(), HashSet::new());
+    let b_addr = listen(&mut b).await;
+    let b_peer = peer(&b);
+    let mut swarms = vec![a, b];
+    connect(&mut swarms, 0, 1, &b_addr).await;
+
+    // A dial that raced a connection from the peer and lost, as the swarm
+    // reports it (a lost race is hard to time on the memory transport);
+    // then the same for a peer nobody is connected to.
+    for (target, expect) in [(b_peer, Some(b_peer)), (PeerId::random(), None)] {
+        let (tx, mut rx) = oneshot::channel();
+        let id = ConnectionId::new_unchecked(usize::MAX);
+        swarms[0].behaviour_mut().dials.insert(
+            id,
+            PendingDial {
+                target: format!("{b_addr}/p2p/{target}"),
+                peer: Some(target),
+                replies: vec![tx],
+            },
+        );
+        swarms[0]
+            .behaviour_mut()
+            .on_swarm_event(FromSwarm::DialFailure(libp2p::swarm::DialFailure {
+                peer_id: Some(target),
+                error: &DialError::Aborted,
+                connection_id: id,
+            }));
+        let answered = answer(&mut swarms, &mut rx).await;
+        assert_eq!(answered.ok(), expect);
+    }
+}
