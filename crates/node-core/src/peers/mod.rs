@@ -9,6 +9,8 @@
 mod dials;
 
 use std::collections::{HashMap, HashSet, VecDeque};
+use std::future::Future;
+use std::pin::Pin;
 use std::task::{Context, Poll};
 use std::time::{Duration, Instant};
 
@@ -35,6 +37,11 @@ use self::dials::{PendingDial, dial_error_reason};
 const MAX_CONNECTIONS_PER_PEER: u32 = 4;
 /// Most inbound connections still negotiating at once.
 const MAX_PENDING_INCOMING: u32 = 128;
+/// How long a duplicate direct connection stays open before the tie-break
+/// closes it (counted from when it was established): what started on it
+/// right away, above all the record push every new peer gets and identify,
+/// finishes first (see [`Behaviour::close_duplicate_direct`]).
+const DUPLICATE_CLOSE_DELAY: Duration = Duration::from_secs(2);
 /// How often the trimming policy runs besides on each new connection.
 const TRIM_CHECK_INTERVAL: Duration = Duration::from_secs(5);
 /// At most one warning per this interval for refused private-network
@@ -158,10 +165,15 @@ pub(crate) struct Behaviour {
     /// Connections trimming closed that have not reported closed yet.
     closing: HashSet<ConnectionId>,
     trimmed_total: u64,
-    /// Duplicate direct connections the tie-break closed that have not
-    /// reported closed yet.
-    duplicates: HashSet<ConnectionId>,
+    /// Duplicate direct connections the tie-break chose to close that have
+    /// not reported closed yet: their peer, and when to close them (`None`
+    /// once asked to).
+    duplicates: HashMap<ConnectionId, (PeerId, Option<Instant>)>,
     duplicates_closed_total: u64,
+    /// [`DUPLICATE_CLOSE_DELAY`] (shorter in tests).
+    duplicate_close_delay: Duration,
+    /// Wakes `poll` when the next duplicate is due.
+    duplicate_timer: Option<Pin<Box<tokio::time::Sleep>>>,
     /// Connections established since start.
     established_total: u64,
     dials: HashMap<ConnectionId, PendingDial>,
@@ -221,8 +233,10 @@ impl Behaviour {
             trim_tick,
             closing: HashSet::new(),
             trimmed_total: 0,
-            duplicates: HashSet::new(),
+            duplicates: HashMap::new(),
             duplicates_closed_total: 0,
+            duplicate_close_delay: DUPLICATE_CLOSE_DELAY,
+            duplicate_timer: None,
             established_total: 0,
             dials: HashMap::new(),
             finished_dials: VecDeque::new(),
@@ -257,9 +271,9 @@ impl Behaviour {
     }
 
     /// Duplicate direct connections this node closed since start (see
-    /// [`Behaviour::close_duplicate_direct`]): a cross-dial's duplicate is
-    /// closed, and counted, by both ends; a second dial of the same side
-    /// by its dialer only.
+    /// [`Behaviour::close_duplicate_direct`]): a cross-dial's duplicate by
+    /// whichever end's delay ran out first (now and then both), a second
+    /// dial of the same side by its dialer.
     pub(crate) fn duplicates_closed_total(&self) -> u64 {
         self.duplicates_closed_total
     }
@@ -459,22 +473,30 @@ impl Behaviour {
     /// Relayed connections are left to [`Behaviour::close_redundant_relayed`];
     /// ones already closing (trimmed, or closed here) are not counted.
     ///
-    /// It runs when a connection is established, so little has run on the
-    /// loser yet; what has is cut off: the loser's streams are reset when it
-    /// closes. The remote sees an error for a request it sent on it; an
-    /// identify exchange is repeated on the survivor anyway; a Kademlia
-    /// request of ours on it is dropped without a report (Kademlia fails a
-    /// query's peer only when its last connection closes), so that query
-    /// waits for that peer until its per-peer timeout. A dial someone awaits
-    /// was answered with success at `ConnectionEstablished`, before any of
-    /// this, even when its connection loses: the peer is connected.
+    /// The loser is chosen when the second connection is established but
+    /// closed only [`DUPLICATE_CLOSE_DELAY`] after it was itself
+    /// established. Closing resets every stream still open on it, and
+    /// nobody is told: Kademlia fails a query's peer only when its last
+    /// connection closes, so a request of ours on the loser is simply never
+    /// answered (a lookup waits out its per-peer timeout, 10 s) and a
+    /// request the remote sent on it fails there. The first connection to a
+    /// peer, which may be the loser, carries at once identify and the
+    /// direct push of our record (sent once per peer, on its first
+    /// connection); closing at once lost that push for about one pair in
+    /// twenty in a 32-node mesh, and its record then came from a DHT walk
+    /// ten seconds later. The delay lets that finish; what the swarm routes
+    /// to the loser meanwhile (a Kademlia request goes to any connection of
+    /// the peer) is lost only if still in flight at the close. Trimming
+    /// leaves the loser alone meanwhile. A dial someone awaits was answered
+    /// with success at `ConnectionEstablished`, even when its connection
+    /// loses: the peer is connected.
     fn close_duplicate_direct(&mut self, peer: PeerId) {
         let mut ours: Vec<(Instant, ConnectionId)> = Vec::new();
         let mut theirs: Vec<(Instant, ConnectionId)> = Vec::new();
         for (id, c) in &self.connections {
             if c.peer != peer
                 || c.relayed
-                || self.duplicates.contains(id)
+                || self.duplicates.contains_key(id)
                 || self.closing.contains(id)
             {
                 continue;
@@ -501,16 +523,69 @@ impl Behaviour {
         let keep_ours = usize::from(smaller || theirs.is_empty());
         close.extend(ours.iter().skip(keep_ours).map(|(_, id)| *id));
         for id in close {
-            self.duplicates.insert(id);
+            let Some(established) = self.connections.get(&id).map(|c| c.established) else {
+                continue;
+            };
+            let at = established + self.duplicate_close_delay;
+            tracing::debug!(%peer, connection = ?id, "a duplicate direct connection; closing it soon");
+            self.duplicates.insert(id, (peer, Some(at)));
+        }
+        self.close_due_duplicates(Instant::now());
+    }
+
+    /// A connection to `peer` that was not a duplicate closed. If it was the
+    /// one kept, the duplicates still waiting for their delay are no longer
+    /// duplicates (both ends see the close and decide alike): they are
+    /// judged again, so the peer stays connected.
+    fn on_survivor_closed(&mut self, peer: PeerId) {
+        let kept = self
+            .connections
+            .iter()
+            .any(|(id, c)| c.peer == peer && !c.relayed && !self.duplicates.contains_key(id));
+        if kept {
+            return;
+        }
+        let before = self.duplicates.len();
+        self.duplicates
+            .retain(|_, (p, at)| *p != peer || at.is_none());
+        if self.duplicates.len() < before {
+            tracing::debug!(%peer, "the connection kept closed; its duplicates are judged again");
+            self.close_duplicate_direct(peer);
+        }
+    }
+
+    /// Close the duplicates whose delay is over at `now`.
+    fn close_due_duplicates(&mut self, now: Instant) {
+        for (id, (peer, at)) in &mut self.duplicates {
+            if at.is_none_or(|at| at > now) {
+                continue;
+            }
+            *at = None;
             self.duplicates_closed_total += 1;
             tracing::debug!(%peer, connection = ?id, "closing a duplicate direct connection");
             self.queued.push_back(ToSwarm::CloseConnection {
-                peer_id: peer,
-                connection: CloseConnection::One(id),
+                peer_id: *peer,
+                connection: CloseConnection::One(*id),
             });
             self.queued
                 .push_back(ToSwarm::GenerateEvent(Event::DuplicateClosed));
         }
+    }
+
+    /// Arm the timer for the next duplicate due; its time once it is due.
+    fn poll_duplicate_timer(&mut self, cx: &mut Context<'_>) -> Option<Instant> {
+        let Some(next) = self.duplicates.values().filter_map(|(_, at)| *at).min() else {
+            self.duplicate_timer = None;
+            return None;
+        };
+        let deadline = tokio::time::Instant::from_std(next);
+        let timer = self
+            .duplicate_timer
+            .get_or_insert_with(|| Box::pin(tokio::time::sleep_until(deadline)));
+        if timer.deadline() != deadline {
+            timer.as_mut().reset(deadline);
+        }
+        timer.as_mut().poll(cx).is_ready().then_some(next)
     }
 
     fn trim_connections(&mut self) {
@@ -519,7 +594,7 @@ impl Behaviour {
             .iter()
             // Duplicates are on their way out: trimming neither counts them
             // nor, choosing the newer of two, closes the one kept instead.
-            .filter(|(id, _)| !self.duplicates.contains(id))
+            .filter(|(id, _)| !self.duplicates.contains_key(id))
             .map(|(id, c)| TrimCandidate {
                 id: *id,
                 peer: c.peer,
@@ -634,7 +709,9 @@ impl Behaviour {
             }
         }
         self.closing.remove(&connection_id);
-        self.duplicates.remove(&connection_id);
+        if self.duplicates.remove(&connection_id).is_none() {
+            self.on_survivor_closed(peer);
+        }
         if remaining == 0 && self.peers.remove(&peer).is_some() {
             self.queued
                 .push_back(ToSwarm::GenerateEvent(Event::PathChanged {
@@ -776,6 +853,12 @@ impl NetworkBehaviour for Behaviour {
             }
             if self.trim_tick.poll_tick(cx).is_ready() {
                 self.trim_connections();
+                continue;
+            }
+            if let Some(due) = self.poll_duplicate_timer(cx) {
+                // The timer's clock may run apart from `Instant::now()`
+                // (paused in tests): what it woke for is due either way.
+                self.close_due_duplicates(due.max(Instant::now()));
                 continue;
             }
             match self.inner.poll(cx) {
