@@ -518,6 +518,7 @@ impl RunResult {
             "kad_requests_per_node": requests_json(&self.at_convergence),
             "kad_requests_per_node_after_lookups": requests_json(&self.after_lookups),
             "duplicate_connections": Duplicates::of(&self.at_convergence).json(),
+            "duplicate_connections_after_lookups": Duplicates::of(&self.after_lookups).json(),
         })
     }
 }
@@ -695,7 +696,7 @@ fn print_table(args: &MeshArgs, runs: &[RunResult], ttl: Option<&str>) {
         args.services_per_node
     );
     println!(
-        "{:>3} {:>11} {:>15} {:>17} {:>12} {:>14} {:>14} {:>19} {:>17}",
+        "{:>3} {:>11} {:>15} {:>17} {:>12} {:>14} {:>14} {:>19} {:>17} {:>11}",
         "run",
         "convergence",
         "lookup p50/p99",
@@ -704,16 +705,27 @@ fn print_table(args: &MeshArgs, runs: &[RunResult], ttl: Option<&str>) {
         "kad req/node",
         "after lookups",
         "duplicates at conv",
-        "closed/established"
+        "closed/established",
+        "dups after"
     );
     println!(
-        "{:>3} {:>11} {:>15} {:>17} {:>12} {:>14} {:>14} {:>19} {:>17}",
-        "", "(ms)", "(ms)", "(MiB)", "(ms)", "mean/max", "mean/max", "(conns−peers)/conns", ""
+        "{:>3} {:>11} {:>15} {:>17} {:>12} {:>14} {:>14} {:>19} {:>17} {:>11}",
+        "",
+        "(ms)",
+        "(ms)",
+        "(MiB)",
+        "(ms)",
+        "mean/max",
+        "mean/max",
+        "(conns−peers)/conns",
+        "",
+        "lookups"
     );
     for (i, r) in runs.iter().enumerate() {
         let duplicates = Duplicates::of(&r.at_convergence);
+        let after = Duplicates::of(&r.after_lookups);
         println!(
-            "{:>3} {:>11.0} {:>15} {:>17} {:>12} {:>14} {:>14} {:>19} {:>17}",
+            "{:>3} {:>11.0} {:>15} {:>17} {:>12} {:>14} {:>14} {:>19} {:>17} {:>11}",
             i + 1,
             ms(r.convergence),
             format!(
@@ -745,6 +757,7 @@ fn print_table(args: &MeshArgs, runs: &[RunResult], ttl: Option<&str>) {
                 (closed, established) =>
                     format!("{}/{}", option_text(closed), option_text(established)),
             },
+            format!("{:.1}%", after.ratio() * 100.0),
         );
         if let Some((killed, after)) = r.churn {
             println!(
