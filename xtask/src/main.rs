@@ -35,8 +35,9 @@ enum Task {
         nodes: Vec<usize>,
     },
     /// Start N node processes on 127.0.0.1 (release build, mDNS off),
-    /// register services, and measure convergence, lookup latency, memory
-    /// and start-up; optionally churn.
+    /// register services, and measure convergence, lookup latency, memory,
+    /// start-up, Kademlia requests per node and duplicate connections;
+    /// optionally churn; `--runs N` repeats it and summarises.
     Mesh(mesh::MeshArgs),
     /// Run the criterion benches (ranking, records, the DHT store, the frame
     /// codec, config loading, the reservation state machine) and summarise;

@@ -1,6 +1,8 @@
 //! `cargo xtask mesh`: start N real node processes on 127.0.0.1 and measure
 //! them — convergence of service lookups, lookup latency, memory per node,
-//! start-to-Running, and (with `--churn`) how fast dead nodes leave answers.
+//! start-to-Running, the Kademlia requests each node sent, duplicate
+//! connections, and (with `--churn`) how fast dead nodes leave answers;
+//! `--runs` repeats it all with fresh processes.
 
 use std::collections::HashSet;
 use std::io::{BufRead, BufReader, Read, Write};
@@ -59,9 +61,18 @@ pub(crate) struct MeshArgs {
     #[arg(long)]
     pub(crate) json: Option<PathBuf>,
     /// Use this `ollamacron-node` binary instead of building the release one
-    /// (for example a build with symbols, to profile).
+    /// (for example a build with symbols, to profile, or an older build to
+    /// compare with: figures its status lacks show as "n/a", null in JSON).
     #[arg(long)]
     pub(crate) binary: Option<PathBuf>,
+    /// Run the whole mesh this many times, each with fresh processes and
+    /// data directories, and summarise ("converged <= 1 s in K of N runs").
+    /// The JSON holds every run in `runs` and the totals in `summary`; with
+    /// one run its figures are also at the top level, as before this option.
+    /// With several, the default file name ends in `-runsN` and MESH_LOG
+    /// logs go to target/mesh/logs/run-<k>/.
+    #[arg(long, default_value_t = 1)]
+    pub(crate) runs: usize,
 }
 
 /// How often lookups poll while waiting for convergence.
@@ -230,6 +241,7 @@ fn reserved_setting(key: &str) -> Option<&'static str> {
 fn start_node(
     binary: &Path,
     root: &Path,
+    log_dir: &Path,
     index: usize,
     bootstrap: Option<&str>,
     settings: &[String],
@@ -238,7 +250,7 @@ fn start_node(
     let dir = root.join(format!("node-{index}"));
     std::fs::create_dir_all(&dir)?;
     // MESH_LOG=<filter> keeps each node's log, at that level, in
-    // target/mesh/logs/node-<index>.log.
+    // `log_dir`/node-<index>.log.
     // The harness reads the node's own info lines (its addresses and
     // Running), so those stay on whatever the filter says elsewhere.
     let log_level = std::env::var("MESH_LOG").map_or_else(
@@ -247,10 +259,9 @@ fn start_node(
     );
     let mut log_file = match std::env::var_os("MESH_LOG") {
         Some(_) => {
-            let dir = crate::target_dir().join("mesh").join("logs");
-            std::fs::create_dir_all(&dir)?;
+            std::fs::create_dir_all(log_dir)?;
             Some(std::fs::File::create(
-                dir.join(format!("node-{index}.log")),
+                log_dir.join(format!("node-{index}.log")),
             )?)
         }
         None => None,
@@ -342,19 +353,189 @@ fn start_node(
     }
 }
 
+/// What one node's `GET /v1/status` says that the report sums up. A field
+/// an older binary does not have is `None` (shown as "n/a").
+#[derive(Debug, Clone, Copy, Default)]
+struct NodeFigures {
+    dht_requests_sent: Option<u64>,
+    peers: u64,
+    inbound: u64,
+    outbound: u64,
+    duplicates_closed: Option<u64>,
+    established_total: Option<u64>,
+}
+
+impl NodeFigures {
+    fn of(status: &Value) -> Self {
+        let connections = &status["connections"];
+        let count = |v: &Value| v.as_u64().unwrap_or(0);
+        Self {
+            dht_requests_sent: status["discovery"]["dht_requests_sent"].as_u64(),
+            peers: count(&connections["peers"]),
+            inbound: count(&connections["inbound"]),
+            outbound: count(&connections["outbound"]),
+            duplicates_closed: connections["duplicates_closed"].as_u64(),
+            established_total: connections["established_total"].as_u64(),
+        }
+    }
+
+    fn read(api: SocketAddr) -> anyhow::Result<Self> {
+        let (status, body) = http(api, "GET", "/v1/status", None)?;
+        if status != 200 {
+            bail!("status at {api} answered {status}: {body}");
+        }
+        Ok(Self::of(&body))
+    }
+}
+
+/// Mean and max over the nodes of their Kademlia requests sent; `None`
+/// when the binary does not report them.
+fn requests_per_node(figures: &[NodeFigures]) -> Option<(f64, u64)> {
+    let sent: Vec<u64> = figures
+        .iter()
+        .map(|f| f.dht_requests_sent)
+        .collect::<Option<_>>()?;
+    let max = sent.iter().copied().max()?;
+    // A mean for display.
+    #[allow(clippy::cast_precision_loss)]
+    let mean = sent.iter().sum::<u64>() as f64 / sent.len() as f64;
+    Some((mean, max))
+}
+
+/// Duplicate connections over the mesh at one moment.
+#[derive(Debug, Clone, Copy)]
+struct Duplicates {
+    /// Open connections, summed over the nodes (each counted at both ends).
+    open: u64,
+    /// Connected peers, summed over the nodes.
+    peers: u64,
+    /// Duplicate connections the nodes closed (absent in older binaries).
+    closed: Option<u64>,
+    /// Connections the nodes established since start (the same).
+    established: Option<u64>,
+}
+
+impl Duplicates {
+    fn of(figures: &[NodeFigures]) -> Self {
+        // Missing on a node counts 0; missing on all is "not reported".
+        let sum = |get: fn(&NodeFigures) -> Option<u64>| {
+            figures
+                .iter()
+                .any(|f| get(f).is_some())
+                .then(|| figures.iter().filter_map(get).sum())
+        };
+        Self {
+            open: figures.iter().map(|f| f.inbound + f.outbound).sum(),
+            peers: figures.iter().map(|f| f.peers).sum(),
+            closed: sum(|f| f.duplicates_closed),
+            established: sum(|f| f.established_total),
+        }
+    }
+
+    /// (inbound + outbound − peers) / (inbound + outbound), over all nodes.
+    fn ratio(&self) -> f64 {
+        if self.open == 0 {
+            return 0.0;
+        }
+        // A ratio for display.
+        #[allow(clippy::cast_precision_loss)]
+        let r = self.open.saturating_sub(self.peers) as f64 / self.open as f64;
+        r
+    }
+
+    fn json(&self) -> Value {
+        json!({
+            "ratio": self.ratio(),
+            "connections": self.open,
+            "peers": self.peers,
+            "duplicates_closed": self.closed,
+            "established_total": self.established,
+        })
+    }
+}
+
+/// What one run of the mesh measured.
+struct RunResult {
+    convergence: Duration,
+    per_node: Vec<Duration>,
+    cpu_at_convergence: Duration,
+    /// Warm lookup latencies, sorted.
+    samples: Vec<Duration>,
+    /// Resident memory per node, sorted.
+    rss: Vec<u64>,
+    /// Start-to-Running per node, sorted.
+    starts: Vec<Duration>,
+    churn: Option<(usize, Duration)>,
+    /// Each node's status when its lookup first returned every service.
+    at_convergence: Vec<NodeFigures>,
+    /// Each node's status after the warm lookups.
+    after_lookups: Vec<NodeFigures>,
+}
+
+fn mib(bytes: u64) -> f64 {
+    // Bytes to MiB for display.
+    #[allow(clippy::cast_precision_loss)]
+    let v = bytes as f64 / (1024.0 * 1024.0);
+    v
+}
+
+fn requests_json(figures: &[NodeFigures]) -> Value {
+    requests_per_node(figures).map_or(Value::Null, |(mean, max)| json!({"mean": mean, "max": max}))
+}
+
+fn requests_text(figures: &[NodeFigures]) -> String {
+    requests_per_node(figures).map_or_else(
+        || "n/a".to_owned(),
+        |(mean, max)| format!("{mean:.1}/{max}"),
+    )
+}
+
+fn option_text(value: Option<u64>) -> String {
+    value.map_or_else(|| "n/a".to_owned(), |v| v.to_string())
+}
+
+impl RunResult {
+    fn json(&self) -> Value {
+        json!({
+            "convergence_ms": ms(self.convergence),
+            "convergence_per_node_ms": self.per_node.iter().map(|d| ms(*d)).collect::<Vec<_>>(),
+            "cpu_ms_all_nodes_at_convergence": ms(self.cpu_at_convergence),
+            "lookup_ms": {
+                "p50": ms(percentile(&self.samples, 0.50)),
+                "p99": ms(percentile(&self.samples, 0.99)),
+                "count": self.samples.len(),
+            },
+            "rss_mib": {
+                "min": self.rss.first().copied().map(mib),
+                "median": self.rss.get(self.rss.len() / 2).copied().map(mib),
+                "max": self.rss.last().copied().map(mib),
+            },
+            "start_to_running_ms": {
+                "p50": ms(percentile(&self.starts, 0.50)),
+                "max": ms(self.starts.last().copied().unwrap_or_default()),
+            },
+            "churn": self.churn.map(|(killed, after)| json!({"killed": killed, "gone_after_ms": ms(after)})),
+            "kad_requests_per_node": requests_json(&self.at_convergence),
+            "kad_requests_per_node_after_lookups": requests_json(&self.after_lookups),
+            "duplicate_connections": Duplicates::of(&self.at_convergence).json(),
+            "duplicate_connections_after_lookups": Duplicates::of(&self.after_lookups).json(),
+        })
+    }
+}
+
+/// Runs converged within this count as good in the summary.
+const CONVERGED_WITHIN: Duration = Duration::from_secs(1);
+
 pub(crate) fn mesh(binary: &Path, args: &MeshArgs) -> anyhow::Result<()> {
     if args.nodes < 2 {
         bail!("--nodes must be at least 2");
     }
+    if args.runs == 0 {
+        bail!("--runs must be at least 1");
+    }
     if args.churn.is_some_and(|p| p == 0 || p >= 100) {
         bail!("--churn must be a percentage from 1 to 99");
     }
-    let deadline = Instant::now() + Duration::from_secs(args.timeout_secs);
-    let root = std::env::temp_dir().join(format!("ollamacron-mesh-{}", std::process::id()));
-    let mut mesh = Mesh {
-        nodes: Vec::new(),
-        root: root.clone(),
-    };
     check_settings(args)?;
     let mut settings = args.settings.clone();
     if args.pubsub {
@@ -374,6 +555,246 @@ pub(crate) fn mesh(binary: &Path, args: &MeshArgs) -> anyhow::Result<()> {
         ));
     }
 
+    let mut runs = Vec::with_capacity(args.runs);
+    for run in 0..args.runs {
+        if args.runs > 1 {
+            eprintln!("mesh run {} of {}", run + 1, args.runs);
+        }
+        let result = run_mesh(binary, args, &settings, run)
+            .with_context(|| format!("run {} of {}", run + 1, args.runs))?;
+        runs.push(result);
+    }
+
+    print_table(args, &runs, ttl.as_deref());
+    let summary = summary(&runs);
+    println!("{}", summary_line(&summary, runs.len()));
+
+    let mut report = json!({
+        "nodes": args.nodes,
+        "services_per_node": args.services_per_node,
+        "pubsub": args.pubsub,
+        "settings": args.settings,
+        "topology": format!("{:?}", args.topology).to_lowercase(),
+        "record_ttl": ttl,
+        "binary": binary.display().to_string(),
+    });
+    let run_reports: Vec<Value> = runs.iter().map(RunResult::json).collect();
+    if let ([only], Some(top)) = (run_reports.as_slice(), report.as_object_mut())
+        && let Some(fields) = only.as_object()
+    {
+        // One run: its fields stay at the top level, as they always were.
+        top.extend(fields.clone());
+    }
+    report["runs"] = Value::Array(run_reports);
+    report["summary"] = summary;
+
+    let path = args.json.clone().unwrap_or_else(|| {
+        let mut name = format!("mesh-{}", args.nodes);
+        if args.pubsub {
+            name.push_str("-pubsub");
+        }
+        if args.churn.is_some() {
+            name.push_str("-churn");
+        }
+        if args.runs > 1 {
+            name.push_str(&format!("-runs{}", args.runs));
+        }
+        PathBuf::from("target/mesh").join(format!("{name}.json"))
+    });
+    if let Some(parent) = path.parent() {
+        std::fs::create_dir_all(parent)?;
+    }
+    std::fs::write(&path, serde_json::to_string_pretty(&report)?)?;
+    println!("wrote {}", path.display());
+    Ok(())
+}
+
+/// The summary over every run: how many converged within
+/// [`CONVERGED_WITHIN`], the spread of convergence and lookups, requests
+/// per node and duplicates.
+fn summary(runs: &[RunResult]) -> Value {
+    let mut convergence: Vec<Duration> = runs.iter().map(|r| r.convergence).collect();
+    convergence.sort();
+    let within = convergence
+        .iter()
+        .filter(|c| **c <= CONVERGED_WITHIN)
+        .count();
+    let mut p50: Vec<Duration> = runs.iter().map(|r| percentile(&r.samples, 0.50)).collect();
+    p50.sort();
+    let p99_max = runs
+        .iter()
+        .map(|r| percentile(&r.samples, 0.99))
+        .max()
+        .unwrap_or_default();
+    let requests = |pick: fn(&RunResult) -> &[NodeFigures]| -> Value {
+        let per_run: Option<Vec<(f64, u64)>> =
+            runs.iter().map(|r| requests_per_node(pick(r))).collect();
+        per_run.map_or(Value::Null, |v| {
+            // A mean of the runs' means (the runs have as many nodes).
+            #[allow(clippy::cast_precision_loss)]
+            let mean = v.iter().map(|(m, _)| m).sum::<f64>() / v.len() as f64;
+            json!({"mean": mean, "max": v.iter().map(|(_, m)| *m).max()})
+        })
+    };
+    let duplicates: Vec<Duplicates> = runs
+        .iter()
+        .map(|r| Duplicates::of(&r.at_convergence))
+        .collect();
+    let sum = |get: fn(&Duplicates) -> Option<u64>| -> Option<u64> {
+        duplicates.iter().map(get).sum::<Option<u64>>()
+    };
+    #[allow(clippy::cast_precision_loss)]
+    let mean_ratio =
+        duplicates.iter().map(Duplicates::ratio).sum::<f64>() / duplicates.len().max(1) as f64;
+    json!({
+        "runs": runs.len(),
+        "converged_within_ms": ms(CONVERGED_WITHIN),
+        "converged_within_count": within,
+        "convergence_ms": {
+            "min": convergence.first().copied().map(ms),
+            "median": convergence.get(convergence.len() / 2).copied().map(ms),
+            "max": convergence.last().copied().map(ms),
+        },
+        "lookup_p50_ms_median": p50.get(p50.len() / 2).copied().map(ms),
+        "lookup_p99_ms_max": ms(p99_max),
+        "kad_requests_per_node": requests(|r| &r.at_convergence),
+        "kad_requests_per_node_after_lookups": requests(|r| &r.after_lookups),
+        "duplicate_connections_ratio_mean": mean_ratio,
+        "duplicates_closed": sum(|d| d.closed),
+        "established_total": sum(|d| d.established),
+    })
+}
+
+fn summary_line(summary: &Value, runs: usize) -> String {
+    let within = summary["converged_within_count"].as_u64().unwrap_or(0);
+    let max_s = summary["convergence_ms"]["max"].as_f64().unwrap_or(0.0) / 1000.0;
+    let requests = match &summary["kad_requests_per_node"] {
+        Value::Null => "n/a".to_owned(),
+        r => format!(
+            "{:.1} mean, {} max",
+            r["mean"].as_f64().unwrap_or(0.0),
+            r["max"]
+        ),
+    };
+    format!(
+        "converged <= {:.0} s in {within} of {runs} runs; max {max_s:.2} s; kad requests per node at convergence {requests}; duplicate connections at convergence {:.1}% (mean of runs)",
+        CONVERGED_WITHIN.as_secs_f64(),
+        summary["duplicate_connections_ratio_mean"]
+            .as_f64()
+            .unwrap_or(0.0)
+            * 100.0
+    )
+}
+
+fn print_table(args: &MeshArgs, runs: &[RunResult], ttl: Option<&str>) {
+    println!();
+    println!(
+        "{} nodes, pubsub {}, {:?} topology, {} service(s) per node",
+        args.nodes,
+        if args.pubsub { "on" } else { "off" },
+        args.topology,
+        args.services_per_node
+    );
+    println!(
+        "{:>3} {:>11} {:>15} {:>17} {:>12} {:>14} {:>14} {:>19} {:>17} {:>11}",
+        "run",
+        "convergence",
+        "lookup p50/p99",
+        "RSS min/med/max",
+        "start p50/max",
+        "kad req/node",
+        "after lookups",
+        "duplicates at conv",
+        "closed/established",
+        "dups after"
+    );
+    println!(
+        "{:>3} {:>11} {:>15} {:>17} {:>12} {:>14} {:>14} {:>19} {:>17} {:>11}",
+        "",
+        "(ms)",
+        "(ms)",
+        "(MiB)",
+        "(ms)",
+        "mean/max",
+        "mean/max",
+        "(conns−peers)/conns",
+        "",
+        "lookups"
+    );
+    for (i, r) in runs.iter().enumerate() {
+        let duplicates = Duplicates::of(&r.at_convergence);
+        let after = Duplicates::of(&r.after_lookups);
+        println!(
+            "{:>3} {:>11.0} {:>15} {:>17} {:>12} {:>14} {:>14} {:>19} {:>17} {:>11}",
+            i + 1,
+            ms(r.convergence),
+            format!(
+                "{:.2}/{:.2}",
+                ms(percentile(&r.samples, 0.50)),
+                ms(percentile(&r.samples, 0.99))
+            ),
+            format!(
+                "{:.1}/{:.1}/{:.1}",
+                r.rss.first().copied().map_or(0.0, mib),
+                r.rss.get(r.rss.len() / 2).copied().map_or(0.0, mib),
+                r.rss.last().copied().map_or(0.0, mib)
+            ),
+            format!(
+                "{:.0}/{:.0}",
+                ms(percentile(&r.starts, 0.50)),
+                ms(r.starts.last().copied().unwrap_or_default())
+            ),
+            requests_text(&r.at_convergence),
+            requests_text(&r.after_lookups),
+            format!(
+                "{:.1}% ({}/{})",
+                duplicates.ratio() * 100.0,
+                duplicates.open.saturating_sub(duplicates.peers),
+                duplicates.open
+            ),
+            match (duplicates.closed, duplicates.established) {
+                (None, None) => "n/a".to_owned(),
+                (closed, established) =>
+                    format!("{}/{}", option_text(closed), option_text(established)),
+            },
+            format!("{:.1}%", after.ratio() * 100.0),
+        );
+        if let Some((killed, after)) = r.churn {
+            println!(
+                "    churn: killed {killed} of {} nodes; their services left every answer after {:.1} s (record_ttl {})",
+                args.nodes,
+                after.as_secs_f64(),
+                ttl.unwrap_or("5m")
+            );
+        }
+    }
+}
+
+/// One whole mesh: fresh processes and data directories, killed when it
+/// returns (or fails).
+fn run_mesh(
+    binary: &Path,
+    args: &MeshArgs,
+    settings: &[String],
+    run: usize,
+) -> anyhow::Result<RunResult> {
+    let deadline = Instant::now() + Duration::from_secs(args.timeout_secs);
+    let root = std::env::temp_dir().join(format!("ollamacron-mesh-{}-{run}", std::process::id()));
+    let mut mesh = Mesh {
+        nodes: Vec::new(),
+        root: root.clone(),
+    };
+    // One run keeps its logs where they always were; several, one
+    // directory each.
+    let log_dir = {
+        let logs = crate::target_dir().join("mesh").join("logs");
+        if args.runs > 1 {
+            logs.join(format!("run-{}", run + 1))
+        } else {
+            logs
+        }
+    };
+
     // Start the nodes one after another, each registering its services at once.
     let mut first_addr = None;
     let mut prev_addr: Option<String> = None;
@@ -382,7 +803,15 @@ pub(crate) fn mesh(binary: &Path, args: &MeshArgs) -> anyhow::Result<()> {
             Topology::Chain => prev_addr.clone(),
             Topology::Star => first_addr.clone(),
         };
-        let (node, addr) = start_node(binary, &root, i, bootstrap.as_deref(), &settings, deadline)?;
+        let (node, addr) = start_node(
+            binary,
+            &root,
+            &log_dir,
+            i,
+            bootstrap.as_deref(),
+            settings,
+            deadline,
+        )?;
         for k in 0..args.services_per_node {
             let service = json!({
                 "name": format!("model-{i}-{k}"),
@@ -402,17 +831,18 @@ pub(crate) fn mesh(binary: &Path, args: &MeshArgs) -> anyhow::Result<()> {
     let last_start = Instant::now();
     let expected = args.nodes * args.services_per_node;
 
-    // Convergence: every node's lookup returns every service.
+    // Convergence: every node's lookup returns every service; right then
+    // the poller reads that node's status.
     let peer_ids: Vec<&str> = mesh.nodes.iter().map(|n| n.peer_id.as_str()).collect();
     let peer_ids = &peer_ids;
-    let converged: Vec<anyhow::Result<Duration>> = std::thread::scope(|scope| {
+    let converged: Vec<anyhow::Result<(Duration, NodeFigures)>> = std::thread::scope(|scope| {
         let handles: Vec<_> = mesh
             .nodes
             .iter()
             .enumerate()
             .map(|(index, node)| {
                 let api = node.api;
-                scope.spawn(move || -> anyhow::Result<Duration> {
+                scope.spawn(move || -> anyhow::Result<(Duration, NodeFigures)> {
                     let trace = std::env::var_os("MESH_TRACE").is_some();
                     loop {
                         if trace {
@@ -435,7 +865,8 @@ pub(crate) fn mesh(binary: &Path, args: &MeshArgs) -> anyhow::Result<()> {
                             );
                         }
                         if lookup(api)?.len() >= expected {
-                            return Ok(last_start.elapsed());
+                            let at = last_start.elapsed();
+                            return Ok((at, NodeFigures::read(api)?));
                         }
                         if Instant::now() > deadline {
                             bail!("node at {api} never saw all {expected} services");
@@ -454,8 +885,11 @@ pub(crate) fn mesh(binary: &Path, args: &MeshArgs) -> anyhow::Result<()> {
             .collect()
     });
     let mut per_node = Vec::new();
+    let mut at_convergence = Vec::new();
     for c in converged {
-        per_node.push(c?);
+        let (at, figures) = c?;
+        per_node.push(at);
+        at_convergence.push(figures);
     }
     let convergence = per_node.iter().max().copied().unwrap_or_default();
     let cpu_at_convergence: Duration = mesh
@@ -479,6 +913,11 @@ pub(crate) fn mesh(binary: &Path, args: &MeshArgs) -> anyhow::Result<()> {
         }
     }
     samples.sort();
+    let after_lookups = mesh
+        .nodes
+        .iter()
+        .map(|n| NodeFigures::read(n.api))
+        .collect::<anyhow::Result<Vec<_>>>()?;
 
     std::thread::sleep(IDLE_BEFORE_RSS);
     let mut rss: Vec<u64> = mesh
@@ -528,95 +967,16 @@ pub(crate) fn mesh(binary: &Path, args: &MeshArgs) -> anyhow::Result<()> {
             }
         }
     };
-
-    let mib = |b: u64| {
-        // Bytes to MiB for display.
-        #[allow(clippy::cast_precision_loss)]
-        let v = b as f64 / (1024.0 * 1024.0);
-        v
-    };
-    let report = json!({
-        "nodes": args.nodes,
-        "services_per_node": args.services_per_node,
-        "pubsub": args.pubsub,
-        "settings": args.settings,
-        "topology": format!("{:?}", args.topology).to_lowercase(),
-        "record_ttl": ttl,
-        "convergence_ms": ms(convergence),
-        "convergence_per_node_ms": per_node.iter().map(|d| ms(*d)).collect::<Vec<_>>(),
-        "cpu_ms_all_nodes_at_convergence": ms(cpu_at_convergence),
-        "lookup_ms": {
-            "p50": ms(percentile(&samples, 0.50)),
-            "p99": ms(percentile(&samples, 0.99)),
-            "count": samples.len(),
-        },
-        "rss_mib": {
-            "min": rss.first().copied().map(mib),
-            "median": rss.get(rss.len() / 2).copied().map(mib),
-            "max": rss.last().copied().map(mib),
-        },
-        "start_to_running_ms": {
-            "p50": ms(percentile(&starts, 0.50)),
-            "max": ms(starts.last().copied().unwrap_or_default()),
-        },
-        "churn": churn.map(|(killed, after)| json!({"killed": killed, "gone_after_ms": ms(after)})),
-    });
-
-    println!();
-    println!(
-        "{:>5} {:>6} {:>16} {:>20} {:>22} {:>22}",
-        "nodes",
-        "pubsub",
-        "convergence (ms)",
-        "lookup p50/p99 (ms)",
-        "RSS min/med/max (MiB)",
-        "start→Running p50/max"
-    );
-    println!(
-        "{:>5} {:>6} {:>16.0} {:>20} {:>22} {:>22}",
-        args.nodes,
-        if args.pubsub { "on" } else { "off" },
-        ms(convergence),
-        format!(
-            "{:.2}/{:.2}",
-            ms(percentile(&samples, 0.50)),
-            ms(percentile(&samples, 0.99))
-        ),
-        format!(
-            "{:.1}/{:.1}/{:.1}",
-            rss.first().copied().map_or(0.0, mib),
-            rss.get(rss.len() / 2).copied().map_or(0.0, mib),
-            rss.last().copied().map_or(0.0, mib)
-        ),
-        format!(
-            "{:.0}/{:.0} ms",
-            ms(percentile(&starts, 0.50)),
-            ms(starts.last().copied().unwrap_or_default())
-        ),
-    );
-    if let Some((killed, after)) = churn {
-        println!(
-            "churn: killed {killed} of {} nodes; their services left every answer after {:.1} s (record_ttl {})",
-            args.nodes,
-            after.as_secs_f64(),
-            ttl.as_deref().unwrap_or("5m")
-        );
-    }
-    let path = args.json.clone().unwrap_or_else(|| {
-        let mut name = format!("mesh-{}", args.nodes);
-        if args.pubsub {
-            name.push_str("-pubsub");
-        }
-        if args.churn.is_some() {
-            name.push_str("-churn");
-        }
-        PathBuf::from("target/mesh").join(format!("{name}.json"))
-    });
-    if let Some(parent) = path.parent() {
-        std::fs::create_dir_all(parent)?;
-    }
-    std::fs::write(&path, serde_json::to_string_pretty(&report)?)?;
-    println!("wrote {}", path.display());
     drop(mesh);
-    Ok(())
+    Ok(RunResult {
+        convergence,
+        per_node,
+        cpu_at_convergence,
+        samples,
+        rss,
+        starts,
+        churn,
+        at_convergence,
+        after_lookups,
+    })
 }

@@ -174,6 +174,7 @@ pub(crate) struct NodeMetrics {
     peers: Gauge,
     state: Family<StateLabel, Gauge>,
     trimmed: Counter,
+    duplicates_closed: Counter,
     discovered: Family<SourceLabel, Counter>,
     dial_failures: Family<SourceLabel, Counter>,
     dial_successes: Family<SourceLabel, Counter>,
@@ -228,6 +229,12 @@ impl NodeMetrics {
             "connections_trimmed",
             "Connections closed by the trimming policy",
             trimmed.clone(),
+        );
+        let duplicates_closed = Counter::default();
+        ours.register(
+            "duplicate_connections_closed",
+            "Duplicate direct connections to a peer (simultaneous dials) this node closed",
+            duplicates_closed.clone(),
         );
         let uptime = Gauge::<f64, AtomicU64>::default();
         ours.register(
@@ -329,6 +336,7 @@ impl NodeMetrics {
             peers,
             state,
             trimmed,
+            duplicates_closed,
             discovered,
             dial_failures,
             dial_successes,
@@ -502,6 +510,9 @@ impl libp2p::metrics::Recorder<crate::peers::Event> for NodeMetrics {
         use crate::peers::{Event, Refusal};
         match event {
             Event::Trimmed { closed } => self.add_trimmed(*closed),
+            Event::DuplicateClosed => {
+                self.duplicates_closed.inc();
+            }
             Event::Refused { reason } => self.connection_refused(match reason {
                 Refusal::NotAllowed => RefusalReason::NotAllowed,
                 Refusal::Handshake => RefusalReason::Handshake,

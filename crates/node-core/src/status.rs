@@ -160,6 +160,15 @@ pub struct ConnectionCounts {
     pub inbound: usize,
     /// Connections we opened.
     pub outbound: usize,
+    /// Duplicate direct connections to a peer (from simultaneous dials)
+    /// this node closed since start. Both ends close, and count, a
+    /// cross-dial's duplicate; only its dialer a second dial of one side.
+    #[serde(default)]
+    pub duplicates_closed: u64,
+    /// Connections established since start (both directions, direct and
+    /// relayed, closed ones too).
+    #[serde(default)]
+    pub established_total: u64,
 }
 
 /// Service counts in [`NodeStatus`].
@@ -372,6 +381,14 @@ mod tests {
         assert_eq!(serde_json::to_string(&back).unwrap(), json);
     }
 
+    #[test]
+    fn connection_counts_of_an_older_node_read_with_zero_new_counters() {
+        let old: ConnectionCounts =
+            serde_json::from_str(r#"{"peers":2,"inbound":1,"outbound":2}"#).unwrap();
+        assert_eq!((old.duplicates_closed, old.established_total), (0, 0));
+        assert_eq!((old.peers, old.inbound, old.outbound), (2, 1, 2));
+    }
+
     fn peer() -> PeerId {
         libp2p::identity::Keypair::generate_ed25519()
             .public()
@@ -474,6 +491,8 @@ mod tests {
                 peers: 4,
                 inbound: 3,
                 outbound: 2,
+                duplicates_closed: 1,
+                established_total: 7,
             },
             discovery: discovery(relay),
             services: ServiceCounts {

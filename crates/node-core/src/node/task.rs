@@ -229,6 +229,8 @@ impl SwarmTask {
                 peers: peers.peer_count(),
                 inbound: peers.count(Direction::Inbound),
                 outbound: peers.count(Direction::Outbound),
+                duplicates_closed: peers.duplicates_closed_total(),
+                established_total: peers.established_total(),
             },
             discovery: self.discovery_status(),
             services: behaviour.registry.service_counts(),
@@ -467,7 +469,7 @@ impl SwarmTask {
             peers::Event::Trimmed { closed } => {
                 self.emit(NodeEvent::ConnectionsTrimmed { count: closed });
             }
-            peers::Event::Refused { .. } => {}
+            peers::Event::Refused { .. } | peers::Event::DuplicateClosed => {}
         }
     }
 

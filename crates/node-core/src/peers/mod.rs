@@ -1,18 +1,21 @@
 //! The peer behaviour: who we are connected to and how. It owns the
 //! connections and their kinds (direct or relayed), per-connection round
 //! trips, the allow-list and connection limits, closing redundant relayed
-//! connections, trimming with its own timer, and dials someone awaits.
+//! connections and duplicate direct ones (a tie-break both sides agree
+//! on), trimming with its own timer, and dials someone awaits.
 //! It sees every connection through `FromSwarm` and closes connections
 //! with `ToSwarm::CloseConnection`; the swarm task only reads it.
 
 mod dials;
 
 use std::collections::{HashMap, HashSet, VecDeque};
+use std::future::Future;
+use std::pin::Pin;
 use std::task::{Context, Poll};
 use std::time::{Duration, Instant};
 
 use libp2p::allow_block_list::{self, AllowedPeers, NotAllowed};
-use libp2p::core::ConnectedPoint;
+use libp2p::core::{ConnectedPoint, Endpoint};
 use libp2p::swarm::behaviour::toggle::Toggle;
 use libp2p::swarm::dial_opts::{DialOpts, PeerCondition};
 use libp2p::swarm::{
@@ -34,6 +37,11 @@ use self::dials::{PendingDial, dial_error_reason};
 const MAX_CONNECTIONS_PER_PEER: u32 = 4;
 /// Most inbound connections still negotiating at once.
 const MAX_PENDING_INCOMING: u32 = 128;
+/// How long a duplicate direct connection stays open before the tie-break
+/// closes it (counted from when it was established): what started on it
+/// right away, above all the record push every new peer gets and identify,
+/// finishes first (see [`Behaviour::close_duplicate_direct`]).
+const DUPLICATE_CLOSE_DELAY: Duration = Duration::from_secs(2);
 /// How often the trimming policy runs besides on each new connection.
 const TRIM_CHECK_INTERVAL: Duration = Duration::from_secs(5);
 /// At most one warning per this interval for refused private-network
@@ -66,6 +74,8 @@ pub(crate) enum Event {
     Pinged(ping::Event),
     /// The trimming policy closed connections.
     Trimmed { closed: usize },
+    /// The tie-break closed a duplicate direct connection.
+    DuplicateClosed,
     /// A connection was refused before it was established.
     Refused { reason: Refusal },
     /// The round trip a peer is scored on changed (a ping, or its last
@@ -80,6 +90,10 @@ struct Connection {
     peer: PeerId,
     remote: Multiaddr,
     direction: Direction,
+    /// Whether we dialed it as far as the two ends agree: the role we
+    /// took in the upgrade. It differs from `direction` only on a hole
+    /// punch, where both ends dial and one overrides its role to listener.
+    dialed_by_us: bool,
     established: Instant,
     /// Through a relay (`/p2p-circuit`).
     relayed: bool,
@@ -151,6 +165,17 @@ pub(crate) struct Behaviour {
     /// Connections trimming closed that have not reported closed yet.
     closing: HashSet<ConnectionId>,
     trimmed_total: u64,
+    /// Duplicate direct connections the tie-break chose to close that have
+    /// not reported closed yet: their peer, and when to close them (`None`
+    /// once asked to).
+    duplicates: HashMap<ConnectionId, (PeerId, Option<Instant>)>,
+    duplicates_closed_total: u64,
+    /// [`DUPLICATE_CLOSE_DELAY`] (shorter in tests).
+    duplicate_close_delay: Duration,
+    /// Wakes `poll` when the next duplicate is due.
+    duplicate_timer: Option<Pin<Box<tokio::time::Sleep>>>,
+    /// Connections established since start.
+    established_total: u64,
     dials: HashMap<ConnectionId, PendingDial>,
     /// Dials that finished, answered once the events queued before them
     /// are out (so a refusal is counted before its dial returns).
@@ -208,6 +233,11 @@ impl Behaviour {
             trim_tick,
             closing: HashSet::new(),
             trimmed_total: 0,
+            duplicates: HashMap::new(),
+            duplicates_closed_total: 0,
+            duplicate_close_delay: DUPLICATE_CLOSE_DELAY,
+            duplicate_timer: None,
+            established_total: 0,
             dials: HashMap::new(),
             finished_dials: VecDeque::new(),
             breakers: HashMap::new(),
@@ -238,6 +268,20 @@ impl Behaviour {
     /// Connections trimming closed since start.
     pub(crate) fn trimmed_total(&self) -> u64 {
         self.trimmed_total
+    }
+
+    /// Duplicate direct connections this node closed since start (see
+    /// [`Behaviour::close_duplicate_direct`]): a cross-dial's duplicate by
+    /// whichever end's delay ran out first (now and then both), a second
+    /// dial of the same side by its dialer.
+    pub(crate) fn duplicates_closed_total(&self) -> u64 {
+        self.duplicates_closed_total
+    }
+
+    /// Connections (direct and relayed, either direction) established
+    /// since start.
+    pub(crate) fn established_total(&self) -> u64 {
+        self.established_total
     }
 
     /// What we know of a connected peer.
@@ -411,10 +455,146 @@ impl Behaviour {
         }
     }
 
+    /// Two nodes that dial each other at once (or one that dials a peer
+    /// twice: TCP and QUIC, a health dial racing a discovery dial) end up
+    /// with two direct connections. Exactly one survives, and both ends
+    /// agree which without talking, whatever order they saw them in:
+    ///
+    /// - the connections the smaller peer id (by `to_bytes()`) dialed win
+    ///   over those the other one dialed: the smaller end closes its
+    ///   inbound ones, the other end its outbound ones, which are the same
+    ///   connections;
+    /// - among several the same end dialed, only that end closes, all but
+    ///   the oldest; the listener never does (each end may see them in
+    ///   another order, and two choices could close them all).
+    ///
+    /// "Dialed" is the role in the upgrade, so a hole punch (both ends
+    /// dial, one as listener) counts once, for the same end on both sides.
+    /// Relayed connections are left to [`Behaviour::close_redundant_relayed`];
+    /// ones already closing (trimmed, or closed here) are not counted.
+    ///
+    /// The loser is chosen when the second connection is established but
+    /// closed only [`DUPLICATE_CLOSE_DELAY`] after it was itself
+    /// established. Closing resets every stream still open on it, and
+    /// nobody is told: Kademlia fails a query's peer only when its last
+    /// connection closes, so a request of ours on the loser is simply never
+    /// answered (a lookup waits out its per-peer timeout, 10 s) and a
+    /// request the remote sent on it fails there. The first connection to a
+    /// peer, which may be the loser, carries at once identify and the
+    /// direct push of our record (sent once per peer, on its first
+    /// connection); closing at once lost that push for about one pair in
+    /// twenty in a 32-node mesh, and its record then came from a DHT walk
+    /// ten seconds later. The delay lets that finish; what the swarm routes
+    /// to the loser meanwhile (a Kademlia request goes to any connection of
+    /// the peer) is lost only if still in flight at the close. Trimming
+    /// leaves the loser alone meanwhile. A dial someone awaits was answered
+    /// with success at `ConnectionEstablished`, even when its connection
+    /// loses: the peer is connected.
+    fn close_duplicate_direct(&mut self, peer: PeerId) {
+        let mut ours: Vec<(Instant, ConnectionId)> = Vec::new();
+        let mut theirs: Vec<(Instant, ConnectionId)> = Vec::new();
+        for (id, c) in &self.connections {
+            if c.peer != peer
+                || c.relayed
+                || self.duplicates.contains_key(id)
+                || self.closing.contains(id)
+            {
+                continue;
+            }
+            if c.dialed_by_us {
+                ours.push((c.established, *id));
+            } else {
+                theirs.push((c.established, *id));
+            }
+        }
+        if ours.len() + theirs.len() < 2 {
+            return;
+        }
+        ours.sort_unstable();
+        let smaller = self.local_peer.to_bytes() < peer.to_bytes();
+        let mut close: Vec<ConnectionId> = Vec::new();
+        // Their dials lose to ours when we are the smaller id (else they
+        // win, or they are all theirs and theirs to choose from).
+        if smaller && !ours.is_empty() {
+            close.extend(theirs.iter().map(|(_, id)| *id));
+        }
+        // Ours lose to theirs when they are the smaller id; else we keep
+        // the oldest of ours.
+        let keep_ours = usize::from(smaller || theirs.is_empty());
+        close.extend(ours.iter().skip(keep_ours).map(|(_, id)| *id));
+        for id in close {
+            let Some(established) = self.connections.get(&id).map(|c| c.established) else {
+                continue;
+            };
+            let at = established + self.duplicate_close_delay;
+            tracing::debug!(%peer, connection = ?id, "a duplicate direct connection; closing it soon");
+            self.duplicates.insert(id, (peer, Some(at)));
+        }
+        self.close_due_duplicates(Instant::now());
+    }
+
+    /// A connection to `peer` that was not a duplicate closed. If it was the
+    /// one kept, the duplicates still waiting for their delay are no longer
+    /// duplicates (both ends see the close and decide alike): they are
+    /// judged again, so the peer stays connected.
+    fn on_survivor_closed(&mut self, peer: PeerId) {
+        let kept = self
+            .connections
+            .iter()
+            .any(|(id, c)| c.peer == peer && !c.relayed && !self.duplicates.contains_key(id));
+        if kept {
+            return;
+        }
+        let before = self.duplicates.len();
+        self.duplicates
+            .retain(|_, (p, at)| *p != peer || at.is_none());
+        if self.duplicates.len() < before {
+            tracing::debug!(%peer, "the connection kept closed; its duplicates are judged again");
+            self.close_duplicate_direct(peer);
+        }
+    }
+
+    /// Close the duplicates whose delay is over at `now`.
+    fn close_due_duplicates(&mut self, now: Instant) {
+        for (id, (peer, at)) in &mut self.duplicates {
+            if at.is_none_or(|at| at > now) {
+                continue;
+            }
+            *at = None;
+            self.duplicates_closed_total += 1;
+            tracing::debug!(%peer, connection = ?id, "closing a duplicate direct connection");
+            self.queued.push_back(ToSwarm::CloseConnection {
+                peer_id: *peer,
+                connection: CloseConnection::One(*id),
+            });
+            self.queued
+                .push_back(ToSwarm::GenerateEvent(Event::DuplicateClosed));
+        }
+    }
+
+    /// Arm the timer for the next duplicate due; its time once it is due.
+    fn poll_duplicate_timer(&mut self, cx: &mut Context<'_>) -> Option<Instant> {
+        let Some(next) = self.duplicates.values().filter_map(|(_, at)| *at).min() else {
+            self.duplicate_timer = None;
+            return None;
+        };
+        let deadline = tokio::time::Instant::from_std(next);
+        let timer = self
+            .duplicate_timer
+            .get_or_insert_with(|| Box::pin(tokio::time::sleep_until(deadline)));
+        if timer.deadline() != deadline {
+            timer.as_mut().reset(deadline);
+        }
+        timer.as_mut().poll(cx).is_ready().then_some(next)
+    }
+
     fn trim_connections(&mut self) {
         let candidates: Vec<TrimCandidate> = self
             .connections
             .iter()
+            // Duplicates are on their way out: trimming neither counts them
+            // nor, choosing the newer of two, closes the one kept instead.
+            .filter(|(id, _)| !self.duplicates.contains_key(id))
             .map(|(id, c)| TrimCandidate {
                 id: *id,
                 peer: c.peer,
@@ -468,6 +648,13 @@ impl Behaviour {
             }
         };
         let relayed = endpoint.is_relayed();
+        let dialed_by_us = matches!(
+            endpoint,
+            ConnectedPoint::Dialer {
+                role_override: Endpoint::Dialer,
+                ..
+            }
+        );
         tracing::debug!(peer_id = %peer, %remote, ?direction, relayed, "connection established");
         self.connections.insert(
             connection_id,
@@ -475,10 +662,12 @@ impl Behaviour {
                 peer,
                 remote,
                 direction,
+                dialed_by_us,
                 established: Instant::now(),
                 relayed,
             },
         );
+        self.established_total += 1;
         let entry = self.peers.entry(peer).or_default();
         if relayed {
             entry.relayed += 1;
@@ -487,6 +676,9 @@ impl Behaviour {
             }
         } else {
             entry.direct += 1;
+            if entry.direct > 1 {
+                self.close_duplicate_direct(peer);
+            }
         }
         if let Some(pending) = self.dials.remove(&connection_id) {
             self.finished_dials.push_back((pending, Ok(peer)));
@@ -517,6 +709,9 @@ impl Behaviour {
             }
         }
         self.closing.remove(&connection_id);
+        if self.duplicates.remove(&connection_id).is_none() {
+            self.on_survivor_closed(peer);
+        }
         if remaining == 0 && self.peers.remove(&peer).is_some() {
             self.queued
                 .push_back(ToSwarm::GenerateEvent(Event::PathChanged {
@@ -616,7 +811,14 @@ impl NetworkBehaviour for Behaviour {
                     self.on_denied(e.peer_id, "(outbound)", cause);
                 }
                 if let Some(pending) = self.dials.remove(&e.connection_id) {
-                    self.finished_dials.push_back((pending, Err(reason)));
+                    // Connected anyway (its dial raced theirs, which won):
+                    // what the waiter wanted.
+                    let connected = pending
+                        .peer
+                        .or(e.peer_id)
+                        .filter(|p| self.peers.get(p).is_some_and(|e| e.direct + e.relayed > 0));
+                    let result = connected.ok_or(reason);
+                    self.finished_dials.push_back((pending, result));
                 }
             }
             FromSwarm::ListenFailure(e) => {
@@ -651,6 +853,12 @@ impl NetworkBehaviour for Behaviour {
             }
             if self.trim_tick.poll_tick(cx).is_ready() {
                 self.trim_connections();
+                continue;
+            }
+            if let Some(due) = self.poll_duplicate_timer(cx) {
+                // The timer's clock may run apart from `Instant::now()`
+                // (paused in tests): what it woke for is due either way.
+                self.close_due_duplicates(due.max(Instant::now()));
                 continue;
             }
             match self.inner.poll(cx) {

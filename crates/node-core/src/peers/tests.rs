@@ -28,8 +28,15 @@ fn config() -> NodeConfig {
     }
 }
 
+/// How long a duplicate stays open here (the node's is longer).
+const DUPLICATE_DELAY: Duration = Duration::from_millis(60);
+
 fn node(config: &NodeConfig, protected: HashSet<PeerId>) -> Swarm<Behaviour> {
-    Swarm::new_ephemeral_tokio(|key| Behaviour::new(key.public().to_peer_id(), config, protected))
+    Swarm::new_ephemeral_tokio(|key| {
+        let mut behaviour = Behaviour::new(key.public().to_peer_id(), config, protected);
+        behaviour.duplicate_close_delay = DUPLICATE_DELAY;
+        behaviour
+    })
 }
 
 fn peer(swarm: &Swarm<Behaviour>) -> PeerId {
@@ -204,11 +211,21 @@ async fn dial_answers_with_the_peer_once_connected() {
     assert_eq!(rx.try_recv().unwrap().unwrap(), b_peer);
     assert!(swarms[0].behaviour().dials.is_empty());
 
-    // An address without a peer id is dialed, and answered with who answered.
+    // An address without a peer id is dialed, and answered with who
+    // answered; the second connection is a duplicate its dialer closes.
     let (tx, mut rx) = oneshot::channel();
     swarms[0].behaviour_mut().dial(b_addr, tx);
     assert_eq!(answer(&mut swarms, &mut rx).await.unwrap(), b_peer);
-    assert_eq!(swarms[0].behaviour().connection_count(), 2);
+    assert_eq!(swarms[0].behaviour().peer_count(), 1);
+    until(&mut swarms, "the duplicate to close", |swarms, _| {
+        swarms
+            .iter()
+            .all(|s| s.behaviour().connection_count() == 1)
+            .then_some(())
+    })
+    .await;
+    assert_eq!(swarms[0].behaviour().duplicates_closed_total(), 1);
+    assert_eq!(swarms[0].behaviour().established_total(), 2);
     assert_eq!(swarms[0].behaviour().peer_count(), 1);
 }
 
@@ -384,4 +401,285 @@ async fn trimming_closes_down_to_low_and_never_a_protected_peer() {
     })
     .await;
     assert_eq!(late, None);
+}
+
+/// Whether `a` sorts before `b` as the tie-break compares them.
+fn smaller(a: PeerId, b: PeerId) -> bool {
+    a.to_bytes() < b.to_bytes()
+}
+
+/// Two listening nodes with fresh keys, the one with the smaller peer id
+/// first if `smaller_first`, and their addresses.
+async fn pair(config: &NodeConfig, smaller_first: bool) -> (Vec<Swarm<Behaviour>>, Vec<Multiaddr>) {
+    let mut a = node(config, HashSet::new());
+    let mut b = node(config, HashSet::new());
+    if smaller(peer(&a), peer(&b)) != smaller_first {
+        std::mem::swap(&mut a, &mut b);
+    }
+    let addrs = vec![listen(&mut a).await, listen(&mut b).await];
+    (vec![a, b], addrs)
+}
+
+/// Drive two nodes until every connection attempt has ended on both sides
+/// (node i made `dialed[i]` dials and was dialed `accepted[i]` times), and
+/// each is left with exactly one connection and nothing still closing.
+/// A node closes a connection only once it is [`DUPLICATE_DELAY`] old.
+async fn settle(swarms: &mut [Swarm<Behaviour>], dialed: [usize; 2], accepted: [usize; 2]) {
+    let mut seen = ([0; 2], [0; 2]);
+    let mut established: HashMap<(usize, ConnectionId), Instant> = HashMap::new();
+    until(swarms, "one connection on each side", |swarms, event| {
+        match event {
+            Some((
+                i,
+                SwarmEvent::ConnectionEstablished {
+                    endpoint,
+                    connection_id,
+                    ..
+                },
+            )) => {
+                established.insert((i, connection_id), Instant::now());
+                if endpoint.is_dialer() {
+                    seen.0[i] += 1;
+                } else {
+                    seen.1[i] += 1;
+                }
+            }
+            Some((i, SwarmEvent::OutgoingConnectionError { .. })) => seen.0[i] += 1,
+            Some((i, SwarmEvent::IncomingConnectionError { .. })) => seen.1[i] += 1,
+            // Connections idle out after a while (only ping runs on them,
+            // and it keeps none alive): a duplicate nobody closed would,
+            // in time, and look settled.
+            Some((
+                i,
+                SwarmEvent::ConnectionClosed {
+                    cause: Some(libp2p::swarm::ConnectionError::KeepAliveTimeout),
+                    ..
+                },
+            )) => panic!("node {i}: a connection idled out instead of being closed"),
+            Some((
+                i,
+                SwarmEvent::ConnectionClosed {
+                    connection_id,
+                    cause,
+                    ..
+                },
+            )) => {
+                if cause.is_none() {
+                    // Closed here: not before its delay.
+                    let age = established[&(i, connection_id)].elapsed();
+                    assert!(age >= DUPLICATE_DELAY, "node {i} closed one after {age:?}");
+                }
+                let left = swarms[i].behaviour().connection_count();
+                assert!(left > 0, "node {i} closed its last connection to the peer");
+            }
+            _ => {}
+        }
+        (seen == (dialed, accepted)
+            && swarms.iter().all(|s| {
+                s.behaviour().connection_count() == 1 && s.behaviour().duplicates.is_empty()
+            }))
+        .then_some(())
+    })
+    .await;
+}
+
+/// Node `dialer`'s one connection is outbound and node `listener`'s
+/// inbound: the same connection, `dialer`'s.
+fn kept_the_dial_of(swarms: &[Swarm<Behaviour>], dialer: usize, listener: usize) {
+    let (d, l) = (swarms[dialer].behaviour(), swarms[listener].behaviour());
+    assert_eq!(
+        (d.count(Direction::Outbound), d.count(Direction::Inbound)),
+        (1, 0)
+    );
+    assert_eq!(
+        (l.count(Direction::Inbound), l.count(Direction::Outbound)),
+        (1, 0)
+    );
+    assert_eq!(d.connected_peers()[0].direction, Direction::Outbound);
+    assert_eq!(l.connected_peers()[0].direction, Direction::Inbound);
+    assert_eq!((d.peer_count(), l.peer_count()), (1, 1));
+}
+
+#[tokio::test]
+async fn cross_dials_keep_the_one_connection_the_smaller_peer_dialed() {
+    // Fresh keys each round; half the rounds the smaller id is node 0
+    // (which is also polled first), half node 1.
+    for round in 0..20 {
+        let smaller_first = round % 2 == 0;
+        let (mut swarms, addrs) = pair(&config(), smaller_first).await;
+        swarms[0].dial(addrs[1].clone()).unwrap();
+        swarms[1].dial(addrs[0].clone()).unwrap();
+        settle(&mut swarms, [1, 1], [1, 1]).await;
+
+        let (small, large) = if smaller_first { (0, 1) } else { (1, 0) };
+        kept_the_dial_of(&swarms, small, large);
+        let closed: Vec<u64> = swarms
+            .iter()
+            .map(|s| s.behaviour().duplicates_closed_total())
+            .collect();
+        // Either end may close the loser first (now and then both do), and
+        // each counts what it closed.
+        assert!(closed.iter().all(|c| *c <= 1), "round {round}: {closed:?}");
+        assert!(closed.iter().sum::<u64>() >= 1, "round {round}: {closed:?}");
+        for s in &swarms {
+            let established = s.behaviour().established_total();
+            assert!(
+                (1..=2).contains(&established),
+                "round {round}: {established}"
+            );
+        }
+    }
+}
+
+#[tokio::test]
+async fn a_second_dial_of_one_side_is_closed_by_its_dialer_only() {
+    for round in 0..10 {
+        // Node 0 dials twice; half the rounds it has the smaller id.
+        let dialer_smaller = round % 2 == 0;
+        let (mut swarms, addrs) = pair(&config(), dialer_smaller).await;
+        swarms[0].dial(addrs[1].clone()).unwrap();
+        swarms[0].dial(addrs[1].clone()).unwrap();
+        settle(&mut swarms, [2, 0], [0, 2]).await;
+
+        kept_the_dial_of(&swarms, 0, 1);
+        assert_eq!(
+            swarms[0].behaviour().duplicates_closed_total(),
+            1,
+            "round {round}: the dialer closes the newer one"
+        );
+        assert_eq!(
+            swarms[1].behaviour().duplicates_closed_total(),
+            0,
+            "round {round}: the listener closes none"
+        );
+    }
+}
+
+#[tokio::test]
+async fn an_awaited_dial_that_loses_the_tie_break_still_answers_with_the_peer() {
+    for round in 0..10 {
+        // Node 1 (the larger id) awaits its dial: the connection that loses.
+        let (mut swarms, addrs) = pair(&config(), true).await;
+        let small = peer(&swarms[0]);
+        let (tx, mut rx) = oneshot::channel();
+        swarms[1]
+            .behaviour_mut()
+            .dial(addrs[0].clone().with(Protocol::P2p(small)), tx);
+        swarms[0].dial(addrs[1].clone()).unwrap();
+        settle(&mut swarms, [1, 1], [1, 1]).await;
+
+        kept_the_dial_of(&swarms, 0, 1);
+        let answered = answer(&mut swarms, &mut rx).await;
+        assert_eq!(answered.unwrap(), small, "round {round}");
+    }
+}
+
+#[tokio::test]
+async fn a_cross_dial_at_conn_mgr_high_is_not_trimmed_as_well() {
+    // Two connections reach `high`: trimming must not pick the one the
+    // tie-break keeps (the newer one, when the loser came first).
+    let config = NodeConfig {
+        conn_mgr_low: 1,
+        conn_mgr_high: 2,
+        conn_mgr_grace: Duration::ZERO,
+        ..config()
+    };
+    for round in 0..10 {
+        let smaller_first = round % 2 == 0;
+        let (mut swarms, addrs) = pair(&config, smaller_first).await;
+        swarms[0].dial(addrs[1].clone()).unwrap();
+        swarms[1].dial(addrs[0].clone()).unwrap();
+        settle(&mut swarms, [1, 1], [1, 1]).await;
+
+        let (small, large) = if smaller_first { (0, 1) } else { (1, 0) };
+        kept_the_dial_of(&swarms, small, large);
+        for s in &swarms {
+            assert_eq!(s.behaviour().trimmed_total(), 0, "round {round}");
+        }
+    }
+}
+
+#[tokio::test]
+async fn an_awaited_dial_that_fails_while_the_peer_is_connected_answers_with_the_peer() {
+    let a = node(&config(), HashSet::new());
+    let mut b = node(&config(), HashSet::new());
+    let b_addr = listen(&mut b).await;
+    let b_peer = peer(&b);
+    let mut swarms = vec![a, b];
+    connect(&mut swarms, 0, 1, &b_addr).await;
+
+    // A dial that raced a connection from the peer and lost, as the swarm
+    // reports it (a lost race is hard to time on the memory transport);
+    // then the same for a peer nobody is connected to.
+    for (target, expect) in [(b_peer, Some(b_peer)), (PeerId::random(), None)] {
+        let (tx, mut rx) = oneshot::channel();
+        let id = ConnectionId::new_unchecked(usize::MAX);
+        swarms[0].behaviour_mut().dials.insert(
+            id,
+            PendingDial {
+                target: format!("{b_addr}/p2p/{target}"),
+                peer: Some(target),
+                replies: vec![tx],
+            },
+        );
+        swarms[0]
+            .behaviour_mut()
+            .on_swarm_event(FromSwarm::DialFailure(libp2p::swarm::DialFailure {
+                peer_id: Some(target),
+                error: &DialError::Aborted,
+                connection_id: id,
+            }));
+        let answered = answer(&mut swarms, &mut rx).await;
+        assert_eq!(answered.ok(), expect);
+    }
+}
+
+#[tokio::test]
+async fn a_duplicate_whose_survivor_closes_first_is_kept() {
+    const DELAY: Duration = Duration::from_millis(300);
+    let (mut swarms, addrs) = pair(&config(), true).await;
+    for s in &mut swarms {
+        s.behaviour_mut().duplicate_close_delay = DELAY;
+    }
+    swarms[0].dial(addrs[1].clone()).unwrap();
+    swarms[1].dial(addrs[0].clone()).unwrap();
+    until(
+        &mut swarms,
+        "both connections on both sides",
+        |swarms, _| {
+            swarms
+                .iter()
+                .all(|s| s.behaviour().connection_count() == 2)
+                .then_some(())
+        },
+    )
+    .await;
+    // The one to keep (node 0, the smaller id, dialed it) closes before the
+    // other's delay is over: the other is all that is left, and stays.
+    let kept = swarms[0]
+        .behaviour()
+        .connections
+        .iter()
+        .find(|(_, c)| c.dialed_by_us)
+        .map(|(id, _)| *id)
+        .unwrap();
+    assert!(swarms[0].close_connection(kept));
+    until(&mut swarms, "the kept one to close", |swarms, _| {
+        swarms
+            .iter()
+            .all(|s| s.behaviour().connection_count() == 1)
+            .then_some(())
+    })
+    .await;
+    let late = drive(&mut swarms, DELAY + QUIET, &mut |_, event| match event {
+        Some((i, SwarmEvent::ConnectionClosed { .. })) => Some(i),
+        _ => None,
+    })
+    .await;
+    assert_eq!(late, None, "the last connection was closed");
+    kept_the_dial_of(&swarms, 1, 0);
+    for s in &swarms {
+        assert_eq!(s.behaviour().duplicates_closed_total(), 0);
+        assert!(s.behaviour().duplicates.is_empty());
+    }
 }
