@@ -41,7 +41,7 @@ const MAX_PENDING_INCOMING: u32 = 128;
 /// closes it (counted from when it was established): what started on it
 /// right away, above all the record push every new peer gets and identify,
 /// finishes first (see [`Behaviour::close_duplicate_direct`]).
-const DUPLICATE_CLOSE_DELAY: Duration = Duration::from_secs(2);
+const DUPLICATE_CLOSE_DELAY: Duration = Duration::from_millis(500);
 /// How often the trimming policy runs besides on each new connection.
 const TRIM_CHECK_INTERVAL: Duration = Duration::from_secs(5);
 /// At most one warning per this interval for refused private-network

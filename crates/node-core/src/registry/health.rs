@@ -36,7 +36,7 @@ pub(super) struct Health {
 }
 
 impl Health {
-    fn record(&mut self, ok: bool, now_ms: u64) {
+    pub(super) fn record(&mut self, ok: bool, now_ms: u64) {
         self.window.record(ok);
         if ok {
             self.last_good_ms = Some(now_ms);

@@ -600,6 +600,14 @@ impl NetworkBehaviour for Behaviour {
                 self.connections
                     .insert(e.connection_id, (e.peer_id, remote));
                 self.connected.insert(e.peer_id);
+                // A node whose record we hold and never checked: being
+                // connected is its first good check.
+                if let Some(health) = self.peer_health.get_mut(&e.peer_id)
+                    && health.last_good_ms.is_none()
+                    && health.window.ratio().is_none()
+                {
+                    health.record(true, unix_ms());
+                }
                 self.on_health_dial(e.connection_id, true);
             }
             FromSwarm::ConnectionClosed(e) => {

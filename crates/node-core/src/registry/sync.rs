@@ -224,6 +224,8 @@ pub(super) struct SyncState {
     /// Our pushes in flight, and how many each neighbour has.
     pushes: HashMap<OutboundRequestId, PeerId>,
     pushes_to: HashMap<PeerId, usize>,
+    /// Which of those carry our own record.
+    own_pushes: HashSet<OutboundRequestId>,
 }
 
 impl SyncState {
@@ -255,7 +257,17 @@ impl Behaviour {
     pub(super) fn on_sync_peer_gone(&mut self, peer: &PeerId) {
         self.sync.peers.remove(peer);
         self.sync.pushes_to.remove(peer);
-        self.sync.pushes.retain(|_, p| p != peer);
+        let gone: Vec<OutboundRequestId> = self
+            .sync
+            .pushes
+            .iter()
+            .filter(|(_, p)| *p == peer)
+            .map(|(id, _)| *id)
+            .collect();
+        for id in gone {
+            self.sync.pushes.remove(&id);
+            self.sync.own_pushes.remove(&id);
+        }
         self.sync.pushed.remove(peer);
         self.sync.pull_queue.retain(|p| p != peer);
     }
@@ -285,7 +297,8 @@ impl Behaviour {
         for peer in peers {
             // Always sent (our own record is never held back), counted.
             if self.sync.peers.contains(&peer) && self.sync.pushed.insert(peer) {
-                self.send_push(peer, records.clone());
+                let id = self.send_push(peer, records.clone());
+                self.sync.own_pushes.insert(id);
             }
         }
     }
@@ -497,13 +510,14 @@ impl Behaviour {
         }
     }
 
-    fn send_push(&mut self, peer: PeerId, records: Vec<SyncedRecord>) {
+    fn send_push(&mut self, peer: PeerId, records: Vec<SyncedRecord>) -> OutboundRequestId {
         let id = self
             .inner
             .sync
             .send_request(&peer, SyncRequest::Push(records));
         self.sync.pushes.insert(id, peer);
         *self.sync.pushes_to.entry(peer).or_default() += 1;
+        id
     }
 
     /// A push of ours was answered or failed: the peer has room again, and
@@ -544,9 +558,20 @@ impl Behaviour {
                 ..
             } => {
                 tracing::debug!(%peer, %error, "sync request failed");
+                // A connection closed under it (a duplicate the tie-break
+                // closed, say): while the peer is still connected, our
+                // record and a pull are sent again, once per failure.
+                let closed = matches!(error, request_response::OutboundFailure::ConnectionClosed);
+                if self.sync.own_pushes.remove(&request_id) && closed {
+                    self.sync.pushed.remove(&peer);
+                    self.push_own_record_to([peer]);
+                }
                 self.on_push_done(request_id);
                 if self.sync.pull.is_some_and(|(id, _)| id == request_id) {
                     self.sync.pull = None;
+                    if self.sync.peers.contains(&peer) && closed {
+                        self.sync.pull_queue.push_front(peer);
+                    }
                     self.pull_next();
                 }
             }
@@ -584,6 +609,7 @@ impl Behaviour {
     }
 
     fn on_sync_response(&mut self, peer: PeerId, id: OutboundRequestId, response: SyncResponse) {
+        self.sync.own_pushes.remove(&id);
         self.on_push_done(id);
         let SyncResponse::Records { records, more } = response else {
             return;

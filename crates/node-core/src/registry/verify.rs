@@ -75,8 +75,19 @@ impl Behaviour {
                 });
                 self.emit_counts();
                 if first {
-                    // A first sign of the peer: check it now, not in a minute.
-                    self.check_peer(owner);
+                    // A first sign of the peer: check it now, not in a
+                    // minute. Two nodes that learn of each other at the
+                    // same moment would dial each other at once, and one
+                    // of the two connections be closed again: only the
+                    // smaller peer id dials now; the other node is checked
+                    // by that connection, or by the next round.
+                    if self.local_peer.to_bytes() < owner.to_bytes()
+                        || self.connected.contains(&owner)
+                    {
+                        self.check_peer(owner);
+                    } else {
+                        self.peer_health.entry(owner).or_default();
+                    }
                     self.route_to(owner);
                 }
             }
