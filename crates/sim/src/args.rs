@@ -52,6 +52,10 @@ pub(crate) struct Args {
     /// The whole run's deadline, in seconds: every wait ends by then.
     #[arg(long, default_value_t = 570)]
     pub(crate) deadline: u64,
+    /// Stop measuring (and report what was measured) once the process's
+    /// resident set reaches this many GiB.
+    #[arg(long, default_value_t = 21.0)]
+    pub(crate) max_rss_gib: f64,
 }
 
 /// Fewest single-holder models the lookup figures are meant for.
@@ -68,6 +72,9 @@ impl Args {
         if self.poll_ms == 0 {
             bail!("--poll-ms must be at least 1");
         }
+        if !(self.max_rss_gib.is_finite() && self.max_rss_gib > 0.0) {
+            bail!("--max-rss-gib must be a positive number");
+        }
         if let Some(p) = self.churn
             && !(1..=90).contains(&p)
         {
@@ -83,6 +90,11 @@ impl Args {
                 .join("sim")
                 .join(format!("sim-{}.json", self.nodes))
         })
+    }
+
+    #[allow(clippy::cast_possible_truncation, clippy::cast_sign_loss)] // checked positive; GiB to bytes
+    pub(crate) fn max_rss_bytes(&self) -> u64 {
+        (self.max_rss_gib * 1024.0 * 1024.0 * 1024.0) as u64
     }
 
     pub(crate) fn poll(&self) -> Duration {

@@ -46,6 +46,8 @@ const MAX_FRAME_LEN: usize = 64 * 1024;
 /// Longest a connection may take to negotiate security and muxing (as
 /// the node's own TCP transport).
 const UPGRADE_TIMEOUT: Duration = Duration::from_secs(20);
+/// Largest frame buffer a stream keeps between writes.
+const KEEP_OUT_CAPACITY: usize = 4 * 1024;
 /// Once a node's link list is this long, dropped links are swept out.
 const LINK_SWEEP_AT: usize = 64;
 
@@ -560,6 +562,12 @@ impl LinkStream {
                 return Poll::Ready(Err(io::ErrorKind::WriteZero.into()));
             }
             self.out_sent += n;
+        }
+        if self.out.capacity() > KEEP_OUT_CAPACITY {
+            // The channel copied it: a large buffer is not kept per link
+            // (it would count as the node's heap).
+            self.out = Vec::new();
+            self.out_sent = 0;
         }
         Poll::Ready(Ok(()))
     }

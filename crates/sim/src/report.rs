@@ -56,6 +56,7 @@ pub(crate) struct Report {
     pub(crate) converged_s: Option<f64>,
     pub(crate) converged_nodes: usize,
     pub(crate) min_services_seen: usize,
+    pub(crate) mean_services_seen: f64,
     pub(crate) model_lookups_found: Option<usize>,
     pub(crate) model_lookups_total: Option<usize>,
     pub(crate) hops_p50: Option<u32>,
@@ -71,6 +72,8 @@ pub(crate) struct Report {
     pub(crate) peak_rss_bytes: Option<u64>,
     pub(crate) cpu_s: Option<f64>,
     pub(crate) tasks_at_convergence: Option<usize>,
+    pub(crate) load_avg_at_convergence: Option<f64>,
+    pub(crate) load_avg_at_end: Option<f64>,
     pub(crate) record_ttl_s: f64,
     pub(crate) churn: Option<Churn>,
     pub(crate) wall_s: f64,
@@ -122,6 +125,7 @@ impl Report {
             "converged_s": self.converged_s,
             "converged_nodes": self.converged_nodes,
             "min_services_seen": self.min_services_seen,
+            "mean_services_seen": self.mean_services_seen,
             "model_lookups_found": self.model_lookups_found,
             "model_lookups_total": self.model_lookups_total,
             "hops_p50": self.hops_p50,
@@ -139,6 +143,7 @@ impl Report {
             "peak_rss_bytes": self.peak_rss_bytes,
             "cpu_s": self.cpu_s,
             "tasks_at_convergence": self.tasks_at_convergence,
+            "load_avg_1m": [self.load_avg_at_convergence, self.load_avg_at_end],
             "churn": self.churn.as_ref().map(|c| json!({
                 "percent": c.percent,
                 "crashed": c.crashed,
@@ -195,8 +200,11 @@ impl Report {
                 match self.converged_s {
                     Some(s) => format!("{s:.1} s"),
                     None => format!(
-                        "no: {} of {} nodes saw every service; the least saw {}",
-                        self.converged_nodes, self.nodes, self.min_services_seen
+                        "no: {} of {} nodes saw every service; the least saw {}, the mean {:.0}",
+                        self.converged_nodes,
+                        self.nodes,
+                        self.min_services_seen,
+                        self.mean_services_seen
                     ),
                 },
             ),
@@ -240,6 +248,16 @@ impl Report {
             ("peak rss", bytes(self.peak_rss_bytes.map(|b| b as f64))),
             ("tasks at convergence", count(self.tasks_at_convergence)),
             ("cpu", secs(self.cpu_s)),
+            (
+                "load average (1 min) at convergence / end",
+                format!(
+                    "{} / {}",
+                    self.load_avg_at_convergence
+                        .map_or_else(|| "-".to_owned(), |l| format!("{l:.1}")),
+                    self.load_avg_at_end
+                        .map_or_else(|| "-".to_owned(), |l| format!("{l:.1}"))
+                ),
+            ),
         ];
         if let Some(c) = &self.churn {
             rows.push((
@@ -285,6 +303,17 @@ fn proc_status_kib(field: &str) -> Option<u64> {
 /// The resident set right now (Linux).
 pub(crate) fn rss_bytes() -> Option<u64> {
     proc_status_kib("VmRSS:").map(|k| k * 1024)
+}
+
+/// The machine's 1-minute load average (Linux): the simulation shares
+/// the cores with whatever else runs.
+pub(crate) fn load_avg() -> Option<f64> {
+    std::fs::read_to_string("/proc/loadavg")
+        .ok()?
+        .split_whitespace()
+        .next()?
+        .parse()
+        .ok()
 }
 
 /// User plus system CPU time of this process so far (Linux; assumes the

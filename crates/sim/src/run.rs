@@ -3,8 +3,8 @@
 //! its own limit and by the run's deadline; a wait that runs out is named
 //! in the report's failures and the run goes on where that makes sense.
 
-use std::collections::HashSet;
-use std::sync::{Mutex, PoisonError};
+use std::collections::{HashMap, HashSet};
+use std::sync::{Arc, Mutex, PoisonError};
 use std::time::Duration;
 
 use anyhow::Context;
@@ -16,7 +16,7 @@ use ollamacron_sim::{SimConfig, SimNetwork};
 use rand::SeedableRng;
 use rand::rngs::StdRng;
 use rand::seq::{IteratorRandom, SliceRandom};
-use tokio::sync::Notify;
+use tokio::sync::{Notify, watch};
 use tokio::time::Instant;
 
 use crate::args::{Args, MIN_SINGLE_HOLDERS};
@@ -50,10 +50,14 @@ struct SimNode {
     alive: bool,
 }
 
-/// The run's deadline and start.
+/// The run's start, its deadline, and its abort (the memory watchdog's).
 struct Clock {
     started: Instant,
     deadline: Instant,
+    /// Why the run was cut short, once it is.
+    abort: watch::Sender<Option<String>>,
+    /// The phase running now, for the abort's message.
+    phase: Mutex<&'static str>,
 }
 
 impl Clock {
@@ -62,10 +66,61 @@ impl Clock {
         (Instant::now() + limit).min(self.deadline)
     }
 
+    /// Past the deadline, or aborted: no further phase starts.
     fn past_deadline(&self) -> bool {
-        Instant::now() >= self.deadline
+        Instant::now() >= self.deadline || self.abort.borrow().is_some()
+    }
+
+    fn aborted(&self) -> Option<String> {
+        self.abort.borrow().clone()
+    }
+
+    fn enter(&self, phase: &'static str) {
+        *lock(&self.phase) = phase;
+    }
+
+    /// `fut`, unless `limit` (bounded by the deadline) passes or the run is
+    /// aborted first.
+    async fn run<T>(&self, limit: Duration, fut: impl Future<Output = T>) -> Option<T> {
+        let mut abort = self.abort.subscribe();
+        tokio::select! {
+            out = fut => Some(out),
+            () = tokio::time::sleep_until(self.bound(limit)) => None,
+            _ = abort.wait_for(Option::is_some) => None,
+        }
     }
 }
+
+/// Cut the run short (naming the phase and the figures) once the resident
+/// set passes `limit` bytes: better a report than the kernel's OOM killer.
+fn watch_memory(clock: &Arc<Clock>, limit: u64) {
+    let clock = Arc::clone(clock);
+    tokio::spawn(async move {
+        loop {
+            tokio::time::sleep(Duration::from_millis(500)).await;
+            let Some(rss) = crate::report::rss_bytes() else {
+                return;
+            };
+            if rss >= limit {
+                let phase = *lock(&clock.phase);
+                let reason = format!(
+                    "memory: the resident set reached {:.2} GiB (the --max-rss-gib limit) during {phase}, {:.0} s in; heap {:.2} GiB, {} tasks",
+                    rss as f64 / GIB,
+                    clock.started.elapsed().as_secs_f64(),
+                    crate::heap_bytes() as f64 / GIB,
+                    tokio::runtime::Handle::current()
+                        .metrics()
+                        .num_alive_tasks()
+                );
+                eprintln!("{reason}: stopping the measurements");
+                clock.abort.send_replace(Some(reason));
+                return;
+            }
+        }
+    });
+}
+
+const GIB: f64 = 1024.0 * 1024.0 * 1024.0;
 
 fn lock<T>(mutex: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
     mutex.lock().unwrap_or_else(PoisonError::into_inner)
@@ -106,10 +161,13 @@ pub(crate) async fn lookup_model(node: &NodeHandle, model: &str) -> Result<Model
 }
 
 pub(crate) async fn run(args: &Args) -> anyhow::Result<Report> {
-    let clock = Clock {
+    let clock = Arc::new(Clock {
         started: Instant::now(),
         deadline: Instant::now() + Duration::from_secs(args.deadline),
-    };
+        abort: watch::channel(None).0,
+        phase: Mutex::new("start"),
+    });
+    watch_memory(&clock, args.max_rss_bytes());
     let net = SimNetwork::new(SimConfig {
         nodes: args.nodes,
         rtt: args.rtt.clone(),
@@ -132,13 +190,15 @@ pub(crate) async fn run(args: &Args) -> anyhow::Result<Report> {
             humanize(plan::CHURN_RECORD_REFRESH)
         );
     }
-    let expected: HashSet<(String, String)> = planned
-        .iter()
-        .flat_map(|p| {
-            let peer = p.peer.to_string();
-            p.services.iter().map(move |s| (peer.clone(), s.id.clone()))
-        })
-        .collect();
+    let expected = Expected(
+        planned
+            .iter()
+            .map(|p| {
+                let ids = p.services.iter().map(|s| s.id.clone()).collect();
+                (p.peer.to_string(), ids)
+            })
+            .collect(),
+    );
 
     // Start.
     eprintln!(
@@ -157,10 +217,12 @@ pub(crate) async fn run(args: &Args) -> anyhow::Result<Report> {
     );
 
     // Convergence.
+    clock.enter("convergence");
     let convergence = converge(&nodes, &expected, args, &clock).await;
     report.converged_s = convergence.converged_s;
     report.converged_nodes = convergence.complete;
     report.min_services_seen = convergence.min_seen;
+    report.mean_services_seen = convergence.mean_seen;
     report.services_total = expected.len();
     if let Some(failure) = convergence.failure {
         report.failures.push(failure);
@@ -175,6 +237,7 @@ pub(crate) async fn run(args: &Args) -> anyhow::Result<Report> {
     let status = statuses(&nodes).await;
     report.kad_requests_at_convergence = KadRequests::of(status.iter().map(|s| s.0));
     report.connections_per_node = Some(mean(status.iter().map(|s| s.1 as f64)));
+    report.load_avg_at_convergence = crate::report::load_avg();
     eprintln!(
         "{}; heap {:.0} KiB per node",
         match report.converged_s {
@@ -186,13 +249,14 @@ pub(crate) async fn run(args: &Args) -> anyhow::Result<Report> {
 
     // Idle traffic.
     if !clock.past_deadline() {
+        clock.enter("idle traffic");
         eprintln!(
             "idle: {} s to settle, then a {} s window",
             IDLE_SETTLE.as_secs(),
             IDLE_WINDOW.as_secs()
         );
         report.idle_bytes_per_node_per_s = idle_traffic(&net, &nodes, &clock).await;
-        if report.idle_bytes_per_node_per_s.is_none() {
+        if report.idle_bytes_per_node_per_s.is_none() && clock.aborted().is_none() {
             report
                 .failures
                 .push("idle traffic: the run's deadline came before the window ended".to_owned());
@@ -201,19 +265,18 @@ pub(crate) async fn run(args: &Args) -> anyhow::Result<Report> {
 
     // Model lookups.
     if !clock.past_deadline() {
+        clock.enter("model lookups");
         eprintln!("looking up {} single-holder models", nodes.len());
-        match tokio::time::timeout_at(
-            clock.bound(Duration::from_secs(120)),
-            model_lookups(&nodes, &mut rng),
-        )
-        .await
+        match clock
+            .run(Duration::from_secs(120), model_lookups(&nodes, &mut rng))
+            .await
         {
-            Ok((found, total, hops)) => {
+            Some((found, total, hops)) => {
                 report.model_lookups_found = Some(found);
                 report.model_lookups_total = Some(total);
                 report.set_hops(&hops);
             }
-            Err(_) => report
+            None => report
                 .failures
                 .push("model lookups: not all answered within 120 s".to_owned()),
         }
@@ -221,6 +284,7 @@ pub(crate) async fn run(args: &Args) -> anyhow::Result<Report> {
 
     // A new service.
     if !clock.past_deadline() {
+        clock.enter("new service spread");
         eprintln!("registering a new service on a random node");
         match spread(&nodes, args, &clock, &mut rng).await {
             Ok(p99) => report.new_service_visible_p99_s = Some(p99),
@@ -232,6 +296,7 @@ pub(crate) async fn run(args: &Args) -> anyhow::Result<Report> {
     if let Some(percent) = args.churn
         && !clock.past_deadline()
     {
+        clock.enter("churn");
         let churn = churn(&net, &mut nodes, percent, args, &clock, &mut rng).await;
         if let Some(failure) = &churn.failure {
             report.failures.push(failure.clone());
@@ -239,11 +304,15 @@ pub(crate) async fn run(args: &Args) -> anyhow::Result<Report> {
         report.churn = Some(churn);
     }
 
+    clock.enter("the end");
     let status = statuses(&nodes).await;
+    report.load_avg_at_end = crate::report::load_avg();
     report.kad_requests_at_end = KadRequests::of(status.iter().map(|s| s.0));
     report.heap_bytes_per_node_at_end =
         Some(crate::heap_bytes() as f64 / nodes.iter().filter(|n| n.alive).count().max(1) as f64);
-    if clock.past_deadline() {
+    if let Some(reason) = clock.aborted() {
+        report.failures.push(reason);
+    } else if clock.past_deadline() {
         report.failures.push(format!(
             "the run's deadline ({} s) came before every phase ran",
             args.deadline
@@ -305,10 +374,10 @@ async fn start_nodes(
                 alive: true,
             })
         });
-        let started =
-            tokio::time::timeout_at(clock.bound(Duration::from_secs(120)), join_all(starts))
-                .await
-                .context("a start wave did not finish within 120 s")?;
+        let started = clock
+            .run(Duration::from_secs(120), join_all(starts))
+            .await
+            .context("a start wave did not finish within 120 s (or the run was cut short)")?;
         for node in started {
             nodes.push(node?);
         }
@@ -319,6 +388,19 @@ async fn start_nodes(
     Ok(nodes)
 }
 
+/// Every service of the mesh: service ids by peer id.
+struct Expected(HashMap<String, HashSet<String>>);
+
+impl Expected {
+    fn len(&self) -> usize {
+        self.0.values().map(HashSet::len).sum()
+    }
+
+    fn contains(&self, peer: &str, id: &str) -> bool {
+        self.0.get(peer).is_some_and(|ids| ids.contains(id))
+    }
+}
+
 /// How convergence went.
 struct Convergence {
     converged_s: Option<f64>,
@@ -326,6 +408,8 @@ struct Convergence {
     complete: usize,
     /// The fewest services any node's lookup returned, at its best.
     min_seen: usize,
+    /// The mean of each node's best.
+    mean_seen: f64,
     failure: Option<String>,
 }
 
@@ -340,7 +424,7 @@ struct Progress {
 /// returned every service of the mesh (or the wait runs out or stalls).
 async fn converge(
     nodes: &[SimNode],
-    expected: &HashSet<(String, String)>,
+    expected: &Expected,
     args: &Args,
     clock: &Clock,
 ) -> Convergence {
@@ -360,9 +444,7 @@ async fn converge(
                 };
                 let seen = found
                     .iter()
-                    .filter(|s| {
-                        expected.contains(&(s.service.peer_id.clone(), s.service.id.clone()))
-                    })
+                    .filter(|s| expected.contains(&s.service.peer_id, &s.service.id))
                     .count();
                 {
                     let mut p = lock(progress);
@@ -389,10 +471,14 @@ async fn converge(
             let now = Instant::now();
             let least = p.best.iter().copied().min().unwrap_or(0);
             let what = format!(
-                "{} of {} nodes saw all {total} services; the least saw {least}",
+                "{} of {} nodes saw all {total} services; the least saw {least}, the mean {:.0}",
                 p.complete,
-                nodes.len()
+                nodes.len(),
+                mean(p.best.iter().map(|&b| b as f64)),
             );
+            if let Some(reason) = clock.aborted() {
+                return format!("convergence: cut short at {what}: {reason}");
+            }
             if now >= next_print {
                 eprintln!(
                     "  converging, {:.0} s: {what}",
@@ -426,6 +512,7 @@ async fn converge(
             .then(|| clock.started.elapsed().as_secs_f64()),
         complete: p.complete,
         min_seen: p.best.iter().copied().min().unwrap_or(0),
+        mean_seen: mean(p.best.iter().map(|&b| b as f64)),
         failure,
     }
 }
@@ -452,10 +539,14 @@ async fn idle_traffic(net: &SimNetwork, nodes: &[SimNode], clock: &Clock) -> Opt
     if Instant::now() + IDLE_SETTLE + IDLE_WINDOW > clock.deadline {
         return None;
     }
-    tokio::time::sleep(IDLE_SETTLE).await;
+    clock
+        .run(IDLE_SETTLE, tokio::time::sleep(IDLE_SETTLE))
+        .await?;
     let before = total();
     let from = Instant::now();
-    tokio::time::sleep(IDLE_WINDOW).await;
+    clock
+        .run(IDLE_WINDOW, tokio::time::sleep(IDLE_WINDOW))
+        .await?;
     let bytes = total().saturating_sub(before);
     let alive = nodes.iter().filter(|n| n.alive).count().max(1);
     Some(bytes as f64 / alive as f64 / from.elapsed().as_secs_f64())
@@ -544,12 +635,15 @@ async fn spread(
             }
         }
     });
-    let limit = clock.bound(Duration::from_secs(args.spread_timeout));
-    tokio::select! {
-        _ = join_all(loops) => {}
-        () = enough.notified() => {}
-        () = tokio::time::sleep_until(limit) => {}
-    }
+    let waits = async {
+        tokio::select! {
+            _ = join_all(loops) => {}
+            () = enough.notified() => {}
+        }
+    };
+    clock
+        .run(Duration::from_secs(args.spread_timeout), waits)
+        .await;
     let mut seen = lock(&seen).clone();
     seen.sort_by(f64::total_cmp);
     match seen.get(needed.saturating_sub(1)) {
@@ -594,6 +688,7 @@ async fn churn(
     }
     let survivors: Vec<&SimNode> = nodes.iter().filter(|n| n.alive).collect();
     let limit = clock.bound(plan::CHURN_RECORD_TTL * 2 + Duration::from_secs(60));
+    let limit_left = || limit.saturating_duration_since(Instant::now());
     let mut dirty = survivors.len();
     let mut next_print = Instant::now() + PROGRESS_EVERY;
     let mut gone_s = None;
@@ -603,7 +698,7 @@ async fn churn(
                 .iter()
                 .map(|n| n.handle.find_services(llm_query())),
         );
-        let Ok(answers) = tokio::time::timeout_at(limit, round).await else {
+        let Some(answers) = clock.run(limit_left(), round).await else {
             break;
         };
         dirty = answers
@@ -625,7 +720,13 @@ async fn churn(
             );
             next_print = Instant::now() + PROGRESS_EVERY;
         }
-        tokio::time::sleep(args.poll()).await;
+        if clock
+            .run(args.poll(), tokio::time::sleep(args.poll()))
+            .await
+            .is_none()
+        {
+            break;
+        }
     }
     Churn {
         percent,
