@@ -79,6 +79,20 @@ impl Clock {
         *lock(&self.phase) = phase;
     }
 
+    /// Sleep for `d`; `false` (at once, or when aborted) if that would go
+    /// past the deadline or the run is aborted.
+    async fn sleep(&self, d: Duration) -> bool {
+        let until = Instant::now() + d;
+        if until > self.deadline {
+            return false;
+        }
+        let mut abort = self.abort.subscribe();
+        tokio::select! {
+            () = tokio::time::sleep_until(until) => true,
+            _ = abort.wait_for(Option::is_some) => false,
+        }
+    }
+
     /// `fut`, unless `limit` (bounded by the deadline) passes or the run is
     /// aborted first.
     async fn run<T>(&self, limit: Duration, fut: impl Future<Output = T>) -> Option<T> {
@@ -539,14 +553,14 @@ async fn idle_traffic(net: &SimNetwork, nodes: &[SimNode], clock: &Clock) -> Opt
     if Instant::now() + IDLE_SETTLE + IDLE_WINDOW > clock.deadline {
         return None;
     }
-    clock
-        .run(IDLE_SETTLE, tokio::time::sleep(IDLE_SETTLE))
-        .await?;
+    if !clock.sleep(IDLE_SETTLE).await {
+        return None;
+    }
     let before = total();
     let from = Instant::now();
-    clock
-        .run(IDLE_WINDOW, tokio::time::sleep(IDLE_WINDOW))
-        .await?;
+    if !clock.sleep(IDLE_WINDOW).await {
+        return None;
+    }
     let bytes = total().saturating_sub(before);
     let alive = nodes.iter().filter(|n| n.alive).count().max(1);
     Some(bytes as f64 / alive as f64 / from.elapsed().as_secs_f64())
@@ -720,11 +734,7 @@ async fn churn(
             );
             next_print = Instant::now() + PROGRESS_EVERY;
         }
-        if clock
-            .run(args.poll(), tokio::time::sleep(args.poll()))
-            .await
-            .is_none()
-        {
+        if !clock.sleep(args.poll()).await {
             break;
         }
     }
