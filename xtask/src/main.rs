@@ -1,10 +1,11 @@
 //! Project automation. `cargo xtask ci` runs everything CI checks;
-//! `cargo xtask mesh` and `cargo xtask bench` measure.
+//! `cargo xtask mesh`, `cargo xtask sim` and `cargo xtask bench` measure.
 
 #![allow(clippy::print_stdout, clippy::print_stderr)]
 
 mod mesh;
 mod nat_test;
+mod sim;
 
 use std::process::{Command, ExitCode};
 use std::time::Instant;
@@ -39,6 +40,12 @@ enum Task {
     /// start-up, Kademlia requests per node and duplicate connections;
     /// optionally churn; `--runs N` repeats it and summarises.
     Mesh(mesh::MeshArgs),
+    /// Run N real node cores in one process over in-memory links with
+    /// per-link latency (release build) and measure convergence, lookups,
+    /// DHT requests, idle traffic, spread of a new service and heap per
+    /// node; optionally churn. Arguments go to `ollamacron-sim`
+    /// (`cargo xtask sim --help` lists them).
+    Sim(sim::SimArgs),
     /// Run the criterion benches (ranking, records, the DHT store, the frame
     /// codec, config loading, the reservation state machine) and summarise;
     /// `--gateway` measures the gateway instead (time to first token and
@@ -70,6 +77,7 @@ fn main() -> ExitCode {
                 .and_then(|()| build_node())
                 .and_then(|binary| mesh::mesh(&binary, &args)),
         },
+        Task::Sim(args) => sim::sim(&args),
         Task::Bench { gateway: false, .. } => bench(),
         Task::Bench {
             gateway: true,

@@ -1,7 +1,9 @@
 //! The transport stack: TCP (+ WebSocket) with Noise and/or TLS and Yamux,
-//! QUIC-v1, relayed (`/p2p-circuit`) connections, DNS resolution over all
-//! of them, the private-network (pnet) handshake when a network key is set,
-//! and bandwidth metrics.
+//! QUIC-v1 — or, instead of those, a transport the node is given
+//! ([`Node::with_transport`](crate::Node::with_transport)) — relayed
+//! (`/p2p-circuit`) connections, DNS resolution over all of them, the
+//! private-network (pnet) handshake when a network key is set, and
+//! bandwidth metrics.
 
 use std::future::Future;
 use std::iter::{Chain, Map};
@@ -48,7 +50,8 @@ pub(crate) type NodeTransport = Boxed<(PeerId, StreamMuxerBox)>;
 ///
 /// `relay` carries `/p2p-circuit` connections. With a network key (`psk`,
 /// a private network) every TCP and relayed connection starts with the
-/// pnet handshake, and QUIC — which cannot carry it — is left out.
+/// pnet handshake, and QUIC — which cannot carry it — is left out. A
+/// `given` transport replaces TCP, WebSocket and QUIC.
 pub(crate) fn build_transport(
     key: &Keypair,
     config: &NodeConfig,
@@ -56,57 +59,26 @@ pub(crate) fn build_transport(
     relay: libp2p::relay::client::Transport,
     relayed_peers: RelayedPeers,
     psk: Option<PreSharedKey>,
+    given: Option<NodeTransport>,
 ) -> Result<NodeTransport, NodeError> {
-    let tcp_config = tcp::Config::default().nodelay(true);
-    let fresh_tcp = FreshSourcePort {
-        inner: tcp::tokio::Transport::new(tcp_config.clone()),
-        keep_port_for: relayed_peers.clone(),
+    let relay = match psk {
+        Some(psk) => secure_and_multiplex(
+            relay.and_then(move |socket, _| PnetConfig::new(psk).handshake(socket)),
+            key,
+            config,
+        )?,
+        None => secure_and_multiplex(relay, key, config)?,
     };
-    let (tcp, relay) = match psk {
-        Some(psk) => (
-            secure_and_multiplex(
-                fresh_tcp.and_then(move |socket, _| PnetConfig::new(psk).handshake(socket)),
-                key,
-                config,
-            )?,
-            secure_and_multiplex(
-                relay.and_then(move |socket, _| PnetConfig::new(psk).handshake(socket)),
-                key,
-                config,
-            )?,
-        ),
-        None => (
-            secure_and_multiplex(fresh_tcp, key, config)?,
-            secure_and_multiplex(relay, key, config)?,
-        ),
-    };
-    let tcp = if config.enable_websocket && psk.is_none() {
-        // DNS goes inside WebSocket so `/dns4/<host>/.../wss` keeps the host
-        // name for TLS.
-        let inner = dns::tokio::Transport::system(FreshSourcePort {
-            inner: tcp::tokio::Transport::new(tcp_config),
-            keep_port_for: relayed_peers,
-        })
-        .map_err(|e| NodeError::Transport {
-            what: "DNS",
-            reason: format!("cannot read the system resolver configuration: {e}"),
-        })?;
-        let ws = secure_and_multiplex(websocket::Config::new(inner), key, config)?;
-        ws.or_transport(tcp)
-            .map(|either, _| either.into_inner())
-            .boxed()
-    } else {
-        tcp
-    };
-
-    let direct = if psk.is_some() {
-        tcp
-    } else {
-        quic::tokio::Transport::new(quic::Config::new(key))
-            .map(|(peer, conn), _| (peer, StreamMuxerBox::new(conn)))
-            .or_transport(tcp)
-            .map(|either, _| either.into_inner())
-            .boxed()
+    let direct = match given {
+        Some(given) => {
+            if psk.is_some() {
+                tracing::warn!(
+                    "require_auth: the network key guards relayed connections only; the given transport must guard its own"
+                );
+            }
+            given
+        }
+        None => direct_transport(key, config, relayed_peers, psk)?,
     };
     let combined = relay
         .or_transport(direct)
@@ -134,6 +106,57 @@ pub(crate) fn build_transport(
     Ok(BandwidthTransport::new(bounded, registry)
         .map(|(peer, conn), _| (peer, StreamMuxerBox::new(conn)))
         .boxed())
+}
+
+/// The node's own direct transports: TCP (+ WebSocket) and QUIC, or TCP
+/// alone with the pnet handshake on a private network.
+fn direct_transport(
+    key: &Keypair,
+    config: &NodeConfig,
+    relayed_peers: RelayedPeers,
+    psk: Option<PreSharedKey>,
+) -> Result<NodeTransport, NodeError> {
+    let tcp_config = tcp::Config::default().nodelay(true);
+    let fresh_tcp = FreshSourcePort {
+        inner: tcp::tokio::Transport::new(tcp_config.clone()),
+        keep_port_for: relayed_peers.clone(),
+    };
+    let tcp = match psk {
+        Some(psk) => secure_and_multiplex(
+            fresh_tcp.and_then(move |socket, _| PnetConfig::new(psk).handshake(socket)),
+            key,
+            config,
+        )?,
+        None => secure_and_multiplex(fresh_tcp, key, config)?,
+    };
+    let tcp = if config.enable_websocket && psk.is_none() {
+        // DNS goes inside WebSocket so `/dns4/<host>/.../wss` keeps the host
+        // name for TLS.
+        let inner = dns::tokio::Transport::system(FreshSourcePort {
+            inner: tcp::tokio::Transport::new(tcp_config),
+            keep_port_for: relayed_peers,
+        })
+        .map_err(|e| NodeError::Transport {
+            what: "DNS",
+            reason: format!("cannot read the system resolver configuration: {e}"),
+        })?;
+        let ws = secure_and_multiplex(websocket::Config::new(inner), key, config)?;
+        ws.or_transport(tcp)
+            .map(|either, _| either.into_inner())
+            .boxed()
+    } else {
+        tcp
+    };
+
+    Ok(if psk.is_some() {
+        tcp
+    } else {
+        quic::tokio::Transport::new(quic::Config::new(key))
+            .map(|(peer, conn), _| (peer, StreamMuxerBox::new(conn)))
+            .or_transport(tcp)
+            .map(|either, _| either.into_inner())
+            .boxed()
+    })
 }
 
 /// TCP that dials from a fresh source port unless hole punching.

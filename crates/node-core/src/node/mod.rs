@@ -12,11 +12,13 @@ use std::net::SocketAddr;
 use std::sync::{Arc, OnceLock};
 use std::time::Duration;
 
+use libp2p::core::muxing::StreamMuxerBox;
+use libp2p::core::transport::Boxed;
 use libp2p::identity::Keypair;
 use libp2p::metrics::Registry;
 use libp2p::multiaddr::Protocol;
-use libp2p::{Multiaddr, Swarm};
-use ollamacron_config::NodeConfig;
+use libp2p::{Multiaddr, PeerId, Swarm};
+use ollamacron_config::{NodeConfig, ValidationError};
 use tokio::sync::{broadcast, mpsc, oneshot, watch};
 
 use crate::behaviour::NodeBehaviour;
@@ -26,7 +28,7 @@ use crate::event::NodeEvent;
 use crate::identity::load_or_create_identity;
 use crate::metrics::NodeMetrics;
 use crate::state::NodeState;
-use crate::transport::build_transport;
+use crate::transport::{NodeTransport, build_transport};
 
 pub use self::handle::NodeHandle;
 pub(crate) use self::handle::WeakNodeHandle;
@@ -54,6 +56,7 @@ const START_TIMEOUT: Duration = Duration::from_secs(10);
 pub struct Node {
     config: NodeConfig,
     keypair: Option<Keypair>,
+    transport: Option<NodeTransport>,
     events: broadcast::Sender<NodeEvent>,
 }
 
@@ -66,6 +69,7 @@ impl Node {
         Self {
             config,
             keypair: None,
+            transport: None,
             events,
         }
     }
@@ -81,6 +85,32 @@ impl Node {
     #[must_use]
     pub fn with_keypair(mut self, keypair: Keypair) -> Self {
         self.keypair = Some(keypair);
+        self
+    }
+
+    /// Carry the node's direct connections over `transport` instead of
+    /// TCP, QUIC and WebSocket: an in-memory network in tests and in the
+    /// simulator (`cargo xtask sim`), where many nodes share one process.
+    ///
+    /// `transport` delivers authenticated, multiplexed connections, e.g. a
+    /// [`MemoryTransport`](libp2p::core::transport::MemoryTransport)
+    /// upgraded with Noise and Yamux; build its security upgrade with the
+    /// key given to [`Node::with_keypair`], so that peers see the node's
+    /// own peer id. The node adds to it what it adds to its own
+    /// transports: relayed (`/p2p-circuit`) connections through the relay
+    /// client that NAT traversal needs, DNS resolution, the dial timeouts
+    /// and the bandwidth metrics. The network key of `require_auth` is not
+    /// applied to this transport's connections (they come upgraded); the
+    /// allow-list still is.
+    ///
+    /// `listen`, `bootstrap` and `relay_nodes` may then hold this
+    /// transport's addresses (e.g. `/memory/7`, `/memory/3/p2p/<peer id>`):
+    /// the configuration's address rules (TCP or QUIC over IP) apply only
+    /// to addresses that start with an IP address or a DNS name, and a
+    /// peer's address must still end with `/p2p/<peer id>`.
+    #[must_use]
+    pub fn with_transport(mut self, transport: Boxed<(PeerId, StreamMuxerBox)>) -> Self {
+        self.transport = Some(transport);
         self
     }
 
@@ -100,9 +130,12 @@ impl Node {
             state_tx.send_replace(NodeState::Error);
             e
         };
-        self.config
-            .validate()
-            .map_err(|errors| fail(NodeError::Config(errors)))?;
+        let validated = if self.transport.is_some() {
+            validate_with_own_transport(&self.config)
+        } else {
+            self.config.validate()
+        };
+        validated.map_err(|errors| fail(NodeError::Config(errors)))?;
         let keypair = match self.keypair {
             Some(k) => k,
             None => {
@@ -144,6 +177,7 @@ impl Node {
             relay_transport,
             nat.relayed_peers(),
             psk,
+            self.transport,
         )
         .map_err(fail)?;
         log_inactive_settings(&self.config);
@@ -163,7 +197,9 @@ impl Node {
                 "listen is empty: this node dials out but no peer can dial it (unless a relay reservation gives it an address)"
             );
         }
-        let (listen, without_ipv6) = usable_listen_addrs(&self.config.listen, ipv6_available());
+        // Only a node with an IPv6 listen address asks the host about IPv6.
+        let ipv6 = !self.config.listen.iter().any(is_ipv6) || ipv6_available();
+        let (listen, without_ipv6) = usable_listen_addrs(&self.config.listen, ipv6);
         if !without_ipv6.is_empty() {
             let skipped: Vec<String> = without_ipv6.iter().map(ToString::to_string).collect();
             tracing::info!(skipped = %skipped.join(", "), "this host has no IPv6: listening on IPv4 only");
@@ -219,6 +255,58 @@ impl Node {
             }
         }
     }
+}
+
+/// Validate `config` for a node given its transport: an address that does
+/// not start with an IP address or a DNS name is that transport's, so the
+/// rules for TCP and QUIC addresses do not apply to it. It is checked as a
+/// stand-in TCP address with the same `/p2p/...` part (so a peer's address
+/// must still name the peer), and an error names the address as written.
+fn validate_with_own_transport(config: &NodeConfig) -> Result<(), Vec<ValidationError>> {
+    fn is_ip_or_dns(addr: &Multiaddr) -> bool {
+        matches!(
+            addr.iter().next(),
+            Some(
+                Protocol::Ip4(_)
+                    | Protocol::Ip6(_)
+                    | Protocol::Dns(_)
+                    | Protocol::Dns4(_)
+                    | Protocol::Dns6(_)
+                    | Protocol::Dnsaddr(_)
+            )
+        )
+    }
+    let stand_in = |addr: &Multiaddr| -> Multiaddr {
+        let mut tcp: Multiaddr = Multiaddr::empty()
+            .with(Protocol::Ip4(std::net::Ipv4Addr::LOCALHOST))
+            .with(Protocol::Tcp(1));
+        for p in addr.iter().skip_while(|p| !matches!(p, Protocol::P2p(_))) {
+            tcp.push(p);
+        }
+        tcp
+    };
+    let mut checked = config.clone();
+    let mut originals: HashMap<String, String> = HashMap::new();
+    for (name, list) in [
+        ("listen", &mut checked.listen),
+        ("bootstrap", &mut checked.bootstrap),
+        ("relay_nodes", &mut checked.relay_nodes),
+    ] {
+        for (i, addr) in list.iter_mut().enumerate() {
+            if !is_ip_or_dns(addr) {
+                originals.insert(format!("{name}[{i}]"), addr.to_string());
+                *addr = stand_in(addr);
+            }
+        }
+    }
+    checked.validate().map_err(|mut errors| {
+        for error in &mut errors {
+            if let Some(original) = originals.get(&error.field) {
+                error.value.clone_from(original);
+            }
+        }
+        errors
+    })
 }
 
 /// Say which configured features this version does not run yet, so that
@@ -334,6 +422,32 @@ mod tests {
             usable_listen_addrs(&only_v6, false),
             (only_v6, Vec::new()),
             "tried, to fail with the reason"
+        );
+    }
+
+    #[test]
+    fn with_a_given_transport_its_addresses_pass_and_peers_must_still_be_named() {
+        let peer = libp2p::identity::Keypair::generate_ed25519()
+            .public()
+            .to_peer_id();
+        let mut config = NodeConfig {
+            listen: vec!["/memory/7".parse().unwrap()],
+            bootstrap: vec![format!("/memory/3/p2p/{peer}").parse().unwrap()],
+            ..NodeConfig::default()
+        };
+        assert!(config.validate().is_err(), "not a TCP or QUIC address");
+        assert_eq!(validate_with_own_transport(&config), Ok(()));
+        config.bootstrap.push("/memory/4".parse().unwrap());
+        let errors = validate_with_own_transport(&config).unwrap_err();
+        assert_eq!(errors.len(), 1, "{errors:?}");
+        assert_eq!(errors[0].field, "bootstrap[1]");
+        assert_eq!(errors[0].value, "/memory/4", "named as written");
+        config.bootstrap.pop();
+        config.listen.push("/ip4/127.0.0.1/udp/1".parse().unwrap());
+        let errors = validate_with_own_transport(&config).unwrap_err();
+        assert_eq!(
+            errors[0].field, "listen[1]",
+            "IP addresses keep their rules"
         );
     }
 
