@@ -9,9 +9,11 @@
 //!   [`SYNC_INTERVAL`], and from a neighbour whose list shows records it
 //!   lacks.
 //! - **Push**: our own record, whenever it changes, goes to every
-//!   neighbour at once; a record that is new to us goes on, batched, to
-//!   [`PUSH_FANOUT`] random neighbours (an epidemic: every node has it
-//!   after about log(N) steps; pulls repair what a push missed).
+//!   neighbour at once; a record that is new to us is offered, batched, to
+//!   [`PUSH_FANOUT`] random neighbours (owner, page and sequence only) and
+//!   pushed to those that want it (an epidemic: every node has it after
+//!   about log(N) steps, and receives one copy of it, not one per
+//!   neighbour that passes it on; pulls repair what a push missed).
 //!
 //! Every record is verified like any other before it is stored or passed
 //! on. The owner, page and sequence sent beside a record are unverified
@@ -86,6 +88,9 @@ pub(crate) enum SyncRequest {
     Pull(Vec<RecordRef>),
     /// "These records are new to me; perhaps to you too."
     Push(Vec<SyncedRecord>),
+    /// "These records are new to me: which do you lack?" (answered with
+    /// [`SyncResponse::Want`], then pushed).
+    Offer(Vec<RecordRef>),
 }
 
 /// A sync answer.
@@ -98,6 +103,8 @@ pub(crate) enum SyncResponse {
     },
     /// A push was taken.
     Taken,
+    /// The offered records the peer lacks, by their index in the offer.
+    Want(Vec<u32>),
 }
 
 /// Postcard messages behind a 4-byte big-endian length.
@@ -226,6 +233,8 @@ pub(super) struct SyncState {
     pushes_to: HashMap<PeerId, usize>,
     /// Which of those carry our own record.
     own_pushes: HashSet<OutboundRequestId>,
+    /// Our offers in flight, with the records they offer.
+    offers: HashMap<OutboundRequestId, Vec<SyncedRecord>>,
 }
 
 impl SyncState {
@@ -267,6 +276,7 @@ impl Behaviour {
         for id in gone {
             self.sync.pushes.remove(&id);
             self.sync.own_pushes.remove(&id);
+            self.sync.offers.remove(&id);
         }
         self.sync.pushed.remove(peer);
         self.sync.pull_queue.retain(|p| p != peer);
@@ -397,18 +407,21 @@ impl Behaviour {
                 envelope: envelope.to_vec(),
             });
         }
-        let they_have_more = theirs.iter().any(|r| {
-            let Some(owner) = peer_of(&r.owner) else {
-                return false;
-            };
-            if owner == self.local_peer {
-                return false;
-            }
-            self.cache
-                .held_page_sequence(&owner, r.page)
-                .is_none_or(|held| held < r.sequence)
-        });
+        let they_have_more = theirs.iter().any(|r| self.lacks(r));
         (records, more, they_have_more)
+    }
+
+    /// Whether we lack the record `r` names (or hold it older).
+    fn lacks(&self, r: &RecordRef) -> bool {
+        let Some(owner) = peer_of(&r.owner) else {
+            return false;
+        };
+        if owner == self.local_peer {
+            return false;
+        }
+        self.cache
+            .held_page_sequence(&owner, r.page)
+            .is_none_or(|held| held < r.sequence)
     }
 
     /// A record from a neighbour: skipped when its hint says we hold it
@@ -504,9 +517,26 @@ impl Behaviour {
                 .filter(|r| peer_of(&r.owner) != Some(peer))
                 .cloned()
                 .collect();
-            if !records.is_empty() {
-                self.send_push(peer, records);
+            if records.is_empty() {
+                continue;
             }
+            // Offered first: each peer is sent only what it lacks, so a
+            // record costs a node one copy however many neighbours pass it on.
+            let refs = records
+                .iter()
+                .map(|r| RecordRef {
+                    owner: r.owner.clone(),
+                    page: r.page,
+                    sequence: r.sequence,
+                })
+                .collect();
+            let id = self
+                .inner
+                .sync
+                .send_request(&peer, SyncRequest::Offer(refs));
+            self.sync.pushes.insert(id, peer);
+            *self.sync.pushes_to.entry(peer).or_default() += 1;
+            self.sync.offers.insert(id, records);
         }
     }
 
@@ -566,6 +596,7 @@ impl Behaviour {
                     self.sync.pushed.remove(&peer);
                     self.push_own_record_to([peer]);
                 }
+                self.sync.offers.remove(&request_id);
                 self.on_push_done(request_id);
                 if self.sync.pull.is_some_and(|(id, _)| id == request_id) {
                     self.sync.pull = None;
@@ -602,6 +633,14 @@ impl Behaviour {
                 }
                 SyncResponse::Taken
             }
+            SyncRequest::Offer(offered) => SyncResponse::Want(
+                offered
+                    .iter()
+                    .zip(0u32..)
+                    .filter(|(r, _)| self.lacks(r))
+                    .map(|(_, index)| index)
+                    .collect(),
+            ),
         };
         if self.inner.sync.send_response(channel, response).is_err() {
             tracing::debug!(%peer, "sync answer not sent: the stream closed");
@@ -610,9 +649,25 @@ impl Behaviour {
 
     fn on_sync_response(&mut self, peer: PeerId, id: OutboundRequestId, response: SyncResponse) {
         self.sync.own_pushes.remove(&id);
+        let offered = self.sync.offers.remove(&id);
         self.on_push_done(id);
-        let SyncResponse::Records { records, more } = response else {
-            return;
+        let (records, more) = match response {
+            SyncResponse::Records { records, more } => (records, more),
+            SyncResponse::Want(wanted) => {
+                let records: Vec<SyncedRecord> = offered
+                    .map(|offered| {
+                        wanted
+                            .iter()
+                            .filter_map(|i| offered.get(usize::try_from(*i).ok()?).cloned())
+                            .collect()
+                    })
+                    .unwrap_or_default();
+                if !records.is_empty() && self.sync.peers.contains(&peer) {
+                    self.send_push(peer, records);
+                }
+                return;
+            }
+            SyncResponse::Taken => return,
         };
         for record in records {
             self.take_synced(peer, &record);
