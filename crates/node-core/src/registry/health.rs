@@ -23,6 +23,11 @@ const HTTP_PROBE_TIMEOUT: Duration = Duration::from_secs(5);
 /// all at once. Peers least recently seen well go first; the rest wait for
 /// the next round.
 const MAX_HEALTH_DIALS_IN_FLIGHT: usize = 8;
+/// A health check dials an unconnected node only while this node has fewer
+/// connected peers than this: in a large mesh a node cannot connect to
+/// every other, and there a node's freshly signed record (which reaches
+/// everyone by record sync) is the sign of life it gives.
+pub(super) const MAX_PEERS_FOR_HEALTH_DIALS: usize = 64;
 /// Most HTTP probes in flight at once.
 const MAX_CONCURRENT_PROBES: usize = 16;
 /// Probe results waiting for the registry.
@@ -162,6 +167,7 @@ impl Behaviour {
             return;
         }
         if self.health_dials.len() >= MAX_HEALTH_DIALS_IN_FLIGHT
+            || self.connected.len() >= MAX_PEERS_FOR_HEALTH_DIALS
             || self.health_dials.values().any(|p| *p == peer)
         {
             return;
@@ -202,6 +208,16 @@ impl Behaviour {
             .into_iter()
             .take(MAX_HEALTH_DIAL_ADDRESSES)
             .collect()
+    }
+
+    /// `peer` signed a new record at `issued_at_ms` (and it reached us):
+    /// it was alive then, whether or not we are connected to it.
+    pub(super) fn signed_at(&mut self, peer: PeerId, issued_at_ms: u64) {
+        let issued = issued_at_ms.min(unix_ms());
+        let health = self.peer_health.entry(peer).or_default();
+        if health.last_good_ms.is_none_or(|at| at < issued) {
+            health.last_good_ms = Some(issued);
+        }
     }
 
     /// A health-check dial finished.

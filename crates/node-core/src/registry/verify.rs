@@ -74,6 +74,9 @@ impl Behaviour {
                     changes: changes.clone(),
                 });
                 self.emit_counts();
+                if let Some(issued_at) = self.cache.get(&owner).map(|c| c.record.issued_at) {
+                    self.signed_at(owner, issued_at);
+                }
                 if first {
                     // A first sign of the peer: check it now, not in a
                     // minute. Two nodes that learn of each other at the
