@@ -58,6 +58,8 @@ pub(crate) struct Report {
     pub(crate) min_services_seen: usize,
     pub(crate) mean_services_seen: f64,
     pub(crate) model_lookups_found: Option<usize>,
+    /// Of those, found by the exact DHT query of the model key alone.
+    pub(crate) dht_model_lookups_found: Option<usize>,
     pub(crate) model_lookups_total: Option<usize>,
     pub(crate) hops_p50: Option<u32>,
     pub(crate) hops_max: Option<u32>,
@@ -127,6 +129,7 @@ impl Report {
             "min_services_seen": self.min_services_seen,
             "mean_services_seen": self.mean_services_seen,
             "model_lookups_found": self.model_lookups_found,
+            "dht_model_lookups_found": self.dht_model_lookups_found,
             "model_lookups_total": self.model_lookups_total,
             "hops_p50": self.hops_p50,
             "hops_max": self.hops_max,
@@ -217,7 +220,15 @@ impl Report {
                 ),
             ),
             (
-                "hops p50 / max",
+                "  by the model key in the DHT alone",
+                format!(
+                    "{} of {}",
+                    count(self.dht_model_lookups_found),
+                    count(self.model_lookups_total)
+                ),
+            ),
+            (
+                "hops p50 / max (requests to the first provider)",
                 format!("{} / {}", hops(self.hops_p50), hops(self.hops_max)),
             ),
             (

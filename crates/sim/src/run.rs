@@ -147,30 +147,30 @@ fn llm_query() -> ServiceQuery {
     }
 }
 
-/// What a model lookup found: the nodes that hold the model and, once
-/// node-core reports it, how many DHT hops the lookup took.
+/// What a model lookup found: the nodes the ranked answer lists for the
+/// model, whether the exact DHT query of the model's key found the holder,
+/// and the requests that query sent before its first provider (a bound on
+/// its hops: each hop is at least one request).
 pub(crate) struct ModelLookup {
     pub(crate) holders: Vec<String>,
+    pub(crate) dht_holders: Vec<String>,
     pub(crate) hops: Option<u32>,
 }
 
-/// Ask `node` who holds `model`.
-///
-/// For now every `llm` service is looked up and filtered by
-/// `service.name`: `ServiceQuery` has no model field yet. Switch this one
-/// function to `ServiceQuery { model: Some(model), .. }` (one exact DHT
-/// key per model) and the DHT query API's hop count once main has them;
-/// until then `hops` is `None` and the report's `hops_p50`/`hops_max` are
-/// null.
+/// Ask `node` who holds `model`: the ranked lookup (`ServiceQuery::model`,
+/// what the gateway asks) and, beside it, one exact DHT query of the
+/// model's key that bypasses the cache.
 pub(crate) async fn lookup_model(node: &NodeHandle, model: &str) -> Result<ModelLookup, NodeError> {
-    let found = node.find_services(llm_query()).await?;
+    let query = ServiceQuery {
+        model: Some(model.to_owned()),
+        ..ServiceQuery::default()
+    };
+    let found = node.find_services(query).await?;
+    let dht = node.find_model_providers(model).await?;
     Ok(ModelLookup {
-        holders: found
-            .into_iter()
-            .filter(|s| s.service.name == model)
-            .map(|s| s.service.peer_id)
-            .collect(),
-        hops: None,
+        holders: found.into_iter().map(|s| s.service.peer_id).collect(),
+        dht_holders: dht.providers.iter().map(ToString::to_string).collect(),
+        hops: dht.requests_to_first,
     })
 }
 
@@ -285,8 +285,9 @@ pub(crate) async fn run(args: &Args) -> anyhow::Result<Report> {
             .run(Duration::from_secs(120), model_lookups(&nodes, &mut rng))
             .await
         {
-            Some((found, total, hops)) => {
+            Some((found, dht_found, total, hops)) => {
                 report.model_lookups_found = Some(found);
+                report.dht_model_lookups_found = Some(dht_found);
                 report.model_lookups_total = Some(total);
                 report.set_hops(&hops);
             }
@@ -568,7 +569,7 @@ async fn idle_traffic(net: &SimNetwork, nodes: &[SimNode], clock: &Clock) -> Opt
 
 /// Look up every single-holder model from a random other node: how many
 /// found the holder, of how many, and the hops each took (when known).
-async fn model_lookups(nodes: &[SimNode], rng: &mut StdRng) -> (usize, usize, Vec<u32>) {
+async fn model_lookups(nodes: &[SimNode], rng: &mut StdRng) -> (usize, usize, usize, Vec<u32>) {
     let alive: Vec<&SimNode> = nodes.iter().filter(|n| n.alive).collect();
     let asks: Vec<(&SimNode, &SimNode)> = alive
         .iter()
@@ -583,19 +584,27 @@ async fn model_lookups(nodes: &[SimNode], rng: &mut StdRng) -> (usize, usize, Ve
         })
         .collect();
     let total = asks.len();
-    let outcomes: Vec<(bool, Option<u32>)> = futures::stream::iter(asks)
+    let outcomes: Vec<(bool, bool, Option<u32>)> = futures::stream::iter(asks)
         .map(|(asker, holder)| async move {
             match lookup_model(&asker.handle, &own_model(holder.index)).await {
-                Ok(found) => (found.holders.contains(&holder.peer_id), found.hops),
-                Err(_) => (false, None),
+                Ok(found) => {
+                    let in_dht = found.dht_holders.contains(&holder.peer_id);
+                    (
+                        found.holders.contains(&holder.peer_id),
+                        in_dht,
+                        found.hops.filter(|_| in_dht),
+                    )
+                }
+                Err(_) => (false, false, None),
             }
         })
         .buffer_unordered(LOOKUP_CONCURRENCY)
         .collect()
         .await;
-    let found = outcomes.iter().filter(|(ok, _)| *ok).count();
-    let hops = outcomes.iter().filter_map(|(_, h)| *h).collect();
-    (found, total, hops)
+    let found = outcomes.iter().filter(|(ok, _, _)| *ok).count();
+    let dht_found = outcomes.iter().filter(|(_, ok, _)| *ok).count();
+    let hops = outcomes.iter().filter_map(|(_, _, h)| *h).collect();
+    (found, dht_found, total, hops)
 }
 
 /// Register a new service on a random node; the time until 99% of the
