@@ -193,6 +193,7 @@ pub(crate) struct Behaviour {
     /// Record sync with neighbours.
     sync: sync::SyncState,
     sync_tick: tokio::time::Interval,
+    catch_up_tick: tokio::time::Interval,
     refresh_tick: tokio::time::Interval,
     health_tick: tokio::time::Interval,
     expiry_tick: tokio::time::Interval,
@@ -309,8 +310,9 @@ impl Behaviour {
             probe_rx,
             gossip_republish_at: None,
             gossip_republished: None,
-            sync: sync::SyncState::default(),
+            sync: sync::SyncState::new(),
             sync_tick: periodic(sync::SYNC_INTERVAL),
+            catch_up_tick: periodic(sync::CATCH_UP_INTERVAL),
             refresh_tick: periodic(config.record_refresh_interval),
             health_tick: periodic(config.health_check_interval),
             expiry_tick,
@@ -559,6 +561,10 @@ impl Behaviour {
         }
         if self.sync_tick.poll_tick(cx).is_ready() {
             self.on_sync_tick();
+            return true;
+        }
+        if self.catch_up_tick.poll_tick(cx).is_ready() {
+            self.on_catch_up_tick();
             return true;
         }
         if self.expiry_tick.poll_tick(cx).is_ready() {

@@ -4,10 +4,15 @@
 //! - **Pull** (anti-entropy): a node sends a neighbour the list of records
 //!   it holds — owner, page and sequence of each, no contents — and gets
 //!   back the records the neighbour holds that are missing from the list or
-//!   newer, up to a byte budget (`more` says ask again). A node pulls from
-//!   its first neighbours when it joins, from one random neighbour every
+//!   newer, up to a byte budget (`more` says ask again), with the position
+//!   of the neighbour's log of what it learned. A node pulls from its first
+//!   neighbours when it joins, from one random neighbour every
 //!   [`SYNC_INTERVAL`], and from a neighbour whose list shows records it
 //!   lacks.
+//! - **Catch-up**: every [`CATCH_UP_INTERVAL`] a node asks one random
+//!   neighbour for what entered that neighbour's log since the position it
+//!   last saw there: an answer of a few bytes when nothing is new, so the
+//!   records a push missed arrive within seconds at little cost.
 //! - **Push**: our own record, whenever it changes, goes to every
 //!   neighbour at once; a record that is new to us is offered, batched, to
 //!   [`PUSH_FANOUT`] random neighbours (owner, page and sequence only) and
@@ -33,7 +38,7 @@ use serde::{Deserialize, Serialize};
 
 use super::{Behaviour, Event, unix_ms};
 use crate::event::RecordVia;
-use ollamacron_service_registry::{Accepted, RejectReason};
+use ollamacron_service_registry::RejectReason;
 
 /// The record sync protocol (wire contract).
 pub const SYNC_PROTOCOL: StreamProtocol = StreamProtocol::new("/ollamacron/records/1.0.0");
@@ -54,9 +59,15 @@ const MAX_OUTBOX_RECORDS: usize = 4096;
 /// Neighbours a joining node pulls from (one after the other).
 const JOIN_PULLS: usize = 2;
 /// How often a node pulls from one random neighbour.
-pub(super) const SYNC_INTERVAL: Duration = Duration::from_secs(30);
+pub(super) const SYNC_INTERVAL: Duration = Duration::from_secs(300);
 /// Longest a sync request may take.
 const SYNC_REQUEST_TIMEOUT: Duration = Duration::from_secs(10);
+/// How often a node asks one random neighbour what it learned since the
+/// last time.
+pub(super) const CATCH_UP_INTERVAL: Duration = Duration::from_secs(1);
+/// Entries of the log of records learned, for catch-ups (older ones are
+/// caught up by a full pull).
+const MAX_LOG_ENTRIES: usize = 16 * 1024;
 /// Sync streams one connection may have open at once.
 const MAX_SYNC_STREAMS: usize = 8;
 
@@ -91,6 +102,8 @@ pub(crate) enum SyncRequest {
     /// "These records are new to me: which do you lack?" (answered with
     /// [`SyncResponse::Want`], then pushed).
     Offer(Vec<RecordRef>),
+    /// "What entered your log since `position` (of log `epoch`)?"
+    Since { epoch: u64, position: u64 },
 }
 
 /// A sync answer.
@@ -100,11 +113,24 @@ pub(crate) enum SyncResponse {
     Records {
         records: Vec<SyncedRecord>,
         more: bool,
+        /// The answerer's log and its position when it answered.
+        epoch: u64,
+        position: u64,
     },
     /// A push was taken.
     Taken,
     /// The offered records the peer lacks, by their index in the offer.
     Want(Vec<u32>),
+    /// What entered the log since the asked position, up to a byte budget,
+    /// and the position to ask from next; `caught_up: false` when the
+    /// asked position is of another epoch or no longer in the log (then
+    /// ask with a full pull).
+    Since {
+        records: Vec<SyncedRecord>,
+        epoch: u64,
+        position: u64,
+        caught_up: bool,
+    },
 }
 
 /// Postcard messages behind a 4-byte big-endian length.
@@ -235,6 +261,34 @@ pub(super) struct SyncState {
     own_pushes: HashSet<OutboundRequestId>,
     /// Our offers in flight, with the records they offer.
     offers: HashMap<OutboundRequestId, Vec<SyncedRecord>>,
+    /// The log of the pages we learned (ours too): position, owner, page,
+    /// sequence; `epoch` names this run's log.
+    epoch: u64,
+    log: VecDeque<(u64, PeerId, u16, u64)>,
+    log_next: u64,
+    /// Where we are in each neighbour's log: its epoch and position.
+    cursors: HashMap<PeerId, (u64, u64)>,
+    /// The catch-up in flight.
+    catch_up: Option<(OutboundRequestId, PeerId)>,
+}
+
+impl SyncState {
+    /// A sync state with a log of its own (a random epoch).
+    pub(super) fn new() -> Self {
+        Self {
+            epoch: rand::random(),
+            ..Self::default()
+        }
+    }
+
+    /// Note that page `page` of `owner`'s record, `sequence`, is new to us.
+    pub(super) fn log(&mut self, owner: PeerId, page: u16, sequence: u64) {
+        if self.log.len() >= MAX_LOG_ENTRIES {
+            self.log.pop_front();
+        }
+        self.log.push_back((self.log_next, owner, page, sequence));
+        self.log_next += 1;
+    }
 }
 
 impl SyncState {
@@ -265,6 +319,7 @@ impl Behaviour {
     /// The last connection to `peer` closed.
     pub(super) fn on_sync_peer_gone(&mut self, peer: &PeerId) {
         self.sync.peers.remove(peer);
+        self.sync.cursors.remove(peer);
         self.sync.pushes_to.remove(peer);
         let gone: Vec<OutboundRequestId> = self
             .sync
@@ -352,6 +407,86 @@ impl Behaviour {
             let id = self.inner.sync.send_request(&peer, SyncRequest::Pull(list));
             self.sync.pull = Some((id, peer));
         }
+    }
+
+    /// Every catch-up tick: ask one random neighbour what it learned
+    /// since we last asked (a full pull if we never pulled from it).
+    pub(super) fn on_catch_up_tick(&mut self) {
+        if self.sync.catch_up.is_some() {
+            return;
+        }
+        let peers: Vec<PeerId> = self.sync.peers.iter().copied().collect();
+        let Some(peer) = peers.choose(&mut rand::thread_rng()).copied() else {
+            return;
+        };
+        // A neighbour we never asked answers with where its log stands
+        // (what it learned before is what our joining pulls brought).
+        let (epoch, position) = self.sync.cursors.get(&peer).copied().unwrap_or((0, 0));
+        let id = self
+            .inner
+            .sync
+            .send_request(&peer, SyncRequest::Since { epoch, position });
+        self.sync.catch_up = Some((id, peer));
+    }
+
+    /// What entered our log since `position` of `epoch`, as one answer.
+    fn answer_since(&self, epoch: u64, position: u64) -> SyncResponse {
+        let oldest = self.sync.log.front().map_or(self.sync.log_next, |e| e.0);
+        if epoch != self.sync.epoch || position < oldest || position > self.sync.log_next {
+            return SyncResponse::Since {
+                records: Vec::new(),
+                epoch: self.sync.epoch,
+                position: self.sync.log_next,
+                caught_up: false,
+            };
+        }
+        let skip = usize::try_from(position - oldest).unwrap_or(usize::MAX);
+        let mut records = Vec::new();
+        let mut seen = HashSet::new();
+        let mut bytes = 0usize;
+        let mut next = self.sync.log_next;
+        for &(at, owner, page, sequence) in self.sync.log.iter().skip(skip) {
+            if !seen.insert((owner, page)) {
+                continue;
+            }
+            let Some((held, envelope)) = self.current_page(&owner, page) else {
+                continue;
+            };
+            if held < sequence {
+                continue;
+            }
+            if bytes.saturating_add(envelope.len()) > MAX_ANSWER_RECORD_BYTES && !records.is_empty()
+            {
+                next = at;
+                break;
+            }
+            bytes = bytes.saturating_add(envelope.len());
+            records.push(SyncedRecord {
+                owner: owner.to_bytes(),
+                page,
+                sequence: held,
+                envelope: envelope.to_vec(),
+            });
+        }
+        SyncResponse::Since {
+            records,
+            epoch: self.sync.epoch,
+            position: next,
+            caught_up: true,
+        }
+    }
+
+    /// The page we hold now of `owner`'s record (ours too): its sequence
+    /// and envelope.
+    fn current_page(&self, owner: &PeerId, page: u16) -> Option<(u64, &[u8])> {
+        if *owner == self.local_peer {
+            let own = self.own.as_ref()?;
+            let found = own.pages.iter().find(|p| p.page == page)?;
+            return Some((own.sequence, found.envelope.as_slice()));
+        }
+        let held = self.cache.get(owner)?.page(page)?;
+        (held.record.expires_at > unix_ms())
+            .then_some((held.record.sequence, held.envelope.as_slice()))
     }
 
     /// Every sync tick: pull from one random neighbour.
@@ -448,16 +583,17 @@ impl Behaviour {
 
     /// A record new to us (verified and stored): pass it on in the next
     /// batch.
-    pub(super) fn pass_on(&mut self, owner: PeerId, envelope: &[u8]) {
-        if self.sync.peers.is_empty() || self.sync.outbox.len() >= MAX_OUTBOX_RECORDS {
-            return;
-        }
+    pub(super) fn pass_on(&mut self, owner: PeerId, envelope: &[u8], offer: bool) {
         let Some((page, sequence, _)) = self.cache.get(&owner).and_then(|held| {
             held.page_envelopes()
                 .find(|(_, _, stored)| *stored == envelope)
         }) else {
             return;
         };
+        self.sync.log(owner, page, sequence);
+        if !offer || self.sync.peers.is_empty() || self.sync.outbox.len() >= MAX_OUTBOX_RECORDS {
+            return;
+        }
         self.sync.outbox.push(SyncedRecord {
             owner: owner.to_bytes(),
             page,
@@ -597,6 +733,9 @@ impl Behaviour {
                     self.push_own_record_to([peer]);
                 }
                 self.sync.offers.remove(&request_id);
+                if self.sync.catch_up.is_some_and(|(c, _)| c == request_id) {
+                    self.sync.catch_up = None;
+                }
                 self.on_push_done(request_id);
                 if self.sync.pull.is_some_and(|(id, _)| id == request_id) {
                     self.sync.pull = None;
@@ -625,7 +764,12 @@ impl Behaviour {
                 if they_have_more {
                     self.queue_pull(peer);
                 }
-                SyncResponse::Records { records, more }
+                SyncResponse::Records {
+                    records,
+                    more,
+                    epoch: self.sync.epoch,
+                    position: self.sync.log_next,
+                }
             }
             SyncRequest::Push(records) => {
                 for record in records {
@@ -633,6 +777,7 @@ impl Behaviour {
                 }
                 SyncResponse::Taken
             }
+            SyncRequest::Since { epoch, position } => self.answer_since(epoch, position),
             SyncRequest::Offer(offered) => SyncResponse::Want(
                 offered
                     .iter()
@@ -651,8 +796,39 @@ impl Behaviour {
         self.sync.own_pushes.remove(&id);
         let offered = self.sync.offers.remove(&id);
         self.on_push_done(id);
+        if self.sync.catch_up.is_some_and(|(c, _)| c == id) {
+            self.sync.catch_up = None;
+        }
         let (records, more) = match response {
-            SyncResponse::Records { records, more } => (records, more),
+            SyncResponse::Records {
+                records,
+                more,
+                epoch,
+                position,
+            } => {
+                if !more {
+                    self.sync.cursors.insert(peer, (epoch, position));
+                }
+                (records, more)
+            }
+            SyncResponse::Since {
+                records,
+                epoch,
+                position,
+                caught_up,
+            } => {
+                for record in &records {
+                    self.take_synced(peer, record);
+                }
+                // Lost our place in its log (it restarted, or we fell
+                // behind its log's length): a full pull first.
+                let lost = !caught_up && self.sync.cursors.contains_key(&peer);
+                self.sync.cursors.insert(peer, (epoch, position));
+                if lost {
+                    self.queue_pull(peer);
+                }
+                return;
+            }
             SyncResponse::Want(wanted) => {
                 let records: Vec<SyncedRecord> = offered
                     .map(|offered| {
@@ -680,12 +856,6 @@ impl Behaviour {
             self.pull_next();
         }
     }
-}
-
-/// Whether a record accepted via `via` is passed on by sync (gossip
-/// spreads its own).
-pub(super) fn passes_on(via: RecordVia, accepted: &Accepted) -> bool {
-    via != RecordVia::Gossip && matches!(accepted, Accepted::Stored { .. })
 }
 
 #[cfg(test)]

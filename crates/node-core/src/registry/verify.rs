@@ -53,10 +53,8 @@ impl Behaviour {
             self.cache
                 .accept_at_least(owner, envelope, now, &self.limits, floor)
         };
-        if let Ok(accepted) = &result
-            && super::sync::passes_on(via, accepted)
-        {
-            self.pass_on(owner, envelope);
+        if let Ok(Accepted::Stored { .. }) = &result {
+            self.pass_on(owner, envelope, via != RecordVia::Gossip);
         }
         match &result {
             Ok(Accepted::Stored { changes }) => {
