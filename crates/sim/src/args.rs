@@ -23,7 +23,8 @@ pub(crate) struct Args {
     /// nodes then run with a short `record_ttl`).
     #[arg(long, value_name = "PERCENT")]
     pub(crate) churn: Option<u32>,
-    /// Where to write the JSON report [default: target/sim/sim-N.json].
+    /// Where to write the JSON report [default: target/sim/sim-N.json, or
+    /// sim-N-churnP.json with --churn].
     #[arg(long, value_name = "FILE")]
     pub(crate) json: Option<PathBuf>,
     /// Seed of everything drawn: keys, services, bootstrap peers, RTTs.
@@ -86,9 +87,10 @@ impl Args {
     /// `--json`, or `<target dir>/sim/sim-<N>.json`.
     pub(crate) fn json_path(&self) -> PathBuf {
         self.json.clone().unwrap_or_else(|| {
+            let churn = self.churn.map(|p| format!("-churn{p}")).unwrap_or_default();
             target_dir()
                 .join("sim")
-                .join(format!("sim-{}.json", self.nodes))
+                .join(format!("sim-{}{churn}.json", self.nodes))
         })
     }
 
