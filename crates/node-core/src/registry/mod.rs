@@ -310,7 +310,7 @@ impl Behaviour {
             probe_rx,
             gossip_republish_at: None,
             gossip_republished: None,
-            sync: sync::SyncState::new(),
+            sync: sync::SyncState::default(),
             sync_tick: periodic(sync::SYNC_INTERVAL),
             catch_up_tick: periodic(sync::CATCH_UP_INTERVAL),
             refresh_tick: periodic(config.record_refresh_interval),

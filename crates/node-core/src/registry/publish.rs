@@ -126,9 +126,6 @@ impl Behaviour {
             sequence: record.sequence,
             pages: pages.clone(),
         });
-        for page in &pages {
-            self.sync.log(self.local_peer, page.page, record.sequence);
-        }
         let keys: HashSet<RecordKey> = record
             .services
             .iter()

@@ -9,10 +9,12 @@
 //!   neighbours when it joins, from one random neighbour every
 //!   [`SYNC_INTERVAL`], and from a neighbour whose list shows records it
 //!   lacks.
-//! - **Catch-up**: every [`CATCH_UP_INTERVAL`] a node asks one random
-//!   neighbour for what entered that neighbour's log since the position it
-//!   last saw there: an answer of a few bytes when nothing is new, so the
-//!   records a push missed arrive within seconds at little cost.
+//! - **Catch-up**: every [`CATCH_UP_INTERVAL`] a node sends one random
+//!   neighbour a Bloom filter of the records it holds (10 bits a record)
+//!   and gets back those the filter does not hold: nothing when the two
+//!   agree, so the records a push missed arrive within seconds at little
+//!   cost. Each filter is salted afresh, so a record a false positive hid
+//!   from one catch-up is not hidden from the next.
 //! - **Push**: our own record, whenever it changes, goes to every
 //!   neighbour at once; a record that is new to us is offered, batched, to
 //!   [`PUSH_FANOUT`] random neighbours (owner, page and sequence only) and
@@ -65,9 +67,6 @@ const SYNC_REQUEST_TIMEOUT: Duration = Duration::from_secs(10);
 /// How often a node asks one random neighbour what it learned since the
 /// last time.
 pub(super) const CATCH_UP_INTERVAL: Duration = Duration::from_secs(1);
-/// Entries of the log of records learned, for catch-ups (older ones are
-/// caught up by a full pull).
-const MAX_LOG_ENTRIES: usize = 16 * 1024;
 /// Sync streams one connection may have open at once.
 const MAX_SYNC_STREAMS: usize = 8;
 
@@ -102,8 +101,75 @@ pub(crate) enum SyncRequest {
     /// "These records are new to me: which do you lack?" (answered with
     /// [`SyncResponse::Want`], then pushed).
     Offer(Vec<RecordRef>),
-    /// "What entered your log since `position` (of log `epoch`)?"
-    Since { epoch: u64, position: u64 },
+    /// "Send me what this filter of the records I hold does not hold."
+    Missing(RecordFilter),
+}
+
+/// A Bloom filter of records (owner, page, sequence): bit `i` of byte
+/// `i / 8` (least significant first) set for each of `hashes` indices
+/// `(h1 + j * h2) mod (8 * bits.len())`, `j` from 0, where `h1` and `h2`
+/// are the first two big-endian u32s of the SHA-256 of the salt (8 bytes,
+/// big-endian), the owner's peer id bytes, the page (2 bytes) and the
+/// sequence (8 bytes, both big-endian).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub(crate) struct RecordFilter {
+    salt: u64,
+    hashes: u8,
+    bits: Vec<u8>,
+}
+
+/// Filter bits per record: about 1% false positives with 7 hashes.
+const FILTER_BITS_PER_RECORD: usize = 10;
+/// Hashes per record in a filter.
+const FILTER_HASHES: u8 = 7;
+/// Most hashes per record accepted in a peer's filter.
+const MAX_FILTER_HASHES: u8 = 16;
+
+impl RecordFilter {
+    fn indices(&self, owner: &[u8], page: u16, sequence: u64) -> impl Iterator<Item = usize> {
+        use sha2::Digest;
+        let mut hasher = sha2::Sha256::new();
+        hasher.update(self.salt.to_be_bytes());
+        hasher.update(owner);
+        hasher.update(page.to_be_bytes());
+        hasher.update(sequence.to_be_bytes());
+        let digest = hasher.finalize();
+        let h1 = u32::from_be_bytes([digest[0], digest[1], digest[2], digest[3]]);
+        let h2 = u32::from_be_bytes([digest[4], digest[5], digest[6], digest[7]]);
+        let m = self.bits.len().saturating_mul(8).max(1);
+        (0..u32::from(self.hashes)).map(move |j| {
+            let at = u64::from(h1).wrapping_add(u64::from(j).wrapping_mul(u64::from(h2)));
+            usize::try_from(at % m as u64).unwrap_or(0)
+        })
+    }
+
+    /// A filter of `records`, salted with `salt`.
+    fn of<'a>(records: impl Iterator<Item = (&'a [u8], u16, u64)> + Clone, salt: u64) -> Self {
+        let count = records.clone().count();
+        let bytes = count
+            .saturating_mul(FILTER_BITS_PER_RECORD)
+            .div_ceil(8)
+            .max(8);
+        let mut filter = Self {
+            salt,
+            hashes: FILTER_HASHES,
+            bits: vec![0; bytes],
+        };
+        for (owner, page, sequence) in records {
+            let indices: Vec<usize> = filter.indices(owner, page, sequence).collect();
+            for i in indices {
+                filter.bits[i / 8] |= 1 << (i % 8);
+            }
+        }
+        filter
+    }
+
+    fn contains(&self, owner: &[u8], page: u16, sequence: u64) -> bool {
+        !self.bits.is_empty()
+            && self
+                .indices(owner, page, sequence)
+                .all(|i| self.bits[i / 8] & (1 << (i % 8)) != 0)
+    }
 }
 
 /// A sync answer.
@@ -113,24 +179,11 @@ pub(crate) enum SyncResponse {
     Records {
         records: Vec<SyncedRecord>,
         more: bool,
-        /// The answerer's log and its position when it answered.
-        epoch: u64,
-        position: u64,
     },
     /// A push was taken.
     Taken,
     /// The offered records the peer lacks, by their index in the offer.
     Want(Vec<u32>),
-    /// What entered the log since the asked position, up to a byte budget,
-    /// and the position to ask from next; `caught_up: false` when the
-    /// asked position is of another epoch or no longer in the log (then
-    /// ask with a full pull).
-    Since {
-        records: Vec<SyncedRecord>,
-        epoch: u64,
-        position: u64,
-        caught_up: bool,
-    },
 }
 
 /// Postcard messages behind a 4-byte big-endian length.
@@ -261,34 +314,8 @@ pub(super) struct SyncState {
     own_pushes: HashSet<OutboundRequestId>,
     /// Our offers in flight, with the records they offer.
     offers: HashMap<OutboundRequestId, Vec<SyncedRecord>>,
-    /// The log of the pages we learned (ours too): position, owner, page,
-    /// sequence; `epoch` names this run's log.
-    epoch: u64,
-    log: VecDeque<(u64, PeerId, u16, u64)>,
-    log_next: u64,
-    /// Where we are in each neighbour's log: its epoch and position.
-    cursors: HashMap<PeerId, (u64, u64)>,
     /// The catch-up in flight.
     catch_up: Option<(OutboundRequestId, PeerId)>,
-}
-
-impl SyncState {
-    /// A sync state with a log of its own (a random epoch).
-    pub(super) fn new() -> Self {
-        Self {
-            epoch: rand::random(),
-            ..Self::default()
-        }
-    }
-
-    /// Note that page `page` of `owner`'s record, `sequence`, is new to us.
-    pub(super) fn log(&mut self, owner: PeerId, page: u16, sequence: u64) {
-        if self.log.len() >= MAX_LOG_ENTRIES {
-            self.log.pop_front();
-        }
-        self.log.push_back((self.log_next, owner, page, sequence));
-        self.log_next += 1;
-    }
 }
 
 impl SyncState {
@@ -319,7 +346,6 @@ impl Behaviour {
     /// The last connection to `peer` closed.
     pub(super) fn on_sync_peer_gone(&mut self, peer: &PeerId) {
         self.sync.peers.remove(peer);
-        self.sync.cursors.remove(peer);
         self.sync.pushes_to.remove(peer);
         let gone: Vec<OutboundRequestId> = self
             .sync
@@ -409,8 +435,8 @@ impl Behaviour {
         }
     }
 
-    /// Every catch-up tick: ask one random neighbour what it learned
-    /// since we last asked (a full pull if we never pulled from it).
+    /// Every catch-up tick: send one random neighbour a filter of what we
+    /// hold; it answers with what the filter lacks.
     pub(super) fn on_catch_up_tick(&mut self) {
         if self.sync.catch_up.is_some() {
             return;
@@ -419,74 +445,53 @@ impl Behaviour {
         let Some(peer) = peers.choose(&mut rand::thread_rng()).copied() else {
             return;
         };
-        // A neighbour we never asked answers with where its log stands
-        // (what it learned before is what our joining pulls brought).
-        let (epoch, position) = self.sync.cursors.get(&peer).copied().unwrap_or((0, 0));
+        let held: Vec<(Vec<u8>, u16, u64)> = self
+            .held_pages()
+            .map(|(owner, page, sequence, _)| (owner.to_bytes(), page, sequence))
+            .take(MAX_DIGEST_ENTRIES)
+            .collect();
+        let filter = RecordFilter::of(
+            held.iter().map(|(o, p, s)| (o.as_slice(), *p, *s)),
+            rand::random(),
+        );
         let id = self
             .inner
             .sync
-            .send_request(&peer, SyncRequest::Since { epoch, position });
+            .send_request(&peer, SyncRequest::Missing(filter));
         self.sync.catch_up = Some((id, peer));
     }
 
-    /// What entered our log since `position` of `epoch`, as one answer.
-    fn answer_since(&self, epoch: u64, position: u64) -> SyncResponse {
-        let oldest = self.sync.log.front().map_or(self.sync.log_next, |e| e.0);
-        if epoch != self.sync.epoch || position < oldest || position > self.sync.log_next {
-            return SyncResponse::Since {
+    /// The records we hold (ours too) that `filter` does not, up to the
+    /// byte budget.
+    fn answer_missing(&self, filter: &RecordFilter) -> SyncResponse {
+        if filter.hashes == 0 || filter.hashes > MAX_FILTER_HASHES || filter.bits.is_empty() {
+            return SyncResponse::Records {
                 records: Vec::new(),
-                epoch: self.sync.epoch,
-                position: self.sync.log_next,
-                caught_up: false,
+                more: false,
             };
         }
-        let skip = usize::try_from(position - oldest).unwrap_or(usize::MAX);
         let mut records = Vec::new();
-        let mut seen = HashSet::new();
         let mut bytes = 0usize;
-        let mut next = self.sync.log_next;
-        for &(at, owner, page, sequence) in self.sync.log.iter().skip(skip) {
-            if !seen.insert((owner, page)) {
-                continue;
-            }
-            let Some((held, envelope)) = self.current_page(&owner, page) else {
-                continue;
-            };
-            if held < sequence {
+        let mut more = false;
+        for (owner, page, sequence, envelope) in self.held_pages() {
+            let owner_bytes = owner.to_bytes();
+            if filter.contains(&owner_bytes, page, sequence) {
                 continue;
             }
             if bytes.saturating_add(envelope.len()) > MAX_ANSWER_RECORD_BYTES && !records.is_empty()
             {
-                next = at;
+                more = true;
                 break;
             }
             bytes = bytes.saturating_add(envelope.len());
             records.push(SyncedRecord {
-                owner: owner.to_bytes(),
+                owner: owner_bytes,
                 page,
-                sequence: held,
+                sequence,
                 envelope: envelope.to_vec(),
             });
         }
-        SyncResponse::Since {
-            records,
-            epoch: self.sync.epoch,
-            position: next,
-            caught_up: true,
-        }
-    }
-
-    /// The page we hold now of `owner`'s record (ours too): its sequence
-    /// and envelope.
-    fn current_page(&self, owner: &PeerId, page: u16) -> Option<(u64, &[u8])> {
-        if *owner == self.local_peer {
-            let own = self.own.as_ref()?;
-            let found = own.pages.iter().find(|p| p.page == page)?;
-            return Some((own.sequence, found.envelope.as_slice()));
-        }
-        let held = self.cache.get(owner)?.page(page)?;
-        (held.record.expires_at > unix_ms())
-            .then_some((held.record.sequence, held.envelope.as_slice()))
+        SyncResponse::Records { records, more }
     }
 
     /// Every sync tick: pull from one random neighbour.
@@ -590,7 +595,6 @@ impl Behaviour {
         }) else {
             return;
         };
-        self.sync.log(owner, page, sequence);
         if !offer || self.sync.peers.is_empty() || self.sync.outbox.len() >= MAX_OUTBOX_RECORDS {
             return;
         }
@@ -764,12 +768,7 @@ impl Behaviour {
                 if they_have_more {
                     self.queue_pull(peer);
                 }
-                SyncResponse::Records {
-                    records,
-                    more,
-                    epoch: self.sync.epoch,
-                    position: self.sync.log_next,
-                }
+                SyncResponse::Records { records, more }
             }
             SyncRequest::Push(records) => {
                 for record in records {
@@ -777,7 +776,7 @@ impl Behaviour {
                 }
                 SyncResponse::Taken
             }
-            SyncRequest::Since { epoch, position } => self.answer_since(epoch, position),
+            SyncRequest::Missing(filter) => self.answer_missing(&filter),
             SyncRequest::Offer(offered) => SyncResponse::Want(
                 offered
                     .iter()
@@ -796,39 +795,12 @@ impl Behaviour {
         self.sync.own_pushes.remove(&id);
         let offered = self.sync.offers.remove(&id);
         self.on_push_done(id);
-        if self.sync.catch_up.is_some_and(|(c, _)| c == id) {
+        let catch_up = self.sync.catch_up.is_some_and(|(c, _)| c == id);
+        if catch_up {
             self.sync.catch_up = None;
         }
         let (records, more) = match response {
-            SyncResponse::Records {
-                records,
-                more,
-                epoch,
-                position,
-            } => {
-                if !more {
-                    self.sync.cursors.insert(peer, (epoch, position));
-                }
-                (records, more)
-            }
-            SyncResponse::Since {
-                records,
-                epoch,
-                position,
-                caught_up,
-            } => {
-                for record in &records {
-                    self.take_synced(peer, record);
-                }
-                // Lost our place in its log (it restarted, or we fell
-                // behind its log's length): a full pull first.
-                let lost = !caught_up && self.sync.cursors.contains_key(&peer);
-                self.sync.cursors.insert(peer, (epoch, position));
-                if lost {
-                    self.queue_pull(peer);
-                }
-                return;
-            }
+            SyncResponse::Records { records, more } => (records, more),
             SyncResponse::Want(wanted) => {
                 let records: Vec<SyncedRecord> = offered
                     .map(|offered| {
@@ -862,6 +834,28 @@ impl Behaviour {
 mod tests {
     use super::*;
     use futures::io::Cursor;
+
+    #[test]
+    fn a_filter_holds_what_it_was_made_of_and_rarely_anything_else() {
+        let held: Vec<(Vec<u8>, u16, u64)> = (0..1000u64)
+            .map(|i| (PeerId::random().to_bytes(), 0, i))
+            .collect();
+        let filter = RecordFilter::of(held.iter().map(|(o, p, s)| (o.as_slice(), *p, *s)), 42);
+        assert_eq!(filter.bits.len(), 1000 * FILTER_BITS_PER_RECORD / 8);
+        assert!(held.iter().all(|(o, p, s)| filter.contains(o, *p, *s)));
+        // A newer sequence of a held record is not held.
+        let newer = held
+            .iter()
+            .filter(|(o, p, s)| filter.contains(o, *p, s + 1_000_000))
+            .count();
+        assert!(newer < 50, "{newer} false positives of 1000");
+        // Another salt gives other bits.
+        let other = RecordFilter::of(held.iter().map(|(o, p, s)| (o.as_slice(), *p, *s)), 43);
+        assert_ne!(filter.bits, other.bits);
+        // An empty filter holds nothing.
+        let empty = RecordFilter::of(std::iter::empty(), 1);
+        assert!(!empty.contains(&held[0].0, 0, 0));
+    }
 
     #[tokio::test]
     async fn messages_round_trip_and_oversized_ones_are_refused() {
