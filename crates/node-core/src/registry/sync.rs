@@ -9,7 +9,8 @@
 //!   neighbours when it joins, from one random neighbour every
 //!   [`SYNC_INTERVAL`], and from a neighbour whose list shows records it
 //!   lacks.
-//! - **Catch-up**: every [`CATCH_UP_INTERVAL`] a node sends one random
+//! - **Catch-up**: every [`CATCH_UP_INTERVAL`] (doubling up to 30 s while
+//!   catch-ups find nothing) a node sends one random
 //!   neighbour a Bloom filter of the records it holds (10 bits a record)
 //!   and gets back those the filter does not hold: nothing when the two
 //!   agree, so the records a push missed arrive within seconds at little
@@ -67,6 +68,8 @@ const SYNC_REQUEST_TIMEOUT: Duration = Duration::from_secs(10);
 /// How often a node asks one random neighbour what it learned since the
 /// last time.
 pub(super) const CATCH_UP_INTERVAL: Duration = Duration::from_secs(1);
+/// The longest pause between catch-ups while they find nothing.
+const MAX_CATCH_UP_INTERVAL: Duration = Duration::from_secs(30);
 /// Sync streams one connection may have open at once.
 const MAX_SYNC_STREAMS: usize = 8;
 
@@ -316,6 +319,11 @@ pub(super) struct SyncState {
     offers: HashMap<OutboundRequestId, Vec<SyncedRecord>>,
     /// The catch-up in flight.
     catch_up: Option<(OutboundRequestId, PeerId)>,
+    /// When the next catch-up is due, and the pause after it: doubled
+    /// (up to [`MAX_CATCH_UP_INTERVAL`]) each time a catch-up finds
+    /// nothing, back to [`CATCH_UP_INTERVAL`] when it finds something.
+    catch_up_at: Option<Instant>,
+    catch_up_every: Duration,
 }
 
 impl SyncState {
@@ -438,7 +446,9 @@ impl Behaviour {
     /// Every catch-up tick: send one random neighbour a filter of what we
     /// hold; it answers with what the filter lacks.
     pub(super) fn on_catch_up_tick(&mut self) {
-        if self.sync.catch_up.is_some() {
+        if self.sync.catch_up.is_some()
+            || self.sync.catch_up_at.is_some_and(|at| at > Instant::now())
+        {
             return;
         }
         let peers: Vec<PeerId> = self.sync.peers.iter().copied().collect();
@@ -800,7 +810,22 @@ impl Behaviour {
             self.sync.catch_up = None;
         }
         let (records, more) = match response {
-            SyncResponse::Records { records, more } => (records, more),
+            SyncResponse::Records { records, more } => {
+                if catch_up {
+                    let every = if records.is_empty() {
+                        self.sync
+                            .catch_up_every
+                            .max(CATCH_UP_INTERVAL / 2)
+                            .saturating_mul(2)
+                            .min(MAX_CATCH_UP_INTERVAL)
+                    } else {
+                        CATCH_UP_INTERVAL
+                    };
+                    self.sync.catch_up_every = every;
+                    self.sync.catch_up_at = Some(Instant::now() + every);
+                }
+                (records, more)
+            }
             SyncResponse::Want(wanted) => {
                 let records: Vec<SyncedRecord> = offered
                     .map(|offered| {
