@@ -1,10 +1,11 @@
 //! Project automation. `cargo xtask ci` runs everything CI checks;
-//! `cargo xtask mesh` and `cargo xtask bench` measure.
+//! `cargo xtask mesh`, `cargo xtask bench` and `cargo xtask rss` measure.
 
 #![allow(clippy::print_stdout, clippy::print_stderr)]
 
 mod mesh;
 mod nat_test;
+mod rss;
 
 use std::process::{Command, ExitCode};
 use std::time::Instant;
@@ -56,6 +57,11 @@ enum Task {
     /// network namespaces: AutoNAT, relaying, DCUtR over TCP and QUIC, and
     /// a service found across the NATs (needs root, iproute2, iptables).
     NatTest(nat_test::NatTestArgs),
+    /// Resident memory of a lone idle node (release build, loopback only,
+    /// mDNS off) beside a bare rust-libp2p Kademlia node, from `/proc`:
+    /// total, anonymous, file-backed, threads, and where it sits; with
+    /// `--experiments`, the node again with one thing changed at a time.
+    Rss(rss::RssArgs),
 }
 
 fn main() -> ExitCode {
@@ -78,6 +84,7 @@ fn main() -> ExitCode {
         } else {
             "gateway_bench"
         }),
+        Task::Rss(args) => rss::rss(&args),
         Task::NatTest(args) => match &args.binary {
             Some(binary) => nat_test::nat_test(binary, &args),
             None => build_debug_node().and_then(|binary| nat_test::nat_test(&binary, &args)),
