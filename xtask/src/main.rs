@@ -1,10 +1,12 @@
 //! Project automation. `cargo xtask ci` runs everything CI checks;
-//! `cargo xtask mesh`, `cargo xtask sim` and `cargo xtask bench` measure.
+//! `cargo xtask mesh`, `cargo xtask sim`, `cargo xtask bench` and
+//! `cargo xtask rss` measure.
 
 #![allow(clippy::print_stdout, clippy::print_stderr)]
 
 mod mesh;
 mod nat_test;
+mod rss;
 mod sim;
 
 use std::process::{Command, ExitCode};
@@ -64,6 +66,11 @@ enum Task {
     /// network namespaces: AutoNAT, relaying, DCUtR over TCP and QUIC, and
     /// a service found across the NATs (needs root, iproute2, iptables).
     NatTest(nat_test::NatTestArgs),
+    /// Resident memory of a lone idle node (release build, loopback only,
+    /// mDNS off) beside a bare rust-libp2p Kademlia node, from `/proc`:
+    /// total, anonymous, file-backed, threads, and where it sits; with
+    /// `--experiments`, the node again with one thing changed at a time.
+    Rss(rss::RssArgs),
 }
 
 fn main() -> ExitCode {
@@ -87,6 +94,7 @@ fn main() -> ExitCode {
         } else {
             "gateway_bench"
         }),
+        Task::Rss(args) => rss::rss(&args),
         Task::NatTest(args) => match &args.binary {
             Some(binary) => nat_test::nat_test(binary, &args),
             None => build_debug_node().and_then(|binary| nat_test::nat_test(&binary, &args)),
