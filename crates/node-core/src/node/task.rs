@@ -166,7 +166,7 @@ impl SwarmTask {
                 let _ = reply.send(behaviour.discovery.known_peers());
             }
             Command::RegisterService { service, reply } => {
-                let registered = behaviour.registry.register_service(*service);
+                let registered = behaviour.registry.register_service(&service);
                 behaviour.registry.answer_after_events(reply, registered);
             }
             Command::UpdateServices { add, remove, reply } => {

@@ -267,44 +267,26 @@ impl Behaviour {
     /// Add or replace a local service and publish at once. The new record
     /// is signed on a copy first, so a service that would make the record
     /// invalid is refused with the reason and changes nothing.
-    pub(crate) fn register_service(&mut self, service: ServiceInfo) -> Result<(), NodeError> {
-        let change = self.try_register(service)?;
-        self.emit(Event::LocalChanged(change));
+    pub(crate) fn register_service(&mut self, service: &ServiceInfo) -> Result<(), NodeError> {
+        for change in self.try_register(std::slice::from_ref(service))? {
+            self.emit(Event::LocalChanged(change));
+        }
         self.emit_counts();
         self.publish_record();
         Ok(())
     }
 
-    /// Add or replace a local service if the record stays valid with it
-    /// (signed on a copy first); nothing is published.
-    fn try_register(&mut self, service: ServiceInfo) -> Result<ServiceChange, NodeError> {
-        let mut trial = self.local.clone();
-        let change = trial
-            .register(service, unix_ms())
-            .map_err(NodeError::from)?;
-        let addresses = self.record_addresses();
-        let record = trial.next_record(
-            unix_ms(),
-            self.ttl,
-            self.region.as_deref(),
-            &self.node_tags,
-            &addresses,
-        );
-        sign_record_pages(&record, &self.keypair, &self.limits).map_err(NodeError::from)?;
-        self.local = trial;
-        Ok(change)
-    }
-
     /// Add or replace every one of `services` if the record stays valid
-    /// with all of them (one trial signature); `None`, changing nothing,
-    /// if any one is refused.
-    fn try_register_all(&mut self, services: &[ServiceInfo]) -> Option<Vec<ServiceChange>> {
+    /// with all of them (registered and signed on a trial copy, once);
+    /// otherwise the first reason, and nothing changes. Nothing is
+    /// published.
+    fn try_register(&mut self, services: &[ServiceInfo]) -> Result<Vec<ServiceChange>, NodeError> {
         let mut trial = self.local.clone();
         let now = unix_ms();
         let changes = services
             .iter()
-            .map(|s| trial.register(s.clone(), now).ok())
-            .collect::<Option<Vec<_>>>()?;
+            .map(|s| trial.register(s.clone(), now).map_err(NodeError::from))
+            .collect::<Result<Vec<_>, _>>()?;
         let addresses = self.record_addresses();
         let record = trial.next_record(
             now,
@@ -313,9 +295,9 @@ impl Behaviour {
             &self.node_tags,
             &addresses,
         );
-        sign_record_pages(&record, &self.keypair, &self.limits).ok()?;
+        sign_record_pages(&record, &self.keypair, &self.limits).map_err(NodeError::from)?;
         self.local = trial;
-        Some(changes)
+        Ok(changes)
     }
 
     /// Remove the services with the ids in `remove`, add or replace each of
@@ -339,25 +321,22 @@ impl Behaviour {
         // All at once on a trial copy, signed once; only when that record
         // would be refused is each service tried on its own (each trial
         // signs every page).
-        match self.try_register_all(&add) {
-            Some(changes) => {
-                for change in changes {
-                    self.emit(Event::LocalChanged(change));
-                    changed = true;
-                }
-            }
-            None => {
+        let changes = match self.try_register(&add) {
+            Ok(changes) => changes,
+            Err(_) => {
+                let mut changes = Vec::new();
                 for service in add {
-                    let id = service.id.clone();
-                    match self.try_register(service) {
-                        Ok(change) => {
-                            self.emit(Event::LocalChanged(change));
-                            changed = true;
-                        }
-                        Err(e) => refused.push((id, e)),
+                    match self.try_register(std::slice::from_ref(&service)) {
+                        Ok(one) => changes.extend(one),
+                        Err(e) => refused.push((service.id, e)),
                     }
                 }
+                changes
             }
+        };
+        for change in changes {
+            self.emit(Event::LocalChanged(change));
+            changed = true;
         }
         if changed {
             self.emit_counts();

@@ -451,17 +451,13 @@ impl Behaviour {
         {
             return;
         }
-        let peers: Vec<PeerId> = self.sync.peers.iter().copied().collect();
-        let Some(peer) = peers.choose(&mut rand::thread_rng()).copied() else {
+        let Some(peer) = self.random_sync_peer() else {
             return;
         };
-        let held: Vec<(Vec<u8>, u16, u64)> = self
-            .held_pages()
-            .map(|(owner, page, sequence, _)| (owner.to_bytes(), page, sequence))
-            .take(MAX_DIGEST_ENTRIES)
-            .collect();
+        let held = self.held_records();
         let filter = RecordFilter::of(
-            held.iter().map(|(o, p, s)| (o.as_slice(), *p, *s)),
+            held.iter()
+                .map(|r| (r.owner.as_slice(), r.page, r.sequence)),
             rand::random(),
         );
         let id = self
@@ -480,18 +476,28 @@ impl Behaviour {
                 more: false,
             };
         }
+        let (records, more) = self
+            .held_records_wanted(|owner, page, sequence| !filter.contains(owner, page, sequence));
+        SyncResponse::Records { records, more }
+    }
+
+    /// The records we hold, ours included, that `wanted` (owner bytes,
+    /// page, sequence) picks, up to the byte budget; `true` when the
+    /// budget left some out.
+    fn held_records_wanted(
+        &self,
+        wanted: impl Fn(&[u8], u16, u64) -> bool,
+    ) -> (Vec<SyncedRecord>, bool) {
         let mut records = Vec::new();
         let mut bytes = 0usize;
-        let mut more = false;
         for (owner, page, sequence, envelope) in self.held_pages() {
             let owner_bytes = owner.to_bytes();
-            if filter.contains(&owner_bytes, page, sequence) {
+            if !wanted(&owner_bytes, page, sequence) {
                 continue;
             }
             if bytes.saturating_add(envelope.len()) > MAX_ANSWER_RECORD_BYTES && !records.is_empty()
             {
-                more = true;
-                break;
+                return (records, true);
             }
             bytes = bytes.saturating_add(envelope.len());
             records.push(SyncedRecord {
@@ -501,14 +507,18 @@ impl Behaviour {
                 envelope: envelope.to_vec(),
             });
         }
-        SyncResponse::Records { records, more }
+        (records, false)
+    }
+
+    fn random_sync_peer(&self) -> Option<PeerId> {
+        let peers: Vec<PeerId> = self.sync.peers.iter().copied().collect();
+        peers.choose(&mut rand::thread_rng()).copied()
     }
 
     /// Every sync tick: pull from one random neighbour.
     pub(super) fn on_sync_tick(&mut self) {
-        let peers: Vec<PeerId> = self.sync.peers.iter().copied().collect();
-        if let Some(peer) = peers.choose(&mut rand::thread_rng()) {
-            self.queue_pull(*peer);
+        if let Some(peer) = self.random_sync_peer() {
+            self.queue_pull(peer);
         }
     }
 
@@ -533,45 +543,33 @@ impl Behaviour {
             .iter()
             .map(|r| ((r.owner.as_slice(), r.page), r.sequence))
             .collect();
-        let mut records = Vec::new();
-        let mut bytes = 0usize;
-        let mut more = false;
-        for (owner, page, sequence, envelope) in self.held_pages() {
-            let owner_bytes = owner.to_bytes();
-            let wanted = listed
-                .get(&(owner_bytes.as_slice(), page))
-                .is_none_or(|held| *held < sequence);
-            if !wanted {
-                continue;
-            }
-            if bytes.saturating_add(envelope.len()) > MAX_ANSWER_RECORD_BYTES && !records.is_empty()
-            {
-                more = true;
-                break;
-            }
-            bytes = bytes.saturating_add(envelope.len());
-            records.push(SyncedRecord {
-                owner: owner_bytes,
-                page,
-                sequence,
-                envelope: envelope.to_vec(),
-            });
-        }
+        let (records, more) = self.held_records_wanted(|owner, page, sequence| {
+            listed
+                .get(&(owner, page))
+                .is_none_or(|held| *held < sequence)
+        });
         let they_have_more = theirs.iter().any(|r| self.lacks(r));
         (records, more, they_have_more)
     }
 
     /// Whether we lack the record `r` names (or hold it older).
     fn lacks(&self, r: &RecordRef) -> bool {
-        let Some(owner) = peer_of(&r.owner) else {
-            return false;
-        };
-        if owner == self.local_peer {
-            return false;
+        peer_of(&r.owner).is_some_and(|owner| {
+            owner != self.local_peer
+                && self
+                    .held_sequence(&owner, r.page)
+                    .is_none_or(|held| held < r.sequence)
+        })
+    }
+
+    /// The sequence of page `page` of `owner`'s record that we hold (ours:
+    /// our latest).
+    fn held_sequence(&self, owner: &PeerId, page: u16) -> Option<u64> {
+        if *owner == self.local_peer {
+            self.own.as_ref().map(|own| own.sequence)
+        } else {
+            self.cache.held_page_sequence(owner, page)
         }
-        self.cache
-            .held_page_sequence(&owner, r.page)
-            .is_none_or(|held| held < r.sequence)
     }
 
     /// A record from a neighbour: skipped when its hint says we hold it
@@ -585,12 +583,10 @@ impl Behaviour {
             });
             return;
         };
-        let held = if owner == self.local_peer {
-            self.own.as_ref().map(|own| own.sequence)
-        } else {
-            self.cache.held_page_sequence(&owner, record.page)
-        };
-        if held.is_some_and(|held| held >= record.sequence) {
+        if self
+            .held_sequence(&owner, record.page)
+            .is_some_and(|held| held >= record.sequence)
+        {
             return;
         }
         let _ = self.accept_record(owner, &record.envelope, RecordVia::Sync, Some(from), None);
@@ -680,21 +676,18 @@ impl Behaviour {
                     sequence: r.sequence,
                 })
                 .collect();
-            let id = self
-                .inner
-                .sync
-                .send_request(&peer, SyncRequest::Offer(refs));
-            self.sync.pushes.insert(id, peer);
-            *self.sync.pushes_to.entry(peer).or_default() += 1;
+            let id = self.send_counted(peer, SyncRequest::Offer(refs));
             self.sync.offers.insert(id, records);
         }
     }
 
     fn send_push(&mut self, peer: PeerId, records: Vec<SyncedRecord>) -> OutboundRequestId {
-        let id = self
-            .inner
-            .sync
-            .send_request(&peer, SyncRequest::Push(records));
+        self.send_counted(peer, SyncRequest::Push(records))
+    }
+
+    /// Send a push or an offer, counted against the peer's pushes in flight.
+    fn send_counted(&mut self, peer: PeerId, request: SyncRequest) -> OutboundRequestId {
+        let id = self.inner.sync.send_request(&peer, request);
         self.sync.pushes.insert(id, peer);
         *self.sync.pushes_to.entry(peer).or_default() += 1;
         id

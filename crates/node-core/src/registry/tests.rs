@@ -141,7 +141,7 @@ async fn pair() -> (Vec<Swarm<Behaviour>>, [PeerId; 2]) {
 /// must come after the events the command caused.
 async fn register_on_a(swarms: &mut [Swarm<Behaviour>], a_peer: PeerId) -> RecordVia {
     let (tx, mut rx) = oneshot::channel();
-    let registered = swarms[0].behaviour_mut().register_service(llm());
+    let registered = swarms[0].behaviour_mut().register_service(&llm());
     swarms[0]
         .behaviour_mut()
         .answer_after_events(tx, registered);
