@@ -1,6 +1,7 @@
 //! `cargo xtask sim`: build the in-process simulator (`ollamacron-sim`,
-//! N real node cores over in-memory links with latency) in release and
-//! run it with the given arguments.
+//! N real node cores over in-memory links with latency) in the
+//! `simulator` profile (release, optimised for speed throughout, with symbols) and run
+//! it with the given arguments.
 
 use std::process::Command;
 use std::time::Instant;
@@ -25,7 +26,8 @@ pub(crate) fn sim(args: &SimArgs) -> anyhow::Result<()> {
     let mut build = crate::cargo();
     build.args([
         "build",
-        "--release",
+        "--profile",
+        "simulator",
         "--locked",
         "--package",
         "ollamacron-sim",
@@ -35,7 +37,7 @@ pub(crate) fn sim(args: &SimArgs) -> anyhow::Result<()> {
     if !crate::run_step("build", &mut build) {
         bail!("building ollamacron-sim failed");
     }
-    let binary = crate::target_dir().join("release").join("ollamacron-sim");
+    let binary = crate::target_dir().join("simulator").join("ollamacron-sim");
     let started = Instant::now();
     let status = Command::new(&binary)
         .args(&args.args)

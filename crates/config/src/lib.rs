@@ -147,7 +147,10 @@ pub struct NodeConfig {
     pub relay_max_circuit_bytes: ByteSize,
     /// Also offer WebSocket (TCP) transport; `/ws` listen addresses need it.
     pub enable_websocket: bool,
-    /// Connection trimming keeps at least this many connections.
+    /// The peers a node connects to by itself: discovered peers are
+    /// dialed, the DHT's namespace looked up and unconnected peers
+    /// health-checked by dialing only while fewer are connected; and
+    /// connection trimming keeps at least this many connections.
     pub conn_mgr_low: usize,
     /// Hard limit of established connections; trimming starts here.
     pub conn_mgr_high: usize,
@@ -348,7 +351,7 @@ impl Default for NodeConfig {
             relay_max_circuit_duration: Duration::from_secs(2 * 60),
             relay_max_circuit_bytes: ByteSize::from_bytes(1 << 20),
             enable_websocket: false,
-            conn_mgr_low: 100,
+            conn_mgr_low: 32,
             conn_mgr_high: 400,
             conn_mgr_grace: Duration::from_secs(30),
             idle_connection_timeout: Duration::from_secs(300),

@@ -188,7 +188,7 @@ const FIELD_DOCS: &[(&str, &str, Option<&str>)] = &[
     ("enable_websocket", "Also offer WebSocket over TCP.", None),
     (
         "conn_mgr_low",
-        "Connection trimming keeps at least this many connections.",
+        "The node connects by itself (dials discovered peers, looks up the DHT namespace, health-checks by dialing) only while fewer peers are connected; trimming keeps at least this many connections.",
         None,
     ),
     (

@@ -75,6 +75,11 @@ pub struct Config {
     /// peer we do not know as a provider connects, to find nodes that just
     /// joined within a second. Off, lookups run every `discovery_interval`.
     pub eager_discovery: bool,
+    /// The namespace lookup runs only while fewer peers than this are
+    /// connected: its answer is for finding peers to connect to, and a
+    /// node that has enough of them (a node dials discovered peers only up
+    /// to a target) would walk the DHT for nothing. `usize::MAX`: always.
+    pub discovery_until_peers: usize,
 }
 
 impl Config {
@@ -83,7 +88,8 @@ impl Config {
     /// every 5 min, namespace lookups at most 30 s apart, 30 s query
     /// timeout, 1024 records of up to 64 KiB living at most 1 h, 256
     /// providers per key, the namespace advertised, announcements 5 s after
-    /// the first peer, and eager discovery.
+    /// the first peer, eager discovery, and namespace lookups however many
+    /// peers are connected.
     #[must_use]
     pub fn new(protocol: StreamProtocol, namespace: impl Into<String>) -> Self {
         Self {
@@ -101,6 +107,7 @@ impl Config {
             advertise_namespace: true,
             announce_delay: Duration::from_secs(5),
             eager_discovery: true,
+            discovery_until_peers: usize::MAX,
         }
     }
 
@@ -187,6 +194,13 @@ impl Config {
         self.eager_discovery = eager;
         self
     }
+
+    /// Sets [`Config::discovery_until_peers`].
+    #[must_use]
+    pub fn with_discovery_until_peers(mut self, peers: usize) -> Self {
+        self.discovery_until_peers = peers;
+        self
+    }
 }
 
 #[cfg(test)]
@@ -212,7 +226,8 @@ mod tests {
             .with_max_record_ttl(Duration::from_secs(8))
             .with_advertise_namespace(false)
             .with_announce_delay(Duration::from_secs(9))
-            .with_eager_discovery(false);
+            .with_eager_discovery(false)
+            .with_discovery_until_peers(7);
         let expected = Config {
             mode: Mode::Client,
             bootstrap_interval: Duration::from_secs(1),
@@ -226,6 +241,7 @@ mod tests {
             advertise_namespace: false,
             announce_delay: Duration::from_secs(9),
             eager_discovery: false,
+            discovery_until_peers: 7,
             ..base
         };
         assert_eq!(changed, expected);

@@ -540,7 +540,11 @@ impl Behaviour {
 
     fn discover(&mut self) {
         // One lookup at a time: triggers during a lookup are served by it.
-        if !self.discovery_queries.is_empty() {
+        // None while enough peers are connected: its answer would only
+        // find more peers to connect to.
+        if !self.discovery_queries.is_empty()
+            || self.connected.len() >= self.config.discovery_until_peers
+        {
             return;
         }
         let id = self.kad.get_providers(self.namespace.clone());

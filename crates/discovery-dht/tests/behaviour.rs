@@ -13,7 +13,7 @@ use libp2p::swarm::SwarmEvent;
 use libp2p::{Multiaddr, PeerId, StreamProtocol, Swarm};
 use libp2p_swarm_test::SwarmExt;
 use ollamacron_discovery_dht::{
-    Behaviour, Config, Event, QueryId, Record, RecordKey, provider_key,
+    Behaviour, Config, Event, Mode, QueryId, Record, RecordKey, provider_key,
 };
 
 const PROTOCOL: &str = "/my-app/kad/1.0.0";
@@ -177,6 +177,51 @@ async fn three_nodes_find_each_other_as_namespace_providers() {
         let others: HashSet<PeerId> = peers.iter().copied().filter(|p| *p != peers[i]).collect();
         assert_eq!(swarm.behaviour().providers(), &others, "node {i}");
     }
+}
+
+/// A node with enough peers connected (`discovery_until_peers`) does not
+/// look the namespace up; one without the limit, in the same mesh, does.
+/// The limited node is a DHT client, so it stores no provider records and
+/// learns providers by its own lookups alone.
+#[tokio::test]
+async fn a_node_with_enough_peers_does_not_look_up_the_namespace() {
+    let (mut hub, hub_addr) = node(PROTOCOL).await;
+    let (b, _) = node(PROTOCOL).await;
+    let (mut c, _) = node_with(
+        config(PROTOCOL)
+            .with_mode(Mode::Client)
+            .with_discovery_until_peers(1),
+    )
+    .await;
+    // Connected before the hub enters its routing table (which starts its
+    // first announcement and lookup): c never has fewer than one peer.
+    c.connect(&mut hub).await;
+    let mut swarms = vec![hub, b, c];
+    let peers: Vec<PeerId> = swarms.iter().map(peer).collect();
+    for swarm in &mut swarms[1..] {
+        swarm
+            .behaviour_mut()
+            .add_address(&peers[0], hub_addr.clone());
+    }
+    // b finds the hub and c by its lookups, one every second.
+    let mut found_by_b = HashSet::new();
+    until(&mut swarms, "b to find the hub and c", |i, _, event| {
+        if let Event::ProviderFound { peer, .. } = event {
+            assert_ne!(i, 2, "c looked the namespace up with a peer connected");
+            if i == 1 {
+                found_by_b.insert(peer);
+            }
+        }
+        (found_by_b.len() == 2).then_some(())
+    })
+    .await;
+    // Three more of c's discovery intervals: still no lookup of c's.
+    let late = drive(&mut swarms, Duration::from_secs(3), |i, _, event| {
+        matches!(event, Event::ProviderFound { .. } if i == 2).then_some(event)
+    })
+    .await;
+    assert!(late.is_none(), "c looked the namespace up: {late:?}");
+    assert!(swarms[2].behaviour().providers().is_empty());
 }
 
 #[tokio::test]

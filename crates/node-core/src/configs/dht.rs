@@ -27,6 +27,9 @@ pub(crate) fn dht_config(config: &NodeConfig, reachability: nat::Reachability) -
         // Records spread by sync between neighbours; the namespace lookup
         // only finds nodes, every `dht_discovery_interval`.
         .with_eager_discovery(false)
+        // Discovered peers are dialed up to `conn_mgr_low`; beyond that
+        // the namespace lookup would find peers no one dials.
+        .with_discovery_until_peers(config.conn_mgr_low)
 }
 
 /// The Kademlia mode for a reachability: `auto` follows it (client while

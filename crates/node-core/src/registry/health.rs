@@ -23,11 +23,6 @@ const HTTP_PROBE_TIMEOUT: Duration = Duration::from_secs(5);
 /// all at once. Peers least recently seen well go first; the rest wait for
 /// the next round.
 const MAX_HEALTH_DIALS_IN_FLIGHT: usize = 8;
-/// A health check dials an unconnected node only while this node has fewer
-/// connected peers than this: in a large mesh a node cannot connect to
-/// every other, and there a node's freshly signed record (which reaches
-/// everyone by record sync) is the sign of life it gives.
-pub(super) const MAX_PEERS_FOR_HEALTH_DIALS: usize = 64;
 /// Most HTTP probes in flight at once.
 const MAX_CONCURRENT_PROBES: usize = 16;
 /// Probe results waiting for the registry.
@@ -167,7 +162,7 @@ impl Behaviour {
             return;
         }
         if self.health_dials.len() >= MAX_HEALTH_DIALS_IN_FLIGHT
-            || self.connected.len() >= MAX_PEERS_FOR_HEALTH_DIALS
+            || self.connected.len() >= self.health_dials_below_peers
             || self.health_dials.values().any(|p| *p == peer)
         {
             return;

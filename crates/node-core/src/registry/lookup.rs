@@ -151,7 +151,14 @@ impl Behaviour {
     fn rank(&self, query: &ServiceQuery) -> Vec<RankedService> {
         let now = unix_ms();
         let mut candidates = Vec::new();
-        for service in self.local.iter() {
+        // Only matching services are cloned into candidates: with a
+        // thousand records held, a model lookup (every gateway request)
+        // scores a handful, not every service of the mesh.
+        for service in self
+            .local
+            .iter()
+            .filter(|s| query.matches(s, self.region.as_deref()))
+        {
             let health = self
                 .service_health
                 .get(&(self.local_peer, service.id.clone()));
@@ -179,7 +186,11 @@ impl Behaviour {
             let path = self.paths.get(peer);
             let rtt = path.map(|(rtt, _)| *rtt);
             let rtt_via_relay = path.is_some_and(|(_, via_relay)| *via_relay);
-            for service in &record.services {
+            for service in record
+                .services
+                .iter()
+                .filter(|s| query.matches(s, record.region.as_deref()))
+            {
                 let service_health = self.service_health.get(&(*peer, service.id.clone()));
                 // A service with its own probe is judged by it; else by its node's.
                 let health = service_health.or(peer_health);

@@ -169,6 +169,12 @@ pub(crate) struct Behaviour {
     /// Open connections: peer and remote address.
     connections: HashMap<ConnectionId, (PeerId, Multiaddr)>,
     connected: HashSet<PeerId>,
+    /// A health check dials an unconnected node only while fewer peers
+    /// than this (`conn_mgr_low`) are connected: in a large mesh a node
+    /// cannot connect to every other, and there a node's freshly signed
+    /// record (which reaches everyone by record sync) is the sign of life
+    /// it gives.
+    health_dials_below_peers: usize,
     /// Each connected peer's scored round trip, and whether it is a relay
     /// path's (from the peer behaviour).
     paths: HashMap<PeerId, (Duration, bool)>,
@@ -294,6 +300,7 @@ impl Behaviour {
             external_addrs: Vec::new(),
             connections: HashMap::new(),
             connected: HashSet::new(),
+            health_dials_below_peers: config.conn_mgr_low,
             paths: HashMap::new(),
             peer_health: HashMap::new(),
             service_health: HashMap::new(),
