@@ -240,6 +240,22 @@ pub(crate) async fn run(args: &Args) -> anyhow::Result<Report> {
     report.services_total = expected.len();
     if let Some(failure) = convergence.failure {
         report.failures.push(failure);
+        // Why the least node lags: what it is connected to.
+        if let Some(node) = nodes.get(convergence.least_node)
+            && let Ok(status) = node.handle.status().await
+        {
+            let detail = format!(
+                "the least node ({}) had {} connected peers ({} in, {} out) and held {} services of {} nodes",
+                node.index,
+                status.connections.peers,
+                status.connections.inbound,
+                status.connections.outbound,
+                status.services.local + status.services.remote,
+                status.services.nodes
+            );
+            eprintln!("{detail}");
+            report.failures.push(detail);
+        }
     }
     report.heap_bytes_per_node = Some(crate::heap_bytes() as f64 / nodes.len() as f64);
     report.rss_at_convergence_bytes = crate::report::rss_bytes();
@@ -423,6 +439,8 @@ struct Convergence {
     complete: usize,
     /// The fewest services any node's lookup returned, at its best.
     min_seen: usize,
+    /// The node that saw them.
+    least_node: usize,
     /// The mean of each node's best.
     mean_seen: f64,
     failure: Option<String>,
@@ -496,9 +514,15 @@ async fn converge(
             tokio::time::sleep(Duration::from_millis(200)).await;
             let p = lock(&progress);
             let now = Instant::now();
-            let least = p.best.iter().copied().min().unwrap_or(0);
+            let (least_node, least) = p
+                .best
+                .iter()
+                .copied()
+                .enumerate()
+                .min_by_key(|(_, seen)| *seen)
+                .unwrap_or((0, 0));
             let what = format!(
-                "{} of {} nodes saw all {total} services; the least saw {least}, the mean {:.0}",
+                "{} of {} nodes saw all {total} services; the least (node {least_node}) saw {least}, the mean {:.0}",
                 p.complete,
                 nodes.len(),
                 mean(p.best.iter().map(|&b| b as f64)),
@@ -539,6 +563,12 @@ async fn converge(
             .then(|| clock.started.elapsed().as_secs_f64()),
         complete: p.complete,
         min_seen: p.best.iter().copied().min().unwrap_or(0),
+        least_node: p
+            .best
+            .iter()
+            .enumerate()
+            .min_by_key(|(_, seen)| **seen)
+            .map_or(0, |(i, _)| i),
         mean_seen: mean(p.best.iter().map(|&b| b as f64)),
         failure,
     }
