@@ -501,14 +501,6 @@ impl SwarmTask {
             }
             identify::Event::Error { peer_id, error, .. } => {
                 tracing::debug!(%peer_id, error = %error_chain(&error), "identify failed");
-                // Under load an exchange can time out, and identify does
-                // not retry it on that connection: our info pushed to the
-                // peer lets it know us (and sync with us, which tells us it
-                // speaks sync), once per peer while it stays connected.
-                let behaviour = self.swarm.behaviour_mut();
-                if behaviour.peers.first_identify_failure(&peer_id) {
-                    behaviour.identify.push([peer_id]);
-                }
             }
             identify::Event::Sent { .. } | identify::Event::Pushed { .. } => {}
         }

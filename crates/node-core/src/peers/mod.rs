@@ -112,8 +112,6 @@ pub(crate) struct PeerEntry {
     direct: usize,
     /// Open relayed connections.
     relayed: usize,
-    /// An identify exchange with it failed and we pushed ours instead.
-    identify_pushed: bool,
 }
 
 impl PeerEntry {
@@ -320,16 +318,6 @@ impl Behaviour {
                 self.breakers.remove(&peer);
             }
         }
-    }
-
-    /// An identify exchange with the connected `peer` failed: `true` the
-    /// first time while it stays connected (push ours to it then, so that
-    /// at least it learns what we speak; a failed exchange is not run again
-    /// on its connection), `false` after that or when it is not connected.
-    pub(crate) fn first_identify_failure(&mut self, peer: &PeerId) -> bool {
-        self.peers
-            .get_mut(peer)
-            .is_some_and(|entry| !std::mem::replace(&mut entry.identify_pushed, true))
     }
 
     /// A peer identified itself; `true` if its versions changed.

@@ -718,15 +718,7 @@ impl Behaviour {
             request_response::Event::Message { peer, message, .. } => match message {
                 request_response::Message::Request {
                     request, channel, ..
-                } => {
-                    // It speaks sync: a neighbour, even if identify has not
-                    // told us so (yet, or ever: an identify exchange that
-                    // failed is not run again on the connection).
-                    if self.connected.contains(&peer) {
-                        self.on_sync_peer(peer);
-                    }
-                    self.on_sync_request(peer, request, channel);
-                }
+                } => self.on_sync_request(peer, request, channel),
                 request_response::Message::Response {
                     request_id,
                     response,
