@@ -1,7 +1,7 @@
 //! `cargo xtask sim`: build the in-process simulator (`ollamacron-sim`,
 //! N real node cores over in-memory links with latency) in the
-//! `simulator` profile (release, optimised for speed throughout, with symbols) and run
-//! it with the given arguments.
+//! `simulator` profile (release, optimised for speed throughout, with
+//! symbols) and run it with the given arguments.
 
 use std::process::Command;
 use std::time::Instant;

@@ -514,13 +514,7 @@ async fn converge(
             tokio::time::sleep(Duration::from_millis(200)).await;
             let p = lock(&progress);
             let now = Instant::now();
-            let (least_node, least) = p
-                .best
-                .iter()
-                .copied()
-                .enumerate()
-                .min_by_key(|(_, seen)| *seen)
-                .unwrap_or((0, 0));
+            let (least_node, least) = least(&p.best);
             let what = format!(
                 "{} of {} nodes saw all {total} services; the least (node {least_node}) saw {least}, the mean {:.0}",
                 p.complete,
@@ -562,16 +556,21 @@ async fn converge(
             .is_none()
             .then(|| clock.started.elapsed().as_secs_f64()),
         complete: p.complete,
-        min_seen: p.best.iter().copied().min().unwrap_or(0),
-        least_node: p
-            .best
-            .iter()
-            .enumerate()
-            .min_by_key(|(_, seen)| **seen)
-            .map_or(0, |(i, _)| i),
+        min_seen: least(&p.best).1,
+        least_node: least(&p.best).0,
         mean_seen: mean(p.best.iter().map(|&b| b as f64)),
         failure,
     }
+}
+
+/// The node that saw the fewest services (the first of them), and how
+/// many it saw.
+fn least(best: &[usize]) -> (usize, usize) {
+    best.iter()
+        .copied()
+        .enumerate()
+        .min_by_key(|(_, seen)| *seen)
+        .unwrap_or((0, 0))
 }
 
 /// Each node's Kademlia requests sent and connected peers.

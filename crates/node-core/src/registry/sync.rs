@@ -4,9 +4,8 @@
 //! - **Pull** (anti-entropy): a node sends a neighbour the list of records
 //!   it holds — owner, page and sequence of each, no contents — and gets
 //!   back the records the neighbour holds that are missing from the list or
-//!   newer, up to a byte budget (`more` says ask again), with the position
-//!   of the neighbour's log of what it learned. A node pulls from its first
-//!   neighbours when it joins, from one random neighbour every
+//!   newer, up to a byte budget (`more` says ask again). A node pulls from
+//!   its first neighbours when it joins, from one random neighbour every
 //!   [`SYNC_INTERVAL`], and from a neighbour whose list shows records it
 //!   lacks.
 //! - **Catch-up**: every [`CATCH_UP_INTERVAL`] (doubling up to 30 s while
@@ -65,8 +64,8 @@ const JOIN_PULLS: usize = 2;
 pub(super) const SYNC_INTERVAL: Duration = Duration::from_secs(300);
 /// Longest a sync request may take.
 const SYNC_REQUEST_TIMEOUT: Duration = Duration::from_secs(10);
-/// How often a node asks one random neighbour what it learned since the
-/// last time.
+/// How often (at the shortest) a node sends one random neighbour a filter
+/// of what it holds, to get back what the filter lacks.
 pub(super) const CATCH_UP_INTERVAL: Duration = Duration::from_secs(1);
 /// The longest pause between catch-ups while they find nothing.
 const MAX_CATCH_UP_INTERVAL: Duration = Duration::from_secs(30);
@@ -592,18 +591,18 @@ impl Behaviour {
         let _ = self.accept_record(owner, &record.envelope, RecordVia::Sync, Some(from), None);
     }
 
-    /// A record new to us (verified and stored): pass it on in the next
-    /// batch.
-    pub(super) fn pass_on(&mut self, owner: PeerId, envelope: &[u8], offer: bool) {
+    /// A record new to us (verified and stored, not by gossip, which
+    /// spreads its own): pass it on in the next batch.
+    pub(super) fn pass_on(&mut self, owner: PeerId, envelope: &[u8]) {
+        if self.sync.peers.is_empty() || self.sync.outbox.len() >= MAX_OUTBOX_RECORDS {
+            return;
+        }
         let Some((page, sequence, _)) = self.cache.get(&owner).and_then(|held| {
             held.page_envelopes()
                 .find(|(_, _, stored)| *stored == envelope)
         }) else {
             return;
         };
-        if !offer || self.sync.peers.is_empty() || self.sync.outbox.len() >= MAX_OUTBOX_RECORDS {
-            return;
-        }
         self.sync.outbox.push(SyncedRecord {
             owner: owner.to_bytes(),
             page,

@@ -53,8 +53,10 @@ impl Behaviour {
             self.cache
                 .accept_at_least(owner, envelope, now, &self.limits, floor)
         };
-        if let Ok(Accepted::Stored { .. }) = &result {
-            self.pass_on(owner, envelope, via != RecordVia::Gossip);
+        if via != RecordVia::Gossip
+            && let Ok(Accepted::Stored { .. }) = &result
+        {
+            self.pass_on(owner, envelope);
         }
         match &result {
             Ok(Accepted::Stored { changes }) => {
