@@ -6,6 +6,7 @@ use std::time::Duration;
 
 use anyhow::{Context, bail};
 use clap::Parser;
+use ollamacron_node_core::config::{ConfigLoader, NodeConfig};
 
 /// Run N node cores in one process over in-memory links with latency.
 #[derive(Debug, Parser)]
@@ -57,6 +58,12 @@ pub(crate) struct Args {
     /// resident set reaches this many GiB.
     #[arg(long, default_value_t = 21.0)]
     pub(crate) max_rss_gib: f64,
+    /// Set a configuration field of every node, `KEY=VALUE` as the node's
+    /// own `--set` takes it (repeatable; e.g. `--set conn_mgr_high=96`).
+    /// The simulation's own fields (listen, bootstrap, mDNS, reachability,
+    /// a churn run's record lifetime) are applied on top.
+    #[arg(long = "set", value_name = "KEY=VALUE", value_parser = parse_set)]
+    pub(crate) overrides: Vec<(String, String)>,
 }
 
 /// Fewest single-holder models the lookup figures are meant for.
@@ -99,6 +106,16 @@ impl Args {
         (self.max_rss_gib * 1024.0 * 1024.0 * 1024.0) as u64
     }
 
+    /// The configuration every node starts from: the defaults with the
+    /// `--set` overrides.
+    pub(crate) fn base_config(&self) -> anyhow::Result<NodeConfig> {
+        let loader = self
+            .overrides
+            .iter()
+            .fold(ConfigLoader::new(), |l, (k, v)| l.set(k, v));
+        loader.load().context("--set")
+    }
+
     pub(crate) fn poll(&self) -> Duration {
         Duration::from_millis(self.poll_ms)
     }
@@ -138,6 +155,16 @@ fn parse_rtt(s: &str) -> anyhow::Result<RangeInclusive<Duration>> {
     Ok(min..=max)
 }
 
+/// `KEY=VALUE`.
+fn parse_set(text: &str) -> Result<(String, String), String> {
+    match text.split_once('=') {
+        Some((key, value)) if !key.trim().is_empty() => {
+            Ok((key.trim().to_owned(), value.to_owned()))
+        }
+        _ => Err(format!("`{text}`: expected KEY=VALUE")),
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -150,5 +177,21 @@ mod tests {
         assert_eq!(parse_rtt("50").unwrap(), ms(50)..=ms(50));
         assert!(parse_rtt("80..20").is_err());
         assert!(parse_rtt("a..b").is_err());
+    }
+
+    #[test]
+    fn set_overrides_parse_and_reach_the_base_config() {
+        assert_eq!(
+            parse_set("idle_connection_timeout=5m").unwrap(),
+            ("idle_connection_timeout".to_owned(), "5m".to_owned())
+        );
+        assert!(parse_set("=5m").is_err());
+        assert!(parse_set("no equals sign").is_err());
+        let args =
+            Args::try_parse_from(["sim", "--nodes", "3", "--set", "conn_mgr_low=7"]).unwrap();
+        assert_eq!(args.base_config().unwrap().conn_mgr_low, 7);
+        let bad =
+            Args::try_parse_from(["sim", "--nodes", "3", "--set", "conn_mgr_low=many"]).unwrap();
+        assert!(bad.base_config().is_err());
     }
 }

@@ -49,12 +49,17 @@ pub(crate) fn own_model(i: usize) -> String {
     format!("model-{i}:latest")
 }
 
-/// Node `i` of `net`: the node's default configuration with mDNS off, its
+/// Node `i` of `net`: `base` (the defaults and `--set`) with mDNS off, its
 /// memory address, 1–3 earlier nodes to bootstrap from, reachability
 /// forced public (no NAT in the simulation), and (for a churn run) the
 /// short record lifetime. It holds `model-<i>:latest`, which no other node
 /// does, and 0–2 of the popular models `model-<N>:latest` ….
-pub(crate) fn plan(net: &SimNetwork, seed: u64, churn: bool) -> Vec<PlannedNode> {
+pub(crate) fn plan(
+    net: &SimNetwork,
+    base: &NodeConfig,
+    seed: u64,
+    churn: bool,
+) -> Vec<PlannedNode> {
     let n = net.len();
     let mut rng = StdRng::seed_from_u64(seed);
     let mut nodes: Vec<PlannedNode> = Vec::with_capacity(n);
@@ -78,7 +83,7 @@ pub(crate) fn plan(net: &SimNetwork, seed: u64, churn: bool) -> Vec<PlannedNode>
             listen: vec![net.address(i)],
             bootstrap,
             force_reachability: Some(Reachability::Public),
-            ..NodeConfig::default()
+            ..base.clone()
         };
         if churn {
             config.record_ttl = CHURN_RECORD_TTL;
@@ -112,8 +117,8 @@ mod tests {
             120,
             Duration::from_millis(20)..=Duration::from_millis(80),
         ));
-        let a = plan(&net, 7, false);
-        let b = plan(&net, 7, false);
+        let a = plan(&net, &NodeConfig::default(), 7, false);
+        let b = plan(&net, &NodeConfig::default(), 7, false);
         assert_eq!(a.len(), 120);
         let mut holders = std::collections::HashMap::<String, usize>::new();
         for (i, (x, y)) in a.iter().zip(&b).enumerate() {

@@ -50,6 +50,8 @@ pub(crate) struct Report {
     pub(crate) nodes: usize,
     pub(crate) seed: u64,
     pub(crate) rtt_ms: (u128, u128),
+    /// The `--set` overrides, `KEY=VALUE`.
+    pub(crate) overrides: Vec<String>,
     pub(crate) services_total: usize,
     pub(crate) single_holder_models: usize,
     pub(crate) started_s: Option<f64>,
@@ -94,6 +96,11 @@ impl Report {
             nodes: args.nodes,
             seed: args.seed,
             rtt_ms: (args.rtt.start().as_millis(), args.rtt.end().as_millis()),
+            overrides: args
+                .overrides
+                .iter()
+                .map(|(k, v)| format!("{k}={v}"))
+                .collect(),
             single_holder_models: holders.values().filter(|&&c| c == 1).count(),
             record_ttl_s: planned
                 .first()
@@ -120,6 +127,7 @@ impl Report {
             "nodes": self.nodes,
             "seed": self.seed,
             "rtt_ms": [self.rtt_ms.0, self.rtt_ms.1],
+            "overrides": self.overrides,
             "services_total": self.services_total,
             "single_holder_models": self.single_holder_models,
             "record_ttl_s": self.record_ttl_s,
@@ -189,6 +197,14 @@ impl Report {
         let mut rows: Vec<(&str, String)> = vec![
             ("nodes", self.nodes.to_string()),
             ("rtt", format!("{}..{} ms", self.rtt_ms.0, self.rtt_ms.1)),
+            (
+                "config overrides",
+                if self.overrides.is_empty() {
+                    "none".to_owned()
+                } else {
+                    self.overrides.join(" ")
+                },
+            ),
             (
                 "services",
                 format!(

@@ -11,12 +11,12 @@ use anyhow::Context;
 use futures::StreamExt;
 use futures::future::join_all;
 use ollamacron_node_core::registry::{ServiceInfo, ServiceQuery};
-use ollamacron_node_core::{Node, NodeError, NodeHandle};
+use ollamacron_node_core::{Node, NodeError, NodeEvent, NodeHandle};
 use ollamacron_sim::{SimConfig, SimNetwork};
 use rand::SeedableRng;
 use rand::rngs::StdRng;
 use rand::seq::{IteratorRandom, SliceRandom};
-use tokio::sync::{Notify, watch};
+use tokio::sync::{Notify, broadcast, watch};
 use tokio::time::Instant;
 
 use crate::args::{Args, MIN_SINGLE_HOLDERS};
@@ -27,8 +27,6 @@ use crate::report::{Churn, KadRequests, Report};
 const IDLE_SETTLE: Duration = Duration::from_secs(10);
 /// The idle traffic window.
 const IDLE_WINDOW: Duration = Duration::from_secs(20);
-/// How often each node is asked whether it sees the new service.
-const SPREAD_POLL: Duration = Duration::from_millis(50);
 /// Share of the nodes that must see the new service, in percent.
 const SPREAD_PERCENT: usize = 99;
 /// Model lookups in flight at once.
@@ -37,8 +35,7 @@ const LOOKUP_CONCURRENCY: usize = 64;
 const PROGRESS_EVERY: Duration = Duration::from_secs(10);
 /// Longest the nodes get to stop at the end.
 const SHUTDOWN_LIMIT: Duration = Duration::from_secs(15);
-/// The tag only the new service carries, so the spread lookups' answers
-/// hold it alone (the walk is the same: the type's key).
+/// The tag only the new service carries.
 const NEW_SERVICE_TAG: &str = "sim-new";
 
 /// A running node of the simulation.
@@ -188,7 +185,8 @@ pub(crate) async fn run(args: &Args) -> anyhow::Result<Report> {
         seed: args.seed,
         base_port: 1,
     });
-    let planned = plan::plan(&net, args.seed, args.churn.is_some());
+    let base = args.base_config()?;
+    let planned = plan::plan(&net, &base, args.seed, args.churn.is_some());
     let mut report = Report::new(args, &planned);
     let mut rng = StdRng::seed_from_u64(args.seed ^ 0x5eed);
     if args.nodes < MIN_SINGLE_HOLDERS {
@@ -255,6 +253,34 @@ pub(crate) async fn run(args: &Args) -> anyhow::Result<Report> {
             );
             eprintln!("{detail}");
             report.failures.push(detail);
+            if let Ok(peers) = node.handle.connected_peers().await {
+                let by_id: HashMap<String, &SimNode> =
+                    nodes.iter().map(|n| (n.peer_id.clone(), n)).collect();
+                for p in peers {
+                    let held = match by_id.get(&p.peer_id.to_string()) {
+                        Some(n) => n
+                            .handle
+                            .status()
+                            .await
+                            .map(|s| {
+                                format!(
+                                    "node {} holding {}",
+                                    n.index,
+                                    s.services.local + s.services.remote
+                                )
+                            })
+                            .unwrap_or_default(),
+                        None => "unknown".to_owned(),
+                    };
+                    eprintln!(
+                        "  peer {held}: {:?} for {:.0} s, identified {}, rtt {:?}",
+                        p.direction,
+                        p.connected_for.as_secs_f64(),
+                        p.protocol_version.is_some(),
+                        p.rtt
+                    );
+                }
+            }
         }
     }
     report.heap_bytes_per_node = Some(crate::heap_bytes() as f64 / nodes.len() as f64);
@@ -649,7 +675,7 @@ async fn model_lookups(nodes: &[SimNode], rng: &mut StdRng) -> (usize, usize, us
 }
 
 /// Register a new service on a random node; the time until 99% of the
-/// nodes' lookups return it, each node asked every 50 ms.
+/// nodes hold it (each node's own `ServiceAdded` event for it).
 async fn spread(
     nodes: &[SimNode],
     args: &Args,
@@ -663,39 +689,40 @@ async fn spread(
         ..model_service("model-new:latest")
     };
     let id = service.id.clone();
+    let receivers: Vec<_> = alive.iter().map(|n| n.handle.subscribe()).collect();
     origin
         .handle
         .register_service(service)
         .await
         .context("the origin refused the new service")?;
     let registered = Instant::now();
-    let query = ServiceQuery {
-        service_type: Some(SERVICE_TYPE.to_owned()),
-        tags: vec![NEW_SERVICE_TAG.to_owned()],
-        ..ServiceQuery::default()
-    };
     let needed = (alive.len() * SPREAD_PERCENT).div_ceil(100);
     let seen: Mutex<Vec<f64>> = Mutex::new(Vec::new());
     let enough = Notify::new();
-    let loops = alive.iter().map(|node| {
-        let (query, id, seen, enough) = (&query, &id, &seen, &enough);
+    // Each node's own event: the service is in its verified cache, where
+    // a lookup (the gateway's) finds it. Watching the events, not polling
+    // lookups, keeps the probe from loading the mesh it measures: a lookup
+    // that finds nothing in the cache walks the DHT.
+    let loops = receivers.into_iter().map(|mut events| {
+        let (id, seen, enough) = (&id, &seen, &enough);
         async move {
             loop {
-                let Ok(found) = node.handle.find_services(query.clone()).await else {
-                    return;
-                };
-                if found
-                    .iter()
-                    .any(|s| s.service.peer_id == origin.peer_id && s.service.id == *id)
-                {
-                    let mut seen = lock(seen);
-                    seen.push(registered.elapsed().as_secs_f64());
-                    if seen.len() >= needed {
-                        enough.notify_one();
+                match events.recv().await {
+                    Ok(NodeEvent::ServiceAdded {
+                        peer_id,
+                        service_id,
+                        ..
+                    }) if peer_id.to_string() == origin.peer_id && service_id == *id => {
+                        let mut seen = lock(seen);
+                        seen.push(registered.elapsed().as_secs_f64());
+                        if seen.len() >= needed {
+                            enough.notify_one();
+                        }
+                        return;
                     }
-                    return;
+                    Ok(_) | Err(broadcast::error::RecvError::Lagged(_)) => {}
+                    Err(broadcast::error::RecvError::Closed) => return,
                 }
-                tokio::time::sleep(SPREAD_POLL).await;
             }
         }
     });
