@@ -157,7 +157,11 @@ pub struct NodeConfig {
     /// Connections younger than this are never trimmed.
     #[serde(with = "duration")]
     pub conn_mgr_grace: Duration,
-    /// A connection no protocol uses is closed after this long.
+    /// A connection no protocol uses is closed after this long, unless
+    /// it is one of the node's neighbours: each node keeps up to
+    /// `conn_mgr_low` connections open while idle (the first it makes or
+    /// accepts, replaced as they close), and a connection either side
+    /// keeps stays open.
     #[serde(with = "duration")]
     pub idle_connection_timeout: Duration,
     /// Longest an outgoing dial (connect and handshake) may take.
@@ -354,7 +358,7 @@ impl Default for NodeConfig {
             conn_mgr_low: 32,
             conn_mgr_high: 400,
             conn_mgr_grace: Duration::from_secs(30),
-            idle_connection_timeout: Duration::from_secs(300),
+            idle_connection_timeout: Duration::from_secs(10),
             dial_timeout: Duration::from_secs(30),
             enable_tls: true,
             enable_noise: true,

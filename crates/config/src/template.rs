@@ -203,7 +203,7 @@ const FIELD_DOCS: &[(&str, &str, Option<&str>)] = &[
     ),
     (
         "idle_connection_timeout",
-        "A connection no protocol uses is closed after this long.",
+        "A connection no protocol uses is closed after this long, unless it is one of the node's neighbours (up to conn_mgr_low connections either side keeps open while idle).",
         None,
     ),
     (

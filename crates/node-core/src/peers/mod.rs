@@ -7,6 +7,7 @@
 //! with `ToSwarm::CloseConnection`; the swarm task only reads it.
 
 mod dials;
+mod keep_alive;
 
 use std::collections::{HashMap, HashSet, VecDeque};
 use std::future::Future;
@@ -55,6 +56,7 @@ pub(crate) struct Inner {
     allowed_peers: Toggle<allow_block_list::Behaviour<AllowedPeers>>,
     connection_limits: connection_limits::Behaviour,
     memory_limits: Toggle<memory_connection_limits::Behaviour>,
+    keep_alive: keep_alive::Behaviour,
     ping: ping::Behaviour,
 }
 
@@ -160,6 +162,11 @@ pub(crate) struct Behaviour {
     peers: HashMap<PeerId, PeerEntry>,
     /// Peers trimming never disconnects (the bootstrap peers).
     protected: HashSet<PeerId>,
+    /// The neighbours: peers whose connection (this one) stays open while
+    /// idle, at most `keep_limit` (`conn_mgr_low`) of them. Every other
+    /// connection closes after `idle_connection_timeout` of idleness.
+    kept: HashMap<PeerId, ConnectionId>,
+    keep_limit: usize,
     trim: TrimPolicy,
     trim_tick: tokio::time::Interval,
     /// Connections trimming closed that have not reported closed yet.
@@ -219,12 +226,15 @@ impl Behaviour {
                 allowed_peers: allowed_peers.into(),
                 connection_limits: connection_limits::Behaviour::new(limits),
                 memory_limits: memory_limits.into(),
+                keep_alive: keep_alive::Behaviour::default(),
                 ping: ping::Behaviour::new(ping::Config::new().with_interval(config.ping_interval)),
             },
             local_peer,
             connections: HashMap::new(),
             peers: HashMap::new(),
             protected,
+            kept: HashMap::new(),
+            keep_limit: config.conn_mgr_low,
             trim: TrimPolicy {
                 low: config.conn_mgr_low,
                 high: config.conn_mgr_high,
@@ -683,7 +693,74 @@ impl Behaviour {
         if let Some(pending) = self.dials.remove(&connection_id) {
             self.finished_dials.push_back((pending, Ok(peer)));
         }
+        self.keep_established(peer, connection_id, relayed);
         self.trim_connections();
+    }
+
+    /// A new connection becomes the peer's kept one when the peer has none
+    /// and there is room, or when it is direct and the kept one relayed.
+    fn keep_established(&mut self, peer: PeerId, connection_id: ConnectionId, relayed: bool) {
+        match self.kept.get(&peer).copied() {
+            Some(kept) => {
+                let kept_relayed = self.connections.get(&kept).is_some_and(|c| c.relayed);
+                if kept_relayed && !relayed {
+                    self.inner.keep_alive.set_kept(peer, kept, false);
+                    self.keep(peer, connection_id);
+                }
+            }
+            None if self.kept.len() < self.keep_limit => self.keep(peer, connection_id),
+            None => {}
+        }
+    }
+
+    fn keep(&mut self, peer: PeerId, connection_id: ConnectionId) {
+        self.kept.insert(peer, connection_id);
+        self.inner.keep_alive.set_kept(peer, connection_id, true);
+    }
+
+    /// The kept connection of `peer` closed: its other connection is kept
+    /// instead (direct first), or else the room goes to another peer (a
+    /// protected one first, then the longest connected).
+    fn replace_kept(&mut self, peer: PeerId) {
+        self.kept.remove(&peer);
+        let open = |c: &(&ConnectionId, &Connection)| {
+            !self.closing.contains(c.0) && !self.duplicates.contains_key(c.0)
+        };
+        let same_peer = self
+            .connections
+            .iter()
+            .filter(|c| c.1.peer == peer && open(c))
+            .min_by_key(|(id, c)| (c.relayed, c.established, **id))
+            .map(|(id, _)| *id);
+        if let Some(id) = same_peer {
+            self.keep(peer, id);
+            return;
+        }
+        if self.kept.len() >= self.keep_limit {
+            return;
+        }
+        let other = self
+            .connections
+            .iter()
+            .filter(|c| !self.kept.contains_key(&c.1.peer) && open(c))
+            .min_by_key(|(id, c)| {
+                (
+                    !self.protected.contains(&c.peer),
+                    c.relayed,
+                    c.established,
+                    **id,
+                )
+            })
+            .map(|(id, c)| (c.peer, *id));
+        if let Some((other, id)) = other {
+            self.keep(other, id);
+        }
+    }
+
+    /// Whether `peer` is one of the neighbours kept connected while idle.
+    #[cfg(test)]
+    pub(crate) fn is_kept(&self, peer: &PeerId) -> bool {
+        self.kept.contains_key(peer)
     }
 
     fn on_closed(&mut self, peer: PeerId, connection_id: ConnectionId, remaining: usize) {
@@ -711,6 +788,9 @@ impl Behaviour {
         self.closing.remove(&connection_id);
         if self.duplicates.remove(&connection_id).is_none() {
             self.on_survivor_closed(peer);
+        }
+        if self.kept.get(&peer) == Some(&connection_id) {
+            self.replace_kept(peer);
         }
         if remaining == 0 && self.peers.remove(&peer).is_some() {
             self.queued
@@ -868,7 +948,8 @@ impl NetworkBehaviour for Behaviour {
                 Poll::Ready(ToSwarm::GenerateEvent(
                     InnerEvent::AllowedPeers(never)
                     | InnerEvent::ConnectionLimits(never)
-                    | InnerEvent::MemoryLimits(never),
+                    | InnerEvent::MemoryLimits(never)
+                    | InnerEvent::KeepAlive(never),
                 )) => match never {},
                 Poll::Ready(other) => {
                     return Poll::Ready(other.map_out(|_| {

@@ -683,3 +683,115 @@ async fn a_duplicate_whose_survivor_closes_first_is_kept() {
         assert!(s.behaviour().duplicates.is_empty());
     }
 }
+
+/// How long an idle connection that is not kept stays open in the
+/// keep-alive tests.
+const IDLE_TIMEOUT: Duration = Duration::from_millis(400);
+
+/// [`node`] whose swarm closes idle connections after [`IDLE_TIMEOUT`].
+fn idling_node(config: &NodeConfig) -> Swarm<Behaviour> {
+    use libp2p::core::transport::MemoryTransport;
+    use libp2p::core::upgrade::Version;
+    use libp2p::{Transport as _, noise, yamux};
+    let key = libp2p::identity::Keypair::generate_ed25519();
+    let transport = MemoryTransport::default()
+        .upgrade(Version::V1)
+        .authenticate(noise::Config::new(&key).unwrap())
+        .multiplex(yamux::Config::default())
+        .boxed();
+    let behaviour = Behaviour::new(key.public().to_peer_id(), config, HashSet::new());
+    Swarm::new(
+        transport,
+        behaviour,
+        key.public().to_peer_id(),
+        libp2p::swarm::Config::with_tokio_executor().with_idle_connection_timeout(IDLE_TIMEOUT),
+    )
+}
+
+/// Drive `swarms` for `time` (they only idle): whatever closes as idle
+/// closes meanwhile.
+async fn idle_for(swarms: &mut [Swarm<Behaviour>], time: Duration) {
+    let _ = drive(swarms, time, &mut |_, _| None::<()>).await;
+}
+
+/// [`config`] keeping at most `neighbours` connections open while idle.
+fn keeping(neighbours: usize) -> NodeConfig {
+    NodeConfig {
+        conn_mgr_low: neighbours,
+        ..config()
+    }
+}
+
+#[tokio::test]
+async fn idle_connections_neither_side_keeps_close_while_the_kept_ones_stay() {
+    // Node 0 keeps one neighbour; nodes 1 and 2 keep none of their own.
+    let a = idling_node(&keeping(1));
+    let mut b = idling_node(&keeping(0));
+    let mut c = idling_node(&keeping(0));
+    let b_addr = listen(&mut b).await;
+    let c_addr = listen(&mut c).await;
+    let (b_peer, c_peer) = (peer(&b), peer(&c));
+    let mut swarms = vec![a, b, c];
+    connect(&mut swarms, 0, 1, &b_addr).await;
+    connect(&mut swarms, 0, 2, &c_addr).await;
+    assert!(swarms[0].behaviour().is_kept(&b_peer));
+    assert!(!swarms[0].behaviour().is_kept(&c_peer));
+
+    // The connection to node 2 is idle and kept by neither side: it
+    // closes. Node 0 keeps node 1, and its neighbour stream keeps node 1's
+    // side open though node 1 keeps nothing itself.
+    until(
+        &mut swarms,
+        "the unkept connection to close",
+        |swarms, _| (!swarms[0].is_connected(&c_peer)).then_some(()),
+    )
+    .await;
+    idle_for(&mut swarms, IDLE_TIMEOUT * 4).await;
+    assert!(
+        swarms[0].is_connected(&b_peer),
+        "the kept connection closed"
+    );
+    assert!(!swarms[1].behaviour().is_kept(&peer(&swarms[0])));
+}
+
+#[tokio::test]
+async fn a_connection_the_remote_keeps_stays_open_though_we_keep_none() {
+    let a = idling_node(&keeping(0));
+    let mut b = idling_node(&keeping(1));
+    let b_addr = listen(&mut b).await;
+    let (a_peer, b_peer) = (peer(&a), peer(&b));
+    let mut swarms = vec![a, b];
+    connect(&mut swarms, 0, 1, &b_addr).await;
+    assert!(!swarms[0].behaviour().is_kept(&b_peer));
+    assert!(swarms[1].behaviour().is_kept(&a_peer));
+    idle_for(&mut swarms, IDLE_TIMEOUT * 4).await;
+    assert!(
+        swarms[0].is_connected(&b_peer),
+        "the remote's neighbour closed as idle"
+    );
+}
+
+#[tokio::test]
+async fn when_a_kept_connection_closes_another_peer_is_kept_instead() {
+    let a = idling_node(&keeping(1));
+    let mut b = idling_node(&keeping(0));
+    let mut c = idling_node(&keeping(0));
+    let b_addr = listen(&mut b).await;
+    let c_addr = listen(&mut c).await;
+    let (b_peer, c_peer) = (peer(&b), peer(&c));
+    let mut swarms = vec![a, b, c];
+    connect(&mut swarms, 0, 1, &b_addr).await;
+    connect(&mut swarms, 0, 2, &c_addr).await;
+    assert!(!swarms[0].behaviour().is_kept(&c_peer));
+    assert!(swarms[0].disconnect_peer_id(b_peer).is_ok());
+    until(&mut swarms, "the kept peer to leave", |swarms, _| {
+        (!swarms[0].is_connected(&b_peer)).then_some(())
+    })
+    .await;
+    assert!(swarms[0].behaviour().is_kept(&c_peer));
+    idle_for(&mut swarms, IDLE_TIMEOUT * 4).await;
+    assert!(
+        swarms[0].is_connected(&c_peer),
+        "the new neighbour closed as idle"
+    );
+}
