@@ -49,6 +49,9 @@ const MAX_IDENTIFY_ADDRESSES: usize = 8;
 /// How often expired records are dropped (their services leave answers at
 /// once; this tells subscribers).
 const EXPIRY_CHECK_INTERVAL: Duration = Duration::from_secs(5);
+/// The earliest first tick of the periodic timers, as a share of their
+/// period.
+const FIRST_TICK_FRACTION: f64 = 0.5;
 /// The deadline timer's resting point when nothing is due.
 const IDLE_DEADLINE: Duration = Duration::from_secs(3600);
 
@@ -259,8 +262,13 @@ impl Behaviour {
         } else {
             None
         };
+        // The first tick comes at a random point of the second half of
+        // the period: nodes started together (a fleet after a power cut,
+        // the simulator) do not refresh and sync in lockstep.
         let periodic = |period: Duration| {
-            let mut tick = tokio::time::interval_at(tokio::time::Instant::now() + period, period);
+            let first = period
+                .mul_f64(FIRST_TICK_FRACTION + rand::random::<f64>() * (1.0 - FIRST_TICK_FRACTION));
+            let mut tick = tokio::time::interval_at(tokio::time::Instant::now() + first, period);
             tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
             tick
         };
@@ -419,10 +427,15 @@ impl Behaviour {
     /// A peer identified itself: an Ollamacron node that speaks our DHT
     /// gets its addresses into the routing table and our record at once.
     pub(crate) fn on_identified(&mut self, peer: PeerId, info: &identify::Info) {
+        let speaks_sync =
+            info.protocol_version == PROTOCOL_VERSION && info.protocols.contains(&SYNC_PROTOCOL);
+        if !speaks_sync {
+            self.on_sync_peer_gone(&peer);
+        }
         if info.protocol_version != PROTOCOL_VERSION {
             return;
         }
-        if info.protocols.contains(&SYNC_PROTOCOL) && self.connected.contains(&peer) {
+        if speaks_sync && self.connected.contains(&peer) {
             self.on_sync_peer(peer);
         }
         if !info.protocols.contains(&keys::KAD_PROTOCOL) {
@@ -649,7 +662,21 @@ impl NetworkBehaviour for Behaviour {
             FromSwarm::ExternalAddrExpired(e) => self.external_addrs.retain(|a| a != e.addr),
             _ => {}
         }
+        let first_connection = match &event {
+            FromSwarm::ConnectionEstablished(e) if e.other_established == 0 => Some(e.peer_id),
+            _ => None,
+        };
         self.inner.on_swarm_event(event);
+        // A new peer is a sync neighbour from its first connection on, not
+        // only once identify says so: under load an identify exchange can
+        // time out, and a node whose neighbours were all learned that way
+        // would be left with connections and no records. A peer that turns
+        // out not to speak the protocol is dropped again (identify, or the
+        // first request it refuses). After the inner behaviours saw the
+        // connection, so that sync requests go out on it.
+        if let Some(peer) = first_connection {
+            self.on_sync_peer(peer);
+        }
     }
 
     fn poll(

@@ -337,8 +337,8 @@ fn peer_of(bytes: &[u8]) -> Option<PeerId> {
 }
 
 impl Behaviour {
-    /// A connected peer speaks the sync protocol: it gets our record, and
-    /// a joining node pulls from it.
+    /// A peer connected (or identify said it speaks the sync protocol): it
+    /// gets our record, and a joining node pulls from it.
     pub(super) fn on_sync_peer(&mut self, peer: PeerId) {
         if !self.sync.peers.insert(peer) {
             return;
@@ -730,6 +730,13 @@ impl Behaviour {
                 ..
             } => {
                 tracing::debug!(%peer, %error, "sync request failed");
+                if matches!(
+                    error,
+                    request_response::OutboundFailure::UnsupportedProtocols
+                ) {
+                    // Not a node of ours (a relay, say): no neighbour.
+                    self.on_sync_peer_gone(&peer);
+                }
                 // A connection closed under it (a duplicate the tie-break
                 // closed, say): while the peer is still connected, our
                 // record and a pull are sent again, once per failure.
