@@ -722,9 +722,9 @@ fn keeping(neighbours: usize) -> NodeConfig {
     }
 }
 
-#[tokio::test]
-async fn idle_connections_neither_side_keeps_close_while_the_kept_ones_stay() {
-    // Node 0 keeps one neighbour; nodes 1 and 2 keep none of their own.
+/// Node 0, keeping one neighbour, connected to nodes 1 and 2 (in that
+/// order), which keep none of their own; with the peer ids of 1 and 2.
+async fn one_neighbour_of_two() -> (Vec<Swarm<Behaviour>>, PeerId, PeerId) {
     let a = idling_node(&keeping(1));
     let mut b = idling_node(&keeping(0));
     let mut c = idling_node(&keeping(0));
@@ -734,6 +734,12 @@ async fn idle_connections_neither_side_keeps_close_while_the_kept_ones_stay() {
     let mut swarms = vec![a, b, c];
     connect(&mut swarms, 0, 1, &b_addr).await;
     connect(&mut swarms, 0, 2, &c_addr).await;
+    (swarms, b_peer, c_peer)
+}
+
+#[tokio::test]
+async fn idle_connections_neither_side_keeps_close_while_the_kept_ones_stay() {
+    let (mut swarms, b_peer, c_peer) = one_neighbour_of_two().await;
     assert!(swarms[0].behaviour().is_kept(&b_peer));
     assert!(!swarms[0].behaviour().is_kept(&c_peer));
 
@@ -773,15 +779,7 @@ async fn a_connection_the_remote_keeps_stays_open_though_we_keep_none() {
 
 #[tokio::test]
 async fn when_a_kept_connection_closes_another_peer_is_kept_instead() {
-    let a = idling_node(&keeping(1));
-    let mut b = idling_node(&keeping(0));
-    let mut c = idling_node(&keeping(0));
-    let b_addr = listen(&mut b).await;
-    let c_addr = listen(&mut c).await;
-    let (b_peer, c_peer) = (peer(&b), peer(&c));
-    let mut swarms = vec![a, b, c];
-    connect(&mut swarms, 0, 1, &b_addr).await;
-    connect(&mut swarms, 0, 2, &c_addr).await;
+    let (mut swarms, b_peer, c_peer) = one_neighbour_of_two().await;
     assert!(!swarms[0].behaviour().is_kept(&c_peer));
     assert!(swarms[0].disconnect_peer_id(b_peer).is_ok());
     until(&mut swarms, "the kept peer to leave", |swarms, _| {
