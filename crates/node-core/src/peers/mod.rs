@@ -163,10 +163,9 @@ pub(crate) struct Behaviour {
     /// Peers trimming never disconnects (the bootstrap peers).
     protected: HashSet<PeerId>,
     /// The neighbours: peers whose connection (this one) stays open while
-    /// idle, at most `keep_limit` (`conn_mgr_low`) of them. Every other
+    /// idle, at most `conn_mgr_low` (`trim.low`) of them. Every other
     /// connection closes after `idle_connection_timeout` of idleness.
     kept: HashMap<PeerId, ConnectionId>,
-    keep_limit: usize,
     trim: TrimPolicy,
     trim_tick: tokio::time::Interval,
     /// Connections trimming closed that have not reported closed yet.
@@ -234,7 +233,6 @@ impl Behaviour {
             peers: HashMap::new(),
             protected,
             kept: HashMap::new(),
-            keep_limit: config.conn_mgr_low,
             trim: TrimPolicy {
                 low: config.conn_mgr_low,
                 high: config.conn_mgr_high,
@@ -504,11 +502,7 @@ impl Behaviour {
         let mut ours: Vec<(Instant, ConnectionId)> = Vec::new();
         let mut theirs: Vec<(Instant, ConnectionId)> = Vec::new();
         for (id, c) in &self.connections {
-            if c.peer != peer
-                || c.relayed
-                || self.duplicates.contains_key(id)
-                || self.closing.contains(id)
-            {
+            if c.peer != peer || c.relayed || !self.is_live(id) {
                 continue;
             }
             if c.dialed_by_us {
@@ -708,7 +702,7 @@ impl Behaviour {
                     self.keep(peer, connection_id);
                 }
             }
-            None if self.kept.len() < self.keep_limit => self.keep(peer, connection_id),
+            None if self.kept.len() < self.trim.low => self.keep(peer, connection_id),
             None => {}
         }
     }
@@ -723,26 +717,23 @@ impl Behaviour {
     /// protected one first, then the longest connected).
     fn replace_kept(&mut self, peer: PeerId) {
         self.kept.remove(&peer);
-        let open = |c: &(&ConnectionId, &Connection)| {
-            !self.closing.contains(c.0) && !self.duplicates.contains_key(c.0)
-        };
         let same_peer = self
             .connections
             .iter()
-            .filter(|c| c.1.peer == peer && open(c))
+            .filter(|(id, c)| c.peer == peer && self.is_live(id))
             .min_by_key(|(id, c)| (c.relayed, c.established, **id))
             .map(|(id, _)| *id);
         if let Some(id) = same_peer {
             self.keep(peer, id);
             return;
         }
-        if self.kept.len() >= self.keep_limit {
+        if self.kept.len() >= self.trim.low {
             return;
         }
         let other = self
             .connections
             .iter()
-            .filter(|c| !self.kept.contains_key(&c.1.peer) && open(c))
+            .filter(|(id, c)| !self.kept.contains_key(&c.peer) && self.is_live(id))
             .min_by_key(|(id, c)| {
                 (
                     !self.protected.contains(&c.peer),
@@ -755,6 +746,12 @@ impl Behaviour {
         if let Some((other, id)) = other {
             self.keep(other, id);
         }
+    }
+
+    /// Whether `id` stays open: neither a duplicate waiting to close nor
+    /// closed by trimming.
+    fn is_live(&self, id: &ConnectionId) -> bool {
+        !self.duplicates.contains_key(id) && !self.closing.contains(id)
     }
 
     /// Whether `peer` is one of the neighbours kept connected while idle.
