@@ -250,6 +250,11 @@ async fn an_unreachable_relay_is_retried_with_doubling_backoff_up_to_the_cap() {
         let mut client = nat_swarm(&config);
 
         let mut delays = Vec::new();
+        // Measured from the previous request as this test saw it, which
+        // came before the behaviour saw that attempt fail: the test's
+        // thread may be preempted before it sees an event, so timing from
+        // when it saw the failure would make a retry look early.
+        let mut requested_at: Option<Instant> = None;
         let mut closed_at: Option<(Instant, Duration)> = None;
         let mut requests = 0;
         while delays.len() < ATTEMPTS {
@@ -263,11 +268,13 @@ async fn an_unreachable_relay_is_retried_with_doubling_backoff_up_to_the_cap() {
                             "retried after {waited:?}, before the {delay:?} backoff"
                         );
                     }
+                    requested_at = Some(Instant::now());
                     requests += 1;
                 }
                 Event::ReservationClosed { retry_in, .. } => {
                     let delay = retry_in.expect("a configured relay is never given up");
-                    closed_at = Some((Instant::now(), delay));
+                    let at = requested_at.take().expect("a request before it closed");
+                    closed_at = Some((at, delay));
                     delays.push(delay);
                 }
                 Event::ReservationAccepted { .. } => panic!("nobody listens there"),

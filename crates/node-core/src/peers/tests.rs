@@ -423,7 +423,8 @@ async fn pair(config: &NodeConfig, smaller_first: bool) -> (Vec<Swarm<Behaviour>
 /// Drive two nodes until every connection attempt has ended on both sides
 /// (node i made `dialed[i]` dials and was dialed `accepted[i]` times), and
 /// each is left with exactly one connection and nothing still closing.
-/// A node closes a connection only once it is [`DUPLICATE_DELAY`] old.
+/// A node closes a connection only once it is [`DUPLICATE_DELAY`] old (by
+/// its own record of when the connection was established).
 async fn settle(swarms: &mut [Swarm<Behaviour>], dialed: [usize; 2], accepted: [usize; 2]) {
     let mut seen = ([0; 2], [0; 2]);
     let mut established: HashMap<(usize, ConnectionId), Instant> = HashMap::new();
@@ -437,7 +438,10 @@ async fn settle(swarms: &mut [Swarm<Behaviour>], dialed: [usize; 2], accepted: [
                     ..
                 },
             )) => {
-                established.insert((i, connection_id), Instant::now());
+                // The behaviour's own clock: the test sees the event later
+                // (its thread may be preempted in between on a busy machine).
+                let at = swarms[i].behaviour().connections[&connection_id].established;
+                established.insert((i, connection_id), at);
                 if endpoint.is_dialer() {
                     seen.0[i] += 1;
                 } else {
