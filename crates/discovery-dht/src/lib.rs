@@ -31,7 +31,7 @@ pub use store::DhtStore;
 /// re-advertising, so a burst of new peers costs one announcement.
 const READVERTISE_DEBOUNCE: Duration = Duration::from_millis(150);
 /// The routing table must grow this many times over since the last
-/// announcement before the keys are announced again (besides
+/// announcement before the exact keys are announced again (besides
 /// `provide_interval`): a growing network costs log4(N) rounds.
 const REANNOUNCE_GROWTH_FACTOR: usize = 4;
 /// Delay of the first lookup after a refresh; later ones double.
@@ -181,6 +181,9 @@ pub struct Behaviour {
     provide_queries: HashMap<QueryId, RecordKey>,
     /// Keys announced besides the namespace.
     provided_keys: HashSet<RecordKey>,
+    /// The provided keys re-announced when the routing table grows;
+    /// `None`: every key (see [`Behaviour::set_exact_keys`]).
+    exact_keys: Option<HashSet<RecordKey>>,
     /// Keys waiting for an announcement slot.
     provide_backlog: VecDeque<RecordKey>,
     /// Queries the user started, reported as events; until their last step.
@@ -285,6 +288,7 @@ impl Behaviour {
             advertised_at_size: 0,
             provide_queries,
             provided_keys: HashSet::new(),
+            exact_keys: None,
             provide_backlog: VecDeque::new(),
             user_queries: HashSet::new(),
             connected: HashSet::new(),
@@ -397,6 +401,20 @@ impl Behaviour {
         }
     }
 
+    /// Of the provided keys, those whose every provider a lookup must find
+    /// (a model that one node among hundreds serves): only they, not the
+    /// namespace or the keys that many nodes provide, are announced again
+    /// each time the routing table has grown four times over, so their
+    /// provider records move to the peers closest to them in the grown
+    /// network. A lookup of a key that many nodes provide needs some of
+    /// its providers, not all (an answer holds 20 at most), and every node
+    /// that joins later announces it to the closest peers of its day: those
+    /// keys wait for `provide_interval`. Until this is called every key is
+    /// announced again on growth.
+    pub fn set_exact_keys(&mut self, keys: HashSet<RecordKey>) {
+        self.exact_keys = Some(keys);
+    }
+
     /// Provide exactly `keys` besides the namespace: announce new ones now
     /// (and on every refresh), stop providing the ones no longer listed.
     pub fn set_provided_keys(&mut self, keys: HashSet<RecordKey>) {
@@ -479,6 +497,17 @@ impl Behaviour {
             }
             None => false,
         }
+    }
+
+    /// The providers of `key` in the local store (ours included, when we
+    /// provide it).
+    #[must_use]
+    pub fn stored_providers(&self, key: &RecordKey) -> Vec<PeerId> {
+        self.store
+            .providers(key)
+            .into_iter()
+            .map(|p| p.provider)
+            .collect()
     }
 
     /// A record of the local store (cloned); `None` if there is none or it
@@ -799,10 +828,20 @@ impl Behaviour {
                 routing_table_size: self.routing.len(),
             });
             if ok && !self.bootstrap_reported {
-                // The first successful bootstrap: advertise and look up at
-                // once rather than at the next tick.
+                // The first successful bootstrap: look up the namespace at
+                // once rather than at the next tick. The keys are not
+                // announced again: a walk finds the closest peers however
+                // few the table held when it started, and a second round
+                // of every walk (the bootstrap of a loaded node often ends
+                // after `announce_delay`) doubled a joining node's
+                // announcements. Not yet announced, they wait for the delay.
                 self.bootstrap_reported = true;
-                self.refresh_now();
+                if self.announced_at.is_some() {
+                    self.discover();
+                    if self.config.eager_discovery {
+                        self.look_again_soon();
+                    }
+                }
             }
             return;
         }
@@ -865,6 +904,31 @@ impl Behaviour {
         if self.discovery_timer.deadline() > at {
             self.discovery_timer.as_mut().reset(at);
         }
+    }
+
+    /// The routing table has grown [`REANNOUNCE_GROWTH_FACTOR`]-fold since
+    /// the last announcement: announce the exact keys again (every key
+    /// when none were set) and tell the user, whose records are exact too.
+    fn reannounce_grown(&mut self) {
+        if self.routing.is_empty() || self.announced_at.is_none() {
+            return;
+        }
+        let Some(exact) = &self.exact_keys else {
+            self.announce();
+            return;
+        };
+        let keys: Vec<RecordKey> = self.provided_keys.intersection(exact).cloned().collect();
+        self.announced_at = Some(Instant::now());
+        self.advertised_at_size = self.routing.len();
+        tracing::debug!(
+            routing = self.routing.len(),
+            keys = keys.len(),
+            "the routing table grew; announcing the exact keys again"
+        );
+        for key in keys {
+            self.provide(key);
+        }
+        self.events.push_back(Event::Advertising);
     }
 
     fn schedule_readvertise(&mut self) {
@@ -1012,7 +1076,7 @@ impl NetworkBehaviour for Behaviour {
             }
             if self.readvertise_pending && self.readvertise.as_mut().poll(cx).is_ready() {
                 self.readvertise_pending = false;
-                self.refresh_now();
+                self.reannounce_grown();
             }
             match self.kad.poll(cx) {
                 Poll::Ready(ToSwarm::GenerateEvent(event)) => self.on_kad_event(event),

@@ -580,3 +580,70 @@ async fn keys_are_announced_only_after_the_announce_delay() {
         tokio::time::Instant::now() - routed_at
     );
 }
+
+/// Drive `swarms` in short slices until `done` holds for them, within
+/// [`LIMIT`]; what it waits for (a peer's store) announces no event.
+async fn until_state(
+    swarms: &mut [Swarm<Behaviour>],
+    what: &str,
+    mut done: impl FnMut(&[Swarm<Behaviour>]) -> bool,
+) {
+    const SLICE: Duration = Duration::from_millis(20);
+    let start = tokio::time::Instant::now();
+    while !done(swarms) {
+        assert!(start.elapsed() < LIMIT, "timed out waiting for {what}");
+        let _ = drive(swarms, SLICE, |_, _, _| None::<()>).await;
+    }
+}
+
+#[tokio::test]
+async fn only_exact_keys_are_announced_again_when_the_routing_table_grows() {
+    let exact = provider_key("/my-app/models/llama3:8b");
+    let shared = provider_key("/my-app/services/llm");
+    let mut swarms = Vec::new();
+    let mut addresses = Vec::new();
+    for _ in 0..6 {
+        let (swarm, address) = node(PROTOCOL).await;
+        swarms.push(swarm);
+        addresses.push(address);
+    }
+    let peers: Vec<PeerId> = swarms.iter().map(peer).collect();
+    let a = peers[0];
+    swarms[0]
+        .behaviour_mut()
+        .set_exact_keys(HashSet::from([exact.clone()]));
+    swarms[0]
+        .behaviour_mut()
+        .set_provided_keys(HashSet::from([exact.clone(), shared.clone()]));
+
+    // With one peer in the table, the first announcement stores both keys
+    // on it.
+    swarms[0]
+        .behaviour_mut()
+        .add_address(&peers[1], addresses[1].clone());
+    until_state(&mut swarms, "both keys on the first peer", |s| {
+        let b = s[1].behaviour();
+        b.stored_providers(&exact).contains(&a) && b.stored_providers(&shared).contains(&a)
+    })
+    .await;
+
+    // Four more peers: the table has grown four times over, and the exact
+    // key (only) goes to them.
+    for i in 2..6 {
+        swarms[0]
+            .behaviour_mut()
+            .add_address(&peers[i], addresses[i].clone());
+    }
+    until_state(&mut swarms, "the exact key on every new peer", |s| {
+        s[2..]
+            .iter()
+            .all(|n| n.behaviour().stored_providers(&exact).contains(&a))
+    })
+    .await;
+    for (i, n) in swarms.iter().enumerate().skip(2) {
+        assert!(
+            !n.behaviour().stored_providers(&shared).contains(&a),
+            "peer {i} was given the shared key again"
+        );
+    }
+}

@@ -68,7 +68,7 @@ pub(crate) struct Report {
     pub(crate) kad_requests_at_convergence: Option<KadRequests>,
     pub(crate) kad_requests_at_end: Option<KadRequests>,
     pub(crate) connections_per_node: Option<f64>,
-    pub(crate) idle_bytes_per_node_per_s: Option<f64>,
+    pub(crate) idle: Option<Idle>,
     pub(crate) new_service_visible_p99_s: Option<f64>,
     pub(crate) heap_bytes_per_node: Option<f64>,
     pub(crate) heap_bytes_per_node_at_end: Option<f64>,
@@ -82,6 +82,17 @@ pub(crate) struct Report {
     pub(crate) churn: Option<Churn>,
     pub(crate) wall_s: f64,
     pub(crate) failures: Vec<String>,
+}
+
+/// What the nodes did while idle, per node and second.
+#[derive(Debug, Clone)]
+pub(crate) struct Idle {
+    /// Bytes on the wire.
+    pub(crate) bytes_per_node_per_s: f64,
+    /// CPU time of the process, in milliseconds (unknown off Linux).
+    pub(crate) cpu_ms_per_node_per_s: Option<f64>,
+    /// Kademlia requests sent.
+    pub(crate) kad_requests_per_node_per_s: f64,
 }
 
 impl Report {
@@ -146,7 +157,9 @@ impl Report {
                 "at_end": KadRequests::json(self.kad_requests_at_end),
             },
             "connections_per_node": self.connections_per_node,
-            "idle_bytes_per_node_per_s": self.idle_bytes_per_node_per_s,
+            "idle_bytes_per_node_per_s": self.idle.as_ref().map(|i| i.bytes_per_node_per_s),
+            "idle_cpu_ms_per_node_per_s": self.idle.as_ref().and_then(|i| i.cpu_ms_per_node_per_s),
+            "idle_kad_requests_per_node_per_s": self.idle.as_ref().map(|i| i.kad_requests_per_node_per_s),
             "new_service_visible_p99_s": self.new_service_visible_p99_s,
             "heap_bytes_per_node": self.heap_bytes_per_node,
             "heap_bytes_per_node_at_end": self.heap_bytes_per_node_at_end,
@@ -259,8 +272,24 @@ impl Report {
             ),
             (
                 "idle traffic/node",
-                self.idle_bytes_per_node_per_s
-                    .map_or_else(|| "-".to_owned(), |b| format!("{}/s", human_bytes(b))),
+                self.idle.as_ref().map_or_else(
+                    || "-".to_owned(),
+                    |i| format!("{}/s", human_bytes(i.bytes_per_node_per_s)),
+                ),
+            ),
+            (
+                "idle cpu/node, kad requests/node",
+                self.idle.as_ref().map_or_else(
+                    || "-".to_owned(),
+                    |i| {
+                        format!(
+                            "{} ms/s, {:.2}/s",
+                            i.cpu_ms_per_node_per_s
+                                .map_or_else(|| "-".to_owned(), |c| format!("{c:.2}")),
+                            i.kad_requests_per_node_per_s
+                        )
+                    },
+                ),
             ),
             (
                 "new service at 99% of nodes",
@@ -345,7 +374,7 @@ pub(crate) fn load_avg() -> Option<f64> {
 
 /// User plus system CPU time of this process so far (Linux; assumes the
 /// usual 100 ticks a second).
-fn cpu_seconds() -> Option<f64> {
+pub(crate) fn cpu_seconds() -> Option<f64> {
     let stat = std::fs::read_to_string("/proc/self/stat").ok()?;
     // Fields after the command name (which is in parentheses).
     let rest = stat.rsplit_once(')')?.1;

@@ -21,7 +21,7 @@ use tokio::time::Instant;
 
 use crate::args::{Args, MIN_SINGLE_HOLDERS};
 use crate::plan::{self, PlannedNode, SERVICE_TYPE, model_service, own_model};
-use crate::report::{Churn, KadRequests, Report};
+use crate::report::{Churn, Idle, KadRequests, Report, cpu_seconds};
 
 /// Settling time after convergence before idle traffic is measured.
 const IDLE_SETTLE: Duration = Duration::from_secs(10);
@@ -311,8 +311,8 @@ pub(crate) async fn run(args: &Args) -> anyhow::Result<Report> {
             IDLE_SETTLE.as_secs(),
             IDLE_WINDOW.as_secs()
         );
-        report.idle_bytes_per_node_per_s = idle_traffic(&net, &nodes, &clock).await;
-        if report.idle_bytes_per_node_per_s.is_none() && clock.aborted().is_none() {
+        report.idle = idle_traffic(&net, &nodes, &clock).await;
+        if report.idle.is_none() && clock.aborted().is_none() {
             report
                 .failures
                 .push("idle traffic: the run's deadline came before the window ended".to_owned());
@@ -642,14 +642,23 @@ async fn statuses(nodes: &[SimNode]) -> Vec<(u64, usize)> {
         .collect()
 }
 
-/// Bytes per node per second over the idle window, after settling.
-async fn idle_traffic(net: &SimNetwork, nodes: &[SimNode], clock: &Clock) -> Option<f64> {
+/// What the nodes do while idle, per node and second over the idle window
+/// (after settling): bytes on the wire, CPU (of the whole process, so the
+/// runtime's own threads are in it), Kademlia requests sent.
+async fn idle_traffic(net: &SimNetwork, nodes: &[SimNode], clock: &Clock) -> Option<Idle> {
     let total = || -> u64 {
         nodes
             .iter()
             .filter(|n| n.alive)
             .map(|n| net.traffic(n.index).total())
             .sum()
+    };
+    let kad = || async {
+        statuses(nodes)
+            .await
+            .iter()
+            .map(|(requests, _)| *requests)
+            .sum::<u64>()
     };
     if Instant::now() + IDLE_SETTLE + IDLE_WINDOW > clock.deadline {
         return None;
@@ -658,13 +667,24 @@ async fn idle_traffic(net: &SimNetwork, nodes: &[SimNode], clock: &Clock) -> Opt
         return None;
     }
     let before = total();
+    let kad_before = kad().await;
+    let cpu_before = cpu_seconds();
     let from = Instant::now();
     if !clock.sleep(IDLE_WINDOW).await {
         return None;
     }
     let bytes = total().saturating_sub(before);
-    let alive = nodes.iter().filter(|n| n.alive).count().max(1);
-    Some(bytes as f64 / alive as f64 / from.elapsed().as_secs_f64())
+    let cpu = cpu_seconds()
+        .zip(cpu_before)
+        .map(|(after, before)| after - before);
+    let kad_requests = kad().await.saturating_sub(kad_before);
+    let alive = nodes.iter().filter(|n| n.alive).count().max(1) as f64;
+    let seconds = from.elapsed().as_secs_f64();
+    Some(Idle {
+        bytes_per_node_per_s: bytes as f64 / alive / seconds,
+        cpu_ms_per_node_per_s: cpu.map(|c| c * 1000.0 / alive / seconds),
+        kad_requests_per_node_per_s: kad_requests as f64 / alive / seconds,
+    })
 }
 
 /// Each node that holds a single-holder model with a random other node to

@@ -136,6 +136,17 @@ impl Behaviour {
             })
             .collect();
         if let Some(dht) = self.inner.dht.as_mut() {
+            // A model key finds every node that serves the model, so it
+            // follows the network as it grows; the namespace, type and
+            // capability keys, which every node of a kind provides, do not.
+            dht.set_exact_keys(
+                record
+                    .services
+                    .iter()
+                    .filter(|s| is_model(s))
+                    .map(|s| model_key(&s.name))
+                    .collect(),
+            );
             dht.set_provided_keys(keys);
             let expires = Some(Instant::now() + self.ttl);
             let records = pages
