@@ -62,8 +62,12 @@ const MAX_OUTBOX_RECORDS: usize = 4096;
 const JOIN_PULLS: usize = 2;
 /// How often a node pulls from one random neighbour.
 pub(super) const SYNC_INTERVAL: Duration = Duration::from_secs(300);
-/// Longest a sync request may take.
-const SYNC_REQUEST_TIMEOUT: Duration = Duration::from_secs(10);
+/// Longest a sync request may take. A request costs two round trips at
+/// least (stream negotiation, then the answer), and a loaded peer's round
+/// trips reach 6–13 s (1000 simulated nodes on two cores): with 10 s every
+/// request to such a peer failed, and a node whose only neighbours they
+/// were held nothing but its own record.
+const SYNC_REQUEST_TIMEOUT: Duration = Duration::from_secs(30);
 /// How often (at the shortest) a node sends one random neighbour a filter
 /// of what it holds, to get back what the filter lacks.
 pub(super) const CATCH_UP_INTERVAL: Duration = Duration::from_secs(1);
