@@ -173,9 +173,9 @@ pub struct Behaviour {
     announce_pending: bool,
     /// When the keys were last announced (`None`: not yet).
     announced_at: Option<Instant>,
-    /// Routing table size at the last re-advertisement: the next one waits
-    /// until the table has doubled, so a growing network costs log2(N)
-    /// rounds of announcements, not one per new peer.
+    /// Routing table size at the last announcement: the next one on growth
+    /// waits until the table has grown [`REANNOUNCE_GROWTH_FACTOR`]-fold,
+    /// so a growing network costs log4(N) rounds, not one per new peer.
     advertised_at_size: usize,
     /// In-flight announcements, by key: one per key at a time.
     provide_queries: HashMap<QueryId, RecordKey>,
@@ -500,7 +500,7 @@ impl Behaviour {
     }
 
     /// The providers of `key` in the local store (ours included, when we
-    /// provide it).
+    /// provide it), expired records too.
     #[must_use]
     pub fn stored_providers(&self, key: &RecordKey) -> Vec<PeerId> {
         self.store

@@ -248,9 +248,14 @@ impl Behaviour {
             message: format!("the configured services do not fit in a record: {e}"),
             field: None,
         })?;
-        let dht = config
-            .enable_dht
-            .then(|| dht::Behaviour::new(peer, crate::configs::dht_config(config, reachability)));
+        let dht = config.enable_dht.then(|| {
+            let mut dht =
+                dht::Behaviour::new(peer, crate::configs::dht_config(config, reachability));
+            // No model keys until our first record: a node that serves
+            // nothing re-announces nothing as the routing table grows.
+            dht.set_exact_keys(std::collections::HashSet::new());
+            dht
+        });
         let gossip = if config.enable_pubsub {
             match crate::configs::gossip(keypair, config, SERVICES_TOPIC) {
                 Ok(b) => Some(b),
