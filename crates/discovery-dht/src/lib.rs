@@ -389,14 +389,24 @@ impl Behaviour {
     }
 
     fn announce(&mut self) {
+        self.mark_announced();
+        self.advertise();
+        self.look_up_now();
+    }
+
+    /// An announcement starts now: growth is counted from this table size.
+    fn mark_announced(&mut self) {
         self.announced_at = Some(Instant::now());
         self.advertised_at_size = self.routing.len();
-        self.advertise();
+    }
+
+    /// Look up the namespace's providers now and, with eager discovery,
+    /// again soon, then less and less often: peers that joined just after
+    /// us are found within a second, and a quiet network costs one lookup
+    /// per `discovery_interval`.
+    fn look_up_now(&mut self) {
         self.discover();
         if self.config.eager_discovery {
-            // Look again soon, then less and less often: peers that joined
-            // just after us are found within a second, and a quiet network
-            // costs one lookup per `discovery_interval`.
             self.look_again_soon();
         }
     }
@@ -533,6 +543,11 @@ impl Behaviour {
         if self.config.advertise_namespace {
             keys.push(self.namespace.clone());
         }
+        self.advertise_keys(keys);
+    }
+
+    /// Announce `keys`, then tell the user ([`Event::Advertising`]).
+    fn advertise_keys(&mut self, keys: Vec<RecordKey>) {
         for key in keys {
             self.provide(key);
         }
@@ -837,10 +852,7 @@ impl Behaviour {
                 // announcements. Not yet announced, they wait for the delay.
                 self.bootstrap_reported = true;
                 if self.announced_at.is_some() {
-                    self.discover();
-                    if self.config.eager_discovery {
-                        self.look_again_soon();
-                    }
+                    self.look_up_now();
                 }
             }
             return;
@@ -918,17 +930,13 @@ impl Behaviour {
             return;
         };
         let keys: Vec<RecordKey> = self.provided_keys.intersection(exact).cloned().collect();
-        self.announced_at = Some(Instant::now());
-        self.advertised_at_size = self.routing.len();
+        self.mark_announced();
         tracing::debug!(
             routing = self.routing.len(),
             keys = keys.len(),
             "the routing table grew; announcing the exact keys again"
         );
-        for key in keys {
-            self.provide(key);
-        }
-        self.events.push_back(Event::Advertising);
+        self.advertise_keys(keys);
     }
 
     fn schedule_readvertise(&mut self) {

@@ -126,27 +126,26 @@ impl Behaviour {
             sequence: record.sequence,
             pages: pages.clone(),
         });
+        let model_keys: HashSet<RecordKey> = record
+            .services
+            .iter()
+            .filter(|s| is_model(s))
+            .map(|s| model_key(&s.name))
+            .collect();
         let keys: HashSet<RecordKey> = record
             .services
             .iter()
             .flat_map(|s| {
                 std::iter::once(service_type_key(&s.service_type))
                     .chain(s.capabilities.iter().map(|c| capability_key(c)))
-                    .chain(is_model(s).then(|| model_key(&s.name)))
             })
+            .chain(model_keys.iter().cloned())
             .collect();
         if let Some(dht) = self.inner.dht.as_mut() {
             // A model key finds every node that serves the model, so it
             // follows the network as it grows; the namespace, type and
             // capability keys, which every node of a kind provides, do not.
-            dht.set_exact_keys(
-                record
-                    .services
-                    .iter()
-                    .filter(|s| is_model(s))
-                    .map(|s| model_key(&s.name))
-                    .collect(),
-            );
+            dht.set_exact_keys(model_keys);
             dht.set_provided_keys(keys);
             let expires = Some(Instant::now() + self.ttl);
             let records = pages
