@@ -666,8 +666,10 @@ async fn idle_traffic(net: &SimNetwork, nodes: &[SimNode], clock: &Clock) -> Opt
     if !clock.sleep(IDLE_SETTLE).await {
         return None;
     }
-    let before = total();
+    // Bytes, CPU and the window's length are read together; the Kademlia
+    // counts (which take a status round of every node) just outside them.
     let kad_before = kad().await;
+    let before = total();
     let cpu_before = cpu_seconds();
     let from = Instant::now();
     if !clock.sleep(IDLE_WINDOW).await {
@@ -677,9 +679,9 @@ async fn idle_traffic(net: &SimNetwork, nodes: &[SimNode], clock: &Clock) -> Opt
     let cpu = cpu_seconds()
         .zip(cpu_before)
         .map(|(after, before)| after - before);
+    let seconds = from.elapsed().as_secs_f64();
     let kad_requests = kad().await.saturating_sub(kad_before);
     let alive = nodes.iter().filter(|n| n.alive).count().max(1) as f64;
-    let seconds = from.elapsed().as_secs_f64();
     Some(Idle {
         bytes_per_node_per_s: bytes as f64 / alive / seconds,
         cpu_ms_per_node_per_s: cpu.map(|c| c * 1000.0 / alive / seconds),
