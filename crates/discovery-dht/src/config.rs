@@ -71,6 +71,14 @@ pub struct Config {
     /// records land where lookups will look, and a joining node sends no
     /// announcement walk while it has one peer.
     pub announce_delay: Duration,
+    /// How long after an announcement of an exact key (see
+    /// [`Behaviour::set_exact_keys`](crate::Behaviour::set_exact_keys))
+    /// that reached no peer (its walk timed out, or every peer failed) it
+    /// is tried again; then at doubling intervals up to `provide_interval`,
+    /// each spread over its second half. A model's key must not stay
+    /// unfindable until the next round because the network was busy when
+    /// the node joined.
+    pub announce_retry: Duration,
     /// Look up the namespace again soon (then at doubling intervals) when a
     /// peer we do not know as a provider connects, to find nodes that just
     /// joined within a second. Off, lookups run every `discovery_interval`.
@@ -88,7 +96,7 @@ impl Config {
     /// every 5 min, namespace lookups at most 30 s apart, 30 s query
     /// timeout, 1024 records of up to 64 KiB living at most 1 h, 256
     /// providers per key, the namespace advertised, announcements 5 s after
-    /// the first peer, eager discovery, and namespace lookups however many
+    /// the first peer (one that reached no peer tried again after 10 s), eager discovery, and namespace lookups however many
     /// peers are connected.
     #[must_use]
     pub fn new(protocol: StreamProtocol, namespace: impl Into<String>) -> Self {
@@ -106,6 +114,7 @@ impl Config {
             max_record_ttl: Duration::from_secs(3600),
             advertise_namespace: true,
             announce_delay: Duration::from_secs(5),
+            announce_retry: Duration::from_secs(10),
             eager_discovery: true,
             discovery_until_peers: usize::MAX,
         }
@@ -188,6 +197,13 @@ impl Config {
         self
     }
 
+    /// Sets [`Config::announce_retry`].
+    #[must_use]
+    pub fn with_announce_retry(mut self, retry: Duration) -> Self {
+        self.announce_retry = retry;
+        self
+    }
+
     /// Sets [`Config::eager_discovery`].
     #[must_use]
     pub fn with_eager_discovery(mut self, eager: bool) -> Self {
@@ -226,6 +242,7 @@ mod tests {
             .with_max_record_ttl(Duration::from_secs(8))
             .with_advertise_namespace(false)
             .with_announce_delay(Duration::from_secs(9))
+            .with_announce_retry(Duration::from_secs(10))
             .with_eager_discovery(false)
             .with_discovery_until_peers(7);
         let expected = Config {
@@ -240,6 +257,7 @@ mod tests {
             max_record_ttl: Duration::from_secs(8),
             advertise_namespace: false,
             announce_delay: Duration::from_secs(9),
+            announce_retry: Duration::from_secs(10),
             eager_discovery: false,
             discovery_until_peers: 7,
             ..base

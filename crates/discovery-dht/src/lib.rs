@@ -50,6 +50,9 @@ const MAX_CONCURRENT_PROVIDES: usize = 8;
 /// Provider records we store for others live this many provide intervals:
 /// a provider that stops re-announcing is forgotten after missing two.
 const PROVIDER_TTL_INTERVALS: u32 = 3;
+/// Most doublings of [`Config::announce_retry`] (then `provide_interval`
+/// caps it anyway).
+const MAX_RETRY_DOUBLINGS: u32 = 16;
 
 /// What the DHT learned, and the results of the queries started with
 /// [`Behaviour::get_providers`], [`Behaviour::get_record`],
@@ -148,6 +151,15 @@ pub enum Event {
     },
 }
 
+/// A failed announcement of an exact key, waiting to be tried again.
+#[derive(Debug, Clone, Copy)]
+struct AnnounceRetry {
+    /// Failures in a row.
+    attempts: u32,
+    /// When it is tried again.
+    due: Instant,
+}
+
 /// Kademlia on [`Config::protocol`] with a bounded memory store, plus the
 /// timers that advertise the node under the namespace key and look up the
 /// other providers. Add it to your own `#[derive(NetworkBehaviour)]`.
@@ -186,6 +198,11 @@ pub struct Behaviour {
     exact_keys: Option<HashSet<RecordKey>>,
     /// Keys waiting for an announcement slot.
     provide_backlog: VecDeque<RecordKey>,
+    /// Exact keys whose last announcement reached no peer: when each is
+    /// tried again, and how many times in a row it failed.
+    announce_retries: HashMap<RecordKey, AnnounceRetry>,
+    /// Fires at the earliest of `announce_retries`.
+    retry_timer: Pin<Box<Sleep>>,
     /// Queries the user started, reported as events; until their last step.
     user_queries: HashSet<QueryId>,
     /// Peers with at least one open connection.
@@ -290,6 +307,8 @@ impl Behaviour {
             provided_keys: HashSet::new(),
             exact_keys: None,
             provide_backlog: VecDeque::new(),
+            announce_retries: HashMap::new(),
+            retry_timer: Box::pin(tokio::time::sleep_until(now)),
             user_queries: HashSet::new(),
             connected: HashSet::new(),
             discovery_queries: HashSet::new(),
@@ -423,6 +442,12 @@ impl Behaviour {
     /// announced again on growth.
     pub fn set_exact_keys(&mut self, keys: HashSet<RecordKey>) {
         self.exact_keys = Some(keys);
+        let retried: Vec<RecordKey> = self.announce_retries.keys().cloned().collect();
+        for key in retried {
+            if !self.is_retried(&key) {
+                self.announce_retries.remove(&key);
+            }
+        }
     }
 
     /// Provide exactly `keys` besides the namespace: announce new ones now
@@ -433,6 +458,7 @@ impl Behaviour {
             self.kad.stop_providing(&key);
         }
         self.provide_backlog.retain(|k| keys.contains(k));
+        self.announce_retries.retain(|k, _| keys.contains(k));
         let new: Vec<RecordKey> = keys.difference(&self.provided_keys).cloned().collect();
         self.provided_keys = keys;
         for key in new {
@@ -656,12 +682,24 @@ impl Behaviour {
                 QueryResult::PutRecord(_) => "put_record",
                 QueryResult::RepublishRecord(_) => "republish_record",
             };
+            let ok = match result {
+                QueryResult::Bootstrap(r) => r.is_ok(),
+                QueryResult::GetClosestPeers(r) => r.is_ok(),
+                QueryResult::GetProviders(r) => r.is_ok(),
+                QueryResult::StartProviding(r) | QueryResult::RepublishProvider(r) => r.is_ok(),
+                QueryResult::GetRecord(r) => r.is_ok(),
+                QueryResult::PutRecord(r) | QueryResult::RepublishRecord(r) => r.is_ok(),
+            };
             self.requests_sent = self
                 .requests_sent
                 .saturating_add(u64::from(stats.num_requests()));
             tracing::trace!(
                 query = kind,
+                ok,
                 requests = stats.num_requests(),
+                answered = stats.num_successes(),
+                failed = stats.num_failures(),
+                elapsed_ms = stats.duration().map_or(0, |d| d.as_millis()),
                 "DHT query finished"
             );
         }
@@ -711,7 +749,7 @@ impl Behaviour {
                 result,
                 step,
                 stats,
-            } => self.on_query_progressed(id, result, &step, stats.num_requests()),
+            } => self.on_query_progressed(id, result, &step, &stats),
             kad::Event::InboundRequest {
                 request:
                     kad::InboundRequest::AddProvider {
@@ -752,8 +790,9 @@ impl Behaviour {
         id: QueryId,
         result: QueryResult,
         step: &kad::ProgressStep,
-        requests: u32,
+        stats: &kad::QueryStats,
     ) {
+        let requests = stats.num_requests();
         if self.discovery_queries.contains(&id) {
             if let QueryResult::GetProviders(Ok(GetProvidersOk::FoundProviders {
                 providers, ..
@@ -777,8 +816,14 @@ impl Behaviour {
                 self.provide(next);
             }
             let ok = matches!(result, QueryResult::StartProviding(Ok(_)));
+            // Kademlia reports success when every peer of the walk failed
+            // too: then the record is stored nowhere but here. With no
+            // request at all (an empty table) the first peer's
+            // announcement follows anyway.
+            let stored = ok && (requests == 0 || stats.num_successes() > 0);
+            self.on_announced(key.clone(), stored);
             if key != self.namespace {
-                tracing::debug!(ok, "announced a provider key");
+                tracing::debug!(ok, stored, "announced a provider key");
                 return;
             }
             if !ok {
@@ -939,6 +984,84 @@ impl Behaviour {
         self.advertise_keys(keys);
     }
 
+    /// The exact keys whose last announcement reached no peer: stored
+    /// only here until a retry ([`Config::announce_retry`]) reaches one.
+    pub fn unannounced_keys(&self) -> impl Iterator<Item = &RecordKey> {
+        self.announce_retries.keys()
+    }
+
+    /// An announcement of `key` ended: an exact key that reached no peer
+    /// is tried again later (at doubling intervals), one that did is done.
+    fn on_announced(&mut self, key: RecordKey, stored: bool) {
+        if stored || !self.is_retried(&key) {
+            self.announce_retries.remove(&key);
+            return;
+        }
+        let attempts = self
+            .announce_retries
+            .get(&key)
+            .map_or(1, |r| r.attempts.saturating_add(1));
+        let delay = self
+            .config
+            .announce_retry
+            .saturating_mul(1 << (attempts - 1).min(MAX_RETRY_DOUBLINGS))
+            .min(self.config.provide_interval);
+        // Spread over [delay/2, delay]: nodes that failed together (a busy
+        // network) do not all try again at once.
+        let delay = delay.mul_f64(rand::Rng::gen_range(&mut rand::thread_rng(), 0.5..=1.0));
+        let due = Instant::now() + delay;
+        tracing::debug!(
+            attempts,
+            ?delay,
+            "an exact key's announcement reached no peer; trying again"
+        );
+        self.announce_retries
+            .insert(key, AnnounceRetry { attempts, due });
+        self.arm_retry_timer();
+    }
+
+    /// Whether a failed announcement of `key` is tried again: the exact
+    /// keys (every provided key when none were set), not the namespace.
+    fn is_retried(&self, key: &RecordKey) -> bool {
+        self.provided_keys.contains(key)
+            && self
+                .exact_keys
+                .as_ref()
+                .is_none_or(|exact| exact.contains(key))
+    }
+
+    fn arm_retry_timer(&mut self) {
+        if let Some(due) = self.announce_retries.values().map(|r| r.due).min()
+            && self.retry_timer.deadline() != due
+        {
+            self.retry_timer.as_mut().reset(due);
+        }
+    }
+
+    /// Announce the keys whose retry is due (those still retried).
+    fn retry_due_announcements(&mut self) {
+        let now = Instant::now();
+        let due: Vec<RecordKey> = self
+            .announce_retries
+            .iter()
+            .filter(|(_, r)| r.due <= now)
+            .map(|(k, _)| k.clone())
+            .collect();
+        for key in due {
+            if self.is_retried(&key) {
+                // Kept with its count (and a due time past every retry)
+                // until the walk ends: a failure backs off further.
+                if let Some(retry) = self.announce_retries.get_mut(&key) {
+                    retry.due = now + self.config.provide_interval;
+                }
+                self.provide(key);
+            } else {
+                self.announce_retries.remove(&key);
+            }
+        }
+        self.arm_retry_timer();
+    }
+
     fn schedule_readvertise(&mut self) {
         if !self.readvertise_pending {
             self.readvertise_pending = true;
@@ -1081,6 +1204,11 @@ impl NetworkBehaviour for Behaviour {
                     .reset(Instant::now() + self.ramp);
                 // Register the waker for the new deadline.
                 let _ = self.discovery_timer.as_mut().poll(cx);
+            }
+            if !self.announce_retries.is_empty() && self.retry_timer.as_mut().poll(cx).is_ready() {
+                self.retry_due_announcements();
+                // Register the waker for the next deadline.
+                let _ = self.retry_timer.as_mut().poll(cx);
             }
             if self.readvertise_pending && self.readvertise.as_mut().poll(cx).is_ready() {
                 self.readvertise_pending = false;

@@ -647,3 +647,53 @@ async fn only_exact_keys_are_announced_again_when_the_routing_table_grows() {
         );
     }
 }
+
+#[tokio::test]
+async fn an_exact_key_whose_announcement_reached_no_peer_is_announced_again_soon() {
+    const QUERY_TIMEOUT: Duration = Duration::from_millis(500);
+    let exact = provider_key("/my-app/models/llama3:8b");
+    let (mut a, _) = node_with(
+        config(PROTOCOL)
+            .with_query_timeout(QUERY_TIMEOUT)
+            .with_announce_retry(Duration::from_millis(200))
+            // Only a retry can bring the key to b within `LIMIT`.
+            .with_provide_interval(Duration::from_secs(3600)),
+    )
+    .await;
+    let (b, b_address) = node(PROTOCOL).await;
+    let a_peer = peer(&a);
+    let b_peer = peer(&b);
+    a.behaviour_mut()
+        .set_exact_keys(HashSet::from([exact.clone()]));
+    a.behaviour_mut()
+        .set_provided_keys(HashSet::from([exact.clone()]));
+    a.behaviour_mut().add_address(&b_peer, b_address);
+    let mut swarms = vec![a, b];
+
+    // b is not polled: a's walk cannot reach it and times out (Kademlia's
+    // timeouts run on the real clock).
+    let _ = drive(&mut swarms[..1], QUERY_TIMEOUT * 3, |_, _, _| None::<()>).await;
+    assert!(
+        swarms[0]
+            .behaviour()
+            .unannounced_keys()
+            .any(|k| *k == exact),
+        "the timed-out announcement is waiting to be tried again"
+    );
+    assert!(
+        !swarms[1]
+            .behaviour()
+            .stored_providers(&exact)
+            .contains(&a_peer)
+    );
+
+    // Once b answers, a retry brings the key to it.
+    until_state(&mut swarms, "the exact key on b", |s| {
+        s[1].behaviour().stored_providers(&exact).contains(&a_peer)
+    })
+    .await;
+    until_state(&mut swarms, "no retry left", |s| {
+        s[0].behaviour().unannounced_keys().next().is_none()
+    })
+    .await;
+}

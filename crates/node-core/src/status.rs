@@ -336,6 +336,10 @@ pub struct DiscoveryStatus {
     /// Kademlia requests this node has sent (counted as its queries finish).
     #[serde(default)]
     pub dht_requests_sent: u64,
+    /// Model keys whose last DHT announcement reached no peer: found only
+    /// by asking this node until a retry reaches one.
+    #[serde(default)]
+    pub dht_unannounced_keys: usize,
 }
 
 /// Where a gateway's breaker for a serving node stands, in [`PeerInfo`].
@@ -440,6 +444,7 @@ mod tests {
             dht_routing_table_size: 12,
             dht_providers: 3,
             dht_requests_sent: 40,
+            dht_unannounced_keys: 2,
         }
     }
 

@@ -76,6 +76,12 @@ pub(crate) struct Report {
     pub(crate) peak_rss_bytes: Option<u64>,
     pub(crate) cpu_s: Option<f64>,
     pub(crate) tasks_at_convergence: Option<usize>,
+    /// Median and longest status round trip (ms) at convergence / at the end.
+    pub(crate) status_answer_ms_at_convergence: Option<(f64, f64)>,
+    pub(crate) status_answer_ms_at_end: Option<(f64, f64)>,
+    /// Nodes with a model key no announcement reached a peer with, when
+    /// the lookups start.
+    pub(crate) nodes_with_unannounced_keys: Option<usize>,
     pub(crate) load_avg_at_convergence: Option<f64>,
     pub(crate) load_avg_at_end: Option<f64>,
     pub(crate) record_ttl_s: f64,
@@ -167,6 +173,11 @@ impl Report {
             "peak_rss_bytes": self.peak_rss_bytes,
             "cpu_s": self.cpu_s,
             "tasks_at_convergence": self.tasks_at_convergence,
+            "status_answer_ms": {
+                "at_convergence": self.status_answer_ms_at_convergence.map(|(p50, max)| json!({ "p50": p50, "max": max })),
+                "at_end": self.status_answer_ms_at_end.map(|(p50, max)| json!({ "p50": p50, "max": max })),
+            },
+            "nodes_with_unannounced_keys": self.nodes_with_unannounced_keys,
             "load_avg_1m": [self.load_avg_at_convergence, self.load_avg_at_end],
             "churn": self.churn.as_ref().map(|c| json!({
                 "percent": c.percent,
@@ -204,6 +215,12 @@ impl Report {
         };
         let bytes = |v: Option<f64>| v.map_or_else(|| "-".to_owned(), human_bytes);
         let count = |v: Option<usize>| v.map_or_else(|| "-".to_owned(), |c| c.to_string());
+        let answer = |v: Option<(f64, f64)>| {
+            v.map_or_else(
+                || "-".to_owned(),
+                |(p50, max)| format!("{p50:.0} / {max:.0} ms"),
+            )
+        };
         let hops = |v: Option<u32>| {
             v.map_or_else(|| "null (not reported yet)".to_owned(), |h| h.to_string())
         };
@@ -303,6 +320,18 @@ impl Report {
             ),
             ("peak rss", bytes(self.peak_rss_bytes.map(|b| b as f64))),
             ("tasks at convergence", count(self.tasks_at_convergence)),
+            (
+                "status answer p50 / max at convergence, end",
+                format!(
+                    "{}, {}",
+                    answer(self.status_answer_ms_at_convergence),
+                    answer(self.status_answer_ms_at_end)
+                ),
+            ),
+            (
+                "nodes with an unannounced model key",
+                count(self.nodes_with_unannounced_keys),
+            ),
             ("cpu", secs(self.cpu_s)),
             (
                 "load average (1 min) at convergence / end",

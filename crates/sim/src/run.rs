@@ -291,8 +291,9 @@ pub(crate) async fn run(args: &Args) -> anyhow::Result<Report> {
             .num_alive_tasks(),
     );
     let status = statuses(&nodes).await;
-    report.kad_requests_at_convergence = KadRequests::of(status.iter().map(|s| s.0));
-    report.connections_per_node = Some(mean(status.iter().map(|s| s.1 as f64)));
+    report.kad_requests_at_convergence = KadRequests::of(status.iter().map(|s| s.kad_requests));
+    report.connections_per_node = Some(mean(status.iter().map(|s| s.peers as f64)));
+    report.status_answer_ms_at_convergence = answer_ms(&status);
     report.load_avg_at_convergence = crate::report::load_avg();
     eprintln!(
         "{}; heap {:.0} KiB per node",
@@ -324,6 +325,13 @@ pub(crate) async fn run(args: &Args) -> anyhow::Result<Report> {
         clock.enter("model lookups");
         eprintln!("looking up {} single-holder models", nodes.len());
         let asks = lookup_pairs(&nodes, &mut rng);
+        report.nodes_with_unannounced_keys = Some(
+            statuses(&nodes)
+                .await
+                .iter()
+                .filter(|s| s.unannounced_keys > 0)
+                .count(),
+        );
         report.model_lookups_total = Some(asks.len());
         // The ranked lookups (what the gateway asks), then, apart so that
         // slow walks cannot hide the ranked figure, the exact key queries.
@@ -397,7 +405,8 @@ pub(crate) async fn run(args: &Args) -> anyhow::Result<Report> {
     clock.enter("the end");
     let status = statuses(&nodes).await;
     report.load_avg_at_end = crate::report::load_avg();
-    report.kad_requests_at_end = KadRequests::of(status.iter().map(|s| s.0));
+    report.kad_requests_at_end = KadRequests::of(status.iter().map(|s| s.kad_requests));
+    report.status_answer_ms_at_end = answer_ms(&status);
     report.heap_bytes_per_node_at_end =
         Some(crate::heap_bytes() as f64 / nodes.iter().filter(|n| n.alive).count().max(1) as f64);
     if let Some(reason) = clock.aborted() {
@@ -632,14 +641,43 @@ fn least(best: &[usize]) -> (usize, usize) {
         .unwrap_or((0, 0))
 }
 
-/// Each node's Kademlia requests sent and connected peers.
-async fn statuses(nodes: &[SimNode]) -> Vec<(u64, usize)> {
-    join_all(nodes.iter().filter(|n| n.alive).map(|n| n.handle.status()))
-        .await
-        .into_iter()
-        .flatten()
-        .map(|s| (s.discovery.dht_requests_sent, s.connections.peers))
-        .collect()
+/// What one node's status said, and how long the node took to answer.
+struct Sample {
+    kad_requests: u64,
+    peers: usize,
+    /// Model keys whose last DHT announcement reached no peer.
+    unannounced_keys: usize,
+    /// The status request's round trip through the node's task: how far
+    /// behind the machine is (every node shares its two cores).
+    answer: Duration,
+}
+
+/// Every live node's [`Sample`], asked all at once.
+async fn statuses(nodes: &[SimNode]) -> Vec<Sample> {
+    join_all(nodes.iter().filter(|n| n.alive).map(|n| async {
+        let asked = Instant::now();
+        let status = n.handle.status().await.ok()?;
+        Some(Sample {
+            kad_requests: status.discovery.dht_requests_sent,
+            peers: status.connections.peers,
+            unannounced_keys: status.discovery.dht_unannounced_keys,
+            answer: asked.elapsed(),
+        })
+    }))
+    .await
+    .into_iter()
+    .flatten()
+    .collect()
+}
+
+/// The median and the longest of the samples' answer times, in ms.
+fn answer_ms(samples: &[Sample]) -> Option<(f64, f64)> {
+    let mut ms: Vec<f64> = samples
+        .iter()
+        .map(|s| s.answer.as_secs_f64() * 1000.0)
+        .collect();
+    ms.sort_by(f64::total_cmp);
+    Some((*ms.get(ms.len() / 2)?, *ms.last()?))
 }
 
 /// What the nodes do while idle, per node and second over the idle window
@@ -657,7 +695,7 @@ async fn idle_traffic(net: &SimNetwork, nodes: &[SimNode], clock: &Clock) -> Opt
         statuses(nodes)
             .await
             .iter()
-            .map(|(requests, _)| *requests)
+            .map(|s| s.kad_requests)
             .sum::<u64>()
     };
     if Instant::now() + IDLE_SETTLE + IDLE_WINDOW > clock.deadline {

@@ -79,6 +79,8 @@ pub(crate) struct DhtSummary {
     pub(crate) providers: usize,
     /// Kademlia requests sent so far.
     pub(crate) requests_sent: u64,
+    /// Model keys whose last announcement reached no peer (retried).
+    pub(crate) unannounced_keys: usize,
 }
 
 /// The discovery behaviour (see the module docs).
@@ -427,12 +429,21 @@ impl Behaviour {
             (None, None) => "off (enable_mdns: false)".to_owned(),
         };
         let dht_detail = match dht {
-            Some(dht) => format!(
-                "{} mode, {} peers in the routing table, {} namespace providers",
-                if dht.server { "server" } else { "client" },
-                dht.routing_table_size,
-                dht.providers
-            ),
+            Some(dht) => {
+                let mut detail = format!(
+                    "{} mode, {} peers in the routing table, {} namespace providers",
+                    if dht.server { "server" } else { "client" },
+                    dht.routing_table_size,
+                    dht.providers
+                );
+                if dht.unannounced_keys > 0 {
+                    detail.push_str(&format!(
+                        ", {} model keys not yet announced to any peer (retrying)",
+                        dht.unannounced_keys
+                    ));
+                }
+                detail
+            }
             None => "off (enable_dht: false)".to_owned(),
         };
         let bootstrap = self.inner.bootstrap.peers();
@@ -480,6 +491,7 @@ impl Behaviour {
             dht_routing_table_size: dht.map_or(0, |d| d.routing_table_size),
             dht_providers: dht.map_or(0, |d| d.providers),
             dht_requests_sent: dht.map_or(0, |d| d.requests_sent),
+            dht_unannounced_keys: dht.map_or(0, |d| d.unannounced_keys),
         }
     }
 }

@@ -276,6 +276,7 @@ impl SwarmTask {
             routing_table_size: dht.routing_table_size(),
             providers: dht.providers().len(),
             requests_sent: dht.requests_sent(),
+            unannounced_keys: dht.unannounced_keys().count(),
         })
     }
 
@@ -414,6 +415,16 @@ impl SwarmTask {
                     self.emit(NodeEvent::PeerDisconnected { peer_id });
                 }
                 self.update_connection_gauges();
+            }
+            SwarmEvent::OutgoingConnectionError { peer_id, error, .. } => {
+                tracing::debug!(peer_id = ?peer_id, %error, "dial failed");
+            }
+            SwarmEvent::IncomingConnectionError {
+                send_back_addr,
+                error,
+                ..
+            } => {
+                tracing::debug!(%send_back_addr, %error, "incoming connection failed");
             }
             SwarmEvent::NewExternalAddrCandidate { address } => {
                 tracing::debug!(%address, "a peer observed us at this address");
