@@ -610,8 +610,38 @@ async fn a_conversation_stays_on_its_node_while_a_new_one_goes_by_load() {
     chat(turn(&["why is the sky blue?"])).await;
     let (x, y) = if calls(&b) == 1 { (&b, &c) } else { (&c, &b) };
     assert_eq!((calls(x), calls(y)), (1, 0));
-    // X gets busier than Y: a streamed request it holds.
-    let held = hold_stalled(gw, x, "talk:1b", 2).await;
+    let first = [
+        "why is the sky blue?",
+        "Rayleigh scattering.",
+        "and at sunset?",
+        "A longer path.",
+        "and on Mars?",
+    ];
+    // X gets busier than Y: a streamed turn of its conversation, which it
+    // holds (a request of no conversation could go to either idle node).
+    x.ollama.models().stall = true;
+    let mut streamed: serde_json::Value = serde_json::from_slice(&turn(&first[..3])).unwrap();
+    streamed["stream"] = true.into();
+    let held = tokio::spawn(async move {
+        http_request(
+            gw,
+            "POST",
+            "/api/chat",
+            Some(streamed.to_string().as_bytes()),
+        )
+        .await
+    });
+    eventually("X holding the streamed turn", || {
+        let n = calls(x);
+        async move { (n == 2).then_some(()) }
+    })
+    .await
+    .unwrap();
+    assert_eq!(
+        calls(y),
+        0,
+        "the streamed turn went to its conversation's node"
+    );
     // A new conversation goes by load, to Y; each conversation's later
     // turns stay on its node, X's although it is busier.
     chat(turn(&["what is rust?"])).await;
@@ -620,13 +650,6 @@ async fn a_conversation_stays_on_its_node_while_a_new_one_goes_by_load() {
         (2, 1),
         "a new conversation goes to the idle node"
     );
-    let first = [
-        "why is the sky blue?",
-        "Rayleigh scattering.",
-        "and at sunset?",
-        "A longer path.",
-        "and on Mars?",
-    ];
     let second = [
         "what is rust?",
         "A language.",
