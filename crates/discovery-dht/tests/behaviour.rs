@@ -602,7 +602,7 @@ async fn only_exact_keys_are_announced_again_when_the_routing_table_grows() {
     let shared = provider_key("/my-app/services/llm");
     let mut swarms = Vec::new();
     let mut addresses = Vec::new();
-    for _ in 0..6 {
+    for _ in 0..8 {
         let (swarm, address) = node(PROTOCOL).await;
         swarms.push(swarm);
         addresses.push(address);
@@ -635,15 +635,30 @@ async fn only_exact_keys_are_announced_again_when_the_routing_table_grows() {
             .add_address(&peers[i], addresses[i].clone());
     }
     until_state(&mut swarms, "the exact key on every new peer", |s| {
-        s[2..]
+        s[2..6]
             .iter()
             .all(|n| n.behaviour().stored_providers(&exact).contains(&a))
     })
     .await;
-    for (i, n) in swarms.iter().enumerate().skip(2) {
+    for (i, n) in swarms.iter().enumerate().take(6).skip(2) {
         assert!(
             !n.behaviour().stored_providers(&shared).contains(&a),
             "peer {i} was given the shared key again"
+        );
+    }
+
+    // Growth is counted from the table of that announcement: two more
+    // peers are not four times as many, and get nothing.
+    for i in 6..8 {
+        swarms[0]
+            .behaviour_mut()
+            .add_address(&peers[i], addresses[i].clone());
+    }
+    let _ = drive(&mut swarms, QUIET, |_, _, _| None::<()>).await;
+    for (i, n) in swarms.iter().enumerate().skip(6) {
+        assert!(
+            !n.behaviour().stored_providers(&exact).contains(&a),
+            "peer {i} was given the exact key: announced again without 4x growth"
         );
     }
 }
@@ -696,4 +711,39 @@ async fn an_exact_key_whose_announcement_reached_no_peer_is_announced_again_soon
         s[0].behaviour().unannounced_keys().next().is_none()
     })
     .await;
+}
+
+#[tokio::test]
+async fn the_first_bootstrap_after_the_announcement_announces_nothing_again() {
+    let (mut a, _) = node(PROTOCOL).await;
+    let (b, b_address) = node(PROTOCOL).await;
+    let b_peer = peer(&b);
+    a.behaviour_mut()
+        .set_provided_keys(HashSet::from([provider_key("/my-app/models/llama3:8b")]));
+    a.behaviour_mut().add_address(&b_peer, b_address);
+    let mut swarms = vec![a, b];
+    // With no announce delay the keys go out at once; the bootstrap ends
+    // a round trip later.
+    let mut advertised = 0;
+    until(
+        &mut swarms,
+        "a's first successful bootstrap",
+        |i, _, event| {
+            match event {
+                Event::Advertising if i == 0 => advertised += 1,
+                Event::BootstrapFinished { ok: true, .. } if i == 0 => {
+                    assert_eq!(advertised, 1, "announced once before the bootstrap ended");
+                    return Some(());
+                }
+                _ => {}
+            }
+            None
+        },
+    )
+    .await;
+    let again = drive(&mut swarms, QUIET, |i, _, event| {
+        (i == 0 && matches!(event, Event::Advertising)).then_some(())
+    })
+    .await;
+    assert!(again.is_none(), "the bootstrap announced the keys again");
 }
