@@ -151,6 +151,18 @@ pub enum Event {
     },
 }
 
+/// Whether a query (or its last step) ended without error.
+fn query_ok(result: &QueryResult) -> bool {
+    match result {
+        QueryResult::Bootstrap(r) => r.is_ok(),
+        QueryResult::GetClosestPeers(r) => r.is_ok(),
+        QueryResult::GetProviders(r) => r.is_ok(),
+        QueryResult::StartProviding(r) | QueryResult::RepublishProvider(r) => r.is_ok(),
+        QueryResult::GetRecord(r) => r.is_ok(),
+        QueryResult::PutRecord(r) | QueryResult::RepublishRecord(r) => r.is_ok(),
+    }
+}
+
 /// A failed announcement of an exact key, waiting to be tried again.
 #[derive(Debug, Clone, Copy)]
 struct AnnounceRetry {
@@ -441,13 +453,10 @@ impl Behaviour {
     /// keys wait for `provide_interval`. Until this is called every key is
     /// announced again on growth.
     pub fn set_exact_keys(&mut self, keys: HashSet<RecordKey>) {
+        // Retries are of provided keys only (`set_provided_keys` keeps
+        // them so): of those, the exact ones stay.
+        self.announce_retries.retain(|k, _| keys.contains(k));
         self.exact_keys = Some(keys);
-        let retried: Vec<RecordKey> = self.announce_retries.keys().cloned().collect();
-        for key in retried {
-            if !self.is_retried(&key) {
-                self.announce_retries.remove(&key);
-            }
-        }
     }
 
     /// Provide exactly `keys` besides the namespace: announce new ones now
@@ -682,14 +691,7 @@ impl Behaviour {
                 QueryResult::PutRecord(_) => "put_record",
                 QueryResult::RepublishRecord(_) => "republish_record",
             };
-            let ok = match result {
-                QueryResult::Bootstrap(r) => r.is_ok(),
-                QueryResult::GetClosestPeers(r) => r.is_ok(),
-                QueryResult::GetProviders(r) => r.is_ok(),
-                QueryResult::StartProviding(r) | QueryResult::RepublishProvider(r) => r.is_ok(),
-                QueryResult::GetRecord(r) => r.is_ok(),
-                QueryResult::PutRecord(r) | QueryResult::RepublishRecord(r) => r.is_ok(),
-            };
+            let ok = query_ok(result);
             self.requests_sent = self
                 .requests_sent
                 .saturating_add(u64::from(stats.num_requests()));
@@ -915,12 +917,7 @@ impl Behaviour {
         last: bool,
         requests: u32,
     ) {
-        let ok = match &result {
-            QueryResult::GetProviders(r) => r.is_ok(),
-            QueryResult::GetRecord(r) => r.is_ok(),
-            QueryResult::PutRecord(r) => r.is_ok(),
-            _ => false,
-        };
+        let ok = query_ok(&result);
         match result {
             QueryResult::GetProviders(Ok(GetProvidersOk::FoundProviders { providers, .. }))
                 if !providers.is_empty() =>
