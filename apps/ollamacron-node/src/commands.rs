@@ -6,7 +6,7 @@ use std::path::PathBuf;
 
 use anyhow::Context;
 use clap::{Args, Subcommand};
-use ollamacron_node_core::registry::{RankedService, ServiceInfo, ServiceStatus};
+use ollamacron_node_core::registry::{LocalService, RankedService, ServiceInfo, ServiceStatus};
 use ollamacron_node_core::{HttpServerStatus, NodeStatus, PeerInfo};
 use serde_json::Value;
 
@@ -93,7 +93,9 @@ pub(crate) enum ServicesCommand {
         /// Its id.
         id: String,
     },
-    /// The services this node offers.
+    /// The services this node offers, and where each came from (`config`,
+    /// `api`: registered through the API or this CLI and kept in the data
+    /// directory across restarts, `ollama`: found on the local Ollama).
     List {
         #[command(flatten)]
         output: OutputArgs,
@@ -546,23 +548,32 @@ pub(crate) async fn services(api: &ApiClient, command: ServicesCommand) -> anyho
             if output.json {
                 return print_json(&answer.json()?);
             }
-            let local: Vec<ServiceInfo> =
+            let local: Vec<LocalService> =
                 answer.parse("a list of services", |json| serde_json::from_slice(json))?;
             let rows: Vec<Vec<String>> = local
                 .iter()
-                .map(|s| {
+                .map(|LocalService { service: s, origin }| {
                     vec![
                         s.id.clone(),
                         s.name.clone(),
                         s.service_type.clone(),
                         service_status(s.status).to_owned(),
+                        origin.as_str().to_owned(),
                         list(&s.tags),
                         list(&s.capabilities),
                     ]
                 })
                 .collect();
             print_table(
-                &["ID", "NAME", "TYPE", "STATUS", "TAGS", "CAPABILITIES"],
+                &[
+                    "ID",
+                    "NAME",
+                    "TYPE",
+                    "STATUS",
+                    "FROM",
+                    "TAGS",
+                    "CAPABILITIES",
+                ],
                 &rows,
             );
             Ok(())

@@ -25,7 +25,9 @@ use ollamacron_gateway::{
     serve_inference,
 };
 use ollamacron_node_core::http_server::OLLAMA_ORIGINS_VAR;
-use ollamacron_node_core::{ApiListener, Node, NodeError, NodeState, load_or_create_identity};
+use ollamacron_node_core::{
+    ApiListener, Node, NodeError, NodeState, RegistrationFile, load_or_create_identity,
+};
 use ollamacron_ollama::{OllamaClient, OllamaEndpoint, OllamaWatcher, WatchConfig};
 use tracing_subscriber::EnvFilter;
 use tracing_subscriber::fmt::format::FmtSpan;
@@ -351,6 +353,7 @@ async fn serve(config: NodeConfig) -> anyhow::Result<()> {
     // start-up still stops the node gracefully.
     let signal = shutdown_signal()?;
     tokio::pin!(signal);
+    let registrations = RegistrationFile::new(config.registrations_path());
     let ollama = ollama_client(&config)?;
     let gateway_listener = if config.enable_gateway {
         let addr = config.gateway_listen;
@@ -371,7 +374,7 @@ async fn serve(config: NodeConfig) -> anyhow::Result<()> {
         None
     };
     let node = tokio::select! {
-        node = Node::new(config).start() => node?,
+        node = Node::new(config).with_registration_file(registrations).start() => node?,
         signal = &mut signal => {
             tracing::info!(signal, "signal during start-up: not starting");
             return Ok(());

@@ -578,3 +578,146 @@ fn a_bad_ollama_address_is_a_configuration_error() {
     let err = refused(None, Some("gpu-box:99999"));
     assert!(err.contains("OLLAMA_HOST"), "{err}");
 }
+
+/// `services list --json` of the node at `api`: each service's id and
+/// origin.
+fn listed_with_origin(api: &str, dir: &Path) -> Vec<(String, String)> {
+    let out = node(&["services", "list", "--json", "--api-listen", api], dir);
+    assert!(out.status.success(), "{}", text(&out.stderr));
+    let json: Vec<serde_json::Value> = serde_json::from_slice(&out.stdout).unwrap();
+    let mut listed: Vec<(String, String)> = json
+        .iter()
+        .map(|s| {
+            (
+                s["id"].as_str().unwrap().to_owned(),
+                s["origin"].as_str().unwrap().to_owned(),
+            )
+        })
+        .collect();
+    listed.sort();
+    listed
+}
+
+fn register_through_the_cli(api: &str, name: &str, dir: &Path) {
+    let out = node(
+        &[
+            "services",
+            "register",
+            "--api-listen",
+            api,
+            "--name",
+            name,
+            "--type",
+            "llm",
+        ],
+        dir,
+    );
+    assert!(out.status.success(), "{}", text(&out.stderr));
+}
+
+#[cfg(unix)]
+#[test]
+fn registered_services_survive_a_graceful_restart_and_a_kill_9() {
+    let dir = tempfile::tempdir().unwrap();
+    let config = dir.path().join("ollamacron.yaml");
+    std::fs::write(
+        &config,
+        "services:\n  - name: from-config:1b\n    type: llm\n",
+    )
+    .unwrap();
+    let start = || {
+        let api = format!("127.0.0.1:{}", free_port());
+        let running = spawn_run(
+            dir.path(),
+            &["--api-listen", &api, "--config", config.to_str().unwrap()],
+        );
+        running.wait_for_line("node running");
+        (running, api)
+    };
+    let (mut running, api) = start();
+    register_through_the_cli(&api, "llama3:8b", dir.path());
+    register_through_the_cli(&api, "gone:1b", dir.path());
+    let out = node(
+        &["services", "unregister", "gone:1b", "--api-listen", &api],
+        dir.path(),
+    );
+    assert!(out.status.success(), "{}", text(&out.stderr));
+    let table = node(&["services", "list", "--api-listen", &api], dir.path());
+    let table = text(&table.stdout);
+    assert!(table.contains("FROM"), "{table}");
+
+    // A graceful stop, then a start: the registration is back, the
+    // unregistered service is not, and the configured one is from config.
+    let term = Command::new("kill")
+        .args(["-TERM", &running.child.id().to_string()])
+        .status()
+        .unwrap();
+    assert!(term.success());
+    assert_eq!(wait_exit(&mut running.child).code(), Some(0));
+    drop(running);
+    let (running, api) = start();
+    let expected = vec![
+        ("from-config:1b".to_owned(), "config".to_owned()),
+        ("llama3:8b".to_owned(), "api".to_owned()),
+    ];
+    assert_eq!(listed_with_origin(&api, dir.path()), expected);
+
+    // Registered, then killed at once with SIGKILL: still there after.
+    register_through_the_cli(&api, "phi3:mini", dir.path());
+    drop(running); // kill -9
+    let (_running, api) = start();
+    let mut expected = expected;
+    expected.push(("phi3:mini".to_owned(), "api".to_owned()));
+    assert_eq!(listed_with_origin(&api, dir.path()), expected);
+    // And offered: the node's own lookup by model finds it.
+    let found = node(
+        &[
+            "services",
+            "find",
+            "--model",
+            "phi3:mini",
+            "--json",
+            "--api-listen",
+            &api,
+        ],
+        dir.path(),
+    );
+    let found: Vec<serde_json::Value> = serde_json::from_slice(&found.stdout).unwrap();
+    assert_eq!(found.len(), 1, "{found:?}");
+}
+
+#[test]
+fn a_corrupt_registration_file_stops_the_start_and_names_the_file() {
+    let dir = tempfile::tempdir().unwrap();
+    let file = dir.path().join("services.json");
+    std::fs::write(&file, b"{\"format\": 1, \"services\": [").unwrap();
+    let out = Command::new(BIN)
+        .args([
+            "run",
+            "--no-mdns",
+            "--listen",
+            "/ip4/127.0.0.1/tcp/0",
+            "--api-listen",
+            "127.0.0.1:0",
+            "--set",
+            "enable_gateway=false",
+            "--set",
+            "enable_ollama=false",
+        ])
+        .arg("--data-dir")
+        .arg(dir.path())
+        .env_remove("OLLAMACRON_CONFIG")
+        .output()
+        .unwrap();
+    let stderr = text(&out.stderr);
+    assert_eq!(out.status.code(), Some(1), "{stderr}");
+    assert!(
+        stderr.contains(&file.display().to_string()) && stderr.contains("unreadable"),
+        "{stderr}"
+    );
+    assert_eq!(
+        std::fs::read(&file).unwrap(),
+        b"{\"format\": 1, \"services\": [",
+        "the file is left for its owner to fix"
+    );
+}

@@ -36,6 +36,9 @@ pub const DEFAULT_API_PORT: u16 = 11437;
 pub const DEFAULT_GATEWAY_PORT: u16 = 11435;
 /// Name of the identity key file inside the data directory.
 pub const IDENTITY_FILE_NAME: &str = "identity.key";
+/// The file in the data directory that keeps the services registered
+/// through the API across restarts.
+pub const REGISTRATIONS_FILE_NAME: &str = "services.json";
 /// Name of the network key file inside the data directory.
 pub const NETWORK_KEY_FILE_NAME: &str = "swarm.key";
 
@@ -464,6 +467,13 @@ impl NodeConfig {
         self.private_key_path
             .clone()
             .unwrap_or_else(|| self.data_dir().join(IDENTITY_FILE_NAME))
+    }
+
+    /// Where the services registered through the API are kept:
+    /// `<data_dir>/services.json`.
+    #[must_use]
+    pub fn registrations_path(&self) -> PathBuf {
+        self.data_dir().join(REGISTRATIONS_FILE_NAME)
     }
 
     /// The network key file: `psk_path` when set, else

@@ -44,6 +44,7 @@ impl NodeBehaviour {
         config: &NodeConfig,
         nat: nat::Behaviour,
         loopback_only: bool,
+        restored: &registry::Restored,
     ) -> Result<Self, NodeError> {
         let local = key.public().to_peer_id();
         let identify = identify::Behaviour::new(
@@ -56,7 +57,8 @@ impl NodeBehaviour {
                 .with_hide_listen_addrs(true),
         );
         let discovery = discovery::Behaviour::new(local, config, loopback_only);
-        let registry = registry::Behaviour::new(key, config, nat.reachability(), loopback_only)?;
+        let registry =
+            registry::Behaviour::new(key, config, nat.reachability(), loopback_only, restored)?;
         let peers = peers::Behaviour::new(local, config, discovery.bootstrap_peer_ids());
         Ok(Self {
             peers,

@@ -23,6 +23,10 @@ pub enum NodeError {
         /// The key's peer id.
         actual: String,
     },
+    /// The registration file cannot be read, holds a service the record
+    /// refuses, or cannot be written.
+    #[error(transparent)]
+    Registration(#[from] crate::registrations::RegistrationError),
     /// The network key of a private network cannot be used.
     #[error("{0}")]
     NetworkKey(String),

@@ -1,7 +1,8 @@
 //! The node's local HTTP API on `api_listen`: status, peers, services,
 //! `/metrics` and `/healthz`. Every error is JSON (`{"error": …, "field":
 //! …}`) with a 4xx status naming what was wrong; nothing a client sends
-//! makes it panic or answer 500.
+//! makes it panic or answer 500 (only a registration the node cannot save
+//! to its registration file does, naming the file).
 
 use std::collections::BTreeMap;
 
@@ -96,6 +97,11 @@ impl From<NodeError> for ApiError {
                 message,
                 field: field.map(str::to_owned),
             },
+            NodeError::Registration(e) => Self {
+                status: StatusCode::INTERNAL_SERVER_ERROR,
+                message: e.to_string(),
+                field: None,
+            },
             other => Self {
                 status: StatusCode::SERVICE_UNAVAILABLE,
                 message: other.to_string(),
@@ -187,7 +193,7 @@ async fn local_services(
     RawQuery(raw): RawQuery,
 ) -> Result<impl IntoResponse, ApiError> {
     no_query(raw.as_deref())?;
-    Ok(axum::Json(api.node()?.local_services().await?))
+    Ok(axum::Json(api.node()?.local_services_with_origin().await?))
 }
 
 /// `type`, `tag`…, `capability`…, `region`, `min_reliability`,

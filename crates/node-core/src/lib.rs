@@ -14,6 +14,7 @@ mod identity;
 mod metrics;
 mod node;
 mod peers;
+mod registrations;
 pub mod registry;
 mod state;
 mod status;
@@ -33,6 +34,7 @@ pub use identity::{IdentityError, load_or_create_identity};
 pub use metrics::MetricsSnapshot;
 pub use node::{Node, NodeHandle};
 pub use ollamacron_http as http_server;
+pub use registrations::{RegistrationError, RegistrationFile};
 pub use registry::SERVICES_TOPIC;
 pub use state::{NodeState, StateError};
 pub use status::{

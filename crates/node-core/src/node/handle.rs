@@ -8,7 +8,8 @@ use std::time::Instant;
 use libp2p::{Multiaddr, PeerId};
 use ollamacron_service_registry::{RankedService, ServiceInfo, ServiceQuery};
 
-use crate::registry::ModelProviders;
+use crate::registrations::RegistrationFile;
+use crate::registry::{LocalService, ModelProviders, ServiceOrigin};
 use tokio::sync::{broadcast, mpsc, oneshot, watch};
 
 use crate::addr::with_peer;
@@ -63,7 +64,7 @@ pub(super) enum Command {
         reply: oneshot::Sender<bool>,
     },
     LocalServices {
-        reply: oneshot::Sender<Vec<ServiceInfo>>,
+        reply: oneshot::Sender<Vec<LocalService>>,
     },
     FindServices {
         query: ServiceQuery,
@@ -96,6 +97,26 @@ pub(super) struct HandleShared {
     /// Set once by [`start_api`](crate::start_api).
     pub(super) api_addr: std::sync::Arc<std::sync::OnceLock<SocketAddr>>,
     pub(super) streams: StreamControl,
+    /// Where API registrations are kept, when the node keeps them.
+    pub(super) registrations: Option<std::sync::Arc<RegistrationStore>>,
+}
+
+/// The registration file and the lock that orders its writes: a change
+/// and the write of its result are one step, so two registrations at once
+/// cannot leave the file with the older list.
+#[derive(Debug)]
+pub(super) struct RegistrationStore {
+    file: RegistrationFile,
+    writing: tokio::sync::Mutex<()>,
+}
+
+impl RegistrationStore {
+    pub(super) fn new(file: RegistrationFile) -> Self {
+        Self {
+            file,
+            writing: tokio::sync::Mutex::new(()),
+        }
+    }
 }
 
 /// [`libp2p_stream::Control`], which has no `Debug` of its own.
@@ -310,17 +331,51 @@ impl NodeHandle {
     }
 
     /// Offer a service (or replace the one with the same id): it is signed
-    /// into this node's record and published at once.
+    /// into this node's record and published at once. When the node keeps
+    /// a registration file ([`Node::with_registration_file`](crate::Node::with_registration_file)),
+    /// the service is saved there before this returns, and offered again
+    /// after a restart.
     ///
     /// # Errors
     /// [`NodeError::Service`] naming what is wrong (empty id or type, a
     /// field over the record limits, too many services); nothing changes.
+    /// [`NodeError::Registration`] when it cannot be saved: it is offered
+    /// then, but only until the node stops.
     pub async fn register_service(&self, service: ServiceInfo) -> Result<(), NodeError> {
+        let _writing = self.lock_registrations().await;
         self.request(|reply| Command::RegisterService {
             service: Box::new(service),
             reply,
         })
-        .await?
+        .await??;
+        self.save_registrations().await
+    }
+
+    /// While a registration file is kept, the lock that orders its writes.
+    async fn lock_registrations(&self) -> Option<tokio::sync::MutexGuard<'_, ()>> {
+        match &self.shared.registrations {
+            Some(store) => Some(store.writing.lock().await),
+            None => None,
+        }
+    }
+
+    /// Write the API's registrations to the registration file, if the
+    /// node keeps one (the caller holds its lock).
+    async fn save_registrations(&self) -> Result<(), NodeError> {
+        let Some(store) = self.shared.registrations.clone() else {
+            return Ok(());
+        };
+        let services: Vec<ServiceInfo> = self
+            .local_services_with_origin()
+            .await?
+            .into_iter()
+            .filter(|s| s.origin == ServiceOrigin::Api)
+            .map(|s| s.service)
+            .collect();
+        tokio::task::spawn_blocking(move || store.file.store(&services))
+            .await
+            .map_err(|_| NodeError::Failed)??;
+        Ok(())
     }
 
     /// Stop offering the services with the ids in `remove`, then offer each
@@ -343,14 +398,23 @@ impl NodeHandle {
             .await
     }
 
-    /// Stop offering a service; `false` if none had this id.
+    /// Stop offering a service; `false` if none had this id. A registration
+    /// file the node keeps no longer holds it when this returns.
     ///
     /// # Errors
-    /// [`NodeError::NotRunning`] once the node has stopped.
+    /// [`NodeError::NotRunning`] once the node has stopped;
+    /// [`NodeError::Registration`] when the file cannot be written (the
+    /// service would come back after a restart).
     pub async fn unregister_service(&self, id: &str) -> Result<bool, NodeError> {
+        let _writing = self.lock_registrations().await;
         let id = id.to_owned();
-        self.request(|reply| Command::UnregisterService { id, reply })
-            .await
+        let removed = self
+            .request(|reply| Command::UnregisterService { id, reply })
+            .await?;
+        if removed {
+            self.save_registrations().await?;
+        }
+        Ok(removed)
     }
 
     /// The services this node offers.
@@ -358,6 +422,20 @@ impl NodeHandle {
     /// # Errors
     /// [`NodeError::NotRunning`] once the node has stopped.
     pub async fn local_services(&self) -> Result<Vec<ServiceInfo>, NodeError> {
+        Ok(self
+            .local_services_with_origin()
+            .await?
+            .into_iter()
+            .map(|s| s.service)
+            .collect())
+    }
+
+    /// The services this node offers, with where each came from (the
+    /// configuration, the API, or Ollama).
+    ///
+    /// # Errors
+    /// [`NodeError::NotRunning`] once the node has stopped.
+    pub async fn local_services_with_origin(&self) -> Result<Vec<LocalService>, NodeError> {
         self.request(|reply| Command::LocalServices { reply }).await
     }
 

@@ -27,12 +27,14 @@ use crate::error::{NodeError, error_chain};
 use crate::event::NodeEvent;
 use crate::identity::load_or_create_identity;
 use crate::metrics::NodeMetrics;
+use crate::registrations::RegistrationFile;
+use crate::registry::Restored;
 use crate::state::NodeState;
 use crate::transport::{NodeTransport, build_transport};
 
 pub use self::handle::NodeHandle;
 pub(crate) use self::handle::WeakNodeHandle;
-use self::handle::{HandleShared, StreamControl};
+use self::handle::{HandleShared, RegistrationStore, StreamControl};
 use self::task::{ListenerStatus, SwarmTask, TraversalCounters};
 
 /// Commands waiting for the swarm task.
@@ -57,6 +59,7 @@ pub struct Node {
     config: NodeConfig,
     keypair: Option<Keypair>,
     transport: Option<NodeTransport>,
+    registrations: Option<RegistrationFile>,
     events: broadcast::Sender<NodeEvent>,
 }
 
@@ -70,6 +73,7 @@ impl Node {
             config,
             keypair: None,
             transport: None,
+            registrations: None,
             events,
         }
     }
@@ -85,6 +89,19 @@ impl Node {
     #[must_use]
     pub fn with_keypair(mut self, keypair: Keypair) -> Self {
         self.keypair = Some(keypair);
+        self
+    }
+
+    /// Keep the services registered through
+    /// [`NodeHandle::register_service`] (the API's `POST /v1/services`, the
+    /// CLI's `services register`) in `file`, and offer the services it
+    /// holds from the start, in the node's first record: registrations
+    /// survive a restart, graceful or not. `ollamacron-node run` keeps them
+    /// in `<data_dir>/services.json`. Without a file they last as long as
+    /// the process.
+    #[must_use]
+    pub fn with_registration_file(mut self, file: RegistrationFile) -> Self {
+        self.registrations = Some(file);
         self
     }
 
@@ -182,8 +199,21 @@ impl Node {
         .map_err(fail)?;
         log_inactive_settings(&self.config);
         let loopback_only = self.config.listen.iter().all(crate::addr::is_loopback);
-        let behaviour =
-            NodeBehaviour::new(&keypair, &self.config, nat, loopback_only).map_err(&fail)?;
+        let restored = match &self.registrations {
+            Some(file) => {
+                let services = file.load().map_err(|e| fail(e.into()))?;
+                if !services.is_empty() {
+                    tracing::info!(path = %file.path().display(), count = services.len(), "restored the services registered through the API");
+                }
+                Restored {
+                    path: file.path().to_owned(),
+                    services,
+                }
+            }
+            None => Restored::default(),
+        };
+        let behaviour = NodeBehaviour::new(&keypair, &self.config, nat, loopback_only, &restored)
+            .map_err(&fail)?;
         let swarm_config = libp2p::swarm::Config::with_tokio_executor()
             .with_idle_connection_timeout(self.config.idle_connection_timeout);
         let mut swarm = Swarm::new(transport, behaviour, peer_id, swarm_config);
@@ -227,6 +257,9 @@ impl Node {
                 metrics: metrics.endpoint.clone(),
                 api_addr: Arc::new(OnceLock::new()),
                 streams: StreamControl(swarm.behaviour().streams.new_control()),
+                registrations: self
+                    .registrations
+                    .map(|file| Arc::new(RegistrationStore::new(file))),
             },
         };
         let task = SwarmTask {

@@ -178,7 +178,7 @@ impl SwarmTask {
                 behaviour.registry.answer_after_events(reply, removed);
             }
             Command::LocalServices { reply } => {
-                let _ = reply.send(behaviour.registry.local_services());
+                let _ = reply.send(behaviour.registry.local_services_with_origin());
             }
             Command::FindServices { query, reply } => {
                 behaviour.registry.find_services(query, reply);

@@ -44,6 +44,52 @@ pub(crate) use self::publish::service_from_config;
 
 /// The gossipsub topic that carries signed node records (when pubsub is on).
 pub const SERVICES_TOPIC: &str = "/ollamacron/services/1";
+/// Where a local service came from (`GET /v1/services/local`'s `origin`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum ServiceOrigin {
+    /// The configuration's `services`.
+    Config,
+    /// Registered through the API or the CLI
+    /// ([`NodeHandle::register_service`](crate::NodeHandle::register_service)):
+    /// kept in the registration file, when the node has one, across restarts.
+    Api,
+    /// Mirrored from the local Ollama (or another local source) through
+    /// [`NodeHandle::update_services`](crate::NodeHandle::update_services):
+    /// found again at every start, never saved.
+    Ollama,
+}
+
+impl ServiceOrigin {
+    /// The name the API and the CLI show.
+    #[must_use]
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Self::Config => "config",
+            Self::Api => "api",
+            Self::Ollama => "ollama",
+        }
+    }
+}
+
+/// A service this node offers, with where it came from.
+#[derive(Debug, Clone, PartialEq, serde::Serialize, serde::Deserialize)]
+pub struct LocalService {
+    /// The service.
+    #[serde(flatten)]
+    pub service: ServiceInfo,
+    /// Where it came from.
+    pub origin: ServiceOrigin,
+}
+
+/// The services a node's registration file gave back at start.
+#[derive(Debug, Clone, Default)]
+pub(crate) struct Restored {
+    /// The file (named in errors).
+    pub(crate) path: std::path::PathBuf,
+    pub(crate) services: Vec<ServiceInfo>,
+}
+
 /// Most of a peer's identify listen addresses passed to Kademlia.
 const MAX_IDENTIFY_ADDRESSES: usize = 8;
 /// How often expired records are dropped (their services leave answers at
@@ -139,6 +185,8 @@ pub(crate) struct Behaviour {
     /// Loopback addresses are ours to announce and usable to dial.
     loopback_only: bool,
     local: LocalServices,
+    /// Where each local service (by id) came from.
+    origins: HashMap<String, ServiceOrigin>,
     cache: RecordCache,
     limits: RecordLimits,
     weights: ScoreWeights,
@@ -218,22 +266,39 @@ impl Behaviour {
     /// services the config declares; the DHT starts in the mode that
     /// `reachability` calls for.
     ///
+    /// `restored` are the services registered through the API before a
+    /// restart (from the registration file); they replace a configured
+    /// service of the same id, as their registration did.
+    ///
     /// # Errors
-    /// The configured services are invalid or do not fit in a record.
+    /// The configured or restored services are invalid or do not fit in
+    /// a record.
     pub(crate) fn new(
         keypair: &Keypair,
         config: &NodeConfig,
         reachability: ollamacron_nat::Reachability,
         loopback_only: bool,
+        restored: &Restored,
     ) -> Result<Self, NodeError> {
         let peer = keypair.public().to_peer_id();
         let limits = crate::configs::record_limits(config);
         let mut local = LocalServices::new(peer, limits.max_paged_services());
+        let mut origins = HashMap::new();
         let now = unix_ms();
         for service in &config.services {
-            local
-                .register(service_from_config(service), now)
-                .map_err(NodeError::from)?;
+            let service = service_from_config(service);
+            origins.insert(service.id.clone(), ServiceOrigin::Config);
+            local.register(service, now).map_err(NodeError::from)?;
+        }
+        for service in &restored.services {
+            origins.insert(service.id.clone(), ServiceOrigin::Api);
+            local.register(service.clone(), now).map_err(|e| {
+                crate::registrations::RegistrationError::Refused {
+                    path: restored.path.clone(),
+                    id: service.id.clone(),
+                    reason: e.to_string(),
+                }
+            })?;
         }
         // The services must make a record every peer accepts: refuse to
         // start rather than run without advertising them.
@@ -245,7 +310,7 @@ impl Behaviour {
             &[],
         );
         sign_record_pages(&trial, keypair, &limits).map_err(|e| NodeError::Service {
-            message: format!("the configured services do not fit in a record: {e}"),
+            message: format!("the configured services (with those restored from the registration file) do not fit in a record: {e}"),
             field: None,
         })?;
         let dht = config.enable_dht.then(|| {
@@ -291,6 +356,7 @@ impl Behaviour {
             running: false,
             loopback_only,
             local,
+            origins,
             cache: RecordCache::new(config.dht_max_records),
             limits,
             weights: crate::configs::score_weights(config),

@@ -14,7 +14,7 @@ use ollamacron_discovery_dht::{Record, RecordKey};
 use ollamacron_service_registry::{ServiceChange, ServiceInfo, ServiceStatus, sign_record_pages};
 
 use super::keys::{capability_key, is_model, model_key, node_record_page_key, service_type_key};
-use super::{Behaviour, Event, OwnRecord, SERVICES_TOPIC, unix_ms};
+use super::{Behaviour, Event, LocalService, OwnRecord, SERVICES_TOPIC, ServiceOrigin, unix_ms};
 use crate::addr::with_peer;
 use crate::error::NodeError;
 use crate::status::ServiceCounts;
@@ -278,7 +278,9 @@ impl Behaviour {
     /// is signed on a copy first, so a service that would make the record
     /// invalid is refused with the reason and changes nothing.
     pub(crate) fn register_service(&mut self, service: &ServiceInfo) -> Result<(), NodeError> {
-        for change in self.try_register(std::slice::from_ref(service))? {
+        let changes = self.try_register(std::slice::from_ref(service))?;
+        self.origins.insert(service.id.clone(), ServiceOrigin::Api);
+        for change in changes {
             self.emit(Event::LocalChanged(change));
         }
         self.emit_counts();
@@ -323,11 +325,13 @@ impl Behaviour {
         // An id in both lists is replaced (one update), not removed and added.
         for id in remove.iter().filter(|id| !add.iter().any(|s| s.id == **id)) {
             if let Some(change) = self.local.unregister(id) {
+                self.origins.remove(id);
                 self.emit(Event::LocalChanged(change));
                 changed = true;
             }
         }
         let mut refused = Vec::new();
+        let added: Vec<String> = add.iter().map(|s| s.id.clone()).collect();
         // All at once on a trial copy, signed once; only when that record
         // would be refused is each service tried on its own (each trial
         // signs every page).
@@ -344,6 +348,11 @@ impl Behaviour {
                 changes
             }
         };
+        for id in added {
+            if !refused.iter().any(|(r, _)| *r == id) {
+                self.origins.insert(id, ServiceOrigin::Ollama);
+            }
+        }
         for change in changes {
             self.emit(Event::LocalChanged(change));
             changed = true;
@@ -360,15 +369,26 @@ impl Behaviour {
         let Some(change) = self.local.unregister(id) else {
             return false;
         };
+        self.origins.remove(id);
         self.emit(Event::LocalChanged(change));
         self.emit_counts();
         self.publish_record();
         true
     }
 
-    /// The services this node offers.
-    pub(crate) fn local_services(&self) -> Vec<ServiceInfo> {
-        self.local.iter().cloned().collect()
+    /// The services this node offers, with where each came from.
+    pub(crate) fn local_services_with_origin(&self) -> Vec<LocalService> {
+        self.local
+            .iter()
+            .map(|s| LocalService {
+                service: s.clone(),
+                origin: self
+                    .origins
+                    .get(&s.id)
+                    .copied()
+                    .unwrap_or(ServiceOrigin::Api),
+            })
+            .collect()
     }
 
     /// Services ours and of the verified records we hold.

@@ -46,8 +46,14 @@ async fn node() -> Node {
     let mut keypair = None;
     let mut swarm = Swarm::new_ephemeral_tokio(|key| {
         keypair = Some(key.clone());
-        Behaviour::new(&key, &config, ollamacron_nat::Reachability::Unknown, false)
-            .expect("a registry of no services")
+        Behaviour::new(
+            &key,
+            &config,
+            ollamacron_nat::Reachability::Unknown,
+            false,
+            &super::Restored::default(),
+        )
+        .expect("a registry of no services")
     });
     let addr = listen(&mut swarm).await;
     Node {
@@ -205,7 +211,7 @@ async fn a_registered_service_reaches_the_other_node_and_answers_its_lookups() {
     let (mut swarms, [a_peer, _]) = pair().await;
     register_on_a(&mut swarms, a_peer).await;
     let a = swarms[0].behaviour();
-    assert_eq!(a.local_services().len(), 1);
+    assert_eq!(a.local_services_with_origin().len(), 1);
     assert_eq!(a.service_counts().local, 1);
     let b = swarms[1].behaviour();
     assert_eq!(
@@ -362,7 +368,12 @@ async fn an_unregistered_service_is_dropped_by_the_other_node() {
     )
     .await;
     assert_eq!(answered, Some(true), "the service was there");
-    assert!(swarms[0].behaviour().local_services().is_empty());
+    assert!(
+        swarms[0]
+            .behaviour()
+            .local_services_with_origin()
+            .is_empty()
+    );
     let counts = swarms[1].behaviour().service_counts();
     assert_eq!(counts.remote, 0);
 
