@@ -49,6 +49,9 @@ pub struct StandInModels {
     /// A model asked for on `/api/generate` or `/api/chat` is then listed
     /// as loaded, as Ollama loads it.
     pub load_on_use: bool,
+    /// A non-streamed answer's text is this many bytes (`x` over and over)
+    /// instead of [`TOKENS`], for measuring long answers.
+    pub answer_bytes: Option<usize>,
     /// Serve at most this many `/api/generate` and `/api/chat` requests at
     /// once; more wait (Ollama's `OLLAMA_NUM_PARALLEL` and its queue).
     pub parallel: Option<Arc<tokio::sync::Semaphore>>,
@@ -358,7 +361,7 @@ async fn generate(
     uri: axum::http::Uri,
     Json(body): Json<Value>,
 ) -> Response {
-    let (failing, die, stall, pacing) = {
+    let (failing, die, stall, pacing, answer_bytes) = {
         let mut m = s.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
         m.generate_calls += 1;
         if let Some(name) = body["model"].as_str()
@@ -372,6 +375,7 @@ async fn generate(
             m.die_mid_stream,
             m.stall,
             m.pacing,
+            m.answer_bytes,
         )
     };
     if failing {
@@ -413,7 +417,10 @@ async fn generate(
             tokio::time::sleep(p.first_token).await;
         }
         return Json(match &answer {
-            Answer::Tokens => piece(&TOKENS.concat(), true),
+            Answer::Tokens => match answer_bytes {
+                Some(n) => piece(&"x".repeat(n), true),
+                None => piece(&TOKENS.concat(), true),
+            },
             Answer::Text(text) => piece(text, true),
             Answer::ToolCall(name) => tool_call(name, true),
         })

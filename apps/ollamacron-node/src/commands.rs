@@ -285,6 +285,17 @@ pub(crate) async fn status(api: &ApiClient, output: OutputArgs) -> anyhow::Resul
             sv.local, sv.remote, sv.nodes
         ),
     ));
+    if let Some(b) = &s.bandwidth {
+        rows.push((
+            "bandwidth".into(),
+            format!(
+                "max {}/s each way; streams waited {} times inbound, {} outbound",
+                ollamacron_config::ByteSize::from_bytes(b.limit_bytes_per_s),
+                b.inbound_waits,
+                b.outbound_waits
+            ),
+        ));
+    }
     for (i, source) in s.discovery.sources.iter().enumerate() {
         let state = match (source.enabled, source.active) {
             (true, true) => "working",

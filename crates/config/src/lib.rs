@@ -187,7 +187,8 @@ pub struct NodeConfig {
     pub max_memory: Option<ByteSize>,
     /// Number of CPU cores (runtime worker threads) the node may use.
     pub max_cpu: Option<u32>,
-    /// Bandwidth this node offers to the pool, per second.
+    /// Bytes per second all libp2p streams together may read, and may
+    /// write (enforced each way by a token bucket).
     pub max_bandwidth: Option<ByteSize>,
     /// The role of this node.
     pub node_type: NodeType,

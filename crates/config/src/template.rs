@@ -244,7 +244,7 @@ const FIELD_DOCS: &[(&str, &str, Option<&str>)] = &[
     ),
     (
         "max_bandwidth",
-        "Bandwidth per second this node offers to the pool. Unset: no figure.",
+        "Bytes per second all libp2p streams together may read, and may write (each way). Unset: no limit.",
         Some("100MiB"),
     ),
     (

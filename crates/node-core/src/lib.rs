@@ -4,6 +4,7 @@
 mod delegate;
 
 mod addr;
+mod bandwidth;
 mod behaviour;
 mod configs;
 mod discovery;
@@ -23,6 +24,7 @@ mod test_swarms;
 mod transport;
 pub mod trim;
 
+pub use bandwidth::BandwidthStatus;
 pub use behaviour::{PROTOCOL_VERSION, agent_version};
 pub use error::NodeError;
 pub use event::{Direction, NodeEvent, RecordVia};

@@ -209,6 +209,10 @@ pub struct NodeStatus {
     pub services: ServiceCounts,
     /// The gateway and the API, and who can reach them.
     pub http: HttpStatus,
+    /// `max_bandwidth` and how often streams waited for it; `None`
+    /// without a limit.
+    #[serde(default)]
+    pub bandwidth: Option<crate::bandwidth::BandwidthStatus>,
 }
 
 /// The node's HTTP servers as `GET /v1/status` shows them.
@@ -512,6 +516,11 @@ mod tests {
                 )),
                 api: Some(HttpServerStatus::new("[::1]:9090".parse().unwrap(), true)),
             },
+            bandwidth: Some(crate::bandwidth::BandwidthStatus {
+                limit_bytes_per_s: 1 << 20,
+                inbound_waits: 3,
+                outbound_waits: 0,
+            }),
         };
         round_trip(&status);
         status.state = NodeState::Stopping;

@@ -21,6 +21,7 @@ use libp2p::{Multiaddr, PeerId, Swarm};
 use ollamacron_config::{NodeConfig, ValidationError};
 use tokio::sync::{broadcast, mpsc, oneshot, watch};
 
+use crate::bandwidth::BandwidthLimit;
 use crate::behaviour::NodeBehaviour;
 use crate::configs::nat_config;
 use crate::error::{NodeError, error_chain};
@@ -187,6 +188,13 @@ impl Node {
         let (nat, relay_transport) =
             ollamacron_nat::Behaviour::new(peer_id, &nat_config(&self.config));
         let mut registry = Registry::default();
+        let bandwidth = self
+            .config
+            .max_bandwidth
+            .map(|limit| BandwidthLimit::new(limit.bytes()));
+        if let Some(limit) = &bandwidth {
+            limit.register(&mut registry);
+        }
         let transport = build_transport(
             &keypair,
             &self.config,
@@ -197,7 +205,11 @@ impl Node {
             self.transport,
         )
         .map_err(fail)?;
-        log_inactive_settings(&self.config);
+        let transport = match &bandwidth {
+            Some(limit) => limit.limit_transport(transport),
+            None => transport,
+        };
+        log_active_limits(&self.config);
         let loopback_only = self.config.listen.iter().all(crate::addr::is_loopback);
         let restored = match &self.registrations {
             Some(file) => {
@@ -275,6 +287,7 @@ impl Node {
             traversal: TraversalCounters::default(),
             loopback_only,
             config: self.config,
+            bandwidth,
         };
         tokio::spawn(task.run());
 
@@ -342,18 +355,10 @@ fn validate_with_own_transport(config: &NodeConfig) -> Result<(), Vec<Validation
     })
 }
 
-/// Say which configured features this version does not run yet, so that
-/// nobody believes a setting is in force when it is not.
-fn log_inactive_settings(config: &NodeConfig) {
-    let mut inactive = Vec::new();
-    if config.max_bandwidth.is_some() {
-        inactive.push("max_bandwidth");
-    }
-    if !inactive.is_empty() {
-        tracing::info!(
-            settings = %inactive.join(", "),
-            "set but not active in this version (bandwidth limits come later)"
-        );
+/// Say which configured limits are in force.
+fn log_active_limits(config: &NodeConfig) {
+    if let Some(limit) = config.max_bandwidth {
+        tracing::info!(%limit, "max_bandwidth: every libp2p stream together moves at most this per second each way");
     }
 }
 

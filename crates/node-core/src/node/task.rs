@@ -16,6 +16,7 @@ use tokio::sync::{broadcast, oneshot, watch};
 use super::events;
 use super::handle::Command;
 use crate::addr::{is_link_local, is_loopback, is_relayed, with_peer};
+use crate::bandwidth::BandwidthLimit;
 use crate::behaviour::{NodeBehaviour, NodeBehaviourEvent};
 use crate::discovery::{self, DhtSummary};
 use crate::error::{NodeError, error_chain};
@@ -56,6 +57,8 @@ pub(super) struct TraversalCounters {
 /// Owns the swarm; the only code that touches it.
 pub(super) struct SwarmTask {
     pub(super) config: NodeConfig,
+    /// `max_bandwidth`, when set.
+    pub(super) bandwidth: Option<BandwidthLimit>,
     pub(super) swarm: Swarm<NodeBehaviour>,
     pub(super) commands: tokio::sync::mpsc::Receiver<Command>,
     pub(super) events: broadcast::Sender<NodeEvent>,
@@ -235,6 +238,7 @@ impl SwarmTask {
             discovery: self.discovery_status(),
             services: behaviour.registry.service_counts(),
             http: HttpStatus::of(&self.config),
+            bandwidth: self.bandwidth.as_ref().map(BandwidthLimit::status),
         }
     }
 
