@@ -1,9 +1,13 @@
 //! `max_bandwidth`: one token bucket per direction shared by every stream
 //! of every libp2p connection (TCP, QUIC, relayed, or a given transport).
 //!
-//! Each connection's muxer is wrapped, so the limit applies to the bytes
-//! streams read and write (protocol payload, before the muxer's framing
-//! and encryption). A stream that finds the bucket empty waits for it to
+//! Each direct connection's muxer is wrapped, so the limit applies to the
+//! bytes streams read and write (protocol payload, before the muxer's
+//! framing and encryption; relayed connections ride in a stream of the
+//! connection to their relay, counted there). Reads are held back above
+//! the muxer: the muxer's window still lets a peer send that much ahead,
+//! so the limit is on what reaches the node's protocols, not on what the
+//! network carries in that window. A stream that finds the bucket empty waits for it to
 //! refill: a long answer slows down to the limit, nothing fails. The
 //! bucket holds at most [`BURST_WINDOW`] of the rate (and at least
 //! [`MIN_BURST_BYTES`]), so an idle spell does not buy a long burst.
@@ -17,6 +21,7 @@ use std::time::Duration;
 use futures::{AsyncRead, AsyncWrite};
 use libp2p::Transport;
 use libp2p::core::muxing::{StreamMuxer, StreamMuxerBox, StreamMuxerEvent, SubstreamBox};
+use libp2p::multiaddr::Protocol;
 use prometheus_client::encoding::EncodeLabelSet;
 use prometheus_client::metrics::counter::Counter;
 use prometheus_client::metrics::family::Family;
@@ -170,11 +175,20 @@ impl BandwidthLimit {
         );
     }
 
-    /// `transport` with every stream of every connection held to the limit.
+    /// `transport` with every stream of every direct connection held to
+    /// the limit. A relayed connection's bytes travel in a stream of the
+    /// connection to the relay, which is held to it already: counting them
+    /// twice would give relayed peers half the rate.
     pub(crate) fn limit_transport(&self, transport: NodeTransport) -> NodeTransport {
         let limit = self.clone();
         transport
-            .map(move |(peer, muxer), _| (peer, limit.wrap(muxer)))
+            .map(move |(peer, muxer), endpoint| {
+                let relayed = endpoint
+                    .get_remote_address()
+                    .iter()
+                    .any(|p| matches!(p, Protocol::P2pCircuit));
+                (peer, if relayed { muxer } else { limit.wrap(muxer) })
+            })
             .boxed()
     }
 

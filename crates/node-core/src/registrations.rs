@@ -31,6 +31,9 @@ use std::path::{Path, PathBuf};
 use ollamacron_service_registry::ServiceInfo;
 use serde::{Deserialize, Serialize};
 
+/// Numbers the temporary files of this process's writes.
+static NEXT_TEMPORARY: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(0);
+
 /// The file format this build writes and reads.
 const FORMAT: u32 = 1;
 /// Largest registration file read, in bytes: far beyond what a record
@@ -172,7 +175,9 @@ impl RegistrationFile {
             .path
             .file_name()
             .map_or_else(|| "services.json".into(), |n| n.to_string_lossy());
-        let tmp = dir.join(format!(".{name}.tmp.{}", std::process::id()));
+        // Unique to this write, so that no two writes share a temporary file.
+        let unique = NEXT_TEMPORARY.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        let tmp = dir.join(format!(".{name}.tmp.{}.{unique}", std::process::id()));
         let written = std::fs::File::create(&tmp)
             .and_then(|mut file| {
                 file.write_all(&bytes)?;

@@ -342,29 +342,37 @@ impl NodeHandle {
     /// [`NodeError::Registration`] when it cannot be saved: it is offered
     /// then, but only until the node stops.
     pub async fn register_service(&self, service: ServiceInfo) -> Result<(), NodeError> {
-        let _writing = self.lock_registrations().await;
-        self.request(|reply| Command::RegisterService {
-            service: Box::new(service),
-            reply,
-        })
-        .await??;
-        self.save_registrations().await
-    }
-
-    /// While a registration file is kept, the lock that orders its writes.
-    async fn lock_registrations(&self) -> Option<tokio::sync::MutexGuard<'_, ()>> {
-        match &self.shared.registrations {
-            Some(store) => Some(store.writing.lock().await),
-            None => None,
+        let register = |node: Self| async move {
+            node.request(|reply| Command::RegisterService {
+                service: Box::new(service),
+                reply,
+            })
+            .await?
+        };
+        match self.shared.registrations.clone() {
+            None => register(self.clone()).await,
+            Some(store) => {
+                let node = self.clone();
+                // The change and the write of its result are one step, in
+                // a task of its own: a caller that goes away (an HTTP
+                // client hanging up) cannot stop it halfway.
+                tokio::spawn(async move {
+                    let _writing = store.writing.lock().await;
+                    register(node.clone()).await?;
+                    node.save_registrations(store.clone()).await
+                })
+                .await
+                .map_err(|_| NodeError::Failed)?
+            }
         }
     }
 
-    /// Write the API's registrations to the registration file, if the
-    /// node keeps one (the caller holds its lock).
-    async fn save_registrations(&self) -> Result<(), NodeError> {
-        let Some(store) = self.shared.registrations.clone() else {
-            return Ok(());
-        };
+    /// Write the API's registrations to the registration file (the caller
+    /// holds its lock).
+    async fn save_registrations(
+        &self,
+        store: std::sync::Arc<RegistrationStore>,
+    ) -> Result<(), NodeError> {
         let services: Vec<ServiceInfo> = self
             .local_services_with_origin()
             .await?
@@ -406,15 +414,26 @@ impl NodeHandle {
     /// [`NodeError::Registration`] when the file cannot be written (the
     /// service would come back after a restart).
     pub async fn unregister_service(&self, id: &str) -> Result<bool, NodeError> {
-        let _writing = self.lock_registrations().await;
         let id = id.to_owned();
-        let removed = self
-            .request(|reply| Command::UnregisterService { id, reply })
-            .await?;
-        if removed {
-            self.save_registrations().await?;
-        }
-        Ok(removed)
+        let Some(store) = self.shared.registrations.clone() else {
+            return self
+                .request(|reply| Command::UnregisterService { id, reply })
+                .await;
+        };
+        let node = self.clone();
+        // One step, as in `register_service`.
+        tokio::spawn(async move {
+            let _writing = store.writing.lock().await;
+            let removed = node
+                .request(|reply| Command::UnregisterService { id, reply })
+                .await?;
+            if removed {
+                node.save_registrations(store.clone()).await?;
+            }
+            Ok(removed)
+        })
+        .await
+        .map_err(|_| NodeError::Failed)?
     }
 
     /// The services this node offers.

@@ -291,7 +291,10 @@ impl Behaviour {
             local.register(service, now).map_err(NodeError::from)?;
         }
         for service in &restored.services {
-            origins.insert(service.id.clone(), ServiceOrigin::Api);
+            if origins.insert(service.id.clone(), ServiceOrigin::Api) == Some(ServiceOrigin::Config)
+            {
+                tracing::info!(id = %service.id, path = %restored.path.display(), "a service registered through the API replaces the configured one of the same id (unregister it to offer the configured one again after a restart)");
+            }
             local.register(service.clone(), now).map_err(|e| {
                 crate::registrations::RegistrationError::Refused {
                     path: restored.path.clone(),

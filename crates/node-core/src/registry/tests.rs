@@ -392,3 +392,67 @@ async fn an_unregistered_service_is_dropped_by_the_other_node() {
     .await;
     assert_eq!(late, None);
 }
+
+/// What the API registered is the user's: the Ollama mirror, which sends
+/// the models it finds with `update_services`, neither replaces nor
+/// removes a service of the same id, and its own services are `ollama`.
+#[tokio::test]
+async fn a_mirrored_service_never_replaces_or_removes_one_registered_through_the_api() {
+    let mut node = node().await;
+    let service = |id: &str, version: &str| ServiceInfo {
+        id: id.to_owned(),
+        name: id.to_owned(),
+        service_type: "llm".to_owned(),
+        version: version.to_owned(),
+        ..ServiceInfo::default()
+    };
+    let registry = node.swarm.behaviour_mut();
+    registry
+        .register_service(&service("llama3:8b", "mine"))
+        .unwrap();
+    let refused = registry.update_services(
+        vec![
+            service("llama3:8b", "mirrored"),
+            service("phi3:mini", "mirrored"),
+        ],
+        &[],
+    );
+    assert!(refused.is_empty(), "{refused:?}");
+    let origins = |registry: &Behaviour| {
+        let mut listed: Vec<(String, String, ServiceOrigin)> = registry
+            .local_services_with_origin()
+            .into_iter()
+            .map(|s| (s.service.id, s.service.version, s.origin))
+            .collect();
+        listed.sort_by(|a, b| a.0.cmp(&b.0));
+        listed
+    };
+    assert_eq!(
+        origins(registry),
+        vec![
+            (
+                "llama3:8b".to_owned(),
+                "mine".to_owned(),
+                ServiceOrigin::Api
+            ),
+            (
+                "phi3:mini".to_owned(),
+                "mirrored".to_owned(),
+                ServiceOrigin::Ollama
+            ),
+        ]
+    );
+    // The models leave Ollama: only the mirrored one goes.
+    registry.update_services(
+        Vec::new(),
+        &["llama3:8b".to_owned(), "phi3:mini".to_owned()],
+    );
+    assert_eq!(
+        origins(registry),
+        vec![(
+            "llama3:8b".to_owned(),
+            "mine".to_owned(),
+            ServiceOrigin::Api
+        )]
+    );
+}
