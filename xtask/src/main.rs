@@ -4,6 +4,7 @@
 
 #![allow(clippy::print_stdout, clippy::print_stderr)]
 
+mod fuzz;
 mod mesh;
 mod nat_test;
 mod rss;
@@ -24,7 +25,8 @@ struct Cli {
 
 #[derive(Subcommand)]
 enum Task {
-    /// Everything CI checks: fmt, clippy, tests, doc tests, cargo-deny.
+    /// Everything CI checks: fmt, clippy, tests, doc tests, the NAT test,
+    /// every fuzz target briefly, cargo-deny.
     Ci {
         /// Stop at the first failing step instead of running them all.
         #[arg(long)]
@@ -71,6 +73,11 @@ enum Task {
     /// total, anonymous, file-backed, threads, and where it sits; with
     /// `--experiments`, the node again with one thing changed at a time.
     Rss(rss::RssArgs),
+    /// Fuzz every decoder of untrusted input (cargo-fuzz, installed when
+    /// missing; `RUSTC_BOOTSTRAP=1` for its own build only): `--list`
+    /// names the targets; a crash fails and leaves its input in
+    /// `target/fuzz/artifacts/`.
+    Fuzz(fuzz::FuzzArgs),
 }
 
 fn main() -> ExitCode {
@@ -95,6 +102,7 @@ fn main() -> ExitCode {
             "gateway_bench"
         }),
         Task::Rss(args) => rss::rss(&args),
+        Task::Fuzz(args) => fuzz::fuzz(&args),
         Task::NatTest(args) => match &args.binary {
             Some(binary) => nat_test::nat_test(binary, &args),
             None => build_debug_node().and_then(|binary| nat_test::nat_test(&binary, &args)),
@@ -234,6 +242,18 @@ fn ci(fail_fast: bool) -> anyhow::Result<()> {
                 eprintln!("==> nat-test: FAILED: {e:#}");
                 failed.push("nat-test");
             }
+        }
+    }
+
+    if !fail_fast || failed.is_empty() {
+        let fuzzed = fuzz::fuzz(&fuzz::FuzzArgs {
+            list: false,
+            seconds: fuzz::CI_SECONDS,
+            target: None,
+        });
+        if let Err(e) = fuzzed {
+            eprintln!("==> fuzz: FAILED: {e:#}");
+            failed.push("fuzz");
         }
     }
 

@@ -16,7 +16,9 @@ use libp2p::{Multiaddr, PeerId};
 use serde::{Deserialize, Serialize};
 
 pub use load::{ConfigError, ConfigLoader, ENV_PREFIX, Origin, RESERVED_ENV_VARS};
-pub use network_key::{NetworkKeyError, read_network_key, write_new_network_key};
+pub use network_key::{
+    NetworkKeyError, parse_network_key, read_network_key, write_new_network_key,
+};
 pub use service::{ScoreWeightsConfig, ServiceConfig};
 pub use size::{ByteSize, ByteSizeParseError};
 pub use template::{default_config_yaml, field_docs};

@@ -60,12 +60,30 @@ pub fn read_network_key(path: &Path) -> Result<PreSharedKey, NetworkKeyError> {
         path: path.to_owned(),
         source,
     })?;
+    parse_network_key(&text).map_err(|reason| NetworkKeyError::Format {
+        path: path.to_owned(),
+        reason,
+    })
+}
+
+/// Parse a network key file's text (the pnet format: the
+/// `/key/swarm/psk/1.0.0/` line, `/base16/`, 64 hex digits), or say what
+/// is wrong with it.
+///
+/// # Errors
+/// The text is not in the pnet format.
+pub fn parse_network_key(text: &str) -> Result<PreSharedKey, String> {
+    // libp2p's parser slices the hex digits by byte offsets and panics on
+    // a multi-byte character among them (found by `cargo xtask fuzz
+    // network_key`): the format is ASCII, so anything else is refused here.
+    if let Some((at, c)) = text.char_indices().find(|(_, c)| !c.is_ascii()) {
+        return Err(format!(
+            "the key holds the non-ASCII character {c:?} at byte {at}; a network key file is ASCII (create one with `ollamacron-node init --psk`)"
+        ));
+    }
     text.trim_end()
         .parse::<PreSharedKey>()
-        .map_err(|e| NetworkKeyError::Format {
-            path: path.to_owned(),
-            reason: e.to_string(),
-        })
+        .map_err(|e| e.to_string())
 }
 
 /// Write a new random network key to `path` (mode 0600, parent created),
@@ -115,6 +133,21 @@ pub fn write_new_network_key(path: &Path) -> Result<PreSharedKey, NetworkKeyErro
 #[allow(clippy::unwrap_used)]
 mod tests {
     use super::*;
+
+    /// The input `cargo xtask fuzz network_key` found: a multi-byte
+    /// character among the hex digits made libp2p's parser panic.
+    #[test]
+    fn a_non_ascii_character_in_the_key_is_an_error_not_a_panic() {
+        let found = include_bytes!("../../../fuzz/regressions/network_key/non-ascii-hex");
+        let text = String::from_utf8_lossy(found);
+        let e = parse_network_key(&text).unwrap_err();
+        assert!(e.contains("non-ASCII") && e.contains("byte 73"), "{e}");
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("swarm.key");
+        std::fs::write(&path, found).unwrap();
+        let e = read_network_key(&path).unwrap_err().to_string();
+        assert!(e.contains(&path.display().to_string()), "{e}");
+    }
 
     #[test]
     fn a_written_key_reads_back_and_is_private() {

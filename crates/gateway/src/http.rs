@@ -466,19 +466,25 @@ async fn infer(State(gateway): State<Gateway>, request: axum::extract::Request) 
         Ok(body) => body,
         Err(refusal) => return refusal,
     };
-    let model = match serde_json::from_slice::<ModelField<'_>>(&body) {
-        Ok(ModelField { model: Some(model) }) => model.into_owned(),
-        Ok(ModelField { model: None }) => {
-            return error(StatusCode::BAD_REQUEST, "the body names no \"model\"");
-        }
-        Err(e) => {
-            return error(
-                StatusCode::BAD_REQUEST,
-                format!("the body is not JSON: {e}"),
-            );
-        }
+    let model = match requested_model(&body) {
+        Ok(model) => model,
+        Err(why) => return error(StatusCode::BAD_REQUEST, why),
     };
     route::route(&gateway, &path, &model, body).await
+}
+
+/// The model an Ollama or OpenAI request body names (its `model` field;
+/// the rest of the body is skipped, not copied), or what is wrong with
+/// the body, as the gateway's 400 answer says it.
+///
+/// # Errors
+/// The body is not a JSON object, or names no model.
+pub fn requested_model(body: &[u8]) -> Result<String, String> {
+    match serde_json::from_slice::<ModelField<'_>>(body) {
+        Ok(ModelField { model: Some(model) }) => Ok(model.into_owned()),
+        Ok(ModelField { model: None }) => Err("the body names no \"model\"".to_owned()),
+        Err(e) => Err(format!("the body is not JSON: {e}")),
+    }
 }
 
 #[cfg(test)]

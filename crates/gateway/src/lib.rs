@@ -12,7 +12,7 @@ mod queue;
 mod serve;
 
 pub use advertise::{LOAD_REFRESH_INTERVAL, OllamaAdvertiser, SERVICE_ID_PREFIX, model_service};
-pub use http::{GatewayConfig, GatewayServer, router};
+pub use http::{GatewayConfig, GatewayServer, requested_model, router};
 pub use metadata::{
     METADATA_IN_FLIGHT, METADATA_LOADED, METADATA_MAX_CONCURRENT, METADATA_MAX_CONCURRENT_PER_PEER,
 };
