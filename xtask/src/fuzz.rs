@@ -10,7 +10,7 @@ use std::time::Instant;
 
 use anyhow::{Context, bail};
 
-use crate::{cargo, has_cargo_subcommand, target_dir};
+use crate::{cargo, ensure_cargo_tool, target_dir};
 
 /// `cargo xtask fuzz`'s arguments.
 #[derive(Debug, clap::Args)]
@@ -57,21 +57,6 @@ pub(crate) fn targets() -> anyhow::Result<Vec<String>> {
         bail!("{} names no [[bin]] target", manifest.display());
     }
     Ok(names)
-}
-
-fn ensure_cargo_fuzz() -> anyhow::Result<()> {
-    if has_cargo_subcommand("fuzz") {
-        return Ok(());
-    }
-    println!("==> cargo-fuzz is missing: installing it with `cargo install --locked cargo-fuzz`");
-    let status = cargo()
-        .args(["install", "--locked", "cargo-fuzz"])
-        .status()
-        .context("cannot run cargo install")?;
-    if !status.success() {
-        bail!("`cargo install --locked cargo-fuzz` failed ({status})");
-    }
-    Ok(())
 }
 
 /// The host's target triple (where cargo-fuzz puts its binaries).
@@ -123,7 +108,7 @@ pub(crate) fn fuzz(args: &FuzzArgs) -> anyhow::Result<()> {
         Some(t) => bail!("no fuzz target `{t}`; `cargo xtask fuzz --list` names them"),
         None => all,
     };
-    ensure_cargo_fuzz()?;
+    ensure_cargo_tool("fuzz")?;
     let build_dir = target_dir().join("fuzz-build");
     build(&build_dir)?;
     let binaries = build_dir.join(host_triple()?).join("release");

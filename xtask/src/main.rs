@@ -152,19 +152,26 @@ fn has_cargo_subcommand(name: &str) -> bool {
         .is_ok_and(|o| o.status.success())
 }
 
-fn ensure_cargo_deny() -> anyhow::Result<()> {
-    if has_cargo_subcommand("deny") {
+/// Install the cargo subcommand `cargo <name>` (crate `cargo-<name>`) with
+/// `cargo install --locked` when it is missing.
+pub(crate) fn ensure_cargo_tool(name: &str) -> anyhow::Result<()> {
+    if has_cargo_subcommand(name) {
         return Ok(());
     }
-    println!("==> cargo-deny is missing: installing it with `cargo install --locked cargo-deny`");
+    let krate = format!("cargo-{name}");
+    println!("==> {krate} is missing: installing it with `cargo install --locked {krate}`");
     let status = cargo()
-        .args(["install", "--locked", "cargo-deny"])
+        .args(["install", "--locked", &krate])
         .status()
         .context("cannot run cargo install")?;
     if !status.success() {
-        bail!("`cargo install --locked cargo-deny` failed ({status})");
+        bail!("`cargo install --locked {krate}` failed ({status})");
     }
     Ok(())
+}
+
+fn ensure_cargo_deny() -> anyhow::Result<()> {
+    ensure_cargo_tool("deny")
 }
 
 fn ci(fail_fast: bool) -> anyhow::Result<()> {

@@ -393,17 +393,45 @@ impl NodeHandle {
     /// is checked on its own, as
     /// [`register_service`](Self::register_service) checks it; one that
     /// would make the record invalid is left out and returned with its id
-    /// and the reason, and the others still apply.
+    /// and the reason, and the others still apply. The services it adds
+    /// are listed as mirrored (`ollama`) and never saved; one registered
+    /// through the API that it replaces or removes leaves the registration
+    /// file too.
     ///
     /// # Errors
-    /// [`NodeError::NotRunning`] once the node has stopped.
+    /// [`NodeError::NotRunning`] once the node has stopped;
+    /// [`NodeError::Registration`] when the registration file cannot be
+    /// rewritten.
     pub async fn update_services(
         &self,
         add: Vec<ServiceInfo>,
         remove: Vec<String>,
     ) -> Result<Vec<(String, NodeError)>, NodeError> {
-        self.request(|reply| Command::UpdateServices { add, remove, reply })
-            .await
+        let Some(store) = self.shared.registrations.clone() else {
+            return self
+                .request(|reply| Command::UpdateServices { add, remove, reply })
+                .await;
+        };
+        let node = self.clone();
+        // A service registered through the API that this replaces or
+        // removes leaves the registration file too (one step, as in
+        // `register_service`).
+        tokio::spawn(async move {
+            let _writing = store.writing.lock().await;
+            let touched_api = node.local_services_with_origin().await?.iter().any(|s| {
+                s.origin == ServiceOrigin::Api
+                    && (remove.contains(&s.service.id) || add.iter().any(|a| a.id == s.service.id))
+            });
+            let refused = node
+                .request(|reply| Command::UpdateServices { add, remove, reply })
+                .await?;
+            if touched_api {
+                node.save_registrations(store.clone()).await?;
+            }
+            Ok(refused)
+        })
+        .await
+        .map_err(|_| NodeError::Failed)?
     }
 
     /// Stop offering a service; `false` if none had this id. A registration

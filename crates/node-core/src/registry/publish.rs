@@ -3,7 +3,7 @@
 //! capability and model key, pushed to every connected peer of the routing table)
 //! and on the gossip topic.
 
-use std::collections::{BTreeSet, HashMap, HashSet};
+use std::collections::{BTreeSet, HashSet};
 use std::time::Instant;
 
 use libp2p::PeerId;
@@ -322,22 +322,8 @@ impl Behaviour {
         remove: &[String],
     ) -> Vec<(String, NodeError)> {
         let mut changed = false;
-        // What the API registered is the user's: a mirrored service of the
-        // same id neither replaces nor removes it (and it stays saved).
-        let api = |origins: &HashMap<String, ServiceOrigin>, id: &str| {
-            origins.get(id) == Some(&ServiceOrigin::Api)
-        };
-        let (add, shadowed): (Vec<ServiceInfo>, Vec<ServiceInfo>) =
-            add.into_iter().partition(|s| !api(&self.origins, &s.id));
-        for service in &shadowed {
-            tracing::debug!(id = %service.id, "a service registered through the API has this id: the mirrored one is left out");
-        }
         // An id in both lists is replaced (one update), not removed and added.
-        let removed: Vec<&String> = remove
-            .iter()
-            .filter(|id| !add.iter().any(|s| s.id == **id) && !api(&self.origins, id))
-            .collect();
-        for id in removed {
+        for id in remove.iter().filter(|id| !add.iter().any(|s| s.id == **id)) {
             if let Some(change) = self.local.unregister(id) {
                 self.origins.remove(id);
                 self.emit(Event::LocalChanged(change));

@@ -393,11 +393,12 @@ async fn an_unregistered_service_is_dropped_by_the_other_node() {
     assert_eq!(late, None);
 }
 
-/// What the API registered is the user's: the Ollama mirror, which sends
-/// the models it finds with `update_services`, neither replaces nor
-/// removes a service of the same id, and its own services are `ollama`.
+/// Where each local service came from: `update_services` (the Ollama
+/// mirror's way in, its ids prefixed `ollama/`) adds `ollama` services and
+/// may replace or remove any service, an API one included (which is then
+/// the mirror's); `register_service` adds `api` ones.
 #[tokio::test]
-async fn a_mirrored_service_never_replaces_or_removes_one_registered_through_the_api() {
+async fn local_services_say_where_they_came_from() {
     let mut node = node().await;
     let service = |id: &str, version: &str| ServiceInfo {
         id: id.to_owned(),
@@ -406,18 +407,6 @@ async fn a_mirrored_service_never_replaces_or_removes_one_registered_through_the
         version: version.to_owned(),
         ..ServiceInfo::default()
     };
-    let registry = node.swarm.behaviour_mut();
-    registry
-        .register_service(&service("llama3:8b", "mine"))
-        .unwrap();
-    let refused = registry.update_services(
-        vec![
-            service("llama3:8b", "mirrored"),
-            service("phi3:mini", "mirrored"),
-        ],
-        &[],
-    );
-    assert!(refused.is_empty(), "{refused:?}");
     let origins = |registry: &Behaviour| {
         let mut listed: Vec<(String, String, ServiceOrigin)> = registry
             .local_services_with_origin()
@@ -427,32 +416,33 @@ async fn a_mirrored_service_never_replaces_or_removes_one_registered_through_the
         listed.sort_by(|a, b| a.0.cmp(&b.0));
         listed
     };
+    let registry = node.swarm.behaviour_mut();
+    registry.register_service(&service("mine", "1")).unwrap();
+    registry.register_service(&service("taken", "1")).unwrap();
+    let refused = registry.update_services(
+        vec![service("ollama/phi3:mini", "2"), service("taken", "2")],
+        &[],
+    );
+    assert!(refused.is_empty(), "{refused:?}");
     assert_eq!(
         origins(registry),
         vec![
+            ("mine".to_owned(), "1".to_owned(), ServiceOrigin::Api),
             (
-                "llama3:8b".to_owned(),
-                "mine".to_owned(),
-                ServiceOrigin::Api
-            ),
-            (
-                "phi3:mini".to_owned(),
-                "mirrored".to_owned(),
+                "ollama/phi3:mini".to_owned(),
+                "2".to_owned(),
                 ServiceOrigin::Ollama
             ),
+            ("taken".to_owned(), "2".to_owned(), ServiceOrigin::Ollama),
         ]
     );
-    // The models leave Ollama: only the mirrored one goes.
     registry.update_services(
         Vec::new(),
-        &["llama3:8b".to_owned(), "phi3:mini".to_owned()],
+        &["ollama/phi3:mini".to_owned(), "mine".to_owned()],
     );
+    registry.register_service(&service("taken", "3")).unwrap();
     assert_eq!(
         origins(registry),
-        vec![(
-            "llama3:8b".to_owned(),
-            "mine".to_owned(),
-            ServiceOrigin::Api
-        )]
+        vec![("taken".to_owned(), "3".to_owned(), ServiceOrigin::Api)]
     );
 }
