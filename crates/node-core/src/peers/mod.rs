@@ -8,6 +8,7 @@
 
 mod dials;
 mod keep_alive;
+mod pending_per_ip;
 
 use std::collections::{HashMap, HashSet, VecDeque};
 use std::future::Future;
@@ -55,6 +56,7 @@ const REFUSAL_WARNING_INTERVAL: Duration = Duration::from_secs(60);
 pub(crate) struct Inner {
     allowed_peers: Toggle<allow_block_list::Behaviour<AllowedPeers>>,
     connection_limits: connection_limits::Behaviour,
+    pending_per_ip: pending_per_ip::Behaviour,
     memory_limits: Toggle<memory_connection_limits::Behaviour>,
     keep_alive: keep_alive::Behaviour,
     ping: ping::Behaviour,
@@ -224,6 +226,7 @@ impl Behaviour {
             inner: Inner {
                 allowed_peers: allowed_peers.into(),
                 connection_limits: connection_limits::Behaviour::new(limits),
+                pending_per_ip: pending_per_ip::Behaviour::default(),
                 memory_limits: memory_limits.into(),
                 keep_alive: keep_alive::Behaviour::default(),
                 ping: ping::Behaviour::new(ping::Config::new().with_interval(config.ping_interval)),
