@@ -315,6 +315,29 @@ fn granted(
     }
 }
 
+/// Move at most what the bucket of `way` grants of `len` bytes with
+/// `move_bytes` (given the grant), and give back what it did not move;
+/// `Pending`, with `wait` armed, until the bucket grants something.
+fn through_bucket(
+    limit: &BandwidthLimit,
+    way: Way,
+    wait: &mut Option<Pin<Box<Sleep>>>,
+    cx: &mut Context<'_>,
+    len: usize,
+    move_bytes: impl FnOnce(&mut Context<'_>, usize) -> Poll<io::Result<usize>>,
+) -> Poll<io::Result<usize>> {
+    let Poll::Ready(grant) = granted(wait, cx, || limit.take(way, len)) else {
+        return Poll::Pending;
+    };
+    let result = move_bytes(cx, grant);
+    let used = match &result {
+        Poll::Ready(Ok(n)) => *n,
+        _ => 0,
+    };
+    limit.give_back(way, grant - used);
+    result
+}
+
 impl AsyncRead for LimitedStream {
     fn poll_read(
         mut self: Pin<&mut Self>,
@@ -325,19 +348,14 @@ impl AsyncRead for LimitedStream {
             return Pin::new(&mut self.inner).poll_read(cx, buf);
         }
         let this = &mut *self;
-        let limit = this.limit.clone();
-        let Poll::Ready(grant) =
-            granted(&mut this.read_wait, cx, || limit.take(Way::In, buf.len()))
-        else {
-            return Poll::Pending;
-        };
-        let result = Pin::new(&mut this.inner).poll_read(cx, &mut buf[..grant]);
-        let used = match &result {
-            Poll::Ready(Ok(n)) => *n,
-            _ => 0,
-        };
-        this.limit.give_back(Way::In, grant - used);
-        result
+        through_bucket(
+            &this.limit,
+            Way::In,
+            &mut this.read_wait,
+            cx,
+            buf.len(),
+            |cx, grant| Pin::new(&mut this.inner).poll_read(cx, &mut buf[..grant]),
+        )
     }
 
     fn poll_read_vectored(
@@ -363,19 +381,14 @@ impl AsyncWrite for LimitedStream {
             return Pin::new(&mut self.inner).poll_write(cx, buf);
         }
         let this = &mut *self;
-        let limit = this.limit.clone();
-        let Poll::Ready(grant) =
-            granted(&mut this.write_wait, cx, || limit.take(Way::Out, buf.len()))
-        else {
-            return Poll::Pending;
-        };
-        let result = Pin::new(&mut this.inner).poll_write(cx, &buf[..grant]);
-        let used = match &result {
-            Poll::Ready(Ok(n)) => *n,
-            _ => 0,
-        };
-        this.limit.give_back(Way::Out, grant - used);
-        result
+        through_bucket(
+            &this.limit,
+            Way::Out,
+            &mut this.write_wait,
+            cx,
+            buf.len(),
+            |cx, grant| Pin::new(&mut this.inner).poll_write(cx, &buf[..grant]),
+        )
     }
 
     fn poll_write_vectored(

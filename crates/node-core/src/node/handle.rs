@@ -342,37 +342,52 @@ impl NodeHandle {
     /// [`NodeError::Registration`] when it cannot be saved: it is offered
     /// then, but only until the node stops.
     pub async fn register_service(&self, service: ServiceInfo) -> Result<(), NodeError> {
-        let register = |node: Self| async move {
+        self.changing_registrations(|node, _| async move {
             node.request(|reply| Command::RegisterService {
                 service: Box::new(service),
                 reply,
             })
-            .await?
+            .await??;
+            Ok(((), true))
+        })
+        .await
+    }
+
+    /// Run `change`, which answers its result and whether the API's
+    /// registrations changed. When the node keeps a registration file
+    /// (`change` is told whether it does), the change and the write of its
+    /// result are one step under the file's lock, in a task of its own: a
+    /// caller that goes away (an HTTP client hanging up) cannot stop it
+    /// halfway.
+    async fn changing_registrations<T, F, Fut>(&self, change: F) -> Result<T, NodeError>
+    where
+        T: Send + 'static,
+        F: FnOnce(Self, bool) -> Fut + Send + 'static,
+        Fut: std::future::Future<Output = Result<(T, bool), NodeError>> + Send,
+    {
+        let Some(store) = self.shared.registrations.clone() else {
+            return change(self.clone(), false).await.map(|(value, _)| value);
         };
-        match self.shared.registrations.clone() {
-            None => register(self.clone()).await,
-            Some(store) => {
-                let node = self.clone();
-                // The change and the write of its result are one step, in
-                // a task of its own: a caller that goes away (an HTTP
-                // client hanging up) cannot stop it halfway.
-                tokio::spawn(async move {
-                    let _writing = store.writing.lock().await;
-                    register(node.clone()).await?;
-                    node.save_registrations(store.clone()).await
-                })
-                .await
-                .map_err(|_| NodeError::Failed)?
+        let node = self.clone();
+        tokio::spawn(async move {
+            let _writing = store.writing.lock().await;
+            let (value, changed) = change(node.clone(), true).await?;
+            if changed {
+                node.save_registrations(&store).await?;
             }
-        }
+            Ok(value)
+        })
+        .await
+        .map_err(|_| NodeError::Failed)?
     }
 
     /// Write the API's registrations to the registration file (the caller
     /// holds its lock).
     async fn save_registrations(
         &self,
-        store: std::sync::Arc<RegistrationStore>,
+        store: &std::sync::Arc<RegistrationStore>,
     ) -> Result<(), NodeError> {
+        let store = std::sync::Arc::clone(store);
         let services: Vec<ServiceInfo> = self
             .local_services_with_origin()
             .await?
@@ -407,31 +422,21 @@ impl NodeHandle {
         add: Vec<ServiceInfo>,
         remove: Vec<String>,
     ) -> Result<Vec<(String, NodeError)>, NodeError> {
-        let Some(store) = self.shared.registrations.clone() else {
-            return self
-                .request(|reply| Command::UpdateServices { add, remove, reply })
-                .await;
-        };
-        let node = self.clone();
-        // A service registered through the API that this replaces or
-        // removes leaves the registration file too (one step, as in
-        // `register_service`).
-        tokio::spawn(async move {
-            let _writing = store.writing.lock().await;
-            let touched_api = node.local_services_with_origin().await?.iter().any(|s| {
-                s.origin == ServiceOrigin::Api
-                    && (remove.contains(&s.service.id) || add.iter().any(|a| a.id == s.service.id))
-            });
+        self.changing_registrations(|node, kept| async move {
+            // A service registered through the API that this replaces or
+            // removes leaves the registration file too.
+            let touched_api = kept
+                && node.local_services_with_origin().await?.iter().any(|s| {
+                    s.origin == ServiceOrigin::Api
+                        && (remove.contains(&s.service.id)
+                            || add.iter().any(|a| a.id == s.service.id))
+                });
             let refused = node
                 .request(|reply| Command::UpdateServices { add, remove, reply })
                 .await?;
-            if touched_api {
-                node.save_registrations(store.clone()).await?;
-            }
-            Ok(refused)
+            Ok((refused, touched_api))
         })
         .await
-        .map_err(|_| NodeError::Failed)?
     }
 
     /// Stop offering a service; `false` if none had this id. A registration
@@ -443,25 +448,13 @@ impl NodeHandle {
     /// service would come back after a restart).
     pub async fn unregister_service(&self, id: &str) -> Result<bool, NodeError> {
         let id = id.to_owned();
-        let Some(store) = self.shared.registrations.clone() else {
-            return self
-                .request(|reply| Command::UnregisterService { id, reply })
-                .await;
-        };
-        let node = self.clone();
-        // One step, as in `register_service`.
-        tokio::spawn(async move {
-            let _writing = store.writing.lock().await;
+        self.changing_registrations(|node, _| async move {
             let removed = node
                 .request(|reply| Command::UnregisterService { id, reply })
                 .await?;
-            if removed {
-                node.save_registrations(store.clone()).await?;
-            }
-            Ok(removed)
+            Ok((removed, removed))
         })
         .await
-        .map_err(|_| NodeError::Failed)?
     }
 
     /// The services this node offers.
