@@ -9,6 +9,7 @@ mod mesh;
 mod nat_test;
 mod rss;
 mod sim;
+mod soak;
 
 use std::process::{Command, ExitCode};
 use std::time::Instant;
@@ -78,6 +79,12 @@ enum Task {
     /// names the targets; a crash fails and leaves its input in
     /// `target/fuzz/artifacts/`.
     Fuzz(fuzz::FuzzArgs),
+    /// N node processes with stand-in Ollamas under gateway load for M
+    /// minutes while nodes are stopped and restarted in turn (release
+    /// build, loopback only, mDNS off): resident memory, open file
+    /// descriptors, threads and runtime tasks of the long-lived nodes over
+    /// time; fails when one grows past its margin.
+    Soak(soak::SoakArgs),
 }
 
 fn main() -> ExitCode {
@@ -103,6 +110,7 @@ fn main() -> ExitCode {
         }),
         Task::Rss(args) => rss::rss(&args),
         Task::Fuzz(args) => fuzz::fuzz(&args),
+        Task::Soak(args) => soak::soak(&args),
         Task::NatTest(args) => match &args.binary {
             Some(binary) => nat_test::nat_test(binary, &args),
             None => build_debug_node().and_then(|binary| nat_test::nat_test(&binary, &args)),

@@ -83,10 +83,12 @@ const HTTP_TIMEOUT: Duration = Duration::from_secs(30);
 const IDLE_BEFORE_RSS: Duration = Duration::from_secs(2);
 
 /// One node process and what it told us.
-struct MeshNode {
-    child: Child,
-    api: SocketAddr,
-    peer_id: String,
+pub(crate) struct MeshNode {
+    pub(crate) child: Child,
+    pub(crate) api: SocketAddr,
+    /// Its gateway's address, when its settings turn the gateway on.
+    pub(crate) gateway: Option<SocketAddr>,
+    pub(crate) peer_id: String,
     started_in: Duration,
 }
 
@@ -107,16 +109,34 @@ impl Drop for Mesh {
 }
 
 /// One HTTP/1.1 request (`Connection: close`): the status and the JSON body.
-fn http(
+pub(crate) fn http(
     api: SocketAddr,
     method: &str,
     path: &str,
     body: Option<&Value>,
 ) -> anyhow::Result<(u16, Value)> {
+    let payload = body.map(Value::to_string);
+    let (status, body) = http_text(api, method, path, payload.as_deref())?;
+    let json = if body.trim().is_empty() {
+        Value::Null
+    } else {
+        serde_json::from_str(&body).with_context(|| format!("a non-JSON answer from {api}"))?
+    };
+    Ok((status, json))
+}
+
+/// One HTTP/1.1 request (`Connection: close`) with a JSON `body`: the
+/// status and the body as text (whole; a streamed answer's every line).
+pub(crate) fn http_text(
+    api: SocketAddr,
+    method: &str,
+    path: &str,
+    body: Option<&str>,
+) -> anyhow::Result<(u16, String)> {
     let mut stream = TcpStream::connect_timeout(&api, HTTP_TIMEOUT)
-        .with_context(|| format!("cannot reach the node API at {api}"))?;
+        .with_context(|| format!("cannot reach {api}"))?;
     stream.set_read_timeout(Some(HTTP_TIMEOUT))?;
-    let payload = body.map(Value::to_string).unwrap_or_default();
+    let payload = body.unwrap_or_default();
     let mut request = format!("{method} {path} HTTP/1.1\r\nHost: {api}\r\nConnection: close\r\n");
     if body.is_some() {
         request.push_str(&format!(
@@ -125,7 +145,7 @@ fn http(
         ));
     }
     request.push_str("\r\n");
-    request.push_str(&payload);
+    request.push_str(payload);
     stream.write_all(request.as_bytes())?;
     let mut response = String::new();
     stream.read_to_string(&mut response)?;
@@ -137,12 +157,7 @@ fn http(
         .nth(1)
         .and_then(|s| s.parse().ok())
         .with_context(|| format!("no status in the answer from {api}"))?;
-    let json = if body.trim().is_empty() {
-        Value::Null
-    } else {
-        serde_json::from_str(body).with_context(|| format!("a non-JSON answer from {api}"))?
-    };
-    Ok((status, json))
+    Ok((status, body.to_owned()))
 }
 
 /// Peer ids of the `llm` services a node's lookup returns.
@@ -162,7 +177,7 @@ fn lookup(api: SocketAddr) -> anyhow::Result<Vec<String>> {
 }
 
 /// Resident memory of a process, in bytes (Linux `/proc`).
-fn rss_bytes(pid: u32) -> Option<u64> {
+pub(crate) fn rss_bytes(pid: u32) -> Option<u64> {
     let status = std::fs::read_to_string(format!("/proc/{pid}/status")).ok()?;
     let kib: u64 = status
         .lines()
@@ -204,7 +219,6 @@ fn ms(d: Duration) -> f64 {
     d.as_secs_f64() * 1000.0
 }
 
-/// Start one node; wait until it logs "node running".
 /// Refuse `--set` of a field the harness sets itself (before anything is
 /// built or started).
 pub(crate) fn check_settings(args: &MeshArgs) -> anyhow::Result<()> {
@@ -238,7 +252,9 @@ fn reserved_setting(key: &str) -> Option<&'static str> {
     }
 }
 
-fn start_node(
+/// Start one node; wait until it logs "node running" (and, when
+/// `settings` turn the gateway on, its gateway's address).
+pub(crate) fn start_node(
     binary: &Path,
     root: &Path,
     log_dir: &Path,
@@ -306,8 +322,10 @@ fn start_node(
             }
         }
     });
+    let wants_gateway = settings.iter().any(|s| s == "enable_gateway=true");
     let mut addr = None;
     let mut api: Option<SocketAddr> = None;
+    let mut gateway: Option<SocketAddr> = None;
     let mut started_in = None;
     let mut log = Vec::new();
     loop {
@@ -319,6 +337,12 @@ fn start_node(
                 log.join("\n")
             );
         };
+        if line.contains("serving the Ollama-compatible gateway") && gateway.is_none() {
+            gateway = line
+                .split_whitespace()
+                .find_map(|w| w.strip_prefix("addr="))
+                .and_then(|a| a.parse::<SocketAddr>().ok());
+        }
         if line.contains("serving the HTTP API") && api.is_none() {
             api = line
                 .split_whitespace()
@@ -335,7 +359,9 @@ fn start_node(
             started_in = Some(spawned.elapsed());
         }
         // The API's line may come just before or just after Running.
-        if let (Some(started_in), Some(addr), Some(api)) = (started_in, addr.clone(), api) {
+        if let (Some(started_in), Some(addr), Some(api)) = (started_in, addr.clone(), api)
+            && (gateway.is_some() || !wants_gateway)
+        {
             let peer_id = addr.rsplit('/').next().unwrap_or_default().to_owned();
             // Keep reading in the background so the pipe never fills.
             std::thread::spawn(move || for _ in lines {});
@@ -343,6 +369,7 @@ fn start_node(
                 MeshNode {
                     child,
                     api,
+                    gateway,
                     peer_id,
                     started_in,
                 },

@@ -242,6 +242,12 @@ impl NodeMetrics {
             "Seconds since the node started",
             uptime.clone(),
         );
+        let runtime_tasks = Gauge::default();
+        ours.register(
+            "runtime_tasks",
+            "Tasks alive in the node's async runtime (read when the metrics are scraped)",
+            runtime_tasks.clone(),
+        );
         let counter_family = |ours: &mut Registry, name: &str, help: &str| {
             let family = Family::<SourceLabel, Counter>::default();
             ours.register(name, help, family.clone());
@@ -352,6 +358,7 @@ impl NodeMetrics {
             endpoint: MetricsEndpoint {
                 registry: Arc::new(Mutex::new(registry)),
                 uptime,
+                runtime_tasks,
                 started: Instant::now(),
             },
         }
@@ -557,6 +564,7 @@ impl libp2p::metrics::Recorder<crate::registry::Event> for NodeMetrics {
 pub(crate) struct MetricsEndpoint {
     registry: Arc<Mutex<Registry>>,
     uptime: Gauge<f64, AtomicU64>,
+    runtime_tasks: Gauge,
     started: Instant,
 }
 
@@ -585,6 +593,11 @@ impl MetricsEndpoint {
     /// OpenMetrics text of every registered metric.
     pub(crate) fn encode(&self) -> String {
         self.uptime.set(self.uptime().as_secs_f64());
+        if let Ok(runtime) = tokio::runtime::Handle::try_current() {
+            let tasks = runtime.metrics().num_alive_tasks();
+            self.runtime_tasks
+                .set(i64::try_from(tasks).unwrap_or(i64::MAX));
+        }
         let mut out = String::new();
         // A poisoned lock only means a panic elsewhere mid-encode; the
         // registry itself is still consistent, so keep serving it.
