@@ -178,11 +178,72 @@ pub(crate) fn ensure_cargo_tool(name: &str) -> anyhow::Result<()> {
     Ok(())
 }
 
+/// Debian packages the tests need, by a command each installs: network
+/// namespaces (iproute2) for the mDNS, IPv6 and NAT tests, iptables for the
+/// NAT test's routers, libfaketime for the clock-skew test (each fails
+/// under `CI=true` without them).
+const DEBIAN_PACKAGES: &[(&str, &str)] = &[
+    ("ip", "iproute2"),
+    ("iptables", "iptables"),
+    ("faketime", "faketime"),
+];
+
+fn has_command(name: &str) -> bool {
+    Command::new("sh")
+        .args(["-c", &format!("command -v {name}")])
+        .stdout(std::process::Stdio::null())
+        .status()
+        .is_ok_and(|s| s.success())
+}
+
+/// Install the missing [`DEBIAN_PACKAGES`] with apt-get when running as
+/// root on a machine that has it; else say what is missing (the tests that
+/// need them say so too, and fail under `CI=true`).
+fn ensure_debian_packages() -> anyhow::Result<()> {
+    let missing: Vec<&str> = DEBIAN_PACKAGES
+        .iter()
+        .filter(|(command, _)| !has_command(command))
+        .map(|(_, package)| *package)
+        .collect();
+    if missing.is_empty() {
+        return Ok(());
+    }
+    let root = Command::new("id")
+        .arg("-u")
+        .output()
+        .is_ok_and(|o| o.stdout.trim_ascii() == b"0");
+    if !root || !has_command("apt-get") {
+        println!(
+            "==> missing Debian packages {}: install them (apt-get install {}) or the tests that need them are skipped",
+            missing.join(", "),
+            missing.join(" ")
+        );
+        return Ok(());
+    }
+    println!("==> installing {} with apt-get", missing.join(", "));
+    let quiet = |args: &[&str]| -> anyhow::Result<()> {
+        let status = Command::new("apt-get")
+            .args(args)
+            .env("DEBIAN_FRONTEND", "noninteractive")
+            .status()
+            .context("cannot run apt-get")?;
+        if !status.success() {
+            bail!("`apt-get {}` failed ({status})", args.join(" "));
+        }
+        Ok(())
+    };
+    quiet(&["update", "-qq"])?;
+    let mut install = vec!["install", "-y", "-qq"];
+    install.extend(&missing);
+    quiet(&install)
+}
+
 fn ensure_cargo_deny() -> anyhow::Result<()> {
     ensure_cargo_tool("deny")
 }
 
 fn ci(fail_fast: bool) -> anyhow::Result<()> {
+    ensure_debian_packages()?;
     let mut steps = vec![
         step("fmt", &["fmt", "--all", "--", "--check"]),
         step(

@@ -285,6 +285,19 @@ pub(crate) async fn status(api: &ApiClient, output: OutputArgs) -> anyhow::Resul
             sv.local, sv.remote, sv.nodes
         ),
     ));
+    let clock = &s.clock;
+    rows.push((
+        "clock".into(),
+        match (&clock.warning, clock.offset_ms) {
+            (Some(warning), _) => format!("WARNING: {warning}"),
+            (None, Some(offset_ms)) => format!(
+                "in step with {} peers ({:+.1} s from their median)",
+                clock.peers_sampled,
+                offset_ms as f64 / 1000.0
+            ),
+            (None, None) => "no peer's fresh record yet to compare with".to_owned(),
+        },
+    ));
     if let Some(b) = &s.bandwidth {
         rows.push((
             "bandwidth".into(),

@@ -160,6 +160,11 @@ impl Drop for Running {
 /// `run` on loopback (no mDNS, API on a free port unless `extra` names
 /// one), with `extra` arguments.
 fn spawn_run(data_dir: &Path, extra: &[&str]) -> Running {
+    spawn_run_with_env(data_dir, extra, &[])
+}
+
+/// [`spawn_run`] with `env` added to the node's environment.
+fn spawn_run_with_env(data_dir: &Path, extra: &[&str], env: &[(&str, &str)]) -> Running {
     let api: &[&str] = if extra.contains(&"--api-listen") {
         &[]
     } else {
@@ -186,6 +191,7 @@ fn spawn_run(data_dir: &Path, extra: &[&str]) -> Running {
         ])
         .env_remove("OLLAMACRON_CONFIG")
         .env_remove("RUST_LOG")
+        .envs(env.iter().copied())
         .stderr(Stdio::piped())
         .stdout(Stdio::null())
         .spawn()
@@ -720,4 +726,183 @@ fn a_corrupt_registration_file_stops_the_start_and_names_the_file() {
         b"{\"format\": 1, \"services\": [",
         "the file is left for its owner to fix"
     );
+}
+
+/// Debian's libfaketime (package `faketime`), preloaded into a node to move
+/// its wall clock; the thread-safe build, as the node is multi-threaded.
+fn libfaketime() -> Option<std::path::PathBuf> {
+    let name = "faketime/libfaketimeMT.so.1";
+    let mut dirs = vec![std::path::PathBuf::from("/usr/lib")];
+    if let Ok(entries) = std::fs::read_dir("/usr/lib") {
+        dirs.extend(entries.filter_map(Result::ok).map(|e| e.path()));
+    }
+    dirs.into_iter().map(|d| d.join(name)).find(|p| p.is_file())
+}
+
+/// The names of every `llm` service the node at `api` finds.
+fn found_names(api: &str, dir: &Path) -> Vec<String> {
+    let out = node(
+        &[
+            "services",
+            "find",
+            "--type",
+            "llm",
+            "--json",
+            "--api-listen",
+            api,
+        ],
+        dir,
+    );
+    assert!(out.status.success(), "{}", text(&out.stderr));
+    let json: Vec<serde_json::Value> = serde_json::from_slice(&out.stdout).unwrap();
+    let mut names: Vec<String> = json
+        .iter()
+        .map(|f| f["service"]["name"].as_str().unwrap().to_owned())
+        .collect();
+    names.sort();
+    names
+}
+
+/// A mesh of five `run` processes, one with its clock 10 minutes slow and
+/// one 10 minutes fast (libfaketime; monotonic time untouched): every node
+/// finds every node's service, the skewed nodes say in their log and
+/// `status` how far off their clocks are, the others say they are in step.
+#[cfg(unix)]
+#[test]
+fn nodes_with_clocks_ten_minutes_off_stay_in_the_mesh_and_say_so() {
+    let Some(faketime) = libfaketime() else {
+        common::skip_unless_required(
+            "SKIPPED the clock-skew test: libfaketime is not installed (Debian: apt-get install faketime; `cargo xtask ci` installs it when run as root)",
+            "OLLAMACRON_REQUIRE_FAKETIME",
+        );
+        return;
+    };
+    let faketime = faketime.to_str().unwrap();
+    // name, FAKETIME (none: the real clock)
+    let nodes = [
+        ("a", None),
+        ("b", None),
+        ("c", None),
+        ("slow", Some("-10m")),
+        ("fast", Some("+10m")),
+    ];
+    let mut bootstrap: Option<String> = None;
+    let mut running = Vec::new();
+    for (name, skew) in nodes {
+        let dir = tempfile::tempdir().unwrap();
+        let config = dir.path().join("ollamacron.yaml");
+        std::fs::write(
+            &config,
+            format!("services:\n  - name: clock-{name}:1b\n    type: llm\n"),
+        )
+        .unwrap();
+        let api = format!("127.0.0.1:{}", free_port());
+        // Re-signed every 2 s: a peer's clock is known to within moments
+        // once it pushed a newer record (one refresh interval).
+        let mut args = vec![
+            "--api-listen",
+            api.as_str(),
+            "--config",
+            config.to_str().unwrap(),
+            "--set",
+            "record_refresh_interval=2s",
+        ];
+        if let Some(first) = &bootstrap {
+            args.extend(["--bootstrap", first.as_str()]);
+        }
+        let env: Vec<(&str, &str)> = match skew {
+            Some(skew) => vec![
+                ("LD_PRELOAD", faketime),
+                ("FAKETIME", skew),
+                ("FAKETIME_DONT_FAKE_MONOTONIC", "1"),
+            ],
+            None => Vec::new(),
+        };
+        let node = spawn_run_with_env(dir.path(), &args, &env);
+        let addr = listening_addr(&node);
+        node.wait_for_line("node running");
+        bootstrap.get_or_insert(addr);
+        running.push((name, skew, node, api, dir));
+    }
+
+    let mut all: Vec<String> = nodes.iter().map(|(n, _)| format!("clock-{n}:1b")).collect();
+    all.sort();
+    let deadline = std::time::Instant::now() + Duration::from_secs(60);
+    for (name, _, _, api, dir) in &running {
+        loop {
+            let found = found_names(api, dir.path());
+            if found == all {
+                break;
+            }
+            assert!(
+                std::time::Instant::now() < deadline,
+                "{name} finds only {found:?} of {all:?}"
+            );
+            std::thread::sleep(Duration::from_millis(100));
+        }
+    }
+
+    let ten_minutes_ms = 600_000_i64;
+    let tolerance_ms = 10_000_i64;
+    for (name, skew, node, api, dir) in &running {
+        // Once it has a fresh record of each of its four peers.
+        let status = loop {
+            let status = node_status(api, dir.path());
+            if status["clock"]["peers_sampled"].as_u64() == Some(4) {
+                break status;
+            }
+            assert!(
+                std::time::Instant::now() < deadline,
+                "{name} has fresh records of fewer than 4 peers: {}",
+                status["clock"]
+            );
+            std::thread::sleep(Duration::from_millis(100));
+        };
+        let clock = &status["clock"];
+        let offset = clock["offset_ms"]
+            .as_i64()
+            .unwrap_or_else(|| panic!("{name}: no clock offset in {clock}"));
+        let expected = match skew {
+            Some("-10m") => -ten_minutes_ms,
+            Some(_) => ten_minutes_ms,
+            None => 0,
+        };
+        assert!(
+            (offset - expected).abs() <= tolerance_ms,
+            "{name}: offset {offset} ms, expected about {expected}: {clock}"
+        );
+        match skew {
+            Some(_) => {
+                let warning = clock["warning"].as_str().unwrap_or_default();
+                let side = if expected < 0 { "behind" } else { "ahead of" };
+                assert!(
+                    warning.contains(side) && warning.contains("NTP"),
+                    "{name}: {clock}"
+                );
+                let logged = node.wait_for_line("this node's clock is");
+                assert!(logged.contains(side), "{name}: {logged}");
+                // And `status` says so for people.
+                let table = node_text(&["status", "--api-listen", api], dir.path());
+                assert!(table.contains("WARNING"), "{name}: {table}");
+            }
+            None => {
+                assert!(clock["warning"].is_null(), "{name}: {clock}");
+            }
+        }
+    }
+    // A node in step names the skewed peers in its log, once each.
+    let (_, _, first, _, _) = &running[0];
+    first.wait_for_line("this peer's clock is");
+}
+
+fn node_status(api: &str, dir: &Path) -> serde_json::Value {
+    let out = node(&["status", "--json", "--api-listen", api], dir);
+    assert!(out.status.success(), "{}", text(&out.stderr));
+    serde_json::from_slice(&out.stdout).unwrap()
+}
+
+fn node_text(args: &[&str], dir: &Path) -> String {
+    let out = node(args, dir);
+    assert!(out.status.success(), "{}", text(&out.stderr));
+    text(&out.stdout)
 }

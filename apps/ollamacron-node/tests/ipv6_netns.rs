@@ -38,7 +38,7 @@ impl Drop for Netns {
 }
 
 fn skip(reason: &str) {
-    common::skip_without_namespaces(
+    common::skip_unless_required(
         &format!(
             "SKIPPED ipv6_netns: cannot create a network namespace: {reason}; \
              starting on a host without IPv6 is NOT tested on this machine \

@@ -259,7 +259,7 @@ impl Lab {
 }
 
 fn skip(reason: &str) {
-    common::skip_without_namespaces(
+    common::skip_unless_required(
         &format!(
             "SKIPPED mdns_netns: cannot create network namespaces: {reason}; \
              mDNS is NOT tested on this machine (needs root and iproute2; \

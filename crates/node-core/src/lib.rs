@@ -37,7 +37,7 @@ pub use metrics::MetricsSnapshot;
 pub use node::{Node, NodeHandle};
 pub use ollamacron_http as http_server;
 pub use registrations::{RegistrationError, RegistrationFile};
-pub use registry::SERVICES_TOPIC;
+pub use registry::{CLOCK_WARNING_OFFSET, ClockStatus, SERVICES_TOPIC};
 pub use state::{NodeState, StateError};
 pub use status::{
     BreakerState, ConnectedPeer, ConnectionCounts, ConnectionKind, DiscoverySource,

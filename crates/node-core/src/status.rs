@@ -207,6 +207,10 @@ pub struct NodeStatus {
     pub discovery: DiscoveryStatus,
     /// Services known.
     pub services: ServiceCounts,
+    /// How far this node's clock is from its peers', from the records
+    /// they sign (a warning beyond [`CLOCK_WARNING_OFFSET`](crate::CLOCK_WARNING_OFFSET)).
+    #[serde(default)]
+    pub clock: crate::ClockStatus,
     /// The gateway and the API, and who can reach them.
     pub http: HttpStatus,
     /// `max_bandwidth` and how often streams waited for it; `None`
@@ -509,6 +513,7 @@ mod tests {
                 remote: 9,
                 nodes: 3,
             },
+            clock: crate::ClockStatus::default(),
             http: HttpStatus {
                 gateway: Some(HttpServerStatus::new(
                     "0.0.0.0:11434".parse().unwrap(),

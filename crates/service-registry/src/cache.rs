@@ -50,7 +50,10 @@ pub enum Accepted {
 #[derive(Debug, Clone, PartialEq)]
 pub struct CachedPage {
     /// The decoded page (its services carry the node's peer id and
-    /// addresses and the page's expiry).
+    /// addresses and the page's expiry), its times (`issued_at`,
+    /// `expires_at`, its services' `expires_at`) in our clock when it was
+    /// accepted by its author's
+    /// ([`RecordCache::accept_by_author_clock`]); the envelope as signed.
     pub record: NodeRecord,
     /// The signed envelope, as received.
     pub envelope: Vec<u8>,
@@ -307,11 +310,34 @@ impl RecordCache {
         limits: &RecordLimits,
         floor: Option<u64>,
     ) -> Result<Accepted, RejectReason> {
+        self.accept_by_author_clock(peer, envelope, now_ms, limits, floor, |_| 0)
+    }
+
+    /// [`RecordCache::accept_at_least`], judging the page's times by its
+    /// author's clock: `author_offset_ms` says, given the decoded page
+    /// whose signature checked, how far (milliseconds, the author's minus
+    /// ours) the author's clock is estimated to be from ours, at most
+    /// [`MAX_CLOCK_OFFSET`](crate::MAX_CLOCK_OFFSET) either way. The page is
+    /// held with its times moved into our clock by that much, so that
+    /// [`RecordCache::expire`] and every reader of the held records compare
+    /// them with our clock; the envelope is held as received.
+    ///
+    /// # Errors
+    /// The [`RejectReason`]; the cache is then unchanged.
+    pub fn accept_by_author_clock(
+        &mut self,
+        peer: PeerId,
+        envelope: &[u8],
+        now_ms: u64,
+        limits: &RecordLimits,
+        floor: Option<u64>,
+        author_offset_ms: impl FnOnce(&NodeRecord) -> i64,
+    ) -> Result<Accepted, RejectReason> {
         let held = self.records.get(&peer);
         if held.is_some_and(|h| h.pages.iter().any(|p| p.envelope == envelope)) {
             return Ok(Accepted::Unchanged);
         }
-        let record = verify_with(envelope, &peer, now_ms, limits, |page| {
+        let record = verify_with(envelope, &peer, now_ms, limits, author_offset_ms, |page| {
             fresh(held, page, floor)
         })?;
         let (mut pages, old) = match self.records.remove(&peer) {

@@ -34,10 +34,18 @@ pub const MAX_RECORD_PAGES: u16 = 16;
 /// Domain-separation string of the envelope signature, so a node-record
 /// signature can never be replayed as any other signed libp2p message.
 pub const NODE_RECORD_DOMAIN: &str = "ollamacron-node-record";
-/// How far ahead of our clock a record's `issued_at` may be: clocks of
-/// honest nodes differ a little; a record dated further ahead would outlive
-/// its TTL.
+/// How far ahead of the clock it is judged by a record's `issued_at` may
+/// be: our clock when the record is checked as it stands, else our estimate
+/// of its author's clock (see [`MAX_CLOCK_OFFSET`]), which is never behind
+/// the record's own `issued_at` but may be a little off.
 pub const MAX_CLOCK_SKEW: Duration = Duration::from_secs(60);
+/// How far a record's author's clock may be estimated to be from ours,
+/// either way, when its record is judged by the author's clock: a node
+/// whose clock is 10 minutes off is still a member; a record dated more
+/// than this (and [`MAX_CLOCK_SKEW`]) ahead of our clock is refused as
+/// [`RejectReason::FromTheFuture`], and one older than its lifetime and
+/// this as [`RejectReason::Expired`].
+pub const MAX_CLOCK_OFFSET: Duration = Duration::from_secs(60 * 60);
 /// Payload type of the envelope (the same for both format versions).
 pub const NODE_RECORD_PAYLOAD_TYPE: &[u8] = b"/ollamacron/node-record/1";
 
@@ -389,11 +397,12 @@ pub enum RejectReason {
     )]
     UnsupportedVersion(u8),
     /// Past its expiry.
-    #[error("record expired at {expires_at} (now {now})")]
+    #[error("record expired at {expires_at} (now {now} by the clock it is judged by)")]
     Expired {
         /// Its expiry.
         expires_at: u64,
-        /// The time of the check.
+        /// The time of the check, by the clock it is judged by (ours, or
+        /// our estimate of its author's).
         now: u64,
     },
     /// Lifetime outside the accepted range.
@@ -407,11 +416,14 @@ pub enum RejectReason {
         max_ms: u64,
     },
     /// Issued further in the future than clock skew explains.
-    #[error("record issued at {issued_at}, more than {skew_ms} ms after now ({now})")]
+    #[error(
+        "record issued at {issued_at}, more than {skew_ms} ms after now ({now} by the clock it is judged by)"
+    )]
     FromTheFuture {
         /// Its issue time.
         issued_at: u64,
-        /// The time of the check.
+        /// The time of the check, by the clock it is judged by (ours, or
+        /// our estimate of its author's, at most [`MAX_CLOCK_OFFSET`] ahead).
         now: u64,
         /// The tolerated skew.
         skew_ms: u64,
@@ -701,6 +713,7 @@ pub fn verify_record(
         expected_peer,
         now_ms,
         limits,
+        |_| 0,
         |record| match held_sequence {
             Some(held) if record.sequence < held => Err(RejectReason::StaleSequence {
                 got: record.sequence,
@@ -711,13 +724,20 @@ pub fn verify_record(
     )
 }
 
-/// [`verify_record`], with `fresh` deciding whether the decoded, unexpired
-/// record may replace what is held (before its contents are checked).
+/// [`verify_record`], judging the record's times by its author's clock:
+/// `author_offset_ms` says, given the decoded record whose signature
+/// checked, how far (milliseconds, author's minus ours) its author's clock
+/// is estimated to be from ours (clamped to [`MAX_CLOCK_OFFSET`] either
+/// way); the record returned has its times (`issued_at`, `expires_at` and
+/// its services' `expires_at`) moved into our clock by that much. `fresh`
+/// decides whether the decoded, unexpired record may replace what is held
+/// (before its contents are checked).
 pub(crate) fn verify_with(
     bytes: &[u8],
     expected_peer: &PeerId,
     now_ms: u64,
     limits: &RecordLimits,
+    author_offset_ms: impl FnOnce(&NodeRecord) -> i64,
     fresh: impl FnOnce(&NodeRecord) -> Result<(), RejectReason>,
 ) -> Result<NodeRecord, RejectReason> {
     if bytes.len() > limits.max_record_bytes {
@@ -750,23 +770,45 @@ pub(crate) fn verify_with(
             signer: signer.to_string(),
         });
     }
+    let max_offset_ms = i64::try_from(millis(MAX_CLOCK_OFFSET)).unwrap_or(i64::MAX);
+    let offset_ms = author_offset_ms(&record).clamp(-max_offset_ms, max_offset_ms);
+    // Now by the author's clock, as estimated.
+    let author_now = shift(now_ms, offset_ms);
     let skew_ms = millis(MAX_CLOCK_SKEW);
-    if record.issued_at > now_ms.saturating_add(skew_ms) {
+    if record.issued_at > author_now.saturating_add(skew_ms) {
         return Err(RejectReason::FromTheFuture {
             issued_at: record.issued_at,
-            now: now_ms,
+            now: author_now,
             skew_ms,
         });
     }
-    if record.expires_at <= now_ms {
+    if record.expires_at <= author_now {
         return Err(RejectReason::Expired {
             expires_at: record.expires_at,
-            now: now_ms,
+            now: author_now,
         });
     }
     fresh(&record)?;
     check_contents(&record, limits)?;
+    let mut record = record;
+    if offset_ms != 0 {
+        let to_ours = offset_ms.saturating_neg();
+        record.issued_at = shift(record.issued_at, to_ours);
+        record.expires_at = shift(record.expires_at, to_ours);
+        for service in &mut record.services {
+            service.expires_at = shift(service.expires_at, to_ours);
+        }
+    }
     Ok(record)
+}
+
+/// Unix milliseconds `at` moved by `offset_ms` (saturating).
+fn shift(at: u64, offset_ms: i64) -> u64 {
+    if offset_ms >= 0 {
+        at.saturating_add(offset_ms.unsigned_abs())
+    } else {
+        at.saturating_sub(offset_ms.unsigned_abs())
+    }
 }
 
 /// The record in `payload`, by its first byte (the version, a postcard `u8`).

@@ -243,3 +243,53 @@ proptest! {
         }
     }
 }
+
+/// A record whose author's clock is 10 minutes slow, or 10 minutes fast:
+/// refused when judged by our clock, accepted by the author's, held with
+/// its times in ours; an estimate beyond an hour counts as an hour.
+#[test]
+fn a_record_is_judged_by_its_authors_clock_within_an_hour() {
+    use ollamacron_service_registry::{MAX_CLOCK_OFFSET, RecordCache};
+    let key = Keypair::generate_ed25519();
+    let limits = RecordLimits::default();
+    for offset_ms in [-600_000_i64, 600_000] {
+        let mut record = record_for(&key, 1);
+        record.issued_at = NOW.saturating_add_signed(offset_ms);
+        record.expires_at = record.issued_at + TTL_MS;
+        for service in &mut record.services {
+            service.expires_at = record.expires_at;
+        }
+        let bytes = sign_record(&record, &key, &limits).unwrap();
+        let expected = if offset_ms < 0 {
+            "expired"
+        } else {
+            "from_the_future"
+        };
+        assert_eq!(reason(&bytes, &peer(&key), None), expected);
+
+        let mut cache = RecordCache::new(16);
+        cache
+            .accept_by_author_clock(peer(&key), &bytes, NOW, &limits, None, |_| offset_ms)
+            .unwrap();
+        let held = &cache.get(&peer(&key)).unwrap().record;
+        assert_eq!(held.issued_at, NOW, "moved into our clock");
+        assert_eq!(held.expires_at, NOW + TTL_MS);
+        assert!(held.services.iter().all(|s| s.expires_at == NOW + TTL_MS));
+        // And it expires by our clock exactly when its lifetime is over.
+        assert!(cache.expire(NOW + TTL_MS - 1).is_empty());
+        assert_eq!(cache.expire(NOW + TTL_MS).len(), 1);
+    }
+    // Two hours ahead, the estimate saying so: judged an hour ahead at most.
+    let two_hours_ms = 2 * u64::try_from(MAX_CLOCK_OFFSET.as_millis()).unwrap();
+    let mut record = record_for(&key, 2);
+    record.issued_at = NOW + two_hours_ms;
+    record.expires_at = record.issued_at + TTL_MS;
+    let bytes = sign_record(&record, &key, &limits).unwrap();
+    let mut cache = RecordCache::new(16);
+    let err = cache
+        .accept_by_author_clock(peer(&key), &bytes, NOW, &limits, None, |_| {
+            i64::try_from(two_hours_ms).unwrap()
+        })
+        .unwrap_err();
+    assert_eq!(err.as_str(), "from_the_future", "{err}");
+}

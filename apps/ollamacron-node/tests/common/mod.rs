@@ -44,14 +44,14 @@ pub(crate) fn run(program: &str, args: &[&str]) -> Result<(), String> {
     }
 }
 
-/// A test that needs network namespaces cannot make them here: a loud
+/// A test cannot run here (no network namespaces, a tool missing): a loud
 /// banner, or, under `CI=true` or `<require_var>=1` (where a skip would
 /// hide a broken setup), a failure.
 ///
 /// # Panics
 /// When the skip is not allowed.
-#[allow(clippy::print_stderr, clippy::panic, dead_code)] // a skip must be seen; the CLI tests do not use it
-pub(crate) fn skip_without_namespaces(message: &str, require_var: &str) {
+#[allow(clippy::print_stderr, clippy::panic)] // a skip must be seen
+pub(crate) fn skip_unless_required(message: &str, require_var: &str) {
     let required = std::env::var_os(require_var).is_some_and(|v| v == "1")
         || std::env::var("CI").is_ok_and(|v| v == "true");
     if required {

@@ -237,6 +237,7 @@ impl SwarmTask {
             },
             discovery: self.discovery_status(),
             services: behaviour.registry.service_counts(),
+            clock: behaviour.registry.clock_status(),
             http: HttpStatus::of(&self.config),
             bandwidth: self.bandwidth.as_ref().map(BandwidthLimit::status),
         }

@@ -8,6 +8,7 @@
 //! queries it starts itself; what the DHT learns about peers goes out as
 //! [`Event::Dht`] for discovery.
 
+mod clock;
 mod health;
 pub mod keys;
 mod lookup;
@@ -15,6 +16,7 @@ mod publish;
 mod sync;
 mod verify;
 
+pub use self::clock::{CLOCK_WARNING_OFFSET, ClockStatus};
 pub use self::sync::SYNC_PROTOCOL;
 pub use ollamacron_service_registry::*;
 
@@ -188,6 +190,8 @@ pub(crate) struct Behaviour {
     /// Where each local service (by id) came from.
     origins: HashMap<String, ServiceOrigin>,
     cache: RecordCache,
+    /// How far each record author's clock is from ours.
+    clocks: clock::PeerClocks,
     limits: RecordLimits,
     weights: ScoreWeights,
     ttl: Duration,
@@ -361,6 +365,7 @@ impl Behaviour {
             local,
             origins,
             cache: RecordCache::new(config.dht_max_records),
+            clocks: clock::PeerClocks::new(config.dht_max_records),
             limits,
             weights: crate::configs::score_weights(config),
             ttl: config.record_ttl,

@@ -38,6 +38,7 @@ use libp2p::{PeerId, StreamProtocol};
 use rand::seq::SliceRandom;
 use serde::{Deserialize, Serialize};
 
+use super::clock::Delivery;
 use super::{Behaviour, Event, unix_ms};
 use crate::event::RecordVia;
 use ollamacron_service_registry::RejectReason;
@@ -576,8 +577,9 @@ impl Behaviour {
     }
 
     /// A record from a neighbour: skipped when its hint says we hold it
-    /// already, else verified and, when new, passed on.
-    fn take_synced(&mut self, from: PeerId, record: &SyncedRecord) {
+    /// already, else verified and, when new, passed on. `pushed`: it came
+    /// in a push, which carries a node's own record as it signs it.
+    fn take_synced(&mut self, from: PeerId, record: &SyncedRecord, pushed: bool) {
         let Some(owner) = peer_of(&record.owner) else {
             self.emit(Event::Rejected {
                 peer: Some(from),
@@ -592,7 +594,21 @@ impl Behaviour {
         {
             return;
         }
-        let _ = self.accept_record(owner, &record.envelope, RecordVia::Sync, Some(from), None);
+        let delivery = if from != owner {
+            Delivery::Passed
+        } else if pushed {
+            Delivery::Pushed
+        } else {
+            Delivery::Synced
+        };
+        let _ = self.accept_record_as(
+            owner,
+            &record.envelope,
+            RecordVia::Sync,
+            Some(from),
+            None,
+            delivery,
+        );
     }
 
     /// A record new to us (verified and stored, not by gossip, which
@@ -785,7 +801,7 @@ impl Behaviour {
             }
             SyncRequest::Push(records) => {
                 for record in records {
-                    self.take_synced(peer, &record);
+                    self.take_synced(peer, &record, true);
                 }
                 SyncResponse::Taken
             }
@@ -846,7 +862,7 @@ impl Behaviour {
             SyncResponse::Taken => return,
         };
         for record in records {
-            self.take_synced(peer, &record);
+            self.take_synced(peer, &record, false);
         }
         if self.sync.pull.is_some_and(|(pull, _)| pull == id) {
             self.sync.pull = None;

@@ -10,6 +10,7 @@ use libp2p::gossipsub::{self, MessageAcceptance};
 use ollamacron_discovery_dht::Record;
 use ollamacron_service_registry::{Accepted, RejectReason, verify_record};
 
+use super::clock::Delivery;
 use super::keys::node_record_page;
 use super::{Behaviour, Event, unix_ms};
 use crate::event::RecordVia;
@@ -33,6 +34,26 @@ impl Behaviour {
         from: Option<PeerId>,
         floor: Option<u64>,
     ) -> Result<Accepted, RejectReason> {
+        let delivery = match via {
+            _ if from != Some(owner) => Delivery::Passed,
+            RecordVia::Sync | RecordVia::Get => Delivery::Synced,
+            RecordVia::Put | RecordVia::Gossip => Delivery::Pushed,
+        };
+        self.accept_record_as(owner, envelope, via, from, floor, delivery)
+    }
+
+    /// [`Behaviour::accept_record`], saying how the record came (for its
+    /// author's clock): a sync push of the owner's own record is
+    /// [`Delivery::Pushed`], which `via` alone does not tell.
+    pub(super) fn accept_record_as(
+        &mut self,
+        owner: PeerId,
+        envelope: &[u8],
+        via: RecordVia,
+        from: Option<PeerId>,
+        floor: Option<u64>,
+        delivery: Delivery,
+    ) -> Result<Accepted, RejectReason> {
         let now = unix_ms();
         let result = if owner == self.local_peer {
             // Only we sign our records: anything but our latest is stale or forged.
@@ -50,8 +71,12 @@ impl Behaviour {
                 .map(|_| Accepted::Unchanged),
             }
         } else {
+            // Judged by its author's clock, as its records tell it.
+            let clocks = &mut self.clocks;
             self.cache
-                .accept_at_least(owner, envelope, now, &self.limits, floor)
+                .accept_by_author_clock(owner, envelope, now, &self.limits, floor, |record| {
+                    clocks.observe(owner, record, now, delivery)
+                })
         };
         if via != RecordVia::Gossip
             && let Ok(Accepted::Stored { .. }) = &result
@@ -153,11 +178,13 @@ impl Behaviour {
             return;
         }
         // The copy in the DHT store counts too: the cache may have evicted it.
+        // Judged, like the record itself, by its author's clock.
+        let author_now = self.clocks.author_now(&owner, unix_ms());
         let stored_sequence = self
             .dht()
             .and_then(|dht| dht.stored_record(&record.key))
             .and_then(|stored| {
-                verify_record(&stored.value, &owner, unix_ms(), None, &self.limits)
+                verify_record(&stored.value, &owner, author_now, None, &self.limits)
                     .ok()
                     .map(|r| r.sequence)
             });
@@ -249,6 +276,7 @@ impl Behaviour {
     /// Drop expired records (their services leave every answer at once;
     /// this tells subscribers).
     pub(super) fn expire_records(&mut self) {
+        self.clocks.expire();
         let gone = self.cache.expire(unix_ms());
         if gone.is_empty() {
             return;
