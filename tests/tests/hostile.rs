@@ -119,3 +119,152 @@ async fn garbage_and_half_open_connections_are_closed_and_the_node_keeps_serving
     assert_eq!(status.connections.peers, 1, "only the real peer is a peer");
     drop(silent);
 }
+
+/// A peer that keeps putting forged and malformed records is disconnected
+/// and refused after the eighth within a minute (counted in metrics and
+/// `status`), while an honest peer stays connected and served; below that
+/// count the rogue stays connected.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_peer_putting_invalid_records_is_banned_and_the_node_keeps_serving() {
+    use libp2p::kad::{Record, RecordKey};
+    use ollamacron_node_core::{NodeEvent, PROTOCOL_VERSION};
+    use ollamacron_tests::kad_peer::KadPeer;
+
+    // A DHT server from the start (on loopback it would be a client until
+    // it learns it is reachable): it takes the rogue's puts.
+    let holder = start(loopback_config(
+        TCP_ONLY,
+        &[("enable_metrics", "true"), ("dht_mode", "server")],
+    ))
+    .await
+    .unwrap();
+    let holder_addr = holder.dialable_addrs().await.unwrap().remove(0);
+    let honest = start(loopback_config(
+        TCP_ONLY,
+        &[("bootstrap", holder_addr.to_string().as_str())],
+    ))
+    .await
+    .unwrap();
+    honest
+        .register_service(ServiceInfo {
+            id: "llama3:8b".to_owned(),
+            name: "llama3:8b".to_owned(),
+            service_type: "llm".to_owned(),
+            ..ServiceInfo::default()
+        })
+        .await
+        .unwrap();
+    let query = ServiceQuery {
+        service_type: Some("llm".to_owned()),
+        ..ServiceQuery::default()
+    };
+    let found = |node: &ollamacron_node_core::NodeHandle| {
+        let (node, query) = (node.clone(), query.clone());
+        async move { (node.find_services(query).await.ok()?.len() == 1).then_some(()) }
+    };
+    eventually("the honest peer's service at the holder", || found(&holder))
+        .await
+        .unwrap();
+
+    let rogue = KadPeer::start(PROTOCOL_VERSION).await.unwrap();
+    rogue.dial(holder_addr.clone()).await.unwrap();
+    // Once the holder answers its Kademlia requests.
+    let honest_key = RecordKey::new(&format!("/ollamacron/node/{}", honest.peer_id()));
+    eventually(
+        "the rogue reads the honest record from the holder",
+        || async { (!rogue.get(honest_key.clone()).await.ok()?.is_empty()).then_some(()) },
+    )
+    .await
+    .unwrap();
+    let mut events = holder.subscribe();
+    let garbage = |i: usize| Record {
+        key: RecordKey::new(&format!("/ollamacron/node/{}", libp2p::PeerId::random())),
+        value: format!("forged record {i}, not an envelope").into_bytes(),
+        publisher: None,
+        expires: None,
+    };
+    // Seven: refused and counted, the rogue still connected.
+    for i in 0..7 {
+        rogue.put_to(garbage(i), holder.peer_id()).await.unwrap();
+    }
+    eventually("seven rejections counted", || async {
+        let text = holder.metrics_text();
+        text.contains("ollamacron_records_rejected_total{reason=\"malformed\",via=\"put\"} 7")
+            .then_some(())
+    })
+    .await
+    .unwrap();
+    assert!(
+        connected(&holder).await.contains(&rogue.peer_id()),
+        "below the limit the rogue stays"
+    );
+    // The eighth: banned (the connection may close before the put is
+    // acknowledged, so the rogue may see it fail).
+    let _ = rogue.put_to(garbage(7), holder.peer_id()).await;
+    let banned = tokio::time::timeout(ollamacron_tests::EVENT_TIMEOUT, async {
+        loop {
+            if let Ok(NodeEvent::PeerBanned {
+                peer_id, reason, ..
+            }) = events.recv().await
+            {
+                break (peer_id, reason);
+            }
+        }
+    })
+    .await
+    .expect("no PeerBanned event");
+    assert_eq!(banned.0, rogue.peer_id());
+    assert!(banned.1.contains("8 invalid records"), "{}", banned.1);
+    eventually("the rogue disconnected", || async {
+        (!connected(&holder).await.contains(&rogue.peer_id())).then_some(())
+    })
+    .await
+    .unwrap();
+    // It cannot come back, however often it tries: each connection is
+    // closed as it is established, no put reaches the registry.
+    for i in 8..13 {
+        let _ = rogue.dial(holder_addr.clone()).await;
+        assert!(
+            rogue.put_to(garbage(i), holder.peer_id()).await.is_err(),
+            "a banned peer's put was taken"
+        );
+        assert!(!connected(&holder).await.contains(&rogue.peer_id()));
+    }
+    assert!(
+        holder
+            .metrics_text()
+            .contains("ollamacron_records_rejected_total{reason=\"malformed\",via=\"put\"} 8"),
+        "{}",
+        holder.metrics_text()
+    );
+    let status = holder.status().await.unwrap();
+    assert_eq!(
+        (
+            status.connections.banned_now,
+            status.connections.banned_total
+        ),
+        (1, 1)
+    );
+    assert!(
+        holder
+            .metrics_text()
+            .contains("ollamacron_peers_banned_total 1"),
+        "{}",
+        holder.metrics_text()
+    );
+    // The honest peer is still connected and served.
+    assert!(connected(&holder).await.contains(&honest.peer_id()));
+    found(&holder)
+        .await
+        .expect("the honest service is still found");
+    honest.shutdown().await.unwrap();
+    holder.shutdown().await.unwrap();
+}
+
+/// The peers `node` is connected to.
+async fn connected(
+    node: &ollamacron_node_core::NodeHandle,
+) -> Vec<ollamacron_node_core::libp2p::PeerId> {
+    let peers = node.connected_peers().await.unwrap();
+    peers.iter().map(|p| p.peer_id).collect()
+}

@@ -277,6 +277,15 @@ pub(crate) async fn status(api: &ApiClient, output: OutputArgs) -> anyhow::Resul
             c.peers, c.inbound, c.outbound
         ),
     ));
+    if c.banned_total > 0 {
+        rows.push((
+            "banned".into(),
+            format!(
+                "{} peers now, {} since start (invalid records; see the log)",
+                c.banned_now, c.banned_total
+            ),
+        ));
+    }
     let sv = &s.services;
     rows.push((
         "services".into(),

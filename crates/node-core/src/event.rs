@@ -170,6 +170,17 @@ pub enum NodeEvent {
         /// Why not, when it failed.
         error: Option<String>,
     },
+    /// A peer handed us records no honest node passes on (forged,
+    /// malformed) and was disconnected; its connections are refused for
+    /// `ban` (see `ollamacron_peers_banned_total`).
+    PeerBanned {
+        /// The peer.
+        peer_id: PeerId,
+        /// Why, in words: how many invalid records, and the last reason.
+        reason: String,
+        /// How long its connections are refused.
+        ban: std::time::Duration,
+    },
     /// A node record was refused and not stored.
     RecordRejected {
         /// The peer that sent it (for a DHT answer or a put) or published

@@ -182,6 +182,8 @@ pub(crate) struct NodeMetrics {
     known_peers: Gauge,
     routing_table: Gauge,
     records_rejected: Family<RejectLabel, Counter>,
+    /// Peers banned for handing us invalid records.
+    pub(crate) peers_banned: Counter,
     records_accepted: Family<ViaLabel, Counter>,
     records_published: Counter,
     services_local: Gauge,
@@ -291,6 +293,12 @@ impl NodeMetrics {
             "Node records refused, by reason and by where they came from (put, get, gossip)",
             records_rejected.clone(),
         );
+        let peers_banned = Counter::default();
+        ours.register(
+            "peers_banned",
+            "Peers disconnected and refused for 10 minutes for handing us records no honest node passes on (forged or malformed)",
+            peers_banned.clone(),
+        );
         let records_accepted = Family::<ViaLabel, Counter>::default();
         ours.register(
             "records_accepted",
@@ -350,6 +358,7 @@ impl NodeMetrics {
             known_peers,
             routing_table,
             records_rejected,
+            peers_banned,
             records_accepted,
             records_published,
             services_local,
@@ -555,7 +564,12 @@ impl libp2p::metrics::Recorder<crate::registry::Event> for NodeMetrics {
             }
             Event::ServiceCounts { local, remote } => self.set_service_counts(*local, *remote),
             Event::LookupAnswered { how } => self.lookup_answered(how),
-            Event::LocalChanged(_) | Event::Expired(_) | Event::Dht(_) | Event::Gossip(_) => {}
+            // A ban is counted where it is made (a bootstrap peer is not banned).
+            Event::Misbehaving { .. }
+            | Event::LocalChanged(_)
+            | Event::Expired(_)
+            | Event::Dht(_)
+            | Event::Gossip(_) => {}
         }
     }
 }

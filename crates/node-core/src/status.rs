@@ -169,6 +169,13 @@ pub struct ConnectionCounts {
     /// relayed, closed ones too).
     #[serde(default)]
     pub established_total: u64,
+    /// Peers banned now for handing us invalid records (their connections
+    /// are refused for 10 minutes).
+    #[serde(default)]
+    pub banned_now: usize,
+    /// Peers banned since start.
+    #[serde(default)]
+    pub banned_total: u64,
 }
 
 /// Service counts in [`NodeStatus`].
@@ -506,6 +513,8 @@ mod tests {
                 outbound: 2,
                 duplicates_closed: 1,
                 established_total: 7,
+                banned_now: 1,
+                banned_total: 2,
             },
             discovery: discovery(relay),
             services: ServiceCounts {

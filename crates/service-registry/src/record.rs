@@ -463,6 +463,32 @@ pub enum RejectReason {
 }
 
 impl RejectReason {
+    /// Whether the bytes are invalid for every node, whatever its clock,
+    /// its limits or what it holds (malformed, a bad signature or signer, a
+    /// lifetime or page outside the fixed ranges, a service twice): no
+    /// honest node passes such a record on, since each verifies a record
+    /// before it stores or forwards it, so the peer that handed it over is
+    /// misbehaving. A record that is expired, from the future, stale, over a
+    /// size limit or of another version may come from an honest node whose
+    /// clock, configuration or version differs from ours.
+    #[must_use]
+    pub fn proves_misbehaviour(&self) -> bool {
+        match self {
+            Self::Malformed(_)
+            | Self::BadSignature
+            | Self::WrongSigner { .. }
+            | Self::BadTtl { .. }
+            | Self::DuplicateService(_)
+            | Self::BadPage { .. } => true,
+            Self::TooLarge { .. }
+            | Self::UnsupportedVersion(_)
+            | Self::Expired { .. }
+            | Self::StaleSequence { .. }
+            | Self::OverLimit { .. }
+            | Self::FromTheFuture { .. } => false,
+        }
+    }
+
     /// Short label for metrics (`reason="bad_signature"`).
     #[must_use]
     pub fn as_str(&self) -> &'static str {

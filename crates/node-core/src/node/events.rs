@@ -53,6 +53,7 @@ pub(super) fn from_registry(event: &registry::Event) -> Vec<NodeEvent> {
             detail: reason.to_string(),
         }],
         registry::Event::Published
+        | registry::Event::Misbehaving { .. }
         | registry::Event::ServiceCounts { .. }
         | registry::Event::LookupAnswered { .. }
         | registry::Event::Dht(_)

@@ -234,6 +234,8 @@ impl SwarmTask {
                 outbound: peers.count(Direction::Outbound),
                 duplicates_closed: peers.duplicates_closed_total(),
                 established_total: peers.established_total(),
+                banned_now: peers.banned().0,
+                banned_total: peers.banned().1,
             },
             discovery: self.discovery_status(),
             services: behaviour.registry.service_counts(),
@@ -540,6 +542,24 @@ impl SwarmTask {
         match event {
             registry::Event::Dht(event) => self.on_dht(event),
             registry::Event::Gossip(event) => self.metrics.libp2p.record(event.as_ref()),
+            registry::Event::Misbehaving {
+                peer,
+                invalid_records,
+                reason,
+            } => {
+                let reason = format!(
+                    "{invalid_records} invalid records within a minute, the last one: {reason}"
+                );
+                let ban = peers::PEER_BAN_DURATION;
+                if self.swarm.behaviour_mut().peers.ban(peer, ban, &reason) {
+                    self.metrics.peers_banned.inc();
+                    self.emit(NodeEvent::PeerBanned {
+                        peer_id: peer,
+                        reason,
+                        ban,
+                    });
+                }
+            }
             _ => {}
         }
     }

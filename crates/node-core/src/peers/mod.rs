@@ -16,7 +16,7 @@ use std::pin::Pin;
 use std::task::{Context, Poll};
 use std::time::{Duration, Instant};
 
-use libp2p::allow_block_list::{self, AllowedPeers, NotAllowed};
+use libp2p::allow_block_list::{self, AllowedPeers, BlockedPeers, NotAllowed};
 use libp2p::core::{ConnectedPoint, Endpoint};
 use libp2p::swarm::behaviour::toggle::Toggle;
 use libp2p::swarm::dial_opts::{DialOpts, PeerCondition};
@@ -50,11 +50,16 @@ const TRIM_CHECK_INTERVAL: Duration = Duration::from_secs(5);
 /// handshakes.
 const REFUSAL_WARNING_INTERVAL: Duration = Duration::from_secs(60);
 
+/// How long a peer that misbehaved (see [`Behaviour::ban`]) stays
+/// disconnected: its connections are refused, inbound and outbound.
+pub(crate) const PEER_BAN_DURATION: Duration = Duration::from_secs(10 * 60);
+
 /// The libp2p behaviours whose state is the peer behaviour's. Limits come
 /// first so they can deny a connection before anything else sees it.
 #[derive(libp2p::swarm::NetworkBehaviour)]
 pub(crate) struct Inner {
     allowed_peers: Toggle<allow_block_list::Behaviour<AllowedPeers>>,
+    banned_peers: allow_block_list::Behaviour<BlockedPeers>,
     connection_limits: connection_limits::Behaviour,
     pending_per_ip: pending_per_ip::Behaviour,
     memory_limits: Toggle<memory_connection_limits::Behaviour>,
@@ -194,6 +199,9 @@ pub(crate) struct Behaviour {
     require_auth: bool,
     /// When a refused handshake was last logged as a warning.
     refusal_warned: Option<Instant>,
+    /// Banned peers, until when (lifted on the trim tick).
+    banned: HashMap<PeerId, Instant>,
+    banned_total: u64,
     queued: VecDeque<ToSwarm<Event, THandlerInEvent<Inner>>>,
 }
 
@@ -225,6 +233,7 @@ impl Behaviour {
         Self {
             inner: Inner {
                 allowed_peers: allowed_peers.into(),
+                banned_peers: allow_block_list::Behaviour::default(),
                 connection_limits: connection_limits::Behaviour::new(limits),
                 pending_per_ip: pending_per_ip::Behaviour::default(),
                 memory_limits: memory_limits.into(),
@@ -254,7 +263,48 @@ impl Behaviour {
             breakers: HashMap::new(),
             require_auth: config.require_auth,
             refusal_warned: None,
+            banned: HashMap::new(),
+            banned_total: 0,
             queued: VecDeque::new(),
+        }
+    }
+
+    /// Disconnect `peer` and refuse its connections, inbound and outbound,
+    /// for `duration` (a peer that misbehaved; never a protected one, whose
+    /// misbehaviour is only logged, nor ourselves). Whether it was banned now.
+    pub(crate) fn ban(&mut self, peer: PeerId, duration: Duration, reason: &str) -> bool {
+        if peer == self.local_peer || self.protected.contains(&peer) {
+            tracing::warn!(%peer, %reason, "a bootstrap peer misbehaved; kept connected as it is configured");
+            return false;
+        }
+        let until = Instant::now() + duration;
+        if self.banned.insert(peer, until).is_some() {
+            return false;
+        }
+        self.banned_total += 1;
+        self.inner.banned_peers.block_peer(peer);
+        tracing::warn!(%peer, %reason, ban_secs = duration.as_secs(), "disconnected a misbehaving peer; its connections are refused until the ban ends");
+        true
+    }
+
+    /// Peers banned now, and since start.
+    pub(crate) fn banned(&self) -> (usize, u64) {
+        (self.banned.len(), self.banned_total)
+    }
+
+    /// Lift the bans that are over.
+    fn lift_bans(&mut self) {
+        let now = Instant::now();
+        let over: Vec<PeerId> = self
+            .banned
+            .iter()
+            .filter(|(_, until)| **until <= now)
+            .map(|(peer, _)| *peer)
+            .collect();
+        for peer in over {
+            self.banned.remove(&peer);
+            self.inner.banned_peers.unblock_peer(peer);
+            tracing::info!(%peer, "ban over: the peer may connect again");
         }
     }
 
@@ -932,6 +982,7 @@ impl NetworkBehaviour for Behaviour {
                 continue;
             }
             if self.trim_tick.poll_tick(cx).is_ready() {
+                self.lift_bans();
                 self.trim_connections();
                 continue;
             }

@@ -10,6 +10,7 @@
 
 mod clock;
 mod health;
+mod invalid;
 pub mod keys;
 mod lookup;
 mod publish;
@@ -135,6 +136,14 @@ pub(crate) enum Event {
         via: RecordVia,
         reason: RejectReason,
     },
+    /// `peer` handed us `invalid_records` records no honest node passes on
+    /// within [`invalid::INVALID_RECORD_WINDOW`], the last refused for
+    /// `reason`: it is to be banned.
+    Misbehaving {
+        peer: PeerId,
+        invalid_records: u32,
+        reason: RejectReason,
+    },
     /// One of our own services was added, updated or removed.
     LocalChanged(ServiceChange),
     /// Records expired, with the services they took along.
@@ -192,6 +201,8 @@ pub(crate) struct Behaviour {
     cache: RecordCache,
     /// How far each record author's clock is from ours.
     clocks: clock::PeerClocks,
+    /// Invalid records per peer, towards a ban.
+    invalid: invalid::InvalidRecords,
     limits: RecordLimits,
     weights: ScoreWeights,
     ttl: Duration,
@@ -366,6 +377,7 @@ impl Behaviour {
             origins,
             cache: RecordCache::new(config.dht_max_records),
             clocks: clock::PeerClocks::new(config.dht_max_records),
+            invalid: invalid::InvalidRecords::default(),
             limits,
             weights: crate::configs::score_weights(config),
             ttl: config.record_ttl,

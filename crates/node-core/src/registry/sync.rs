@@ -581,11 +581,13 @@ impl Behaviour {
     /// in a push, which carries a node's own record as it signs it.
     fn take_synced(&mut self, from: PeerId, record: &SyncedRecord, pushed: bool) {
         let Some(owner) = peer_of(&record.owner) else {
+            let reason = RejectReason::Malformed("the owner is not a peer id".to_owned());
             self.emit(Event::Rejected {
                 peer: Some(from),
                 via: RecordVia::Sync,
-                reason: RejectReason::Malformed("the owner is not a peer id".to_owned()),
+                reason: reason.clone(),
             });
+            self.count_invalid(Some(from), &reason);
             return;
         };
         if self

@@ -127,6 +127,7 @@ impl Behaviour {
                     via,
                     reason: reason.clone(),
                 });
+                self.count_invalid(from, reason);
             }
         }
         result
@@ -168,8 +169,9 @@ impl Behaviour {
             self.emit(Event::Rejected {
                 peer: Some(source),
                 via: RecordVia::Put,
-                reason,
+                reason: reason.clone(),
             });
+            self.count_invalid(Some(source), &reason);
             return;
         };
         if owner == self.local_peer {
@@ -273,10 +275,26 @@ impl Behaviour {
         }
     }
 
+    /// A record `from` handed us was refused for `reason`: towards its ban
+    /// when no honest node would have passed it on.
+    pub(super) fn count_invalid(&mut self, from: Option<PeerId>, reason: &RejectReason) {
+        let Some(peer) = from.filter(|p| *p != self.local_peer) else {
+            return;
+        };
+        if let Some(invalid_records) = self.invalid.count(peer, reason) {
+            self.emit(Event::Misbehaving {
+                peer,
+                invalid_records,
+                reason: reason.clone(),
+            });
+        }
+    }
+
     /// Drop expired records (their services leave every answer at once;
     /// this tells subscribers).
     pub(super) fn expire_records(&mut self) {
         self.clocks.expire();
+        self.invalid.expire();
         let gone = self.cache.expire(unix_ms());
         if gone.is_empty() {
             return;
