@@ -268,3 +268,142 @@ async fn connected(
     let peers = node.connected_peers().await.unwrap();
     peers.iter().map(|p| p.peer_id).collect()
 }
+
+/// Records signed by hundreds of fresh identities (one host can make any
+/// number), each valid and longer-lived than an honest record, fill the
+/// bounded cache, but never push out the record of a peer the node is
+/// connected to; the cache stays at its bound.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn records_of_many_fake_identities_do_not_evict_a_connected_peers_record() {
+    use libp2p::kad::{Record, RecordKey};
+    use ollamacron_node_core::PROTOCOL_VERSION;
+    use ollamacron_service_registry::{NodeRecord, RECORD_VERSION, RecordLimits, sign_record};
+    use ollamacron_tests::kad_peer::KadPeer;
+
+    const MAX_RECORDS: usize = 16;
+    const IDENTITIES: usize = 200;
+    let max_records = MAX_RECORDS.to_string();
+    let holder = start(loopback_config(
+        TCP_ONLY,
+        &[
+            ("enable_metrics", "true"),
+            ("dht_mode", "server"),
+            ("dht_max_records", max_records.as_str()),
+        ],
+    ))
+    .await
+    .unwrap();
+    let holder_addr = holder.dialable_addrs().await.unwrap().remove(0);
+    let honest = start(loopback_config(
+        TCP_ONLY,
+        &[("bootstrap", holder_addr.to_string().as_str())],
+    ))
+    .await
+    .unwrap();
+    honest
+        .register_service(ServiceInfo {
+            id: "llama3:8b".to_owned(),
+            name: "llama3:8b".to_owned(),
+            service_type: "llm".to_owned(),
+            ..ServiceInfo::default()
+        })
+        .await
+        .unwrap();
+    let llm = ServiceQuery {
+        service_type: Some("llm".to_owned()),
+        ..ServiceQuery::default()
+    };
+    let finds_honest = || {
+        let (holder, llm) = (holder.clone(), llm.clone());
+        async move { (holder.find_services(llm).await.ok()?.len() == 1).then_some(()) }
+    };
+    eventually("the honest service at the holder", finds_honest)
+        .await
+        .unwrap();
+
+    let rogue = KadPeer::start(PROTOCOL_VERSION).await.unwrap();
+    rogue.dial(holder_addr).await.unwrap();
+    let honest_key = RecordKey::new(&format!("/ollamacron/node/{}", honest.peer_id()));
+    eventually("the holder answering the rogue", || async {
+        (!rogue.get(honest_key.clone()).await.ok()?.is_empty()).then_some(())
+    })
+    .await
+    .unwrap();
+    let now_ms = u64::try_from(
+        std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .unwrap()
+            .as_millis(),
+    )
+    .unwrap();
+    // Each lives an hour, the honest record five minutes: by expiry alone
+    // the honest one would make room first.
+    let lifetime_ms = 60 * 60 * 1000;
+    for i in 0..IDENTITIES {
+        let key = libp2p::identity::Keypair::generate_ed25519();
+        let peer = key.public().to_peer_id().to_string();
+        let record = NodeRecord {
+            version: RECORD_VERSION,
+            peer_id: peer.clone(),
+            sequence: 1,
+            issued_at: now_ms,
+            expires_at: now_ms + lifetime_ms,
+            services: vec![ServiceInfo {
+                id: format!("junk-{i}"),
+                name: format!("junk-{i}"),
+                service_type: "junk".to_owned(),
+                peer_id: peer.clone(),
+                expires_at: now_ms + lifetime_ms,
+                ..ServiceInfo::default()
+            }],
+            ..NodeRecord::default()
+        };
+        let value = sign_record(&record, &key, &RecordLimits::default()).unwrap();
+        let put = Record {
+            key: RecordKey::new(&format!("/ollamacron/node/{peer}")),
+            value,
+            publisher: None,
+            expires: None,
+        };
+        rogue.put_to(put, holder.peer_id()).await.unwrap();
+    }
+    // Every one was verified and taken (the cache was full many times over).
+    let accepted = eventually("the fake records taken", || async {
+        let text = holder.metrics_text();
+        let taken: u64 = text
+            .lines()
+            .find_map(|l| l.strip_prefix("ollamacron_records_accepted_total{via=\"put\"} "))
+            .and_then(|v| v.trim().parse().ok())?;
+        (taken >= u64::try_from(IDENTITIES).unwrap()).then_some(taken)
+    })
+    .await
+    .unwrap();
+    assert!(accepted >= u64::try_from(IDENTITIES).unwrap());
+    // And records it evicted were not taken again from its neighbour over
+    // and over (before it remembered them: thousands).
+    let synced: u64 = holder
+        .metrics_text()
+        .lines()
+        .find_map(|l| l.strip_prefix("ollamacron_records_accepted_total{via=\"sync\"} "))
+        .and_then(|v| v.trim().parse().ok())
+        .unwrap_or(0);
+    assert!(
+        synced <= u64::try_from(IDENTITIES).unwrap(),
+        "{synced} records taken again through sync"
+    );
+    let status = holder.status().await.unwrap();
+    assert!(
+        status.services.nodes <= MAX_RECORDS,
+        "cache over its bound: {:?}",
+        status.services
+    );
+    assert_eq!(
+        status.connections.banned_total, 0,
+        "valid records never ban"
+    );
+    finds_honest()
+        .await
+        .expect("the connected peer's record was pushed out by junk");
+    honest.shutdown().await.unwrap();
+    holder.shutdown().await.unwrap();
+}

@@ -1,7 +1,7 @@
 //! The verified records of other nodes, page by page, and what changed
 //! when one arrives.
 
-use std::collections::{HashMap, HashSet};
+use std::collections::{HashMap, HashSet, VecDeque};
 
 use libp2p::PeerId;
 
@@ -219,7 +219,19 @@ impl CachedRecord {
 pub struct RecordCache {
     records: HashMap<PeerId, CachedRecord>,
     max_records: usize,
+    /// Peers known to be alive (connected): their records make room last.
+    live: HashSet<PeerId>,
+    /// Records that made room, by owner: their sequence (of page 0), page
+    /// count and expiry; at most [`MAX_EVICTED_REMEMBERED`] (or four times
+    /// `max_records`), the oldest forgotten first.
+    evicted: HashMap<PeerId, (u64, u16, u64)>,
+    evicted_order: VecDeque<PeerId>,
 }
+
+/// How many evicted records a [`RecordCache`] remembers at least (a few
+/// dozen bytes each), so that a flood of records from many identities is
+/// not taken again from neighbours as soon as it made room.
+pub const MAX_EVICTED_REMEMBERED: usize = 4096;
 
 impl RecordCache {
     /// A cache of at most `max_records` nodes (at least one), each of at
@@ -229,6 +241,22 @@ impl RecordCache {
         Self {
             records: HashMap::new(),
             max_records: max_records.max(1),
+            live: HashSet::new(),
+            evicted: HashMap::new(),
+            evicted_order: VecDeque::new(),
+        }
+    }
+
+    /// Mark `peer` as known to be alive (connected to us) or not: when the
+    /// cache is full, a live peer's record makes room only when every held
+    /// record is a live peer's, so records of many identities nobody is
+    /// connected to (one host can sign any number) never push out those of
+    /// the peers we talk to. The caller bounds the set (its connections).
+    pub fn set_live(&mut self, peer: PeerId, live: bool) {
+        if live {
+            self.live.insert(peer);
+        } else {
+            self.live.remove(&peer);
         }
     }
 
@@ -367,6 +395,7 @@ impl RecordCache {
         if is_new && self.records.len() >= self.max_records {
             changes.extend(self.evict_soonest_expiring());
         }
+        self.evicted.remove(&peer);
         self.records.insert(peer, merged);
         Ok(Accepted::Stored { changes })
     }
@@ -375,6 +404,8 @@ impl RecordCache {
     /// is gone); returns the services that went — and, rarely, those
     /// updated because an older copy of them on another page is left.
     pub fn expire(&mut self, now_ms: u64) -> Vec<ServiceChange> {
+        self.evicted
+            .retain(|_, (_, _, expires_at)| *expires_at > now_ms);
         let expiring: Vec<PeerId> = self
             .records
             .iter()
@@ -410,13 +441,51 @@ impl RecordCache {
             .unwrap_or_default()
     }
 
+    /// Make room: the record closest to expiry of a peer not known to be
+    /// alive, else of any; it is remembered as evicted.
     fn evict_soonest_expiring(&mut self) -> Vec<ServiceChange> {
         let soonest = self
             .records
             .iter()
-            .min_by_key(|(_, c)| c.record.expires_at)
-            .map(|(p, _)| *p);
-        soonest.map(|peer| self.remove(&peer)).unwrap_or_default()
+            .min_by_key(|(p, c)| (self.live.contains(*p), c.record.expires_at))
+            .map(|(p, c)| (*p, (c.record.sequence, c.record.pages, c.record.expires_at)));
+        let Some((peer, evicted)) = soonest else {
+            return Vec::new();
+        };
+        if self.evicted.insert(peer, evicted).is_none() {
+            self.evicted_order.push_back(peer);
+        }
+        let remembered = MAX_EVICTED_REMEMBERED.max(self.max_records.saturating_mul(4));
+        while self.evicted.len() > remembered {
+            let Some(oldest) = self.evicted_order.pop_front() else {
+                break;
+            };
+            self.evicted.remove(&oldest);
+        }
+        if self.evicted_order.len() > remembered.saturating_mul(2) {
+            let evicted = &self.evicted;
+            self.evicted_order.retain(|p| evicted.contains_key(p));
+        }
+        self.remove(&peer)
+    }
+
+    /// The records that made room for others and are not held again yet,
+    /// unexpired: owner, sequence (of page 0) and page count. A cache
+    /// smaller than the records of the mesh uses them to not take
+    /// neighbours' copies of them again at once (which would evict
+    /// others, to be taken again in turn, without end); a lookup that
+    /// needs one still fetches it.
+    pub fn evicted(&self) -> impl Iterator<Item = (&PeerId, u64, u16)> + '_ {
+        self.evicted
+            .iter()
+            .map(|(p, (sequence, pages, _))| (p, *sequence, *pages))
+    }
+
+    /// The sequence of `peer`'s record when it made room for another (see
+    /// [`RecordCache::evicted`]).
+    #[must_use]
+    pub fn evicted_sequence(&self, peer: &PeerId) -> Option<u64> {
+        self.evicted.get(peer).map(|(sequence, _, _)| *sequence)
     }
 }
 

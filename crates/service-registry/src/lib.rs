@@ -6,7 +6,10 @@ mod rank;
 mod record;
 mod service;
 
-pub use cache::{Accepted, CachedPage, CachedRecord, ChangeKind, RecordCache, ServiceChange, diff};
+pub use cache::{
+    Accepted, CachedPage, CachedRecord, ChangeKind, MAX_EVICTED_REMEMBERED, RecordCache,
+    ServiceChange, diff,
+};
 pub use local::{LocalServices, RegisterError};
 pub use ollamacron_scoring::{QualityInputs, ScoreBreakdown, ScoreWeights};
 pub use rank::{Candidate, RankedService, rank_services};

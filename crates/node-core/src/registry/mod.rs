@@ -717,6 +717,7 @@ impl NetworkBehaviour for Behaviour {
                 self.connections
                     .insert(e.connection_id, (e.peer_id, remote));
                 self.connected.insert(e.peer_id);
+                self.cache.set_live(e.peer_id, true);
                 // A node whose record we hold and never checked: being
                 // connected is its first good check.
                 if let Some(health) = self.peer_health.get_mut(&e.peer_id)
@@ -731,6 +732,7 @@ impl NetworkBehaviour for Behaviour {
                 self.connections.remove(&e.connection_id);
                 if e.remaining_established == 0 {
                     self.connected.remove(&e.peer_id);
+                    self.cache.set_live(e.peer_id, false);
                     self.pushed.remove(&e.peer_id);
                     self.on_sync_peer_gone(&e.peer_id);
                 }

@@ -527,14 +527,24 @@ impl Behaviour {
     }
 
     /// What we hold, as a pull lists it: our record and every unexpired
-    /// record of the cache.
+    /// record of the cache, and the records the cache evicted to make room
+    /// (so that neighbours do not send them again).
     fn held_records(&self) -> Vec<RecordRef> {
+        let evicted = self.cache.evicted().flat_map(|(owner, sequence, pages)| {
+            let owner = owner.to_bytes();
+            (0..pages.max(1)).map(move |page| RecordRef {
+                owner: owner.clone(),
+                page,
+                sequence,
+            })
+        });
         self.held_pages()
             .map(|(owner, page, sequence, _)| RecordRef {
                 owner: owner.to_bytes(),
                 page,
                 sequence,
             })
+            .chain(evicted)
             .take(MAX_DIGEST_ENTRIES)
             .collect()
     }
@@ -556,12 +566,14 @@ impl Behaviour {
         (records, more, they_have_more)
     }
 
-    /// Whether we lack the record `r` names (or hold it older).
+    /// Whether we lack the record `r` names (or hold it older), and did
+    /// not evict it to make room.
     fn lacks(&self, r: &RecordRef) -> bool {
         peer_of(&r.owner).is_some_and(|owner| {
             owner != self.local_peer
                 && self
                     .held_sequence(&owner, r.page)
+                    .or(self.cache.evicted_sequence(&owner))
                     .is_none_or(|held| held < r.sequence)
         })
     }
@@ -593,6 +605,16 @@ impl Behaviour {
         if self
             .held_sequence(&owner, record.page)
             .is_some_and(|held| held >= record.sequence)
+        {
+            return;
+        }
+        // Evicted to make room, and passed on by a neighbour: not again
+        // (its owner's own push is taken).
+        if from != owner
+            && self
+                .cache
+                .evicted_sequence(&owner)
+                .is_some_and(|evicted| evicted >= record.sequence)
         {
             return;
         }
