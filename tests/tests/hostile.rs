@@ -127,55 +127,10 @@ async fn garbage_and_half_open_connections_are_closed_and_the_node_keeps_serving
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_peer_putting_invalid_records_is_banned_and_the_node_keeps_serving() {
     use libp2p::kad::{Record, RecordKey};
-    use ollamacron_node_core::{NodeEvent, PROTOCOL_VERSION};
-    use ollamacron_tests::kad_peer::KadPeer;
+    use ollamacron_node_core::NodeEvent;
 
-    // A DHT server from the start (on loopback it would be a client until
-    // it learns it is reachable): it takes the rogue's puts.
-    let holder = start(loopback_config(
-        TCP_ONLY,
-        &[("enable_metrics", "true"), ("dht_mode", "server")],
-    ))
-    .await
-    .unwrap();
-    let holder_addr = holder.dialable_addrs().await.unwrap().remove(0);
-    let honest = start(loopback_config(
-        TCP_ONLY,
-        &[("bootstrap", holder_addr.to_string().as_str())],
-    ))
-    .await
-    .unwrap();
-    honest
-        .register_service(ServiceInfo {
-            id: "llama3:8b".to_owned(),
-            name: "llama3:8b".to_owned(),
-            service_type: "llm".to_owned(),
-            ..ServiceInfo::default()
-        })
-        .await
-        .unwrap();
-    let query = ServiceQuery {
-        service_type: Some("llm".to_owned()),
-        ..ServiceQuery::default()
-    };
-    let found = |node: &ollamacron_node_core::NodeHandle| {
-        let (node, query) = (node.clone(), query.clone());
-        async move { (node.find_services(query).await.ok()?.len() == 1).then_some(()) }
-    };
-    eventually("the honest peer's service at the holder", || found(&holder))
-        .await
-        .unwrap();
-
-    let rogue = KadPeer::start(PROTOCOL_VERSION).await.unwrap();
-    rogue.dial(holder_addr.clone()).await.unwrap();
-    // Once the holder answers its Kademlia requests.
-    let honest_key = RecordKey::new(&format!("/ollamacron/node/{}", honest.peer_id()));
-    eventually(
-        "the rogue reads the honest record from the holder",
-        || async { (!rogue.get(honest_key.clone()).await.ok()?.is_empty()).then_some(()) },
-    )
-    .await
-    .unwrap();
+    let (holder, holder_addr, honest) = holder_with_an_honest_peer(&[]).await;
+    let rogue = rogue_reading_from(&holder_addr, &honest).await;
     let mut events = holder.subscribe();
     let garbage = |i: usize| Record {
         key: RecordKey::new(&format!("/ollamacron/node/{}", libp2p::PeerId::random())),
@@ -254,7 +209,7 @@ async fn a_peer_putting_invalid_records_is_banned_and_the_node_keeps_serving() {
     );
     // The honest peer is still connected and served.
     assert!(connected(&holder).await.contains(&honest.peer_id()));
-    found(&holder)
+    finds_the_honest_service(&holder)
         .await
         .expect("the honest service is still found");
     honest.shutdown().await.unwrap();
@@ -276,59 +231,14 @@ async fn connected(
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn records_of_many_fake_identities_do_not_evict_a_connected_peers_record() {
     use libp2p::kad::{Record, RecordKey};
-    use ollamacron_node_core::PROTOCOL_VERSION;
     use ollamacron_service_registry::{NodeRecord, RECORD_VERSION, RecordLimits, sign_record};
-    use ollamacron_tests::kad_peer::KadPeer;
 
     const MAX_RECORDS: usize = 16;
     const IDENTITIES: usize = 200;
     let max_records = MAX_RECORDS.to_string();
-    let holder = start(loopback_config(
-        TCP_ONLY,
-        &[
-            ("enable_metrics", "true"),
-            ("dht_mode", "server"),
-            ("dht_max_records", max_records.as_str()),
-        ],
-    ))
-    .await
-    .unwrap();
-    let holder_addr = holder.dialable_addrs().await.unwrap().remove(0);
-    let honest = start(loopback_config(
-        TCP_ONLY,
-        &[("bootstrap", holder_addr.to_string().as_str())],
-    ))
-    .await
-    .unwrap();
-    honest
-        .register_service(ServiceInfo {
-            id: "llama3:8b".to_owned(),
-            name: "llama3:8b".to_owned(),
-            service_type: "llm".to_owned(),
-            ..ServiceInfo::default()
-        })
-        .await
-        .unwrap();
-    let llm = ServiceQuery {
-        service_type: Some("llm".to_owned()),
-        ..ServiceQuery::default()
-    };
-    let finds_honest = || {
-        let (holder, llm) = (holder.clone(), llm.clone());
-        async move { (holder.find_services(llm).await.ok()?.len() == 1).then_some(()) }
-    };
-    eventually("the honest service at the holder", finds_honest)
-        .await
-        .unwrap();
-
-    let rogue = KadPeer::start(PROTOCOL_VERSION).await.unwrap();
-    rogue.dial(holder_addr).await.unwrap();
-    let honest_key = RecordKey::new(&format!("/ollamacron/node/{}", honest.peer_id()));
-    eventually("the holder answering the rogue", || async {
-        (!rogue.get(honest_key.clone()).await.ok()?.is_empty()).then_some(())
-    })
-    .await
-    .unwrap();
+    let (holder, holder_addr, honest) =
+        holder_with_an_honest_peer(&[("dht_max_records", max_records.as_str())]).await;
+    let rogue = rogue_reading_from(&holder_addr, &honest).await;
     let now_ms = u64::try_from(
         std::time::SystemTime::now()
             .duration_since(std::time::UNIX_EPOCH)
@@ -401,9 +311,75 @@ async fn records_of_many_fake_identities_do_not_evict_a_connected_peers_record()
         status.connections.banned_total, 0,
         "valid records never ban"
     );
-    finds_honest()
+    finds_the_honest_service(&holder)
         .await
         .expect("the connected peer's record was pushed out by junk");
     honest.shutdown().await.unwrap();
     holder.shutdown().await.unwrap();
+}
+
+/// A node taking puts (a DHT server from the start: on loopback it would
+/// be a client until it learns it is reachable), with metrics and `extra`
+/// settings, and an honest peer connected to it whose `llama3:8b` it finds.
+async fn holder_with_an_honest_peer(
+    extra: &[(&str, &str)],
+) -> (
+    ollamacron_node_core::NodeHandle,
+    ollamacron_node_core::libp2p::Multiaddr,
+    ollamacron_node_core::NodeHandle,
+) {
+    let mut settings = vec![("enable_metrics", "true"), ("dht_mode", "server")];
+    settings.extend_from_slice(extra);
+    let holder = start(loopback_config(TCP_ONLY, &settings)).await.unwrap();
+    let holder_addr = holder.dialable_addrs().await.unwrap().remove(0);
+    let honest = start(loopback_config(
+        TCP_ONLY,
+        &[("bootstrap", holder_addr.to_string().as_str())],
+    ))
+    .await
+    .unwrap();
+    honest
+        .register_service(ServiceInfo {
+            id: "llama3:8b".to_owned(),
+            name: "llama3:8b".to_owned(),
+            service_type: "llm".to_owned(),
+            ..ServiceInfo::default()
+        })
+        .await
+        .unwrap();
+    eventually("the honest peer's service at the holder", || {
+        finds_the_honest_service(&holder)
+    })
+    .await
+    .unwrap();
+    (holder, holder_addr, honest)
+}
+
+/// `Some` when `node` finds exactly one `llm` service (the honest peer's).
+async fn finds_the_honest_service(node: &ollamacron_node_core::NodeHandle) -> Option<()> {
+    let query = ServiceQuery {
+        service_type: Some("llm".to_owned()),
+        ..ServiceQuery::default()
+    };
+    (node.find_services(query).await.ok()?.len() == 1).then_some(())
+}
+
+/// A plain Kademlia peer connected to the holder at `holder_addr`, once the
+/// holder answers its requests (it reads `honest`'s record from it).
+async fn rogue_reading_from(
+    holder_addr: &ollamacron_node_core::libp2p::Multiaddr,
+    honest: &ollamacron_node_core::NodeHandle,
+) -> ollamacron_tests::kad_peer::KadPeer {
+    let rogue = ollamacron_tests::kad_peer::KadPeer::start(ollamacron_node_core::PROTOCOL_VERSION)
+        .await
+        .unwrap();
+    rogue.dial(holder_addr.clone()).await.unwrap();
+    let key = libp2p::kad::RecordKey::new(&format!("/ollamacron/node/{}", honest.peer_id()));
+    eventually(
+        "the rogue reads the honest record from the holder",
+        || async { (!rogue.get(key.clone()).await.ok()?.is_empty()).then_some(()) },
+    )
+    .await
+    .unwrap();
+    rogue
 }

@@ -238,6 +238,32 @@ fn ensure_debian_packages() -> anyhow::Result<()> {
     quiet(&install)
 }
 
+/// Build example `example` of `package` with the release profile; its
+/// path.
+pub(crate) fn build_release_example(
+    package: &str,
+    example: &str,
+) -> anyhow::Result<std::path::PathBuf> {
+    let mut command = cargo();
+    command.args([
+        "build",
+        "--release",
+        "--locked",
+        "--package",
+        package,
+        "--example",
+        example,
+    ]);
+    if !run_step(example, &mut command) {
+        bail!("building example {example} of {package} failed");
+    }
+    let program = target_dir().join("release").join("examples").join(example);
+    if !program.exists() {
+        bail!("no example program at {}", program.display());
+    }
+    Ok(program)
+}
+
 fn ensure_cargo_deny() -> anyhow::Result<()> {
     ensure_cargo_tool("deny")
 }

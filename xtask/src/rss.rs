@@ -667,27 +667,7 @@ pub(crate) fn rss(args: &RssArgs) -> anyhow::Result<()> {
 
 /// Build `xtask/examples/bare_kad.rs` with the release profile; its path.
 fn build_bare() -> anyhow::Result<PathBuf> {
-    let mut command = crate::cargo();
-    command.args([
-        "build",
-        "--release",
-        "--locked",
-        "--package",
-        "xtask",
-        "--example",
-        "bare_kad",
-    ]);
-    if !crate::run_step("build bare Kademlia node", &mut command) {
-        bail!("building the bare Kademlia example failed");
-    }
-    let binary = crate::target_dir()
-        .join("release")
-        .join("examples")
-        .join("bare_kad");
-    if !binary.exists() {
-        bail!("no binary at {}", binary.display());
-    }
-    Ok(binary)
+    crate::build_release_example("xtask", "bare_kad")
 }
 
 /// Every variant, `repeat` times, interleaved; the samples by variant.

@@ -137,27 +137,7 @@ impl Drop for Soak {
 
 /// Build the stand-in Ollamas' program (release).
 fn build_stand_ins() -> anyhow::Result<PathBuf> {
-    let mut command = crate::cargo();
-    command.args([
-        "build",
-        "--release",
-        "--locked",
-        "--package",
-        "ollamacron-tests",
-        "--example",
-        "standin_ollama",
-    ]);
-    if !crate::run_step("build the stand-in Ollamas", &mut command) {
-        bail!("building the stand-in Ollamas failed");
-    }
-    let program = crate::target_dir()
-        .join("release")
-        .join("examples")
-        .join("standin_ollama");
-    if !program.exists() {
-        bail!("no stand-in program at {}", program.display());
-    }
-    Ok(program)
+    crate::build_release_example("ollamacron-tests", "standin_ollama")
 }
 
 /// Start `count` stand-in Ollamas in one process: it and their addresses.
