@@ -145,3 +145,119 @@ async fn both_versions_are_served_and_bad_bodies_get_an_answer() {
     let mut rest = Vec::new();
     let _ = tokio::time::timeout(EVENT_TIMEOUT, wrong.read_to_end(&mut rest)).await;
 }
+
+/// A full chat over 2.0.0 on a new stream from `from` to `to`: its status.
+async fn chat_status(from: &Member, to: &Member) -> u16 {
+    let mut stream = open(from, to, INFER_PROTOCOL).await;
+    send_head(&mut stream, CHAT.len() as u64).await;
+    write_frame(&mut stream, FrameKind::Data, CHAT.as_bytes())
+        .await
+        .unwrap();
+    write_frame(&mut stream, FrameKind::End, &[]).await.unwrap();
+    answer(&mut stream).await.0.status
+}
+
+/// Hostile load on the inference protocol: a peer opening streams in a
+/// loop and holding them (a head, then no body) gets its per-peer share
+/// and a 429 for every stream beyond it, at once; frames that claim more
+/// than the frame limit, or end before their length, get an answer or a
+/// closed stream, never an allocation of what they claim; and meanwhile
+/// another peer is served. Counts, not times.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn streams_in_a_loop_and_bad_frames_leave_the_node_serving_others() {
+    const PER_PEER: usize = 4;
+    const STREAMS: usize = 100;
+    const HELD_WAIT: std::time::Duration = std::time::Duration::from_secs(5);
+    let serving = member_with(
+        models(&["llama3:8b"]),
+        None,
+        ServeLimits {
+            total: 16,
+            per_peer: PER_PEER,
+            max_request_bytes: 1024 * 1024,
+        },
+    )
+    .await;
+    let addr = serving.bootstrap_addr().await;
+    let hostile = member(&[], Some(&addr)).await;
+    let honest = member(&[], Some(&addr)).await;
+    sees(&hostile.node, &["llama3:8b"]).await;
+    sees(&honest.node, &["llama3:8b"]).await;
+
+    let mut streams = Vec::new();
+    let head = serde_json::to_vec(&InferRequestHead {
+        path: "/api/chat".into(),
+        body_bytes: CHAT.len() as u64,
+    })
+    .unwrap();
+    while streams.len() < STREAMS {
+        let mut stream = open(&hostile, &serving, INFER_PROTOCOL).await;
+        // A stream on a duplicate connection the tie-break just closed
+        // fails at once; open another.
+        if write_frame(&mut stream, FrameKind::RequestHead, &head)
+            .await
+            .is_ok()
+        {
+            streams.push(stream);
+        }
+    }
+    // A refused stream is answered at once; a held one waits for its body
+    // (for up to the node's 10 s request read timeout, twice this).
+    let first_frames = futures::future::join_all(streams.into_iter().map(|mut stream| async {
+        let first = tokio::time::timeout(HELD_WAIT, read_frame(&mut stream)).await;
+        (first, stream)
+    }))
+    .await;
+    let mut held = Vec::new();
+    let mut refused = 0;
+    for (first, stream) in first_frames {
+        match first {
+            Ok(Ok((FrameKind::Head, head))) => {
+                let head: InferHead = decode("head", &head).unwrap();
+                assert_eq!(head.status, 429);
+                refused += 1;
+            }
+            Ok(other) => panic!("unexpected {other:?}"),
+            Err(_) => held.push(stream),
+        }
+    }
+    assert_eq!(held.len(), PER_PEER, "the hostile peer's share is held");
+    assert_eq!(refused, STREAMS - PER_PEER);
+    // The other peer is served while the hostile one holds its share.
+    assert_eq!(chat_status(&honest, &serving).await, 200);
+
+    // A frame claiming 4 GiB: refused by its header, nothing allocated.
+    let mut huge = open(&honest, &serving, INFER_PROTOCOL).await;
+    huge.write_all(&[6, 0xFF, 0xFF, 0xFF, 0xFF]).await.unwrap();
+    huge.flush().await.unwrap();
+    let mut rest = Vec::new();
+    tokio::time::timeout(EVENT_TIMEOUT, huge.read_to_end(&mut rest))
+        .await
+        .expect("the node hangs on an oversized frame")
+        .ok();
+    // A frame that ends before its length: the node gives up on it.
+    let mut truncated = open(&honest, &serving, INFER_PROTOCOL).await;
+    truncated.write_all(&[6, 0, 0, 0, 100]).await.unwrap();
+    truncated.write_all(b"{\"path\"").await.unwrap();
+    truncated.close().await.unwrap();
+    let mut rest = Vec::new();
+    tokio::time::timeout(EVENT_TIMEOUT, truncated.read_to_end(&mut rest))
+        .await
+        .expect("the node hangs on a truncated frame")
+        .ok();
+    // Still serving: the honest peer, and the hostile one once it lets go.
+    assert_eq!(chat_status(&honest, &serving).await, 200);
+    drop(held);
+    let status = tokio::time::timeout(EVENT_TIMEOUT, async {
+        loop {
+            let status = chat_status(&hostile, &serving).await;
+            if status != 429 {
+                break status;
+            }
+            tokio::time::sleep(ollamacron_tests::POLL_INTERVAL).await;
+        }
+    })
+    .await
+    .expect("the hostile peer's slots never came back");
+    assert_eq!(status, 200);
+}
