@@ -8,6 +8,7 @@ pub mod kad_peer;
 pub mod ollama_standin;
 pub mod pool;
 pub mod probe;
+pub mod python;
 
 use std::time::Duration;
 
