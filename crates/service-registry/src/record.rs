@@ -465,22 +465,26 @@ pub enum RejectReason {
 impl RejectReason {
     /// Whether the bytes are invalid for every node, whatever its clock,
     /// its limits or what it holds (malformed, a bad signature or signer, a
-    /// lifetime or page outside the fixed ranges, a service twice): no
+    /// service twice): no
     /// honest node passes such a record on, since each verifies a record
     /// before it stores or forwards it, so the peer that handed it over is
     /// misbehaving. A record that is expired, from the future, stale, over a
-    /// size limit or of another version may come from an honest node whose
-    /// clock, configuration or version differs from ours.
+    /// size limit, of another version, with a lifetime outside ours or a page
+    /// that conflicts with one we hold may come from an honest node whose
+    /// clock, configuration, version or view differs from ours.
     #[must_use]
     pub fn proves_misbehaviour(&self) -> bool {
         match self {
             Self::Malformed(_)
             | Self::BadSignature
             | Self::WrongSigner { .. }
+            | Self::DuplicateService(_) => true,
+            // A page may conflict with what we hold rather than be bad in
+            // itself, and the lifetime range may be widened by a later
+            // version.
+            Self::BadPage { .. }
             | Self::BadTtl { .. }
-            | Self::DuplicateService(_)
-            | Self::BadPage { .. } => true,
-            Self::TooLarge { .. }
+            | Self::TooLarge { .. }
             | Self::UnsupportedVersion(_)
             | Self::Expired { .. }
             | Self::StaleSequence { .. }

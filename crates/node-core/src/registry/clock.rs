@@ -10,7 +10,8 @@
 //!
 //! A sample is *fresh* when its record came straight from its author (a
 //! put, a sync or a gossip message from the owner: at most one refresh
-//! interval old) or is a newer sequence than one seen within the window;
+//! interval old; a third node could replay old records of a node that left,
+//! newer than those we saw, to pass them off as records of a slow clock);
 //! while none of a peer's samples is fresh (every record of it came through
 //! a third node and may be old), its records are judged by no slower a
 //! clock than the mesh's median, so that an old record is not taken for
@@ -200,9 +201,9 @@ impl PeerClocks {
         // A newer record pushed by its author was pushed as it was signed:
         // its sample is the offset to within a round trip.
         let precise = delivery == Delivery::Pushed && newer_sequence;
-        clock
-            .current
-            .add(sample_ms, direct || newer_sequence, precise);
+        // Only the author hands its records over moments after it signed
+        // them: a third node may replay old ones, newer than those we saw.
+        clock.current.add(sample_ms, direct, precise);
         let offset_ms = self.offset_of(&owner).unwrap_or(sample_ms);
         self.log_peer(owner, offset_ms);
         offset_ms
@@ -405,12 +406,21 @@ mod tests {
         let old = PeerId::random();
         let offset = clocks.observe(old, &record(1, NOW - 600_000), NOW, Delivery::Passed);
         assert!(offset.abs() < 10, "judged by the mesh's clock: {offset}");
-        // Its next sequence, moments old, is fresh: its clock is slow after all.
+        // Its next sequence, replayed by a third node: still judged by the
+        // mesh's clock (it may be as old, from a node that left).
         let offset = clocks.observe(
             old,
             &record(2, NOW - 590_000),
             NOW + 10_000,
             Delivery::Passed,
+        );
+        assert!(offset.abs() < 10, "a replay is no fresh sample: {offset}");
+        // Straight from its author, it is: its clock is slow after all.
+        let offset = clocks.observe(
+            old,
+            &record(3, NOW - 580_000),
+            NOW + 20_000,
+            Delivery::Pushed,
         );
         assert_eq!(offset, -600_000);
     }

@@ -391,12 +391,12 @@ impl Behaviour {
             .collect()
     }
 
-    /// Services ours and of the verified records we hold.
     /// How far our clock is from our peers'.
     pub(crate) fn clock_status(&self) -> super::ClockStatus {
         self.clocks.status()
     }
 
+    /// Services ours and of the verified records we hold.
     pub(crate) fn service_counts(&self) -> ServiceCounts {
         ServiceCounts {
             local: self.local.len(),

@@ -458,7 +458,8 @@ impl Behaviour {
         let Some(peer) = self.random_sync_peer() else {
             return;
         };
-        let held = self.held_records();
+        let mut held = self.held_records();
+        held.extend(self.evicted_records().take(MAX_DIGEST_ENTRIES));
         let filter = RecordFilter::of(
             held.iter()
                 .map(|r| (r.owner.as_slice(), r.page, r.sequence)),
@@ -527,26 +528,30 @@ impl Behaviour {
     }
 
     /// What we hold, as a pull lists it: our record and every unexpired
-    /// record of the cache, and the records the cache evicted to make room
-    /// (so that neighbours do not send them again).
+    /// record of the cache.
     fn held_records(&self) -> Vec<RecordRef> {
-        let evicted = self.cache.evicted().flat_map(|(owner, sequence, pages)| {
-            let owner = owner.to_bytes();
-            (0..pages.max(1)).map(move |page| RecordRef {
-                owner: owner.clone(),
-                page,
-                sequence,
-            })
-        });
         self.held_pages()
             .map(|(owner, page, sequence, _)| RecordRef {
                 owner: owner.to_bytes(),
                 page,
                 sequence,
             })
-            .chain(evicted)
             .take(MAX_DIGEST_ENTRIES)
             .collect()
+    }
+
+    /// The records the cache evicted to make room: in a catch-up's filter
+    /// (so that the neighbour does not send them again), never in a pull's
+    /// list (which would tell the neighbour we hold what we cannot serve).
+    fn evicted_records(&self) -> impl Iterator<Item = RecordRef> + '_ {
+        self.cache.evicted().flat_map(|(owner, sequence, pages)| {
+            let owner = owner.to_bytes();
+            (0..pages.max(1)).map(move |page| RecordRef {
+                owner: owner.clone(),
+                page,
+                sequence,
+            })
+        })
     }
 
     /// The records we hold, ours included, that `theirs` lacks or has

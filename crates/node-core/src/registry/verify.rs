@@ -237,11 +237,13 @@ impl Behaviour {
             } => {
                 let acceptance = match message.source {
                     Some(author) => {
+                        // Handed over by the propagation source: straight
+                        // from its author only when that is the author.
                         match self.accept_record(
                             author,
                             &message.data,
                             RecordVia::Gossip,
-                            Some(author),
+                            Some(*propagation_source),
                             None,
                         ) {
                             Ok(Accepted::Stored { .. }) => MessageAcceptance::Accept,
