@@ -11,7 +11,10 @@ use std::net::SocketAddr;
 
 use ollamacron_node_core::libp2p::multiaddr::Protocol;
 use ollamacron_node_core::registry::{ServiceInfo, ServiceQuery};
-use ollamacron_tests::{TCP_ONLY, eventually, loopback_config, start};
+use ollamacron_tests::{TCP_ONLY, eventually, loopback_config, metric_value, start};
+
+/// The malformed records the holder refused from puts, in its metrics.
+const MALFORMED_PUTS: &str = "ollamacron_records_rejected_total{reason=\"malformed\",via=\"put\"} ";
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpStream;
 
@@ -143,9 +146,7 @@ async fn a_peer_putting_invalid_records_is_banned_and_the_node_keeps_serving() {
         rogue.put_to(garbage(i), holder.peer_id()).await.unwrap();
     }
     eventually("seven rejections counted", || async {
-        let text = holder.metrics_text();
-        text.contains("ollamacron_records_rejected_total{reason=\"malformed\",via=\"put\"} 7")
-            .then_some(())
+        (metric_value(&holder, MALFORMED_PUTS) == 7.0).then_some(())
     })
     .await
     .unwrap();
@@ -185,13 +186,7 @@ async fn a_peer_putting_invalid_records_is_banned_and_the_node_keeps_serving() {
         );
         assert!(!connected(&holder).await.contains(&rogue.peer_id()));
     }
-    assert!(
-        holder
-            .metrics_text()
-            .contains("ollamacron_records_rejected_total{reason=\"malformed\",via=\"put\"} 8"),
-        "{}",
-        holder.metrics_text()
-    );
+    assert_eq!(metric_value(&holder, MALFORMED_PUTS), 8.0);
     let status = holder.status().await.unwrap();
     assert_eq!(
         (
@@ -200,13 +195,7 @@ async fn a_peer_putting_invalid_records_is_banned_and_the_node_keeps_serving() {
         ),
         (1, 1)
     );
-    assert!(
-        holder
-            .metrics_text()
-            .contains("ollamacron_peers_banned_total 1"),
-        "{}",
-        holder.metrics_text()
-    );
+    assert_eq!(metric_value(&holder, "ollamacron_peers_banned_total "), 1.0);
     // The honest peer is still connected and served.
     assert!(connected(&holder).await.contains(&honest.peer_id()));
     finds_the_honest_service(&holder)
@@ -278,27 +267,19 @@ async fn records_of_many_fake_identities_do_not_evict_a_connected_peers_record()
         rogue.put_to(put, holder.peer_id()).await.unwrap();
     }
     // Every one was verified and taken (the cache was full many times over).
+    let identities = f64::from(u32::try_from(IDENTITIES).unwrap());
     let accepted = eventually("the fake records taken", || async {
-        let text = holder.metrics_text();
-        let taken: u64 = text
-            .lines()
-            .find_map(|l| l.strip_prefix("ollamacron_records_accepted_total{via=\"put\"} "))
-            .and_then(|v| v.trim().parse().ok())?;
-        (taken >= u64::try_from(IDENTITIES).unwrap()).then_some(taken)
+        let taken = metric_value(&holder, "ollamacron_records_accepted_total{via=\"put\"} ");
+        (taken >= identities).then_some(taken)
     })
     .await
     .unwrap();
-    assert!(accepted >= u64::try_from(IDENTITIES).unwrap());
+    assert!(accepted >= identities);
     // And records it evicted were not taken again from its neighbour over
     // and over (before it remembered them: thousands).
-    let synced: u64 = holder
-        .metrics_text()
-        .lines()
-        .find_map(|l| l.strip_prefix("ollamacron_records_accepted_total{via=\"sync\"} "))
-        .and_then(|v| v.trim().parse().ok())
-        .unwrap_or(0);
+    let synced = metric_value(&holder, "ollamacron_records_accepted_total{via=\"sync\"} ");
     assert!(
-        synced <= u64::try_from(IDENTITIES).unwrap(),
+        synced <= identities,
         "{synced} records taken again through sync"
     );
     let status = holder.status().await.unwrap();

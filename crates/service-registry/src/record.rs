@@ -800,10 +800,9 @@ pub(crate) fn verify_with(
             signer: signer.to_string(),
         });
     }
-    let max_offset_ms = i64::try_from(millis(MAX_CLOCK_OFFSET)).unwrap_or(i64::MAX);
-    let offset_ms = author_offset_ms(&record).clamp(-max_offset_ms, max_offset_ms);
+    let offset_ms = clamp_clock_offset(author_offset_ms(&record));
     // Now by the author's clock, as estimated.
-    let author_now = shift(now_ms, offset_ms);
+    let author_now = now_ms.saturating_add_signed(offset_ms);
     let skew_ms = millis(MAX_CLOCK_SKEW);
     if record.issued_at > author_now.saturating_add(skew_ms) {
         return Err(RejectReason::FromTheFuture {
@@ -823,22 +822,21 @@ pub(crate) fn verify_with(
     let mut record = record;
     if offset_ms != 0 {
         let to_ours = offset_ms.saturating_neg();
-        record.issued_at = shift(record.issued_at, to_ours);
-        record.expires_at = shift(record.expires_at, to_ours);
+        record.issued_at = record.issued_at.saturating_add_signed(to_ours);
+        record.expires_at = record.expires_at.saturating_add_signed(to_ours);
         for service in &mut record.services {
-            service.expires_at = shift(service.expires_at, to_ours);
+            service.expires_at = service.expires_at.saturating_add_signed(to_ours);
         }
     }
     Ok(record)
 }
 
-/// Unix milliseconds `at` moved by `offset_ms` (saturating).
-fn shift(at: u64, offset_ms: i64) -> u64 {
-    if offset_ms >= 0 {
-        at.saturating_add(offset_ms.unsigned_abs())
-    } else {
-        at.saturating_sub(offset_ms.unsigned_abs())
-    }
+/// `offset_ms` (an author's clock minus ours) bounded to
+/// [`MAX_CLOCK_OFFSET`] either way, as a record is judged by it.
+#[must_use]
+pub fn clamp_clock_offset(offset_ms: i64) -> i64 {
+    let max_ms = i64::try_from(millis(MAX_CLOCK_OFFSET)).unwrap_or(i64::MAX);
+    offset_ms.clamp(-max_ms, max_ms)
 }
 
 /// The record in `payload`, by its first byte (the version, a postcard `u8`).

@@ -214,14 +214,8 @@ impl PeerClocks {
     ///
     /// [`MAX_CLOCK_OFFSET`]: ollamacron_service_registry::MAX_CLOCK_OFFSET
     pub(super) fn author_now(&self, peer: &PeerId, now_ms: u64) -> u64 {
-        let max_ms = i64::try_from(ollamacron_service_registry::MAX_CLOCK_OFFSET.as_millis())
-            .unwrap_or(i64::MAX);
-        let offset_ms = self.offset_of(peer).unwrap_or(0).clamp(-max_ms, max_ms);
-        if offset_ms >= 0 {
-            now_ms.saturating_add(offset_ms.unsigned_abs())
-        } else {
-            now_ms.saturating_sub(offset_ms.unsigned_abs())
-        }
+        let offset_ms = self.offset_of(peer).unwrap_or(0);
+        now_ms.saturating_add_signed(ollamacron_service_registry::clamp_clock_offset(offset_ms))
     }
 
     /// The offset `peer`'s records are judged by: its largest sample, and

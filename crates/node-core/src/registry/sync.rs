@@ -39,7 +39,7 @@ use rand::seq::SliceRandom;
 use serde::{Deserialize, Serialize};
 
 use super::clock::Delivery;
-use super::{Behaviour, Event, unix_ms};
+use super::{Behaviour, unix_ms};
 use crate::event::RecordVia;
 use ollamacron_service_registry::RejectReason;
 
@@ -599,12 +599,7 @@ impl Behaviour {
     fn take_synced(&mut self, from: PeerId, record: &SyncedRecord, pushed: bool) {
         let Some(owner) = peer_of(&record.owner) else {
             let reason = RejectReason::Malformed("the owner is not a peer id".to_owned());
-            self.emit(Event::Rejected {
-                peer: Some(from),
-                via: RecordVia::Sync,
-                reason: reason.clone(),
-            });
-            self.count_invalid(Some(from), &reason);
+            self.reject(Some(from), RecordVia::Sync, reason);
             return;
         };
         if self

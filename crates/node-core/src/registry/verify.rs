@@ -122,12 +122,7 @@ impl Behaviour {
             Ok(Accepted::Unchanged) => {}
             Err(reason) => {
                 tracing::debug!(peer = ?from, %owner, via = via.as_str(), %reason, "record rejected");
-                self.emit(Event::Rejected {
-                    peer: from,
-                    via,
-                    reason: reason.clone(),
-                });
-                self.count_invalid(from, reason);
+                self.reject(from, via, reason.clone());
             }
         }
         result
@@ -166,12 +161,7 @@ impl Behaviour {
                 String::from_utf8_lossy(record.key.as_ref())
             ));
             tracing::debug!(peer = %source, %reason, "record rejected");
-            self.emit(Event::Rejected {
-                peer: Some(source),
-                via: RecordVia::Put,
-                reason: reason.clone(),
-            });
-            self.count_invalid(Some(source), &reason);
+            self.reject(Some(source), RecordVia::Put, reason);
             return;
         };
         if owner == self.local_peer {
@@ -277,17 +267,23 @@ impl Behaviour {
         }
     }
 
-    /// A record `from` handed us was refused for `reason`: towards its ban
-    /// when no honest node would have passed it on.
-    pub(super) fn count_invalid(&mut self, from: Option<PeerId>, reason: &RejectReason) {
-        let Some(peer) = from.filter(|p| *p != self.local_peer) else {
-            return;
-        };
-        if let Some(invalid_records) = self.invalid.count(peer, reason) {
+    /// A record `from` handed us via `via` was refused for `reason`: tell
+    /// subscribers (and metrics), and count it towards `from`'s ban when no
+    /// honest node would have passed it on.
+    pub(super) fn reject(&mut self, from: Option<PeerId>, via: RecordVia, reason: RejectReason) {
+        let counted = from
+            .filter(|p| *p != self.local_peer)
+            .and_then(|peer| Some((peer, self.invalid.count(peer, &reason)?)));
+        self.emit(Event::Rejected {
+            peer: from,
+            via,
+            reason: reason.clone(),
+        });
+        if let Some((peer, invalid_records)) = counted {
             self.emit(Event::Misbehaving {
                 peer,
                 invalid_records,
-                reason: reason.clone(),
+                reason,
             });
         }
     }
