@@ -7,7 +7,7 @@ use std::path::PathBuf;
 use anyhow::Context;
 use clap::{Args, Subcommand};
 use ollamacron_node_core::registry::{LocalService, RankedService, ServiceInfo, ServiceStatus};
-use ollamacron_node_core::{HttpServerStatus, NodeStatus, PeerInfo};
+use ollamacron_node_core::{HttpServerStatus, MeshModel, ModelNode, NodeStatus, PeerInfo};
 use serde_json::Value;
 
 use crate::client::{ApiClient, ParseError, read_json};
@@ -397,6 +397,83 @@ pub(crate) async fn peers(api: &ApiClient, output: OutputArgs) -> anyhow::Result
         &rows,
     );
     Ok(())
+}
+
+pub(crate) async fn models(api: &ApiClient, output: OutputArgs) -> anyhow::Result<()> {
+    let answer = api.send("GET", "/v1/models", None).await?;
+    if output.json {
+        return print_json(&answer.json()?);
+    }
+    let models: Vec<MeshModel> =
+        answer.parse("a list of models", |json| serde_json::from_slice(json))?;
+    if models.is_empty() {
+        #[allow(clippy::print_stdout)]
+        {
+            println!(
+                "no models in the mesh yet (is an Ollama running beside a node? see `ollamacron-node status`)"
+            );
+        }
+        return Ok(());
+    }
+    let rows: Vec<Vec<String>> = models
+        .iter()
+        .flat_map(|m| m.nodes.iter().map(move |n| model_row(m, n)))
+        .collect();
+    print_table(
+        &[
+            "NAME", "NODE", "STATE", "LOAD", "STATUS", "VIA", "LATENCY", "SIZE",
+        ],
+        &rows,
+    );
+    Ok(())
+}
+
+/// One row of `models`: a model on one node.
+fn model_row(model: &MeshModel, node: &ModelNode) -> Vec<String> {
+    let state = match node.loaded {
+        Some(true) => "loaded",
+        Some(false) => "cold",
+        None => "-",
+    };
+    let load = match (node.in_flight, node.max_concurrent) {
+        (Some(now), Some(max)) => format!("{now}/{max}"),
+        (Some(now), None) => now.to_string(),
+        (None, _) => "-".to_owned(),
+    };
+    let node_name = if node.local {
+        format!("{} (this node)", short_peer(&node.peer_id))
+    } else {
+        short_peer(&node.peer_id)
+    };
+    vec![
+        model.name.clone(),
+        node_name,
+        state.to_owned(),
+        load,
+        service_status(node.status).to_owned(),
+        node.connection
+            .map_or_else(|| "local".to_owned(), |c| c.to_string()),
+        node.latency_ms
+            .map_or_else(|| "-".to_owned(), |ms| format!("{ms:.1} ms")),
+        node.size_bytes.map_or_else(|| "-".to_owned(), human_bytes),
+    ]
+}
+
+/// `4.7 GB`, as `ollama ls` writes sizes (powers of 1000).
+fn human_bytes(bytes: u64) -> String {
+    const UNITS: [&str; 5] = ["B", "KB", "MB", "GB", "TB"];
+    #[allow(clippy::cast_precision_loss)] // shown to one decimal
+    let mut value = bytes as f64;
+    let mut unit = 0;
+    while value >= 1000.0 && unit + 1 < UNITS.len() {
+        value /= 1000.0;
+        unit += 1;
+    }
+    if unit == 0 {
+        format!("{bytes} B")
+    } else {
+        format!("{value:.1} {}", UNITS[unit])
+    }
 }
 
 pub(crate) async fn services(api: &ApiClient, command: ServicesCommand) -> anyhow::Result<()> {

@@ -86,6 +86,15 @@ enum Command {
         #[command(flatten)]
         output: commands::OutputArgs,
     },
+    /// Every model of the mesh: the nodes serving it, loaded or cold,
+    /// their load and how this node reaches them (`ollama ps` for the
+    /// whole pool).
+    Models {
+        #[command(flatten)]
+        config: ConfigArgs,
+        #[command(flatten)]
+        output: commands::OutputArgs,
+    },
     /// Find, register, unregister and list services on the running node.
     Services {
         #[command(subcommand)]
@@ -235,6 +244,13 @@ fn main() -> ExitCode {
             ask(
                 &config,
                 |api| async move { commands::peers(&api, output).await },
+            ),
+            EXIT_FAILURE,
+        ),
+        Command::Models { config, output } => report(
+            ask(
+                &config,
+                |api| async move { commands::models(&api, output).await },
             ),
             EXIT_FAILURE,
         ),

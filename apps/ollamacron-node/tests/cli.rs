@@ -466,6 +466,104 @@ fn a_service_registered_through_the_cli_is_found_from_another_node() {
 }
 
 #[test]
+fn models_lists_every_model_of_the_mesh_with_the_nodes_serving_it() {
+    let (dir_a, dir_b) = (tempfile::tempdir().unwrap(), tempfile::tempdir().unwrap());
+    let (api_a, api_b) = (
+        format!("127.0.0.1:{}", free_port()),
+        format!("127.0.0.1:{}", free_port()),
+    );
+    let a = spawn_run(dir_a.path(), &["--api-listen", &api_a]);
+    let a_addr = listening_addr(&a);
+    a.wait_for_line("node running");
+    let b = spawn_run(
+        dir_b.path(),
+        &["--api-listen", &api_b, "--bootstrap", &a_addr],
+    );
+    b.wait_for_line("node running");
+    let lone = node(&["models", "--api-listen", &api_b], dir_b.path());
+    assert!(lone.status.success(), "{}", text(&lone.stderr));
+    assert!(
+        text(&lone.stdout).starts_with("no models in the mesh yet"),
+        "{}",
+        text(&lone.stdout)
+    );
+
+    // A warm model on A, the same model cold on B, and an embedding model
+    // on B; a service that is no model is left out.
+    let register = |api: &str, dir: &Path, yaml: &str| {
+        let file = dir.join("service.yaml");
+        std::fs::write(&file, yaml).unwrap();
+        let out = node(
+            &["services", "register", file.to_str().unwrap(), "--api-listen", api],
+            dir,
+        );
+        assert!(out.status.success(), "{}", text(&out.stderr));
+    };
+    register(
+        &api_a,
+        dir_a.path(),
+        "name: llama3:8b\ntype: llm\nversion: sha256-aa\nmetadata: {loaded: 'true', in_flight: '3', max_concurrent: '8', size_bytes: '4661224676'}\n",
+    );
+    register(
+        &api_b,
+        dir_b.path(),
+        "name: llama3:8b\ntype: llm\nmetadata: {loaded: 'false', in_flight: '0', max_concurrent: '4'}\n",
+    );
+    register(
+        &api_b,
+        dir_b.path(),
+        "name: nomic-embed-text\ntype: embedding\n",
+    );
+    register(&api_b, dir_b.path(), "name: a-translator\ntype: translation\n");
+
+    let a_id = a_addr.rsplit('/').next().unwrap().to_owned();
+    let deadline = std::time::Instant::now() + LINE_TIMEOUT;
+    let models = loop {
+        let out = node(&["models", "--json", "--api-listen", &api_b], dir_b.path());
+        assert!(out.status.success(), "{}", text(&out.stderr));
+        let models: Vec<serde_json::Value> = serde_json::from_slice(&out.stdout).unwrap();
+        let llama_nodes = models
+            .iter()
+            .find(|m| m["name"] == "llama3:8b")
+            .map_or(0, |m| m["nodes"].as_array().unwrap().len());
+        if llama_nodes == 2 || std::time::Instant::now() > deadline {
+            break models;
+        }
+        std::thread::sleep(Duration::from_millis(100));
+    };
+    let names: Vec<&str> = models.iter().map(|m| m["name"].as_str().unwrap()).collect();
+    assert_eq!(names, ["llama3:8b", "nomic-embed-text:latest"], "{models:?}");
+    let llama = &models[0];
+    assert_eq!(llama["type"], "llm");
+    assert_eq!(llama["loaded_on"], 1);
+    assert_eq!(llama["in_flight"], 3);
+    // The warm node first: A, reached directly; then B itself, cold.
+    assert_eq!(llama["nodes"][0]["peer_id"], a_id.as_str());
+    assert_eq!(llama["nodes"][0]["loaded"], true);
+    assert_eq!(llama["nodes"][0]["connection"], "direct");
+    assert_eq!(llama["nodes"][0]["max_concurrent"], 8);
+    assert_eq!(llama["nodes"][1]["local"], true);
+    assert_eq!(llama["nodes"][1]["loaded"], false);
+    assert!(llama["nodes"][1]["connection"].is_null());
+    assert_eq!(models[1]["type"], "embedding");
+
+    let table = node(&["models", "--api-listen", &api_b], dir_b.path());
+    assert!(table.status.success(), "{}", text(&table.stderr));
+    let table = text(&table.stdout);
+    let lines: Vec<&str> = table.lines().collect();
+    assert!(lines[0].starts_with("NAME"), "{table}");
+    assert_eq!(lines.len(), 4, "a header and one row per model and node: {table}");
+    let warm = lines[1];
+    for cell in ["llama3:8b", &a_id[..12], "loaded", "3/8", "available", "direct", "4.7 GB"] {
+        assert!(warm.contains(cell), "{cell:?} not in {warm:?}\n{table}");
+    }
+    for cell in ["llama3:8b", "(this node)", "cold", "0/4", "local"] {
+        assert!(lines[2].contains(cell), "{cell:?} not in {:?}\n{table}", lines[2]);
+    }
+    assert!(lines[3].starts_with("nomic-embed-text:latest"), "{table}");
+}
+
+#[test]
 fn with_api_keys_the_cli_sends_the_configured_key_and_others_are_refused() {
     let dir = tempfile::tempdir().unwrap();
     let keys = dir.path().join("api.keys");

@@ -8,7 +8,8 @@ use ollamacron_ollama::{LocalModel, OllamaState};
 use tokio::sync::watch;
 
 use crate::metadata::{
-    METADATA_IN_FLIGHT, METADATA_LOADED, METADATA_MAX_CONCURRENT, METADATA_MAX_CONCURRENT_PER_PEER,
+    METADATA_CONTEXT_LENGTH, METADATA_IN_FLIGHT, METADATA_LOADED, METADATA_MAX_CONCURRENT,
+    METADATA_MAX_CONCURRENT_PER_PEER, METADATA_SIZE_BYTES,
 };
 use crate::serve::{InferenceLoad, ServeLimits};
 
@@ -34,10 +35,10 @@ pub fn model_service(
     tags.dedup();
     let mut metadata = BTreeMap::new();
     if let Some(context) = model.context_length {
-        metadata.insert("context_length".to_owned(), context.to_string());
+        metadata.insert(METADATA_CONTEXT_LENGTH.to_owned(), context.to_string());
     }
     metadata.insert(METADATA_LOADED.to_owned(), model.loaded.to_string());
-    metadata.insert("size_bytes".to_owned(), model.size_bytes.to_string());
+    metadata.insert(METADATA_SIZE_BYTES.to_owned(), model.size_bytes.to_string());
     if !ollama_version.is_empty() {
         metadata.insert("ollama_version".to_owned(), ollama_version.to_owned());
     }

@@ -29,7 +29,7 @@ use serde_json::{Value, json};
 
 use crate::affinity::ConversationAffinity;
 use crate::breaker::Breakers;
-use crate::metadata::METADATA_LOADED;
+use crate::metadata::{METADATA_LOADED, METADATA_SIZE_BYTES};
 use crate::metrics::GatewayMetrics;
 use crate::queue::RequestQueue;
 use crate::serve::{FORWARDED_PATHS, LocalOllama};
@@ -329,7 +329,7 @@ async fn tags(State(gateway): State<Gateway>) -> Response {
         by_name.entry(s.service.name.clone()).or_insert_with(|| {
             json!({
                 "name": s.service.name, "model": s.service.name, "digest": s.service.version,
-                "size": s.service.metadata.get("size_bytes").and_then(|v| v.parse::<u64>().ok()).unwrap_or(0),
+                "size": s.service.metadata.get(METADATA_SIZE_BYTES).and_then(|v| v.parse::<u64>().ok()).unwrap_or(0),
                 "details": {"family": s.service.tags.first().cloned().unwrap_or_default()},
             })
         });

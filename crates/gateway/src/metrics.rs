@@ -42,8 +42,8 @@ pub(crate) struct GatewayMetrics {
     pub(crate) first_byte: Family<ServedLabels, Histogram>,
     pub(crate) bytes: Family<ServedLabels, Counter>,
     pub(crate) chunks: Family<ServedLabels, Counter>,
-    /// Requests waiting for a free node now.
-    pub(crate) queue_depth: Gauge,
+    /// Requests waiting for a free node now, by model.
+    pub(crate) queue_depth: Family<ModelLabel, Gauge>,
     /// How long requests waited for a node (0 when one was free).
     pub(crate) queue_wait: Histogram,
     /// Each serving node's breaker: 0 closed, 1 half open, 2 open.
@@ -70,7 +70,7 @@ impl GatewayMetrics {
             }),
             bytes: Family::default(),
             chunks: Family::default(),
-            queue_depth: Gauge::default(),
+            queue_depth: Family::default(),
             breaker_state: Family::default(),
             breaker_trips: Family::default(),
             queue_wait: Histogram::new(exponential_buckets(
@@ -116,7 +116,7 @@ impl GatewayMetrics {
         );
         gateway.register(
             "queue_depth",
-            "Requests waiting for a free node with their model",
+            "Requests waiting for a free node with their model, by model",
             self.queue_depth.clone(),
         );
         gateway.register(

@@ -117,6 +117,7 @@ fn router(state: ApiState) -> Router {
         .route("/healthz", get(serve_health))
         .route("/v1/status", get(status))
         .route("/v1/peers", get(peers))
+        .route("/v1/models", get(models))
         .route("/v1/services", get(find_services).post(register_service))
         .route("/v1/services/local", get(local_services))
         .route(
@@ -132,7 +133,7 @@ fn router(state: ApiState) -> Router {
 async fn not_found() -> ApiError {
     ApiError {
         status: StatusCode::NOT_FOUND,
-        message: "no such endpoint; the API has GET /v1/status, /v1/peers, /v1/services (and POST), /v1/services/local, DELETE /v1/services/{id}, /healthz and /metrics".to_owned(),
+        message: "no such endpoint; the API has GET /v1/status, /v1/peers, /v1/models, /v1/services (and POST), /v1/services/local, DELETE /v1/services/{id}, /healthz and /metrics".to_owned(),
         field: None,
     }
 }
@@ -186,6 +187,14 @@ async fn peers(
 ) -> Result<impl IntoResponse, ApiError> {
     no_query(raw.as_deref())?;
     Ok(axum::Json(api.node()?.peers().await?))
+}
+
+async fn models(
+    State(api): State<ApiState>,
+    RawQuery(raw): RawQuery,
+) -> Result<impl IntoResponse, ApiError> {
+    no_query(raw.as_deref())?;
+    Ok(axum::Json(api.node()?.models().await?))
 }
 
 async fn local_services(

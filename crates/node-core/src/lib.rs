@@ -13,6 +13,7 @@ mod event;
 mod http;
 mod identity;
 mod metrics;
+mod models;
 mod node;
 mod peers;
 mod registrations;
@@ -34,6 +35,7 @@ pub use http::{
 };
 pub use identity::{IdentityError, load_or_create_identity};
 pub use metrics::MetricsSnapshot;
+pub use models::{MODEL_SERVICE_TYPES, MeshModel, ModelNode, mesh_models};
 pub use node::{Node, NodeHandle};
 pub use ollamacron_http as http_server;
 pub use registrations::{RegistrationError, RegistrationFile};

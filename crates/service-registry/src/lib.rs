@@ -2,6 +2,7 @@
 
 mod cache;
 mod local;
+pub mod metadata;
 mod rank;
 mod record;
 mod service;

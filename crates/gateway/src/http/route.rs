@@ -99,7 +99,10 @@ pub(super) async fn route(gateway: &Gateway, path: &str, model: &str, body: Byte
         }
         let slot = {
             // Counted while waiting, however the wait ends.
-            let _waiting = Waiting::new(&gateway.metrics.queue_depth);
+            let depth = gateway.metrics.queue_depth.get_or_create_owned(&ModelLabel {
+                model: model.to_owned(),
+            });
+            let _waiting = Waiting::new(&depth);
             gateway
                 .queue
                 .acquire(choices, deadline.saturating_duration_since(Instant::now()))

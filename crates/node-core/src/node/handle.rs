@@ -494,6 +494,26 @@ impl NodeHandle {
             .await
     }
 
+    /// Every model of the mesh (services of the [`MODEL_SERVICE_TYPES`](crate::MODEL_SERVICE_TYPES),
+    /// ours included) with the nodes serving it, loaded or cold, their
+    /// load and how we reach them: one lookup per type, as
+    /// [`NodeHandle::find_services`] answers it.
+    ///
+    /// # Errors
+    /// [`NodeError::NotRunning`] once the node has stopped.
+    pub async fn models(&self) -> Result<Vec<crate::MeshModel>, NodeError> {
+        let mut services = Vec::new();
+        for kind in crate::MODEL_SERVICE_TYPES {
+            let query = ServiceQuery {
+                service_type: Some(kind.to_owned()),
+                ..ServiceQuery::default()
+            };
+            services.extend(self.find_services(query).await?);
+        }
+        let peers = self.peers().await?;
+        Ok(crate::mesh_models(services, &peers))
+    }
+
     /// The providers of `model` (`name` = `name:latest`) in the DHT, from
     /// one exact query of its key (`/ollamacron/models/<name:tag>`) that
     /// bypasses the cache, with the requests it took. For diagnostics and
