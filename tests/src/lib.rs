@@ -4,6 +4,7 @@
 // A test-support crate: panicking on a broken test setup is the right failure.
 #![allow(clippy::panic)]
 
+pub mod browser;
 pub mod kad_peer;
 pub mod ollama_standin;
 pub mod pool;

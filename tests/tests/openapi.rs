@@ -121,8 +121,12 @@ async fn the_documents_name_every_route_and_each_one_is_served() {
     assert!(!is_routed(gateway, "GET", "/api/nothing").await);
     // Everything the API's fallback message names is documented.
     for (method, path) in [
+        ("GET", "/"),
+        ("GET", "/dashboard.js"),
+        ("GET", "/dashboard.css"),
         ("GET", "/v1/status"),
         ("GET", "/v1/peers"),
+        ("GET", "/v1/models"),
         ("GET", "/v1/services"),
         ("POST", "/v1/services"),
         ("GET", "/v1/services/local"),
@@ -137,7 +141,7 @@ async fn the_documents_name_every_route_and_each_one_is_served() {
     }
     assert_eq!(
         api_doc.len(),
-        8,
+        12,
         "api.yaml has an operation the router lacks: {api_doc:?}"
     );
     member.node.shutdown().await.unwrap();

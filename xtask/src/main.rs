@@ -180,12 +180,15 @@ pub(crate) fn ensure_cargo_tool(name: &str) -> anyhow::Result<()> {
 
 /// Debian packages the tests need, by a command each installs: network
 /// namespaces (iproute2) for the mDNS, IPv6 and NAT tests, iptables for the
-/// NAT test's routers, libfaketime for the clock-skew test (each fails
-/// under `CI=true` without them).
+/// NAT test's routers, libfaketime for the clock-skew test, Chromium for
+/// the dashboard's test, systemd-analyze for the unit file's check (each
+/// fails under `CI=true` without them).
 const DEBIAN_PACKAGES: &[(&str, &str)] = &[
     ("ip", "iproute2"),
     ("iptables", "iptables"),
     ("faketime", "faketime"),
+    ("chromium", "chromium"),
+    ("systemd-analyze", "systemd"),
 ];
 
 fn has_command(name: &str) -> bool {

@@ -65,6 +65,11 @@ pub(crate) struct MeshArgs {
     /// compare with: figures its status lacks show as "n/a", null in JSON).
     #[arg(long)]
     pub(crate) binary: Option<PathBuf>,
+    /// After measuring, keep the mesh up this long (`10m`, `1h`) and print
+    /// the first node's dashboard address, to look at a mesh of this size
+    /// in a browser; Ctrl-C ends it sooner (and tears it down).
+    #[arg(long, value_name = "DURATION", value_parser = humantime::parse_duration)]
+    pub(crate) hold: Option<Duration>,
     /// Run the whole mesh this many times, each with fresh processes and
     /// data directories, and summarise ("converged <= 1 s in K of N runs").
     /// The JSON holds every run in `runs` and the totals in `summary`; with
@@ -994,6 +999,15 @@ fn run_mesh(
             }
         }
     };
+    if let Some(hold) = args.hold {
+        let (first, last) = (mesh.nodes[0].api, mesh.nodes[mesh.nodes.len() - 1].api);
+        println!(
+            "==> holding {} nodes for {}: dashboard at http://{first}/ (the last node's at http://{last}/)",
+            mesh.nodes.len(),
+            humantime::format_duration(hold)
+        );
+        std::thread::sleep(hold);
+    }
     drop(mesh);
     Ok(RunResult {
         convergence,

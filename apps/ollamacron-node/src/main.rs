@@ -248,10 +248,9 @@ fn main() -> ExitCode {
             EXIT_FAILURE,
         ),
         Command::Models { config, output } => report(
-            ask(
-                &config,
-                |api| async move { commands::models(&api, output).await },
-            ),
+            ask(&config, |api| async move {
+                commands::models(&api, output).await
+            }),
             EXIT_FAILURE,
         ),
         Command::Services { command, config } => report(

@@ -494,7 +494,13 @@ fn models_lists_every_model_of_the_mesh_with_the_nodes_serving_it() {
         let file = dir.join("service.yaml");
         std::fs::write(&file, yaml).unwrap();
         let out = node(
-            &["services", "register", file.to_str().unwrap(), "--api-listen", api],
+            &[
+                "services",
+                "register",
+                file.to_str().unwrap(),
+                "--api-listen",
+                api,
+            ],
             dir,
         );
         assert!(out.status.success(), "{}", text(&out.stderr));
@@ -514,7 +520,11 @@ fn models_lists_every_model_of_the_mesh_with_the_nodes_serving_it() {
         dir_b.path(),
         "name: nomic-embed-text\ntype: embedding\n",
     );
-    register(&api_b, dir_b.path(), "name: a-translator\ntype: translation\n");
+    register(
+        &api_b,
+        dir_b.path(),
+        "name: a-translator\ntype: translation\n",
+    );
 
     let a_id = a_addr.rsplit('/').next().unwrap().to_owned();
     let deadline = std::time::Instant::now() + LINE_TIMEOUT;
@@ -532,7 +542,11 @@ fn models_lists_every_model_of_the_mesh_with_the_nodes_serving_it() {
         std::thread::sleep(Duration::from_millis(100));
     };
     let names: Vec<&str> = models.iter().map(|m| m["name"].as_str().unwrap()).collect();
-    assert_eq!(names, ["llama3:8b", "nomic-embed-text:latest"], "{models:?}");
+    assert_eq!(
+        names,
+        ["llama3:8b", "nomic-embed-text:latest"],
+        "{models:?}"
+    );
     let llama = &models[0];
     assert_eq!(llama["type"], "llm");
     assert_eq!(llama["loaded_on"], 1);
@@ -552,13 +566,29 @@ fn models_lists_every_model_of_the_mesh_with_the_nodes_serving_it() {
     let table = text(&table.stdout);
     let lines: Vec<&str> = table.lines().collect();
     assert!(lines[0].starts_with("NAME"), "{table}");
-    assert_eq!(lines.len(), 4, "a header and one row per model and node: {table}");
+    assert_eq!(
+        lines.len(),
+        4,
+        "a header and one row per model and node: {table}"
+    );
     let warm = lines[1];
-    for cell in ["llama3:8b", &a_id[..12], "loaded", "3/8", "available", "direct", "4.7 GB"] {
+    for cell in [
+        "llama3:8b",
+        &a_id[..12],
+        "loaded",
+        "3/8",
+        "available",
+        "direct",
+        "4.7 GB",
+    ] {
         assert!(warm.contains(cell), "{cell:?} not in {warm:?}\n{table}");
     }
     for cell in ["llama3:8b", "(this node)", "cold", "0/4", "local"] {
-        assert!(lines[2].contains(cell), "{cell:?} not in {:?}\n{table}", lines[2]);
+        assert!(
+            lines[2].contains(cell),
+            "{cell:?} not in {:?}\n{table}",
+            lines[2]
+        );
     }
     assert!(lines[3].starts_with("nomic-embed-text:latest"), "{table}");
 }

@@ -22,6 +22,7 @@ use ollamacron_http::{AccessPolicy, HttpLimits};
 use tokio::net::TcpListener;
 use tokio::sync::watch;
 
+use crate::dashboard::{self, DASHBOARD_PATHS};
 use crate::error::NodeError;
 use crate::metrics::MetricsEndpoint;
 use crate::node::{NodeHandle, WeakNodeHandle};
@@ -113,6 +114,9 @@ impl From<NodeError> for ApiError {
 
 fn router(state: ApiState) -> Router {
     Router::new()
+        .route("/", get(dashboard::index))
+        .route("/dashboard.js", get(dashboard::script))
+        .route("/dashboard.css", get(dashboard::style))
         .route("/metrics", get(serve_metrics))
         .route("/healthz", get(serve_health))
         .route("/v1/status", get(status))
@@ -133,7 +137,7 @@ fn router(state: ApiState) -> Router {
 async fn not_found() -> ApiError {
     ApiError {
         status: StatusCode::NOT_FOUND,
-        message: "no such endpoint; the API has GET /v1/status, /v1/peers, /v1/models, /v1/services (and POST), /v1/services/local, DELETE /v1/services/{id}, /healthz and /metrics".to_owned(),
+        message: "no such endpoint; the API has GET / (the dashboard), /v1/status, /v1/peers, /v1/models, /v1/services (and POST), /v1/services/local, DELETE /v1/services/{id}, /healthz and /metrics".to_owned(),
         field: None,
     }
 }
@@ -421,11 +425,12 @@ pub fn gateway_access(
         hosts: ("gateway_allowed_hosts", &config.gateway_allowed_hosts),
         origins: ("gateway_allowed_origins (or OLLAMA_ORIGINS)", &origins),
         keys: ("gateway_api_keys", keys),
-        open_path: "/",
+        open_paths: &["/"],
     })
 }
 
-/// Who may use the API listening on `listen`; `/healthz` needs no key.
+/// Who may use the API listening on `listen`; `/healthz` and the
+/// dashboard's assets (which hold no data) need no key.
 fn api_access(config: &NodeConfig, listen: SocketAddr) -> Result<AccessPolicy, NodeError> {
     access(AccessSettings {
         name: "API",
@@ -433,7 +438,12 @@ fn api_access(config: &NodeConfig, listen: SocketAddr) -> Result<AccessPolicy, N
         hosts: ("api_allowed_hosts", &config.api_allowed_hosts),
         origins: ("api_allowed_origins", &config.api_allowed_origins),
         keys: ("api_keys", config.api_access_keys()),
-        open_path: "/healthz",
+        open_paths: &[
+            "/healthz",
+            DASHBOARD_PATHS[0],
+            DASHBOARD_PATHS[1],
+            DASHBOARD_PATHS[2],
+        ],
     })
 }
 
@@ -447,7 +457,7 @@ struct AccessSettings<'a> {
         &'static str,
         Result<Vec<String>, ollamacron_config::ValidationError>,
     ),
-    open_path: &'static str,
+    open_paths: &'a [&'static str],
 }
 
 fn access(settings: AccessSettings<'_>) -> Result<AccessPolicy, NodeError> {
@@ -457,7 +467,7 @@ fn access(settings: AccessSettings<'_>) -> Result<AccessPolicy, NodeError> {
         .with_hosts(settings.hosts.0, settings.hosts.1)
         .with_origins(settings.origins.0, settings.origins.1)
         .with_keys(keys_setting, &keys)
-        .with_open_paths(&[settings.open_path]))
+        .with_open_paths(settings.open_paths))
 }
 
 /// The node's HTTP API (status, peers, services, lookups, `/metrics`),

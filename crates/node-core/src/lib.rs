@@ -7,6 +7,7 @@ mod addr;
 mod bandwidth;
 mod behaviour;
 mod configs;
+mod dashboard;
 mod discovery;
 mod error;
 mod event;

@@ -80,7 +80,12 @@ pub fn mesh_models(services: Vec<RankedService>, peers: &[PeerInfo]) -> Vec<Mesh
             continue;
         }
         let name = model_with_tag(&service.name).into_owned();
-        let number = |key: &str| service.metadata.get(key).and_then(|v| v.parse::<u64>().ok());
+        let number = |key: &str| {
+            service
+                .metadata
+                .get(key)
+                .and_then(|v| v.parse::<u64>().ok())
+        };
         let peer = peers.get(&service.peer_id);
         let node = ModelNode {
             local: ranked.local,

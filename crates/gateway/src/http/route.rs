@@ -99,9 +99,12 @@ pub(super) async fn route(gateway: &Gateway, path: &str, model: &str, body: Byte
         }
         let slot = {
             // Counted while waiting, however the wait ends.
-            let depth = gateway.metrics.queue_depth.get_or_create_owned(&ModelLabel {
-                model: model.to_owned(),
-            });
+            let depth = gateway
+                .metrics
+                .queue_depth
+                .get_or_create_owned(&ModelLabel {
+                    model: model.to_owned(),
+                });
             let _waiting = Waiting::new(&depth);
             gateway
                 .queue
