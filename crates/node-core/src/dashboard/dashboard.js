@@ -7,6 +7,7 @@ const POLL_INTERVAL_MS = 2000;
 const POLL_INTERVAL_LARGE_MS = 5000;
 const LARGE_MESH_PEERS = 300;
 const PEERS_PER_PAGE = 50;
+const MODELS_PER_PAGE = 25;
 const NODES_SHOWN_PER_MODEL = 12;
 const KEY_STORAGE = "ollamacron-api-key";
 
@@ -14,6 +15,9 @@ const view = {
   key: sessionStorage.getItem(KEY_STORAGE),
   peers: [],
   peerPage: 0,
+  models: [],
+  traffic: null,
+  modelPage: 0,
   lastMetrics: null,
   lastMetricsAt: 0,
   timer: null,
@@ -193,6 +197,19 @@ function drawNode(status) {
 
 const CONNECTION_ORDER = { direct: 0, relayed: 1, none: 2 };
 
+/// The page `view[pageKey]` of `items`, `perPage` at a time, with its
+/// counter and buttons (`prefix`-page, -prev, -next) brought up to date.
+function pageOf(items, perPage, pageKey, prefix) {
+  const pages = Math.max(1, Math.ceil(items.length / perPage));
+  view[pageKey] = Math.min(view[pageKey], pages - 1);
+  const first = view[pageKey] * perPage;
+  const page = items.slice(first, first + perPage);
+  $(`${prefix}-page`).textContent = items.length ? `${first + 1}–${first + page.length} of ${items.length}` : "none";
+  $(`${prefix}-prev`).disabled = view[pageKey] === 0;
+  $(`${prefix}-next`).disabled = view[pageKey] >= pages - 1;
+  return page;
+}
+
 function drawPeers() {
   const filter = $("peer-filter").value.trim().toLowerCase();
   const kind = $("peer-kind").value;
@@ -209,13 +226,7 @@ function drawPeers() {
     p.addresses.some((a) => a.toLowerCase().includes(filter)) ||
     p.sources.some((s) => s.includes(filter))));
   shown.sort((a, b) => (CONNECTION_ORDER[a.connection] - CONNECTION_ORDER[b.connection]) || a.peer_id.localeCompare(b.peer_id));
-  const pages = Math.max(1, Math.ceil(shown.length / PEERS_PER_PAGE));
-  view.peerPage = Math.min(view.peerPage, pages - 1);
-  const first = view.peerPage * PEERS_PER_PAGE;
-  const page = shown.slice(first, first + PEERS_PER_PAGE);
-  $("peer-page").textContent = shown.length ? `${first + 1}–${first + page.length} of ${shown.length}` : "none";
-  $("peer-prev").disabled = view.peerPage === 0;
-  $("peer-next").disabled = view.peerPage >= pages - 1;
+  const page = pageOf(shown, PEERS_PER_PAGE, "peerPage", "peer");
   const tone = { direct: "ok", relayed: "warn", none: "" };
   const breakerTone = { closed: "ok", half_open: "warn", open: "bad" };
   replace($("peer-rows"), page.map((p) => el("tr", { "data-peer-id": p.peer_id, "data-connection": p.connection },
@@ -226,16 +237,24 @@ function drawPeers() {
     el("td", {}, badge(p.breaker.replace("_", " "), breakerTone[p.breaker])),
     el("td", {}, p.failures),
     el("td", { class: "muted" }, p.agent_version || "–"),
-    el("td", { class: "muted" }, ago(p.last_seen_ms)))));
+    el("td", { class: "muted" }, p.connected ? "connected" : ago(p.last_seen_ms)))));
 }
 
-function drawModels(models, traffic) {
-  $("model-count").textContent = `${models.length} models`;
-  if (models.length === 0) {
-    replace($("model-rows"), [el("tr", {}, el("td", { colspan: 6, class: "muted" }, "No models in the mesh yet."))]);
+function drawModels() {
+  const models = view.models;
+  const traffic = view.traffic;
+  const nodes = models.reduce((n, m) => n + m.nodes.length, 0);
+  $("model-count").textContent = `${models.length} models on ${nodes} nodes`;
+  const filter = $("model-filter").value.trim().toLowerCase();
+  const shown = models.filter((m) => !filter || m.name.toLowerCase().includes(filter) ||
+    m.nodes.some((n) => n.peer_id.toLowerCase().includes(filter)));
+  const page = pageOf(shown, MODELS_PER_PAGE, "modelPage", "model");
+  if (page.length === 0) {
+    const why = models.length ? "No model matches the filter." : "No models in the mesh yet.";
+    replace($("model-rows"), [el("tr", {}, el("td", { colspan: 6, class: "muted" }, why))]);
     return;
   }
-  replace($("model-rows"), models.map((m) => {
+  replace($("model-rows"), page.map((m) => {
     const nodes = m.nodes.slice(0, NODES_SHOWN_PER_MODEL).map((n) => {
       const warmth = n.loaded === true ? "loaded" : n.loaded === false ? "cold" : "?";
       let load = "";
@@ -307,9 +326,11 @@ async function poll() {
     $("key-form").hidden = true;
     $("dashboard").hidden = false;
     view.peers = peers;
+    view.models = models;
+    view.traffic = traffic;
     drawNode(status);
     drawPeers();
-    drawModels(models, traffic);
+    drawModels();
     drawTraffic(traffic, now);
     view.lastMetrics = traffic;
     view.lastMetricsAt = now;
@@ -340,6 +361,9 @@ function start() {
   $("peer-kind").addEventListener("change", () => { view.peerPage = 0; drawPeers(); });
   $("peer-prev").addEventListener("click", () => { view.peerPage = Math.max(0, view.peerPage - 1); drawPeers(); });
   $("peer-next").addEventListener("click", () => { view.peerPage += 1; drawPeers(); });
+  $("model-filter").addEventListener("input", () => { view.modelPage = 0; drawModels(); });
+  $("model-prev").addEventListener("click", () => { view.modelPage = Math.max(0, view.modelPage - 1); drawModels(); });
+  $("model-next").addEventListener("click", () => { view.modelPage += 1; drawModels(); });
   poll();
 }
 
