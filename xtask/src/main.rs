@@ -1,9 +1,10 @@
 //! Project automation. `cargo xtask ci` runs everything CI checks;
 //! `cargo xtask mesh`, `cargo xtask sim`, `cargo xtask bench` and
-//! `cargo xtask rss` measure.
+//! `cargo xtask rss` measure; `cargo xtask dist` packages.
 
 #![allow(clippy::print_stdout, clippy::print_stderr)]
 
+mod dist;
 mod fuzz;
 mod mesh;
 mod nat_test;
@@ -27,7 +28,8 @@ struct Cli {
 #[derive(Subcommand)]
 enum Task {
     /// Everything CI checks: fmt, clippy, tests, doc tests, the NAT test,
-    /// every fuzz target briefly, cargo-deny.
+    /// the completions and man pages of `dist`, every fuzz target briefly,
+    /// cargo-deny.
     Ci {
         /// Stop at the first failing step instead of running them all.
         #[arg(long)]
@@ -85,6 +87,11 @@ enum Task {
     /// descriptors, threads and runtime tasks of the long-lived nodes over
     /// time; fails when one grows past its margin.
     Soak(soak::SoakArgs),
+    /// What an operator installs, in target/dist/: the release binary,
+    /// shell completions (bash, zsh, fish, elvish, PowerShell) and man
+    /// pages generated from the binary's clap definitions, the systemd
+    /// unit and the Grafana dashboard.
+    Dist(dist::DistArgs),
 }
 
 fn main() -> ExitCode {
@@ -111,6 +118,7 @@ fn main() -> ExitCode {
         Task::Rss(args) => rss::rss(&args),
         Task::Fuzz(args) => fuzz::fuzz(&args),
         Task::Soak(args) => soak::soak(&args),
+        Task::Dist(args) => dist::dist(&args),
         Task::NatTest(args) => match &args.binary {
             Some(binary) => nat_test::nat_test(binary, &args),
             None => build_debug_node().and_then(|binary| nat_test::nat_test(&binary, &args)),
@@ -191,7 +199,7 @@ const DEBIAN_PACKAGES: &[(&str, &str)] = &[
     ("systemd-analyze", "systemd"),
 ];
 
-fn has_command(name: &str) -> bool {
+pub(crate) fn has_command(name: &str) -> bool {
     Command::new("sh")
         .args(["-c", &format!("command -v {name}")])
         .stdout(std::process::Stdio::null())
@@ -351,6 +359,25 @@ fn ci(fail_fast: bool) -> anyhow::Result<()> {
     }
 
     if !fail_fast || failed.is_empty() {
+        // The completions and man pages `dist` makes (not the release
+        // binary: the tests built and ran the debug one).
+        println!("==> dist: completions and man pages");
+        let out = target_dir().join("dist-check");
+        match dist::dist(&dist::DistArgs {
+            out: Some(out.clone()),
+            no_binary: true,
+        })
+        .and_then(|()| dist::check_generated(&out))
+        {
+            Ok(()) => println!("==> dist: ok"),
+            Err(e) => {
+                eprintln!("==> dist: FAILED: {e:#}");
+                failed.push("dist");
+            }
+        }
+    }
+
+    if !fail_fast || failed.is_empty() {
         let fuzzed = fuzz::fuzz(&fuzz::FuzzArgs {
             list: false,
             seconds: fuzz::CI_SECONDS,
@@ -434,7 +461,7 @@ fn build_node_in(profile_dir: &str, profile_args: &[&str]) -> anyhow::Result<std
     Ok(binary)
 }
 
-fn target_dir() -> std::path::PathBuf {
+pub(crate) fn target_dir() -> std::path::PathBuf {
     std::env::var_os("CARGO_TARGET_DIR")
         .or_else(|| std::env::var_os("CARGO_BUILD_TARGET_DIR"))
         .map_or_else(
@@ -448,7 +475,7 @@ fn target_dir() -> std::path::PathBuf {
 }
 
 /// Build the release binary; its path.
-fn build_node() -> anyhow::Result<std::path::PathBuf> {
+pub(crate) fn build_node() -> anyhow::Result<std::path::PathBuf> {
     build_node_in("release", &["--release"])
 }
 

@@ -2,105 +2,14 @@
 //! through its local HTTP API and print tables (or `--json`).
 
 use std::collections::BTreeMap;
-use std::path::PathBuf;
 
 use anyhow::Context;
-use clap::{Args, Subcommand};
 use ollamacron_node_core::registry::{LocalService, RankedService, ServiceInfo, ServiceStatus};
 use ollamacron_node_core::{HttpServerStatus, MeshModel, ModelNode, NodeStatus, PeerInfo};
 use serde_json::Value;
 
+use crate::cli::{OutputArgs, ServicesCommand};
 use crate::client::{ApiClient, ParseError, read_json};
-
-/// Output format of an API command.
-#[derive(Debug, Args, Clone, Copy, Default)]
-pub(crate) struct OutputArgs {
-    /// Print the node's JSON answer instead of a table.
-    #[arg(long)]
-    pub(crate) json: bool,
-}
-
-/// `services …`
-#[derive(Debug, Subcommand)]
-pub(crate) enum ServicesCommand {
-    /// Ranked lookup of services across the mesh.
-    Find {
-        /// Service type (`llm`, `embedding`, …).
-        #[arg(long = "type", value_name = "TYPE")]
-        service_type: Option<String>,
-        /// The model it serves (`llama3:8b`; `llama3` is `llama3:latest`):
-        /// one exact lookup of the model's key.
-        #[arg(long, value_name = "MODEL")]
-        model: Option<String>,
-        /// A tag the service must carry (repeatable; all required).
-        #[arg(long = "tag", value_name = "TAG")]
-        tags: Vec<String>,
-        /// A capability the service must have (repeatable; all required).
-        #[arg(long = "capability", value_name = "CAPABILITY")]
-        capabilities: Vec<String>,
-        /// Region of the serving node.
-        #[arg(long)]
-        region: Option<String>,
-        /// Least measured reliability, 0 to 1.
-        #[arg(long)]
-        min_reliability: Option<f64>,
-        /// Greatest measured latency, in milliseconds.
-        #[arg(long, value_name = "MS")]
-        max_latency: Option<f64>,
-        /// Most results.
-        #[arg(long)]
-        limit: Option<usize>,
-        #[command(flatten)]
-        output: OutputArgs,
-    },
-    /// Offer a service from this node (or replace the one with its id).
-    Register {
-        /// YAML (or JSON) file describing the service: name, type, tags, …
-        #[arg(conflicts_with_all = ["name", "service_type"])]
-        file: Option<PathBuf>,
-        /// Service name (e.g. a model with its tag); the id defaults to it.
-        #[arg(long, required_unless_present = "file")]
-        name: Option<String>,
-        /// Service type.
-        #[arg(long = "type", value_name = "TYPE", required_unless_present = "file")]
-        service_type: Option<String>,
-        /// Service id (default: the name).
-        #[arg(long)]
-        id: Option<String>,
-        /// Version.
-        #[arg(long)]
-        version: Option<String>,
-        /// Free text.
-        #[arg(long)]
-        description: Option<String>,
-        /// A tag (repeatable).
-        #[arg(long = "tag", value_name = "TAG")]
-        tags: Vec<String>,
-        /// A capability (repeatable).
-        #[arg(long = "capability", value_name = "CAPABILITY")]
-        capabilities: Vec<String>,
-        /// `http://` URL the node probes for health.
-        #[arg(long)]
-        health_check_url: Option<String>,
-        /// KEY=VALUE metadata (repeatable).
-        #[arg(long = "metadata", value_name = "KEY=VALUE")]
-        metadata: Vec<String>,
-        #[command(flatten)]
-        output: OutputArgs,
-    },
-    /// Stop offering a service.
-    Unregister {
-        /// Its id.
-        id: String,
-    },
-    /// The services this node offers, and where each came from (`config`,
-    /// `api`: registered through the API or this CLI and kept in the data
-    /// directory across restarts, `ollama`: found on the local Ollama).
-    List {
-        #[command(flatten)]
-        output: OutputArgs,
-    },
-}
 
 /// Percent-encode one query value.
 fn encode(value: &str) -> String {

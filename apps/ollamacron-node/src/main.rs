@@ -6,10 +6,11 @@
 //! ollamacron-node init --psk FILE                     write a new network key (private network)
 //! ollamacron-node id [--config FILE]                  print this node's peer id
 //! ollamacron-node config check [FILE]                 validate and print the effective config
-//! ollamacron-node status | peers [--json]             ask the running node (its local API)
+//! ollamacron-node status | peers | models [--json]    ask the running node (its local API)
 //! ollamacron-node services find|register|unregister|list
 //! ```
 
+mod cli;
 mod client;
 mod commands;
 
@@ -18,7 +19,9 @@ use std::path::{Path, PathBuf};
 use std::process::ExitCode;
 
 use anyhow::Context;
-use clap::{Args, Parser, Subcommand, ValueEnum};
+use clap::Parser;
+
+use crate::cli::{Cli, Command, ConfigArgs, ConfigCommand, LogFormatArg};
 use ollamacron_config::{ConfigError, ConfigLoader, LogFormat, NodeConfig};
 use ollamacron_gateway::{
     GatewayConfig, GatewayServer, InferenceLoad, LocalOllama, OllamaAdvertiser, ServeLimits,
@@ -38,127 +41,6 @@ const EXIT_CONFIG: u8 = 2;
 const EXIT_FAILURE: u8 = 1;
 /// Default file `init` writes when no `--config` is given.
 const DEFAULT_CONFIG_FILE: &str = "ollamacron.yaml";
-
-#[derive(Debug, Parser)]
-#[command(
-    name = "ollamacron-node",
-    version,
-    about = "A peer-to-peer node that pools machines running Ollama"
-)]
-struct Cli {
-    #[command(subcommand)]
-    command: Command,
-}
-
-#[derive(Debug, Subcommand)]
-enum Command {
-    /// Start the node and run until SIGINT or SIGTERM.
-    Run(ConfigArgs),
-    /// Write a commented default configuration file, or (with `--psk`) a
-    /// new network key for a private network.
-    Init {
-        #[command(flatten)]
-        config: ConfigArgs,
-        /// Overwrite an existing configuration file.
-        #[arg(long)]
-        force: bool,
-        /// Write a new random network key (pre-shared key, mode 0600) to
-        /// FILE instead of a configuration. Never overwrites a key.
-        #[arg(long, value_name = "FILE", conflicts_with = "force")]
-        psk: Option<PathBuf>,
-    },
-    /// Print this node's peer id (creating its key if there is none yet).
-    Id(ConfigArgs),
-    /// Inspect configuration.
-    #[command(subcommand)]
-    Config(ConfigCommand),
-    /// Show the running node's state, addresses, connections and discovery.
-    Status {
-        #[command(flatten)]
-        config: ConfigArgs,
-        #[command(flatten)]
-        output: commands::OutputArgs,
-    },
-    /// List the peers the running node knows.
-    Peers {
-        #[command(flatten)]
-        config: ConfigArgs,
-        #[command(flatten)]
-        output: commands::OutputArgs,
-    },
-    /// Every model of the mesh: the nodes serving it, loaded or cold,
-    /// their load and how this node reaches them (`ollama ps` for the
-    /// whole pool).
-    Models {
-        #[command(flatten)]
-        config: ConfigArgs,
-        #[command(flatten)]
-        output: commands::OutputArgs,
-    },
-    /// Find, register, unregister and list services on the running node.
-    Services {
-        #[command(subcommand)]
-        command: Box<commands::ServicesCommand>,
-        #[command(flatten)]
-        config: ConfigArgs,
-    },
-}
-
-#[derive(Debug, Subcommand)]
-enum ConfigCommand {
-    /// Validate the configuration and print the effective result.
-    Check {
-        /// The file to check (same as --config).
-        file: Option<PathBuf>,
-        #[command(flatten)]
-        config: ConfigArgs,
-    },
-}
-
-/// Where the configuration comes from; shared by every subcommand so that
-/// `id --config f.yaml` names the node `run --config f.yaml` starts.
-#[derive(Debug, Args, Clone, Default)]
-struct ConfigArgs {
-    /// YAML configuration file.
-    #[arg(long, short = 'c', env = "OLLAMACRON_CONFIG", global = true)]
-    config: Option<PathBuf>,
-    /// Listen address (repeatable; replaces the configured list).
-    #[arg(long, value_name = "MULTIADDR", global = true)]
-    listen: Vec<String>,
-    /// Bootstrap peer address ending in /p2p/<peer id> (repeatable).
-    #[arg(long, value_name = "MULTIADDR", global = true)]
-    bootstrap: Vec<String>,
-    /// Directory for the identity key and state.
-    #[arg(long, value_name = "DIR", global = true)]
-    data_dir: Option<PathBuf>,
-    /// Identity key file.
-    #[arg(long, value_name = "FILE", global = true)]
-    private_key_path: Option<PathBuf>,
-    /// Address of the local HTTP API (metrics).
-    #[arg(long, value_name = "ADDR", global = true)]
-    api_listen: Option<String>,
-    /// Turn mDNS discovery off.
-    #[arg(long, global = true)]
-    no_mdns: bool,
-    /// Turn the DHT off.
-    #[arg(long, global = true)]
-    no_dht: bool,
-    /// Log filter in RUST_LOG syntax.
-    #[arg(long, value_name = "FILTER", global = true)]
-    log_level: Option<String>,
-    /// Log format.
-    #[arg(long, value_enum, global = true)]
-    log_format: Option<LogFormatArg>,
-    /// Set any config field: KEY=VALUE (repeatable; lists comma-separated).
-    #[arg(long = "set", value_name = "KEY=VALUE", global = true)]
-    set: Vec<String>,
-}
-
-#[derive(Debug, Clone, Copy, ValueEnum)]
-enum LogFormatArg {
-    Text,
-    Json,
-}
 
 impl ConfigArgs {
     fn loader(&self) -> anyhow::Result<ConfigLoader> {

@@ -11,6 +11,7 @@ use std::sync::mpsc;
 ///
 /// # Panics
 /// If the child's stderr was not piped.
+#[allow(dead_code)] // the unit file's test starts no node
 pub(crate) fn stderr_lines(child: &mut Child) -> mpsc::Receiver<String> {
     let stderr = child.stderr.take().expect("stderr must be piped");
     let (tx, lines) = mpsc::channel();
