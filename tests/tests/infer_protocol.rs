@@ -42,6 +42,8 @@ async fn send_head(stream: &mut Stream, body_bytes: u64) {
     let head = InferRequestHead {
         path: "/api/chat".into(),
         body_bytes,
+        traceparent: None,
+        tracestate: None,
     };
     write_frame(
         stream,
@@ -188,6 +190,8 @@ async fn streams_in_a_loop_and_bad_frames_leave_the_node_serving_others() {
     let head = serde_json::to_vec(&InferRequestHead {
         path: "/api/chat".into(),
         body_bytes: CHAT.len() as u64,
+        traceparent: None,
+        tracestate: None,
     })
     .unwrap();
     while streams.len() < STREAMS {

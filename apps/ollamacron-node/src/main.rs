@@ -17,6 +17,7 @@ mod commands;
 use std::io::IsTerminal;
 use std::path::{Path, PathBuf};
 use std::process::ExitCode;
+use std::time::Duration;
 
 use anyhow::Context;
 use clap::Parser;
@@ -32,13 +33,25 @@ use ollamacron_node_core::{
     ApiListener, Node, NodeError, NodeState, RegistrationFile, load_or_create_identity,
 };
 use ollamacron_ollama::{OllamaClient, OllamaEndpoint, OllamaWatcher, WatchConfig};
-use tracing_subscriber::EnvFilter;
+use ollamacron_telemetry::{OtlpSettings, OtlpTraces};
+use tracing::Level;
+use tracing_subscriber::filter::Targets;
 use tracing_subscriber::fmt::format::FmtSpan;
+use tracing_subscriber::layer::SubscriberExt;
+use tracing_subscriber::util::SubscriberInitExt;
+use tracing_subscriber::{EnvFilter, Layer};
 
 /// Exit code for a configuration or usage error.
 const EXIT_CONFIG: u8 = 2;
 /// Exit code for a runtime failure.
 const EXIT_FAILURE: u8 = 1;
+/// How long exported spans gather before a batch is sent to `otlp_endpoint`.
+const SPAN_EXPORT_INTERVAL: Duration = Duration::from_secs(2);
+/// Longest one export of spans may take.
+const SPAN_EXPORT_TIMEOUT: Duration = Duration::from_secs(10);
+/// Spans exported over OTLP: the node's own (every crate of ours is
+/// `ollamacron_*`), not libp2p's or hyper's.
+const EXPORTED_SPAN_TARGET: &str = "ollamacron";
 /// Default file `init` writes when no `--config` is given.
 const DEFAULT_CONFIG_FILE: &str = "ollamacron.yaml";
 
@@ -212,10 +225,6 @@ fn run(args: &ConfigArgs) -> ExitCode {
             return ExitCode::from(EXIT_CONFIG);
         }
     };
-    if let Err(e) = init_logging(&config, args.log_level.is_some()) {
-        eprintln!("error: {}", describe(&e));
-        return ExitCode::from(EXIT_CONFIG);
-    }
     let mut runtime = tokio::runtime::Builder::new_multi_thread();
     runtime.enable_all().thread_name("ollamacron");
     if let Some(cores) = config.max_cpu {
@@ -228,7 +237,27 @@ fn run(args: &ConfigArgs) -> ExitCode {
             return ExitCode::from(EXIT_FAILURE);
         }
     };
-    match runtime.block_on(serve(config)) {
+    let traces = match init_logging(&config, args.log_level.is_some(), runtime.handle()) {
+        Ok(traces) => traces,
+        Err(e) => {
+            eprintln!("error: {}", describe(&e));
+            return ExitCode::from(EXIT_CONFIG);
+        }
+    };
+    let served = runtime.block_on(async {
+        let served = serve(config).await;
+        if let Some(traces) = traces {
+            // The exporter blocks while it sends the last spans, on the
+            // runtime: wait for it off the runtime's worker threads.
+            match tokio::task::spawn_blocking(move || traces.shutdown()).await {
+                Ok(Ok(())) => {}
+                Ok(Err(e)) => tracing::warn!(error = %e, "the last spans were not exported"),
+                Err(e) => tracing::warn!(error = %e, "the span exporter did not stop"),
+            }
+        }
+        served
+    });
+    match served {
         Ok(()) => ExitCode::SUCCESS,
         Err(e) => {
             eprintln!("error: {}", describe(&e));
@@ -407,38 +436,79 @@ fn quiet_lone_node(filter: &str) -> String {
     }
 }
 
-/// Install the logger. The filter is `--log-level` when given on the command
-/// line, else `RUST_LOG` when set, else `log_level` from the configuration.
-fn init_logging(config: &NodeConfig, level_from_cli: bool) -> anyhow::Result<()> {
-    if !config.enable_logging {
-        return Ok(());
-    }
-    let rust_log = std::env::var("RUST_LOG").ok().filter(|_| !level_from_cli);
-    let filter = match rust_log {
-        Some(env) if !env.trim().is_empty() => EnvFilter::try_new(&env)
-            .with_context(|| format!("RUST_LOG ({env}) is not a valid log filter"))?,
-        _ => EnvFilter::try_new(quiet_lone_node(&config.log_level)).with_context(|| {
-            format!(
-                "log_level ({}) is not a valid log filter; write e.g. `info` or `ollamacron=debug,libp2p=info`",
-                config.log_level
-            )
-        })?,
-    };
-    let spans = if config.enable_tracing {
-        FmtSpan::CLOSE
+/// Install the logger and, with `enable_tracing` and `otlp_endpoint`, the
+/// span exporter (returned, to be shut down before the runtime stops).
+/// The log filter is `--log-level` when given on the command line, else
+/// `RUST_LOG` when set, else `log_level` from the configuration; exported
+/// spans are Ollamacron's own at `info` and above, whatever the log filter.
+fn init_logging(
+    config: &NodeConfig,
+    level_from_cli: bool,
+    runtime: &tokio::runtime::Handle,
+) -> anyhow::Result<Option<OtlpTraces>> {
+    let logs = if config.enable_logging {
+        let rust_log = std::env::var("RUST_LOG").ok().filter(|_| !level_from_cli);
+        let filter = match rust_log {
+            Some(env) if !env.trim().is_empty() => EnvFilter::try_new(&env)
+                .with_context(|| format!("RUST_LOG ({env}) is not a valid log filter"))?,
+            _ => EnvFilter::try_new(quiet_lone_node(&config.log_level)).with_context(|| {
+                format!(
+                    "log_level ({}) is not a valid log filter; write e.g. `info` or `ollamacron=debug,libp2p=info`",
+                    config.log_level
+                )
+            })?,
+        };
+        let spans = if config.enable_tracing {
+            FmtSpan::CLOSE
+        } else {
+            FmtSpan::NONE
+        };
+        let layer = tracing_subscriber::fmt::layer()
+            .with_span_events(spans)
+            .with_ansi(std::io::stderr().is_terminal())
+            .with_writer(std::io::stderr);
+        let layer = match config.log_format {
+            LogFormat::Text => layer.with_filter(filter).boxed(),
+            LogFormat::Json => layer.json().with_filter(filter).boxed(),
+        };
+        Some(layer)
     } else {
-        FmtSpan::NONE
+        None
     };
-    let builder = tracing_subscriber::fmt()
-        .with_env_filter(filter)
-        .with_span_events(spans)
-        .with_ansi(std::io::stderr().is_terminal())
-        .with_writer(std::io::stderr);
-    let result = match config.log_format {
-        LogFormat::Text => builder.try_init(),
-        LogFormat::Json => builder.json().try_init(),
+    let traces = match config.otlp_endpoint.as_deref() {
+        Some(endpoint) if config.enable_tracing => {
+            let settings = OtlpSettings {
+                endpoint: endpoint.to_owned(),
+                service_name: env!("CARGO_PKG_NAME").to_owned(),
+                service_version: env!("CARGO_PKG_VERSION").to_owned(),
+                instance_id: exported_instance_id(config),
+                export_interval: SPAN_EXPORT_INTERVAL,
+                export_timeout: SPAN_EXPORT_TIMEOUT,
+            };
+            Some(OtlpTraces::start(&settings, runtime.clone())?)
+        }
+        _ => None,
     };
-    result.map_err(|e| anyhow::anyhow!("cannot install the logger: {e}"))
+    let exported = traces.as_ref().map(|traces| {
+        traces
+            .layer()
+            .with_filter(Targets::new().with_target(EXPORTED_SPAN_TARGET, Level::INFO))
+    });
+    tracing_subscriber::registry()
+        .with(logs)
+        .with(exported)
+        .try_init()
+        .map_err(|e| anyhow::anyhow!("cannot install the logger: {e}"))?;
+    Ok(traces)
+}
+
+/// The node's peer id, for the exported spans' `service.instance.id`: read
+/// from (or written to) the identity key the node is about to load anyway.
+/// None when the key is unusable; the node reports that when it starts.
+fn exported_instance_id(config: &NodeConfig) -> Option<String> {
+    load_or_create_identity(&config.private_key_path())
+        .ok()
+        .map(|(keypair, _)| keypair.public().to_peer_id().to_string())
 }
 
 #[allow(clippy::print_stdout)]

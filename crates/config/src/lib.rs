@@ -303,8 +303,14 @@ pub struct NodeConfig {
     /// Most connections each of the gateway and the API keeps open; one
     /// more is answered 503.
     pub http_max_connections: usize,
-    /// Log span timings (span close events) along with events.
+    /// Log span timings (span close events) along with events, and export
+    /// the spans to `otlp_endpoint` when it is set.
     pub enable_tracing: bool,
+    /// With `enable_tracing`: the OTLP/HTTP collector spans are exported
+    /// to (`http://host:4318`; spans go to its `/v1/traces`); `None`: spans
+    /// are only logged.
+    #[serde(deserialize_with = "lenient::opt_string")]
+    pub otlp_endpoint: Option<String>,
     /// Write logs to standard error.
     pub enable_logging: bool,
     /// Log filter in `RUST_LOG` syntax (`RUST_LOG` itself wins when set).
@@ -415,6 +421,7 @@ impl Default for NodeConfig {
             http_idle_timeout: Duration::from_secs(60),
             http_max_connections: 1024,
             enable_tracing: false,
+            otlp_endpoint: None,
             enable_logging: true,
             log_level: "info".to_owned(),
             log_format: LogFormat::Text,

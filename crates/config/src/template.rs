@@ -452,7 +452,16 @@ const FIELD_DOCS: &[(&str, &str, Option<&str>)] = &[
         "Most connections each of the gateway and the API keeps open; one more gets 503.",
         None,
     ),
-    ("enable_tracing", "Also log span timings.", None),
+    (
+        "enable_tracing",
+        "Also log span timings, and export the spans to otlp_endpoint when it is set.",
+        None,
+    ),
+    (
+        "otlp_endpoint",
+        "With enable_tracing: the OTLP/HTTP collector (http://host:4318) spans are exported to; one request is one trace across the gateway node and the serving node.",
+        Some("http://127.0.0.1:4318"),
+    ),
     ("enable_logging", "Write logs to standard error.", None),
     (
         "log_level",

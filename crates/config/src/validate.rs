@@ -515,6 +515,17 @@ impl NodeConfig {
 
     /// The gateway's and the API's request size, hosts, origins and keys.
     fn validate_http(&self, fail: &mut impl FnMut(&str, &dyn fmt::Display, String)) {
+        if let Some(endpoint) = &self.otlp_endpoint {
+            if let Err(rule) = check_otlp_endpoint(endpoint) {
+                fail("otlp_endpoint", endpoint, rule);
+            } else if !self.enable_tracing {
+                fail(
+                    "otlp_endpoint",
+                    endpoint,
+                    "is set but enable_tracing is false: set enable_tracing: true to export spans, or leave otlp_endpoint unset".to_owned(),
+                );
+            }
+        }
         if self.gateway_max_request_bytes < MIN_REQUEST_BYTES {
             fail(
                 "gateway_max_request_bytes",
@@ -841,4 +852,28 @@ fn check_peer_addr(addr: &Multiaddr) -> Result<(), String> {
                 .to_owned(),
         ),
     }
+}
+
+/// An OTLP/HTTP endpoint: `http://host[:port][/path]`, no query.
+fn check_otlp_endpoint(endpoint: &str) -> Result<(), String> {
+    if endpoint.starts_with("https://") {
+        return Err("must be an http:// URL: no TLS client is built in (export to a collector or agent on this machine or a trusted network)".to_owned());
+    }
+    let Some(rest) = endpoint.strip_prefix("http://") else {
+        return Err("must be an http:// URL, e.g. http://127.0.0.1:4318".to_owned());
+    };
+    let authority = rest.split('/').next().unwrap_or_default();
+    if authority.is_empty() || authority.contains(|c: char| c.is_whitespace() || c == '@') {
+        return Err("must name a host, e.g. http://127.0.0.1:4318".to_owned());
+    }
+    if let Some((host, port)) = authority.rsplit_once(':')
+        && !host.ends_with(']')
+        && (host.is_empty() || port.parse::<u16>().is_err())
+    {
+        return Err(format!("has no valid port in {authority:?}"));
+    }
+    if rest.contains(['?', '#']) || rest.contains(char::is_whitespace) {
+        return Err("may not have a query, a fragment or spaces".to_owned());
+    }
+    Ok(())
 }

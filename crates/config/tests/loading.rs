@@ -741,3 +741,40 @@ fn rule_relay_nodes_are_relays_own_addresses() {
     );
     load_yaml(&format!("relay_nodes: [/ip4/192.0.2.1/tcp/1/p2p/{PEER}]\n")).unwrap();
 }
+
+#[test]
+fn otlp_endpoint_is_an_http_url_and_needs_enable_tracing() {
+    let config = load_yaml("enable_tracing: true\notlp_endpoint: http://127.0.0.1:4318\n").unwrap();
+    assert_eq!(
+        config.otlp_endpoint.as_deref(),
+        Some("http://127.0.0.1:4318")
+    );
+    assert!(
+        load_yaml("enable_tracing: true\notlp_endpoint: http://[::1]:4318/v1/traces\n").is_ok()
+    );
+    assert_eq!(load_yaml("").unwrap().otlp_endpoint, None);
+    for (value, words) in [
+        ("https://collector:4318", "no TLS client"),
+        ("collector:4318", "must be an http:// URL"),
+        ("http://", "must name a host"),
+        ("http://c:port", "no valid port"),
+        ("http://c:4318/?x=1", "query"),
+    ] {
+        let errors = rule_errors(&format!(
+            "enable_tracing: true\notlp_endpoint: \"{value}\"\n"
+        ));
+        assert!(
+            errors
+                .iter()
+                .any(|e| e.starts_with("otlp_endpoint") && e.contains(words)),
+            "{value}: no {words:?} in {errors:?}"
+        );
+    }
+    let errors = rule_errors("otlp_endpoint: http://127.0.0.1:4318\n");
+    assert!(
+        errors
+            .iter()
+            .any(|e| e.starts_with("otlp_endpoint") && e.contains("enable_tracing is false")),
+        "{errors:?}"
+    );
+}

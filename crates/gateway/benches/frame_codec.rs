@@ -43,6 +43,8 @@ fn head(body_bytes: usize) -> InferRequestHead {
     InferRequestHead {
         path: "/api/chat".to_owned(),
         body_bytes: u64::try_from(body_bytes).unwrap(),
+        traceparent: None,
+        tracestate: None,
     }
 }
 

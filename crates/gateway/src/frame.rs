@@ -68,6 +68,14 @@ pub struct InferRequestHead {
     pub path: String,
     /// The body's length in bytes, which its data frames add up to.
     pub body_bytes: u64,
+    /// The W3C `traceparent` of the asking node's span, when it records
+    /// traces: the serving node's spans join its trace. Left out when
+    /// there is none; nodes that predate it ignore it.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub traceparent: Option<String>,
+    /// The W3C `tracestate` that goes with it.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub tracestate: Option<String>,
 }
 
 /// A whole request of version 1.0.0, forwarded to the serving node's
@@ -226,6 +234,31 @@ mod tests {
             );
             assert!(matches!(read_frame(&mut buf).await, Err(FrameError::Io(_))));
         });
+    }
+
+    #[test]
+    fn a_request_head_carries_a_trace_context_only_when_there_is_one() {
+        // As a node before traces sent it, and as one that traces does.
+        let old: InferRequestHead =
+            decode("request head", br#"{"path":"/api/chat","body_bytes":7}"#).unwrap();
+        assert_eq!(old.traceparent, None);
+        let traced = InferRequestHead {
+            traceparent: Some("00-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01".into()),
+            tracestate: None,
+            ..old.clone()
+        };
+        let json = serde_json::to_string(&traced).unwrap();
+        assert_eq!(
+            json,
+            r#"{"path":"/api/chat","body_bytes":7,"traceparent":"00-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01"}"#
+        );
+        assert_eq!(
+            serde_json::to_string(&old).unwrap(),
+            r#"{"path":"/api/chat","body_bytes":7}"#,
+            "nothing new on the wire without a trace"
+        );
+        let back: InferRequestHead = decode("request head", json.as_bytes()).unwrap();
+        assert_eq!(back, traced);
     }
 
     #[test]

@@ -470,7 +470,22 @@ async fn infer(State(gateway): State<Gateway>, request: axum::extract::Request) 
         Ok(model) => model,
         Err(why) => return error(StatusCode::BAD_REQUEST, why),
     };
-    route::route(&gateway, &path, &model, body).await
+    // One trace a request (exported with `otlp_endpoint`): routing, the
+    // queue, each node tried and the stream, on this node and the serving
+    // one.
+    let span = tracing::info_span!(
+        "gateway.request",
+        otel.kind = "server",
+        http.route = %path,
+        model = %model,
+        node = %gateway.node.peer_id(),
+        http.status_code = tracing::field::Empty,
+    );
+    let response =
+        tracing::Instrument::instrument(route::route(&gateway, &path, &model, body), span.clone())
+            .await;
+    span.record("http.status_code", response.status().as_u16());
+    response
 }
 
 /// The model an Ollama or OpenAI request body names (its `model` field;

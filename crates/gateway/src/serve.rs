@@ -18,7 +18,9 @@ use hyper_util::client::legacy::connect::HttpConnector;
 use ollamacron_node_core::libp2p::{PeerId, Stream, StreamProtocol};
 use ollamacron_node_core::libp2p_stream::Control;
 use ollamacron_ollama::{OllamaEndpoint, OllamaRefresh};
+use ollamacron_telemetry::TraceContext;
 use tokio::sync::{Semaphore, mpsc};
+use tracing::Instrument;
 
 use crate::frame::{
     COALESCE_BYTES, FrameKind, InferHead, InferRequest, InferRequestHead, decode, encode_frame,
@@ -286,8 +288,11 @@ pub async fn serve_inference(
                     reader,
                     &mut writer,
                     &ollama,
-                    version,
-                    limits.max_request_bytes,
+                    Asked {
+                        by: peer,
+                        version,
+                        max_request_bytes: limits.max_request_bytes,
+                    },
                 )
                 .await
                 {
@@ -426,17 +431,29 @@ async fn asker_gone(reader: &mut ReadHalf<Stream>) -> String {
     }
 }
 
+/// Who asks, in which version of the protocol, within which limit.
+struct Asked {
+    by: PeerId,
+    version: Version,
+    max_request_bytes: u64,
+}
+
 async fn serve_one(
     mut reader: ReadHalf<Stream>,
     writer: &mut WriteHalf<Stream>,
     ollama: &LocalOllama,
-    version: Version,
-    max_request_bytes: u64,
+    asked: Asked,
 ) -> Result<(), String> {
+    let Asked {
+        by,
+        version,
+        max_request_bytes,
+    } = asked;
     let (kind, payload) = tokio::time::timeout(REQUEST_READ_TIMEOUT, read_frame(&mut reader))
         .await
         .map_err(|_| "no request in time".to_owned())?
         .map_err(|e| e.to_string())?;
+    let mut trace = None;
     let (path, body, body_bytes, tx) = match (version, kind) {
         (Version::Two, FrameKind::RequestHead) => {
             let head: InferRequestHead = match decode("request head", &payload) {
@@ -449,6 +466,15 @@ async fn serve_one(
                     head.body_bytes
                 );
                 return answer_error(writer, 413, &message).await;
+            }
+            if let Some(traceparent) = &head.traceparent {
+                match TraceContext::parse(traceparent, head.tracestate.as_deref()) {
+                    Ok(context) => trace = Some(context),
+                    // A broken context costs the request nothing.
+                    Err(e) => {
+                        tracing::debug!(%by, error = %e, "ignoring the request's trace context");
+                    }
+                }
             }
             let (tx, rx) = mpsc::channel(BODY_QUEUE_FRAMES);
             let body = ChannelBody {
@@ -473,6 +499,57 @@ async fn serve_one(
             return answer_error(writer, 400, &message).await;
         }
     };
+    // The serving side of the asker's trace (a root of its own when it
+    // sent none): Ollama's first byte, then the stream.
+    let span = tracing::info_span!(
+        "serve.inference",
+        otel.kind = "server",
+        http.route = %path,
+        asker = %by,
+        http.status_code = tracing::field::Empty,
+        first_byte_ms = tracing::field::Empty,
+        bytes = tracing::field::Empty,
+    );
+    if let Some(trace) = &trace {
+        trace.adopt(&span);
+    }
+    answer(
+        reader,
+        writer,
+        ollama,
+        Request {
+            path,
+            body,
+            body_bytes,
+            tx,
+        },
+    )
+    .instrument(span)
+    .await
+}
+
+/// A request read off a stream, for Ollama: its body arrives through
+/// `tx` (version 2.0.0) or is whole already.
+struct Request {
+    path: String,
+    body: BoxBody<Bytes, std::io::Error>,
+    body_bytes: u64,
+    tx: Option<mpsc::Sender<Result<Bytes, std::io::Error>>>,
+}
+
+async fn answer(
+    mut reader: ReadHalf<Stream>,
+    writer: &mut WriteHalf<Stream>,
+    ollama: &LocalOllama,
+    request: Request,
+) -> Result<(), String> {
+    let Request {
+        path,
+        body,
+        body_bytes,
+        tx,
+    } = request;
+    let started = std::time::Instant::now();
     // One reader of the stream for the whole exchange, never cancelled
     // inside a frame: it moves the body to Ollama, then watches for the
     // asking node going away, which cancels the request to Ollama.
@@ -487,7 +564,9 @@ async fn serve_one(
     };
     tokio::pin!(watch);
     let forwarded = tokio::select! {
-        forwarded = ollama.forward(&path, body, body_bytes) => forwarded,
+        forwarded = ollama
+            .forward(&path, body, body_bytes)
+            .instrument(tracing::info_span!("serve.ollama", http.route = %path)) => forwarded,
         end = &mut watch => return match end {
             // An answer, so the asker knows not to send it again.
             WatchEnd::BodyFailed(reason) => answer_error(writer, 400, &reason).await,
@@ -498,11 +577,14 @@ async fn serve_one(
         Ok(f) => f,
         Err(e) => return answer_error(writer, 502, &e).await,
     };
+    let span = tracing::Span::current();
+    span.record("http.status_code", forwarded.status);
     let head = InferHead {
         status: forwarded.status,
         content_type: forwarded.content_type,
     };
     let mut body = forwarded.body;
+    let mut sent_bytes: u64 = 0;
     // Frames that are ready together (the head and a whole answer, or the
     // last chunk and the end) go out in one write; each is sent before
     // the body is waited on again, so tokens still leave one by one, and a
@@ -527,6 +609,11 @@ async fn serve_one(
         match frame {
             Ok(frame) => {
                 if let Some(data) = frame.data_ref() {
+                    if sent_bytes == 0 && !data.is_empty() {
+                        span.record("first_byte_ms", elapsed_ms(started));
+                    }
+                    sent_bytes =
+                        sent_bytes.saturating_add(u64::try_from(data.len()).unwrap_or(u64::MAX));
                     for chunk in data.chunks(crate::frame::MAX_FRAME_BYTES) {
                         if pending.len() + chunk.len() > COALESCE_BYTES {
                             send_pending(writer, &mut pending).await?;
@@ -545,7 +632,13 @@ async fn serve_one(
         }
     }
     encode_frame(&mut pending, FrameKind::End, &[]).map_err(|e| e.to_string())?;
+    span.record("bytes", sent_bytes);
     send_pending(writer, &mut pending).await
+}
+
+/// Milliseconds since `started`, for a span's field.
+fn elapsed_ms(started: std::time::Instant) -> u64 {
+    u64::try_from(started.elapsed().as_millis()).unwrap_or(u64::MAX)
 }
 
 /// Write and flush the gathered frames, if any.

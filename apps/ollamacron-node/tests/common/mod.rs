@@ -52,6 +52,7 @@ pub(crate) fn run(program: &str, args: &[&str]) -> Result<(), String> {
 /// # Panics
 /// When the skip is not allowed.
 #[allow(clippy::print_stderr, clippy::panic)] // a skip must be seen
+#[allow(dead_code)] // the CLI and trace tests skip nothing
 pub(crate) fn skip_unless_required(message: &str, require_var: &str) {
     let required = std::env::var_os(require_var).is_some_and(|v| v == "1")
         || std::env::var("CI").is_ok_and(|v| v == "true");

@@ -19,6 +19,7 @@ use futures::StreamExt;
 use http_body_util::BodyExt;
 use ollamacron_node_core::libp2p::PeerId;
 use ollamacron_node_core::libp2p_stream;
+use ollamacron_telemetry::TraceContext;
 use serde_json::json;
 
 use super::Gateway;
@@ -138,9 +139,13 @@ async fn exchange(
     let (mut reader, mut writer) = futures::AsyncReadExt::split(stream);
     let head = {
         let send = async {
+            // The serving node's spans join this request's trace.
+            let trace = TraceContext::current();
             let head = InferRequestHead {
                 path: path.to_owned(),
                 body_bytes: u64::try_from(body.len()).unwrap_or(u64::MAX),
+                tracestate: trace.as_ref().and_then(|t| t.tracestate.clone()),
+                traceparent: trace.map(|t| t.traceparent),
             };
             let head = serde_json::to_vec(&head).map_err(|e| e.to_string())?;
             if body.len() <= COALESCE_BYTES {

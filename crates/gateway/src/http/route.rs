@@ -17,6 +17,7 @@ use futures::StreamExt;
 use ollamacron_node_core::BreakerState;
 use ollamacron_node_core::libp2p::PeerId;
 use ollamacron_node_core::registry::{RankedService, ServiceQuery};
+use tracing::Instrument;
 
 use super::forward::{Failure, local_attempt, remote_attempt};
 use super::{Gateway, error};
@@ -32,7 +33,13 @@ use crate::queue::{Choice, QueueRefusal, Slot};
 /// when no node has the model, a 503 when none was free in time, a 502
 /// when every node tried failed.
 pub(super) async fn route(gateway: &Gateway, path: &str, model: &str, body: Bytes) -> Response {
-    let mut candidates = ranked_candidates(gateway, model).await;
+    let requested = Instant::now();
+    let lookup = tracing::info_span!("gateway.route", candidates = tracing::field::Empty);
+    let mut candidates = ranked_candidates(gateway, model)
+        .instrument(lookup.clone())
+        .await;
+    lookup.record("candidates", candidates.len());
+    drop(lookup);
     // A later turn of a conversation goes first to the node that served
     // the earlier ones (its prompt cache), while it has room.
     let turn = TurnKeys::of(model, &body);
@@ -109,6 +116,7 @@ pub(super) async fn route(gateway: &Gateway, path: &str, model: &str, body: Byte
             gateway
                 .queue
                 .acquire(choices, deadline.saturating_duration_since(Instant::now()))
+                .instrument(tracing::info_span!("gateway.queue_wait"))
                 .await
         };
         gateway
@@ -139,14 +147,34 @@ pub(super) async fn route(gateway: &Gateway, path: &str, model: &str, body: Byte
         } else {
             candidate.service.peer_id.clone()
         };
-        let attempt = if candidate.local {
-            local_attempt(gateway, path, body.clone()).await
-        } else {
-            match candidate.service.peer_id.parse::<PeerId>() {
-                Ok(peer) => remote_attempt(gateway, peer, path, body.clone()).await,
-                Err(e) => Err(Failure::from(e.to_string())),
+        // Until the serving node's first byte; its own spans are children.
+        let attempt_span = tracing::info_span!(
+            "gateway.attempt",
+            peer = %peer_label,
+            local = candidate.local,
+            outcome = tracing::field::Empty,
+        );
+        let attempt = async {
+            if candidate.local {
+                local_attempt(gateway, path, body.clone()).await
+            } else {
+                match candidate.service.peer_id.parse::<PeerId>() {
+                    Ok(peer) => remote_attempt(gateway, peer, path, body.clone()).await,
+                    Err(e) => Err(Failure::from(e.to_string())),
+                }
             }
-        };
+        }
+        .instrument(attempt_span.clone())
+        .await;
+        attempt_span.record(
+            "outcome",
+            match &attempt {
+                Ok(_) => "answered",
+                Err(f) if f.status == Some(StatusCode::TOO_MANY_REQUESTS.as_u16()) => "busy",
+                Err(_) => "failed",
+            },
+        );
+        drop(attempt_span);
         match attempt {
             Ok(response) => {
                 let labels = ServedLabels {
@@ -163,7 +191,8 @@ pub(super) async fn route(gateway: &Gateway, path: &str, model: &str, body: Byte
                 if gateway.breakers.succeeded(&candidate.service.peer_id) {
                     gateway.show_breaker(&candidate.service.peer_id, BreakerState::Closed, None);
                 }
-                return counted(response, &gateway.metrics, &labels, slot);
+                let stream = StreamSpan::new(&labels, requested);
+                return counted(response, &gateway.metrics, &labels, slot, stream);
             }
             Err(Failure { reason, status }) => {
                 drop(slot);
@@ -343,6 +372,7 @@ fn counted(
     metrics: &GatewayMetrics,
     labels: &ServedLabels,
     slot: Slot,
+    mut span: StreamSpan,
 ) -> Response {
     let bytes = metrics.bytes.get_or_create(labels).clone();
     let chunks = metrics.chunks.get_or_create(labels).clone();
@@ -351,9 +381,59 @@ fn counted(
         // Held until the body is done or dropped.
         let _slot = &slot;
         if let Ok(chunk) = chunk {
-            bytes.inc_by(u64::try_from(chunk.len()).unwrap_or(u64::MAX));
+            let length = u64::try_from(chunk.len()).unwrap_or(u64::MAX);
+            bytes.inc_by(length);
             chunks.inc();
+            span.chunk(length);
         }
     });
     Response::from_parts(parts, Body::from_stream(stream))
 }
+
+/// The `gateway.stream` span of an answer: from its head to its last
+/// chunk (or the client going away), with the time from the request to
+/// the first chunk (the first token, when Ollama streams) and what
+/// passed; it ends when the answer's body is dropped.
+struct StreamSpan {
+    span: tracing::Span,
+    requested: Instant,
+    chunks: u64,
+    bytes: u64,
+}
+
+impl StreamSpan {
+    fn new(labels: &ServedLabels, requested: Instant) -> Self {
+        let span = tracing::info_span!(
+            "gateway.stream",
+            model = %labels.model,
+            peer = %labels.peer,
+            first_token_ms = tracing::field::Empty,
+            chunks = tracing::field::Empty,
+            bytes = tracing::field::Empty,
+        );
+        Self {
+            span,
+            requested,
+            chunks: 0,
+            bytes: 0,
+        }
+    }
+
+    fn chunk(&mut self, length: u64) {
+        if self.chunks == 0 {
+            let waited = self.requested.elapsed().as_secs_f64() * MILLIS_PER_SECOND;
+            self.span.record("first_token_ms", waited);
+        }
+        self.chunks += 1;
+        self.bytes = self.bytes.saturating_add(length);
+    }
+}
+
+impl Drop for StreamSpan {
+    fn drop(&mut self) {
+        self.span.record("chunks", self.chunks);
+        self.span.record("bytes", self.bytes);
+    }
+}
+
+const MILLIS_PER_SECOND: f64 = 1000.0;
