@@ -118,6 +118,38 @@ async fn both_versions_are_served_and_bad_bodies_get_an_answer() {
         Some(ReceivedBody::of("/api/chat", CHAT.as_bytes()))
     );
 
+    // A trace context that is no context (or far too long) costs the
+    // request nothing: it is served, the context ignored.
+    for (traceparent, tracestate) in [
+        ("not-a-traceparent".to_owned(), None),
+        ("00-".repeat(10_000), Some("k=v".repeat(10_000))),
+        (
+            "00-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01".to_owned(),
+            Some("\u{1b}[2J=\n".repeat(1_000)),
+        ),
+    ] {
+        let mut traced = open(&a, &b, INFER_PROTOCOL).await;
+        let head = InferRequestHead {
+            path: "/api/chat".into(),
+            body_bytes: CHAT.len() as u64,
+            traceparent: Some(traceparent),
+            tracestate,
+        };
+        write_frame(
+            &mut traced,
+            FrameKind::RequestHead,
+            &serde_json::to_vec(&head).unwrap(),
+        )
+        .await
+        .unwrap();
+        write_frame(&mut traced, FrameKind::Data, CHAT.as_bytes())
+            .await
+            .unwrap();
+        write_frame(&mut traced, FrameKind::End, &[]).await.unwrap();
+        let (answered, body) = answer(&mut traced).await;
+        assert_eq!(answered.status, 200, "{body}");
+    }
+
     // A body that ends short of what its head announced: a 400 answer.
     let mut short = open(&a, &b, INFER_PROTOCOL).await;
     send_head(&mut short, CHAT.len() as u64 + 10).await;

@@ -37,6 +37,9 @@ const SHELLS: [Shell; 5] = [
 ];
 
 /// The deployment files copied beside the binary, from the repository.
+/// The file that marks a folder as `dist`'s own, to clear next time.
+const DIST_MARKER: &str = ".ollamacron-dist";
+
 const DEPLOY_FILES: [&str; 2] = [
     "deploy/systemd/ollamacron-node.service",
     "deploy/grafana/ollamacron-node.json",
@@ -47,10 +50,13 @@ pub(crate) fn dist(args: &DistArgs) -> anyhow::Result<()> {
         .out
         .clone()
         .unwrap_or_else(|| crate::target_dir().join("dist"));
-    if out.exists() {
-        std::fs::remove_dir_all(&out).with_context(|| format!("cannot clear {}", out.display()))?;
-    }
+    clear(&out)?;
     let out = create(&out)?.canonicalize()?;
+    std::fs::write(
+        out.join(DIST_MARKER),
+        b"made by cargo xtask dist; cleared by the next\n",
+    )
+    .with_context(|| format!("cannot write {}", out.join(DIST_MARKER).display()))?;
     let mut written = Vec::new();
     if !args.no_binary {
         let binary = crate::build_node()?;
@@ -97,16 +103,19 @@ pub(crate) fn dist(args: &DistArgs) -> anyhow::Result<()> {
     for path in &written {
         println!("    {}", path.strip_prefix(&out).unwrap_or(path).display());
     }
-    println!(
-        "==> install: sudo install -m 0755 {0}/bin/ollamacron-node /usr/local/bin/ && sudo cp {0}/man/man1/*.1 /usr/local/share/man/man1/ (README: \"Install as a service\")",
-        out.display()
-    );
+    if !args.no_binary {
+        println!(
+            "==> install: sudo install -m 0755 {0}/bin/ollamacron-node /usr/local/bin/ && sudo cp {0}/man/man1/*.1 /usr/local/share/man/man1/ (README: \"Install as a service\")",
+            out.display()
+        );
+    }
     Ok(())
 }
 
 /// The generated files in `out` are what their tools read: bash and zsh
-/// parse the completions (`-n`), `man` renders the main page, and it names
-/// every subcommand.
+/// parse the completions (`-n`; a shell missing fails under `CI=true`),
+/// the main man page is roff that refers to every subcommand's page, and
+/// each of those is there.
 pub(crate) fn check_generated(out: &Path) -> anyhow::Result<()> {
     let completions = out.join("completions");
     for (shell, file) in [
@@ -114,6 +123,11 @@ pub(crate) fn check_generated(out: &Path) -> anyhow::Result<()> {
         ("zsh", "_ollamacron-node"),
     ] {
         if !crate::has_command(shell) {
+            if std::env::var("CI").is_ok_and(|v| v == "true") {
+                bail!(
+                    "no {shell} to parse its completions with (cargo xtask ci installs it as root)"
+                );
+            }
             println!("==> dist: no {shell} here; its completions are not parsed");
             continue;
         }
@@ -126,12 +140,48 @@ pub(crate) fn check_generated(out: &Path) -> anyhow::Result<()> {
             bail!("{shell} cannot parse {file}");
         }
     }
-    let page = std::fs::read_to_string(out.join("man/man1/ollamacron-node.1"))?;
+    let man = out.join("man/man1");
+    let page = std::fs::read_to_string(man.join("ollamacron-node.1"))?;
+    if !page.contains("\n.TH ") {
+        bail!("ollamacron-node.1 is no man page (no .TH)");
+    }
     for command in node_cli::Cli::command().get_subcommands() {
         let name = command.get_name();
-        if !page.contains(name) {
-            bail!("the man page does not name the `{name}` subcommand");
+        if name == "help" {
+            continue;
         }
+        // The main page lists it (roff escapes the dash), and it has its own.
+        let reference = format!("ollamacron\\-node\\-{name}(1)");
+        if !page.contains(&reference) {
+            bail!("ollamacron-node.1 does not refer to {reference:?}");
+        }
+        let own = man.join(format!("ollamacron-node-{name}.1"));
+        let own_page = std::fs::read_to_string(&own)
+            .with_context(|| format!("no man page for `{name}`: {}", own.display()))?;
+        if !own_page.contains("\n.TH ") {
+            bail!("{} is no man page (no .TH)", own.display());
+        }
+    }
+    Ok(())
+}
+
+/// Empty `out` for a new build: only a folder an earlier `dist` made (it
+/// holds [`DIST_MARKER`]) or an empty one, never whatever `--out` names.
+fn clear(out: &Path) -> anyhow::Result<()> {
+    if !out.exists() {
+        return Ok(());
+    }
+    if out.join(DIST_MARKER).is_file() {
+        return std::fs::remove_dir_all(out)
+            .with_context(|| format!("cannot clear {}", out.display()));
+    }
+    let mut entries =
+        std::fs::read_dir(out).with_context(|| format!("cannot read {}", out.display()))?;
+    if entries.next().is_some() {
+        bail!(
+            "{} is not empty and no earlier `cargo xtask dist` made it: give --out a new or empty folder",
+            out.display()
+        );
     }
     Ok(())
 }

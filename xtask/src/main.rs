@@ -190,13 +190,14 @@ pub(crate) fn ensure_cargo_tool(name: &str) -> anyhow::Result<()> {
 /// namespaces (iproute2) for the mDNS, IPv6 and NAT tests, iptables for the
 /// NAT test's routers, libfaketime for the clock-skew test, Chromium for
 /// the dashboard's test, systemd-analyze for the unit file's check (each
-/// fails under `CI=true` without them).
+/// fails under `CI=true` without them), zsh to parse its completions.
 const DEBIAN_PACKAGES: &[(&str, &str)] = &[
     ("ip", "iproute2"),
     ("iptables", "iptables"),
     ("faketime", "faketime"),
     ("chromium", "chromium"),
     ("systemd-analyze", "systemd"),
+    ("zsh", "zsh"),
 ];
 
 pub(crate) fn has_command(name: &str) -> bool {

@@ -25,8 +25,14 @@ fn print_json(value: &Value) -> anyhow::Result<()> {
 /// Rows under a header, each column as wide as its widest cell.
 #[allow(clippy::print_stdout)]
 fn print_table(header: &[&str], rows: &[Vec<String>]) {
+    // Cells hold what peers advertise: no escape sequence of theirs
+    // reaches the operator's terminal.
+    let rows: Vec<Vec<String>> = rows
+        .iter()
+        .map(|row| row.iter().map(|cell| printable(cell)).collect())
+        .collect();
     let mut widths: Vec<usize> = header.iter().map(|h| h.len()).collect();
-    for row in rows {
+    for row in &rows {
         for (w, cell) in widths.iter_mut().zip(row) {
             *w = (*w).max(cell.chars().count());
         }
@@ -44,8 +50,15 @@ fn print_table(header: &[&str], rows: &[Vec<String>]) {
     };
     line(header.iter().map(|h| (*h).to_owned()).collect());
     for row in rows {
-        line(row.clone());
+        line(row);
     }
+}
+
+/// `text` with its control characters (ESC, CR, BEL, …) shown as `?`.
+fn printable(text: &str) -> String {
+    text.chars()
+        .map(|c| if c.is_control() { '?' } else { c })
+        .collect()
 }
 
 /// Items joined by commas, `-` for none.
@@ -254,7 +267,7 @@ pub(crate) async fn status(api: &ApiClient, output: OutputArgs) -> anyhow::Resul
     rows.push(("api".into(), server_state(s.http.api.as_ref(), "api_keys")));
     let width = rows.iter().map(|(k, _)| k.len()).max().unwrap_or(0);
     for (k, v) in rows {
-        println!("{k:<width$}  {v}");
+        println!("{k:<width$}  {}", printable(&v));
     }
     Ok(())
 }
@@ -612,4 +625,15 @@ fn encode_path(segment: &str) -> String {
             }
         })
         .collect()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::printable;
+
+    #[test]
+    fn escape_sequences_from_peers_do_not_reach_the_terminal() {
+        assert_eq!(printable("llama3\u{1b}[2J\u{7}\r:8b"), "llama3?[2J??:8b");
+        assert_eq!(printable("qwen2.5:7b · ok"), "qwen2.5:7b · ok");
+    }
 }

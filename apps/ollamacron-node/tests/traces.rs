@@ -40,6 +40,8 @@ const MODEL: &str = "llama3:8b";
 struct ReceivedSpan {
     /// `service.instance.id` of the exporting node (its peer id).
     node: String,
+    /// `service.name`.
+    service: String,
     name: String,
     trace_id: Vec<u8>,
     span_id: Vec<u8>,
@@ -80,15 +82,15 @@ async fn export(State(received): State<Received>, body: Bytes) -> (StatusCode, V
             .get("service.instance.id")
             .cloned()
             .unwrap_or_default();
-        assert_eq!(
-            resource_attributes.get("service.name").map(String::as_str),
-            Some("ollamacron-node"),
-            "{resource_attributes:?}"
-        );
+        let service = resource_attributes
+            .get("service.name")
+            .cloned()
+            .unwrap_or_default();
         for scope in resource.scope_spans {
             for span in scope.spans {
                 spans.push(ReceivedSpan {
                     node: node.clone(),
+                    service: service.clone(),
                     name: span.name,
                     trace_id: span.trace_id,
                     span_id: span.span_id,
@@ -352,6 +354,7 @@ fn one_request_is_one_trace_across_the_gateway_node_and_the_serving_node() {
     // Only the nodes' own spans are exported, not libp2p's or hyper's.
     let spans = received.lock().unwrap().clone();
     for span in &spans {
+        assert_eq!(span.service, "ollamacron-node", "{span:?}");
         let module = span
             .attributes
             .get("code.module.name")

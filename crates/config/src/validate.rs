@@ -866,9 +866,33 @@ fn check_otlp_endpoint(endpoint: &str) -> Result<(), String> {
     if authority.is_empty() || authority.contains(|c: char| c.is_whitespace() || c == '@') {
         return Err("must name a host, e.g. http://127.0.0.1:4318".to_owned());
     }
-    if let Some((host, port)) = authority.rsplit_once(':')
-        && !host.ends_with(']')
-        && (host.is_empty() || port.parse::<u16>().is_err())
+    // `host`, `host:port`, `[v6]` or `[v6]:port`.
+    let (host, port) = match authority.strip_prefix('[') {
+        Some(v6) => {
+            let Some((address, after)) = v6.split_once(']') else {
+                return Err(format!("has an unclosed [ in {authority:?}"));
+            };
+            if address.parse::<std::net::Ipv6Addr>().is_err() {
+                return Err(format!("has no valid IPv6 address in {authority:?}"));
+            }
+            match after {
+                "" => (address, None),
+                _ => match after.strip_prefix(':') {
+                    Some(port) => (address, Some(port)),
+                    None => return Err(format!("has no valid port in {authority:?}")),
+                },
+            }
+        }
+        None => match authority.rsplit_once(':') {
+            Some((host, port)) => (host, Some(port)),
+            None => (authority, None),
+        },
+    };
+    if host.is_empty() || host.contains(['[', ']']) {
+        return Err(format!("must name a host, not {authority:?}"));
+    }
+    if let Some(port) = port
+        && port.parse::<u16>().map_or(true, |p| p == 0)
     {
         return Err(format!("has no valid port in {authority:?}"));
     }

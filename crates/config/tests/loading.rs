@@ -749,15 +749,28 @@ fn otlp_endpoint_is_an_http_url_and_needs_enable_tracing() {
         config.otlp_endpoint.as_deref(),
         Some("http://127.0.0.1:4318")
     );
-    assert!(
-        load_yaml("enable_tracing: true\notlp_endpoint: http://[::1]:4318/v1/traces\n").is_ok()
-    );
+    for good in [
+        "http://[::1]:4318/v1/traces",
+        "http://[::1]",
+        "http://[::1]/",
+        "http://collector",
+        "http://collector:4318/otlp",
+    ] {
+        let yaml = format!("enable_tracing: true\notlp_endpoint: \"{good}\"\n");
+        assert!(load_yaml(&yaml).is_ok(), "{good}: {:?}", rule_errors(&yaml));
+    }
     assert_eq!(load_yaml("").unwrap().otlp_endpoint, None);
     for (value, words) in [
         ("https://collector:4318", "no TLS client"),
         ("collector:4318", "must be an http:// URL"),
         ("http://", "must name a host"),
         ("http://c:port", "no valid port"),
+        ("http://c:0", "no valid port"),
+        ("http://[::1]:abc", "no valid port"),
+        ("http://[::1]x", "no valid port"),
+        ("http://[::1", "unclosed ["),
+        ("http://[zz]:4318", "no valid IPv6 address"),
+        ("http://:4318", "must name a host"),
         ("http://c:4318/?x=1", "query"),
     ] {
         let errors = rule_errors(&format!(

@@ -477,7 +477,7 @@ async fn infer(State(gateway): State<Gateway>, request: axum::extract::Request) 
         "gateway.request",
         otel.kind = "server",
         http.route = %path,
-        model = %model,
+        model = %crate::metrics::model_label(&model),
         node = %gateway.node.peer_id(),
         http.status_code = tracing::field::Empty,
     );

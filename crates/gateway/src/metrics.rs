@@ -1,5 +1,8 @@
 //! The gateway's metrics, in the node's registry (`ollamacron_gateway_*`).
 
+use std::collections::HashSet;
+use std::sync::{Arc, Mutex};
+
 use ollamacron_node_core::BreakerState;
 use prometheus_client::encoding::EncodeLabelSet;
 use prometheus_client::metrics::counter::Counter;
@@ -50,6 +53,24 @@ pub(crate) struct GatewayMetrics {
     pub(crate) breaker_state: Family<PeerLabel, Gauge>,
     /// Times a node's breaker opened.
     pub(crate) breaker_trips: Family<PeerLabel, Counter>,
+    /// The names of missing models counted under their own label so far.
+    unserved: Arc<Mutex<HashSet<String>>>,
+}
+
+/// Most names of models no node has that get a label of their own: any
+/// client can ask for any name, and each label is kept for good.
+pub(crate) const MAX_UNSERVED_MODEL_LABELS: usize = 64;
+
+/// The label of every further missing model.
+pub(crate) const OTHER_UNSERVED_MODELS: &str = "(other)";
+
+/// Longest model name a label or a span attribute holds (a name in a
+/// client's body may be as long as the body); longer ones are cut.
+pub(crate) const MAX_MODEL_LABEL_CHARS: usize = 200;
+
+/// `model`, cut to [`MAX_MODEL_LABEL_CHARS`].
+pub(crate) fn model_label(model: &str) -> String {
+    model.chars().take(MAX_MODEL_LABEL_CHARS).collect()
 }
 
 /// Bucket of the first-byte histogram: 1 ms doubling to about 65 s.
@@ -73,12 +94,32 @@ impl GatewayMetrics {
             queue_depth: Family::default(),
             breaker_state: Family::default(),
             breaker_trips: Family::default(),
+            unserved: Arc::default(),
             queue_wait: Histogram::new(exponential_buckets(
                 FIRST_BYTE_BUCKET_START_SECONDS,
                 2.0,
                 FIRST_BYTE_BUCKETS,
             )),
         }
+    }
+
+    /// The label a request for `model`, which no node has, is counted
+    /// under: its own name for the first [`MAX_UNSERVED_MODEL_LABELS`]
+    /// names, then [`OTHER_UNSERVED_MODELS`].
+    pub(crate) fn unserved_label(&self, model: &str) -> String {
+        let label = model_label(model);
+        let mut seen = self
+            .unserved
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner);
+        if seen.contains(&label) {
+            return label;
+        }
+        if seen.len() < MAX_UNSERVED_MODEL_LABELS {
+            seen.insert(label.clone());
+            return label;
+        }
+        OTHER_UNSERVED_MODELS.to_owned()
     }
 
     /// Register everything in `registry` (the node's, prefixed).
@@ -139,5 +180,26 @@ pub(crate) fn breaker_gauge(state: BreakerState) -> i64 {
         BreakerState::Closed => 0,
         BreakerState::HalfOpen => 1,
         BreakerState::Open => 2,
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn missing_models_get_a_bounded_number_of_labels() {
+        let metrics = GatewayMetrics::new();
+        for i in 0..MAX_UNSERVED_MODEL_LABELS {
+            assert_eq!(metrics.unserved_label(&format!("m{i}")), format!("m{i}"));
+        }
+        assert_eq!(metrics.unserved_label("one-more"), OTHER_UNSERVED_MODELS);
+        assert_eq!(
+            metrics.unserved_label("m3"),
+            "m3",
+            "a name seen keeps its label"
+        );
+        let long = "x".repeat(10 * MAX_MODEL_LABEL_CHARS);
+        assert_eq!(model_label(&long).chars().count(), MAX_MODEL_LABEL_CHARS);
     }
 }

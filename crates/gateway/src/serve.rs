@@ -522,6 +522,7 @@ async fn serve_one(
             body,
             body_bytes,
             tx,
+            span: span.clone(),
         },
     )
     .instrument(span)
@@ -535,6 +536,9 @@ struct Request {
     body: BoxBody<Bytes, std::io::Error>,
     body_bytes: u64,
     tx: Option<mpsc::Sender<Result<Bytes, std::io::Error>>>,
+    /// `serve.inference`, which the answer's status, first byte and size
+    /// are recorded on.
+    span: tracing::Span,
 }
 
 async fn answer(
@@ -548,6 +552,7 @@ async fn answer(
         body,
         body_bytes,
         tx,
+        span,
     } = request;
     let started = std::time::Instant::now();
     // One reader of the stream for the whole exchange, never cancelled
@@ -577,7 +582,6 @@ async fn answer(
         Ok(f) => f,
         Err(e) => return answer_error(writer, 502, &e).await,
     };
-    let span = tracing::Span::current();
     span.record("http.status_code", forwarded.status);
     let head = InferHead {
         status: forwarded.status,

@@ -7,7 +7,7 @@ mod otlp;
 pub use otlp::{OTLP_TRACES_PATH, OtlpError, OtlpSettings, OtlpTraces, traces_url};
 
 use opentelemetry::trace::{SpanContext, SpanId, TraceContextExt, TraceFlags, TraceId, TraceState};
-use tracing_opentelemetry::OpenTelemetrySpanExt;
+use tracing_opentelemetry::{OpenTelemetrySpanExt, SetParentError};
 
 /// The longest `traceparent` accepted (version 00 is 55 bytes; later
 /// versions may append fields).
@@ -159,8 +159,11 @@ impl TraceContext {
     /// OpenTelemetry layer, or once `span` has started recording children.
     pub fn adopt(&self, span: &tracing::Span) {
         let context = opentelemetry::Context::new().with_remote_span_context(self.span.clone());
-        if let Err(e) = span.set_parent(context) {
-            tracing::debug!(error = %e, "cannot join the sender's trace");
+        match span.set_parent(context) {
+            // Traces are off here, or this span is not exported: nothing
+            // to join, nothing to say (it would be said at every request).
+            Ok(()) | Err(SetParentError::LayerNotFound | SetParentError::SpanDisabled) => {}
+            Err(e) => tracing::debug!(error = %e, "cannot join the sender's trace"),
         }
     }
 }

@@ -57,7 +57,10 @@ pub enum OtlpError {
     },
     /// The exporter refused its settings.
     #[error("cannot build the OTLP exporter: {0}")]
-    Exporter(String),
+    Exporter(#[source] opentelemetry_otlp::ExporterBuildError),
+    /// The last spans were not sent when exporting stopped.
+    #[error("the last spans were not exported: {0}")]
+    Shutdown(#[source] opentelemetry_sdk::error::OTelSdkError),
 }
 
 /// The URL spans are posted to: `endpoint` with [`OTLP_TRACES_PATH`]
@@ -128,7 +131,7 @@ impl OtlpTraces {
             .with_endpoint(url)
             .with_timeout(settings.export_timeout)
             .build()
-            .map_err(|e| OtlpError::Exporter(e.to_string()))?;
+            .map_err(OtlpError::Exporter)?;
         let processor = BatchSpanProcessor::builder(exporter)
             .with_batch_config(
                 BatchConfigBuilder::default()
@@ -171,8 +174,8 @@ impl OtlpTraces {
     ///
     /// # Errors
     /// The last export failed or the exporter was already shut down.
-    pub fn shutdown(&self) -> Result<(), String> {
-        self.provider.shutdown().map_err(|e| e.to_string())
+    pub fn shutdown(&self) -> Result<(), OtlpError> {
+        self.provider.shutdown().map_err(OtlpError::Shutdown)
     }
 }
 
@@ -315,6 +318,15 @@ mod tests {
         assert_eq!(
             traces_url("http://gw/otlp").unwrap(),
             "http://gw/otlp/v1/traces"
+        );
+        // IPv6, as the configuration accepts it.
+        assert_eq!(
+            traces_url("http://[::1]:4318").unwrap(),
+            "http://[::1]:4318/v1/traces"
+        );
+        assert_eq!(
+            traces_url("http://[::1]").unwrap(),
+            "http://[::1]/v1/traces"
         );
         for (bad, says) in [
             ("https://collector:4318", "https is not supported"),

@@ -61,7 +61,15 @@ pub(super) async fn route(gateway: &Gateway, path: &str, model: &str, body: Byte
             .inc();
     };
     if candidates.is_empty() {
-        count("none", "not_found");
+        gateway
+            .metrics
+            .requests
+            .get_or_create(&RequestLabels {
+                model: gateway.metrics.unserved_label(model),
+                peer: "none".to_owned(),
+                outcome: "not_found",
+            })
+            .inc();
         return error(StatusCode::NOT_FOUND, format!("model '{model}' not found"));
     }
     let waited_since = Instant::now();

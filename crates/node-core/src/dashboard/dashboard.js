@@ -138,7 +138,8 @@ function gatewayTraffic(samples) {
         row(model, peer).count = s.value;
         break;
       case "ollamacron_gateway_queue_depth":
-        queued.set(model, (queued.get(model) || 0) + s.value);
+        // Labelled as the client named the model; the mesh's names have tags.
+        queued.set(modelWithTag(model), (queued.get(modelWithTag(model)) || 0) + s.value);
         break;
       case "ollamacron_gateway_failovers_total":
         failovers += s.value;
@@ -272,6 +273,13 @@ function drawModels() {
       el("td", {}, `${m.loaded_on} of ${m.nodes.length}`), el("td", {}, m.in_flight),
       el("td", {}, traffic.queued.get(m.name) || 0), el("td", {}, ...nodes));
   }));
+}
+
+// `llama3` is `llama3:latest`, as Ollama names it (service-registry's
+// model_with_tag): a tag in the last path segment stays.
+function modelWithTag(name) {
+  const last = name.split("/").pop();
+  return last.includes(":") ? name : `${name}:latest`;
 }
 
 function drawTraffic(traffic, now) {

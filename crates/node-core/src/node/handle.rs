@@ -496,21 +496,22 @@ impl NodeHandle {
 
     /// Every model of the mesh (services of the [`MODEL_SERVICE_TYPES`](crate::MODEL_SERVICE_TYPES),
     /// ours included) with the nodes serving it, loaded or cold, their
-    /// load and how we reach them: one lookup per type, as
+    /// load and how we reach them: one lookup per type, side by side, as
     /// [`NodeHandle::find_services`] answers it.
     ///
     /// # Errors
     /// [`NodeError::NotRunning`] once the node has stopped.
     pub async fn models(&self) -> Result<Vec<crate::MeshModel>, NodeError> {
-        let mut services = Vec::new();
-        for kind in crate::MODEL_SERVICE_TYPES {
-            let query = ServiceQuery {
-                service_type: Some(kind.to_owned()),
+        // The lookups at once: each may wait for the network.
+        let lookups = crate::MODEL_SERVICE_TYPES.iter().map(|kind| {
+            self.find_services(ServiceQuery {
+                service_type: Some((*kind).to_owned()),
                 ..ServiceQuery::default()
-            };
-            services.extend(self.find_services(query).await?);
-        }
-        let peers = self.peers().await?;
+            })
+        });
+        let (found, peers) = futures::join!(futures::future::try_join_all(lookups), self.peers());
+        let services = found?.into_iter().flatten().collect();
+        let peers = peers?;
         Ok(crate::mesh_models(services, &peers))
     }
 
