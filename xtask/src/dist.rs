@@ -166,12 +166,17 @@ pub(crate) fn check_generated(out: &Path) -> anyhow::Result<()> {
 }
 
 /// Empty `out` for a new build: only a folder an earlier `dist` made (it
-/// holds [`DIST_MARKER`]) or an empty one, never whatever `--out` names.
+/// holds [`DIST_MARKER`]), one under the target directory, or an empty
+/// one, never whatever `--out` names.
 fn clear(out: &Path) -> anyhow::Result<()> {
     if !out.exists() {
         return Ok(());
     }
-    if out.join(DIST_MARKER).is_file() {
+    let in_target = match (out.canonicalize(), crate::target_dir().canonicalize()) {
+        (Ok(out), Ok(target)) => out != target && out.starts_with(&target),
+        _ => false,
+    };
+    if in_target || out.join(DIST_MARKER).is_file() {
         return std::fs::remove_dir_all(out)
             .with_context(|| format!("cannot clear {}", out.display()));
     }

@@ -328,8 +328,19 @@ fn listening_addr(running: &Running) -> String {
         .to_owned()
 }
 
-#[test]
-fn a_service_registered_through_the_cli_is_found_from_another_node() {
+/// Two nodes on loopback, B bootstrapped from A, each with its API on a
+/// port of its own, both running.
+struct TwoNodes {
+    dir_a: tempfile::TempDir,
+    dir_b: tempfile::TempDir,
+    api_a: String,
+    api_b: String,
+    /// A's `/p2p` address.
+    a_addr: String,
+    running: (Running, Running),
+}
+
+fn two_nodes() -> TwoNodes {
     let (dir_a, dir_b) = (tempfile::tempdir().unwrap(), tempfile::tempdir().unwrap());
     let (api_a, api_b) = (
         format!("127.0.0.1:{}", free_port()),
@@ -343,6 +354,26 @@ fn a_service_registered_through_the_cli_is_found_from_another_node() {
         &["--api-listen", &api_b, "--bootstrap", &a_addr],
     );
     b.wait_for_line("node running");
+    TwoNodes {
+        dir_a,
+        dir_b,
+        api_a,
+        api_b,
+        a_addr,
+        running: (a, b),
+    }
+}
+
+#[test]
+fn a_service_registered_through_the_cli_is_found_from_another_node() {
+    let TwoNodes {
+        dir_a,
+        dir_b,
+        api_a,
+        api_b,
+        a_addr,
+        running: _running,
+    } = two_nodes();
 
     let register = || {
         node(
@@ -467,19 +498,14 @@ fn a_service_registered_through_the_cli_is_found_from_another_node() {
 
 #[test]
 fn models_lists_every_model_of_the_mesh_with_the_nodes_serving_it() {
-    let (dir_a, dir_b) = (tempfile::tempdir().unwrap(), tempfile::tempdir().unwrap());
-    let (api_a, api_b) = (
-        format!("127.0.0.1:{}", free_port()),
-        format!("127.0.0.1:{}", free_port()),
-    );
-    let a = spawn_run(dir_a.path(), &["--api-listen", &api_a]);
-    let a_addr = listening_addr(&a);
-    a.wait_for_line("node running");
-    let b = spawn_run(
-        dir_b.path(),
-        &["--api-listen", &api_b, "--bootstrap", &a_addr],
-    );
-    b.wait_for_line("node running");
+    let TwoNodes {
+        dir_a,
+        dir_b,
+        api_a,
+        api_b,
+        a_addr,
+        running: _running,
+    } = two_nodes();
     let lone = node(&["models", "--api-listen", &api_b], dir_b.path());
     assert!(lone.status.success(), "{}", text(&lone.stderr));
     assert!(
