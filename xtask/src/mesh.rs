@@ -67,7 +67,7 @@ pub(crate) struct MeshArgs {
     pub(crate) binary: Option<PathBuf>,
     /// After measuring, keep the mesh up this long (`10m`, `1h`) and print
     /// the first node's dashboard address, to look at a mesh of this size
-    /// in a browser; Ctrl-C ends it sooner (and tears it down).
+    /// in a browser; SIGINT (Ctrl-C) or SIGTERM ends it sooner and tears it down.
     #[arg(long, value_name = "DURATION", value_parser = humantime::parse_duration)]
     pub(crate) hold: Option<Duration>,
     /// Run the whole mesh this many times, each with fresh processes and
@@ -1006,7 +1006,7 @@ fn run_mesh(
             mesh.nodes.len(),
             humantime::format_duration(hold)
         );
-        std::thread::sleep(hold);
+        held_until_signal(hold)?;
     }
     drop(mesh);
     Ok(RunResult {
@@ -1019,5 +1019,23 @@ fn run_mesh(
         churn,
         at_convergence,
         after_lookups,
+    })
+}
+
+/// Wait `hold`, or less when SIGINT or SIGTERM comes (the caller then
+/// tears the mesh down: a mesh held in the background and killed leaves
+/// no node behind).
+fn held_until_signal(hold: Duration) -> anyhow::Result<()> {
+    let runtime = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()?;
+    runtime.block_on(async {
+        let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())?;
+        tokio::select! {
+            () = tokio::time::sleep(hold) => {}
+            _ = tokio::signal::ctrl_c() => println!("==> interrupted: stopping the mesh"),
+            _ = term.recv() => println!("==> terminated: stopping the mesh"),
+        }
+        Ok(())
     })
 }

@@ -257,7 +257,7 @@ function drawModels() {
   }
   replace($("model-rows"), page.map((m) => {
     const nodes = m.nodes.slice(0, NODES_SHOWN_PER_MODEL).map((n) => {
-      const warmth = n.loaded === true ? "loaded" : n.loaded === false ? "cold" : "?";
+      const warmth = n.loaded === true ? "loaded" : n.loaded === false ? "cold" : "loaded: unknown";
       let load = "";
       if (n.in_flight !== null && n.max_concurrent !== null) load = ` ${n.in_flight}/${n.max_concurrent}`;
       else if (n.in_flight !== null) load = ` ${n.in_flight} in flight`;
