@@ -366,9 +366,74 @@ fn p50_p99(mut times: Vec<f64>) -> (f64, f64) {
     (quantile(&times, 500), quantile(&times, 990))
 }
 
+/// Set (to anything): record every span as the node does with
+/// `enable_tracing` and `otlp_endpoint`, exported to a collector stand-in
+/// on loopback, so the run shows what traces cost (`cargo xtask bench
+/// --gateway --traces` runs it without and with).
+const TRACES_VAR: &str = "GATEWAY_BENCH_OTLP";
+
+/// Spans exported to the collector stand-in, and their batches.
+#[derive(Default)]
+struct Exported {
+    batches: std::sync::atomic::AtomicU64,
+    bytes: std::sync::atomic::AtomicU64,
+}
+
+/// A collector stand-in that takes every batch, and the node's span
+/// exporter and layer pointed at it, installed as the global subscriber.
+async fn export_traces() -> (ollamacron_telemetry::OtlpTraces, Arc<Exported>) {
+    use std::sync::atomic::Ordering;
+    use tracing_subscriber::Layer;
+    use tracing_subscriber::layer::SubscriberExt;
+    use tracing_subscriber::util::SubscriberInitExt;
+
+    let exported = Arc::new(Exported::default());
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let collector = listener.local_addr().unwrap();
+    let counted = exported.clone();
+    let app = axum::Router::new().route(
+        "/v1/traces",
+        axum::routing::post(move |body: axum::body::Bytes| async move {
+            counted.batches.fetch_add(1, Ordering::Relaxed);
+            counted
+                .bytes
+                .fetch_add(body.len() as u64, Ordering::Relaxed);
+            ""
+        }),
+    );
+    tokio::spawn(async move { axum::serve(listener, app).await });
+    let traces = ollamacron_telemetry::OtlpTraces::start(
+        &ollamacron_telemetry::OtlpSettings {
+            endpoint: format!("http://{collector}"),
+            service_name: "gateway-bench".into(),
+            service_version: env!("CARGO_PKG_VERSION").into(),
+            instance_id: None,
+            export_interval: Duration::from_secs(2),
+            export_timeout: Duration::from_secs(10),
+        },
+        tokio::runtime::Handle::current(),
+    )
+    .unwrap();
+    let filter =
+        tracing_subscriber::filter::Targets::new().with_target("ollamacron", tracing::Level::INFO);
+    tracing_subscriber::registry()
+        .with(traces.layer().with_filter(filter))
+        .init();
+    (traces, exported)
+}
+
 #[tokio::main(flavor = "multi_thread", worker_threads = 2)]
 async fn main() {
     let began = Instant::now();
+    let traces = if std::env::var_os(TRACES_VAR).is_some() {
+        println!(
+            "spans recorded and exported over OTLP to a collector stand-in ({TRACES_VAR} set)"
+        );
+        Some(export_traces().await)
+    } else {
+        println!("no spans recorded ({TRACES_VAR} not set)");
+        None
+    };
     let mut stand_in = models(&[MODEL, EMBEDDING_MODEL]);
     stand_in.pacing = Some(Pacing {
         first_token: FIRST_TOKEN,
@@ -386,7 +451,14 @@ async fn main() {
     let asking = member(&[], Some(&serving.bootstrap_addr().await)).await;
     sees(&serving.node, &[MODEL, EMBEDDING_MODEL]).await;
     sees(&asking.node, &[MODEL, EMBEDDING_MODEL]).await;
-    let local_gateway = serve_gateway(&serving.node, Some(serving.local()), &[]).await;
+    // The same room on the local path: its gateway would otherwise queue
+    // past gateway_max_concurrent (32) and measure the queue.
+    let local_gateway = serve_gateway(
+        &serving.node,
+        Some(serving.local()),
+        &[("gateway_max_concurrent", "256")],
+    )
+    .await;
     let hop_gateway = serve_gateway(&asking.node, None, &[]).await;
     let paths = [
         ("direct to the stand-in", serving.ollama.addr()),
@@ -525,6 +597,14 @@ async fn main() {
         goals_met.1,
         rows.len()
     );
+    if let Some((traces, exported)) = traces {
+        let shutdown = tokio::task::spawn_blocking(move || traces.shutdown()).await;
+        println!(
+            "exported {} batches of spans, {} KiB in all ({shutdown:?})",
+            exported.batches.load(std::sync::atomic::Ordering::Relaxed),
+            exported.bytes.load(std::sync::atomic::Ordering::Relaxed) / 1024
+        );
+    }
     eprintln!("done after {:.1} s", began.elapsed().as_secs_f64());
     if !failures.is_empty() {
         for failure in &failures {

@@ -66,6 +66,11 @@ enum Task {
         /// against the capacity-bound ideal, healthy and with one failing.
         #[arg(long, requires = "gateway")]
         load: bool,
+        /// With --gateway: run it twice, without traces and with every
+        /// span recorded and exported over OTLP (as `enable_tracing` with
+        /// `otlp_endpoint` does), to see what traces cost.
+        #[arg(long, requires = "gateway", conflicts_with = "load")]
+        traces: bool,
     },
     /// Two nodes behind their own NAT routers and a public relay, in
     /// network namespaces: AutoNAT, relaying, DCUtR over TCP and QUIC, and
@@ -109,11 +114,19 @@ fn main() -> ExitCode {
         Task::Bench { gateway: false, .. } => bench(),
         Task::Bench {
             gateway: true,
-            load,
-        } => gateway_bench(if load {
-            "gateway_load_bench"
-        } else {
-            "gateway_bench"
+            load: true,
+            ..
+        } => gateway_bench("gateway_load_bench", false),
+        Task::Bench {
+            gateway: true,
+            traces,
+            ..
+        } => gateway_bench("gateway_bench", false).and_then(|()| {
+            if traces {
+                gateway_bench("gateway_bench", true)
+            } else {
+                Ok(())
+            }
         }),
         Task::Rss(args) => rss::rss(&args),
         Task::Fuzz(args) => fuzz::fuzz(&args),
@@ -482,8 +495,12 @@ pub(crate) fn build_node() -> anyhow::Result<std::path::PathBuf> {
 
 /// Time to first token, tokens/s and added latency through the gateway
 /// (release build).
-fn gateway_bench(example: &str) -> anyhow::Result<()> {
+fn gateway_bench(example: &str, traces: bool) -> anyhow::Result<()> {
     let mut command = cargo();
+    if traces {
+        println!("==> gateway bench again, with every span exported over OTLP");
+        command.env("GATEWAY_BENCH_OTLP", "1");
+    }
     command.args([
         "run",
         "--release",
