@@ -36,10 +36,10 @@ const SHELLS: [Shell; 5] = [
     Shell::PowerShell,
 ];
 
-/// The deployment files copied beside the binary, from the repository.
 /// The file that marks a folder as `dist`'s own, to clear next time.
 const DIST_MARKER: &str = ".ollamacron-dist";
 
+/// The deployment files copied beside the binary, from the repository.
 const DEPLOY_FILES: [&str; 2] = [
     "deploy/systemd/ollamacron-node.service",
     "deploy/grafana/ollamacron-node.json",
@@ -123,7 +123,7 @@ pub(crate) fn check_generated(out: &Path) -> anyhow::Result<()> {
         ("zsh", "_ollamacron-node"),
     ] {
         if !crate::has_command(shell) {
-            if std::env::var("CI").is_ok_and(|v| v == "true") {
+            if crate::in_ci() {
                 bail!(
                     "no {shell} to parse its completions with (cargo xtask ci installs it as root)"
                 );

@@ -55,21 +55,25 @@ impl TraceContext {
     pub fn of(span: &tracing::Span) -> Option<Self> {
         let context = span.context();
         let span_context = context.span().span_context().clone();
-        if !span_context.is_valid() {
-            return None;
-        }
+        span_context
+            .is_valid()
+            .then(|| Self::from_span(span_context))
+    }
+
+    /// `span` with its headers, as version 00 writes them.
+    fn from_span(span: SpanContext) -> Self {
         let traceparent = format!(
             "00-{}-{}-{:02x}",
-            span_context.trace_id(),
-            span_context.span_id(),
-            span_context.trace_flags().to_u8()
+            span.trace_id(),
+            span.span_id(),
+            span.trace_flags().to_u8()
         );
-        let state = span_context.trace_state().header();
-        Some(Self {
+        let state = span.trace_state().header();
+        Self {
             traceparent,
             tracestate: (!state.is_empty()).then_some(state),
-            span: span_context,
-        })
+            span,
+        }
     }
 
     /// The context of the current span ([`TraceContext::of`]).
@@ -133,19 +137,13 @@ impl TraceContext {
         let state = tracestate
             .and_then(|s| s.parse::<TraceState>().ok())
             .unwrap_or_default();
-        let header = state.header();
-        let span = SpanContext::new(
+        Ok(Self::from_span(SpanContext::new(
             trace_id,
             span_id,
             TraceFlags::new(flags) & TraceFlags::SAMPLED,
             true,
             state,
-        );
-        Ok(Self {
-            traceparent: format!("00-{trace}-{parent}-{:02x}", span.trace_flags().to_u8()),
-            tracestate: (!header.is_empty()).then_some(header),
-            span,
-        })
+        )))
     }
 
     /// The trace id, 32 lower-case hex digits.

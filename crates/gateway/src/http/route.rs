@@ -49,27 +49,20 @@ pub(super) async fn route(gateway: &Gateway, path: &str, model: &str, body: Byte
         let earlier = candidates.remove(at);
         candidates.insert(0, earlier);
     }
-    let count = |peer: &str, outcome| {
+    let count_as = |model: String, peer: &str, outcome| {
         gateway
             .metrics
             .requests
             .get_or_create(&RequestLabels {
-                model: model.to_owned(),
+                model,
                 peer: peer.to_owned(),
                 outcome,
             })
             .inc();
     };
+    let count = |peer: &str, outcome| count_as(model.to_owned(), peer, outcome);
     if candidates.is_empty() {
-        gateway
-            .metrics
-            .requests
-            .get_or_create(&RequestLabels {
-                model: gateway.metrics.unserved_label(model),
-                peer: "none".to_owned(),
-                outcome: "not_found",
-            })
-            .inc();
+        count_as(gateway.metrics.unserved_label(model), "none", "not_found");
         return error(StatusCode::NOT_FOUND, format!("model '{model}' not found"));
     }
     let waited_since = Instant::now();

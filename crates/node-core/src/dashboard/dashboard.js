@@ -137,10 +137,12 @@ function gatewayTraffic(samples) {
       case "ollamacron_gateway_first_byte_seconds_count":
         row(model, peer).count = s.value;
         break;
-      case "ollamacron_gateway_queue_depth":
+      case "ollamacron_gateway_queue_depth": {
         // Labelled as the client named the model; the mesh's names have tags.
-        queued.set(modelWithTag(model), (queued.get(modelWithTag(model)) || 0) + s.value);
+        const name = modelWithTag(model);
+        queued.set(name, (queued.get(name) || 0) + s.value);
         break;
+      }
       case "ollamacron_gateway_failovers_total":
         failovers += s.value;
         break;
