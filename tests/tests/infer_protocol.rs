@@ -37,21 +37,34 @@ async fn answer(stream: &mut Stream) -> (InferHead, String) {
     tokio::time::timeout(EVENT_TIMEOUT, read).await.unwrap()
 }
 
-/// A 2.0.0 request head for a chat of `body_bytes`.
-async fn send_head(stream: &mut Stream, body_bytes: u64) {
-    let head = InferRequestHead {
+/// The 2.0.0 request head of [`CHAT`], with no trace context.
+fn chat_head() -> InferRequestHead {
+    InferRequestHead {
         path: "/api/chat".into(),
-        body_bytes,
+        body_bytes: CHAT.len() as u64,
         traceparent: None,
         tracestate: None,
-    };
+    }
+}
+
+/// Write `head` on `stream`.
+async fn write_head(stream: &mut Stream, head: &InferRequestHead) {
     write_frame(
         stream,
         FrameKind::RequestHead,
-        &serde_json::to_vec(&head).unwrap(),
+        &serde_json::to_vec(head).unwrap(),
     )
     .await
     .unwrap();
+}
+
+/// A 2.0.0 request head for a chat of `body_bytes`.
+async fn send_head(stream: &mut Stream, body_bytes: u64) {
+    let head = InferRequestHead {
+        body_bytes,
+        ..chat_head()
+    };
+    write_head(stream, &head).await;
 }
 
 async fn pair(limits: ServeLimits) -> (Member, Member) {
@@ -128,25 +141,12 @@ async fn both_versions_are_served_and_bad_bodies_get_an_answer() {
             Some("\u{1b}[2J=\n".repeat(1_000)),
         ),
     ] {
-        let mut traced = open(&a, &b, INFER_PROTOCOL).await;
         let head = InferRequestHead {
-            path: "/api/chat".into(),
-            body_bytes: CHAT.len() as u64,
             traceparent: Some(traceparent),
             tracestate,
+            ..chat_head()
         };
-        write_frame(
-            &mut traced,
-            FrameKind::RequestHead,
-            &serde_json::to_vec(&head).unwrap(),
-        )
-        .await
-        .unwrap();
-        write_frame(&mut traced, FrameKind::Data, CHAT.as_bytes())
-            .await
-            .unwrap();
-        write_frame(&mut traced, FrameKind::End, &[]).await.unwrap();
-        let (answered, body) = answer(&mut traced).await;
+        let (answered, body) = chat(&a, &b, &head).await;
         assert_eq!(answered.status, 200, "{body}");
     }
 
@@ -182,13 +182,19 @@ async fn both_versions_are_served_and_bad_bodies_get_an_answer() {
 
 /// A full chat over 2.0.0 on a new stream from `from` to `to`: its status.
 async fn chat_status(from: &Member, to: &Member) -> u16 {
+    chat(from, to, &chat_head()).await.0.status
+}
+
+/// [`CHAT`] over 2.0.0 under `head` on a new stream from `from` to `to`:
+/// the answer.
+async fn chat(from: &Member, to: &Member, head: &InferRequestHead) -> (InferHead, String) {
     let mut stream = open(from, to, INFER_PROTOCOL).await;
-    send_head(&mut stream, CHAT.len() as u64).await;
+    write_head(&mut stream, head).await;
     write_frame(&mut stream, FrameKind::Data, CHAT.as_bytes())
         .await
         .unwrap();
     write_frame(&mut stream, FrameKind::End, &[]).await.unwrap();
-    answer(&mut stream).await.0.status
+    answer(&mut stream).await
 }
 
 /// Hostile load on the inference protocol: a peer opening streams in a
@@ -218,13 +224,7 @@ async fn streams_in_a_loop_and_bad_frames_leave_the_node_serving_others() {
     sees(&hostile.node, &["llama3:8b"]).await;
     sees(&honest.node, &["llama3:8b"]).await;
 
-    let head = serde_json::to_vec(&InferRequestHead {
-        path: "/api/chat".into(),
-        body_bytes: CHAT.len() as u64,
-        traceparent: None,
-        tracestate: None,
-    })
-    .unwrap();
+    let head = serde_json::to_vec(&chat_head()).unwrap();
     // A burst of streams; should a connection close under some of them
     // (a duplicate the tie-break closed after the head was written),
     // again, once the hostile peer's slots are back.
