@@ -9,6 +9,7 @@ use std::time::Duration;
 use futures::StreamExt;
 use libp2p::kad::store::RecordStore;
 use libp2p::kad::{self, ProviderRecord, QueryId, QueryResult, Record, RecordKey};
+use libp2p::swarm::dial_opts::{DialOpts, PeerCondition};
 use libp2p::swarm::{NetworkBehaviour, SwarmEvent};
 use libp2p::{Multiaddr, PeerId, StreamProtocol, SwarmBuilder, identify, noise, tcp, yamux};
 use tokio::sync::{mpsc, oneshot};
@@ -109,13 +110,19 @@ impl KadPeer {
                                 libp2p::multiaddr::Protocol::P2p(peer) => Some(peer),
                                 _ => None,
                             });
-                            match (peer, swarm.dial(addr.clone())) {
-                                (Some(peer), Ok(())) => {
+                            // From a port of its own, not the listening one: another
+                            // dial to the same peer may hold that address pair already
+                            // (the kernel answers "address already in use").
+                            let dialed = peer.map(|peer| swarm.dial(
+                                DialOpts::peer_id(peer).condition(PeerCondition::Always).addresses(vec![addr.clone()]).allocate_new_port().build(),
+                            ));
+                            match (peer, dialed) {
+                                (Some(peer), Some(Ok(()))) => {
                                     swarm.behaviour_mut().kad.add_address(&peer, addr);
                                     dials.push((peer, reply));
                                 }
-                                (None, _) => { let _ = reply.send(Err("address lacks /p2p".into())); }
-                                (_, Err(e)) => { let _ = reply.send(Err(e.to_string())); }
+                                (_, Some(Err(e))) => { let _ = reply.send(Err(e.to_string())); }
+                                _ => { let _ = reply.send(Err("address lacks /p2p".into())); }
                             }
                         }
                         Some(Request::PutTo(record, peer, reply)) => {
